@@ -1,0 +1,53 @@
+"""mqtasks: a task queue on kombu with reliability and observability built in."""
+
+from __future__ import annotations
+
+from .app import App
+from .config import Settings
+from .exceptions import (
+    ConfigurationError,
+    ConnectionFailed,
+    DecodeError,
+    DuplicateTask,
+    EncodeError,
+    MQTasksError,
+    PublishError,
+    PublishNacked,
+    Reject,
+    TaskNotRegistered,
+    TransportError,
+    Unroutable,
+    UnknownTransport,
+)
+from .message import Message
+from .middleware import Middleware
+from .task import Task, TaskHandle
+from .transport import QueueSpec
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "ConfigurationError",
+    "ConnectionFailed",
+    "DecodeError",
+    "DuplicateTask",
+    "EncodeError",
+    "MQTasksError",
+    "Message",
+    "Middleware",
+    "PublishError",
+    "PublishNacked",
+    "QueueSpec",
+    "Reject",
+    "Settings",
+    "Task",
+    "TaskHandle",
+    "TaskNotRegistered",
+    "TransportError",
+    "Unroutable",
+    "UnknownTransport",
+    "Worker",
+    "__version__",
+]

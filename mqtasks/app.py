@@ -1,0 +1,263 @@
+"""App: settings, the task registry, middleware and the (lazy) transport."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar, overload
+
+import structlog
+
+from .config import Settings, mask_url
+from .exceptions import ConfigurationError, DuplicateTask, MiddlewareError, TaskNotRegistered
+from .message import Message
+from .middleware import DEFAULT_MIDDLEWARE, Middleware
+from .serialization import encode_body
+from .task import BASE_OPTIONS, P, R, Task
+from .transport import QueueSpec, Transport, resolve
+from .types import Seconds
+
+__all__ = ["App"]
+
+logger = structlog.get_logger("mqtasks.app")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class App:
+    """A mqtasks application: where tasks are registered and sent from.
+
+    Args:
+        name: The app's name (used in logs and for tasks defined in ``__main__``).
+        broker: Broker URL; ``MQTASKS_BROKER_URL`` or ``memory://`` when omitted.
+        settings: Full settings; built from the environment when omitted.
+        queues: Queue configurations; queues not listed get the defaults.
+        middleware: Middleware instances; the default stack when omitted.
+        overrides: Individual :class:`~mqtasks.config.Settings` fields.
+
+    Example::
+
+        app = App("shop", broker="amqp://guest:guest@localhost//")
+
+        @app.task
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        add.delay(2, 3)
+    """
+
+    def __init__(
+        self,
+        name: str = "mqtasks",
+        broker: str | None = None,
+        *,
+        settings: Settings | None = None,
+        queues: Iterable[QueueSpec] = (),
+        middleware: Iterable[Middleware] | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.name = name
+        if settings is None:
+            settings = Settings.from_env(broker_url=broker, **overrides)
+        else:
+            settings = settings.replace(broker_url=broker, **overrides)
+        #: The app's settings.
+        self.settings: Settings = settings
+        #: Registered tasks by name.
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        #: Queue configurations by name.
+        self.queues: dict[str, QueueSpec] = {}
+        for spec in queues:
+            self.add_queue(spec)
+        #: Installed middleware, in order.
+        self.middleware: list[Middleware] = (
+            list(middleware) if middleware is not None else [cls() for cls in DEFAULT_MIDDLEWARE]
+        )
+        self._transport: Transport | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<App {self.name!r} broker={mask_url(self.settings.broker_url)!r} tasks={len(self.tasks)}>"
+
+    # -- configuration -------------------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        """The transport for the broker URL, created on first use."""
+        if self._transport is None:
+            with self._lock:
+                if self._transport is None:
+                    s = self.settings
+                    self._transport = resolve(
+                        s.broker_url,
+                        queue_type=s.queue_type,
+                        publish_timeout=s.publish_timeout,
+                        publish_retries=s.publish_retries,
+                        pool_size=s.publish_pool_size,
+                        heartbeat=s.heartbeat,
+                        connect_timeout=s.connect_timeout,
+                        transport_options=s.transport_options,
+                    )
+        return self._transport
+
+    def add_queue(self, spec: QueueSpec) -> None:
+        """Add (or replace) a queue configuration."""
+        self.queues[spec.name] = spec
+
+    def queue(self, name: str) -> QueueSpec:
+        """Return the configuration of queue ``name`` (the defaults if not configured)."""
+        spec = self.queues.get(name)
+        return spec if spec is not None else QueueSpec(name)
+
+    def task_queues(self) -> list[str]:
+        """Return the names of all queues that registered tasks publish to."""
+        names = dict.fromkeys(t.queue for t in self.tasks.values())
+        return list(names) or [self.settings.default_queue]
+
+    def declare(self, queues: Sequence[str] | None = None) -> None:
+        """Declare queues on the broker (all task queues by default)."""
+        self.transport.declare([self.queue(q) for q in (queues or self.task_queues())])
+
+    def close(self) -> None:
+        """Close the app's broker connections."""
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- tasks -----------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        expires: Seconds | None = None,
+        **options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        expires: Seconds | None = None,
+        **options: Any,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task; usable as ``@app.task`` or ``@app.task(...)``.
+
+        Args:
+            fn: The function (when used without parentheses).
+            name: Task name; ``module.qualname`` of the function by default.
+            queue: Queue it is published to; the app's ``default_queue`` by default.
+            priority: Default message priority.
+            expires: Default seconds after publishing past which it is not run.
+            options: Options understood by installed middleware.
+
+        Raises:
+            ConfigurationError: An option no installed middleware understands.
+            DuplicateTask: Another function is registered under the same name.
+        """
+        known = BASE_OPTIONS.union(*(m.task_options for m in self.middleware))
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"Unknown task option(s) {unknown}. Known options: {sorted(known)}. "
+                "Did you forget to add a middleware?"
+            )
+
+        def register(func: Callable[P, R]) -> Task[P, R]:
+            task_name = name or self._default_name(func)
+            existing = self.tasks.get(task_name)
+            if existing is not None and existing.fn is not func:
+                if _same_function(existing.fn, func):
+                    return existing  # type: ignore[return-value]  # module imported twice
+                raise DuplicateTask(
+                    f"Task name {task_name!r} is already registered to {existing.fn!r}; "
+                    "pass name=... to one of them."
+                )
+            task: Task[P, R] = Task(
+                func,
+                self,
+                name=task_name,
+                queue=queue or self.settings.default_queue,
+                priority=priority,
+                expires=expires,
+                options=options,
+            )
+            self.tasks[task_name] = task
+            return task
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    def _default_name(self, fn: Callable[..., Any]) -> str:
+        module = getattr(fn, "__module__", None) or self.name
+        if module == "__main__":
+            module = self.name
+        return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
+
+    def get_task(self, name: str) -> Task[Any, Any]:
+        """Return the task registered as ``name``.
+
+        Raises:
+            TaskNotRegistered: No such task; the message lists the registered ones.
+        """
+        try:
+            return self.tasks[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tasks)[:20]) or "none"
+            raise TaskNotRegistered(f"Task {name!r} is not registered (registered: {known}).") from None
+
+    # -- publishing -------------------------------------------------------------
+
+    def send(self, message: Message, *, names: list[str] | None = None) -> None:
+        """Encode and publish ``message``, running the publish middleware.
+
+        Raises:
+            EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
+            PublishError: The broker did not take the message.
+        """
+        for mw in self.middleware:
+            message = _call_hook(mw.before_publish, self, message, default=message)
+        body = encode_body(
+            message.args,
+            dict(message.kwargs),
+            max_size=self.settings.max_message_size,
+            names=names,
+            task=message.task,
+        )
+        transport = self.transport
+        transport.declare([self.queue(message.queue)])
+        transport.publish(message.queue, message.to_envelope(body))
+        for mw in reversed(self.middleware):
+            _call_hook(mw.after_publish, self, message)
+
+
+def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return (
+        code_a is not None
+        and code_b is not None
+        and code_a.co_filename == code_b.co_filename
+        and code_a.co_firstlineno == code_b.co_firstlineno
+    )
+
+
+def _call_hook(hook: Callable[..., Any], *args: Any, default: Any = None, **kwargs: Any) -> Any:
+    """Run a middleware hook; log its errors instead of failing (MiddlewareError excepted)."""
+    try:
+        result = hook(*args, **kwargs)
+    except MiddlewareError:
+        raise
+    except Exception:
+        logger.exception("middleware.hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
+        return default
+    return default if result is None and default is not None else result

@@ -1,0 +1,177 @@
+"""The whole mqtasks error tree, in a leaf module so every layer can import it.
+
+::
+
+    MQTasksError
+    ├── ConfigurationError          bad settings
+    │   └── UnknownTransport        unknown broker URL scheme
+    ├── TransportError              wraps kombu / py-amqp / redis errors
+    │   ├── ConnectionFailed        the broker cannot be reached
+    │   ├── QueueNotFound           a queue the worker needs does not exist
+    │   └── PublishError            a message was not enqueued
+    │       ├── Unroutable          no queue is bound for the routing key
+    │       └── PublishNacked       the broker refused the message
+    ├── SerializationError
+    │   ├── EncodeError             arguments JSON cannot carry, or too large
+    │   └── DecodeError             a body or headers the worker refuses
+    ├── TaskError
+    │   ├── TaskNotRegistered
+    │   └── DuplicateTask
+    ├── MiddlewareError
+    │   └── SkipMessage             the only way a middleware vetoes
+    └── TaskControl                 raised by task code to steer the worker
+        └── Reject                  give the message up (dead letter)
+    MQTasksWarning(UserWarning)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionFailed",
+    "DecodeError",
+    "DuplicateTask",
+    "EncodeError",
+    "MQTasksError",
+    "MQTasksWarning",
+    "MiddlewareError",
+    "PublishError",
+    "PublishNacked",
+    "QueueNotFound",
+    "Reject",
+    "SerializationError",
+    "SkipMessage",
+    "TaskControl",
+    "TaskError",
+    "TaskNotRegistered",
+    "TransportError",
+    "Unroutable",
+    "UnknownTransport",
+]
+
+
+class MQTasksError(Exception):
+    """Base class of every error mqtasks raises."""
+
+
+class MQTasksWarning(UserWarning):
+    """Base class of every warning mqtasks emits."""
+
+
+class ConfigurationError(MQTasksError):
+    """Settings, queue or task options that cannot work."""
+
+
+class UnknownTransport(ConfigurationError):
+    """A broker URL whose scheme no transport handles."""
+
+    def __init__(self, scheme: str, supported: tuple[str, ...], suggestion: str | None = None) -> None:
+        self.scheme = scheme
+        self.supported = supported
+        hint = f" Did you mean {suggestion!r}?" if suggestion else ""
+        super().__init__(
+            f"Unknown transport {scheme!r}.{hint} Supported URL schemes: {', '.join(supported)}."
+        )
+
+
+class TransportError(MQTasksError):
+    """A broker operation failed; the original error is the ``__cause__``."""
+
+
+class ConnectionFailed(TransportError):
+    """The broker could not be reached (after the configured retries)."""
+
+
+class QueueNotFound(TransportError):
+    """A queue that must exist does not."""
+
+
+class PublishError(TransportError):
+    """A message was not enqueued: the task will not run unless published again.
+
+    Attributes:
+        task_id: The id of the message that was not enqueued.
+    """
+
+    def __init__(self, message: str, *, task_id: str | None = None) -> None:
+        self.task_id = task_id
+        super().__init__(message)
+
+
+class Unroutable(PublishError):
+    """The broker returned the message: no queue is bound for its routing key."""
+
+
+class PublishNacked(PublishError):
+    """The broker refused the message (for example a full queue with ``reject-publish``)."""
+
+
+class SerializationError(MQTasksError):
+    """A message body or its headers could not be encoded or decoded."""
+
+
+class EncodeError(SerializationError, TypeError):
+    """Task arguments that cannot be sent: not JSON, or over the size limit.
+
+    Attributes:
+        argument: The offending argument's name (or position), when known.
+    """
+
+    def __init__(self, message: str, *, argument: str | None = None) -> None:
+        self.argument = argument
+        super().__init__(message)
+
+
+class DecodeError(SerializationError):
+    """A received message the worker refuses to turn into a task call.
+
+    Attributes:
+        reason: A stable reason code (``decode_error``, ``content_type``, ``too_large``,
+            ``compression_refused``, ``invalid_headers``).
+        body: The raw body, kept for the dead-letter entry; never logged.
+    """
+
+    def __init__(self, reason: str, detail: str, body: bytes = b"") -> None:
+        self.reason = reason
+        self.detail = detail
+        self.body = body
+        super().__init__(f"{reason}: {detail}")
+
+
+class TaskError(MQTasksError):
+    """Errors about tasks and the registry."""
+
+
+class TaskNotRegistered(TaskError, KeyError):
+    """No task of that name is registered on the app."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "task not registered"
+
+
+class DuplicateTask(TaskError):
+    """Two functions registered under one task name."""
+
+
+class MiddlewareError(MQTasksError):
+    """Base class for errors middleware raise on purpose."""
+
+
+class SkipMessage(MiddlewareError):
+    """Raised in ``before_process`` to acknowledge a message without running it."""
+
+
+class TaskControl(MQTasksError):  # noqa: N818 - control flow, not an error
+    """Raised by task code to steer the worker; logged without a traceback."""
+
+
+class Reject(TaskControl):  # noqa: N818 - Celery's name for the same thing
+    """Give the message up without retrying.
+
+    Args:
+        reason: Why, for the log (and the dead-letter entry).
+    """
+
+    def __init__(self, reason: str = "rejected") -> None:
+        self.reason = reason
+        super().__init__(reason)

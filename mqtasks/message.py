@@ -1,0 +1,236 @@
+"""Message: one task call, and its mapping to and from the wire (protocol 1).
+
+The wire format is documented in ``docs/protocol.md``. A body is JSON
+``{"args": [...], "kwargs": {...}}``; everything else travels in the
+message id property and headers prefixed ``mqtasks-``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import DecodeError
+from .serialization import CONTENT_ENCODING, CONTENT_TYPE, decode_body
+
+if TYPE_CHECKING:
+    from .transport.base import Delivery, Envelope
+
+__all__ = [
+    "HEADER_ATTEMPT",
+    "HEADER_EXPIRES",
+    "HEADER_ORIGIN",
+    "HEADER_PROTOCOL",
+    "HEADER_PUBLISHED_AT",
+    "HEADER_TASK",
+    "PROTOCOL_VERSION",
+    "Message",
+]
+
+#: Version of the wire protocol this release speaks.
+PROTOCOL_VERSION = 1
+#: Header: the wire protocol version.
+HEADER_PROTOCOL = "mqtasks-protocol"
+#: Header: the registered task name.
+HEADER_TASK = "mqtasks-task"
+#: Header: attempt number, starting at 1.
+HEADER_ATTEMPT = "mqtasks-attempt"
+#: Header: ``pid@host`` of the publisher.
+HEADER_ORIGIN = "mqtasks-origin"
+#: Header: publish time, seconds since the epoch (UTC).
+HEADER_PUBLISHED_AT = "mqtasks-published-at"
+#: Header: expiry time, seconds since the epoch (UTC); absent when the task never expires.
+HEADER_EXPIRES = "mqtasks-expires"
+
+#: Longest id or task name accepted.
+MAX_NAME_LENGTH = 255
+#: Largest attempt number accepted in a header.
+MAX_ATTEMPT = 10_000
+#: Longest string value accepted in any header.
+MAX_HEADER_VALUE = 8192
+#: Most headers accepted on one message.
+MAX_HEADERS = 64
+
+_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _origin() -> str:
+    global _ORIGIN
+    pid = os.getpid()
+    if not _ORIGIN.startswith(f"{pid}@"):  # after fork
+        _ORIGIN = f"{pid}@{socket.gethostname()}"
+    return _ORIGIN
+
+
+def _utc(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One call of a task, as it travels through the broker.
+
+    Change it with :meth:`copy`, never in place.
+    """
+
+    #: Message (task) id; stable across retries and redeliveries.
+    id: str
+    #: Registered task name.
+    task: str
+    #: Queue the message is published to, or was received from.
+    queue: str
+    #: Positional arguments (JSON values).
+    args: tuple[Any, ...] = ()
+    #: Keyword arguments (JSON values).
+    kwargs: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    #: Attempt number, starting at 1.
+    attempt: int = 1
+    #: When the message was first published (aware UTC).
+    published_at: datetime | None = None
+    #: When the task stops being worth running (aware UTC), if ever.
+    expires_at: datetime | None = None
+    #: ``pid@host`` of the publisher.
+    origin: str | None = None
+    #: Message priority (0-255), if any.
+    priority: int | None = None
+    #: Headers mqtasks does not own (``traceparent`` and the like), passed through.
+    headers: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    #: Whether the broker delivered this message before (received messages only).
+    redelivered: bool = False
+
+    def copy(self, **changes: Any) -> Message:
+        """Return a copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def is_expired(self, now: float | None = None) -> bool:
+        """Return whether the message is past its expiry time."""
+        if self.expires_at is None:
+            return False
+        return (time.time() if now is None else now) >= self.expires_at.timestamp()
+
+    def to_envelope(self, body: bytes) -> Envelope:
+        """Wrap an encoded body with this message's id and headers."""
+        from .transport.base import Envelope
+
+        headers: dict[str, Any] = dict(self.headers)
+        headers[HEADER_PROTOCOL] = PROTOCOL_VERSION
+        headers[HEADER_TASK] = self.task
+        headers[HEADER_ATTEMPT] = self.attempt
+        headers[HEADER_ORIGIN] = self.origin or _origin()
+        headers[HEADER_PUBLISHED_AT] = (
+            self.published_at.timestamp() if self.published_at else time.time()
+        )
+        if self.expires_at is not None:
+            headers[HEADER_EXPIRES] = self.expires_at.timestamp()
+        return Envelope(
+            body=body,
+            message_id=self.id,
+            headers=headers,
+            content_type=CONTENT_TYPE,
+            content_encoding=CONTENT_ENCODING,
+            priority=self.priority,
+        )
+
+    @classmethod
+    def from_delivery(cls, delivery: Delivery, *, max_size: int) -> Message:
+        """Validate and decode a received delivery.
+
+        Checks run cheapest first and before any decoding: refusal by the
+        transport, size, content type, headers, then the JSON body.
+
+        Raises:
+            DecodeError: With the reason code the worker logs (and dead-letters with).
+        """
+        if delivery.refused:
+            raise DecodeError(delivery.refused, "compressed bodies are not accepted")
+        if len(delivery.body) > max_size:
+            raise DecodeError("too_large", f"body of {len(delivery.body)} bytes exceeds {max_size}")
+        if delivery.content_type != CONTENT_TYPE:
+            raise DecodeError(
+                "content_type",
+                f"content type {delivery.content_type!r} is not {CONTENT_TYPE!r}",
+            )
+        meta = _parse_headers(delivery)
+        args, kwargs = decode_body(
+            delivery.body,
+            content_type=delivery.content_type,
+            content_encoding=delivery.content_encoding,
+            max_size=max_size,
+        )
+        return cls(
+            id=meta["id"],
+            task=meta["task"],
+            queue=delivery.queue,
+            args=tuple(args),
+            kwargs=kwargs,
+            attempt=meta["attempt"],
+            published_at=_utc(meta["published_at"]),
+            expires_at=_utc(meta["expires"]),
+            origin=meta["origin"],
+            priority=delivery.priority,
+            headers=meta["extra"],
+            redelivered=delivery.redelivered,
+        )
+
+
+def _parse_headers(delivery: Delivery) -> dict[str, Any]:
+    headers = delivery.headers
+    if not isinstance(headers, Mapping):
+        raise DecodeError("invalid_headers", "headers are not a table")
+    if len(headers) > MAX_HEADERS:
+        raise DecodeError("invalid_headers", f"{len(headers)} headers, over {MAX_HEADERS}")
+    extra: dict[str, Any] = {}
+    for key, value in headers.items():
+        if isinstance(value, (str, bytes)) and len(value) > MAX_HEADER_VALUE:
+            raise DecodeError("invalid_headers", f"header {str(key)[:64]!r} is too long")
+        if not str(key).startswith("mqtasks-"):
+            extra[key] = value
+    message_id = delivery.message_id
+    if not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_NAME_LENGTH:
+        raise DecodeError("invalid_headers", "missing or invalid message id")
+    protocol = headers.get(HEADER_PROTOCOL, PROTOCOL_VERSION)
+    if protocol != PROTOCOL_VERSION or isinstance(protocol, bool):
+        raise DecodeError("invalid_headers", f"unsupported protocol version {protocol!r}")
+    task = headers.get(HEADER_TASK)
+    if not isinstance(task, str) or not 0 < len(task) <= MAX_NAME_LENGTH:
+        raise DecodeError("invalid_headers", f"missing or invalid {HEADER_TASK} header")
+    attempt = headers.get(HEADER_ATTEMPT, 1)
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt <= MAX_ATTEMPT:
+        raise DecodeError("invalid_headers", f"invalid {HEADER_ATTEMPT} {str(attempt)[:32]!r}")
+    origin = headers.get(HEADER_ORIGIN)
+    if origin is not None and not isinstance(origin, str):
+        raise DecodeError("invalid_headers", f"invalid {HEADER_ORIGIN} header")
+    return {
+        "id": message_id,
+        "task": task,
+        "attempt": attempt,
+        "origin": origin,
+        "published_at": _timestamp(headers, HEADER_PUBLISHED_AT),
+        "expires": _timestamp(headers, HEADER_EXPIRES),
+        "extra": extra,
+    }
+
+
+#: Latest timestamp accepted (year 3000): later ones are forged or broken.
+_MAX_TIMESTAMP = 32503680000.0
+
+
+def _timestamp(headers: Mapping[str, Any], key: str) -> float | None:
+    value = headers.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DecodeError("invalid_headers", f"invalid {key} header")
+    value = float(value)
+    if not math.isfinite(value) or not 0 <= value <= _MAX_TIMESTAMP:
+        raise DecodeError("invalid_headers", f"{key} out of range")
+    return value

@@ -1,0 +1,110 @@
+"""JSON encoding of task calls, with the limits the worker enforces before decoding.
+
+Only ``application/json`` is ever decoded. Pickle, YAML, msgpack and compressed
+bodies are refused by content type before any byte is interpreted, so a hostile
+message can at worst be dead-lettered, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .exceptions import DecodeError, EncodeError
+
+__all__ = ["CONTENT_ENCODING", "CONTENT_TYPE", "decode_body", "encode_body"]
+
+#: The only content type mqtasks publishes and accepts.
+CONTENT_TYPE = "application/json"
+#: The only content encoding mqtasks publishes and accepts.
+CONTENT_ENCODING = "utf-8"
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder()
+
+
+def encode_body(
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    max_size: int,
+    names: list[str] | None = None,
+    task: str = "",
+) -> bytes:
+    """Encode a call's arguments into a JSON body.
+
+    Args:
+        args: Positional arguments.
+        kwargs: Keyword arguments.
+        max_size: Largest body allowed, in bytes.
+        names: Parameter names of the positional arguments, for error messages.
+        task: Task name, for error messages.
+
+    Raises:
+        EncodeError: An argument JSON cannot carry (named in the message), or a
+            body larger than ``max_size``.
+    """
+    try:
+        body = _ENCODER.encode({"args": args, "kwargs": kwargs}).encode()
+    except (TypeError, ValueError) as exc:
+        raise _explain(args, kwargs, names or [], task, exc) from exc
+    if len(body) > max_size:
+        raise EncodeError(
+            f"Arguments of task {task!r} encode to {len(body)} bytes, over the "
+            f"{max_size}-byte limit (max_message_size). Send an id or a URL instead of the data.",
+        )
+    return body
+
+
+def _explain(
+    args: tuple[Any, ...], kwargs: dict[str, Any], names: list[str], task: str, exc: Exception
+) -> EncodeError:
+    """Find the first argument JSON cannot carry and name it."""
+    labelled = [(names[i] if i < len(names) else f"#{i}", v) for i, v in enumerate(args)]
+    labelled += list(kwargs.items())
+    for label, value in labelled:
+        try:
+            _ENCODER.encode(value)
+        except (TypeError, ValueError) as inner:
+            return EncodeError(
+                f"Argument {label!r} of task {task!r} cannot be sent as JSON "
+                f"({type(value).__name__}: {inner}). Pass JSON types: str, int, float, bool, "
+                "None, list, dict with str keys.",
+                argument=label,
+            )
+    return EncodeError(f"Arguments of task {task!r} cannot be sent as JSON: {exc}")
+
+
+def decode_body(
+    body: bytes, *, content_type: str | None, content_encoding: str | None, max_size: int
+) -> tuple[list[Any], dict[str, Any]]:
+    """Decode a JSON body into ``(args, kwargs)``, refusing anything else.
+
+    Args:
+        body: The raw body, as received.
+        content_type: The message's content type.
+        content_encoding: The message's content encoding.
+        max_size: Largest body accepted, in bytes; checked before decoding.
+
+    Raises:
+        DecodeError: With reason ``too_large``, ``content_type`` or ``decode_error``.
+    """
+    if len(body) > max_size:
+        raise DecodeError("too_large", f"body of {len(body)} bytes exceeds {max_size}")
+    if content_type != CONTENT_TYPE:
+        raise DecodeError("content_type", f"content type {content_type!r} is not {CONTENT_TYPE!r}")
+    if content_encoding not in (CONTENT_ENCODING, "utf8", None):
+        raise DecodeError("content_type", f"content encoding {content_encoding!r} is not utf-8")
+    try:
+        # The C decoder bounds nesting by the recursion limit (RecursionError) and
+        # integer size by sys.int_info's digit limit (ValueError): both are caught.
+        data = _DECODER.decode(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DecodeError("decode_error", f"body is not valid JSON: {type(exc).__name__}") from None
+    if not isinstance(data, dict):
+        raise DecodeError("decode_error", "body is not a JSON object")
+    args = data.get("args", [])
+    kwargs = data.get("kwargs", {})
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise DecodeError("decode_error", "body needs 'args' (array) and 'kwargs' (object)")
+    return args, kwargs

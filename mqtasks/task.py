@@ -1,0 +1,189 @@
+"""Task: a registered function that can be called locally or sent to a worker."""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from .exceptions import ConfigurationError
+from .message import Message
+from .types import Seconds, to_seconds
+
+if TYPE_CHECKING:
+    from .app import App
+
+__all__ = ["Task", "TaskHandle"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Options every task accepts, whatever middleware is installed.
+BASE_OPTIONS = frozenset({"name", "queue", "priority", "expires"})
+
+
+@dataclass(frozen=True)
+class TaskHandle:
+    """What ``delay()`` returns: the message was confirmed by the broker."""
+
+    #: The message (task) id.
+    id: str
+    #: The task name.
+    task: str
+    #: The queue it was published to.
+    queue: str
+
+    def __str__(self) -> str:
+        return self.id
+
+
+def _expires_at(expires: Seconds | datetime | None) -> datetime | None:
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        if expires.tzinfo is None:
+            raise ConfigurationError("expires must be an aware datetime (with a tzinfo).")
+        return expires.astimezone(timezone.utc)
+    seconds = to_seconds(expires)
+    assert seconds is not None
+    return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+
+
+class Task(Generic[P, R]):
+    """A function registered with an :class:`~mqtasks.App`.
+
+    Call it to run it here; :meth:`delay` or :meth:`apply_async` to have a worker
+    run it. Created by :meth:`App.task`, not directly.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        app: App,
+        *,
+        name: str,
+        queue: str,
+        priority: int | None = None,
+        expires: Seconds | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.app = app
+        self.name = name
+        self.queue = queue
+        self.priority = priority
+        self.expires = to_seconds(expires)
+        #: Options for middleware (for example retry settings in later releases).
+        self.options: dict[str, Any] = dict(options or {})
+        self.signature = inspect.signature(fn)
+        self._names = [
+            p.name
+            for p in self.signature.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__module__ = getattr(fn, "__module__", None)  # type: ignore[assignment]
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function here and now, like a plain call."""
+        return self.fn(*args, **kwargs)
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+        """Send the call to a worker; return once the broker has confirmed it.
+
+        Raises:
+            TypeError: The arguments do not fit the function's signature.
+            EncodeError: An argument cannot be sent as JSON, or the message is too large.
+            PublishError: The message was not enqueued.
+        """
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        headers: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        expires: Seconds | datetime | None = None,
+    ) -> TaskHandle:
+        """Send the call with options; return once the broker has confirmed it.
+
+        Args:
+            args: Positional arguments.
+            kwargs: Keyword arguments.
+            queue: Queue to publish to instead of the task's.
+            priority: Message priority (0-255; needs a queue with ``max_priority``).
+            headers: Extra headers, passed through to the worker.
+            task_id: The message id to use; a new UUID by default. Reusing an id when
+                retrying a failed ``delay()`` makes duplicates detectable.
+            expires: Seconds from now, or an aware datetime, after which a worker
+                rejects the task instead of running it.
+
+        Raises:
+            TypeError: The arguments do not fit the function's signature.
+            EncodeError: An argument cannot be sent as JSON, or the message is too large.
+            PublishError: The message was not enqueued.
+        """
+        message = self.message(
+            args,
+            kwargs,
+            queue=queue,
+            priority=priority,
+            headers=headers,
+            task_id=task_id,
+            expires=expires,
+        )
+        self.app.send(message, names=self._names)
+        return TaskHandle(message.id, self.name, message.queue)
+
+    def message(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        headers: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        expires: Seconds | datetime | None = None,
+    ) -> Message:
+        """Build the :class:`~mqtasks.message.Message` for a call without sending it.
+
+        Raises:
+            TypeError: The arguments do not fit the function's signature.
+        """
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"Task {self.name!r} called with wrong arguments: {exc}") from None
+        if priority is None:
+            priority = self.priority
+        if priority is not None and not 0 <= priority <= 255:
+            raise ValueError(f"priority must be 0 to 255, not {priority!r}")
+        if headers:
+            bad = [k for k in headers if str(k).startswith("mqtasks-")]
+            if bad:
+                raise ValueError(f"headers starting with 'mqtasks-' are reserved: {bad}")
+        return Message(
+            id=task_id or str(uuid.uuid4()),
+            task=self.name,
+            queue=queue or self.queue,
+            args=args,
+            kwargs=kwargs,
+            expires_at=_expires_at(expires if expires is not None else self.expires),
+            priority=priority,
+            headers=dict(headers) if headers else {},
+        )

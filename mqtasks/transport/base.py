@@ -1,0 +1,586 @@
+"""The transport interface: opaque bodies, headers and queue names; never tasks.
+
+A :class:`Transport` publishes :class:`Envelope` objects to queues declared from
+:class:`QueueSpec` and hands a worker :class:`Delivery` objects through a
+:class:`Consumer`. It knows nothing of tasks or the app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import kombu
+import structlog
+from kombu import pools
+from kombu.exceptions import OperationalError
+
+from ..config import mask_url
+from ..exceptions import (
+    ConfigurationError,
+    ConnectionFailed,
+    PublishError,
+    TransportError,
+)
+
+if TYPE_CHECKING:
+    from kombu.message import Message as KombuMessage
+
+__all__ = ["Consumer", "Delivery", "Envelope", "QueueSpec", "Transport", "translate_errors"]
+
+logger = structlog.get_logger("mqtasks.transport")
+
+#: Overflow behaviours of a bounded queue (RabbitMQ's ``x-overflow``).
+Overflow = Literal["drop-head", "reject-publish"]
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """How a queue is declared.
+
+    Args:
+        name: Queue name (also the routing key).
+        queue_type: ``quorum`` or ``classic`` (RabbitMQ); ``None`` takes the app's setting.
+        max_priority: Highest message priority honoured (classic queues and Redis).
+        message_ttl: Seconds a message may wait in the queue before the broker drops it.
+        max_length: Most ready messages the queue holds.
+        overflow: What happens past ``max_length``.
+    """
+
+    name: str
+    queue_type: Literal["quorum", "classic"] | None = None
+    max_priority: int | None = None
+    message_ttl: float | None = None
+    max_length: int | None = None
+    overflow: Overflow = "reject-publish"
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 200:
+            raise ConfigurationError(f"Queue name {self.name!r} must be 1 to 200 characters.")
+        if self.max_priority is not None and not 1 <= self.max_priority <= 255:
+            raise ConfigurationError(f"Queue {self.name!r}: max_priority must be 1 to 255.")
+        if self.message_ttl is not None and self.message_ttl <= 0:
+            raise ConfigurationError(f"Queue {self.name!r}: message_ttl must be positive seconds.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigurationError(f"Queue {self.name!r}: max_length must be at least 1.")
+        if self.overflow not in ("drop-head", "reject-publish"):
+            raise ConfigurationError(
+                f"Queue {self.name!r}: overflow must be 'drop-head' or 'reject-publish'."
+            )
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What a transport publishes: an opaque body plus metadata."""
+
+    body: bytes
+    message_id: str
+    headers: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    content_type: str = "application/json"
+    content_encoding: str = "utf-8"
+    priority: int | None = None
+
+
+class Delivery:
+    """A received message, owned by the consumer that delivered it.
+
+    Settle it exactly once through :meth:`Consumer.ack`, :meth:`Consumer.reject`
+    or :meth:`Consumer.requeue`.
+    """
+
+    __slots__ = (
+        "body",
+        "content_encoding",
+        "content_type",
+        "generation",
+        "headers",
+        "message_id",
+        "priority",
+        "queue",
+        "raw",
+        "received_at",
+        "redelivered",
+        "refused",
+    )
+
+    def __init__(self, raw: KombuMessage, queue: str, generation: int) -> None:
+        props = raw.properties
+        self.raw = raw
+        self.body: bytes = raw.body if isinstance(raw.body, bytes) else bytes(raw.body or b"")
+        self.headers: Mapping[str, Any] = raw.headers or {}
+        self.message_id: str | None = props.get("message_id")
+        self.content_type: str | None = raw.content_type
+        self.content_encoding: str | None = raw.content_encoding
+        self.priority: int | None = props.get("priority")
+        self.redelivered: bool = bool(raw.delivery_info.get("redelivered"))
+        self.queue = queue
+        self.generation = generation
+        self.received_at = time.time()
+        #: Set by the transport when it refused to let kombu touch the body.
+        self.refused: str | None = getattr(raw, "mqtasks_refused", None)
+
+    def __repr__(self) -> str:
+        return f"<Delivery {self.message_id} from {self.queue!r}>"
+
+
+@contextlib.contextmanager
+def translate_errors(url: str, what: str) -> Iterator[None]:
+    """Turn kombu, py-amqp and redis errors into :class:`TransportError` subclasses."""
+    try:
+        yield
+    except TransportError:
+        raise
+    except (OperationalError, ConnectionError, OSError, TimeoutError) as exc:
+        raise ConnectionFailed(
+            f"{what}: cannot reach the broker at {mask_url(url)} ({type(exc).__name__}: {exc})"
+        ) from exc
+    except Exception as exc:
+        if isinstance(exc, _connection_errors()):
+            raise ConnectionFailed(
+                f"{what}: connection to {mask_url(url)} failed ({type(exc).__name__}: {exc})"
+            ) from exc
+        if isinstance(exc, _channel_errors()):
+            raise TransportError(f"{what}: broker refused ({type(exc).__name__}: {exc})") from exc
+        raise
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import amqp.exceptions
+    import redis.exceptions
+
+    return (amqp.exceptions.ConnectionError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def _channel_errors() -> tuple[type[BaseException], ...]:
+    import amqp.exceptions
+    import redis.exceptions
+    from kombu.exceptions import KombuError
+
+    return (amqp.exceptions.AMQPError, redis.exceptions.RedisError, KombuError)
+
+
+class Transport:
+    """Base class of mqtasks transports: kombu underneath, opaque bodies on top.
+
+    Subclasses set :attr:`kombu_transport` and adjust queue arguments and the
+    publish step to their broker. Publishing goes through a pool of connections
+    and producers; consuming through a :class:`Consumer` that owns one connection.
+
+    Args:
+        url: The broker URL.
+        settings: Connection and publishing settings.
+    """
+
+    #: URL schemes served by this transport.
+    schemes: ClassVar[tuple[str, ...]] = ()
+    #: The kombu transport class (or alias) underneath.
+    kombu_transport: ClassVar[Any] = None
+    #: Whether the broker itself returns unroutable messages and confirms publishes.
+    confirms: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        queue_type: str = "quorum",
+        publish_timeout: float = 10.0,
+        publish_retries: int = 3,
+        pool_size: int = 10,
+        heartbeat: float = 10.0,
+        connect_timeout: float = 5.0,
+        transport_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.url = url
+        self.queue_type = queue_type
+        self.publish_timeout = publish_timeout
+        self.publish_retries = publish_retries
+        self.pool_size = pool_size
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.transport_options: dict[str, Any] = dict(transport_options or {})
+        self._lock = threading.Lock()
+        self._producers: pools.ProducerPool | None = None
+        self._connections: Any = None
+        self._declared: set[str] = set()
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {mask_url(self.url)}>"
+
+    # -- connections -------------------------------------------------------
+
+    def connection(self, *, heartbeat: float = 0) -> kombu.Connection:
+        """Return a new (unconnected) kombu connection to this broker."""
+        return kombu.Connection(
+            self.url,
+            transport=self.kombu_transport,
+            heartbeat=heartbeat,
+            connect_timeout=self.connect_timeout,
+            transport_options=self.connection_options(),
+        )
+
+    def connection_options(self) -> dict[str, Any]:
+        """Return the kombu ``transport_options`` for connections of this transport."""
+        return dict(self.transport_options)
+
+    def _pool(self) -> pools.ProducerPool:
+        if self._producers is None:
+            with self._lock:
+                if self._producers is None:
+                    self._connections = self.connection().Pool(limit=self.pool_size)
+                    producer_cls = _producer_factory(self._on_return if self.confirms else None)
+                    self._producers = pools.ProducerPool(
+                        self._connections, limit=self.pool_size, Producer=producer_cls
+                    )
+        return self._producers
+
+    def close(self) -> None:
+        """Close pooled publishing connections."""
+        with self._lock:
+            if self._producers is not None:
+                self._producers.force_close_all()
+                self._connections.force_close_all()
+                self._producers = None
+                self._connections = None
+            self._declared.clear()
+
+    # -- topology ----------------------------------------------------------
+
+    def queue_arguments(self, spec: QueueSpec) -> dict[str, Any]:
+        """Return broker-side queue arguments for ``spec``.
+
+        Raises:
+            ConfigurationError: The broker cannot honour an option of ``spec``.
+        """
+        if spec.max_length is not None or spec.message_ttl is not None:
+            raise ConfigurationError(
+                f"Queue {spec.name!r}: max_length and message_ttl need a broker that enforces "
+                f"them (RabbitMQ); {self.schemes[0]}:// does not. Remove them from the queue "
+                "config or use amqp://."
+            )
+        return {}
+
+    def kombu_queue(self, spec: QueueSpec) -> kombu.Queue:
+        """Return the kombu queue for ``spec`` (bound to the default exchange)."""
+        return kombu.Queue(
+            spec.name,
+            exchange=kombu.Exchange(""),
+            routing_key=spec.name,
+            durable=True,
+            auto_delete=False,
+            queue_arguments=self.queue_arguments(spec) or None,
+            max_priority=None,
+        )
+
+    def declare(self, specs: Sequence[QueueSpec]) -> None:
+        """Declare queues (idempotent; cached per transport).
+
+        Raises:
+            ConnectionFailed: The broker is unreachable.
+            TransportError: The broker refused a declaration (for example a queue
+                that exists with other arguments).
+        """
+        todo = [s for s in specs if s.name not in self._declared]
+        if not todo:
+            return
+        queues = [self.kombu_queue(s) for s in todo]
+        with translate_errors(self.url, "declare queues"), self.connection() as conn:
+            conn.ensure_connection(max_retries=self.publish_retries, timeout=self.publish_timeout)
+            channel = conn.default_channel
+            for q in queues:
+                q.bind(channel).declare()
+        self._declared.update(s.name for s in todo)
+
+    def forget_declared(self) -> None:
+        """Forget the declaration cache (after a queue was deleted behind our back)."""
+        self._declared.clear()
+
+    # -- publishing --------------------------------------------------------
+
+    def publish(self, queue: str, envelope: Envelope, *, timeout: float | None = None) -> None:
+        """Publish ``envelope`` to ``queue``; return once the broker has it.
+
+        Args:
+            queue: Destination queue (the routing key on the default exchange).
+            envelope: What to send.
+            timeout: Seconds to wait in all; the transport's ``publish_timeout`` by default.
+
+        Raises:
+            PublishError: The message was not enqueued (``Unroutable``, ``PublishNacked``
+                or an outage outlasting the retries).
+        """
+        timeout = self.publish_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        pool = self._pool()
+        try:
+            with pool.acquire(block=True, timeout=timeout) as producer:
+                self._local.returned = None
+                self._publish(producer, queue, envelope, deadline)
+                returned = self._local.returned
+        except PublishError:
+            raise
+        except Exception as exc:
+            raise PublishError(
+                f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
+                f"{type(exc).__name__}: {exc} (broker {mask_url(self.url)})",
+                task_id=envelope.message_id,
+            ) from exc
+        if returned is not None:
+            self._raise_returned(queue, envelope, returned)
+
+    def _publish(
+        self, producer: kombu.Producer, queue: str, envelope: Envelope, deadline: float
+    ) -> None:
+        remaining = max(0.05, deadline - time.monotonic())
+        policy = {
+            "max_retries": self.publish_retries,
+            "interval_start": 0.1,
+            "interval_step": 0.5,
+            "interval_max": 2.0,
+        }
+        producer.publish(
+            envelope.body,
+            exchange="",
+            routing_key=queue,
+            headers=dict(envelope.headers),
+            content_type=envelope.content_type,
+            content_encoding=envelope.content_encoding,
+            message_id=envelope.message_id,
+            priority=envelope.priority,
+            delivery_mode=2,
+            mandatory=self.confirms,
+            retry=True,
+            retry_policy=policy,
+            timeout=remaining,
+            confirm_timeout=remaining,
+        )
+
+    def _on_return(self, exc: BaseException, exchange: str, routing_key: str, message: Any) -> None:
+        # Called by py-amqp in the publishing thread while it waits for the confirm.
+        self._local.returned = (exc, routing_key)
+
+    def _raise_returned(self, queue: str, envelope: Envelope, returned: tuple[Any, str]) -> None:
+        from ..exceptions import Unroutable
+
+        self.forget_declared()
+        exc, _ = returned
+        raise Unroutable(
+            f"Task {envelope.message_id} was NOT enqueued: no queue named {queue!r} is bound "
+            f"({exc}). Declare the queue (start a worker for it) or fix the task's queue.",
+            task_id=envelope.message_id,
+        )
+
+    # -- consuming ---------------------------------------------------------
+
+    def consumer(self, specs: Sequence[QueueSpec], *, prefetch: int) -> Consumer:
+        """Return a consumer of ``specs`` that owns its own connection."""
+        return Consumer(self, specs, prefetch=prefetch)
+
+    def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
+        """Return the number of ready messages per queue."""
+        counts: dict[str, int] = {}
+        with translate_errors(self.url, "count messages"), self.connection() as conn:
+            channel = conn.default_channel
+            for spec in specs:
+                q = self.kombu_queue(spec).bind(channel)
+                _, count, _ = q.queue_declare(passive=True)
+                counts[spec.name] = int(count or 0)
+        return counts
+
+    def purge(self, specs: Sequence[QueueSpec]) -> int:
+        """Remove all ready messages from the queues; return how many."""
+        total = 0
+        with translate_errors(self.url, "purge"), self.connection() as conn:
+            channel = conn.default_channel
+            for spec in specs:
+                total += int(self.kombu_queue(spec).bind(channel).purge() or 0)
+        return total
+
+    def delete(self, specs: Sequence[QueueSpec]) -> None:
+        """Delete queues (used by tests and tooling)."""
+        with translate_errors(self.url, "delete queues"), self.connection() as conn:
+            channel = conn.default_channel
+            for spec in specs:
+                self.kombu_queue(spec).bind(channel).delete()
+                self._declared.discard(spec.name)
+
+
+def _producer_factory(on_return: Callable[..., None] | None) -> Callable[[Any], kombu.Producer]:
+    def make(connection: Any) -> kombu.Producer:
+        return kombu.Producer(connection, on_return=on_return, auto_declare=False)
+
+    return make
+
+
+class Consumer:
+    """Receives deliveries from queues over one connection owned by one thread.
+
+    Every method must be called from the thread that drains the connection.
+    After a reconnect, deliveries of the old connection are stale: settling
+    them is skipped (the broker has already requeued them).
+
+    Args:
+        transport: The transport the consumer belongs to.
+        specs: Queues to consume.
+        prefetch: Most unacknowledged deliveries held at once.
+    """
+
+    def __init__(self, transport: Transport, specs: Sequence[QueueSpec], *, prefetch: int) -> None:
+        self.transport = transport
+        self.specs = list(specs)
+        self.prefetch = prefetch
+        self.generation = 0
+        self._conn: kombu.Connection | None = None
+        self._consumer: kombu.Consumer | None = None
+        self._on_delivery: Callable[[Delivery], None] | None = None
+        self._cancelled = False
+        self._tags: dict[Any, str] = {}
+
+    def start(self, on_delivery: Callable[[Delivery], None]) -> None:
+        """Connect, declare the queues and start consuming.
+
+        Raises:
+            ConnectionFailed: The broker cannot be reached.
+        """
+        self._on_delivery = on_delivery
+        self._connect(max_retries=self.transport.publish_retries)
+
+    def _connect(self, max_retries: int | None) -> None:
+        t = self.transport
+        conn = t.connection(heartbeat=t.heartbeat)
+        with translate_errors(t.url, "connect consumer"):
+            conn.ensure_connection(
+                max_retries=max_retries,
+                interval_start=0.2,
+                interval_step=0.5,
+                interval_max=5.0,
+                errback=self._log_connect_error,
+            )
+            channel = conn.channel()
+            queues = [t.kombu_queue(s).bind(channel) for s in self.specs]
+            for q in queues:
+                q.declare()
+            self._consumer = kombu.Consumer(channel, queues=queues, no_ack=False, auto_declare=False)
+            self._consumer.qos(prefetch_count=self.prefetch)
+            self._consumer.on_message = self._receive
+            self._consumer.consume()
+            self._tags = {tag: name for name, tag in self._consumer._active_tags.items()}
+        self._conn = conn
+        self.generation += 1
+        self._cancelled = False
+
+    def _log_connect_error(self, exc: BaseException, interval: float) -> None:
+        logger.warning(
+            "broker.connect_failed",
+            url=mask_url(self.transport.url),
+            error=type(exc).__name__,
+            retry_in=round(interval, 2),
+        )
+
+    def _receive(self, raw: KombuMessage) -> None:
+        info = raw.delivery_info
+        queue = self._tags.get(info.get("consumer_tag")) or info.get("routing_key") or ""
+        assert self._on_delivery is not None
+        self._on_delivery(Delivery(raw, queue, self.generation))
+
+    @property
+    def connection_errors(self) -> tuple[type[BaseException], ...]:
+        """Errors that mean the connection is gone."""
+        conn = self._conn or self.transport.connection()
+        return tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for deliveries and dispatch them.
+
+        Reconnects (forever, with capped backoff) when the connection is lost.
+        """
+        if self._conn is None:
+            self._reconnect()
+            return
+        try:
+            self._conn.drain_events(timeout=timeout)
+        except TimeoutError:
+            pass
+        except self.connection_errors as exc:
+            logger.warning(
+                "broker.connection_lost", url=mask_url(self.transport.url), error=type(exc).__name__
+            )
+            self._reconnect()
+            return
+        self.heartbeat_check()
+
+    def heartbeat_check(self) -> None:
+        """Send and check heartbeats; reconnect if the broker went silent."""
+        if self._conn is None or not self.transport.heartbeat:
+            return
+        try:
+            self._conn.heartbeat_check()
+        except self.connection_errors as exc:
+            logger.warning("broker.heartbeat_missed", error=type(exc).__name__)
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        self._drop()
+        if self._cancelled:
+            return
+        while True:
+            try:
+                self._connect(max_retries=None)
+            except TransportError as exc:  # pragma: no cover - ensure_connection retries forever
+                logger.warning("broker.reconnect_failed", error=str(exc))
+                time.sleep(1.0)
+                continue
+            logger.info("broker.reconnected", url=mask_url(self.transport.url))
+            return
+
+    def _drop(self) -> None:
+        conn, self._conn, self._consumer = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.collect()
+
+    def _settle(self, delivery: Delivery, action: Callable[[], None]) -> bool:
+        if delivery.generation != self.generation or self._conn is None:
+            return False  # stale: the broker requeued it when the old connection died
+        try:
+            action()
+        except self.connection_errors as exc:
+            logger.warning("broker.settle_failed", error=type(exc).__name__)
+            self._reconnect()
+            return False
+        return True
+
+    def ack(self, delivery: Delivery) -> bool:
+        """Acknowledge: the message is done. Returns False if it was stale."""
+        return self._settle(delivery, delivery.raw.ack)
+
+    def reject(self, delivery: Delivery) -> bool:
+        """Reject without requeue (the broker drops or dead-letters it)."""
+        return self._settle(delivery, lambda: delivery.raw.reject(requeue=False))
+
+    def requeue(self, delivery: Delivery) -> bool:
+        """Hand the message back to the broker for another consumer."""
+        return self._settle(delivery, lambda: delivery.raw.reject(requeue=True))
+
+    def cancel(self) -> None:
+        """Stop receiving new deliveries (basic.cancel); held ones stay settleable."""
+        self._cancelled = True
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                self._consumer.cancel()
+
+    def close(self) -> None:
+        """Close the connection; unacknowledged deliveries go back to the broker."""
+        self._cancelled = True
+        conn, self._conn, self._consumer = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:  # the connection may already be gone
+                with contextlib.suppress(Exception):
+                    conn.collect()

@@ -1,0 +1,364 @@
+"""Worker: consume -> decode -> dispatch -> ack or reject.
+
+One I/O thread owns the broker connection: it receives deliveries, settles
+them (ack, reject, requeue) and keeps heartbeats going, because kombu channels
+are not thread-safe. Worker threads take deliveries from a local queue, run
+the task and post the outcome back to the I/O thread. The broker bounds the
+deliveries held at once (prefetch), and a message is acked only after its task
+has finished: at-least-once.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from .app import App, _call_hook
+from .exceptions import ConfigurationError, DecodeError, Reject, SkipMessage
+from .message import Message
+from .transport.base import Consumer, Delivery
+
+__all__ = ["Worker"]
+
+logger = structlog.get_logger("mqtasks.worker")
+
+_ACK, _REJECT, _REQUEUE = "ack", "reject", "requeue"
+_STOP = None
+
+
+class Worker:
+    """Runs the tasks of an app from its queues, with a pool of threads.
+
+    Args:
+        app: The app whose tasks run here.
+        queues: Queues to consume; every queue the app's tasks publish to by default.
+        concurrency: Worker threads; the app's setting by default.
+        prefetch: Most unacknowledged messages held; 2 x concurrency by default.
+        shutdown_timeout: Seconds :meth:`stop` lets running tasks finish.
+        collect_errors: Keep task exceptions and rejections in :attr:`errors`
+            (for tests; off in production so memory stays flat).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        prefetch: int | None = None,
+        shutdown_timeout: float | None = None,
+        collect_errors: bool = False,
+    ) -> None:
+        s = app.settings
+        self.app = app
+        self.queues = list(queues or app.task_queues())
+        self.concurrency = concurrency or s.concurrency
+        self.prefetch = prefetch or s.prefetch or 2 * self.concurrency
+        self.shutdown_timeout = s.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
+        if self.concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1.")
+        if self.prefetch < self.concurrency:
+            raise ConfigurationError(
+                f"prefetch ({self.prefetch}) is below concurrency ({self.concurrency}): "
+                f"{self.concurrency - self.prefetch} worker threads would always be idle. "
+                "Raise prefetch or lower concurrency."
+            )
+        self.collect_errors = collect_errors
+        #: ``(message or None, exception)`` pairs, when ``collect_errors`` is on.
+        self.errors: list[tuple[Message | None, BaseException]] = []
+        #: Deliveries received so far.
+        self.received = 0
+        #: Deliveries settled so far (acked, rejected or requeued).
+        self.settled = 0
+        #: Whether the last stop let every running task finish.
+        self.clean_exit = True
+        self._work: queue.Queue[Delivery | None] = queue.Queue()
+        self._settlements: queue.SimpleQueue[tuple[Delivery, str]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._running = 0
+        self._window = 0
+        self._generation = 0
+        self._consumer: Consumer | None = None
+        self._threads: list[threading.Thread] = []
+        self._io_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._done = threading.Event()
+        self._startup_error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.app.name!r} queues={self.queues} concurrency={self.concurrency}>"
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self, *, timeout: float | None = 30.0) -> None:
+        """Connect, declare the queues and start consuming in background threads.
+
+        Raises:
+            ConnectionFailed: The broker cannot be reached.
+            ConfigurationError: A queue configuration the broker cannot honour.
+        """
+        for mw in self.app.middleware:
+            _call_hook(mw.worker_boot, self)
+        for i in range(self.concurrency):
+            t = threading.Thread(target=self._work_main, name=f"mqtasks-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._io_thread = threading.Thread(target=self._io_main, name="mqtasks-io", daemon=True)
+        self._io_thread.start()
+        self._ready.wait(timeout)
+        if self._startup_error is not None:
+            self._stop_threads()
+            raise self._startup_error
+        logger.info(
+            "worker.started",
+            queues=self.queues,
+            concurrency=self.concurrency,
+            prefetch=self.prefetch,
+            broker=repr(self.app.transport),
+        )
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop gracefully: stop fetching, requeue what has not started, let
+        running tasks finish for up to ``timeout`` seconds, then disconnect.
+
+        Returns:
+            True if every running task finished (its message acked); False if
+            some were abandoned (the broker will deliver them again).
+        """
+        if self._io_thread is None:
+            return True
+        self._grace = self.shutdown_timeout if timeout is None else timeout
+        self._stopping.set()
+        self._done.wait()
+        self._stop_threads()
+        for mw in reversed(self.app.middleware):
+            _call_hook(mw.worker_shutdown, self)
+        logger.info("worker.stopped", clean=self.clean_exit)
+        return self.clean_exit
+
+    def _stop_threads(self) -> None:
+        for _ in self._threads:
+            self._work.put(_STOP)
+        if self.clean_exit:
+            for t in self._threads:
+                t.join(timeout=1.0)
+        self._threads = []
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the worker has stopped; return whether it has."""
+        return self._done.wait(timeout)
+
+    @property
+    def idle(self) -> bool:
+        """True when no delivery is held: none running, waiting or unsettled."""
+        return self._outstanding == 0
+
+    @property
+    def running(self) -> int:
+        """Tasks executing right now."""
+        return self._running
+
+    # -- the I/O thread -----------------------------------------------------------
+
+    def _io_main(self) -> None:
+        try:
+            specs = [self.app.queue(q) for q in self.queues]
+            self._consumer = self.app.transport.consumer(specs, prefetch=self.prefetch)
+            self._consumer.start(self._on_delivery)
+            self._generation = self._consumer.generation
+        except BaseException as exc:
+            self._startup_error = exc
+            self._ready.set()
+            self._done.set()
+            return
+        self._ready.set()
+        consumer = self._consumer
+        try:
+            while not self._stopping.is_set():
+                self._flush()
+                if self._window >= self.prefetch:
+                    # Nothing can arrive until something is settled: wait for that.
+                    self._wait_settlement(0.5)
+                    consumer.heartbeat_check()
+                else:
+                    consumer.drain(timeout=0.02 if self._window else 0.5)
+                if consumer.generation != self._generation:
+                    self._generation = consumer.generation
+                    self._window = 0  # the broker took back the old connection's messages
+            self._shutdown(consumer)
+        except BaseException:  # pragma: no cover - a bug; keep the process honest
+            logger.exception("worker.io_crashed")
+            self.clean_exit = False
+            consumer.close()
+        finally:
+            self._done.set()
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._outstanding += 1
+        self.received += 1
+        self._window += 1
+        if self._stopping.is_set():
+            self._settle(delivery, _REQUEUE)
+            return
+        self._work.put(delivery)
+
+    def _settle(self, delivery: Delivery, action: str) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        if action == _ACK:
+            consumer.ack(delivery)
+        elif action == _REJECT:
+            consumer.reject(delivery)
+        else:
+            consumer.requeue(delivery)
+        if delivery.generation == self._generation and self._window:
+            self._window -= 1
+        self.settled += 1
+        with self._lock:
+            self._outstanding -= 1
+
+    def _flush(self) -> None:
+        get = self._settlements.get_nowait
+        while True:
+            try:
+                delivery, action = get()
+            except queue.Empty:
+                return
+            self._settle(delivery, action)
+
+    def _wait_settlement(self, timeout: float) -> None:
+        try:
+            delivery, action = self._settlements.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._settle(delivery, action)
+
+    def _shutdown(self, consumer: Consumer) -> None:
+        consumer.cancel()
+        # Hand back what no thread has started, so other workers get it now.
+        while True:
+            try:
+                delivery = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if delivery is not None:
+                self._settle(delivery, _REQUEUE)
+        deadline = time.monotonic() + self._grace
+        while time.monotonic() < deadline:
+            self._flush()
+            if self._outstanding == 0:
+                break
+            consumer.drain(timeout=0.05)  # keeps heartbeats; late deliveries are requeued
+        self._flush()
+        self.clean_exit = self._outstanding == 0
+        if not self.clean_exit:
+            logger.warning(
+                "worker.shutdown_timeout",
+                abandoned=self._running,
+                grace=self._grace,
+                note="unacked messages go back to the broker",
+            )
+        consumer.close()
+
+    # -- worker threads -------------------------------------------------------------
+
+    def _work_main(self) -> None:
+        get, post = self._work.get, self._settlements.put
+        while True:
+            delivery = get()
+            if delivery is None:
+                return
+            consumer = self._consumer
+            if consumer is not None and delivery.generation != consumer.generation:
+                # The connection it came on is gone and the broker delivers it again.
+                with self._lock:
+                    self._outstanding -= 1
+                continue
+            if self._stopping.is_set():
+                post((delivery, _REQUEUE))
+                continue
+            with self._lock:
+                self._running += 1
+            try:
+                action = self._process(delivery)
+            except BaseException:  # pragma: no cover - _process handles task errors
+                logger.exception("worker.process_crashed", message_id=delivery.message_id)
+                action = _REJECT
+            finally:
+                with self._lock:
+                    self._running -= 1
+            post((delivery, action))
+
+    def _reject(
+        self, delivery: Delivery, message: Message | None, reason: str, detail: str
+    ) -> str:
+        logger.error(
+            "message.rejected",
+            reason=reason,
+            detail=detail,
+            task_id=delivery.message_id,
+            task_name=message.task if message else None,
+            queue=delivery.queue,
+        )
+        if self.collect_errors:
+            self.errors.append((message, DecodeError(reason, detail)))
+        for mw in reversed(self.app.middleware):
+            _call_hook(mw.after_reject, self, message, reason)
+        return _REJECT
+
+    def _process(self, delivery: Delivery) -> str:
+        app = self.app
+        try:
+            message = Message.from_delivery(delivery, max_size=app.settings.max_message_size)
+        except DecodeError as exc:
+            return self._reject(delivery, None, exc.reason, exc.detail)
+        task = app.tasks.get(message.task)
+        if task is None:
+            return self._reject(delivery, message, "unknown_task", f"no task named {message.task!r}")
+        if message.is_expired():
+            return self._reject(delivery, message, "expired", f"expired at {message.expires_at}")
+        try:
+            task.signature.bind(*message.args, **message.kwargs)
+        except TypeError as exc:
+            return self._reject(delivery, message, "invalid_arguments", str(exc))
+        try:
+            for mw in app.middleware:
+                _call_hook(mw.before_process, self, message)
+        except SkipMessage:
+            return _ACK
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = task.fn(*message.args, **message.kwargs)
+        except Reject as exc:
+            error = exc
+            logger.info("task.rejected", task_id=message.id, task_name=message.task, reason=exc.reason)
+        except BaseException as exc:
+            error = exc
+            logger.error(
+                "task.failed",
+                task_id=message.id,
+                task_name=message.task,
+                attempt=message.attempt,
+                queue=message.queue,
+                error=f"{type(exc).__name__}: {exc}",
+                traceback="".join(traceback.format_exception(exc))[-8192:],
+            )
+            if self.collect_errors:
+                self.errors.append((message, exc))
+        for mw in reversed(app.middleware):
+            _call_hook(mw.after_process, self, message, result=result, exception=error)
+        if isinstance(error, Reject):
+            for mw in reversed(app.middleware):
+                _call_hook(mw.after_reject, self, message, "rejected")
+            return _REJECT
+        return _ACK
