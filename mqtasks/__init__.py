@@ -16,8 +16,8 @@ from .exceptions import (
     Reject,
     TaskNotRegistered,
     TransportError,
-    Unroutable,
     UnknownTransport,
+    Unroutable,
 )
 from .message import Message
 from .middleware import Middleware
@@ -46,8 +46,8 @@ __all__ = [
     "TaskHandle",
     "TaskNotRegistered",
     "TransportError",
-    "Unroutable",
     "UnknownTransport",
+    "Unroutable",
     "Worker",
     "__version__",
 ]

@@ -22,7 +22,9 @@ def import_object(path: str, *, default_attr: str | None = None) -> Any:
     """
     module_name, _, attr = path.partition(":")
     if not module_name:
-        raise ConfigurationError(f"Cannot import {path!r}: expected 'module' or 'module:attribute'.")
+        raise ConfigurationError(
+            f"Cannot import {path!r}: expected 'module' or 'module:attribute'."
+        )
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:

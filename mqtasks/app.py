@@ -139,7 +139,7 @@ class App:
         **options: Any,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
-    def task(
+    def task(  # type: ignore[misc]  # mypy cannot match a ParamSpec across overloads here
         self,
         fn: Callable[P, R] | None = None,
         /,
@@ -214,7 +214,9 @@ class App:
             return self.tasks[name]
         except KeyError:
             known = ", ".join(sorted(self.tasks)[:20]) or "none"
-            raise TaskNotRegistered(f"Task {name!r} is not registered (registered: {known}).") from None
+            raise TaskNotRegistered(
+                f"Task {name!r} is not registered (registered: {known})."
+            ) from None
 
     # -- publishing -------------------------------------------------------------
 

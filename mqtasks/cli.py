@@ -116,17 +116,40 @@ def cli() -> None:
 
 @cli.command(epilog=HELP_EPILOG)
 @click.option("-A", "--app", "app_path", required=True, help="The app: module[:attribute].")
-@click.option("-Q", "--queues", default=None, help="Comma-separated queues (default: all task queues).")
-@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None, help="Threads per process.")
-@click.option("-p", "--processes", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes, each with its own connection; dead ones are replaced.")
-@click.option("--prefetch", type=click.IntRange(min=1), default=None,
-              help="Unacknowledged messages held per process (default: 2 x concurrency).")
-@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=None,
-              help="Seconds running tasks may take to finish after SIGTERM (default 30).")
+@click.option(
+    "-Q", "--queues", default=None, help="Comma-separated queues (default: all task queues)."
+)
+@click.option(
+    "-c", "--concurrency", type=click.IntRange(min=1), default=None, help="Threads per process."
+)
+@click.option(
+    "-p",
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes, each with its own connection; dead ones are replaced.",
+)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Unacknowledged messages held per process (default: 2 x concurrency).",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds running tasks may take to finish after SIGTERM (default 30).",
+)
 @click.option("--log-level", default="info", show_default=True, help="debug, info, warning, error.")
-@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto",
-              show_default=True, help="console on a terminal, JSON otherwise.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "console", "json"]),
+    default="auto",
+    show_default=True,
+    help="console on a terminal, JSON otherwise.",
+)
 def worker(
     app_path: str,
     queues: str | None,
@@ -175,7 +198,9 @@ def run_worker(w: Worker) -> int:
     try:
         w.start()
     except MQTasksError as exc:
-        logger.error("worker.start_failed", error=str(exc), broker=mask_url(w.app.settings.broker_url))
+        logger.error(
+            "worker.start_failed", error=str(exc), broker=mask_url(w.app.settings.broker_url)
+        )
         return RET_ERROR
     while not stop.wait(0.5):
         if w.join(0):  # the I/O thread ended on its own

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-from kombu.utils.url import maybe_sanitize_url
-
+from ._url import mask_url
 from .exceptions import ConfigurationError
 
 __all__ = ["DEFAULT_BROKER_URL", "QueueType", "Settings", "mask_url"]
@@ -23,11 +22,6 @@ QueueType = Literal["quorum", "classic"]
 
 _ENV_PREFIX = "MQTASKS_"
 
-
-def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``**``, safe to log or print."""
-    masked: str = maybe_sanitize_url(url, mask="**")
-    return masked
 
 
 @dataclass(frozen=True)
@@ -85,7 +79,9 @@ class Settings:
             )
         if self.heartbeat < 0 or self.shutdown_timeout < 0:
             raise ConfigurationError("heartbeat and shutdown_timeout cannot be negative.")
-        object.__setattr__(self, "transport_options", MappingProxyType(dict(self.transport_options)))
+        object.__setattr__(
+            self, "transport_options", MappingProxyType(dict(self.transport_options))
+        )
 
     @property
     def effective_prefetch(self) -> int:

@@ -45,8 +45,8 @@ __all__ = [
     "TaskError",
     "TaskNotRegistered",
     "TransportError",
-    "Unroutable",
     "UnknownTransport",
+    "Unroutable",
 ]
 
 
@@ -65,7 +65,9 @@ class ConfigurationError(MQTasksError):
 class UnknownTransport(ConfigurationError):
     """A broker URL whose scheme no transport handles."""
 
-    def __init__(self, scheme: str, supported: tuple[str, ...], suggestion: str | None = None) -> None:
+    def __init__(
+        self, scheme: str, supported: tuple[str, ...], suggestion: str | None = None
+    ) -> None:
         self.scheme = scheme
         self.supported = supported
         hint = f" Did you mean {suggestion!r}?" if suggestion else ""
@@ -161,11 +163,11 @@ class SkipMessage(MiddlewareError):
     """Raised in ``before_process`` to acknowledge a message without running it."""
 
 
-class TaskControl(MQTasksError):  # noqa: N818 - control flow, not an error
+class TaskControl(MQTasksError):
     """Raised by task code to steer the worker; logged without a traceback."""
 
 
-class Reject(TaskControl):  # noqa: N818 - Celery's name for the same thing
+class Reject(TaskControl):
     """Give the message up without retrying.
 
     Args:

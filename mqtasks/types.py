@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, TypeAlias, Union
-
+from typing import Any, TypeAlias
 
 #: Message headers as they travel with a message: string keys, scalar values.
 Headers: TypeAlias = Mapping[str, Any]
 
 #: A duration in seconds, or a ``timedelta`` normalised once at the edge.
-Seconds: TypeAlias = Union[float, int, timedelta]
+Seconds: TypeAlias = float | int | timedelta
 
 __all__ = ["Headers", "Seconds", "to_seconds"]
 

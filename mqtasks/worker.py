@@ -298,9 +298,7 @@ class Worker:
                     self._running -= 1
             post((delivery, action))
 
-    def _reject(
-        self, delivery: Delivery, message: Message | None, reason: str, detail: str
-    ) -> str:
+    def _reject(self, delivery: Delivery, message: Message | None, reason: str, detail: str) -> str:
         logger.error(
             "message.rejected",
             reason=reason,
@@ -323,7 +321,9 @@ class Worker:
             return self._reject(delivery, None, exc.reason, exc.detail)
         task = app.tasks.get(message.task)
         if task is None:
-            return self._reject(delivery, message, "unknown_task", f"no task named {message.task!r}")
+            return self._reject(
+                delivery, message, "unknown_task", f"no task named {message.task!r}"
+            )
         if message.is_expired():
             return self._reject(delivery, message, "expired", f"expired at {message.expires_at}")
         try:
@@ -341,7 +341,9 @@ class Worker:
             result = task.fn(*message.args, **message.kwargs)
         except Reject as exc:
             error = exc
-            logger.info("task.rejected", task_id=message.id, task_name=message.task, reason=exc.reason)
+            logger.info(
+                "task.rejected", task_id=message.id, task_name=message.task, reason=exc.reason
+            )
         except BaseException as exc:
             error = exc
             logger.error(

@@ -52,5 +52,7 @@ def resolve(url: str, **options: Any) -> Transport:
         cls = TRANSPORTS[scheme]
     except KeyError:
         close = difflib.get_close_matches(scheme, list(TRANSPORTS), n=1)
-        raise UnknownTransport(scheme, tuple(sorted(TRANSPORTS)), close[0] if close else None) from None
+        raise UnknownTransport(
+            scheme, tuple(sorted(TRANSPORTS)), close[0] if close else None
+        ) from None
     return cls(url, **options)

@@ -45,7 +45,7 @@ class AmqpTransport(Transport):
     broker has the message and raises when it cannot be routed or is nacked."""
 
     schemes: ClassVar[tuple[str, ...]] = ("amqp", "pyamqp")
-    kombu_transport: ClassVar[Any] = KombuAmqpTransport
+    kombu_transport: Any = KombuAmqpTransport
     confirms: ClassVar[bool] = True
 
     def connection_options(self) -> dict[str, Any]:
@@ -77,4 +77,4 @@ class AmqpsTransport(AmqpTransport):
     """RabbitMQ over TLS."""
 
     schemes: ClassVar[tuple[str, ...]] = ("amqps",)
-    kombu_transport: ClassVar[Any] = KombuAmqpsTransport
+    kombu_transport: Any = KombuAmqpsTransport

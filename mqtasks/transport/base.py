@@ -20,7 +20,7 @@ import structlog
 from kombu import pools
 from kombu.exceptions import OperationalError
 
-from ..config import mask_url
+from .._url import mask_url
 from ..exceptions import (
     ConfigurationError,
     ConnectionFailed,
@@ -153,7 +153,11 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     import amqp.exceptions
     import redis.exceptions
 
-    return (amqp.exceptions.ConnectionError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+    return (
+        amqp.exceptions.ConnectionError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+    )
 
 
 def _channel_errors() -> tuple[type[BaseException], ...]:
@@ -179,7 +183,7 @@ class Transport:
     #: URL schemes served by this transport.
     schemes: ClassVar[tuple[str, ...]] = ()
     #: The kombu transport class (or alias) underneath.
-    kombu_transport: ClassVar[Any] = None
+    kombu_transport: Any = None
     #: Whether the broker itself returns unroutable messages and confirms publishes.
     confirms: ClassVar[bool] = False
 
@@ -465,7 +469,9 @@ class Consumer:
             queues = [t.kombu_queue(s).bind(channel) for s in self.specs]
             for q in queues:
                 q.declare()
-            self._consumer = kombu.Consumer(channel, queues=queues, no_ack=False, auto_declare=False)
+            self._consumer = kombu.Consumer(
+                channel, queues=queues, no_ack=False, auto_declare=False
+            )
             self._consumer.qos(prefetch_count=self.prefetch)
             self._consumer.on_message = self._receive
             self._consumer.consume()

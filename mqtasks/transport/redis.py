@@ -32,7 +32,7 @@ class RedisTransport(Transport):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss")
-    kombu_transport: ClassVar[Any] = KombuRedisTransport
+    kombu_transport: Any = KombuRedisTransport
 
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         # A Redis queue is a list that vanishes when empty, so a passive declare
