@@ -9,7 +9,14 @@ from typing import Any, TypeVar, overload
 import structlog
 
 from .config import Settings, mask_url
-from .exceptions import ConfigurationError, DuplicateTask, MiddlewareError, TaskNotRegistered
+from .exceptions import (
+    ConfigurationError,
+    DuplicateTask,
+    MiddlewareError,
+    PublishError,
+    TaskNotRegistered,
+    TransportError,
+)
 from .message import Message
 from .middleware import DEFAULT_MIDDLEWARE, Middleware
 from .serialization import encode_body
@@ -237,7 +244,13 @@ class App:
             task=message.task,
         )
         transport = self.transport
-        transport.declare([self.queue(message.queue)])
+        try:
+            transport.declare([self.queue(message.queue)])
+        except TransportError as exc:
+            raise PublishError(
+                f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
+                task_id=message.id,
+            ) from exc
         transport.publish(message.queue, message.to_envelope(body))
         for mw in reversed(self.middleware):
             _call_hook(mw.after_publish, self, message)

@@ -25,6 +25,7 @@ from ..exceptions import (
     ConfigurationError,
     ConnectionFailed,
     PublishError,
+    PublishNacked,
     TransportError,
 )
 
@@ -329,6 +330,12 @@ class Transport:
         except PublishError:
             raise
         except Exception as exc:
+            if type(exc).__name__ == "MessageNacked":  # py-amqp: a basic.nack for our message
+                raise PublishNacked(
+                    f"Task {envelope.message_id} was NOT enqueued: the broker refused it on "
+                    f"{queue!r} (a full queue with overflow=reject-publish, or a broker alarm).",
+                    task_id=envelope.message_id,
+                ) from exc
             raise PublishError(
                 f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
                 f"{type(exc).__name__}: {exc} (broker {mask_url(self.url)})",

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import kombu
 from kombu.transport import memory as kombu_memory
 from kombu.transport.virtual import BrokerState
 
@@ -45,6 +46,14 @@ class MemoryTransport(Transport):
             "KombuMemoryTransport",
             (kombu_memory.Transport,),
             {"Channel": channel, "global_state": BrokerState()},
+        )
+
+    def connection(self, *, heartbeat: float = 0) -> kombu.Connection:
+        # kombu warns about memory:// URLs without a host; the host means nothing here.
+        return kombu.Connection(
+            "memory://localhost/",
+            transport=self.kombu_transport,
+            transport_options=self.connection_options(),
         )
 
     def connection_options(self) -> dict[str, Any]:

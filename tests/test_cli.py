@@ -1,0 +1,667 @@
+"""The ``mqtasks`` command line, end to end: real worker subprocesses on the local brokers.
+
+Workers run ``python -m mqtasks worker -A tests.cli_app`` (see ``tests/cli_app.py``) in a
+session of their own, log JSON to a file, and record each task start and finish in another
+file. The ``run_cli`` fixture kills whatever is left of them at teardown. Waits are deadline
+loops on those files, never bare sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kombu
+import pytest
+
+from mqtasks import App, __version__
+from tests import cli_app
+from tests.conftest import cleanup, require_broker, unique_name
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+#: The console script installed next to the interpreter running the tests.
+MQTASKS = str(Path(sys.executable).with_name("mqtasks"))
+#: Seconds any single wait in this file may take before the test fails.
+WAIT = 20.0
+
+BROKER_KINDS = [pytest.param("amqp", id="amqp"), pytest.param("redis", id="redis")]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without MQTASKS_/CLI_TEST_ variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTASKS_", "CLI_TEST_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 30) -> Any:
+    """Run a short command to completion (killed after ``timeout`` seconds)."""
+    return subprocess.run(
+        args, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def json_lines(text: str, event: str | None = None) -> list[dict[str, Any]]:
+    """The JSON log lines in ``text`` (with ``event`` if given); other lines are skipped."""
+    out = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and (event is None or entry.get("event") == event):
+            out.append(entry)
+    return out
+
+
+@dataclass
+class Record:
+    """The file tasks of ``tests/cli_app.py`` append ``event tag pid time`` lines to."""
+
+    path: Path
+
+    def entries(self) -> list[tuple[str, str, int]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            event, tag, pid, _ = line.split()
+            out.append((event, tag, int(pid)))
+        return out
+
+    def count(self, event: str, tag: str | None = None) -> int:
+        return sum(1 for e, t, _ in self.entries() if e == event and (tag is None or t == tag))
+
+    def pids(self, event: str = "finish", prefix: str = "") -> set[int]:
+        return {p for e, t, p in self.entries() if e == event and t.startswith(prefix)}
+
+
+def _proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """Return ``(ppid, pgrp, session)`` of a live, non-zombie process, or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of the session ``sid`` (a worker started with ``start_new_session``)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[2] == sid:
+                members.append(int(entry.name))
+    return members
+
+
+class CliWorker:
+    """A ``mqtasks worker`` subprocess with its stderr in a file."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stderr: Path, stdout: Path) -> None:
+        self.proc = proc
+        self.stderr_path = stderr
+        self.stdout_path = stdout
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def logs(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines on stderr (other lines, from stdlib logging, are skipped)."""
+        return json_lines(self.stderr(), event)
+
+    def wait_log(self, event: str, count: int = 1, timeout: float = WAIT) -> list[dict[str, Any]]:
+        """Wait until ``event`` was logged ``count`` times; fail early if the worker exits."""
+
+        def seen() -> list[dict[str, Any]] | None:
+            found = self.logs(event)
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"worker exited with {self.proc.returncode} before logging {event!r}:\n"
+                    + self.stderr()[-4000:]
+                )
+            return None
+
+        found: list[dict[str, Any]] = wait_until(seen, f"{count} x {event!r} logged", timeout)
+        return found
+
+    def wait_started(self, count: int = 1) -> None:
+        self.wait_log("worker.started", count)
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.proc.pid, signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the exit code; fail (with the log) if it takes longer than ``timeout``."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"worker still running {timeout} s later:\n{self.stderr()[-4000:]}"
+            ) from None
+
+    def kill(self) -> None:
+        """SIGKILL the worker and every process of its session; reap the worker."""
+        for pid in [self.proc.pid, *session_members(self.proc.pid)]:
+            if pid == self.proc.pid and self.proc.poll() is not None:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+            pass
+
+
+@dataclass
+class Scenario:
+    """One test's broker, run-unique queue, record file and publishing app."""
+
+    kind: str
+    url: str
+    queue: str
+    record: Record
+    options: dict[str, Any] = field(default_factory=dict)
+    env_extra: dict[str, str] = field(default_factory=dict)
+    _app: App | None = None
+
+    @property
+    def app(self) -> App:
+        """The same app the worker loads (same task names and queue), to publish with."""
+        if self._app is None:
+            self._app = cli_app.make_app(self.url, self.queue, self.options)
+        return self._app
+
+    def env(self) -> dict[str, str]:
+        return clean_env(
+            MQTASKS_BROKER_URL=self.url,
+            CLI_TEST_QUEUE=self.queue,
+            CLI_TEST_RECORD=str(self.record.path),
+            CLI_TEST_TRANSPORT_OPTIONS=json.dumps(self.options),
+            **self.env_extra,
+        )
+
+    def send(self, tag: str, seconds: float = 0.0) -> None:
+        self.app.tasks[cli_app.WORK].delay(tag, seconds)
+
+    def ready(self) -> int:
+        """Messages ready in the queue."""
+        return self.app.transport.message_counts([self.app.queue(self.queue)])[self.queue]
+
+    def unacked_keys(self) -> list[str]:
+        return [self.options[k] for k in ("unacked_key", "unacked_index_key", "unacked_mutex_key")]
+
+    def redis_unacked(self) -> int:
+        """Messages in this test's Redis unacked hash (delivered, not yet acked)."""
+        with self.app.transport.connection() as conn:
+            return int(conn.default_channel.client.hlen(self.options["unacked_key"]))
+
+    def close(self) -> None:
+        if self._app is None:
+            return
+        if self.kind == "redis":
+            try:
+                with self._app.transport.connection() as conn:
+                    conn.default_channel.client.delete(*self.unacked_keys())
+            except Exception:  # best effort, like conftest.cleanup
+                pass
+        cleanup(self._app)
+
+
+MakeScenario = Callable[..., Scenario]
+RunCli = Callable[..., CliWorker]
+
+
+@pytest.fixture
+def scenario(tmp_path: Path) -> Iterator[MakeScenario]:
+    """A factory of scenarios on a broker kind; queues (and Redis unacked keys) deleted after."""
+    made: list[Scenario] = []
+
+    def make(kind: str, **options: Any) -> Scenario:
+        url = require_broker(kind)
+        queue = unique_name("cli")
+        if kind == "redis":
+            # Unacked bookkeeping of our own: a short visibility timeout must never
+            # restore other runs' messages from the shared 'unacked' hash, and the
+            # restore sweep runs on every idle poll instead of every tenth.
+            options = {
+                "unacked_key": f"{queue}.unacked",
+                "unacked_index_key": f"{queue}.unacked_index",
+                "unacked_mutex_key": f"{queue}.unacked_mutex",
+                "unacked_restore_throttle": 1,
+                **options,
+            }
+        s = Scenario(kind, url, queue, Record(tmp_path / f"{queue}.record"), options)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path, scenario: MakeScenario) -> Iterator[RunCli]:
+    """Start ``python -m mqtasks worker -A tests.cli_app ...``; kill what is left at teardown.
+
+    It depends on ``scenario`` so that workers are dead before their queues are deleted.
+    """
+    workers: list[CliWorker] = []
+
+    def start(s: Scenario, *args: str, app: str = "tests.cli_app") -> CliWorker:
+        n = len(workers)
+        stderr, stdout = tmp_path / f"worker-{n}.err", tmp_path / f"worker-{n}.out"
+        with open(stderr, "ab") as err, open(stdout, "ab") as out:
+            proc = subprocess.Popen(
+                [PYTHON, "-m", "mqtasks", "worker", "-A", app, "--log-format", "json", *args],
+                cwd=ROOT,
+                env=s.env(),
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        worker = CliWorker(proc, stderr, stdout)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.kill()
+
+
+# -- 1. help and version ---------------------------------------------------------------------
+
+
+def test_version_and_help() -> None:
+    """``mqtasks --version``, ``python -m mqtasks --help`` and ``worker --help`` work."""
+    version = run([MQTASKS, "--version"])
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"mqtasks, version {__version__}"
+
+    top = run([PYTHON, "-m", "mqtasks", "--help"])
+    assert top.returncode == 0, top.stderr
+    assert "worker" in top.stdout
+
+    worker = run([PYTHON, "-m", "mqtasks", "worker", "--help"])
+    assert worker.returncode == 0, worker.stderr
+    assert "Exit codes:" in worker.stdout
+    for code in "01234":
+        assert re.search(rf"^\s+{code}\s+\S", worker.stdout, re.MULTILINE), code
+    for option in ("--app", "--queues", "--concurrency", "--processes", "--shutdown-timeout"):
+        assert option in worker.stdout
+
+
+# -- 2. startup errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        pytest.param(
+            "tests.no_such_module",
+            "Cannot import module 'tests.no_such_module'",
+            id="missing-module",
+        ),
+        pytest.param(
+            "tests.cli_app:no_such_attr", "has no attribute 'no_such_attr'", id="missing-attribute"
+        ),
+        pytest.param(
+            "tests.cli_app:NOT_AN_APP", "is a str, not an mqtasks App", id="str-attribute"
+        ),
+        pytest.param("tests.cli_app:ping", "is a Task, not an mqtasks App", id="task-attribute"),
+    ],
+)
+def test_app_option_not_naming_an_app_exits_2(tmp_path: Path, target: str, message: str) -> None:
+    """``-A`` naming no App is a usage error (exit 2), and nothing of the module runs."""
+    record = tmp_path / "record"
+    result = run(
+        [PYTHON, "-m", "mqtasks", "worker", "-A", target],
+        env=clean_env(MQTASKS_BROKER_URL="memory://", CLI_TEST_RECORD=str(record)),
+    )
+    # -A pointing at a task must not call it.
+    assert not record.exists(), f"the task ran while loading -A {target}: {record.read_text()}"
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_broker_scheme_names_the_supported_ones() -> None:
+    result = run(
+        [PYTHON, "-m", "mqtasks", "worker", "-A", "tests.cli_app", "--log-format", "json"],
+        env=clean_env(MQTASKS_BROKER_URL="amqp2://guest:guest@127.0.0.1:5672//"),
+    )
+    assert result.returncode == 1, result.stderr
+    output = result.stdout + result.stderr
+    assert "Unknown transport 'amqp2'" in output
+    assert "Supported URL schemes: amqp, amqps, memory, pyamqp, redis, rediss" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("amqp://guest:Zq9-LeakCheck-pw@127.0.0.1:1//", id="amqp"),
+        pytest.param("redis://:Zq9-LeakCheck-pw@127.0.0.1:1/0", id="redis"),
+    ],
+)
+def test_unreachable_broker_exits_1_without_showing_the_password(url: str) -> None:
+    """Port 1 on loopback refuses connections: exit 1 quickly, password masked."""
+    result = run(
+        [PYTHON, "-m", "mqtasks", "worker", "-A", "tests.cli_app", "--log-format", "json"],
+        env=clean_env(
+            MQTASKS_BROKER_URL=url, MQTASKS_PUBLISH_RETRIES="0", MQTASKS_CONNECT_TIMEOUT="2"
+        ),
+        timeout=30,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    failures = json_lines(output, "worker.start_failed")
+    assert failures, output
+    assert "127.0.0.1:1" in failures[0]["error"]
+    assert "Zq9-LeakCheck-pw" not in output
+    assert "**" in failures[0]["broker"]
+
+
+# -- 3. run and stop ------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", BROKER_KINDS)
+def test_worker_runs_published_tasks_and_stops_on_sigterm(
+    kind: str, scenario: MakeScenario, run_cli: RunCli
+) -> None:
+    s = scenario(kind)
+    worker = run_cli(s, "-c", "2", "--shutdown-timeout", "10")
+    worker.wait_started()
+
+    # When tasks are published from this process with the same app definition
+    for i in range(5):
+        s.send(f"t{i}")
+
+    # Then the worker runs each of them once
+    wait_until(lambda: s.record.count("finish") == 5, "5 finished tasks")
+    assert sorted(t for e, t, _ in s.record.entries() if e == "finish") == [
+        f"t{i}" for i in range(5)
+    ]
+    assert s.record.pids() == {worker.pid}
+
+    # And SIGTERM stops it cleanly
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(12) == 0, worker.stderr()
+    stopped = worker.logs("worker.stopped")
+    assert len(stopped) == 1
+    assert stopped[0]["clean"] is True
+    assert s.ready() == 0
+
+
+# -- 4. graceful drain --------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", BROKER_KINDS)
+def test_sigterm_lets_the_running_task_finish_and_acks_it(
+    kind: str, scenario: MakeScenario, run_cli: RunCli
+) -> None:
+    s = scenario(kind)
+    worker = run_cli(s, "-c", "1", "--shutdown-timeout", "15")
+    worker.wait_started()
+
+    # Given a 2 s task running
+    s.send("slow", 2.0)
+    wait_until(lambda: s.record.count("start", "slow") == 1, "the slow task to start")
+
+    # When SIGTERM arrives
+    worker.signal(signal.SIGTERM)
+
+    # Then the worker waits for it, exits 0, and the message is acked
+    assert worker.wait(15) == 0, worker.stderr()
+    assert s.record.count("finish", "slow") == 1
+    assert worker.logs("worker.stopping")
+    assert worker.logs("worker.stopped")[0]["clean"] is True
+    assert s.ready() == 0
+    if kind == "redis":
+        assert s.redis_unacked() == 0
+
+    # And a new worker does not get it again: it runs only the task sent after it
+    second = run_cli(s, "-c", "1", "--shutdown-timeout", "5")
+    second.wait_started()
+    s.send("after")
+    wait_until(lambda: s.record.count("finish", "after") == 1, "the task sent afterwards")
+    assert s.record.count("start", "slow") == 1
+    second.signal(signal.SIGTERM)
+    assert second.wait(10) == 0, second.stderr()
+
+
+# -- 5. shutdown timeout ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", BROKER_KINDS)
+def test_shutdown_timeout_exits_3_and_the_task_is_not_lost(
+    kind: str, scenario: MakeScenario, run_cli: RunCli
+) -> None:
+    s = scenario(kind)
+    worker = run_cli(s, "-c", "1", "--shutdown-timeout", "1")
+    worker.wait_started()
+
+    # Given a 30 s task running
+    s.send("long", 30.0)
+    wait_until(lambda: s.record.count("start", "long") == 1, "the long task to start")
+
+    # When SIGTERM arrives, the 1 s grace period runs out: exit code 3
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(8) == 3, worker.stderr()
+    assert worker.logs("worker.shutdown_timeout")
+    assert s.record.count("finish", "long") == 0
+
+    # Then the message went back to the broker: a new worker starts it again
+    run_cli(s, "-c", "1").wait_started()
+    wait_until(lambda: s.record.count("start", "long") == 2, "the long task to start again")
+
+
+# -- 6. SIGKILL mid-task ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", BROKER_KINDS)
+def test_task_of_a_killed_worker_runs_on_the_next_one(
+    kind: str, scenario: MakeScenario, run_cli: RunCli
+) -> None:
+    s = scenario(kind)
+    if kind == "redis":
+        # kombu's Redis transport gives an unacked message back after the visibility
+        # timeout, on the poll cycle of a live consumer.
+        s.env_extra["CLI_TEST_VISIBILITY_TIMEOUT"] = "3"
+    worker = run_cli(s, "-c", "1", "--shutdown-timeout", "5")
+    worker.wait_started()
+
+    # Given a task running
+    s.send("doomed", 1.5)
+    wait_until(lambda: s.record.count("start", "doomed") == 1, "the task to start")
+
+    # When the worker is killed with SIGKILL
+    worker.signal(signal.SIGKILL)
+    assert worker.wait(5) == -signal.SIGKILL
+
+    # Then another worker runs the task to completion
+    second = run_cli(s, "-c", "1", "--shutdown-timeout", "5")
+    second.wait_started()
+    wait_until(lambda: s.record.count("finish", "doomed") >= 1, "the task to finish", timeout=25)
+    assert s.record.count("start", "doomed") == 2
+    assert s.record.count("finish", "doomed") == 1
+    assert s.record.pids("finish") == {second.pid}
+    second.signal(signal.SIGTERM)
+    assert second.wait(10) == 0, second.stderr()
+    assert s.ready() == 0
+
+
+# -- 7. --processes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_processes_2_runs_two_children_and_replaces_a_dead_one(
+    scenario: MakeScenario, run_cli: RunCli
+) -> None:
+    s = scenario("amqp")
+    parent = run_cli(s, "--processes", "2", "-c", "1", "--shutdown-timeout", "10")
+    parent.wait_started(2)
+    children = {e["pid"] for e in parent.logs("supervisor.child_started")}
+    assert len(children) == 2
+    for pid in children:
+        assert (_proc_stat(pid) or (0,))[0] == parent.pid
+
+    # Two processes share the work
+    for i in range(40):
+        s.send(f"a{i}", 0.05)
+    wait_until(lambda: s.record.count("finish") == 40, "40 finished tasks")
+    assert s.record.pids(prefix="a") == children
+
+    # When one child is killed, the supervisor starts another in its slot
+    victim = min(children)
+    os.kill(victim, signal.SIGKILL)
+    died = parent.wait_log("supervisor.child_died")
+    assert died[0]["pid"] == victim
+    started = parent.wait_log("supervisor.child_started", 3)
+    replacement = started[-1]["pid"]
+    assert replacement not in children
+    parent.wait_started(3)
+
+    # Then the new child does work too
+    for i in range(40):
+        s.send(f"b{i}", 0.05)
+    wait_until(lambda: s.record.count("finish") == 80, "40 more finished tasks")
+    assert replacement in s.record.pids(prefix="b")
+
+    # And SIGTERM to the parent stops everything, leaving no process behind
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(15) == 0, parent.stderr()
+    assert len(parent.logs("worker.stopped")) == 2
+    assert session_members(parent.pid) == []
+    assert s.ready() == 0
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_a_multi_process_worker_gracefully(
+    scenario: MakeScenario, run_cli: RunCli
+) -> None:
+    """Ctrl-C sends SIGINT to the whole process group: children must still drain, not force-exit."""
+    s = scenario("amqp")
+    parent = run_cli(s, "--processes", "2", "-c", "1", "--shutdown-timeout", "10")
+    parent.wait_started(2)
+    s.send("slow", 1.5)
+    wait_until(lambda: s.record.count("start", "slow") == 1, "the slow task to start")
+
+    # When the terminal's process group gets SIGINT (what Ctrl-C does)
+    os.killpg(parent.pid, signal.SIGINT)
+
+    # Then the running task finishes and every process exits cleanly
+    assert parent.wait(15) == 0, parent.stderr()
+    assert not parent.logs("worker.forced_exit")
+    assert s.record.count("finish", "slow") == 1
+    assert session_members(parent.pid) == []
+
+
+# -- 8. bad input -------------------------------------------------------------------------------------
+
+
+class _Trap:
+    """Unpickling this creates ``path``: proof that a worker unpickled a message body."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", BROKER_KINDS)
+def test_bad_messages_are_rejected_and_the_worker_keeps_running(
+    kind: str, scenario: MakeScenario, run_cli: RunCli, tmp_path: Path
+) -> None:
+    s = scenario(kind)
+    worker = run_cli(s, "-c", "1", "--shutdown-timeout", "5")
+    worker.wait_started()
+    marker = tmp_path / "unpickled"
+
+    # Given three messages published with plain kombu, bypassing mqtasks
+    bad = {
+        "decode_error": (b'{"args": [1,', "application/json", "utf-8", cli_app.WORK),
+        "content_type": (
+            pickle.dumps(_Trap(str(marker))),
+            "application/x-python-serialize",
+            "binary",
+            cli_app.WORK,
+        ),
+        "unknown_task": (b'{"args": ["x"], "kwargs": {}}', "application/json", "utf-8", "cli.nope"),
+    }
+    with kombu.Connection(s.url, connect_timeout=5) as conn:
+        producer = conn.Producer()
+        for reason, (body, content_type, encoding, task) in bad.items():
+            producer.publish(
+                body,
+                exchange="",
+                routing_key=s.queue,
+                content_type=content_type,
+                content_encoding=encoding,
+                headers={"mqtasks-task": task, "mqtasks-protocol": 1},
+                message_id=f"bad-{reason}",
+                delivery_mode=2,
+                retry=True,
+            )
+    # And a good one after them
+    s.send("good")
+
+    # Then each bad one is rejected with its reason, and the good one still runs
+    wait_until(lambda: s.record.count("finish", "good") == 1, "the good task")
+    rejected = {e["task_id"]: e for e in worker.wait_log("message.rejected", 3)}
+    assert {k: v["reason"] for k, v in rejected.items()} == {f"bad-{r}": r for r in bad}
+    assert rejected["bad-unknown_task"]["task_name"] == "cli.nope"
+    assert "application/x-python-serialize" in rejected["bad-content_type"]["detail"]
+    assert not marker.exists(), "the worker unpickled a message body"
+    assert worker.proc.poll() is None
+    assert s.ready() == 0
+
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(10) == 0, worker.stderr()
+    assert not marker.exists()

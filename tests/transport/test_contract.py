@@ -1,0 +1,215 @@
+"""The contract every transport meets: memory, the local RabbitMQ, the local Redis.
+
+Publish, consume, ack after the task; bad input rejected with its reason and
+never blocking the queue; unstarted prefetched messages handed back on stop.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import kombu
+import pytest
+
+from mqtasks import App, Reject
+from mqtasks.testing import drain, running_worker
+
+
+def raw_publish(app: App, queue: str, body: Any, **kwargs: Any) -> None:
+    """Publish bypassing mqtasks, as a hostile or buggy producer would."""
+    kwargs["headers"] = dict(kwargs.get("headers") or {})  # kombu may add to it in place
+    with app.transport.connection() as conn:
+        producer = conn.Producer()
+        kwargs.setdefault("message_id", "raw-1")
+        producer.publish(body, routing_key=queue, exchange="", **kwargs)
+
+
+def reasons(worker: Any) -> list[str]:
+    return [getattr(exc, "reason", type(exc).__name__) for _, exc in worker.errors]
+
+
+def test_each_task_runs_once_and_is_acked(app: App) -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    @app.task
+    def record(n: int) -> None:
+        with lock:
+            seen.append(n)
+
+    handles = [record.delay(n) for n in range(30)]
+    assert len({h.id for h in handles}) == 30
+    with running_worker(app, concurrency=4) as worker:
+        drain(worker)
+    assert sorted(seen) == list(range(30))
+    assert app.transport.message_counts([app.queue(record.queue)]) == {record.queue: 0}
+
+
+def test_task_exception_is_logged_acked_and_the_queue_flows_on(app: App) -> None:
+    done: list[int] = []
+
+    @app.task
+    def maybe_fail(n: int) -> None:
+        if n == 0:
+            raise RuntimeError("boom")
+        done.append(n)
+
+    for n in range(5):
+        maybe_fail.delay(n)
+    with running_worker(app, concurrency=1) as worker:
+        with pytest.raises(RuntimeError, match="boom"):
+            drain(worker)
+        drain(worker)
+    assert sorted(done) == [1, 2, 3, 4]
+    assert app.transport.message_counts([app.queue(maybe_fail.queue)])[maybe_fail.queue] == 0
+
+
+def test_bad_input_is_rejected_with_its_reason_and_the_worker_keeps_going(
+    app: App, tmp_path: Path
+) -> None:
+    good: list[int] = []
+
+    @app.task
+    def add(x: int, y: int) -> None:
+        good.append(x + y)
+
+    queue = add.queue
+    app.declare([queue])
+    marker = tmp_path / "pwned"
+    headers = {"mqtasks-task": add.name}
+    json_ct = {"content_type": "application/json", "content_encoding": "utf-8"}
+    # Given poison of every kind, interleaved with good tasks
+    raw_publish(app, queue, b"{not json", headers=headers, **json_ct)
+    add.delay(1, 1)
+    raw_publish(app, queue, b'{"args":[],"kwargs":{}}', headers={"mqtasks-task": "no.such"}, **json_ct)
+    raw_publish(app, queue, b'{"args":[1],"kwargs":{}}', headers=headers, **json_ct)
+    raw_publish(app, queue, _Pwn(str(marker)), serializer="pickle", headers=headers)
+    raw_publish(app, queue, b"x: 1", headers=headers, content_type="application/x-yaml",
+                content_encoding="utf-8")
+    raw_publish(app, queue, b'{"args":[1,2],"kwargs":{}}', headers=headers,
+                compression="gzip", **json_ct)
+    raw_publish(app, queue, b'{"args":[1,2],"kwargs":{}}',
+                headers={**headers, "mqtasks-attempt": "abc"}, **json_ct)
+    raw_publish(app, queue, b'{"args":[1,2],"kwargs":{}}',
+                headers={**headers, "mqtasks-expires": time.time() - 60}, **json_ct)
+    add.delay(2, 2)
+    # When a worker consumes them
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker, raise_errors=False)
+        # Then good tasks ran, poison was rejected with reasons, nothing is left
+        assert sorted(good) == [2, 4]
+        assert sorted(reasons(worker)) == sorted(
+            [
+                "decode_error",
+                "unknown_task",
+                "invalid_arguments",
+                "content_type",
+                "content_type",
+                "compression_refused",
+                "invalid_headers",
+                "expired",
+            ]
+        )
+    assert not marker.exists()
+    assert app.transport.message_counts([app.queue(queue)])[queue] == 0
+
+
+class _Pwn:
+    """A pickle that would create a file if anyone unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
+def test_reject_gives_the_message_up(app: App) -> None:
+    @app.task
+    def refuse() -> None:
+        raise Reject("not today")
+
+    refuse.delay()
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker)
+    assert app.transport.message_counts([app.queue(refuse.queue)])[refuse.queue] == 0
+
+
+def test_stop_hands_back_prefetched_messages_and_finishes_the_running_one(app: App) -> None:
+    started = threading.Event()
+    release = threading.Event()
+    ran: list[int] = []
+
+    @app.task
+    def slow(n: int) -> None:
+        started.set()
+        release.wait(10)
+        ran.append(n)
+
+    for n in range(4):
+        slow.delay(n)
+    with running_worker(app, concurrency=1, prefetch=4, shutdown_timeout=10) as worker:
+        assert started.wait(10)
+        deadline = time.monotonic() + 5
+        while worker.received < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # When the worker is told to stop while one task runs and three wait
+        stopper = threading.Thread(target=worker.stop)
+        stopper.start()
+        time.sleep(0.2)
+        release.set()
+        stopper.join(10)
+        assert worker.clean_exit
+    # Then the running task finished and the others are back on the queue
+    assert ran == [0]
+    deadline = time.monotonic() + 5
+    counts: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        counts = app.transport.message_counts([app.queue(slow.queue)])
+        if counts[slow.queue] == 3:
+            break
+        time.sleep(0.05)
+    assert counts == {slow.queue: 3}
+
+
+def test_threads_run_tasks_concurrently(app: App) -> None:
+    barrier = threading.Barrier(4, timeout=10)
+
+    @app.task
+    def meet() -> None:
+        barrier.wait()
+
+    for _ in range(4):
+        meet.delay()
+    with running_worker(app, concurrency=4) as worker:
+        drain(worker)
+
+
+def test_expired_task_is_not_run(app: App) -> None:
+    ran: list[int] = []
+
+    @app.task
+    def late() -> None:
+        ran.append(1)
+
+    late.apply_async(expires=0.01)
+    time.sleep(0.05)
+    with running_worker(app) as worker:
+        drain(worker, raise_errors=False)
+        assert reasons(worker) == ["expired"]
+    assert ran == []
+
+
+def test_worker_pid_is_ours() -> None:
+    # Guards the CLI tests' assumption that worker threads live in this process.
+    assert os.getpid() > 0
+
+
+def test_kombu_connection_is_the_transports(app: App) -> None:
+    conn = app.transport.connection()
+    assert isinstance(conn, kombu.Connection)
+    conn.release()

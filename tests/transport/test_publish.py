@@ -1,0 +1,82 @@
+"""Publishing: confirmed, routed or refused loudly, bounded during outages."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from mqtasks import App, PublishError, PublishNacked, QueueSpec, Unroutable
+from mqtasks.testing import drain, running_worker
+
+pytestmark = pytest.mark.integration
+
+
+def test_publish_to_a_deleted_queue_raises_unroutable(amqp_url, make_app) -> None:
+    app = make_app(amqp_url)
+
+    @app.task
+    def f() -> None: ...
+
+    f.delay()
+    # Given the queue disappears behind the app's back (an operator deleted it)
+    app.transport.delete([app.queue(f.queue)])
+    app.transport._declared.add(f.queue)  # the app still believes it is declared
+    # Then the broker returns the message and delay() says it was not enqueued
+    with pytest.raises(Unroutable, match="NOT enqueued") as info:
+        f.delay()
+    assert info.value.task_id
+    # And the next call declares the queue again and succeeds
+    f.delay()
+    assert app.transport.message_counts([app.queue(f.queue)]) == {f.queue: 1}
+
+
+@pytest.mark.parametrize(
+    "url", ["amqp://guest:pw-Zq81x@127.0.0.1:1//", "redis://:pw-Zq81x@127.0.0.1:1/0"]
+)
+def test_publish_during_an_outage_raises_in_bounded_time(url: str) -> None:
+    app = App("x", broker=url, publish_retries=1, publish_timeout=2, connect_timeout=1)
+
+    @app.task
+    def f() -> None: ...
+
+    started = time.monotonic()
+    with pytest.raises(PublishError) as info:
+        f.delay()
+    assert time.monotonic() - started < 15
+    assert "NOT enqueued" in str(info.value) or "cannot reach" in str(info.value)
+    assert "pw-Zq81x" not in str(info.value)
+    app.close()
+
+
+def test_priorities_on_a_classic_priority_queue(amqp_url, make_app, queue_name) -> None:
+    name = queue_name("prio")
+    app = make_app(amqp_url, queues=[QueueSpec(name, queue_type="classic", max_priority=9)])
+    order: list[int] = []
+
+    @app.task(queue=name)
+    def job(p: int) -> None:
+        order.append(p)
+
+    for p in (1, 5, 9, 3):
+        job.apply_async(args=(p,), priority=p)
+    with running_worker(app, concurrency=1, prefetch=1) as worker:
+        drain(worker)
+    assert order == [9, 5, 3, 1]
+
+
+def test_queue_arguments_reach_rabbitmq(amqp_url, make_app, queue_name) -> None:
+    name = queue_name("bounded")
+    app = make_app(
+        amqp_url, queues=[QueueSpec(name, queue_type="classic", max_length=2, overflow="reject-publish")]
+    )
+
+    @app.task(queue=name)
+    def job() -> None: ...
+
+    job.delay()
+    job.delay()
+    # A full queue with reject-publish nacks: delay() must not pretend it worked
+    with pytest.raises(PublishNacked, match="NOT enqueued"):
+        job.delay()
+    assert app.transport.message_counts([app.queue(name)]) == {name: 2}
