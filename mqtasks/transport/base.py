@@ -330,7 +330,7 @@ class Transport:
         except PublishError:
             raise
         except Exception as exc:
-            if type(exc).__name__ == "MessageNacked":  # py-amqp: a basic.nack for our message
+            if _caused_by(exc, "MessageNacked"):  # py-amqp: a basic.nack for our message
                 raise PublishNacked(
                     f"Task {envelope.message_id} was NOT enqueued: the broker refused it on "
                     f"{queue!r} (a full queue with overflow=reject-publish, or a broker alarm).",
@@ -419,6 +419,17 @@ class Transport:
             for spec in specs:
                 self.kombu_queue(spec).bind(channel).delete()
                 self._declared.discard(spec.name)
+
+
+def _caused_by(exc: BaseException | None, name: str) -> bool:
+    """Whether ``exc`` or an exception in its cause chain has class name ``name``."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if type(exc).__name__ == name:
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _producer_factory(on_return: Callable[..., None] | None) -> Callable[[Any], kombu.Producer]:
