@@ -51,11 +51,19 @@ def require_broker(kind: str) -> str:
     return url
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs a real broker ``integration`` (``-m integration``)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        param = callspec.params.get("broker_url") if callspec else None
+        fixtures = getattr(item, "fixturenames", ())
+        if param in ("amqp", "redis") or "amqp_url" in fixtures or "redis_url" in fixtures:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(params=["memory", "amqp", "redis"])
 def broker_url(request: pytest.FixtureRequest) -> str:
     """Each transport in turn: memory, the local RabbitMQ, the local Redis."""
-    if request.param != "memory":
-        request.applymarker(pytest.mark.integration)
     return require_broker(request.param)
 
 

@@ -1,0 +1,27 @@
+"""The public API: everything in __all__ exists, is documented, and nothing else leaks."""
+
+from __future__ import annotations
+
+import mqtasks
+import mqtasks.testing
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert mqtasks.__all__ == sorted(mqtasks.__all__)
+    for name in mqtasks.__all__:
+        assert hasattr(mqtasks, name), name
+
+
+def test_public_names_have_docstrings() -> None:
+    for name in mqtasks.__all__:
+        obj = getattr(mqtasks, name)
+        if name != "__version__":
+            assert obj.__doc__, name
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(mqtasks.__version__, str)
+
+
+def test_testing_helpers_are_exported() -> None:
+    assert set(mqtasks.testing.__all__) == {"drain", "memory_app", "reset", "running_worker"}

@@ -1,0 +1,26 @@
+"""Pins the public types; checked by mypy (tox -e type), never run."""
+
+from __future__ import annotations
+
+from typing_extensions import assert_type
+
+from mqtasks import App, Task, TaskHandle
+
+app = App("typing")
+
+
+@app.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task(queue="emails", priority=5)
+def send(user_id: int) -> None: ...
+
+
+assert isinstance(add, Task)
+assert_type(add(1, 2), int)
+assert_type(add.delay(1, 2), TaskHandle)
+assert_type(send.delay(3), TaskHandle)
+add.delay("x", 2)  # type: ignore[arg-type]  # the ParamSpec catches a wrong argument type
+send.delay()  # type: ignore[call-arg]  # and a missing one
