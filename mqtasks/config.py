@@ -23,7 +23,6 @@ QueueType = Literal["quorum", "classic"]
 _ENV_PREFIX = "MQTASKS_"
 
 
-
 @dataclass(frozen=True)
 class Settings:
     """Everything an :class:`~mqtasks.App` and its worker are configured with.

@@ -50,9 +50,12 @@ def test_failed_task_is_logged_with_its_traceback(app: App) -> None:
         raise KeyError(n)
 
     handle = boom.delay(7)
-    with structlog.testing.capture_logs() as logs, running_worker(app) as worker:
-        with pytest.raises(KeyError):
-            drain(worker)
+    with (
+        structlog.testing.capture_logs() as logs,
+        running_worker(app) as worker,
+        pytest.raises(KeyError),
+    ):
+        drain(worker)
     failed = [e for e in logs if e["event"] == "task.failed"]
     assert len(failed) == 1
     assert failed[0]["task_id"] == handle.id
