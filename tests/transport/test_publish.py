@@ -80,3 +80,26 @@ def test_queue_arguments_reach_rabbitmq(amqp_url, make_app, queue_name) -> None:
     with pytest.raises(PublishNacked, match="NOT enqueued"):
         job.delay()
     assert app.transport.message_counts([app.queue(name)]) == {name: 2}
+
+
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_publishing_reuses_pooled_connections(kind: str, make_app) -> None:
+    from tests.conftest import require_broker
+
+    from ._faults import own_local_ports
+
+    url = require_broker(kind)
+    port = 5672 if kind == "amqp" else 6379
+    app = make_app(url)
+
+    @app.task
+    def f(n: int) -> None: ...
+
+    f.delay(0)  # opens the pool
+    before = own_local_ports(port)
+    for n in range(200):
+        f.delay(n)
+    after = own_local_ports(port)
+    # No connection was opened (nor closed) for any of the 200 messages.
+    assert after == before
+    assert 1 <= len(after) <= 3
