@@ -137,6 +137,8 @@ class Worker:
             return True
         self._grace = self.shutdown_timeout if timeout is None else timeout
         self._stopping.set()
+        if self._consumer is not None:
+            self._consumer.interrupt()  # a reconnect loop in progress gives up
         self._done.wait()
         self._stop_threads()
         for mw in reversed(self.app.middleware):

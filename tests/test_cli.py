@@ -102,6 +102,9 @@ class Record:
     def pids(self, event: str = "finish", prefix: str = "") -> set[int]:
         return {p for e, t, p in self.entries() if e == event and t.startswith(prefix)}
 
+    def tags(self, event: str = "finish", prefix: str = "") -> set[str]:
+        return {t for e, t, _ in self.entries() if e == event and t.startswith(prefix)}
+
 
 def _proc_stat(pid: int) -> tuple[int, int, int] | None:
     """Return ``(ppid, pgrp, session)`` of a live, non-zombie process, or None."""
@@ -553,7 +556,7 @@ def test_processes_2_runs_two_children_and_replaces_a_dead_one(
     # Two processes share the work
     for i in range(40):
         s.send(f"a{i}", 0.05)
-    wait_until(lambda: s.record.count("finish") == 40, "40 finished tasks")
+    wait_until(lambda: len(s.record.tags(prefix="a")) == 40, "40 finished tasks")
     assert s.record.pids(prefix="a") == children
 
     # When one child is killed, the supervisor starts another in its slot
@@ -569,7 +572,8 @@ def test_processes_2_runs_two_children_and_replaces_a_dead_one(
     # Then the new child does work too
     for i in range(40):
         s.send(f"b{i}", 0.05)
-    wait_until(lambda: s.record.count("finish") == 80, "40 more finished tasks")
+    # (a task whose ack the killed child had not sent yet may run again: at-least-once)
+    wait_until(lambda: len(s.record.tags(prefix="b")) == 40, "40 more finished tasks")
     assert replacement in s.record.pids(prefix="b")
 
     # And SIGTERM to the parent stops everything, leaving no process behind

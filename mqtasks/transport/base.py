@@ -461,6 +461,7 @@ class Consumer:
         self._consumer: kombu.Consumer | None = None
         self._on_delivery: Callable[[Delivery], None] | None = None
         self._cancelled = False
+        self._interrupted = threading.Event()
         self._tags: dict[Any, str] = {}
 
     def start(self, on_delivery: Callable[[Delivery], None]) -> None:
@@ -548,16 +549,22 @@ class Consumer:
             logger.warning("broker.heartbeat_missed", error=type(exc).__name__)
             self._reconnect()
 
+    def interrupt(self) -> None:
+        """Make a reconnect loop in progress give up (safe from any thread)."""
+        self._interrupted.set()
+
     def _reconnect(self) -> None:
         self._drop()
-        if self._cancelled:
-            return
-        while True:
+        delay = 0.2
+        # One attempt at a time rather than kombu's retry-forever, so that a
+        # stopping worker is not held hostage by a broker that stays down.
+        while not (self._cancelled or self._interrupted.is_set()):
             try:
-                self._connect(max_retries=None)
-            except TransportError as exc:  # pragma: no cover - ensure_connection retries forever
-                logger.warning("broker.reconnect_failed", error=str(exc))
-                time.sleep(1.0)
+                self._connect(max_retries=0)
+            except TransportError as exc:
+                logger.warning("broker.reconnect_failed", error=str(exc), retry_in=delay)
+                self._interrupted.wait(delay)
+                delay = min(delay * 2, 5.0)
                 continue
             logger.info("broker.reconnected", url=mask_url(self.transport.url))
             return

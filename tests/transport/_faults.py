@@ -69,3 +69,76 @@ def kill_redis_connections(url: str) -> int:
             killed += client.client_kill_filter(_id=info["id"])
     client.close()
     return killed
+
+
+class TcpProxy:
+    """A loopback TCP proxy owned by a test: forward, cut every connection, refuse, resume."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        import socket
+        import threading
+
+        self.target = (target_host, target_port)
+        self._socket_mod = socket
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepting = True
+        self.pairs: list[tuple[object, object]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.accepting:
+                client.close()
+                continue
+            try:
+                upstream = self._socket_mod.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self.pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:  # type: ignore[no-untyped-def]
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def cut(self, *, refuse: bool) -> None:
+        """Close every proxied connection; with ``refuse``, turn new ones away too."""
+        self.accepting = not refuse
+        with self._lock:
+            pairs, self.pairs = self.pairs, []
+        for client, upstream in pairs:
+            for s in (client, upstream):
+                try:
+                    s.shutdown(self._socket_mod.SHUT_RDWR)  # type: ignore[attr-defined]
+                except OSError:
+                    pass
+
+    def resume(self) -> None:
+        """Accept and forward new connections again."""
+        self.accepting = True
+
+    def close(self) -> None:
+        self.cut(refuse=True)
+        self.listener.close()

@@ -22,7 +22,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> fakeredis.FakeServer:
     server = fakeredis.FakeServer()
 
     def fake_pool(self, asynchronous: bool = False) -> redis.ConnectionPool:
-        return redis.ConnectionPool(connection_class=fakeredis.FakeConnection, server=server)
+        return redis.ConnectionPool(connection_class=fakeredis.FakeConnection, server=server)  # type: ignore[arg-type]
 
     monkeypatch.setattr(mq_redis._Channel, "_get_pool", fake_pool)
     return server
