@@ -21,8 +21,10 @@ import logging
 import os
 import platform
 import resource
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -174,7 +176,7 @@ class MqtasksSide:
         delay = self.noop.delay
         sent, status = 0, "ok"
         t0 = time.perf_counter()
-        for sent in range(1, n + 1):  # noqa: B007 - `sent` is read after the loop
+        for sent in range(1, n + 1):
             delay()
             if not sent & 255 and time.monotonic() > deadline:
                 status = f"timeout at {sent}/{n}"
@@ -335,7 +337,7 @@ class KombuSide:
             producer = kombu.Producer(channel, auto_declare=False)
             deadline = time.monotonic() + self.opts.timeout
             sent = 0
-            for sent in range(1, n + 1):  # noqa: B007 - `sent` is read after the loop
+            for sent in range(1, n + 1):
                 self._send(producer, self.queue.name)
                 if not sent & 255 and (time.monotonic() > deadline or (stop and stop.is_set())):
                     break
@@ -351,7 +353,7 @@ class KombuSide:
             deadline = time.monotonic() + self.opts.timeout
             sent, status = 0, "ok"
             t0 = time.perf_counter()
-            for sent in range(1, n + 1):  # noqa: B007 - `sent` is read after the loop
+            for sent in range(1, n + 1):
                 self._send(producer, self.queue.name)
                 if not sent & 255 and time.monotonic() > deadline:
                     status = f"timeout at {sent}/{n}"
@@ -490,7 +492,9 @@ class KombuSide:
             t.join(15.0)
         if errors:
             status = f"error: {errors[0]!r}"
-        return Measurement(broker, "pipeline", "kombu", counter.value, t1 - t0, status, peak_rss_mib())
+        return Measurement(
+            broker, "pipeline", "kombu", counter.value, t1 - t0, status, peak_rss_mib()
+        )
 
     def cleanup(self) -> None:
         for queue in (self.queue, self.warm_queue):
@@ -504,11 +508,13 @@ class KombuSide:
 # -- one broker -----------------------------------------------------------------------
 
 
-def run_broker(broker: str, opts: argparse.Namespace, run_id: str) -> list[Measurement]:
+def run_broker(
+    broker: str, opts: argparse.Namespace, run_id: str, results: list[Measurement]
+) -> None:
+    """Run every phase on one broker, appending to ``results`` as it goes."""
     url = BROKERS[broker]
     prefix = f"bench-{run_id}-{broker}"
     n = opts.tasks
-    results: list[Measurement] = []
     mq = MqtasksSide(url, f"{prefix}-mqtasks", f"{prefix}-mqtasks-warm", opts)
     kb: KombuSide | None = None
 
@@ -546,10 +552,12 @@ def run_broker(broker: str, opts: argparse.Namespace, run_id: str) -> list[Measu
             settled = sum(
                 m.extra.get("settled", m.tasks)
                 for m in results
-                if m.side == "mqtasks" and m.phase in ("drain", "pipeline")
+                if m.broker == broker and m.side == "mqtasks" and m.phase in ("drain", "pipeline")
             )
             if mq.ran.value != settled:
-                print(f"  note: the task ran {mq.ran.value} times for {settled} settled", flush=True)
+                print(
+                    f"  note: the task ran {mq.ran.value} times for {settled} settled", flush=True
+                )
     finally:
         for side in (mq, kb):
             if side is None:
@@ -560,7 +568,6 @@ def run_broker(broker: str, opts: argparse.Namespace, run_id: str) -> list[Measu
                 print(f"  warning: cleanup of {broker} failed: {exc!r}", file=sys.stderr)
         if broker == "redis":
             _sweep_redis(url, prefix)
-    return results
 
 
 def _sweep_redis(url: str, prefix: str) -> None:
@@ -598,12 +605,14 @@ def machine_info() -> dict[str, Any]:
         "amqp": version("amqp"),
         "redis-py": version("redis"),
         "mqtasks": version("mqtasks"),
+        "commit": _git_commit(),
     }
-    with contextlib.suppress(Exception):
-        with kombu.Connection(BROKERS["amqp"], connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1)
-            props = conn.connection.server_properties
-            info["rabbitmq"] = props.get("version")
+    with (
+        contextlib.suppress(Exception),
+        kombu.Connection(BROKERS["amqp"], connect_timeout=3) as conn,
+    ):
+        conn.ensure_connection(max_retries=1)
+        info["rabbitmq"] = conn.connection.server_properties.get("version")
     with contextlib.suppress(Exception):
         import redis
 
@@ -611,6 +620,29 @@ def machine_info() -> dict[str, Any]:
         info["redis_server"] = client.info("server").get("redis_version")
         client.close()
     return info
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` when mqtasks/ has local changes), if any."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "mqtasks"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
 
 
 PHASES = [
@@ -626,8 +658,16 @@ def summarise(results: list[Measurement], brokers: list[str]) -> list[dict[str, 
     rows = []
     for broker in brokers:
         for _, mq_phase, kb_phase, label in PHASES:
-            mq = [m for m in results if m.broker == broker and m.side == "mqtasks" and m.phase == mq_phase]
-            kb = [m for m in results if m.broker == broker and m.side == "kombu" and m.phase == kb_phase]
+            mq = [
+                m
+                for m in results
+                if m.broker == broker and m.side == "mqtasks" and m.phase == mq_phase
+            ]
+            kb = [
+                m
+                for m in results
+                if m.broker == broker and m.side == "kombu" and m.phase == kb_phase
+            ]
             if not mq or not kb:
                 continue
             mq_rate = statistics.median(m.rate for m in mq)
@@ -696,16 +736,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return opts
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     # The worker logs at info level; keep the output to the figures.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    # `kill` cleans up like Ctrl-C: queues deleted, workers stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     run_id = uuid.uuid4().hex[:8]
     info = machine_info()
     rss_start = peak_rss_mib()
     print(
         f"mqtasks {info['mqtasks']} | kombu {info['kombu']} | amqp {info['amqp']} | "
         f"redis-py {info['redis-py']} | Python {info['python']} | nproc {info['nproc']} | "
+        f"commit {info['commit']} | "
         f"RabbitMQ {info.get('rabbitmq', '?')} | Redis {info.get('redis_server', '?')} | "
         f"load {info['loadavg']}"
     )
@@ -718,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         for broker in opts.broker_list:
-            results.extend(run_broker(broker, opts, run_id))
+            run_broker(broker, opts, run_id, results)
     except KeyboardInterrupt:
         print("interrupted; queues deleted", file=sys.stderr)
         status = 130
@@ -736,9 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "run_id": run_id,
             "machine": info,
-            "options": {
-                k: v for k, v in vars(opts).items() if k not in ("json", "broker_list")
-            },
+            "options": {k: v for k, v in vars(opts).items() if k not in ("json", "broker_list")},
             "peak_rss_mib": {"start": round(rss_start, 1), "end": round(rss_end, 1)},
             "summary": rows,
             "measurements": [

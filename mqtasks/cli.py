@@ -81,13 +81,18 @@ def configure_logging(level: str, fmt: str) -> None:
 def load_app(path: str) -> App:
     """Import the app named by ``-A``: ``module``, ``module:attr`` or ``module:factory()``.
 
+    Only a trailing ``()`` calls anything: ``-A myapp:create_app()`` calls the
+    factory; ``-A myapp:main`` must name an :class:`App` and is never called.
+
     Raises:
         click.UsageError: Nothing importable there is an :class:`App`.
     """
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    call = path.endswith("()")
+    target = path[:-2] if call else path
     try:
-        obj = import_object(path)
+        obj = import_object(target)
     except MQTasksError as exc:
         raise click.UsageError(str(exc)) from exc
     if isinstance(obj, types.ModuleType):
@@ -101,10 +106,13 @@ def load_app(path: str) -> App:
             f"Module {path!r} has {'no' if not apps else 'several'} mqtasks App; "
             f"name one with -A {path}:<attribute>."
         )
-    if callable(obj) and not isinstance(obj, App):
+    if call:
+        if not callable(obj):
+            raise click.UsageError(f"{target!r} is a {type(obj).__name__}, not callable.")
         obj = obj()
     if not isinstance(obj, App):
-        raise click.UsageError(f"{path!r} is a {type(obj).__name__}, not an mqtasks App.")
+        hint = " (to call an app factory, write -A module:factory())" if callable(obj) else ""
+        raise click.UsageError(f"{path!r} is a {type(obj).__name__}, not an mqtasks App{hint}.")
     return obj
 
 
@@ -181,9 +189,16 @@ def worker(
 
 
 def run_worker(w: Worker) -> int:
-    """Run ``w`` until a signal; return the exit code."""
+    """Run ``w`` until a signal; return the exit code.
+
+    Under ``--processes`` the supervisor's pid is in ``MQTASKS_SUPERVISOR_PID``:
+    the child then ignores SIGINT (Ctrl-C reaches the whole process group, and
+    the supervisor turns it into one SIGTERM per child) and stops by itself if
+    the supervisor disappears.
+    """
     stop = threading.Event()
     signals = {"count": 0}
+    supervisor = os.environ.get("MQTASKS_SUPERVISOR_PID")
 
     def on_signal(signum: int, frame: Any) -> None:
         signals["count"] += 1
@@ -194,7 +209,7 @@ def run_worker(w: Worker) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if supervisor else on_signal)
     try:
         w.start()
     except MQTasksError as exc:
@@ -205,6 +220,9 @@ def run_worker(w: Worker) -> int:
     while not stop.wait(0.5):
         if w.join(0):  # the I/O thread ended on its own
             return RET_ERROR
+        if supervisor and str(os.getppid()) != supervisor:
+            logger.warning("worker.orphaned", supervisor=supervisor)
+            break
     return RET_OK if w.stop() else RET_TIMEOUT
 
 
@@ -242,14 +260,21 @@ class Supervisor:
         self._restarts: list[float] = []
 
     def _spawn(self, slot: int) -> None:
-        child = subprocess.Popen(self.argv, env={**os.environ, "MQTASKS_WORKER_SLOT": str(slot)})
+        env = {
+            **os.environ,
+            "MQTASKS_WORKER_SLOT": str(slot),
+            "MQTASKS_SUPERVISOR_PID": str(os.getpid()),
+        }
+        child = subprocess.Popen(self.argv, env=env)
         self.children[slot] = child
         logger.info("supervisor.child_started", slot=slot, pid=child.pid)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        # Children ignore SIGINT; each signal here becomes one SIGTERM per child
+        # (first: drain, second: force), and a third one kills them.
         self.signals += 1
         self.stopping = True
-        sig = signal.SIGKILL if self.signals > 2 else signum
+        sig = signal.SIGKILL if self.signals > 2 else signal.SIGTERM
         for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(sig)
