@@ -10,6 +10,7 @@ has finished: at-least-once.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -28,7 +29,7 @@ __all__ = ["Worker"]
 
 logger = structlog.get_logger("mqtasks.worker")
 
-_ACK, _REJECT, _REQUEUE = "ack", "reject", "requeue"
+_ACK, _REJECT, _REQUEUE, _DROP = "ack", "reject", "requeue", "drop"
 _STOP = None
 
 
@@ -78,8 +79,13 @@ class Worker:
         self.settled = 0
         #: Whether the last stop let every running task finish.
         self.clean_exit = True
-        self._work: queue.Queue[Delivery | None] = queue.Queue()
+        self._work: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._settlements: queue.SimpleQueue[tuple[Delivery, str]] = queue.SimpleQueue()
+        # Worker threads write a byte here after posting a settlement, to wake
+        # an I/O thread sleeping in select() (transports with ``wakeable``).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._lock = threading.Lock()
         self._outstanding = 0
         self._running = 0
@@ -92,6 +98,7 @@ class Worker:
         self._ready = threading.Event()
         self._done = threading.Event()
         self._startup_error: BaseException | None = None
+        self._stop_called = False
 
     def __repr__(self) -> str:
         return f"<Worker {self.app.name!r} queues={self.queues} concurrency={self.concurrency}>"
@@ -135,12 +142,24 @@ class Worker:
         """
         if self._io_thread is None:
             return True
+        with self._lock:
+            if self._stop_called:
+                first = False
+            else:
+                self._stop_called = first = True
+        if not first:  # not started, or stopped already (or stopping in another thread)
+            self._done.wait()
+            return self.clean_exit
         self._grace = self.shutdown_timeout if timeout is None else timeout
         self._stopping.set()
         if self._consumer is not None:
             self._consumer.interrupt()  # a reconnect loop in progress gives up
+        self._wake()
         self._done.wait()
         self._stop_threads()
+        if self.clean_exit:  # every thread has exited: nobody writes to the pipe any more
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         for mw in reversed(self.app.middleware):
             _call_hook(mw.worker_shutdown, self)
         logger.info("worker.stopped", clean=self.clean_exit)
@@ -186,7 +205,11 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 self._flush()
-                if self._window >= self.prefetch:
+                if consumer.wakeable:
+                    # Sleeps until a delivery, a settlement or a stop arrives.
+                    consumer.wait(0.5, self._wake_r)
+                    self._clear_wake()
+                elif self._window >= self.prefetch:
                     # Nothing can arrive until something is settled: wait for that.
                     self._wait_settlement(0.5)
                     consumer.heartbeat_check()
@@ -203,9 +226,21 @@ class Worker:
         finally:
             self._done.set()
 
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full: the I/O thread is already due to wake
+            pass
+
+    def _clear_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
     def _on_delivery(self, delivery: Delivery) -> None:
-        with self._lock:
-            self._outstanding += 1
+        self._outstanding += 1
         self.received += 1
         self._window += 1
         if self._stopping.is_set():
@@ -214,19 +249,20 @@ class Worker:
         self._work.put(delivery)
 
     def _settle(self, delivery: Delivery, action: str) -> None:
+        # I/O thread only: it alone touches the connection and these counters.
         consumer = self._consumer
         assert consumer is not None
         if action == _ACK:
             consumer.ack(delivery)
         elif action == _REJECT:
             consumer.reject(delivery)
-        else:
+        elif action == _REQUEUE:
             consumer.requeue(delivery)
         if delivery.generation == self._generation and self._window:
             self._window -= 1
-        self.settled += 1
-        with self._lock:
-            self._outstanding -= 1
+        if action != _DROP:
+            self.settled += 1
+        self._outstanding -= 1
 
     def _flush(self) -> None:
         get = self._settlements.get_nowait
@@ -259,7 +295,11 @@ class Worker:
             self._flush()
             if self._outstanding == 0:
                 break
-            consumer.drain(timeout=0.05)  # keeps heartbeats; late deliveries are requeued
+            if consumer.wakeable:
+                consumer.wait(0.05, self._wake_r)  # keeps heartbeats; late deliveries are requeued
+                self._clear_wake()
+            else:
+                consumer.drain(timeout=0.05)
         self._flush()
         self.clean_exit = self._outstanding == 0
         if not self.clean_exit:
@@ -274,7 +314,12 @@ class Worker:
     # -- worker threads -------------------------------------------------------------
 
     def _work_main(self) -> None:
-        get, post = self._work.get, self._settlements.put
+        get, put, wake = self._work.get, self._settlements.put, self._wake
+
+        def post(item: tuple[Delivery, str]) -> None:
+            put(item)
+            wake()
+
         while True:
             delivery = get()
             if delivery is None:
@@ -282,8 +327,7 @@ class Worker:
             consumer = self._consumer
             if consumer is not None and delivery.generation != consumer.generation:
                 # The connection it came on is gone and the broker delivers it again.
-                with self._lock:
-                    self._outstanding -= 1
+                post((delivery, _DROP))
                 continue
             if self._stopping.is_set():
                 post((delivery, _REQUEUE))

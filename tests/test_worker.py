@@ -181,3 +181,11 @@ def test_pytest_fixtures_give_an_app_and_a_worker(pytester: pytest.Pytester) -> 
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_stop_is_idempotent_and_safe_before_start(app: App) -> None:
+    worker = Worker(app, concurrency=1)
+    assert worker.stop() is True
+    worker.start()
+    assert worker.stop() is True
+    assert worker.stop() is True

@@ -532,12 +532,26 @@ class Consumer:
         except TimeoutError:
             pass
         except self.connection_errors as exc:
-            logger.warning(
-                "broker.connection_lost", url=mask_url(self.transport.url), error=type(exc).__name__
-            )
-            self._reconnect()
+            self._lost(exc)
             return
         self.heartbeat_check()
+
+    def _lost(self, exc: BaseException) -> None:
+        logger.warning(
+            "broker.connection_lost", url=mask_url(self.transport.url), error=type(exc).__name__
+        )
+        self._reconnect()
+
+    #: Whether :meth:`wait` can be woken through a file descriptor.
+    wakeable: ClassVar[bool] = False
+
+    def wait(self, timeout: float, wake_fd: int) -> None:
+        """Wait up to ``timeout`` for deliveries or for ``wake_fd`` to become readable.
+
+        Transports that cannot select on their connection (``wakeable`` False)
+        only honour ``timeout``; callers then poll with short timeouts.
+        """
+        self.drain(timeout)
 
     def heartbeat_check(self) -> None:
         """Send and check heartbeats; reconnect if the broker went silent."""

@@ -1,0 +1,48 @@
+"""The mqtasks side of ``benchmarks.suite``: one no-op task on one queue.
+
+The worker runs it with ``python -m mqtasks worker -A benchmarks.bench_mqtasks_app -c 8``;
+the broker and queue come from the environment (set by the suite):
+
+* ``BENCH_BROKER_URL``, ``BENCH_QUEUE``;
+* ``BENCH_CONFIRM`` = ``0`` turns RabbitMQ publisher confirms off (only the publishing
+  side cares; the worker does not publish);
+* ``BENCH_KEYPREFIX``: on Redis, kombu's ``global_keyprefix``, so that every key of the run
+  (queue, unacked hash, bindings) carries the run's prefix and is swept at the end.
+
+Everything else is mqtasks' defaults: quorum queues, acks after the task, confirms on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mqtasks import App, Task
+
+from ._record import record
+
+
+def make_app(
+    url: str, queue: str, *, confirm: bool = True, keyprefix: str = ""
+) -> tuple[App, Task[Any, Any]]:
+    """Return an app with the benchmark task ``bench.noop(seq, sent)`` on ``queue``."""
+    options: dict[str, Any] = {}
+    if not confirm:
+        options["confirm_publish"] = False
+    if keyprefix and url.startswith("redis"):
+        options["global_keyprefix"] = keyprefix
+    app = App("bench", broker=url, default_queue=queue, transport_options=options)
+
+    @app.task(name="bench.noop")
+    def noop(seq: int, sent: float) -> None:
+        record(seq, sent)
+
+    return app, noop
+
+
+app, noop = make_app(
+    os.environ.get("BENCH_BROKER_URL", "memory://"),
+    os.environ.get("BENCH_QUEUE", "bench"),
+    confirm=os.environ.get("BENCH_CONFIRM", "1") != "0",
+    keyprefix=os.environ.get("BENCH_KEYPREFIX", ""),
+)
