@@ -27,6 +27,9 @@ def make_broker(url: str, queue: str, *, keyprefix: str = "") -> tuple[Any, Any]
     else:
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+        # pika reads the vhost from the path: "//" would be the vhost "", not "/".
+        if url.endswith("//"):
+            url = url[:-2] + "/%2F"
         broker = RabbitmqBroker(url=url)
     dramatiq.set_broker(broker)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .app import App
 from .config import Settings
 from .exceptions import (
+    BulkPublishError,
     ConfigurationError,
     ConnectionFailed,
     DecodeError,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "BulkPublishError",
     "ConfigurationError",
     "ConnectionFailed",
     "DecodeError",

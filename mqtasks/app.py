@@ -10,6 +10,7 @@ import structlog
 
 from .config import Settings, mask_url
 from .exceptions import (
+    BulkPublishError,
     ConfigurationError,
     DuplicateTask,
     MiddlewareError,
@@ -20,7 +21,7 @@ from .exceptions import (
 from .message import Message
 from .middleware import DEFAULT_MIDDLEWARE, Middleware
 from .serialization import encode_body
-from .task import BASE_OPTIONS, P, R, Task
+from .task import BASE_OPTIONS, P, R, Task, TaskHandle
 from .transport import QueueSpec, Transport, resolve
 from .types import Seconds
 
@@ -254,6 +255,60 @@ class App:
         transport.publish(message.queue, message.to_envelope(body))
         for mw in reversed(self.middleware):
             _call_hook(mw.after_publish, self, message)
+
+    def send_many(self, messages: Iterable[Message]) -> list[TaskHandle]:
+        """Publish many messages at once, with the broker's confirms pipelined.
+
+        Every message is encoded (and checked) before the first is published.
+        Returns once the broker has confirmed all of them.
+
+        Raises:
+            EncodeError: A message cannot be encoded; nothing was published.
+            BulkPublishError: Some messages were not enqueued; ``.sent`` and
+                ``.failed`` say which.
+        """
+        prepared: list[Message] = []
+        for message in messages:
+            for mw in self.middleware:
+                message = _call_hook(mw.before_publish, self, message, default=message)
+            prepared.append(message)
+        limit = self.settings.max_message_size
+        items = []
+        for message in prepared:
+            task = self.tasks.get(message.task)
+            names = task._names if task is not None else None
+            body = encode_body(
+                message.args, dict(message.kwargs), max_size=limit, names=names, task=message.task
+            )
+            items.append((message.queue, message.to_envelope(body)))
+        if not items:
+            return []
+        transport = self.transport
+        try:
+            transport.declare([self.queue(q) for q in dict.fromkeys(m.queue for m in prepared)])
+        except TransportError as exc:
+            failed: dict[str, BaseException] = {m.id: exc for m in prepared}
+            raise BulkPublishError(
+                f"None of {len(prepared)} tasks was enqueued: {exc}", sent=[], failed=failed
+            ) from exc
+        results = transport.publish_many(items)
+        sent = [m for m, r in zip(prepared, results, strict=True) if r is None]
+        for message in sent:
+            for mw in reversed(self.middleware):
+                _call_hook(mw.after_publish, self, message)
+        failures = {m.id: r for m, r in zip(prepared, results, strict=True) if r is not None}
+        if failures:
+            first = next(iter(failures.values()))
+            raise BulkPublishError(
+                f"{len(failures)} of {len(prepared)} tasks were NOT enqueued (first: {first})",
+                sent=_handles(sent),
+                failed=failures,
+            ) from first
+        return _handles(sent)
+
+
+def _handles(messages: list[Message]) -> list[TaskHandle]:
+    return [TaskHandle(m.id, m.task, m.queue) for m in messages]
 
 
 def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:

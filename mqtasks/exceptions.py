@@ -10,7 +10,8 @@
     │   ├── QueueNotFound           a queue the worker needs does not exist
     │   └── PublishError            a message was not enqueued
     │       ├── Unroutable          no queue is bound for the routing key
-    │       └── PublishNacked       the broker refused the message
+    │       ├── PublishNacked       the broker refused the message
+    │       └── BulkPublishError    some messages of a bulk send were not enqueued
     ├── SerializationError
     │   ├── EncodeError             arguments JSON cannot carry, or too large
     │   └── DecodeError             a body or headers the worker refuses
@@ -26,7 +27,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
+    "BulkPublishError",
     "ConfigurationError",
     "ConnectionFailed",
     "DecodeError",
@@ -106,6 +110,20 @@ class Unroutable(PublishError):
 
 class PublishNacked(PublishError):
     """The broker refused the message (for example a full queue with ``reject-publish``)."""
+
+
+class BulkPublishError(PublishError):
+    """Some messages of a bulk send were not enqueued; the others were.
+
+    Attributes:
+        sent: Handles of the messages the broker confirmed.
+        failed: Task id -> the error for each message that was not confirmed.
+    """
+
+    def __init__(self, message: str, *, sent: list[Any], failed: dict[str, BaseException]) -> None:
+        self.sent = sent
+        self.failed = failed
+        super().__init__(message)
 
 
 class SerializationError(MQTasksError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
@@ -146,6 +146,30 @@ class Task(Generic[P, R]):
         )
         self.app.send(message, names=self._names)
         return TaskHandle(message.id, self.name, message.queue)
+
+    def map(self, items: Iterable[Any], **options: Any) -> list[TaskHandle]:
+        """Send one call per item, each item the single argument; confirms are pipelined.
+
+        Args:
+            items: The argument of each call.
+            options: As for :meth:`apply_async` (``queue``, ``priority``, ``expires``, ...).
+
+        Raises:
+            TypeError: An item does not fit the function's signature (nothing sent).
+            EncodeError: An item cannot be sent as JSON (nothing sent).
+            BulkPublishError: Some calls were not enqueued.
+        """
+        return self.starmap(((item,) for item in items), **options)
+
+    def starmap(self, items: Iterable[Sequence[Any]], **options: Any) -> list[TaskHandle]:
+        """Send one call per item, each item a tuple of positional arguments.
+
+        See :meth:`map`.
+        """
+        if "task_id" in options:
+            raise TypeError("starmap() gives every call its own id; task_id is not accepted")
+        messages = [self.message(tuple(args), None, **options) for args in items]
+        return self.app.send_many(messages)
 
     def message(
         self,

@@ -26,6 +26,7 @@ from ..exceptions import (
     ConnectionFailed,
     PublishError,
     PublishNacked,
+    QueueNotFound,
     TransportError,
 )
 
@@ -371,6 +372,30 @@ class Transport:
             confirm_timeout=remaining,
         )
 
+    def publish_many(
+        self, items: Sequence[tuple[str, Envelope]], *, timeout: float | None = None
+    ) -> list[BaseException | None]:
+        """Publish many messages; return, per item, None if the broker has it or the error.
+
+        The base implementation publishes one by one; transports with publisher
+        confirms override it to pipeline them.
+
+        Args:
+            items: ``(queue, envelope)`` pairs.
+            timeout: Seconds to wait in all; ``publish_timeout`` per message by default.
+        """
+        results: list[BaseException | None] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for queue, envelope in items:
+            remaining = None if deadline is None else max(0.05, deadline - time.monotonic())
+            try:
+                self.publish(queue, envelope, timeout=remaining)
+            except PublishError as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
+
     def _on_return(self, exc: BaseException, exchange: str, routing_key: str, message: Any) -> None:
         # Called by py-amqp in the publishing thread while it waits for the confirm.
         self._local.returned = (exc, routing_key)
@@ -393,13 +418,22 @@ class Transport:
         return Consumer(self, specs, prefetch=prefetch)
 
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
-        """Return the number of ready messages per queue."""
+        """Return the number of ready messages per queue.
+
+        Raises:
+            QueueNotFound: A queue does not exist (RabbitMQ; on Redis an absent
+                queue is an empty one).
+        """
         counts: dict[str, int] = {}
         with translate_errors(self.url, "count messages"), self.connection() as conn:
-            channel = conn.default_channel
             for spec in specs:
-                q = self.kombu_queue(spec).bind(channel)
-                _, count, _ = q.queue_declare(passive=True)
+                q = self.kombu_queue(spec).bind(conn.default_channel)
+                try:
+                    _, count, _ = q.queue_declare(passive=True)
+                except Exception as exc:
+                    if getattr(exc, "code", None) == 404:
+                        raise QueueNotFound(f"Queue {spec.name!r} does not exist.") from exc
+                    raise
                 counts[spec.name] = int(count or 0)
         return counts
 
