@@ -124,6 +124,8 @@ class Worker:
         if self._startup_error is not None:
             self._stop_threads()
             raise self._startup_error
+        for warning in self._broker_warnings():
+            logger.warning("broker.unsafe_config", detail=warning)
         logger.info(
             "worker.started",
             queues=self.queues,
@@ -131,6 +133,12 @@ class Worker:
             prefetch=self.prefetch,
             broker=repr(self.app.transport),
         )
+
+    def _broker_warnings(self) -> list[str]:
+        try:
+            return self.app.transport.check_broker()
+        except Exception as exc:  # a check must never stop a worker
+            return [f"broker settings could not be checked: {type(exc).__name__}"]
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop gracefully: stop fetching, requeue what has not started, let

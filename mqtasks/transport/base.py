@@ -411,6 +411,13 @@ class Transport:
             task_id=envelope.message_id,
         )
 
+    def check_broker(self) -> list[str]:
+        """Return warnings about broker settings that weaken mqtasks' guarantees.
+
+        Called once by a starting worker, which logs each. Transports override it.
+        """
+        return []
+
     # -- consuming ---------------------------------------------------------
 
     def consumer(self, specs: Sequence[QueueSpec], *, prefetch: int) -> Consumer:

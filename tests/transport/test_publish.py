@@ -103,3 +103,21 @@ def test_publishing_reuses_pooled_connections(kind: str, make_app) -> None:
     # No connection was opened (nor closed) for any of the 200 messages.
     assert after == before
     assert 1 <= len(after) <= 3
+
+
+def test_worker_warns_when_redis_would_lose_tasks(redis_url, make_app) -> None:
+    import structlog
+
+    from mqtasks.testing import running_worker
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    persistent = client.config_get("appendonly").get("appendonly") == "yes"
+    client.close()
+    app = make_app(redis_url)
+    with structlog.testing.capture_logs() as logs, running_worker(app):
+        pass
+    details = [e["detail"] for e in logs if e["event"] == "broker.unsafe_config"]
+    # The machine's shared Redis runs with appendonly no: the worker must say so.
+    assert any("appendonly" in d for d in details) is not persistent, logs
