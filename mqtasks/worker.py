@@ -266,6 +266,9 @@ class Worker:
             consumer.reject(delivery)
         elif action == _REQUEUE:
             consumer.requeue(delivery)
+        self._count_settled(delivery, action)
+
+    def _count_settled(self, delivery: Delivery, action: str) -> None:
         if delivery.generation == self._generation and self._window:
             self._window -= 1
         if action != _DROP:
@@ -274,12 +277,22 @@ class Worker:
 
     def _flush(self) -> None:
         get = self._settlements.get_nowait
+        acks: list[Delivery] = []
         while True:
             try:
                 delivery, action = get()
             except queue.Empty:
-                return
-            self._settle(delivery, action)
+                break
+            if action == _ACK:
+                acks.append(delivery)
+            else:
+                self._settle(delivery, action)
+        if acks:
+            consumer = self._consumer
+            assert consumer is not None
+            consumer.ack_many(acks)  # one frame for many, where the transport can
+            for delivery in acks:
+                self._count_settled(delivery, _ACK)
 
     def _wait_settlement(self, timeout: float) -> None:
         try:

@@ -11,6 +11,7 @@ from .amqp import AmqpsTransport, AmqpTransport
 from .base import Consumer, Delivery, Envelope, QueueSpec, Transport
 from .memory import MemoryTransport
 from .redis import RedisTransport
+from .redis_reliable import ReliableRedisTransport
 
 __all__ = [
     "TRANSPORTS",
@@ -21,6 +22,7 @@ __all__ = [
     "MemoryTransport",
     "QueueSpec",
     "RedisTransport",
+    "ReliableRedisTransport",
     "Transport",
     "resolve",
 ]
@@ -32,6 +34,8 @@ TRANSPORTS: dict[str, type[Transport]] = {
     "amqps": AmqpsTransport,
     "redis": RedisTransport,
     "rediss": RedisTransport,
+    "redis+reliable": ReliableRedisTransport,
+    "rediss+reliable": ReliableRedisTransport,
     "memory": MemoryTransport,
 }
 

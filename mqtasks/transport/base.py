@@ -645,6 +645,11 @@ class Consumer:
         """Acknowledge: the message is done. Returns False if it was stale."""
         return self._settle(delivery, delivery.raw.ack)
 
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge several deliveries (transports may coalesce the acks)."""
+        for delivery in deliveries:
+            self.ack(delivery)
+
     def reject(self, delivery: Delivery) -> bool:
         """Reject without requeue (the broker drops or dead-letters it)."""
         return self._settle(delivery, lambda: delivery.raw.reject(requeue=False))

@@ -106,11 +106,10 @@ def test_publishing_reuses_pooled_connections(kind: str, make_app) -> None:
 
 
 def test_worker_warns_when_redis_would_lose_tasks(redis_url, make_app) -> None:
+    import redis
     import structlog
 
     from mqtasks.testing import running_worker
-
-    import redis
 
     client = redis.Redis.from_url(redis_url)
     persistent = client.config_get("appendonly").get("appendonly") == "yes"

@@ -51,3 +51,26 @@ def test_worker_survives_rabbitmq_closing_its_connection(amqp_url, make_app) -> 
 def test_worker_survives_redis_killing_its_connections(redis_url, make_app) -> None:
     app = make_app(redis_url, transport_options={"visibility_timeout": 5})
     _run_through_a_cut(app, lambda: kill_redis_connections(redis_url))
+
+
+def test_heartbeats_flow_while_the_prefetch_window_is_full(amqp_url, make_app) -> None:
+    """The broker's heartbeat frames must not park the I/O thread (regression)."""
+    import structlog
+
+    app = make_app(amqp_url, heartbeat=1.0)
+    runs: list[int] = []
+
+    @app.task
+    def slow(n: int) -> None:
+        runs.append(n)
+        time.sleep(2.5)  # several heartbeat intervals with the window full
+
+    slow.delay(1)
+    slow.delay(2)
+    with (
+        structlog.testing.capture_logs() as logs,
+        running_worker(app, concurrency=1, prefetch=1) as worker,
+    ):
+        drain(worker, timeout=30)
+    assert sorted(runs) == [1, 2]  # each once: the connection was never dropped
+    assert not [e for e in logs if e["event"].startswith("broker.")], logs

@@ -1,0 +1,874 @@
+"""Redis with an atomic fetch: a message leaves its queue and is recorded as in
+flight for one consumer in the same Redis operation, and the in-flight records
+of consumers that died go back to the queue within seconds.
+
+Written on redis-py directly, not on kombu's virtual transport: kombu's Redis
+channel fetches with BRPOP and records the message as unacked in a second step
+(a message popped for a connection that dies in between is lost), it restores
+unacked messages only after ``visibility_timeout`` from a sweep in its poll
+cycle, and its channel API has no place for a blocking atomic move (BLMOVE) or
+a Lua script that settles and fetches in one call.
+
+Layout, all keys under one hash tag (``{mqtasks}`` by default), so every script
+touches a single slot:
+
+* ``{p}:q:<queue>``: ready list; publishers LPUSH, consumers take from the right.
+* ``{p}:proc:<consumer>:<i>``: in flight for one consumer, one list per source queue.
+* ``{p}:alive:<consumer>``: liveness key with a TTL, refreshed by the consumer's I/O loop.
+* ``{p}:consumers``: hash consumer id -> JSON list of its source queue keys.
+
+Fetching: one Lua call settles the acks/rejects/requeues collected since the last
+call and moves up to the free prefetch window (LMOVE per message) into the
+processing lists. When the queues are empty the consumer sends BLMOVE on one
+blocking connection per queue and sleeps in ``select()`` on those sockets and
+the worker's wake-up pipe (``wakeable``). Measured on the 2-core dev box
+(10,000 messages of 200 bytes, batch 8, client CPU per message): this design
+14.6 us and 0.125 client commands per message; BLMOVE + LREM per message 23.7 us
+and 2; Streams XREADGROUP + XACK + XDEL 22.7 us and 0.375. Streams were not
+chosen: XREADGROUP's COUNT applies per stream (a prefetch bound over several
+queues cannot hold), a message cannot go back to the head of a stream, and
+pending entries of a dead consumer are recovered only by claiming.
+
+Element format: one flag byte (``n`` new, ``r`` redelivered), a compact JSON
+object (message id, headers, content type and encoding, priority), a newline,
+then the body bytes unchanged.
+
+Not supported here: ``max_priority`` (a priority list per level would need a
+blocking connection per level), ``message_ttl`` and ``max_length``; each is a
+ConfigurationError. Redis persistence decides durability (``appendonly yes``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import select
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import kombu
+import redis
+import structlog
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .._url import mask_url
+from ..exceptions import ConfigurationError, PublishError, TransportError
+from ._guard import strip_compression
+from .base import Consumer, Delivery, Envelope, QueueSpec, Transport, translate_errors
+from .redis import redis_warnings
+
+__all__ = ["ReliableRedisConsumer", "ReliableRedisDelivery", "ReliableRedisTransport"]
+
+logger = structlog.get_logger("mqtasks.transport.redis_reliable")
+
+#: Errors that mean a Redis connection is gone (or Redis is frozen).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+)
+
+# Settle what the consumer collected, then move up to n messages into processing lists.
+# KEYS: s (source, processing) pairs, then k settlement processing keys, then k source keys.
+# ARGV: n, s, k, then k actions (a ack, x reject, q requeue, u undo), then k elements.
+_SETTLE_FETCH = """
+local n, s, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, k do
+  local m = ARGV[3 + k + i]
+  if redis.call('LREM', KEYS[2 * s + i], 1, m) == 1 then
+    local action = ARGV[3 + i]
+    if action == 'q' then
+      redis.call('RPUSH', KEYS[2 * s + k + i], 'r' .. string.sub(m, 2))
+    elseif action == 'u' then
+      redis.call('RPUSH', KEYS[2 * s + k + i], m)
+    end
+  end
+end
+local out, got = {}, 0
+for j = 1, s do
+  while got < n do
+    local m = redis.call('LMOVE', KEYS[2 * j - 1], KEYS[2 * j], 'RIGHT', 'LEFT')
+    if not m then break end
+    got = got + 1
+    out[#out + 1] = j - 1
+    out[#out + 1] = m
+  end
+end
+return out
+"""
+
+# Refresh a consumer's liveness key and registration. With ARGV[4] == '1' (a
+# reconnect), refuse to re-register a consumer that a sweep already restored.
+# KEYS: registry, alive key. ARGV: consumer id, ttl ms, sources JSON, strict.
+_BEAT = """
+local existed = redis.call('HEXISTS', KEYS[1], ARGV[1])
+if existed == 0 and ARGV[4] == '1' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return existed
+"""
+
+# Move in-flight messages back to the consumption end of their queues, marked
+# redelivered, oldest first in line. With ARGV[2] set: release that consumer
+# (a graceful close; ARGV[3] == '1' also forgets it). Otherwise: every
+# registered consumer whose liveness key expired. Returns moved, then ids.
+# KEYS: registry. ARGV: prefix, consumer id or '', forget.
+_RESTORE = """
+local prefix = ARGV[1]
+local function restore(cid, sources)
+  local moved = 0
+  for i, src in ipairs(cjson.decode(sources)) do
+    local proc = prefix .. ':proc:' .. cid .. ':' .. (i - 1)
+    while true do
+      local m = redis.call('LPOP', proc)
+      if not m then break end
+      redis.call('RPUSH', src, 'r' .. string.sub(m, 2))
+      moved = moved + 1
+    end
+  end
+  return moved
+end
+local out = {0}
+if ARGV[2] ~= '' then
+  local sources = redis.call('HGET', KEYS[1], ARGV[2])
+  if sources then out[1] = restore(ARGV[2], sources) end
+  redis.call('DEL', prefix .. ':alive:' .. ARGV[2])
+  if ARGV[3] == '1' then redis.call('HDEL', KEYS[1], ARGV[2]) end
+  return out
+end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if redis.call('EXISTS', prefix .. ':alive:' .. all[i]) == 0 then
+    out[1] = out[1] + restore(all[i], all[i + 1])
+    redis.call('HDEL', KEYS[1], all[i])
+    out[#out + 1] = all[i]
+  end
+end
+return out
+"""
+
+_PIPELINE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, redis.RedisError)
+
+_OPTIONS = ("key_prefix", "liveness_ttl", "sweep_interval", "block_timeout")
+
+
+def encode_element(envelope: Envelope) -> bytes:
+    """Return the list element for ``envelope`` (flag, JSON metadata, newline, body).
+
+    Raises:
+        TypeError: A header value is not JSON-serialisable.
+    """
+    meta = {
+        "i": envelope.message_id,
+        "h": dict(envelope.headers),
+        "t": envelope.content_type,
+        "e": envelope.content_encoding,
+        "p": envelope.priority,
+    }
+    head = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"n" + head + b"\n" + envelope.body
+
+
+class ReliableRedisDelivery(Delivery):
+    """A delivery that remembers its list element and the lists it moves between."""
+
+    __slots__ = ("element", "proc_key", "source_key")
+
+    def __init__(
+        self, element: bytes, queue: str, generation: int, proc_key: str, source_key: str
+    ) -> None:
+        # Delivery.__init__ reads a kombu message; this transport has none.
+        self.raw = None
+        self.element = element
+        self.proc_key = proc_key
+        self.source_key = source_key
+        self.queue = queue
+        self.generation = generation
+        self.received_at = time.time()
+        self.redelivered = element[:1] == b"r"
+        self.refused: str | None = None
+        self.body = b""
+        self.headers: Mapping[str, Any] = {}
+        self.message_id: str | None = None
+        self.content_type: str | None = None
+        self.content_encoding: str | None = None
+        self.priority: int | None = None
+        newline = element.find(b"\n")
+        try:
+            if element[:1] not in (b"n", b"r") or newline < 0:
+                raise ValueError("not an mqtasks element")
+            meta = json.loads(element[1:newline])
+            if not isinstance(meta, dict):
+                raise ValueError("metadata is not an object")
+            headers = meta.get("h") or {}
+            if not isinstance(headers, dict):
+                raise ValueError("headers are not an object")
+        except ValueError:
+            self.refused = "decode_error"  # the worker rejects it with this reason
+            self.body = element
+            return
+        self.body = element[newline + 1 :]
+        self.refused = strip_compression(headers)
+        self.headers = headers
+        message_id, priority = meta.get("i"), meta.get("p")
+        self.message_id = message_id if isinstance(message_id, str) else None
+        self.content_type = _str_or_none(meta.get("t"))
+        self.content_encoding = _str_or_none(meta.get("e"))
+        self.priority = priority if isinstance(priority, int) else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+class _Source:
+    """One queue a consumer takes from, with its blocking connection."""
+
+    __slots__ = ("blocked_since", "conn", "conn_id", "index", "key", "queue")
+
+    def __init__(self, index: int, queue: str, key: str) -> None:
+        self.index = index
+        self.queue = queue
+        self.key = key
+        self.conn: Any = None  # redis.Connection, created on first block
+        self.conn_id: int | None = None
+        self.blocked_since: float | None = None  # when BLMOVE was sent, until its reply
+
+
+class ReliableRedisConsumer(Consumer):
+    """Consumer whose in-flight records live in Redis, under a consumer id.
+
+    The deliveries it holds belong to the consumer id, not to a TCP connection:
+    after a reconnect they stay valid (their acks remove the records, so a
+    connection blip causes no duplicate) and :attr:`generation` does not
+    change. It changes only when a sweep restored this consumer's messages
+    (an outage longer than ``liveness_ttl``); deliveries of the old generation
+    are then stale and settling them does nothing, since others have them.
+
+    Settlements are collected and sent with the next fetch, in one Lua call.
+    """
+
+    wakeable: ClassVar[bool] = True
+
+    def __init__(
+        self, transport: ReliableRedisTransport, specs: Sequence[QueueSpec], *, prefetch: int
+    ) -> None:
+        super().__init__(transport, specs, prefetch=prefetch)
+        self.rt = transport
+        self.consumer_id = ""
+        self._client: redis.Redis[bytes] | None = None
+        self._sources = [
+            _Source(i, s.name, transport.queue_key(s.name)) for i, s in enumerate(specs)
+        ]
+        self._sources_json = json.dumps([s.key for s in self._sources])
+        self._held: dict[int, ReliableRedisDelivery] = {}
+        self._pending: list[tuple[str, str, str, bytes]] = []  # action, proc, source, element
+        self._dead_conn_ids: set[int] = set()
+        self._unkilled = False
+        self._next_beat = 0.0
+        self._next_sweep = 0.0
+        self._turn = 0
+        self._settle_fetch: Any = None
+        self._beat_script: Any = None
+        self._restore: Any = None
+
+    # -- connection --------------------------------------------------------
+
+    def _new_consumer_id(self) -> None:
+        self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+    def proc_key(self, source: _Source) -> str:
+        """The processing list of ``source`` for the current consumer id."""
+        return f"{self.rt.key_prefix}:proc:{self.consumer_id}:{source.index}"
+
+    def start(self, on_delivery: Callable[[Delivery], None]) -> None:
+        """Register the consumer and start consuming.
+
+        Raises:
+            ConnectionFailed: Redis cannot be reached.
+        """
+        self._on_delivery = on_delivery
+        self._new_consumer_id()
+        with translate_errors(self.rt.url, "connect consumer"):
+            self._open(first=True)
+
+    def _open(self, *, first: bool) -> None:
+        client = self.rt.client(single_connection=True)
+        self._settle_fetch = client.register_script(_SETTLE_FETCH)
+        self._beat_script = client.register_script(_BEAT)
+        self._restore = client.register_script(_RESTORE)
+        self._client = client
+        try:
+            self._kill_dead_connections()
+            if first:
+                self._beat(strict=False)
+                self.generation += 1
+                self._next_sweep = 0.0
+            elif not self._beat(strict=True):
+                # A sweep gave our messages to others while we were away: start afresh.
+                old = self.consumer_id
+                self._restore(keys=[self.rt.registry_key], args=[self.rt.key_prefix, old, "1"])
+                self._new_consumer_id()
+                self._beat(strict=False)
+                self._held.clear()
+                self.generation += 1
+                logger.warning("redis.consumer_restored_while_away", consumer=old)
+            else:
+                self._flush_settlements()
+                self._reconcile()
+        except BaseException:
+            self._client = None
+            client.close()
+            raise
+        self._cancelled = False
+
+    def _kill_dead_connections(self) -> None:
+        # A blocked BLMOVE of a connection we gave up on (half-open, or cut
+        # while Redis has not noticed) could still move a message into our
+        # processing list after we reconciled it; kill it first.
+        if not self._dead_conn_ids or self._client is None:
+            return
+        for conn_id in list(self._dead_conn_ids):
+            try:
+                self._client.client_kill_filter(_id=str(conn_id))
+            except redis.ResponseError as exc:
+                if "no such client" not in str(exc).lower():
+                    # CLIENT is forbidden to us: leave our registration for a sweep to clear.
+                    self._unkilled = True
+                    logger.warning("redis.client_kill_refused", error=str(exc))
+            self._dead_conn_ids.discard(conn_id)
+
+    def _beat(self, *, strict: bool = False) -> bool:
+        """Refresh the liveness key; return whether the registration was still there."""
+        assert self._client is not None
+        ttl_ms = int(self.rt.liveness_ttl * 1000)
+        existed = self._beat_script(
+            keys=[self.rt.registry_key, self.rt.alive_key(self.consumer_id)],
+            args=[self.consumer_id, ttl_ms, self._sources_json, "1" if strict else "0"],
+        )
+        self._next_beat = time.monotonic() + self.rt.liveness_ttl / 4
+        return bool(existed)
+
+    def _sweep(self) -> None:
+        assert self._client is not None
+        out = self._restore(keys=[self.rt.registry_key], args=[self.rt.key_prefix, "", "0"])
+        interval = self.rt.sweep_interval
+        self._next_sweep = time.monotonic() + interval * random.uniform(0.8, 1.2)
+        if out and (int(out[0]) or len(out) > 1):
+            logger.warning(
+                "redis.consumers_restored",
+                messages=int(out[0]),
+                consumers=[c.decode(errors="replace") for c in out[1:]],
+            )
+
+    def _reconcile(self) -> None:
+        """Return to their queues the messages recorded for us that we never got
+        (a fetch whose reply was lost with the connection)."""
+        assert self._client is not None
+        self._flush_settlements()
+        pipe = self._client.pipeline(transaction=False)
+        for source in self._sources:
+            pipe.lrange(self.proc_key(source), 0, -1)
+        held = Counter((d.proc_key, d.element) for d in self._held.values())
+        for source, elements in zip(self._sources, pipe.execute(), strict=True):
+            proc = self.proc_key(source)
+            for element in elements:  # newest first: the oldest ends up first in line
+                if held[(proc, element)]:
+                    held[(proc, element)] -= 1
+                else:
+                    self._pending.append(("u", proc, source.key, element))
+        self._flush_settlements()
+
+    @property
+    def connection_errors(self) -> tuple[type[BaseException], ...]:
+        """Errors that mean the connection is gone."""
+        return CONNECTION_ERRORS
+
+    def _lost(self, exc: BaseException) -> None:
+        logger.warning(
+            "broker.connection_lost", url=mask_url(self.rt.url), error=type(exc).__name__
+        )
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        self._drop()
+        delay = 0.2
+        while not (self._cancelled or self._interrupted.is_set()):
+            try:
+                self._open(first=False)
+            except CONNECTION_ERRORS as exc:
+                logger.warning("broker.reconnect_failed", error=type(exc).__name__, retry_in=delay)
+                self._interrupted.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            logger.info("broker.reconnected", url=mask_url(self.rt.url))
+            return
+
+    def _drop(self) -> None:
+        client, self._client = self._client, None
+        for source in self._sources:
+            self._drop_blocking(source)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    def _drop_blocking(self, source: _Source) -> None:
+        conn, source.conn, source.blocked_since = source.conn, None, None
+        if source.conn_id is not None:
+            self._dead_conn_ids.add(source.conn_id)
+            source.conn_id = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+
+    # -- consuming ---------------------------------------------------------
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for deliveries and dispatch them."""
+        self.wait(timeout, -1)
+
+    def heartbeat_check(self) -> None:
+        """Refresh the liveness key (and sweep dead consumers) when due."""
+        if self._client is None:
+            return
+        try:
+            self._housekeeping()
+        except CONNECTION_ERRORS as exc:
+            self._lost(exc)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_beat and not self._beat(strict=True):
+            raise redis.ConnectionError("consumer registration was swept")
+        if now >= self._next_sweep:
+            self._sweep()
+
+    def wait(self, timeout: float, wake_fd: int) -> None:
+        """Settle, fetch what is ready, else sleep until a message, a wake-up or ``timeout``."""
+        if self._client is None:
+            if self._cancelled:  # shutting down without a connection: just let time pass
+                if wake_fd >= 0:
+                    select.select([wake_fd], [], [], timeout)
+                else:
+                    time.sleep(timeout)
+                return
+            self._reconnect()
+            return
+        try:
+            self._housekeeping()
+            if self._fetch():
+                return
+            blocked = self._block()
+            fds: list[Any] = [s.conn._sock for s in blocked]
+            if wake_fd >= 0:
+                fds.append(wake_fd)
+            wait_for = max(0.0, min(timeout, self._next_beat - time.monotonic()))
+            ready = [s for s in blocked if _buffered(s.conn)]
+            if not ready:
+                if fds:
+                    readable = select.select(fds, [], [], wait_for)[0]
+                else:
+                    self._interrupted.wait(wait_for)
+                    readable = []
+                ready = [s for s in blocked if s.conn._sock in readable]
+            for source in ready:
+                self._read_blocked(source)
+            self._check_overdue()
+        except CONNECTION_ERRORS as exc:
+            self._lost(exc)
+
+    def _fetch(self) -> bool:
+        """Send collected settlements and fetch up to the free window; True if any arrived."""
+        free = 0 if self._cancelled else self.prefetch - len(self._held)
+        idle = [s for s in self._sources if s.blocked_since is None]
+        n = free - (len(self._sources) - len(idle))
+        if n <= 0 or not idle:
+            n, idle = 0, []
+        if not self._pending and not n:
+            return False
+        if idle:
+            self._turn = (self._turn + 1) % len(idle)
+            idle = idle[self._turn :] + idle[: self._turn]  # no queue starves the others
+        out = self._call_settle_fetch(n, idle)
+        for i in range(0, len(out), 2):
+            self._deliver(idle[int(out[i])], out[i + 1])
+        return bool(out)
+
+    def _flush_settlements(self) -> None:
+        if self._pending:
+            self._call_settle_fetch(0, [])
+
+    def _call_settle_fetch(self, n: int, sources: list[_Source]) -> list[Any]:
+        pending, self._pending = self._pending, []
+        keys: list[str] = []
+        for s in sources:
+            keys += (s.key, self.proc_key(s))
+        keys += [p[1] for p in pending]
+        keys += [p[2] for p in pending]
+        args: list[Any] = [n, len(sources), len(pending)]
+        args += [p[0] for p in pending]
+        args += [p[3] for p in pending]
+        try:
+            out: list[Any] = self._settle_fetch(keys=keys, args=args)
+        except BaseException:
+            self._pending = pending + self._pending  # idempotent: sent again after reconnect
+            raise
+        return out
+
+    def _deliver(self, source: _Source, element: bytes) -> None:
+        delivery = ReliableRedisDelivery(
+            element, source.queue, self.generation, self.proc_key(source), source.key
+        )
+        self._held[id(delivery)] = delivery
+        assert self._on_delivery is not None
+        self._on_delivery(delivery)
+
+    def _block(self) -> list[_Source]:
+        """Send BLMOVE on every idle queue if the window has room; return the blocked ones."""
+        if not self._cancelled and len(self._held) < self.prefetch:
+            for source in self._sources:
+                if source.blocked_since is None:
+                    self._send_blmove(source)
+        return [s for s in self._sources if s.blocked_since is not None]
+
+    def _send_blmove(self, source: _Source) -> None:
+        if source.conn is None:
+            conn = self.rt.pool_connection()
+            conn.connect()
+            conn.send_command("CLIENT", "ID")
+            source.conn_id = int(conn.read_response())
+            source.conn = conn
+        source.conn.send_command(
+            "BLMOVE", source.key, self.proc_key(source), "RIGHT", "LEFT", self.rt.block_timeout
+        )
+        source.blocked_since = time.monotonic()
+
+    def _read_blocked(self, source: _Source) -> None:
+        element = source.conn.read_response()
+        source.blocked_since = None
+        if element is None:
+            return  # the server-side timeout: nothing arrived
+        if self._cancelled or len(self._held) >= self.prefetch:
+            # Several queues answered at once and the window is full: back to the head.
+            self._pending.append(("u", self.proc_key(source), source.key, element))
+            return
+        self._deliver(source, element)
+
+    def _check_overdue(self) -> None:
+        limit = self.rt.block_timeout + max(5.0, self.rt.block_timeout)
+        now = time.monotonic()
+        for source in self._sources:
+            if source.blocked_since is not None and now - source.blocked_since > limit:
+                raise redis.TimeoutError(f"no reply to BLMOVE on {source.queue!r} in {limit} s")
+
+    # -- settling ----------------------------------------------------------
+
+    def _settle_later(self, delivery: Delivery, action: str) -> bool:
+        if (
+            not isinstance(delivery, ReliableRedisDelivery)
+            or delivery.generation != self.generation
+        ):
+            return False  # stale: a sweep already returned it to the queue
+        if self._held.pop(id(delivery), None) is None:
+            return False  # settled already
+        self._pending.append((action, delivery.proc_key, delivery.source_key, delivery.element))
+        return True
+
+    def ack(self, delivery: Delivery) -> bool:
+        """Acknowledge (sent with the next fetch). Returns False if it was stale."""
+        return self._settle_later(delivery, "a")
+
+    def reject(self, delivery: Delivery) -> bool:
+        """Drop the message."""
+        return self._settle_later(delivery, "x")
+
+    def requeue(self, delivery: Delivery) -> bool:
+        """Put the message back at the head of its queue, marked redelivered."""
+        return self._settle_later(delivery, "q")
+
+    def cancel(self) -> None:
+        """Stop fetching; messages moved for us but not delivered go back to their queues."""
+        self._cancelled = True
+        if self._client is None:
+            return
+        try:
+            for source in self._sources:
+                self._drop_blocking(source)
+            self._kill_dead_connections()
+            self._reconcile()
+        except CONNECTION_ERRORS as exc:
+            # Left in our processing lists: the sweep restores them once our liveness expires.
+            logger.warning("broker.cancel_failed", error=type(exc).__name__)
+            self._drop()
+
+    def close(self) -> None:
+        """Settle what is pending and hand every held message back to its queue."""
+        self.cancel()
+        client = self._client
+        if client is None:
+            return
+        try:
+            self._flush_settlements()
+            forget = "0" if self._unkilled else "1"  # a live BLMOVE may still move one
+            out = self._restore(
+                keys=[self.rt.registry_key], args=[self.rt.key_prefix, self.consumer_id, forget]
+            )
+            if out and int(out[0]):
+                logger.info("redis.returned_at_close", messages=int(out[0]))
+        except CONNECTION_ERRORS as exc:
+            logger.warning("broker.close_failed", error=type(exc).__name__)
+        finally:
+            self._held.clear()
+            self._drop()
+
+
+def _buffered(conn: Any) -> bool:
+    """Whether a reply already sits in a TLS buffer that select() cannot see."""
+    pending = getattr(conn._sock, "pending", None)
+    return bool(pending and pending())
+
+
+class ReliableRedisTransport(Transport):
+    """Redis with atomic fetch-and-record, liveness-based restore and no
+    visibility timeout: a long task of a live worker is never delivered twice.
+
+    Select it with ``redis+reliable://`` (or ``rediss+reliable://``). Options
+    (``transport_options``): ``key_prefix`` (``{mqtasks}``), ``liveness_ttl``
+    (10 s: how long a silent consumer keeps its messages), ``sweep_interval``
+    (5 s), ``block_timeout`` (5 s: server-side BLMOVE timeout).
+
+    Redis has no publisher confirms: a publish returns when Redis has executed
+    the LPUSH. Messages of the kombu-based ``redis://`` transport live in other
+    keys; drain them before switching.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("redis+reliable", "rediss+reliable")
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        opts = self.transport_options
+        unknown = sorted(set(opts) - set(_OPTIONS))
+        if unknown:
+            raise ConfigurationError(
+                f"Unknown transport option(s) {unknown} for {urlsplit(url).scheme}://; "
+                f"known: {list(_OPTIONS)}."
+            )
+        self.key_prefix: str = str(opts.get("key_prefix", "{mqtasks}"))
+        self.liveness_ttl = float(opts.get("liveness_ttl", 10.0))
+        self.sweep_interval = float(opts.get("sweep_interval", 5.0))
+        self.block_timeout = float(opts.get("block_timeout", 5.0))
+        if self.liveness_ttl < 1 or self.sweep_interval <= 0 or self.block_timeout <= 0:
+            raise ConfigurationError(
+                "liveness_ttl must be at least 1 s; sweep_interval and block_timeout positive."
+            )
+        parts = urlsplit(url)
+        self.redis_url = urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
+        self.registry_key = f"{self.key_prefix}:consumers"
+        self._publisher: redis.Redis[bytes] | None = None
+
+    def queue_key(self, queue: str) -> str:
+        """The ready list of ``queue``."""
+        return f"{self.key_prefix}:q:{queue}"
+
+    def alive_key(self, consumer_id: str) -> str:
+        """The liveness key of a consumer."""
+        return f"{self.key_prefix}:alive:{consumer_id}"
+
+    # -- connections -------------------------------------------------------
+
+    def _pool(self, **overrides: Any) -> redis.ConnectionPool:
+        kwargs: dict[str, Any] = {
+            "socket_timeout": self.publish_timeout,
+            "socket_connect_timeout": self.connect_timeout,
+            "socket_keepalive": True,
+            "retry": Retry(NoBackoff(), 0),  # retries are ours: with a deadline, or a reconnect
+        }
+        kwargs.update(overrides)
+        return redis.ConnectionPool.from_url(self.redis_url, **kwargs)
+
+    def client(self, *, single_connection: bool = False) -> redis.Redis[bytes]:
+        """Return a new client (one connection for a consumer's commands)."""
+        return redis.Redis(connection_pool=self._pool(), single_connection_client=single_connection)
+
+    def pool_connection(self) -> Any:
+        """Return a new unconnected connection, for a consumer's blocking BLMOVE."""
+        return self._pool().make_connection()
+
+    def publisher(self) -> redis.Redis[bytes]:
+        """The shared, thread-safe publishing client."""
+        if self._publisher is None:
+            with self._lock:
+                if self._publisher is None:
+                    pool = self._pool(max_connections=self.pool_size)
+                    self._publisher = redis.Redis(connection_pool=pool)
+        return self._publisher
+
+    def connection(self, *, heartbeat: float = 0) -> kombu.Connection:
+        """Not available: this transport does not run on kombu."""
+        raise TransportError(f"{self.schemes[0]}:// speaks to Redis directly; no kombu connection.")
+
+    def close(self) -> None:
+        """Close the publishing connections."""
+        with self._lock:
+            publisher, self._publisher = self._publisher, None
+            self._declared.clear()
+        if publisher is not None:
+            publisher.close()
+            publisher.connection_pool.disconnect()
+
+    def check_broker(self) -> list[str]:
+        """Warn when Redis would lose or evict acknowledged tasks."""
+        view = SimpleNamespace(default_channel=SimpleNamespace(client=self.publisher()))
+        return redis_warnings(lambda: contextlib.nullcontext(view))
+
+    # -- topology ----------------------------------------------------------
+
+    def queue_arguments(self, spec: QueueSpec) -> dict[str, Any]:
+        """Check that ``spec`` asks for nothing this transport lacks.
+
+        Raises:
+            ConfigurationError: ``max_priority``, ``message_ttl`` or ``max_length`` is set.
+        """
+        if spec.max_priority is not None:
+            raise ConfigurationError(
+                f"Queue {spec.name!r}: {self.schemes[0]}:// does not support max_priority "
+                "(priorities would be ignored). Remove it, or use redis:// or amqp:// "
+                "with a classic queue."
+            )
+        return super().queue_arguments(spec)
+
+    def declare(self, specs: Sequence[QueueSpec]) -> None:
+        """Check the queue options; Redis lists need no declaration."""
+        for spec in specs:
+            self.queue_arguments(spec)
+        self._declared.update(s.name for s in specs)
+
+    def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
+        """Return the number of ready messages per queue (an absent queue is empty)."""
+        with translate_errors(self.url, "count messages"):
+            pipe = self.publisher().pipeline(transaction=False)
+            for spec in specs:
+                pipe.llen(self.queue_key(spec.name))
+            return {s.name: int(n) for s, n in zip(specs, pipe.execute(), strict=True)}
+
+    def purge(self, specs: Sequence[QueueSpec]) -> int:
+        """Remove all ready messages from the queues; return how many."""
+        with translate_errors(self.url, "purge"):
+            pipe = self.publisher().pipeline(transaction=True)
+            for spec in specs:
+                pipe.llen(self.queue_key(spec.name))
+                pipe.delete(self.queue_key(spec.name))
+            return sum(int(n) for n in pipe.execute()[::2])
+
+    def delete(self, specs: Sequence[QueueSpec]) -> None:
+        """Delete queues (their ready messages; in-flight ones return to a new list)."""
+        if not specs:
+            return
+        with translate_errors(self.url, "delete queues"):
+            self.publisher().delete(*[self.queue_key(s.name) for s in specs])
+        self._declared.difference_update(s.name for s in specs)
+
+    # -- publishing --------------------------------------------------------
+
+    def publish(self, queue: str, envelope: Envelope, *, timeout: float | None = None) -> None:
+        """LPUSH ``envelope`` to ``queue``; return once Redis executed it.
+
+        Raises:
+            PublishError: Redis did not take it within ``timeout`` (it may still
+                have, if the reply was lost: publish again with the same id).
+        """
+        timeout = self.publish_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        element = self._encode(queue, envelope)
+        key = self.queue_key(queue)
+        delay = 0.05
+        for attempt in range(self.publish_retries + 1):
+            try:
+                self.publisher().lpush(key, element)
+                return
+            except CONNECTION_ERRORS as exc:
+                last: BaseException = exc
+                if attempt == self.publish_retries or time.monotonic() + delay >= deadline:
+                    break
+                time.sleep(delay)
+                delay = min(delay * 4, 2.0)
+            except redis.RedisError as exc:  # OOM under noeviction, a wrong key type, ACLs
+                last = exc
+                break
+        raise PublishError(
+            f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
+            f"{type(last).__name__}: {last} (broker {mask_url(self.url)})",
+            task_id=envelope.message_id,
+        ) from last
+
+    #: Messages sent in one pipeline by :meth:`publish_many`.
+    chunk: ClassVar[int] = 500
+
+    def publish_many(
+        self, items: Sequence[tuple[str, Envelope]], *, timeout: float | None = None
+    ) -> list[BaseException | None]:
+        """LPUSH many messages, pipelined in chunks; return None or the error per item.
+
+        A chunk cut off by a connection error reports every message in it as
+        failed, though some may be enqueued; they are not sent again, to avoid
+        duplicating a whole chunk.
+        """
+        results: list[BaseException | None] = [None] * len(items)
+        for start in range(0, len(items), self.chunk):
+            batch = items[start : start + self.chunk]
+            pipe = self.publisher().pipeline(transaction=False)
+            for i, (queue, envelope) in enumerate(batch, start):
+                try:
+                    pipe.lpush(self.queue_key(queue), self._encode(queue, envelope))
+                except PublishError as exc:
+                    results[i] = exc
+            try:
+                replies = iter(pipe.execute(raise_on_error=False))
+            except _PIPELINE_ERRORS as exc:
+                for i, (queue, envelope) in enumerate(batch, start):
+                    if results[i] is None:
+                        results[i] = PublishError(
+                            f"Task {envelope.message_id} may NOT be enqueued on {queue!r}: "
+                            f"{type(exc).__name__}: {exc}; publishing it again with the same "
+                            "task id makes a duplicate detectable.",
+                            task_id=envelope.message_id,
+                        )
+                continue
+            for i, (queue, envelope) in enumerate(batch, start):
+                if results[i] is not None:
+                    continue
+                reply = next(replies)
+                if isinstance(reply, Exception):
+                    results[i] = PublishError(
+                        f"Task {envelope.message_id} was NOT enqueued on {queue!r}: {reply}",
+                        task_id=envelope.message_id,
+                    )
+        return results
+
+    @staticmethod
+    def _encode(queue: str, envelope: Envelope) -> bytes:
+        try:
+            return encode_element(envelope)
+        except (TypeError, ValueError) as exc:
+            raise PublishError(
+                f"Task {envelope.message_id} was NOT enqueued on {queue!r}: headers must be "
+                f"JSON values on this transport ({exc}).",
+                task_id=envelope.message_id,
+            ) from exc
+
+    # -- consuming ---------------------------------------------------------
+
+    def consumer(self, specs: Sequence[QueueSpec], *, prefetch: int) -> Consumer:
+        """Return a consumer of ``specs`` with its own connections."""
+        for spec in specs:
+            self.queue_arguments(spec)
+        return ReliableRedisConsumer(self, specs, prefetch=prefetch)
