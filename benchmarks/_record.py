@@ -20,7 +20,7 @@ import os
 import struct
 import time
 
-__all__ = ["RECORD", "record", "read_records"]
+__all__ = ["RECORD", "read_records", "record"]
 
 #: seq (int64), sent (float64, publisher's time.time()), start (float64, task's time.time()).
 RECORD = struct.Struct("<qdd")
@@ -52,7 +52,9 @@ def record(seq: int, sent: float) -> None:
     os.write(fd, _pack(seq, sent, start))
 
 
-def read_records(directory: str, offsets: dict[str, int] | None = None) -> list[tuple[int, float, float]]:
+def read_records(
+    directory: str, offsets: dict[str, int] | None = None
+) -> list[tuple[int, float, float]]:
     """All records in ``directory``, skipping the first ``offsets[name]`` bytes of each file."""
     out: list[tuple[int, float, float]] = []
     offsets = offsets or {}

@@ -40,8 +40,12 @@ def make_broker(url: str, queue: str, *, keyprefix: str = "") -> tuple[Any, Any]
     return broker, actor
 
 
-broker, noop = make_broker(
-    os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/10"),
-    os.environ.get("BENCH_QUEUE", "bench"),
-    keyprefix=os.environ.get("BENCH_KEYPREFIX", ""),
-) if os.environ.get("BENCH_QUEUE") else (None, None)
+broker, noop = (
+    make_broker(
+        os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/10"),
+        os.environ.get("BENCH_QUEUE", "bench"),
+        keyprefix=os.environ.get("BENCH_KEYPREFIX", ""),
+    )
+    if os.environ.get("BENCH_QUEUE")
+    else (None, None)
+)

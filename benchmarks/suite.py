@@ -175,7 +175,7 @@ class WorkerProcess:
     def __init__(self, argv: list[str], env: dict[str, str], log_path: str) -> None:
         self.argv = argv
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             argv,
             env=env,
@@ -291,9 +291,10 @@ class MqtasksSystem(System):
 
     @property
     def config(self) -> str:  # type: ignore[override]
-        return (
-            "mqtasks worker -c 8 (1 process, prefetch 16), acks late, quorum queue, "
-            + ("publisher confirms on (default)" if self.confirm else "publisher confirms OFF")
+        if not self.amqp:
+            return "mqtasks worker -c 8 (1 process, prefetch 16), acks late, kombu Redis transport"
+        return "mqtasks worker -c 8 (1 process, prefetch 16), acks late, quorum queue, " + (
+            "publisher confirms on (default)" if self.confirm else "publisher confirms OFF"
         )
 
     def setup(self) -> None:
@@ -333,17 +334,25 @@ class MqtasksNoConfirmSystem(MqtasksSystem):
 
 class KombuSystem(System):
     name = "kombu"
-    config = "one-thread kombu.Consumer, manual ack after the task, prefetch 16, quorum queue"
+
+    @property
+    def config(self) -> str:  # type: ignore[override]
+        return "one-thread kombu.Consumer, manual ack after the task, prefetch 16, " + (
+            "quorum queue; publish without confirms (+ a confirm-per-message figure)"
+            if self.amqp
+            else "stock Redis transport"
+        )
 
     def setup(self) -> None:
+        from mqtasks.serialization import encode_body
+
         from . import bench_kombu_worker as kw
         from .bench_mqtasks_app import make_app
-        from mqtasks.serialization import encode_body
 
         self.kw = kw
         self.kqueue = kw.queue_for(self.url, self.queue)
         # The headers and properties mqtasks sends, taken from a real message.
-        app, noop = make_app("memory://", self.queue)
+        _, noop = make_app("memory://", self.queue)
         message = noop.message((0, 0.0))
         envelope = message.to_envelope(encode_body(message.args, {}, max_size=1 << 20))
         self.headers = dict(envelope.headers)
@@ -410,7 +419,7 @@ class CelerySystem(System):
         return (
             f"celery worker {c} -O fair, acks_late, prefetch multiplier "
             f"{self.multiplier} (16 unacked), no gossip/mingle/heartbeat/remote control, "
-            "classic queue, no publisher confirms (default)"
+            + ("classic queue, no publisher confirms (default)" if self.amqp else "kombu Redis")
         )
 
     @property
@@ -418,8 +427,12 @@ class CelerySystem(System):
         return 16 // (1 if self.pool == "solo" else self.concurrency)
 
     def setup(self) -> None:
+        import warnings
+
         from .bench_celery_app import make_app
 
+        # Each round builds a new app with the same task name; Celery warns about that.
+        warnings.filterwarnings("ignore", message="Task name 'bench.noop'")
         self.app = make_app(
             self.url, self.queue, keyprefix=self.keyprefix, prefetch_multiplier=self.multiplier
         )
@@ -460,10 +473,14 @@ class CelerySoloSystem(CelerySystem):
 
 class DramatiqSystem(System):
     name = "dramatiq"
-    config = (
-        "dramatiq -p 2 -t 8 (prefetch 16 per process), default middleware, acks after the "
-        "actor; RabbitMQ: classic queue, no confirms (default); Redis: its Lua RedisBroker"
-    )
+
+    @property
+    def config(self) -> str:  # type: ignore[override]
+        return "dramatiq -p 2 -t 8 (prefetch 16 per process), default middleware, ack after " + (
+            "the actor, classic queue, no confirms (default)"
+            if self.amqp
+            else "the actor, its Lua-scripted RedisBroker"
+        )
 
     def setup(self) -> None:
         from .bench_dramatiq_app import make_broker
@@ -548,7 +565,7 @@ def publish_threads(
                 if not k & 255 and time.monotonic() > deadline:
                     errors.append(f"publisher {i} timed out at {k}/{share}")
                     return
-        except BaseException as exc:  # noqa: BLE001 - reported, not raised, from a thread
+        except BaseException as exc:  # reported, not raised, from a thread
             errors.append(f"publisher {i}: {exc!r}")
         finally:
             ends.append(time.time())
@@ -769,7 +786,9 @@ def _get(d: dict[str, Any], key: str) -> float | None:
     return d if isinstance(d, (int, float)) else None  # type: ignore[return-value]
 
 
-def summarise(rounds: list[dict[str, Any]], brokers: list[str], systems: list[str]) -> dict[str, Any]:
+def summarise(
+    rounds: list[dict[str, Any]], brokers: list[str], systems: list[str]
+) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for broker in brokers:
         b: dict[str, Any] = {}
@@ -793,10 +812,10 @@ def summarise(rounds: list[dict[str, Any]], brokers: list[str], systems: list[st
 
 def _cell(stat: dict[str, float] | None, fmt: str, spread: bool) -> str:
     if not stat:
-        return "–"
+        return "n/a"
     text = fmt.format(stat["median"])
     if spread and stat["min"] != stat["max"]:
-        text += f" ({fmt.format(stat['min'])}–{fmt.format(stat['max'])})"
+        text += f" ({fmt.format(stat['min'])}-{fmt.format(stat['max'])})"
     return text
 
 
@@ -808,13 +827,13 @@ def markdown(summary: dict[str, Any], header: str) -> str:
             continue
         lines.append(f"### {'RabbitMQ' if broker == 'amqp' else 'Redis'} ({broker})")
         lines.append("")
-        lines.append("Median over the rounds (min–max).")
+        lines.append("Median over the rounds (min-max).")
         lines.append("")
         lines.append("| metric | " + " | ".join(names) + " |")
         lines.append("|---|" + "---:|" * len(names))
         for key, label, _, fmt in METRICS:
             cells = [_cell(systems[n].get(key), fmt, True) for n in names]
-            if all(c == "–" for c in cells):
+            if all(c == "n/a" for c in cells):
                 continue
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         bad = [f"{n}: {systems[n]['problems']}" for n in names if systems[n]["problems"]]
@@ -840,15 +859,21 @@ def markdown(summary: dict[str, Any], header: str) -> str:
                     for m, p in cols:
                         a = systems[m].get("publish_per_s")
                         c = systems[p].get(key)
-                        row.append(f"{a['median'] / c['median']:.2f}" if a and c else "–")
-                    if any(x != "–" for x in row):
-                        lines.append("| publish/s vs kombu with a confirm per message | " + " | ".join(row) + " |")
+                        row.append(f"{a['median'] / c['median']:.2f}" if a and c else "n/a")
+                    if any(x != "n/a" for x in row):
+                        lines.append(
+                            "| publish/s vs kombu with a confirm per message | "
+                            + " | ".join(row)
+                            + " |"
+                        )
                     continue
                 row = []
                 for m, p in cols:
                     a, c = systems[m].get(key), systems[p].get(key)
-                    row.append(f"{a['median'] / c['median']:.2f}" if a and c and c["median"] else "–")
-                if any(x != "–" for x in row):
+                    row.append(
+                        f"{a['median'] / c['median']:.2f}" if a and c and c["median"] else "n/a"
+                    )
+                if any(x != "n/a" for x in row):
                     lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -1032,9 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "run_id": run_id,
             "machine": info,
-            "options": {
-                k: v for k, v in vars(opts).items() if k not in ("json", "markdown")
-            },
+            "options": {k: v for k, v in vars(opts).items() if k not in ("json", "markdown")},
             "wall_seconds": round(wall, 1),
             "configs": configs,
             "summary": summary,
