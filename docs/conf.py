@@ -183,30 +183,8 @@ def _factory_defaults(
     return None
 
 
-# Short references in mqtasks docstrings that the Python domain cannot resolve
-# from where they are written. Reported to be qualified in the docstrings
-# (``:meth:`~mqtasks.app.App.task```); delete each entry once that is done. Only
-# these exact references are resolved here: any new one still fails the build.
-_PENDING_SHORT_REFS = {
-    ("mqtasks.task", "App.task"): "mqtasks.app.App.task",  # Task's docstring
-    ("mqtasks.transport.base", "TransportError"): "mqtasks.exceptions.TransportError",  # translate_errors
-}
-
-
-def _pending_short_refs(app: Any, env: Any, node: Any, contnode: Any) -> Any:
-    if node.get("refdomain") != "py":
-        return None
-    target = _PENDING_SHORT_REFS.get((node.get("py:module"), node.get("reftarget")))
-    if target is None:
-        return None
-    return env.get_domain("py").resolve_xref(
-        env, node["refdoc"], app.builder, node["reftype"], target, node, contnode
-    )
-
-
 def setup(app: Any) -> None:
     app.connect("autodoc-process-docstring", _remember_prose, priority=100)
     app.connect("autodoc-process-docstring", _restore_prose, priority=900)
     app.connect("autodoc-process-signature", _factory_defaults)
     app.connect("env-updated", _alias_reexports)
-    app.connect("missing-reference", _pending_short_refs)

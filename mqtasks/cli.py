@@ -42,8 +42,8 @@ Examples:
 \b
 Exit codes:
   0  stopped cleanly (SIGTERM/SIGINT: running tasks finished)
-  1  could not start: import, configuration or broker connection error
-  2  bad command line
+  1  could not start: the broker is unreachable, or the app module raised
+  2  bad command line, including -A naming no app and impossible settings
   3  shutdown grace period ran out; unfinished tasks were left to the broker
   4  a second SIGTERM/SIGINT forced an immediate exit
 """
@@ -301,8 +301,8 @@ class Supervisor:
             if self.stopping and not self.children:
                 break
             time.sleep(0.2)
-        worst = max(codes.values(), default=RET_OK)
-        return worst if worst > 0 else (RET_FORCED if worst < 0 else RET_OK)
+        # A child killed by a signal (negative code) did not stop cleanly either.
+        return max((RET_FORCED if c < 0 else c for c in codes.values()), default=RET_OK)
 
     def _restart_pause(self) -> None:
         # Back off when children die in a loop (a bad deploy), up to 10 s.

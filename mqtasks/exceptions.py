@@ -21,7 +21,7 @@
     ├── MiddlewareError
     │   └── SkipMessage             the only way a middleware vetoes
     └── TaskControl                 raised by task code to steer the worker
-        └── Reject                  give the message up (dead letter)
+        └── Reject                  give the message up, unrun and unretried
     MQTasksWarning(UserWarning)
 """
 
@@ -146,8 +146,9 @@ class DecodeError(SerializationError):
     """A received message the worker refuses to turn into a task call.
 
     Attributes:
-        reason: A stable reason code (``decode_error``, ``content_type``, ``too_large``,
-            ``compression_refused``, ``invalid_headers``).
+        reason: A stable reason code: ``decode_error``, ``content_type``, ``too_large``,
+            ``compression_refused`` or ``invalid_headers`` when decoding; the worker also
+            reports ``unknown_task``, ``invalid_arguments`` and ``expired`` this way.
         body: The raw body, kept for the dead-letter entry; never logged.
     """
 
@@ -186,10 +187,10 @@ class TaskControl(MQTasksError):
 
 
 class Reject(TaskControl):
-    """Give the message up without retrying.
+    """Give the message up: it is rejected, not retried, and not run again.
 
     Args:
-        reason: Why, for the log (and the dead-letter entry).
+        reason: Why, for the log.
     """
 
     def __init__(self, reason: str = "rejected") -> None:

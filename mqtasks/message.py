@@ -31,6 +31,10 @@ __all__ = [
     "HEADER_PROTOCOL",
     "HEADER_PUBLISHED_AT",
     "HEADER_TASK",
+    "MAX_ATTEMPT",
+    "MAX_HEADERS",
+    "MAX_HEADER_VALUE",
+    "MAX_NAME_LENGTH",
     "PROTOCOL_VERSION",
     "Message",
 ]

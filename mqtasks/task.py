@@ -56,7 +56,7 @@ class Task(Generic[P, R]):
     """A function registered with an :class:`~mqtasks.App`.
 
     Call it to run it here; :meth:`delay` or :meth:`apply_async` to have a worker
-    run it. Created by :meth:`App.task`, not directly.
+    run it. Created by :meth:`~mqtasks.app.App.task`, not directly.
     """
 
     def __init__(

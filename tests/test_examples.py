@@ -14,7 +14,11 @@ def test_quickstart_runs_on_the_embedded_broker() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MQTASKS_BROKER_URL"}
     result = subprocess.run(
         [sys.executable, "examples/quickstart.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "done: add(2, 10) = 12" in result.stdout
@@ -34,3 +38,22 @@ def test_shop_example_tasks_run_on_memory(monkeypatch) -> None:
             drain(worker)
     finally:
         reset(shop.app)
+
+
+def test_docs_fixture_snippet_passes() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "docs/_snippets/test_with_fixtures.py",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

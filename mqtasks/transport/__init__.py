@@ -14,8 +14,10 @@ from .redis import RedisTransport
 from .redis_reliable import ReliableRedisTransport
 
 __all__ = [
+    "PREVIEW_TRANSPORTS",
     "TRANSPORTS",
     "AmqpTransport",
+    "AmqpsTransport",
     "Consumer",
     "Delivery",
     "Envelope",
@@ -34,9 +36,14 @@ TRANSPORTS: dict[str, type[Transport]] = {
     "amqps": AmqpsTransport,
     "redis": RedisTransport,
     "rediss": RedisTransport,
+    "memory": MemoryTransport,
+}
+
+#: Schemes that resolve but are not yet listed as supported (in error messages),
+#: while the default Redis transport is being decided.
+PREVIEW_TRANSPORTS: dict[str, type[Transport]] = {
     "redis+reliable": ReliableRedisTransport,
     "rediss+reliable": ReliableRedisTransport,
-    "memory": MemoryTransport,
 }
 
 
@@ -53,9 +60,9 @@ def resolve(url: str, **options: Any) -> Transport:
     """
     scheme = urlsplit(url).scheme.lower() if "://" in url else url
     try:
-        cls = TRANSPORTS[scheme]
+        cls = TRANSPORTS.get(scheme) or PREVIEW_TRANSPORTS[scheme]
     except KeyError:
-        close = difflib.get_close_matches(scheme, list(TRANSPORTS), n=1)
+        close = difflib.get_close_matches(scheme, [*TRANSPORTS, *PREVIEW_TRANSPORTS], n=1)
         raise UnknownTransport(
             scheme, tuple(sorted(TRANSPORTS)), close[0] if close else None
         ) from None

@@ -48,7 +48,9 @@ class QueueSpec:
     Args:
         name: Queue name (also the routing key).
         queue_type: ``quorum`` or ``classic`` (RabbitMQ); ``None`` takes the app's setting.
-        max_priority: Highest message priority honoured (classic queues and Redis).
+        max_priority: Highest message priority honoured: RabbitMQ classic queues
+            (``x-max-priority``). Redis always orders priorities 0 to 9 (higher
+            first, as on RabbitMQ; larger values count as 9); memory ignores them.
         message_ttl: Seconds a message may wait in the queue before the broker drops it.
         max_length: Most ready messages the queue holds.
         overflow: What happens past ``max_length``.
@@ -132,7 +134,7 @@ class Delivery:
 
 @contextlib.contextmanager
 def translate_errors(url: str, what: str) -> Iterator[None]:
-    """Turn kombu, py-amqp and redis errors into :class:`TransportError` subclasses."""
+    """Turn kombu, py-amqp and redis errors into :class:`~mqtasks.exceptions.TransportError` subclasses."""
     try:
         yield
     except TransportError:

@@ -49,20 +49,26 @@ def test_publish_during_an_outage_raises_in_bounded_time(url: str) -> None:
     app.close()
 
 
-def test_priorities_on_a_classic_priority_queue(amqp_url, make_app, queue_name) -> None:
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_higher_priorities_run_first_on_both_brokers(kind: str, make_app, queue_name) -> None:
+    from tests.conftest import require_broker
+
     name = queue_name("prio")
-    app = make_app(amqp_url, queues=[QueueSpec(name, queue_type="classic", max_priority=9)])
+    app = make_app(
+        require_broker(kind), queues=[QueueSpec(name, queue_type="classic", max_priority=9)]
+    )
     order: list[int] = []
 
     @app.task(queue=name)
     def job(p: int) -> None:
         order.append(p)
 
-    for p in (1, 5, 9, 3):
+    job.apply_async(args=(-1,))  # no priority: the lowest
+    for p in (1, 9, 3, 6):
         job.apply_async(args=(p,), priority=p)
     with running_worker(app, concurrency=1, prefetch=1) as worker:
         drain(worker)
-    assert order == [9, 5, 3, 1]
+    assert order == [9, 6, 3, 1, -1]
 
 
 def test_queue_arguments_reach_rabbitmq(amqp_url, make_app, queue_name) -> None:
