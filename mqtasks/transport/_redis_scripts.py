@@ -1,0 +1,90 @@
+"""Lua scripts of the reliable Redis transport: each runs atomically in Redis.
+
+Key layout and element format are described in :mod:`mqtasks.transport.redis_reliable`.
+Scripts touch keys derived from their arguments (processing lists of other
+consumers), which is fine on a single Redis and on a cluster as long as every
+key shares the transport's hash tag.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BEAT", "RESTORE", "SETTLE_FETCH"]
+
+# Settle what the consumer collected, then move up to n messages into processing lists.
+# KEYS: s (source, processing) pairs, then k settlement processing keys, then k source keys.
+# ARGV: n, s, k, then k actions (a ack, x reject, q requeue, u undo), then k elements.
+SETTLE_FETCH = """
+local n, s, k = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, k do
+  local m = ARGV[3 + k + i]
+  if redis.call('LREM', KEYS[2 * s + i], 1, m) == 1 then
+    local action = ARGV[3 + i]
+    if action == 'q' then
+      redis.call('RPUSH', KEYS[2 * s + k + i], 'r' .. string.sub(m, 2))
+    elseif action == 'u' then
+      redis.call('RPUSH', KEYS[2 * s + k + i], m)
+    end
+  end
+end
+local out, got = {}, 0
+for j = 1, s do
+  while got < n do
+    local m = redis.call('LMOVE', KEYS[2 * j - 1], KEYS[2 * j], 'RIGHT', 'LEFT')
+    if not m then break end
+    got = got + 1
+    out[#out + 1] = j - 1
+    out[#out + 1] = m
+  end
+end
+return out
+"""
+
+# Refresh a consumer's liveness key and registration. With ARGV[4] == '1' (a
+# reconnect), refuse to re-register a consumer that a sweep already restored.
+# KEYS: registry, alive key. ARGV: consumer id, ttl ms, sources JSON, strict.
+BEAT = """
+local existed = redis.call('HEXISTS', KEYS[1], ARGV[1])
+if existed == 0 and ARGV[4] == '1' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return existed
+"""
+
+# Move in-flight messages back to the consumption end of their queues, marked
+# redelivered, oldest first in line. With ARGV[2] set: release that consumer
+# (a graceful close; ARGV[3] == '1' also forgets it). Otherwise: every
+# registered consumer whose liveness key expired. Returns moved, then ids.
+# KEYS: registry. ARGV: prefix, consumer id or '', forget.
+RESTORE = """
+local prefix = ARGV[1]
+local function restore(cid, sources)
+  local moved = 0
+  for i, src in ipairs(cjson.decode(sources)) do
+    local proc = prefix .. ':proc:' .. cid .. ':' .. (i - 1)
+    while true do
+      local m = redis.call('LPOP', proc)
+      if not m then break end
+      redis.call('RPUSH', src, 'r' .. string.sub(m, 2))
+      moved = moved + 1
+    end
+  end
+  return moved
+end
+local out = {0}
+if ARGV[2] ~= '' then
+  local sources = redis.call('HGET', KEYS[1], ARGV[2])
+  if sources then out[1] = restore(ARGV[2], sources) end
+  redis.call('DEL', prefix .. ':alive:' .. ARGV[2])
+  if ARGV[3] == '1' then redis.call('HDEL', KEYS[1], ARGV[2]) end
+  return out
+end
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if redis.call('EXISTS', prefix .. ':alive:' .. all[i]) == 0 then
+    out[1] = out[1] + restore(all[i], all[i + 1])
+    redis.call('HDEL', KEYS[1], all[i])
+    out[#out + 1] = all[i]
+  end
+end
+return out
+"""
