@@ -1,4 +1,4 @@
-"""A/B: the kombu-based ``redis://`` transport against ``redis+reliable://``.
+"""A/B: kombu's Redis transport (``redis+kombu://``) against mqtasks' own (``redis://``).
 
 Starts a private ``redis-server`` on a free loopback port (so ``INFO commandstats``
 counts only this run's commands), then, alternating the two transports round by
@@ -135,8 +135,8 @@ def main() -> None:
     proc, port, workdir = start_redis()
     client: redis.Redis[bytes] = redis.Redis(port=port)
     urls = {
-        "kombu redis://": f"redis://127.0.0.1:{port}/0",
-        "redis+reliable://": f"redis+reliable://127.0.0.1:{port}/0",
+        "redis+kombu://": f"redis+kombu://127.0.0.1:{port}/0",
+        "redis://": f"redis://127.0.0.1:{port}/0",
     }
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in urls}
     try:
@@ -184,7 +184,7 @@ def main() -> None:
             f"{m['cpu_us_per_task']:.0f} | {m['redis_cmds_per_task']:.2f} | "
             f"{m['p50_ms']:.2f} / {m['p99_ms']:.2f} |"
         )
-    a, b = med["redis+reliable://"], med["kombu redis://"]
+    a, b = med["redis://"], med["redis+kombu://"]
     print(
         f"ratios reliable/kombu: drain {a['drain_per_s'] / b['drain_per_s']:.2f}x, "
         f"CPU {a['cpu_us_per_task'] / b['cpu_us_per_task']:.2f}x, "

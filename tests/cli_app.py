@@ -7,8 +7,12 @@ Configured from the environment, so each test gives its worker a queue of its ow
 - ``CLI_TEST_RECORD``: a file that gets one line per task start and finish,
   ``start|finish <tag> <pid> <time>``, written with ``O_APPEND`` so that the
   test process (and several worker processes) can share it.
-- ``CLI_TEST_TRANSPORT_OPTIONS``: kombu transport options as a JSON object.
-- ``CLI_TEST_VISIBILITY_TIMEOUT``: shorthand for the Redis ``visibility_timeout``.
+- ``CLI_TEST_TRANSPORT_OPTIONS``: transport options as a JSON object (for ``redis://``,
+  the test's own ``key_prefix``).
+- ``CLI_TEST_LIVENESS_TTL``: shorthand for the ``redis://`` transport's ``liveness_ttl``
+  (seconds a consumer that stopped beating keeps its in-flight messages), with a
+  ``sweep_interval`` of a quarter of it unless the options give one: how soon the
+  messages of a SIGKILLed worker go back to the queue.
 
 The test process builds the same app with :func:`make_app`, so task names match.
 """
@@ -45,11 +49,12 @@ def record(event: str, tag: str) -> None:
 
 
 def transport_options_from_env() -> dict[str, Any]:
-    """Return the kombu transport options the environment asks for."""
+    """Return the transport options the environment asks for."""
     options: dict[str, Any] = json.loads(os.environ.get("CLI_TEST_TRANSPORT_OPTIONS") or "{}")
-    visibility = os.environ.get("CLI_TEST_VISIBILITY_TIMEOUT")
-    if visibility:
-        options["visibility_timeout"] = float(visibility)
+    liveness = os.environ.get("CLI_TEST_LIVENESS_TTL")
+    if liveness:
+        options["liveness_ttl"] = float(liveness)
+        options.setdefault("sweep_interval", float(liveness) / 4)
     return options
 
 

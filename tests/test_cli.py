@@ -25,6 +25,9 @@ import kombu
 import pytest
 
 from mqtasks import App, __version__
+from mqtasks.transport import ReliableRedisTransport
+from mqtasks.transport.base import Envelope
+from mqtasks.transport.redis_reliable import encode_element
 from tests import cli_app
 from tests.conftest import cleanup, require_broker, unique_name
 
@@ -230,21 +233,40 @@ class Scenario:
         """Messages ready in the queue."""
         return self.app.transport.message_counts([self.app.queue(self.queue)])[self.queue]
 
-    def unacked_keys(self) -> list[str]:
-        return [self.options[k] for k in ("unacked_key", "unacked_index_key", "unacked_mutex_key")]
+    @property
+    def redis(self) -> ReliableRedisTransport:
+        """The ``redis://`` transport of the publishing app (Redis scenarios only)."""
+        transport = self.app.transport
+        assert isinstance(transport, ReliableRedisTransport), transport
+        return transport
 
-    def redis_unacked(self) -> int:
-        """Messages in this test's Redis unacked hash (delivered, not yet acked)."""
-        with self.app.transport.connection() as conn:
-            return int(conn.default_channel.client.hlen(self.options["unacked_key"]))
+    def redis_keys(self, suffix: str = "*") -> list[bytes]:
+        """This test's Redis keys (under its ``key_prefix``) matching ``suffix``."""
+        pattern = self.options["key_prefix"].replace("{", "[{]").replace("}", "[}]") + suffix
+        return list(self.redis.publisher().scan_iter(match=pattern, count=1000))
+
+    def in_flight(self) -> int:
+        """Messages in this test's Redis processing lists (delivered, not yet acked)."""
+        client = self.redis.publisher()
+        return sum(int(client.llen(key)) for key in self.redis_keys(":proc:*"))
+
+    def consumers(self) -> set[str]:
+        """Consumer ids registered in this test's Redis registry (``{prefix}:consumers``)."""
+        client = self.redis.publisher()
+        return {k.decode() for k in client.hkeys(self.redis.registry_key)}
+
+    def push_raw(self, element: bytes) -> None:
+        """LPUSH a list element to this test's Redis queue, bypassing mqtasks' publish."""
+        self.redis.publisher().lpush(self.redis.queue_key(self.queue), element)
 
     def close(self) -> None:
         if self._app is None:
             return
         if self.kind == "redis":
             try:
-                with self._app.transport.connection() as conn:
-                    conn.default_channel.client.delete(*self.unacked_keys())
+                keys = self.redis_keys()
+                if keys:
+                    self.redis.publisher().delete(*keys)
             except Exception:  # best effort, like conftest.cleanup
                 pass
         cleanup(self._app)
@@ -256,23 +278,16 @@ RunCli = Callable[..., CliWorker]
 
 @pytest.fixture
 def scenario(tmp_path: Path) -> Iterator[MakeScenario]:
-    """A factory of scenarios on a broker kind; queues (and Redis unacked keys) deleted after."""
+    """A factory of scenarios on a broker kind; queues (and Redis keys) deleted after."""
     made: list[Scenario] = []
 
     def make(kind: str, **options: Any) -> Scenario:
         url = require_broker(kind)
         queue = unique_name("cli")
         if kind == "redis":
-            # Unacked bookkeeping of our own: a short visibility timeout must never
-            # restore other runs' messages from the shared 'unacked' hash, and the
-            # restore sweep runs on every idle poll instead of every tenth.
-            options = {
-                "unacked_key": f"{queue}.unacked",
-                "unacked_index_key": f"{queue}.unacked_index",
-                "unacked_mutex_key": f"{queue}.unacked_mutex",
-                "unacked_restore_throttle": 1,
-                **options,
-            }
+            # Keys of our own, under one hash tag: this test's workers register, sweep
+            # and restore only among themselves, and teardown deletes every key.
+            options = {"key_prefix": "{" + queue + "}", **options}
         s = Scenario(kind, url, queue, Record(tmp_path / f"{queue}.record"), options)
         made.append(s)
         return s
@@ -376,7 +391,10 @@ def test_unknown_broker_scheme_names_the_supported_ones() -> None:
     assert result.returncode == 1, result.stderr
     output = result.stdout + result.stderr
     assert "Unknown transport 'amqp2'" in output
-    assert "Supported URL schemes: amqp, amqps, memory, pyamqp, redis, rediss" in output
+    assert (
+        "Supported URL schemes: amqp, amqps, memory, pyamqp, redis, redis+kombu, rediss, "
+        "rediss+kombu." in output
+    )
     assert "Traceback" not in output
 
 
@@ -435,6 +453,9 @@ def test_worker_runs_published_tasks_and_stops_on_sigterm(
     assert len(stopped) == 1
     assert stopped[0]["clean"] is True
     assert s.ready() == 0
+    if kind == "redis":
+        assert s.in_flight() == 0
+        assert s.consumers() == set()
 
 
 # -- 4. graceful drain --------------------------------------------------------------------------------
@@ -463,7 +484,8 @@ def test_sigterm_lets_the_running_task_finish_and_acks_it(
     assert worker.logs("worker.stopped")[0]["clean"] is True
     assert s.ready() == 0
     if kind == "redis":
-        assert s.redis_unacked() == 0
+        assert s.in_flight() == 0
+        assert s.consumers() == set()  # deregistered at close
 
     # And a new worker does not get it again: it runs only the task sent after it
     second = run_cli(s, "-c", "1", "--shutdown-timeout", "5")
@@ -496,6 +518,9 @@ def test_shutdown_timeout_exits_3_and_the_task_is_not_lost(
     assert worker.wait(8) == 3, worker.stderr()
     assert worker.logs("worker.shutdown_timeout")
     assert s.record.count("finish", "long") == 0
+    if kind == "redis":
+        # handed back at close: ready again at once, no longer in flight
+        assert (s.ready(), s.in_flight()) == (1, 0)
 
     # Then the message went back to the broker: a new worker starts it again
     run_cli(s, "-c", "1").wait_started()
@@ -512,9 +537,9 @@ def test_task_of_a_killed_worker_runs_on_the_next_one(
 ) -> None:
     s = scenario(kind)
     if kind == "redis":
-        # kombu's Redis transport gives an unacked message back after the visibility
-        # timeout, on the poll cycle of a live consumer.
-        s.env_extra["CLI_TEST_VISIBILITY_TIMEOUT"] = "3"
+        # A dead consumer's in-flight messages go back to the queue once its liveness
+        # key expired, on the next sweep of a live consumer: keep both short.
+        s.env_extra["CLI_TEST_LIVENESS_TTL"] = "2"
     worker = run_cli(s, "-c", "1", "--shutdown-timeout", "5")
     worker.wait_started()
 
@@ -525,6 +550,10 @@ def test_task_of_a_killed_worker_runs_on_the_next_one(
     # When the worker is killed with SIGKILL
     worker.signal(signal.SIGKILL)
     assert worker.wait(5) == -signal.SIGKILL
+    if kind == "redis":
+        # the message stays recorded in flight for the dead consumer, not lost
+        assert (s.ready(), s.in_flight()) == (0, 1)
+        assert [c.split(":")[1] for c in s.consumers()] == [str(worker.pid)]
 
     # Then another worker runs the task to completion
     second = run_cli(s, "-c", "1", "--shutdown-timeout", "5")
@@ -536,6 +565,10 @@ def test_task_of_a_killed_worker_runs_on_the_next_one(
     second.signal(signal.SIGTERM)
     assert second.wait(10) == 0, second.stderr()
     assert s.ready() == 0
+    if kind == "redis":
+        assert second.logs("redis.consumers_restored")
+        assert s.in_flight() == 0
+        assert s.consumers() == set()  # the dead one swept, the second deregistered
 
 
 # -- 7. --processes ------------------------------------------------------------------------------------
@@ -628,7 +661,8 @@ def test_bad_messages_are_rejected_and_the_worker_keeps_running(
     worker.wait_started()
     marker = tmp_path / "unpickled"
 
-    # Given three messages published with plain kombu, bypassing mqtasks
+    # Given three messages written bypassing mqtasks: with plain kombu to RabbitMQ, as
+    # list elements of the transport's own format straight into the Redis list
     bad = {
         "decode_error": (b'{"args": [1,', "application/json", "utf-8", cli_app.WORK),
         "content_type": (
@@ -639,33 +673,55 @@ def test_bad_messages_are_rejected_and_the_worker_keeps_running(
         ),
         "unknown_task": (b'{"args": ["x"], "kwargs": {}}', "application/json", "utf-8", "cli.nope"),
     }
-    with kombu.Connection(s.url, connect_timeout=5) as conn:
-        producer = conn.Producer()
+    expected: dict[str | None, str] = {f"bad-{r}": r for r in bad}
+    if kind == "redis":
         for reason, (body, content_type, encoding, task) in bad.items():
-            producer.publish(
-                body,
-                exchange="",
-                routing_key=s.queue,
-                content_type=content_type,
-                content_encoding=encoding,
-                headers={"mqtasks-task": task, "mqtasks-protocol": 1},
-                message_id=f"bad-{reason}",
-                delivery_mode=2,
-                retry=True,
+            s.push_raw(
+                encode_element(
+                    Envelope(
+                        body=body,
+                        message_id=f"bad-{reason}",
+                        headers={"mqtasks-task": task, "mqtasks-protocol": 1},
+                        content_type=content_type,
+                        content_encoding=encoding,
+                    )
+                )
             )
+        # and a fourth that is no element of that format at all (no id to report)
+        s.push_raw(b"not an mqtasks element")
+        expected[None] = "decode_error"
+    else:
+        with kombu.Connection(s.url, connect_timeout=5) as conn:
+            producer = conn.Producer()
+            for reason, (body, content_type, encoding, task) in bad.items():
+                producer.publish(
+                    body,
+                    exchange="",
+                    routing_key=s.queue,
+                    content_type=content_type,
+                    content_encoding=encoding,
+                    headers={"mqtasks-task": task, "mqtasks-protocol": 1},
+                    message_id=f"bad-{reason}",
+                    delivery_mode=2,
+                    retry=True,
+                )
     # And a good one after them
     s.send("good")
 
     # Then each bad one is rejected with its reason, and the good one still runs
     wait_until(lambda: s.record.count("finish", "good") == 1, "the good task")
-    rejected = {e["task_id"]: e for e in worker.wait_log("message.rejected", 3)}
-    assert {k: v["reason"] for k, v in rejected.items()} == {f"bad-{r}": r for r in bad}
+    rejected = {e["task_id"]: e for e in worker.wait_log("message.rejected", len(expected))}
+    assert {k: v["reason"] for k, v in rejected.items()} == expected
     assert rejected["bad-unknown_task"]["task_name"] == "cli.nope"
     assert "application/x-python-serialize" in rejected["bad-content_type"]["detail"]
     assert not marker.exists(), "the worker unpickled a message body"
     assert worker.proc.poll() is None
     assert s.ready() == 0
+    if kind == "redis":
+        wait_until(lambda: s.in_flight() == 0, "the rejections to be settled")
 
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 0, worker.stderr()
     assert not marker.exists()
+    if kind == "redis":
+        assert s.in_flight() == 0

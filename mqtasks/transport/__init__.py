@@ -14,7 +14,6 @@ from .redis import RedisTransport
 from .redis_reliable import ReliableRedisTransport
 
 __all__ = [
-    "PREVIEW_TRANSPORTS",
     "TRANSPORTS",
     "AmqpTransport",
     "AmqpsTransport",
@@ -29,21 +28,17 @@ __all__ = [
     "resolve",
 ]
 
-#: URL scheme -> transport class.
+#: URL scheme -> transport class. ``redis://`` is mqtasks' own Redis transport;
+#: ``redis+kombu://`` selects kombu's stock Redis transport.
 TRANSPORTS: dict[str, type[Transport]] = {
     "amqp": AmqpTransport,
     "pyamqp": AmqpTransport,
     "amqps": AmqpsTransport,
-    "redis": RedisTransport,
-    "rediss": RedisTransport,
+    "redis": ReliableRedisTransport,
+    "rediss": ReliableRedisTransport,
+    "redis+kombu": RedisTransport,
+    "rediss+kombu": RedisTransport,
     "memory": MemoryTransport,
-}
-
-#: Schemes that resolve but are not yet listed as supported (in error messages),
-#: while the default Redis transport is being decided.
-PREVIEW_TRANSPORTS: dict[str, type[Transport]] = {
-    "redis+reliable": ReliableRedisTransport,
-    "rediss+reliable": ReliableRedisTransport,
 }
 
 
@@ -60,9 +55,9 @@ def resolve(url: str, **options: Any) -> Transport:
     """
     scheme = urlsplit(url).scheme.lower() if "://" in url else url
     try:
-        cls = TRANSPORTS.get(scheme) or PREVIEW_TRANSPORTS[scheme]
+        cls = TRANSPORTS[scheme]
     except KeyError:
-        close = difflib.get_close_matches(scheme, [*TRANSPORTS, *PREVIEW_TRANSPORTS], n=1)
+        close = difflib.get_close_matches(scheme, list(TRANSPORTS), n=1)
         raise UnknownTransport(
             scheme, tuple(sorted(TRANSPORTS)), close[0] if close else None
         ) from None

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import kombu
 from kombu.transport import redis as kombu_redis
 
 from ._guard import GuardedVirtualMessage
@@ -25,15 +26,27 @@ class KombuRedisTransport(kombu_redis.Transport):  # type: ignore[misc]
 
 
 class RedisTransport(Transport):
-    """Redis: a list per queue (per priority step), unacknowledged messages kept
+    """Redis through kombu's stock transport (``redis+kombu://``): a list per queue (per priority step), unacknowledged messages kept
     in a hash and restored after ``visibility_timeout`` or at a worker's shutdown.
 
     Redis has no publisher confirms: a publish returns when Redis has executed the
     push. Durability depends on Redis persistence (``appendonly yes``).
     """
 
-    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss")
+    schemes: ClassVar[tuple[str, ...]] = ("redis+kombu", "rediss+kombu")
     kombu_transport: Any = KombuRedisTransport
+
+    def connection(self, *, heartbeat: float = 0) -> Any:
+        # kombu reads "redis+kombu://" as transport "redis" plus a URL "kombu://...";
+        # hand it the plain redis:// URL (the transport class is given explicitly).
+        plain = self.url.replace("+kombu://", "://", 1)
+        return kombu.Connection(
+            plain,
+            transport=self.kombu_transport,
+            heartbeat=heartbeat,
+            connect_timeout=self.connect_timeout,
+            transport_options=self.connection_options(),
+        )
 
     def connection_options(self) -> dict[str, Any]:
         # Ten priority lists, so that priorities 0-9 keep their order (kombu's

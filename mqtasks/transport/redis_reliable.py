@@ -566,17 +566,18 @@ class ReliableRedisTransport(Transport):
     """Redis with atomic fetch-and-record, liveness-based restore and no
     visibility timeout: a long task of a live worker is never delivered twice.
 
-    Select it with ``redis+reliable://`` (or ``rediss+reliable://``). Options
+    ``redis://`` and ``rediss://`` select it (``redis+kombu://`` selects kombu's
+    stock Redis transport instead). Options
     (``transport_options``): ``key_prefix`` (``{mqtasks}``), ``liveness_ttl``
     (10 s: how long a silent consumer keeps its messages), ``sweep_interval``
     (5 s), ``block_timeout`` (5 s: server-side BLMOVE timeout).
 
     Redis has no publisher confirms: a publish returns when Redis has executed
-    the LPUSH. Messages of the kombu-based ``redis://`` transport live in other
+    the LPUSH. Messages of the kombu-based ``redis+kombu://`` transport live in other
     keys; drain them before switching.
     """
 
-    schemes: ClassVar[tuple[str, ...]] = ("redis+reliable", "rediss+reliable")
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss")
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -666,7 +667,7 @@ class ReliableRedisTransport(Transport):
         if spec.max_priority is not None:
             raise ConfigurationError(
                 f"Queue {spec.name!r}: {self.schemes[0]}:// does not support max_priority "
-                "(priorities would be ignored). Remove it, or use redis:// or amqp:// "
+                "(priorities would be ignored). Remove it, or use redis+kombu:// or amqp:// "
                 "with a classic queue."
             )
         return super().queue_arguments(spec)

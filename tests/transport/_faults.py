@@ -28,7 +28,11 @@ def own_local_ports(remote_port: int) -> set[int]:
         for line in lines:
             fields = line.split()
             local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-            if state == "01" and inode in inodes and int(remote.rsplit(":", 1)[1], 16) == remote_port:
+            if (
+                state == "01"
+                and inode in inodes
+                and int(remote.rsplit(":", 1)[1], 16) == remote_port
+            ):
                 ports.add(int(local.rsplit(":", 1)[1], 16))
     return ports
 
@@ -38,7 +42,10 @@ def close_amqp_connections(port: int = 5672) -> int:
     ports = own_local_ports(port)
     listing = subprocess.run(
         ["rabbitmqctl", "-q", "list_connections", "pid", "name"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.splitlines()
     closed = 0
     for line in listing:
@@ -50,7 +57,9 @@ def close_amqp_connections(port: int = 5672) -> int:
         if local_port in ports:
             subprocess.run(
                 ["rabbitmqctl", "-q", "close_connection", pid, "mqtasks test: connection cut"],
-                capture_output=True, timeout=60, check=True,
+                capture_output=True,
+                timeout=60,
+                check=True,
             )
             closed += 1
     return closed

@@ -6,7 +6,9 @@ never blocking the queue; unstarted prefetched messages handed back on stop.
 
 from __future__ import annotations
 
+import gzip
 import os
+import pickle
 import threading
 import time
 from pathlib import Path
@@ -14,18 +16,49 @@ from typing import Any
 
 import kombu
 import pytest
+import redis
 
-from mqtasks import App, Reject
+from mqtasks import App, Reject, TransportError
 from mqtasks.testing import drain, running_worker
+from mqtasks.transport.base import Envelope
+from mqtasks.transport.redis_reliable import ReliableRedisTransport, encode_element
 
 
 def raw_publish(app: App, queue: str, body: Any, **kwargs: Any) -> None:
     """Publish bypassing mqtasks, as a hostile or buggy producer would."""
     kwargs["headers"] = dict(kwargs.get("headers") or {})  # kombu may add to it in place
-    with app.transport.connection() as conn:
+    transport = app.transport
+    if isinstance(transport, ReliableRedisTransport):
+        _raw_redis_publish(transport, queue, body, **kwargs)
+        return
+    with transport.connection() as conn:
         producer = conn.Producer()
         kwargs.setdefault("message_id", "raw-1")
         producer.publish(body, routing_key=queue, exchange="", **kwargs)
+
+
+def _raw_redis_publish(
+    transport: ReliableRedisTransport, queue: str, body: Any, **kwargs: Any
+) -> None:
+    """The same poison, written straight into mqtasks' Redis list format."""
+    headers = kwargs["headers"]
+    content_type = kwargs.get("content_type")
+    if kwargs.get("serializer") == "pickle":
+        body, content_type = pickle.dumps(body), "application/x-python-serialize"
+    if kwargs.get("compression") == "gzip":
+        body, headers["compression"] = gzip.compress(body), "application/x-gzip"
+    envelope = Envelope(
+        body=body,
+        message_id=kwargs.get("message_id", "raw-1"),
+        headers=headers,
+        content_type=content_type or "application/data",
+        content_encoding=kwargs.get("content_encoding") or "binary",
+    )
+    client = redis.Redis.from_url(transport.redis_url)
+    try:
+        client.lpush(transport.queue_key(queue), encode_element(envelope))
+    finally:
+        client.close()
 
 
 def reasons(worker: Any) -> list[str]:
@@ -85,17 +118,36 @@ def test_bad_input_is_rejected_with_its_reason_and_the_worker_keeps_going(
     # Given poison of every kind, interleaved with good tasks
     raw_publish(app, queue, b"{not json", headers=headers, **json_ct)
     add.delay(1, 1)
-    raw_publish(app, queue, b'{"args":[],"kwargs":{}}', headers={"mqtasks-task": "no.such"}, **json_ct)
+    raw_publish(
+        app, queue, b'{"args":[],"kwargs":{}}', headers={"mqtasks-task": "no.such"}, **json_ct
+    )
     raw_publish(app, queue, b'{"args":[1],"kwargs":{}}', headers=headers, **json_ct)
     raw_publish(app, queue, _Pwn(str(marker)), serializer="pickle", headers=headers)
-    raw_publish(app, queue, b"x: 1", headers=headers, content_type="application/x-yaml",
-                content_encoding="utf-8")
-    raw_publish(app, queue, b'{"args":[1,2],"kwargs":{}}', headers=headers,
-                compression="gzip", **json_ct)
-    raw_publish(app, queue, b'{"args":[1,2],"kwargs":{}}',
-                headers={**headers, "mqtasks-attempt": "abc"}, **json_ct)
-    raw_publish(app, queue, b'{"args":[1,2],"kwargs":{}}',
-                headers={**headers, "mqtasks-expires": time.time() - 60}, **json_ct)
+    raw_publish(
+        app,
+        queue,
+        b"x: 1",
+        headers=headers,
+        content_type="application/x-yaml",
+        content_encoding="utf-8",
+    )
+    raw_publish(
+        app, queue, b'{"args":[1,2],"kwargs":{}}', headers=headers, compression="gzip", **json_ct
+    )
+    raw_publish(
+        app,
+        queue,
+        b'{"args":[1,2],"kwargs":{}}',
+        headers={**headers, "mqtasks-attempt": "abc"},
+        **json_ct,
+    )
+    raw_publish(
+        app,
+        queue,
+        b'{"args":[1,2],"kwargs":{}}',
+        headers={**headers, "mqtasks-expires": time.time() - 60},
+        **json_ct,
+    )
     add.delay(2, 2)
     # When a worker consumes them
     with running_worker(app, concurrency=1) as worker:
@@ -210,6 +262,11 @@ def test_worker_pid_is_ours() -> None:
 
 
 def test_kombu_connection_is_the_transports(app: App) -> None:
+    if isinstance(app.transport, ReliableRedisTransport):
+        # mqtasks' Redis transport speaks to Redis without kombu, and says so.
+        with pytest.raises(TransportError, match="no kombu connection"):
+            app.transport.connection()
+        return
     conn = app.transport.connection()
     assert isinstance(conn, kombu.Connection)
     conn.release()

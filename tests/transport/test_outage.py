@@ -41,27 +41,15 @@ def test_worker_reconnects_after_an_outage_and_stops_during_one(kind: str, make_
 
         direct.task(name="outage.record")(record.fn)  # same task, published around the proxy
         with running_worker(app, shutdown_timeout=2) as worker:
-            assert worker._consumer is not None
-            first_generation = worker._consumer.generation
-            # Given a broker outage as seen by the worker
+            # Given a broker outage as seen by the worker, while tasks are published
+            # (the broker holds them; mqtasks' Redis transport fetches atomically,
+            # so a cut connection loses nothing there either)
             proxy.cut(refuse=True)
-            if kind == "amqp":
-                # RabbitMQ holds what is published meanwhile. (Redis is not tested
-                # this way: kombu's Redis fetch is BRPOP-then-record, so a message
-                # popped for a client whose socket is dying is lost; see the
-                # reliability guide.)
-                for n in range(5):
-                    direct.get_task("outage.record").delay(n)
+            for n in range(5):
+                direct.get_task("outage.record").delay(n)
             time.sleep(1.0)
             # When the broker is reachable again, the worker reconnects by itself
             proxy.resume()
-            if kind == "redis":
-                deadline = time.monotonic() + 15
-                while worker._consumer.generation == first_generation:
-                    assert time.monotonic() < deadline, "the worker did not reconnect"
-                    time.sleep(0.05)
-                for n in range(5):
-                    direct.get_task("outage.record").delay(n)
             drain(worker, timeout=30)
             assert sorted(seen) == list(range(5))
             # And when the broker goes away again, stop() still returns promptly

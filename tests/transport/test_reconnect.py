@@ -49,7 +49,7 @@ def test_worker_survives_rabbitmq_closing_its_connection(amqp_url, make_app) -> 
 
 
 def test_worker_survives_redis_killing_its_connections(redis_url, make_app) -> None:
-    app = make_app(redis_url, transport_options={"visibility_timeout": 5})
+    app = make_app(redis_url)
     _run_through_a_cut(app, lambda: kill_redis_connections(redis_url))
 
 

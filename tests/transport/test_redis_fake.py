@@ -1,4 +1,4 @@
-"""The Redis transport's publishing side against fakeredis: no server needed.
+"""kombu's Redis transport (redis+kombu://), publishing side, on fakeredis: no server needed.
 
 fakeredis runs in process; the blocking consume path needs a real socket, so
 consuming is covered by the integration tests on the local Redis.
@@ -29,7 +29,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> fakeredis.FakeServer:
 
 
 def test_a_task_lands_in_the_queue_list_in_protocol_form(server: fakeredis.FakeServer) -> None:
-    app = App("fake", broker="redis://127.0.0.1:6379/0", default_queue="work")
+    app = App("fake", broker="redis+kombu://127.0.0.1:6379/0", default_queue="work")
 
     @app.task(name="shop.add", priority=3)
     def add(x: int, y: int) -> int:

@@ -1,4 +1,4 @@
-"""redis+reliable://: the transport contract, plus what the atomic fetch is for.
+"""redis://: the transport contract, plus what the atomic fetch is for.
 
 No message lost when a consumer's connection dies while it is blocked; a dead
 consumer's messages back in the queue within seconds; a live consumer's long
@@ -30,7 +30,7 @@ from mqtasks.transport.redis_reliable import (
 
 from ..conftest import REDIS_URL, RUN_ID, require_broker, unique_name
 from ._faults import TcpProxy
-from .test_contract import (  # run here against redis+reliable:// (see the app fixture)
+from .test_contract import (  # run here against redis:// (see the app fixture)
     test_each_task_runs_once_and_is_acked,
     test_expired_task_is_not_run,
     test_reject_gives_the_message_up,
@@ -55,7 +55,7 @@ FAST = {"liveness_ttl": 1.0, "sweep_interval": 0.3}
 def reliable_url(port: int | None = None) -> str:
     parts = urlsplit(REDIS_URL)
     netloc = parts.netloc if port is None else f"127.0.0.1:{port}"
-    return parts._replace(scheme="redis+reliable", netloc=netloc).geturl()
+    return parts._replace(scheme="redis", netloc=netloc).geturl()
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def prefix() -> Iterator[str]:
 
 @pytest.fixture
 def broker_url() -> str:
-    """The contract tests' broker: the local Redis through redis+reliable://."""
+    """The contract tests' broker: the local Redis through redis://."""
     require_broker("redis")
     return reliable_url()
 
@@ -152,7 +152,7 @@ def test_element_round_trips_every_envelope_field() -> None:
 
 
 def test_unsupported_queue_options_and_unknown_options_are_configuration_errors() -> None:
-    t = ReliableRedisTransport("redis+reliable://127.0.0.1:6379/0")
+    t = ReliableRedisTransport("redis://127.0.0.1:6379/0")
     for spec in (
         QueueSpec("q", max_priority=5),
         QueueSpec("q", message_ttl=1),
@@ -161,7 +161,7 @@ def test_unsupported_queue_options_and_unknown_options_are_configuration_errors(
         with pytest.raises(ConfigurationError):
             t.declare([spec])
     with pytest.raises(ConfigurationError, match="visibility_timeout"):
-        ReliableRedisTransport("redis+reliable://h/0", transport_options={"visibility_timeout": 5})
+        ReliableRedisTransport("redis://h/0", transport_options={"visibility_timeout": 5})
 
 
 # -- consuming ------------------------------------------------------------------
@@ -498,11 +498,12 @@ def test_publish_to_a_frozen_redis_raises_within_the_timeout(prefix: str) -> Non
         t.close()
 
 
-def test_scheme_is_registered_without_changing_redis() -> None:
+def test_redis_urls_select_this_transport_and_kombus_stays_selectable() -> None:
     from mqtasks.transport import RedisTransport
 
-    assert isinstance(resolve("redis://127.0.0.1:6379/0"), RedisTransport)
-    t = resolve("rediss+reliable://u:pw@127.0.0.1:6380/3")
+    assert isinstance(resolve("redis://127.0.0.1:6379/0"), ReliableRedisTransport)
+    assert isinstance(resolve("redis+kombu://127.0.0.1:6379/0"), RedisTransport)
+    t = resolve("rediss://u:pw@127.0.0.1:6380/3")
     assert isinstance(t, ReliableRedisTransport)
     assert t.redis_url == "rediss://u:pw@127.0.0.1:6380/3"
     assert "pw" not in repr(t)

@@ -5,15 +5,22 @@ from __future__ import annotations
 import pytest
 
 from mqtasks import App, ConfigurationError, QueueSpec, UnknownTransport
-from mqtasks.transport import AmqpTransport, MemoryTransport, RedisTransport, resolve
+from mqtasks.transport import (
+    AmqpTransport,
+    MemoryTransport,
+    RedisTransport,
+    ReliableRedisTransport,
+    resolve,
+)
 
 
 @pytest.mark.parametrize(
     ("url", "cls"),
     [
         ("amqp://guest:guest@127.0.0.1//", AmqpTransport),
-        ("redis://127.0.0.1:6379/0", RedisTransport),
-        ("rediss://127.0.0.1:6380/0", RedisTransport),
+        ("redis://127.0.0.1:6379/0", ReliableRedisTransport),
+        ("rediss://127.0.0.1:6380/0", ReliableRedisTransport),
+        ("redis+kombu://127.0.0.1:6379/0", RedisTransport),
         ("memory://", MemoryTransport),
     ],
 )
@@ -54,7 +61,7 @@ def test_amqp_queue_arguments() -> None:
     assert t.queue_arguments(QueueSpec("q")) == {"x-queue-type": "quorum"}
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "memory://"])
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis+kombu://h:1/0", "memory://"])
 def test_brokers_without_ttl_or_max_length_say_so(url: str) -> None:
     with pytest.raises(ConfigurationError, match="use amqp://"):
         resolve(url).queue_arguments(QueueSpec("q", max_length=10))
@@ -62,8 +69,13 @@ def test_brokers_without_ttl_or_max_length_say_so(url: str) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"name": ""}, {"name": "q", "max_priority": 0}, {"name": "q", "message_ttl": 0},
-     {"name": "q", "max_length": 0}, {"name": "q", "overflow": "drop-tail"}],
+    [
+        {"name": ""},
+        {"name": "q", "max_priority": 0},
+        {"name": "q", "message_ttl": 0},
+        {"name": "q", "max_length": 0},
+        {"name": "q", "overflow": "drop-tail"},
+    ],
 )
 def test_queue_spec_validates(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):
