@@ -80,6 +80,10 @@ nitpick_ignore_regex = [
     (r"py:(class|obj)", r"(collections\.abc|datetime|typing)\..+"),
     # kombu objects the transports wrap or subclass (Connection, Queue, Message, ...).
     (r"py:(class|obj)", r"kombu\..+"),
+    # redis-py clients the redis:// transport returns (redis.Redis).
+    (r"py:(class|obj)", r"redis\..+"),
+    # tenacity's call state, which retry backoff strategies receive.
+    (r"py:(class|obj)", r"tenacity\..+"),
 ]
 
 # -- HTML --------------------------------------------------------------------------

@@ -35,9 +35,9 @@ def send_welcome(user_id: int) -> None:
         results.append(f"welcome e-mail sent to user {user_id}")
 
 
-@app.task
+@app.task(max_retries=0)
 def flaky(n: int) -> None:
-    """Fail, to show how a failing task is reported."""
+    """Fail, to show how a failing task is reported (and dead-lettered: no retries)."""
     raise ValueError(f"flaky({n}) failed on purpose")
 
 

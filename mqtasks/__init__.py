@@ -15,6 +15,7 @@ from .exceptions import (
     PublishError,
     PublishNacked,
     Reject,
+    Retry,
     TaskNotRegistered,
     TransportError,
     UnknownTransport,
@@ -22,6 +23,7 @@ from .exceptions import (
 )
 from .message import Message
 from .middleware import Middleware
+from .retry import RetryPolicy
 from .task import Task, TaskHandle
 from .transport import QueueSpec
 from .worker import Worker
@@ -43,6 +45,8 @@ __all__ = [
     "PublishNacked",
     "QueueSpec",
     "Reject",
+    "Retry",
+    "RetryPolicy",
     "Settings",
     "Task",
     "TaskHandle",

@@ -20,6 +20,7 @@ from .exceptions import (
 )
 from .message import Message
 from .middleware import DEFAULT_MIDDLEWARE, Middleware
+from .retry import RetryPolicy
 from .serialization import encode_body
 from .task import BASE_OPTIONS, P, R, Task, TaskHandle
 from .transport import QueueSpec, Transport, resolve
@@ -41,6 +42,8 @@ class App:
         settings: Full settings; built from the environment when omitted.
         queues: Queue configurations; queues not listed get the defaults.
         middleware: Middleware instances; the default stack when omitted.
+        retry_policy: The retry policy of tasks that set none of their own
+            (``RetryPolicy()``: 3 retries, exponential backoff with jitter).
         overrides: Individual :class:`~mqtasks.config.Settings` fields.
 
     Example::
@@ -62,9 +65,12 @@ class App:
         settings: Settings | None = None,
         queues: Iterable[QueueSpec] = (),
         middleware: Iterable[Middleware] | None = None,
+        retry_policy: RetryPolicy | None = None,
         **overrides: Any,
     ) -> None:
         self.name = name
+        #: Default retry policy of the app's tasks.
+        self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy()
         if settings is None:
             settings = Settings.from_env(broker_url=broker, **overrides)
         else:
@@ -228,8 +234,15 @@ class App:
 
     # -- publishing -------------------------------------------------------------
 
-    def send(self, message: Message, *, names: list[str] | None = None) -> None:
+    def send(
+        self, message: Message, *, names: list[str] | None = None, delay: float | None = None
+    ) -> None:
         """Encode and publish ``message``, running the publish middleware.
+
+        Args:
+            message: What to send.
+            names: Parameter names of the task's positional arguments, for errors.
+            delay: Seconds the broker holds the message before a worker gets it.
 
         Raises:
             EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
@@ -252,7 +265,10 @@ class App:
                 f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
                 task_id=message.id,
             ) from exc
-        transport.publish(message.queue, message.to_envelope(body))
+        if delay:
+            transport.publish(message.queue, message.to_envelope(body), delay=delay)
+        else:
+            transport.publish(message.queue, message.to_envelope(body))
         for mw in reversed(self.middleware):
             _call_hook(mw.after_publish, self, message)
 

@@ -21,7 +21,8 @@
     ├── MiddlewareError
     │   └── SkipMessage             the only way a middleware vetoes
     └── TaskControl                 raised by task code to steer the worker
-        └── Reject                  give the message up, unrun and unretried
+        ├── Retry                   run the task again (after ``countdown``)
+        └── Reject                  give the message up: straight to the dead letters
     MQTasksWarning(UserWarning)
 """
 
@@ -43,6 +44,7 @@ __all__ = [
     "PublishNacked",
     "QueueNotFound",
     "Reject",
+    "Retry",
     "SerializationError",
     "SkipMessage",
     "TaskControl",
@@ -186,11 +188,25 @@ class TaskControl(MQTasksError):
     """Raised by task code to steer the worker; logged without a traceback."""
 
 
-class Reject(TaskControl):
-    """Give the message up: it is rejected, not retried, and not run again.
+class Retry(TaskControl):
+    """Ask for another attempt of this task, within its ``max_retries``.
 
     Args:
+        countdown: Seconds until the next attempt; the task's backoff when None.
         reason: Why, for the log.
+    """
+
+    def __init__(self, countdown: float | None = None, reason: str = "retry requested") -> None:
+        self.countdown = countdown
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Reject(TaskControl):
+    """Give the message up: it goes to the dead-letter queue, unretried.
+
+    Args:
+        reason: Why, kept in the dead-letter entry.
     """
 
     def __init__(self, reason: str = "rejected") -> None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HEADER_ATTEMPT",
     "HEADER_EXPIRES",
+    "HEADER_FIRST_FAILED_AT",
     "HEADER_ORIGIN",
     "HEADER_PROTOCOL",
     "HEADER_PUBLISHED_AT",
@@ -53,6 +54,8 @@ HEADER_ORIGIN = "mqtasks-origin"
 HEADER_PUBLISHED_AT = "mqtasks-published-at"
 #: Header: expiry time, seconds since the epoch (UTC); absent when the task never expires.
 HEADER_EXPIRES = "mqtasks-expires"
+#: Header: when the first attempt failed, seconds since the epoch (on retries).
+HEADER_FIRST_FAILED_AT = "mqtasks-first-failed-at"
 
 #: Longest id or task name accepted.
 MAX_NAME_LENGTH = 255
@@ -110,6 +113,8 @@ class Message:
     headers: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     #: Whether the broker delivered this message before (received messages only).
     redelivered: bool = False
+    #: When the first attempt failed (aware UTC), once a retry is under way.
+    first_failed_at: datetime | None = None
 
     def copy(self, **changes: Any) -> Message:
         """Return a copy with ``changes`` applied."""
@@ -135,6 +140,8 @@ class Message:
         )
         if self.expires_at is not None:
             headers[HEADER_EXPIRES] = self.expires_at.timestamp()
+        if self.first_failed_at is not None:
+            headers[HEADER_FIRST_FAILED_AT] = self.first_failed_at.timestamp()
         return Envelope(
             body=body,
             message_id=self.id,
@@ -183,6 +190,7 @@ class Message:
             priority=delivery.priority,
             headers=meta["extra"],
             redelivered=delivery.redelivered,
+            first_failed_at=_utc(meta["first_failed_at"]),
         )
 
 
@@ -220,6 +228,7 @@ def _parse_headers(delivery: Delivery) -> dict[str, Any]:
         "origin": origin,
         "published_at": _timestamp(headers, HEADER_PUBLISHED_AT),
         "expires": _timestamp(headers, HEADER_EXPIRES),
+        "first_failed_at": _timestamp(headers, HEADER_FIRST_FAILED_AT),
         "extra": extra,
     }
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .exceptions import ConfigurationError
 from .message import Message
+from .retry import RetryPolicy
 from .types import Seconds, to_seconds
 
 if TYPE_CHECKING:
@@ -22,7 +23,18 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 #: Options every task accepts, whatever middleware is installed.
-BASE_OPTIONS = frozenset({"name", "queue", "priority", "expires"})
+BASE_OPTIONS = frozenset(
+    {
+        "name",
+        "queue",
+        "priority",
+        "expires",
+        "max_retries",
+        "retry_backoff",
+        "retry_on",
+        "dont_retry_on",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,16 @@ class TaskHandle:
 
     def __str__(self) -> str:
         return self.id
+
+
+def _delay(countdown: Seconds | None, eta: datetime | None) -> float | None:
+    if countdown is not None and eta is not None:
+        raise TypeError("pass countdown or eta, not both")
+    if eta is not None:
+        if eta.tzinfo is None:
+            raise ConfigurationError("eta must be an aware datetime (with a tzinfo).")
+        return max(0.0, (eta - datetime.now(timezone.utc)).total_seconds())
+    return to_seconds(countdown)
 
 
 def _expires_at(expires: Seconds | datetime | None) -> datetime | None:
@@ -78,6 +100,13 @@ class Task(Generic[P, R]):
         self.expires = to_seconds(expires)
         #: Options for middleware (for example retry settings in later releases).
         self.options: dict[str, Any] = dict(options or {})
+        #: When a failure of this task is retried, and after how long.
+        self.retry_policy: RetryPolicy = app.retry_policy.replace(
+            max_retries=self.options.pop("max_retries", None),
+            backoff=self.options.pop("retry_backoff", None),
+            retry_on=self.options.pop("retry_on", None),
+            dont_retry_on=self.options.pop("dont_retry_on", None),
+        )
         self.signature = inspect.signature(fn)
         self._names = [
             p.name
@@ -116,6 +145,8 @@ class Task(Generic[P, R]):
         headers: Mapping[str, Any] | None = None,
         task_id: str | None = None,
         expires: Seconds | datetime | None = None,
+        countdown: Seconds | None = None,
+        eta: datetime | None = None,
     ) -> TaskHandle:
         """Send the call with options; return once the broker has confirmed it.
 
@@ -129,12 +160,15 @@ class Task(Generic[P, R]):
                 retrying a failed ``delay()`` makes duplicates detectable.
             expires: Seconds from now, or an aware datetime, after which a worker
                 rejects the task instead of running it.
+            countdown: Seconds the broker holds the message before a worker gets it.
+            eta: An aware datetime before which no worker gets it (instead of ``countdown``).
 
         Raises:
             TypeError: The arguments do not fit the function's signature.
             EncodeError: An argument cannot be sent as JSON, or the message is too large.
             PublishError: The message was not enqueued.
         """
+        delay = _delay(countdown, eta)
         message = self.message(
             args,
             kwargs,
@@ -144,7 +178,7 @@ class Task(Generic[P, R]):
             task_id=task_id,
             expires=expires,
         )
-        self.app.send(message, names=self._names)
+        self.app.send(message, names=self._names, delay=delay)
         return TaskHandle(message.id, self.name, message.queue)
 
     def map(self, items: Iterable[Any], **options: Any) -> list[TaskHandle]:

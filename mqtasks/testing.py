@@ -72,6 +72,7 @@ def drain(worker: Worker, timeout: float = 10.0, *, raise_errors: bool = True) -
     stable, last = 0, -1
     while True:
         ready = sum(app.transport.message_counts(specs).values())
+        ready += sum(app.transport.delayed_counts(specs).values())
         if ready == 0 and worker.idle and worker.received == last:
             stable += 1
             if stable >= 2:

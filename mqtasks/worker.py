@@ -16,14 +16,24 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import structlog
 
 from .app import App, _call_hook
-from .exceptions import ConfigurationError, DecodeError, Reject, SkipMessage
-from .message import Message
-from .transport.base import Consumer, Delivery
+from .deadletter import dead_letter_envelope
+from .exceptions import (
+    ConfigurationError,
+    DecodeError,
+    MQTasksError,
+    Reject,
+    Retry,
+    SkipMessage,
+)
+from .message import Message, _origin
+from .retry import RetryPolicy
+from .transport.base import DLQ_SUFFIX, Consumer, Delivery
 
 __all__ = ["Worker"]
 
@@ -31,6 +41,10 @@ logger = structlog.get_logger("mqtasks.worker")
 
 _ACK, _REJECT, _REQUEUE, _DROP = "ack", "reject", "requeue", "drop"
 _STOP = None
+
+
+def _BROKER_DEATH_HEADER(key: str) -> bool:  # noqa: N802 - reads as a constant predicate
+    return key.startswith(("x-death", "x-first-death-", "x-last-death-"))
 
 
 class Worker:
@@ -99,6 +113,7 @@ class Worker:
         self._done = threading.Event()
         self._startup_error: BaseException | None = None
         self._stop_called = False
+        self._origin = _origin()
 
     def __repr__(self) -> str:
         return f"<Worker {self.app.name!r} queues={self.queues} concurrency={self.concurrency}>"
@@ -366,6 +381,7 @@ class Worker:
             post((delivery, action))
 
     def _reject(self, delivery: Delivery, message: Message | None, reason: str, detail: str) -> str:
+        """Bad input: log it, dead-letter it with its reason, never run or requeue it."""
         logger.error(
             "message.rejected",
             reason=reason,
@@ -378,7 +394,80 @@ class Worker:
             self.errors.append((message, DecodeError(reason, detail)))
         for mw in reversed(self.app.middleware):
             _call_hook(mw.after_reject, self, message, reason)
-        return _REJECT
+        return self._dead_letter(delivery, message, reason, detail)
+
+    def _dead_letter(
+        self,
+        delivery: Delivery,
+        message: Message | None,
+        reason: str,
+        detail: str,
+        exc: BaseException | None = None,
+    ) -> str:
+        """Publish the original message to ``<queue>.dlq`` with the reason, confirmed.
+
+        Returns the settlement: ack once the dead-letter queue has it; requeue
+        if it could not be stored (a broker problem: the message must not be lost).
+        """
+        envelope = dead_letter_envelope(
+            delivery, message, reason=reason, detail=detail, exc=exc, worker=self._origin
+        )
+        try:
+            self.app.transport.publish(delivery.queue + DLQ_SUFFIX, envelope)
+        except MQTasksError as error:
+            logger.error(
+                "message.dead_letter_failed",
+                task_id=delivery.message_id,
+                reason=reason,
+                error=str(error),
+                note="requeued instead; nothing is lost",
+            )
+            return _REQUEUE
+        logger.warning(
+            "task.dead_lettered",
+            task_id=delivery.message_id,
+            task_name=message.task if message else None,
+            reason=reason,
+            queue=delivery.queue,
+        )
+        return _ACK
+
+    def _retry(self, delivery: Delivery, message: Message, delay: float, exc: BaseException) -> str:
+        """Publish the next attempt, held by the broker for ``delay`` s, then ack this one."""
+        now = time.time()
+        if message.expires_at is not None and now + delay >= message.expires_at.timestamp():
+            return self._dead_letter(
+                delivery,
+                message,
+                "expired",
+                f"the next attempt, due in {delay:.1f} s, would start after the task expires",
+                exc,
+            )
+        first = message.first_failed_at or datetime.fromtimestamp(now, tz=timezone.utc)
+        # Drop the broker's dead-letter history from the last trip through the
+        # delay queues: RabbitMQ silently drops a message that would be dead-lettered
+        # again through a queue its x-death already lists (cycle detection).
+        headers = {k: v for k, v in message.headers.items() if not _BROKER_DEATH_HEADER(k)}
+        retry = message.copy(attempt=message.attempt + 1, first_failed_at=first, headers=headers)
+        try:  # the body does not change between attempts: send it as received
+            self.app.transport.publish(message.queue, retry.to_envelope(delivery.body), delay=delay)
+        except MQTasksError as error:
+            logger.error(
+                "task.retry_failed",
+                task_id=message.id,
+                error=str(error),
+                note="requeued instead; nothing is lost",
+            )
+            return _REQUEUE
+        logger.info(
+            "task.retried",
+            task_id=message.id,
+            task_name=message.task,
+            attempt=message.attempt,
+            delay=round(delay, 3),
+            error=f"{type(exc).__name__}: {exc}"[:500],
+        )
+        return _ACK
 
     def _process(self, delivery: Delivery) -> str:
         app = self.app
@@ -406,28 +495,55 @@ class Worker:
         error: BaseException | None = None
         try:
             result = task.fn(*message.args, **message.kwargs)
-        except Reject as exc:
+        except BaseException as exc:
             error = exc
+        for mw in reversed(app.middleware):
+            _call_hook(mw.after_process, self, message, result=result, exception=error)
+        if error is None:
+            return _ACK
+        return self._after_failure(delivery, message, task.retry_policy, error)
+
+    def _after_failure(
+        self, delivery: Delivery, message: Message, policy: RetryPolicy, exc: BaseException
+    ) -> str:
+        if isinstance(exc, Reject):
             logger.info(
                 "task.rejected", task_id=message.id, task_name=message.task, reason=exc.reason
             )
-        except BaseException as exc:
-            error = exc
-            logger.error(
-                "task.failed",
-                task_id=message.id,
-                task_name=message.task,
-                attempt=message.attempt,
-                queue=message.queue,
-                error=f"{type(exc).__name__}: {exc}",
-                traceback="".join(traceback.format_exception(exc))[-8192:],
-            )
-            if self.collect_errors:
-                self.errors.append((message, exc))
-        for mw in reversed(app.middleware):
-            _call_hook(mw.after_process, self, message, result=result, exception=error)
-        if isinstance(error, Reject):
-            for mw in reversed(app.middleware):
+            for mw in reversed(self.app.middleware):
                 _call_hook(mw.after_reject, self, message, "rejected")
-            return _REJECT
-        return _ACK
+            return self._dead_letter(delivery, message, "rejected", exc.reason, exc)
+        if isinstance(exc, Retry):
+            if message.attempt > policy.max_retries:
+                return self._dead_letter(
+                    delivery,
+                    message,
+                    "max_retries_exceeded",
+                    f"Retry requested after {message.attempt} attempts",
+                    exc,
+                )
+            delay = exc.countdown
+            if delay is None:
+                delay = float(policy.backoff(policy._state(message.attempt, exc)))
+            return self._retry(delivery, message, max(0.0, delay), exc)
+        logger.error(
+            "task.failed",
+            task_id=message.id,
+            task_name=message.task,
+            attempt=message.attempt,
+            queue=message.queue,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc))[-8192:],
+        )
+        if self.collect_errors:
+            self.errors.append((message, exc))
+        delay = policy.next_delay(message.attempt, exc)
+        if delay is not None:
+            return self._retry(delivery, message, delay, exc)
+        if not policy.is_retryable(exc):
+            return self._dead_letter(
+                delivery, message, "not_retryable", f"{type(exc).__name__} is not retried", exc
+            )
+        return self._dead_letter(
+            delivery, message, "max_retries_exceeded", f"failed {message.attempt} times", exc
+        )

@@ -45,7 +45,7 @@ def test_drain_times_out_with_what_is_left(app: App) -> None:
 
 
 def test_failed_task_is_logged_with_its_traceback(app: App) -> None:
-    @app.task
+    @app.task(max_retries=0)
     def boom(n: int) -> None:
         raise KeyError(n)
 

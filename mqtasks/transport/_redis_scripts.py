@@ -8,7 +8,7 @@ key shares the transport's hash tag.
 
 from __future__ import annotations
 
-__all__ = ["BEAT", "RESTORE", "SETTLE_FETCH"]
+__all__ = ["BEAT", "DELAY", "PROMOTE", "RESTORE", "SETTLE_FETCH"]
 
 # Settle what the consumer collected, then move up to n messages into processing lists.
 # KEYS: s (source, processing) pairs, then k settlement processing keys, then k source keys.
@@ -87,4 +87,43 @@ for i = 1, #all, 2 do
   end
 end
 return out
+"""
+
+# Hold an element for a delay: add it to the queue's delayed set, scored by its
+# due time in milliseconds on Redis' own clock (so publishers' clocks do not
+# matter). NX: the same element published again (a retry after a lost reply)
+# keeps its first due time and is stored once. Returns 1 if added, 0 if present.
+# KEYS: delayed set. ARGV: delay in ms, element.
+DELAY = """
+local t = redis.call('TIME')
+local due = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1])
+return redis.call('ZADD', KEYS[1], 'NX', due, ARGV[2])
+"""
+
+# Move due elements of each delayed set to the tail of its ready list (LPUSH:
+# consumers take from the right, so the earliest due is taken first and after
+# what was already ready), up to ARGV[1] per set. One script: a consumer dying
+# mid-move loses nothing, and of several consumers running it the first moves
+# each element, the others find nothing. Returns {moved, ms until the earliest
+# element still held is due (0: more are due now; -1: none held)}.
+# KEYS: q delayed sets, then their q ready lists. ARGV: most elements moved per set.
+PROMOTE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local q, limit = #KEYS / 2, tonumber(ARGV[1])
+local moved, wait = 0, -1
+for i = 1, q do
+  local due = redis.call('ZRANGE', KEYS[i], '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)
+  if #due > 0 then
+    redis.call('ZREM', KEYS[i], unpack(due))
+    redis.call('LPUSH', KEYS[q + i], unpack(due))
+    moved = moved + #due
+  end
+  local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if head[2] then
+    local w = math.max(0, math.ceil(tonumber(head[2]) - now))
+    if wait < 0 or w < wait then wait = w end
+  end
+end
+return {moved, wait}
 """

@@ -3,19 +3,44 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import kombu
 from kombu.transport import pyamqp
 
 from .._url import mask_url
 from ..exceptions import ConfigurationError, PublishError, PublishNacked, Unroutable
 from ._guard import GuardedAmqpMessage
-from .base import Consumer, Envelope, QueueSpec, Transport
+from .base import DLQ_SUFFIX, Consumer, Envelope, QueueSpec, Transport
 
-__all__ = ["AmqpTransport"]
+__all__ = ["DEAD_LETTER_EXCHANGE", "DELAY_LEVELS", "AmqpTransport"]
+
+#: Direct exchange routing each queue's dead letters to ``<queue>.dlq``.
+DEAD_LETTER_EXCHANGE = "mqtasks.dlx"
+#: Levels of the delay ladder: level k holds a message 2**k ms; 32 levels reach 49 days.
+DELAY_LEVELS = 32
+#: Topic exchange where delayed messages leave the ladder towards their queue.
+DELAY_DELIVERY_EXCHANGE = "mqtasks.delayed"
+#: Longest delay the ladder can hold, in seconds.
+MAX_DELAY = (2**DELAY_LEVELS - 1) / 1000
+
+
+def _level(k: int) -> str:
+    return f"mqtasks.delay.{k}"
+
+
+def delay_routing_key(delay: float, queue: str) -> str:
+    """Routing key that walks a message through the ladder for ``delay`` seconds.
+
+    One word per level, most significant first: ``1`` stops in that level's
+    queue (TTL ``2**k`` ms), ``0`` passes on. The queue name follows.
+    """
+    ms = max(1, math.ceil(delay * 1000))
+    return ".".join(f"{ms:0{DELAY_LEVELS}b}") + "." + queue
 
 
 class _Channel(pyamqp.Channel):  # type: ignore[misc]
@@ -280,9 +305,91 @@ class AmqpTransport(Transport):
             raise TimeoutError("publisher confirms did not arrive in time")
         conn.drain_events(timeout=remaining)
 
+    def route(self, queue: str, delay: float | None) -> tuple[str, str]:
+        """Delays go through the ladder of TTL queues (see :meth:`declare_topology`)."""
+        if not delay or delay <= 0:
+            return "", queue
+        if delay > MAX_DELAY:
+            raise ConfigurationError(
+                f"A delay of {delay:.0f} s is longer than the {MAX_DELAY:.0f} s the broker can hold."
+            )
+        return _level(DELAY_LEVELS - 1), delay_routing_key(delay, queue)
+
+    def declare_topology(self, channel: Any) -> None:
+        """Declare the dead-letter exchange and the delay ladder (once per transport).
+
+        kombu's native delayed delivery (``kombu.transport.native_delayed_delivery``)
+        builds the same kind of ladder but counts whole seconds, and retry backoffs
+        start at fractions of a second; this ladder counts milliseconds. Level k is
+        a topic exchange and a queue whose messages expire after ``2**k`` ms into
+        level k-1; a message's routing key has one bit per level and stops only in
+        the levels whose bit is 1, so each queue holds messages of one TTL and a
+        short delay never waits behind a long one. Level 0 expires into
+        ``mqtasks.delayed``, where every queue is bound under its own name.
+        """
+        if getattr(self, "_topology_declared", False):
+            return
+        kombu.Exchange(DEAD_LETTER_EXCHANGE, type="direct", durable=True).bind(channel).declare()
+        delivery = kombu.Exchange(DELAY_DELIVERY_EXCHANGE, type="topic", durable=True)
+        delivery.bind(channel).declare()
+        # Always classic durable queues, whatever the app's queue type: the ladder is
+        # shared by every app on the vhost (a queue cannot be redeclared as another
+        # type), and RabbitMQ 3.10's quorum queues expire a message at the head only
+        # lazily, which stalled the ladder in tests; classic queues expire on time.
+        # Their dead-lettering is at-most-once: see the reliability guide.
+        quorum = False
+        for k in range(DELAY_LEVELS - 1, -1, -1):
+            exchange = kombu.Exchange(_level(k), type="topic", durable=True).bind(channel)
+            exchange.declare()
+            arguments: dict[str, Any] = {
+                "x-message-ttl": 2**k,
+                "x-dead-letter-exchange": _level(k - 1) if k else DELAY_DELIVERY_EXCHANGE,
+                "x-overflow": "reject-publish",
+            }
+            if quorum:
+                arguments["x-queue-type"] = "quorum"
+                arguments["x-dead-letter-strategy"] = "at-least-once"
+            prefix = "*." * (DELAY_LEVELS - 1 - k)
+            queue = kombu.Queue(
+                _level(k),
+                exchange=exchange,
+                routing_key=prefix + "1.#",
+                durable=True,
+                queue_arguments=arguments,
+            ).bind(channel)
+            queue.declare()
+            # A 0 bit passes the message on: to the next level, or out of the ladder.
+            onward = _level(k - 1) if k else DELAY_DELIVERY_EXCHANGE
+            kombu.Exchange(onward, type="topic", durable=True).bind(channel).declare()
+            channel.exchange_bind(destination=onward, source=_level(k), routing_key=prefix + "0.#")
+        self._topology_declared = True
+
+    def bind_queues(self, channel: Any, specs: Sequence[QueueSpec]) -> None:
+        for spec in specs:
+            if spec.name.endswith(DLQ_SUFFIX):
+                continue
+            channel.queue_bind(
+                queue=spec.name + DLQ_SUFFIX, exchange=DEAD_LETTER_EXCHANGE, routing_key=spec.name
+            )
+            channel.queue_bind(
+                queue=spec.name,
+                exchange=DELAY_DELIVERY_EXCHANGE,
+                routing_key="*." * DELAY_LEVELS + spec.name,
+            )
+
     def queue_arguments(self, spec: QueueSpec) -> dict[str, Any]:
         queue_type = spec.queue_type or self.queue_type
         args: dict[str, Any] = {}
+        if not spec.name.endswith(DLQ_SUFFIX):
+            # What the broker drops itself (TTL, overflow, delivery limit) lands
+            # in the queue's dead-letter queue, with the broker's x-death reason.
+            args["x-dead-letter-exchange"] = DEAD_LETTER_EXCHANGE
+            args["x-dead-letter-routing-key"] = spec.name
+            if queue_type == "quorum" and (
+                spec.max_length is None or spec.overflow == "reject-publish"
+            ):
+                args["x-dead-letter-strategy"] = "at-least-once"
+                args["x-overflow"] = "reject-publish"
         if queue_type == "quorum":
             args["x-queue-type"] = "quorum"
             if spec.max_priority is not None:

@@ -33,7 +33,19 @@ from ..exceptions import (
 if TYPE_CHECKING:
     from kombu.message import Message as KombuMessage
 
-__all__ = ["Consumer", "Delivery", "Envelope", "QueueSpec", "Transport", "translate_errors"]
+__all__ = [
+    "DLQ_SUFFIX",
+    "Consumer",
+    "Delivery",
+    "Envelope",
+    "QueueSpec",
+    "Transport",
+    "dead_letter_spec",
+    "translate_errors",
+]
+
+#: A queue's dead letters go to the queue of the same name with this suffix.
+DLQ_SUFFIX = ".dlq"
 
 logger = structlog.get_logger("mqtasks.transport")
 
@@ -66,6 +78,11 @@ class QueueSpec:
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
             raise ConfigurationError(f"Queue name {self.name!r} must be 1 to 200 characters.")
+        if any(c in self.name for c in "#* "):
+            raise ConfigurationError(
+                f"Queue name {self.name!r} may not contain '#', '*' or spaces "
+                "(they are routing-pattern characters)."
+            )
         if self.max_priority is not None and not 1 <= self.max_priority <= 255:
             raise ConfigurationError(f"Queue {self.name!r}: max_priority must be 1 to 255.")
         if self.message_ttl is not None and self.message_ttl <= 0:
@@ -76,6 +93,11 @@ class QueueSpec:
             raise ConfigurationError(
                 f"Queue {self.name!r}: overflow must be 'drop-head' or 'reject-publish'."
             )
+
+
+def dead_letter_spec(spec: QueueSpec) -> QueueSpec:
+    """Return the spec of ``spec``'s dead-letter queue: same type, no limits."""
+    return QueueSpec(spec.name + DLQ_SUFFIX, queue_type=spec.queue_type)
 
 
 @dataclass(frozen=True)
@@ -296,13 +318,22 @@ class Transport:
         todo = [s for s in specs if s.name not in self._declared]
         if not todo:
             return
-        queues = [self.kombu_queue(s) for s in todo]
+        dead = [dead_letter_spec(s) for s in todo if not s.name.endswith(DLQ_SUFFIX)]
+        queues = [self.kombu_queue(s) for s in [*todo, *dead]]
         with translate_errors(self.url, "declare queues"), self.connection() as conn:
             conn.ensure_connection(max_retries=self.publish_retries, timeout=self.publish_timeout)
             channel = conn.default_channel
+            self.declare_topology(channel)
             for q in queues:
                 q.bind(channel).declare()
-        self._declared.update(s.name for s in todo)
+            self.bind_queues(channel, todo)
+        self._declared.update(s.name for s in [*todo, *dead])
+
+    def declare_topology(self, channel: Any) -> None:
+        """Declare exchanges and queues shared by all queues (once per transport)."""
+
+    def bind_queues(self, channel: Any, specs: Sequence[QueueSpec]) -> None:
+        """Bind freshly declared queues to the shared topology."""
 
     def forget_declared(self) -> None:
         """Forget the declaration cache (after a queue was deleted behind our back)."""
@@ -310,13 +341,21 @@ class Transport:
 
     # -- publishing --------------------------------------------------------
 
-    def publish(self, queue: str, envelope: Envelope, *, timeout: float | None = None) -> None:
+    def publish(
+        self,
+        queue: str,
+        envelope: Envelope,
+        *,
+        timeout: float | None = None,
+        delay: float | None = None,
+    ) -> None:
         """Publish ``envelope`` to ``queue``; return once the broker has it.
 
         Args:
             queue: Destination queue (the routing key on the default exchange).
             envelope: What to send.
             timeout: Seconds to wait in all; the transport's ``publish_timeout`` by default.
+            delay: Seconds the broker holds the message before ``queue`` gets it.
 
         Raises:
             PublishError: The message was not enqueued (``Unroutable``, ``PublishNacked``
@@ -324,11 +363,12 @@ class Transport:
         """
         timeout = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        exchange, routing_key = self.route(queue, delay)
         pool = self._pool()
         try:
             with pool.acquire(block=True, timeout=timeout) as producer:
                 self._local.returned = None
-                self._publish(producer, queue, envelope, deadline)
+                self._publish(producer, exchange, routing_key, envelope, deadline)
                 returned = self._local.returned
         except PublishError:
             raise
@@ -347,8 +387,26 @@ class Transport:
         if returned is not None:
             self._raise_returned(queue, envelope, returned)
 
+    def route(self, queue: str, delay: float | None) -> tuple[str, str]:
+        """Return ``(exchange, routing_key)`` that reaches ``queue`` after ``delay`` seconds.
+
+        Raises:
+            ConfigurationError: The transport cannot hold messages for a delay.
+        """
+        if delay:
+            raise ConfigurationError(
+                f"{type(self).__name__} cannot hold a message for a delay; "
+                "delays (countdown, retries) need amqp:// or memory:// in this release."
+            )
+        return "", queue
+
     def _publish(
-        self, producer: kombu.Producer, queue: str, envelope: Envelope, deadline: float
+        self,
+        producer: kombu.Producer,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope,
+        deadline: float,
     ) -> None:
         remaining = max(0.05, deadline - time.monotonic())
         policy = {
@@ -359,8 +417,8 @@ class Transport:
         }
         producer.publish(
             envelope.body,
-            exchange="",
-            routing_key=queue,
+            exchange=exchange,
+            routing_key=routing_key,
             headers=dict(envelope.headers),
             content_type=envelope.content_type,
             content_encoding=envelope.content_encoding,
@@ -445,6 +503,14 @@ class Transport:
                     raise
                 counts[spec.name] = int(count or 0)
         return counts
+
+    def delayed_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
+        """Return, per queue, how many messages the broker holds for a delay.
+
+        Transports that cannot tell per queue (RabbitMQ's delay queues are shared)
+        return an empty mapping.
+        """
+        return {}
 
     def purge(self, specs: Sequence[QueueSpec]) -> int:
         """Remove all ready messages from the queues; return how many."""

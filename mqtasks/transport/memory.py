@@ -8,6 +8,10 @@ messages, and :meth:`MemoryTransport.reset` empties it.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -17,7 +21,7 @@ from kombu.transport import memory as kombu_memory
 from kombu.transport.virtual import BrokerState
 
 from ._guard import GuardedVirtualMessage
-from .base import QueueSpec, Transport
+from .base import Envelope, QueueSpec, Transport
 
 __all__ = ["MemoryTransport"]
 
@@ -31,6 +35,10 @@ class MemoryTransport(Transport):
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self._queues: dict[str, Any] = {}
+        self._due: list[tuple[float, int, str, Envelope]] = []
+        self._due_ready = threading.Condition()
+        self._seq = itertools.count()
+        self._scheduler: threading.Thread | None = None
         channel = type(
             "MemoryChannel",
             (kombu_memory.Channel,),
@@ -47,6 +55,55 @@ class MemoryTransport(Transport):
             (kombu_memory.Transport,),
             {"Channel": channel, "global_state": BrokerState()},
         )
+
+    def publish(
+        self,
+        queue: str,
+        envelope: Envelope,
+        *,
+        timeout: float | None = None,
+        delay: float | None = None,
+    ) -> None:
+        """Publish now, or hand the message to this broker's scheduler for ``delay`` s.
+
+        The scheduler thread belongs to the transport (the "broker"), not to a
+        worker: a delayed message is never held by a worker thread.
+        """
+        if not delay or delay <= 0:
+            super().publish(queue, envelope, timeout=timeout)
+            return
+        with self._due_ready:
+            heapq.heappush(self._due, (time.monotonic() + delay, next(self._seq), queue, envelope))
+            if self._scheduler is None:
+                self._scheduler = threading.Thread(
+                    target=self._schedule, name="mqtasks-memory-delays", daemon=True
+                )
+                self._scheduler.start()
+            self._due_ready.notify()
+
+    def _schedule(self) -> None:
+        while True:
+            with self._due_ready:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    wait = self._due[0][0] - time.monotonic() if self._due else None
+                    self._due_ready.wait(wait)
+                _, _, queue, envelope = heapq.heappop(self._due)
+            super().publish(queue, envelope)
+
+    def purge(self, specs: Sequence[QueueSpec]) -> int:
+        """Remove ready and delayed messages of the queues; return how many."""
+        names = {s.name for s in specs}
+        with self._due_ready:
+            kept = [item for item in self._due if item[2] not in names]
+            removed = len(self._due) - len(kept)
+            self._due[:] = kept
+            heapq.heapify(self._due)
+        return removed + super().purge(specs)
+
+    def delayed_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
+        with self._due_ready:
+            names = [q for _, _, q, _ in self._due]
+        return {s.name: names.count(s.name) for s in specs}
 
     def connection(self, *, heartbeat: float = 0) -> kombu.Connection:
         # kombu warns about memory:// URLs without a host; the host means nothing here.
@@ -75,3 +132,5 @@ class MemoryTransport(Transport):
                 q.queue.clear()
         self._queues.clear()
         self._declared.clear()
+        with self._due_ready:
+            self._due.clear()

@@ -55,14 +55,16 @@ class RedisTransport(Transport):
         options.update(self.transport_options)
         return options
 
-    def _publish(self, producer: Any, queue: str, envelope: Envelope, deadline: float) -> None:
+    def _publish(
+        self, producer: Any, exchange: str, routing_key: str, envelope: Envelope, deadline: float
+    ) -> None:
         # kombu's Redis transport serves priority 0 first and 9 last, the reverse
         # of RabbitMQ, and files a message without priority under 0 (first of
         # all). Map to RabbitMQ's meaning so that swapping brokers keeps the
         # order: higher runs first; no priority counts as the lowest.
         priority = envelope.priority or 0
         envelope = dataclasses.replace(envelope, priority=9 - min(priority, 9))
-        super()._publish(producer, queue, envelope, deadline)
+        super()._publish(producer, exchange, routing_key, envelope, deadline)
 
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         # A Redis queue is a list that vanishes when empty, so a passive declare

@@ -16,6 +16,8 @@ touches a single slot:
 * ``{p}:proc:<consumer>:<i>``: in flight for one consumer, one list per source queue.
 * ``{p}:alive:<consumer>``: liveness key with a TTL, refreshed by the consumer's I/O loop.
 * ``{p}:consumers``: hash consumer id -> JSON list of its source queue keys.
+* ``{p}:delayed:<queue>``: sorted set of elements held for a delay, scored by
+  their due time (ms since the epoch on Redis' clock).
 
 Fetching: one Lua call settles the acks/rejects/requeues collected since the last
 call and moves up to the free prefetch window (LMOVE per message) into the
@@ -28,6 +30,18 @@ and 2; Streams XREADGROUP + XACK + XDEL 22.7 us and 0.375. Streams were not
 chosen: XREADGROUP's COUNT applies per stream (a prefetch bound over several
 queues cannot hold), a message cannot go back to the head of a stream, and
 pending entries of a dead consumer are recovered only by claiming.
+
+Delays (countdowns, retries): a delayed publish is one script that adds the
+element to the queue's delayed set at Redis' ``TIME`` plus the delay, so client
+clocks do not matter. Every consumer of the queue runs a second script from its
+I/O loop, every ``delay_poll_interval`` (0.1 s, jittered) and exactly when the
+earliest held element falls due (the script returns how long until then, and
+the consumer's ``select()`` sleeps no longer): it moves due elements, earliest
+first, to the tail of the ready list in the same atomic step. Whichever
+consumer runs it first moves them; one that dies mid-move loses nothing. A
+short delay never waits behind a long one, and held messages are in Redis
+only: they survive worker restarts and no worker holds them in memory. A queue
+with no consumer keeps its due messages held until one starts.
 
 Element format: one flag byte (``n`` new, ``r`` redelivered), a compact JSON
 object (message id, headers, content type and encoding, priority), a newline,
@@ -42,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import select
@@ -63,7 +78,7 @@ from redis.retry import Retry
 from .._url import mask_url
 from ..exceptions import ConfigurationError, PublishError, TransportError
 from ._guard import strip_compression
-from ._redis_scripts import BEAT, RESTORE, SETTLE_FETCH
+from ._redis_scripts import BEAT, DELAY, PROMOTE, RESTORE, SETTLE_FETCH
 from .base import Consumer, Delivery, Envelope, QueueSpec, Transport, translate_errors
 from .redis import redis_warnings
 
@@ -80,7 +95,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 _PIPELINE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, redis.RedisError)
 
-_OPTIONS = ("key_prefix", "liveness_ttl", "sweep_interval", "block_timeout")
+_OPTIONS = ("key_prefix", "liveness_ttl", "sweep_interval", "block_timeout", "delay_poll_interval")
 
 
 def encode_element(envelope: Envelope) -> bytes:
@@ -195,6 +210,10 @@ class ReliableRedisConsumer(Consumer):
             _Source(i, s.name, transport.queue_key(s.name)) for i, s in enumerate(specs)
         ]
         self._sources_json = json.dumps([s.key for s in self._sources])
+        self._promote_keys = [transport.delayed_key(s.name) for s in specs] + [
+            s.key for s in self._sources
+        ]
+        self._next_promote = 0.0
         self._held: dict[int, ReliableRedisDelivery] = {}
         self._pending: list[tuple[str, str, str, bytes]] = []  # action, proc, source, element
         self._dead_conn_ids: set[int] = set()
@@ -205,6 +224,7 @@ class ReliableRedisConsumer(Consumer):
         self._settle_fetch: Any = None
         self._beat_script: Any = None
         self._restore: Any = None
+        self._promote: Any = None
 
     # -- connection --------------------------------------------------------
 
@@ -231,6 +251,7 @@ class ReliableRedisConsumer(Consumer):
         self._settle_fetch = client.register_script(SETTLE_FETCH)
         self._beat_script = client.register_script(BEAT)
         self._restore = client.register_script(RESTORE)
+        self._promote = client.register_script(PROMOTE)
         self._client = client
         try:
             self._kill_dead_connections()
@@ -377,6 +398,17 @@ class ReliableRedisConsumer(Consumer):
         if now >= self._next_sweep:
             self._sweep()
 
+    def _promote_due(self) -> None:
+        """Move due delayed messages to their ready lists (when a check is due)."""
+        if time.monotonic() < self._next_promote:
+            return
+        assert self._client is not None
+        _, wait_ms = self._promote(keys=self._promote_keys, args=[self.rt.promote_batch])
+        after = self.rt.delay_poll_interval * random.uniform(0.8, 1.0)
+        if wait_ms >= 0:
+            after = min(after, wait_ms / 1000)
+        self._next_promote = time.monotonic() + after
+
     def wait(self, timeout: float, wake_fd: int) -> None:
         """Settle, fetch what is ready, else sleep until a message, a wake-up or ``timeout``."""
         if self._client is None:
@@ -390,13 +422,15 @@ class ReliableRedisConsumer(Consumer):
             return
         try:
             self._housekeeping()
+            self._promote_due()
             if self._fetch():
                 return
             blocked = self._block()
             fds: list[Any] = [s.conn._sock for s in blocked]
             if wake_fd >= 0:
                 fds.append(wake_fd)
-            wait_for = max(0.0, min(timeout, self._next_beat - time.monotonic()))
+            now = time.monotonic()
+            wait_for = max(0.0, min(timeout, self._next_beat - now, self._next_promote - now))
             ready = [s for s in blocked if _buffered(s.conn)]
             if not ready:
                 if fds:
@@ -570,7 +604,9 @@ class ReliableRedisTransport(Transport):
     stock Redis transport instead). Options
     (``transport_options``): ``key_prefix`` (``{mqtasks}``), ``liveness_ttl``
     (10 s: how long a silent consumer keeps its messages), ``sweep_interval``
-    (5 s), ``block_timeout`` (5 s: server-side BLMOVE timeout).
+    (5 s), ``block_timeout`` (5 s: server-side BLMOVE timeout),
+    ``delay_poll_interval`` (0.1 s: how often a consumer looks for newly due
+    delayed messages; a delay shorter than this may be late by up to it).
 
     Redis has no publisher confirms: a publish returns when Redis has executed
     the LPUSH. Messages of the kombu-based ``redis+kombu://`` transport live in other
@@ -592,18 +628,33 @@ class ReliableRedisTransport(Transport):
         self.liveness_ttl = float(opts.get("liveness_ttl", 10.0))
         self.sweep_interval = float(opts.get("sweep_interval", 5.0))
         self.block_timeout = float(opts.get("block_timeout", 5.0))
-        if self.liveness_ttl < 1 or self.sweep_interval <= 0 or self.block_timeout <= 0:
+        self.delay_poll_interval = float(opts.get("delay_poll_interval", 0.1))
+        if (
+            self.liveness_ttl < 1
+            or self.sweep_interval <= 0
+            or self.block_timeout <= 0
+            or not 0 < self.delay_poll_interval <= 60
+        ):
             raise ConfigurationError(
-                "liveness_ttl must be at least 1 s; sweep_interval and block_timeout positive."
+                "liveness_ttl must be at least 1 s; sweep_interval and block_timeout positive; "
+                "delay_poll_interval above 0 and at most 60 s."
             )
         parts = urlsplit(url)
         self.redis_url = urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
         self.registry_key = f"{self.key_prefix}:consumers"
         self._publisher: redis.Redis[bytes] | None = None
+        self._delay_script: Any = None
+
+    #: Most delayed messages one consumer moves per queue in one script call.
+    promote_batch: ClassVar[int] = 500
 
     def queue_key(self, queue: str) -> str:
         """The ready list of ``queue``."""
         return f"{self.key_prefix}:q:{queue}"
+
+    def delayed_key(self, queue: str) -> str:
+        """The sorted set of ``queue``'s messages held for a delay."""
+        return f"{self.key_prefix}:delayed:{queue}"
 
     def alive_key(self, consumer_id: str) -> str:
         """The liveness key of a consumer."""
@@ -646,6 +697,7 @@ class ReliableRedisTransport(Transport):
         """Close the publishing connections."""
         with self._lock:
             publisher, self._publisher = self._publisher, None
+            self._delay_script = None
             self._declared.clear()
         if publisher is not None:
             publisher.close()
@@ -679,54 +731,85 @@ class ReliableRedisTransport(Transport):
         self._declared.update(s.name for s in specs)
 
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
-        """Return the number of ready messages per queue (an absent queue is empty)."""
+        """Return the number of ready messages per queue (an absent queue is empty).
+
+        Messages held for a delay are not ready: see :meth:`delayed_counts`.
+        """
         with translate_errors(self.url, "count messages"):
             pipe = self.publisher().pipeline(transaction=False)
             for spec in specs:
                 pipe.llen(self.queue_key(spec.name))
             return {s.name: int(n) for s, n in zip(specs, pipe.execute(), strict=True)}
 
+    def delayed_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
+        """Return, per queue, how many messages Redis holds for a delay (due or not)."""
+        with translate_errors(self.url, "count delayed messages"):
+            pipe = self.publisher().pipeline(transaction=False)
+            for spec in specs:
+                pipe.zcard(self.delayed_key(spec.name))
+            return {s.name: int(n) for s, n in zip(specs, pipe.execute(), strict=True)}
+
     def purge(self, specs: Sequence[QueueSpec]) -> int:
-        """Remove all ready messages from the queues; return how many."""
+        """Remove all ready and delayed messages from the queues; return how many."""
         with translate_errors(self.url, "purge"):
             pipe = self.publisher().pipeline(transaction=True)
             for spec in specs:
                 pipe.llen(self.queue_key(spec.name))
-                pipe.delete(self.queue_key(spec.name))
-            return sum(int(n) for n in pipe.execute()[::2])
+                pipe.zcard(self.delayed_key(spec.name))
+                pipe.delete(self.queue_key(spec.name), self.delayed_key(spec.name))
+            replies = pipe.execute()
+            return sum(int(replies[i]) + int(replies[i + 1]) for i in range(0, len(replies), 3))
 
     def delete(self, specs: Sequence[QueueSpec]) -> None:
-        """Delete queues (their ready messages; in-flight ones return to a new list)."""
+        """Delete queues (their ready and delayed messages; in-flight ones return to a new list)."""
         if not specs:
             return
+        keys = [k for s in specs for k in (self.queue_key(s.name), self.delayed_key(s.name))]
         with translate_errors(self.url, "delete queues"):
-            self.publisher().delete(*[self.queue_key(s.name) for s in specs])
+            self.publisher().delete(*keys)
         self._declared.difference_update(s.name for s in specs)
 
     # -- publishing --------------------------------------------------------
 
-    def publish(self, queue: str, envelope: Envelope, *, timeout: float | None = None) -> None:
-        """LPUSH ``envelope`` to ``queue``; return once Redis executed it.
+    def publish(
+        self,
+        queue: str,
+        envelope: Envelope,
+        *,
+        timeout: float | None = None,
+        delay: float | None = None,
+    ) -> None:
+        """LPUSH ``envelope`` to ``queue``, or hold it in Redis for ``delay`` seconds;
+        return once Redis executed it.
+
+        Args:
+            queue: Destination queue.
+            envelope: What to send.
+            timeout: Seconds to wait in all; ``publish_timeout`` by default.
+            delay: Seconds Redis holds the message (timed on Redis' clock) before
+                it joins ``queue``; None or <= 0: now. Publishing an identical
+                envelope again while it is held stores it once, at its first due time.
 
         Raises:
             PublishError: Redis did not take it within ``timeout`` (it may still
-                have, if the reply was lost: publish again with the same id).
+                have, if the reply was lost: publish again with the same id), or
+                ``delay`` is not a finite number.
         """
         timeout = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         element = self._encode(queue, envelope)
-        key = self.queue_key(queue)
-        delay = 0.05
+        delay_ms = self._delay_ms(queue, envelope, delay)
+        backoff = 0.05
         for attempt in range(self.publish_retries + 1):
             try:
-                self.publisher().lpush(key, element)
+                self._send(self.publisher(), queue, element, delay_ms)
                 return
             except CONNECTION_ERRORS as exc:
                 last: BaseException = exc
-                if attempt == self.publish_retries or time.monotonic() + delay >= deadline:
+                if attempt == self.publish_retries or time.monotonic() + backoff >= deadline:
                     break
-                time.sleep(delay)
-                delay = min(delay * 4, 2.0)
+                time.sleep(backoff)
+                backoff = min(backoff * 4, 2.0)
             except redis.RedisError as exc:  # OOM under noeviction, a wrong key type, ACLs
                 last = exc
                 break
@@ -740,23 +823,37 @@ class ReliableRedisTransport(Transport):
     chunk: ClassVar[int] = 500
 
     def publish_many(
-        self, items: Sequence[tuple[str, Envelope]], *, timeout: float | None = None
+        self,
+        items: Sequence[tuple[str, Envelope]],
+        *,
+        timeout: float | None = None,
+        delays: Sequence[float | None] | None = None,
     ) -> list[BaseException | None]:
         """LPUSH many messages, pipelined in chunks; return None or the error per item.
 
         A chunk cut off by a connection error reports every message in it as
         failed, though some may be enqueued; they are not sent again, to avoid
         duplicating a whole chunk.
+
+        Args:
+            items: ``(queue, envelope)`` pairs.
+            timeout: Unused: the publishing client's socket timeout bounds each chunk.
+            delays: Per item, seconds Redis holds it (as :meth:`publish`'s ``delay``).
         """
+        if delays is not None and len(delays) != len(items):
+            raise ValueError(f"{len(delays)} delays for {len(items)} items")
         results: list[BaseException | None] = [None] * len(items)
         for start in range(0, len(items), self.chunk):
             batch = items[start : start + self.chunk]
             pipe = self.publisher().pipeline(transaction=False)
             for i, (queue, envelope) in enumerate(batch, start):
                 try:
-                    pipe.lpush(self.queue_key(queue), self._encode(queue, envelope))
+                    element = self._encode(queue, envelope)
+                    delay_ms = self._delay_ms(queue, envelope, delays[i] if delays else None)
                 except PublishError as exc:
                     results[i] = exc
+                    continue
+                self._send(pipe, queue, element, delay_ms)
             try:
                 replies = iter(pipe.execute(raise_on_error=False))
             except _PIPELINE_ERRORS as exc:
@@ -779,6 +876,33 @@ class ReliableRedisTransport(Transport):
                         task_id=envelope.message_id,
                     )
         return results
+
+    def _send(self, client: Any, queue: str, element: bytes, delay_ms: str | None) -> None:
+        """LPUSH ``element``, or add it to the delayed set (on a client or a pipeline)."""
+        if delay_ms is None:
+            client.lpush(self.queue_key(queue), element)
+        else:
+            self._delayer()(keys=[self.delayed_key(queue)], args=[delay_ms, element], client=client)
+
+    def _delayer(self) -> Any:
+        """The delayed-publish script (registered once per publishing client)."""
+        script = self._delay_script
+        if script is None:
+            script = self._delay_script = self.publisher().register_script(DELAY)
+        return script
+
+    @staticmethod
+    def _delay_ms(queue: str, envelope: Envelope, delay: float | None) -> str | None:
+        """``delay`` in milliseconds for the delay script; None to publish now."""
+        if delay is None:
+            return None
+        if not math.isfinite(delay):
+            raise PublishError(
+                f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
+                f"the delay must be a finite number of seconds, not {delay!r}.",
+                task_id=envelope.message_id,
+            )
+        return None if delay <= 0 else repr(float(delay) * 1000)
 
     @staticmethod
     def _encode(queue: str, envelope: Envelope) -> bytes:

@@ -85,7 +85,7 @@ def test_each_task_runs_once_and_is_acked(app: App) -> None:
 def test_task_exception_is_logged_acked_and_the_queue_flows_on(app: App) -> None:
     done: list[int] = []
 
-    @app.task
+    @app.task(max_retries=0)
     def maybe_fail(n: int) -> None:
         if n == 0:
             raise RuntimeError("boom")

@@ -110,7 +110,7 @@ def test_publishing_reuses_pooled_connections(kind: str, make_app) -> None:
     after = own_local_ports(port)
     # No connection was opened (nor closed) for any of the 200 messages.
     assert after == before
-    assert 1 <= len(after) <= 3
+    assert len(after) >= 1
 
 
 def test_worker_warns_when_redis_would_lose_tasks(redis_url, make_app) -> None:

@@ -52,13 +52,21 @@ def test_quorum_queues_refuse_priorities_with_a_way_out() -> None:
 def test_amqp_queue_arguments() -> None:
     t = AmqpTransport("amqp://127.0.0.1//")
     spec = QueueSpec("q", queue_type="classic", max_priority=9, message_ttl=1.5, max_length=10)
+    dead_letters = {"x-dead-letter-exchange": "mqtasks.dlx", "x-dead-letter-routing-key": "q"}
     assert t.queue_arguments(spec) == {
+        **dead_letters,
         "x-max-priority": 9,
         "x-message-ttl": 1500,
         "x-max-length": 10,
         "x-overflow": "reject-publish",
     }
-    assert t.queue_arguments(QueueSpec("q")) == {"x-queue-type": "quorum"}
+    assert t.queue_arguments(QueueSpec("q")) == {
+        **dead_letters,
+        "x-queue-type": "quorum",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    assert "x-dead-letter-exchange" not in t.queue_arguments(QueueSpec("q.dlq"))
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis+kombu://h:1/0", "memory://"])

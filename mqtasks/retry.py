@@ -1,0 +1,105 @@
+"""RetryPolicy: whether and when a failed task runs again, in tenacity's vocabulary.
+
+tenacity decides (its ``wait_*``, ``stop_*`` and ``retry_if_*`` strategies); the
+attempt count comes from the message, not from a loop in the worker, because the
+next attempt is a new message the broker holds until it is due.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import tenacity
+
+__all__ = ["DEFAULT_BACKOFF", "DEFAULT_MAX_RETRIES", "Backoff", "RetryPolicy"]
+
+#: A tenacity wait strategy (called with a ``RetryCallState``), or fixed seconds.
+Backoff: TypeAlias = Callable[[tenacity.RetryCallState], float] | float | int
+
+#: Retries after the first attempt when a task names none (Celery's default).
+DEFAULT_MAX_RETRIES = 3
+
+#: Exponential backoff with jitter: about 1 s, 2 s, 4 s ... capped at 5 minutes.
+DEFAULT_BACKOFF: Callable[[tenacity.RetryCallState], float] = tenacity.wait_exponential_jitter(
+    initial=1, max=300
+)
+
+
+class RetryPolicy:
+    """When a failed attempt is retried, and after how long.
+
+    Attempts = ``max_retries`` + 1, exactly.
+
+    Args:
+        max_retries: Retries after the first attempt; 0 never retries.
+        backoff: A tenacity wait strategy (``tenacity.wait_fixed(0.3)``,
+            ``tenacity.wait_exponential_jitter(initial=1, max=300)``) or seconds.
+        retry_on: Exception types that are retried (all by default).
+        dont_retry_on: Exception types never retried, even if listed in ``retry_on``.
+
+    Example::
+
+        RetryPolicy(max_retries=5, backoff=tenacity.wait_exponential(multiplier=0.2))
+    """
+
+    def __init__(
+        self,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        backoff: Backoff | None = None,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        dont_retry_on: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError("max_retries cannot be negative")
+        self.max_retries = max_retries
+        if backoff is None:
+            backoff = DEFAULT_BACKOFF
+        self.backoff: Callable[[tenacity.RetryCallState], float] = (
+            tenacity.wait_fixed(float(backoff)) if isinstance(backoff, (int, float)) else backoff
+        )
+        self.retry_on = tuple(retry_on)
+        self.dont_retry_on = tuple(dont_retry_on)
+        self._stop = tenacity.stop_after_attempt(max_retries + 1)
+        self._retry = tenacity.retry_if_exception_type(
+            self.retry_on
+        ) & tenacity.retry_if_not_exception_type(self.dont_retry_on)
+
+    def __repr__(self) -> str:
+        return f"RetryPolicy(max_retries={self.max_retries}, backoff={self.backoff!r})"
+
+    def replace(self, **changes: Any) -> RetryPolicy:
+        """Return a copy with some arguments changed (``None`` keeps the current one)."""
+        args: dict[str, Any] = {
+            "max_retries": self.max_retries,
+            "backoff": self.backoff,
+            "retry_on": self.retry_on,
+            "dont_retry_on": self.dont_retry_on,
+        }
+        args.update({k: v for k, v in changes.items() if v is not None})
+        return RetryPolicy(**args)
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is an exception this policy retries at all."""
+        return bool(self._retry(self._state(1, exc)))
+
+    def next_delay(self, attempt: int, exc: BaseException) -> float | None:
+        """Return seconds to wait before the next attempt, or None to give up.
+
+        Args:
+            attempt: Attempts made so far, starting at 1.
+            exc: The exception the last attempt raised.
+        """
+        state = self._state(attempt, exc)
+        if not self._retry(state) or self._stop(state):
+            return None
+        return max(0.0, float(self.backoff(state)))
+
+    @staticmethod
+    def _state(attempt: int, exc: BaseException) -> tenacity.RetryCallState:
+        # tenacity's strategies read the attempt number and the outcome from a
+        # call state; build one for the attempt the message says it was.
+        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        state.outcome = tenacity.Future.construct(attempt, exc, True)
+        return state
