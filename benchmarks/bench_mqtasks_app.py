@@ -6,8 +6,9 @@ the broker and queue come from the environment (set by the suite):
 * ``BENCH_BROKER_URL``, ``BENCH_QUEUE``;
 * ``BENCH_CONFIRM`` = ``0`` turns RabbitMQ publisher confirms off (only the publishing
   side cares; the worker does not publish);
-* ``BENCH_KEYPREFIX``: on Redis, kombu's ``global_keyprefix``, so that every key of the run
-  (queue, unacked hash, bindings) carries the run's prefix and is swept at the end.
+* ``BENCH_KEYPREFIX``: on Redis, the transport's key prefix (``key_prefix`` of mqtasks'
+  ``redis://``, kombu's ``global_keyprefix`` on ``redis+kombu://``), so that every key
+  of the run carries the run's prefix and is swept at the end.
 
 Everything else is mqtasks' defaults: quorum queues, acks after the task, confirms on.
 """
@@ -29,8 +30,10 @@ def make_app(
     options: dict[str, Any] = {}
     if not confirm:
         options["confirm_publish"] = False
-    if keyprefix and url.startswith("redis"):
+    if keyprefix and url.startswith("redis+kombu"):
         options["global_keyprefix"] = keyprefix
+    elif keyprefix and url.startswith("redis"):
+        options["key_prefix"] = keyprefix.rstrip(":")  # mqtasks' own Redis transport
     app = App("bench", broker=url, default_queue=queue, transport_options=options)
 
     @app.task(name="bench.noop")
