@@ -399,6 +399,13 @@ class AmqpTransport(Transport):
                 )
         elif spec.max_priority is not None:
             args["x-max-priority"] = spec.max_priority
+        if spec.delivery_limit is not None:
+            if queue_type != "quorum":
+                raise ConfigurationError(
+                    f"Queue {spec.name!r}: delivery_limit needs queue_type='quorum' "
+                    "(RabbitMQ counts deliveries only on quorum queues)."
+                )
+            args["x-delivery-limit"] = spec.delivery_limit
         if spec.message_ttl is not None:
             args["x-message-ttl"] = int(spec.message_ttl * 1000)
         if spec.max_length is not None:

@@ -66,6 +66,10 @@ class QueueSpec:
         message_ttl: Seconds a message may wait in the queue before the broker drops it.
         max_length: Most ready messages the queue holds.
         overflow: What happens past ``max_length``.
+        delivery_limit: Deliveries after which a message that keeps coming back
+            (its worker crashed, was killed, lost its connection) is dead-lettered
+            with reason ``delivery_limit`` instead of looping forever. RabbitMQ
+            quorum queues (``x-delivery-limit``) in this release.
     """
 
     name: str
@@ -74,6 +78,7 @@ class QueueSpec:
     message_ttl: float | None = None
     max_length: int | None = None
     overflow: Overflow = "reject-publish"
+    delivery_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
@@ -89,6 +94,8 @@ class QueueSpec:
             raise ConfigurationError(f"Queue {self.name!r}: message_ttl must be positive seconds.")
         if self.max_length is not None and self.max_length < 1:
             raise ConfigurationError(f"Queue {self.name!r}: max_length must be at least 1.")
+        if self.delivery_limit is not None and self.delivery_limit < 1:
+            raise ConfigurationError(f"Queue {self.name!r}: delivery_limit must be at least 1.")
         if self.overflow not in ("drop-head", "reject-publish"):
             raise ConfigurationError(
                 f"Queue {self.name!r}: overflow must be 'drop-head' or 'reject-publish'."
@@ -287,6 +294,11 @@ class Transport:
         Raises:
             ConfigurationError: The broker cannot honour an option of ``spec``.
         """
+        if spec.delivery_limit is not None:
+            raise ConfigurationError(
+                f"Queue {spec.name!r}: delivery_limit needs a RabbitMQ quorum queue in this "
+                f"release; {self.schemes[0]}:// does not count deliveries yet."
+            )
         if spec.max_length is not None or spec.message_ttl is not None:
             raise ConfigurationError(
                 f"Queue {spec.name!r}: max_length and message_ttl need a broker that enforces "
