@@ -8,6 +8,7 @@ from typing import Any, TypeVar, overload
 
 import structlog
 
+from . import dlq
 from .config import Settings, mask_url
 from .exceptions import (
     BulkPublishError,
@@ -131,6 +132,38 @@ class App:
     def declare(self, queues: Sequence[str] | None = None) -> None:
         """Declare queues on the broker (all task queues by default)."""
         self.transport.declare([self.queue(q) for q in (queues or self.task_queues())])
+
+    # -- dead letters --------------------------------------------------------------
+
+    def dead_letters(
+        self, queue: str | None = None, limit: int | None = 100
+    ) -> list[dlq.DeadLetter]:
+        """Return up to ``limit`` dead-letter entries of ``queue`` (the default queue), oldest first.
+
+        Non-destructive; see :func:`mqtasks.dlq.list_dead_letters`.
+        """
+        return dlq.list_dead_letters(self, queue or self.settings.default_queue, limit=limit)
+
+    def replay_dead_letters(
+        self,
+        queue: str | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        task: str | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """Send dead letters of ``queue`` back as first attempts; return how many.
+
+        Each is removed from the dead-letter queue only after the broker confirmed
+        its republish; see :func:`mqtasks.dlq.replay_dead_letters`.
+        """
+        return dlq.replay_dead_letters(
+            self, queue or self.settings.default_queue, ids=ids, task=task, limit=limit
+        )
+
+    def purge_dead_letters(self, queue: str | None = None) -> int:
+        """Delete every dead letter of ``queue``; return how many were deleted."""
+        return dlq.purge_dead_letters(self, queue or self.settings.default_queue)
 
     def close(self) -> None:
         """Close the app's broker connections."""

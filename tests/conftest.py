@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from mqtasks import App
+from mqtasks.transport.base import DLQ_SUFFIX
 from mqtasks.testing import reset
 
 #: The local RabbitMQ used by integration tests.
@@ -106,6 +107,8 @@ def cleanup(app: App) -> None:
     """Delete every queue the app used (its tasks' and configured ones), then reset it."""
     names = set(app.task_queues()) | set(app.queues) | set(app.transport._declared)
     names = {n for n in names if n.startswith(f"mqt-{RUN_ID}")}
+    # Dead-letter queues too: a transport may create them without declaring them.
+    names |= {n + DLQ_SUFFIX for n in names if not n.endswith(DLQ_SUFFIX)}
     if names and not app.settings.broker_url.startswith("memory"):
         try:
             app.transport.delete([app.queue(n) for n in names])

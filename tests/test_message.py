@@ -73,7 +73,13 @@ def test_round_trip_through_the_envelope() -> None:
 
 def test_decoded_delivery_fields() -> None:
     m = Message.from_delivery(delivery(), max_size=LIMIT)
-    assert (m.id, m.task, m.queue, m.args, dict(m.kwargs)) == ("id-1", "t.add", "work", (1, 2), {"z": 3})
+    assert (m.id, m.task, m.queue, m.args, dict(m.kwargs)) == (
+        "id-1",
+        "t.add",
+        "work",
+        (1, 2),
+        {"z": 3},
+    )
     assert m.attempt == 1 and m.priority == 4 and m.redelivered
 
 

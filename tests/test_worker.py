@@ -78,8 +78,14 @@ class Recorder(Middleware):
     def before_process(self, worker: Worker, message: Message) -> None:
         self.calls.append(f"{self.name}.before_process:{sorted(message.headers)}")
 
-    def after_process(self, worker: Worker, message: Message, *, result: Any = None,
-                      exception: BaseException | None = None) -> None:
+    def after_process(
+        self,
+        worker: Worker,
+        message: Message,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
         self.calls.append(f"{self.name}.after_process:{result}")
 
 
