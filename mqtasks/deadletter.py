@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._url import redact
 from .message import HEADER_ATTEMPT, HEADER_FIRST_FAILED_AT, Message
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def dead_letter_envelope(
 
     headers: dict[str, Any] = {str(k): _plain(v) for k, v in dict(delivery.headers).items()}
     headers[HEADER_DEATH_REASON] = reason
-    headers[HEADER_DEATH_DETAIL] = detail[:MAX_DETAIL]
+    headers[HEADER_DEATH_DETAIL] = redact(detail)[:MAX_DETAIL]
     headers[HEADER_DEATH_FAILED_AT] = time.time()
     headers[HEADER_DEATH_WORKER] = worker
     headers[HEADER_DEATH_QUEUE] = delivery.queue
@@ -83,8 +84,11 @@ def dead_letter_envelope(
         if message.first_failed_at is not None:
             headers[HEADER_FIRST_FAILED_AT] = message.first_failed_at.timestamp()
     if exc is not None:
-        headers[HEADER_DEATH_EXCEPTION] = f"{type(exc).__name__}: {exc}"[:MAX_DETAIL]
-        headers[HEADER_DEATH_TRACEBACK] = "".join(traceback.format_exception(exc))[-MAX_TRACEBACK:]
+        # Exception texts may quote a broker URL: passwords are masked (redact).
+        headers[HEADER_DEATH_EXCEPTION] = redact(f"{type(exc).__name__}: {exc}")[:MAX_DETAIL]
+        headers[HEADER_DEATH_TRACEBACK] = redact("".join(traceback.format_exception(exc)))[
+            -MAX_TRACEBACK:
+        ]
     return Envelope(
         body=delivery.body,
         message_id=delivery.message_id or f"no-id-{time.time_ns()}",
@@ -103,4 +107,7 @@ def _plain(value: Any, depth: int = 0) -> Any:
         return {str(k): _plain(v, depth + 1) for k, v in value.items()}
     if depth < 4 and isinstance(value, (list, tuple)):
         return [_plain(v, depth + 1) for v in value[:32]]
+    if isinstance(value, (Mapping, list, tuple)):
+        # str() of a hostile, deeply nested value would exhaust the stack.
+        return f"<{type(value).__name__} of {len(value)} items, nested too deep to keep>"
     return str(value)[:MAX_DETAIL]

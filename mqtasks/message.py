@@ -34,6 +34,8 @@ __all__ = [
     "HEADER_TASK",
     "MAX_ATTEMPT",
     "MAX_HEADERS",
+    "MAX_HEADER_DEPTH",
+    "MAX_HEADER_ITEMS",
     "MAX_HEADER_VALUE",
     "MAX_NAME_LENGTH",
     "PROTOCOL_VERSION",
@@ -162,7 +164,8 @@ class Message:
             DecodeError: With the reason code the worker logs (and dead-letters with).
         """
         if delivery.refused:
-            raise DecodeError(delivery.refused, "compressed bodies are not accepted")
+            detail = _REFUSALS.get(delivery.refused, "refused by the transport")
+            raise DecodeError(delivery.refused, detail)
         if len(delivery.body) > max_size:
             raise DecodeError("too_large", f"body of {len(delivery.body)} bytes exceeds {max_size}")
         if delivery.content_type != CONTENT_TYPE:
@@ -194,6 +197,32 @@ class Message:
         )
 
 
+#: What a transport's refusal (``Delivery.refused``) means, for the log and dead letter.
+_REFUSALS = {
+    "compression_refused": "compressed bodies are not accepted",
+    "invalid_headers": "headers too large or too deeply nested to read",
+    "decode_error": "the transport could not read the message",
+}
+
+#: Headers RabbitMQ writes when it dead-letters a message; a producer may forge them.
+_DEATH_LIST = "x-death"
+_DEATH_TEXTS = ("x-first-death-", "x-last-death-")
+
+
+def _check_broker_headers(headers: Mapping[str, Any]) -> None:
+    """Refuse broker dead-letter headers of a shape RabbitMQ never writes."""
+    deaths = headers.get(_DEATH_LIST)
+    if deaths is not None and not (
+        isinstance(deaths, (list, tuple))
+        and len(deaths) <= MAX_HEADERS
+        and all(isinstance(d, Mapping) for d in deaths)
+    ):
+        raise DecodeError("invalid_headers", f"malformed {_DEATH_LIST} header")
+    for key, value in headers.items():
+        if str(key).startswith(_DEATH_TEXTS) and not isinstance(value, str):
+            raise DecodeError("invalid_headers", f"malformed {str(key)[:64]} header")
+
+
 def _parse_headers(delivery: Delivery) -> dict[str, Any]:
     headers = delivery.headers
     if not isinstance(headers, Mapping):
@@ -204,8 +233,11 @@ def _parse_headers(delivery: Delivery) -> dict[str, Any]:
     for key, value in headers.items():
         if isinstance(value, (str, bytes)) and len(value) > MAX_HEADER_VALUE:
             raise DecodeError("invalid_headers", f"header {str(key)[:64]!r} is too long")
+        if isinstance(value, (Mapping, list, tuple)) and not _small_value(value):
+            raise DecodeError("invalid_headers", f"header {str(key)[:64]!r} is too large or deep")
         if not str(key).startswith("mqtasks-"):
             extra[key] = value
+    _check_broker_headers(headers)
     message_id = delivery.message_id
     if not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_NAME_LENGTH:
         raise DecodeError("invalid_headers", "missing or invalid message id")
@@ -231,6 +263,36 @@ def _parse_headers(delivery: Delivery) -> dict[str, Any]:
         "first_failed_at": _timestamp(headers, HEADER_FIRST_FAILED_AT),
         "extra": extra,
     }
+
+
+#: Deepest nesting of tables and arrays in a header value (RabbitMQ's x-death has 3).
+MAX_HEADER_DEPTH = 16
+#: Most items in all the tables and arrays of one header value.
+MAX_HEADER_ITEMS = 4096
+
+
+def _small_value(value: Any) -> bool:
+    """Whether a table or array header is within the depth and item limits.
+
+    Iterative, so that a hostile value cannot exhaust the stack here, or later
+    when it is printed or copied into a dead letter.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    items = 0
+    while stack:
+        current, depth = stack.pop()
+        if depth > MAX_HEADER_DEPTH:
+            return False
+        children = current.values() if isinstance(current, Mapping) else current
+        for child in children:
+            items += 1
+            if items > MAX_HEADER_ITEMS:
+                return False
+            if isinstance(child, (str, bytes)) and len(child) > MAX_HEADER_VALUE:
+                return False
+            if isinstance(child, (Mapping, list, tuple)):
+                stack.append((child, depth + 1))
+    return True
 
 
 #: Latest timestamp accepted (year 3000): later ones are forged or broken.

@@ -11,16 +11,42 @@ import json
 from typing import Any
 
 from .exceptions import DecodeError, EncodeError
+from .transport._guard import json_depth_exceeds
 
-__all__ = ["CONTENT_ENCODING", "CONTENT_TYPE", "decode_body", "encode_body"]
+__all__ = [
+    "CONTENT_ENCODING",
+    "CONTENT_TYPE",
+    "MAX_INT_DIGITS",
+    "MAX_JSON_DEPTH",
+    "decode_body",
+    "encode_body",
+]
 
 #: The only content type mqtasks publishes and accepts.
 CONTENT_TYPE = "application/json"
 #: The only content encoding mqtasks publishes and accepts.
 CONTENT_ENCODING = "utf-8"
 
+#: Deepest nesting of arrays and objects in a body, the body's own two levels included.
+MAX_JSON_DEPTH = 64
+#: Most digits of an integer in a body.
+MAX_INT_DIGITS = 1000
+
+
+def _bounded_int(text: str) -> int:
+    # Python's own limit (sys.get_int_max_str_digits) can be switched off by
+    # the application; int() of a huge literal is quadratic, so bound it here.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer of more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_DECODER = json.JSONDecoder()
+_DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant)
 
 
 def encode_body(
@@ -52,6 +78,11 @@ def encode_body(
         raise EncodeError(
             f"Arguments of task {task!r} encode to {len(body)} bytes, over the "
             f"{max_size}-byte limit (max_message_size). Send an id or a URL instead of the data.",
+        )
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise EncodeError(
+            f"Arguments of task {task!r} are nested more than {MAX_JSON_DEPTH - 2} levels "
+            "deep; workers refuse such bodies. Flatten the data.",
         )
     return body
 
@@ -95,9 +126,11 @@ def decode_body(
         raise DecodeError("content_type", f"content type {content_type!r} is not {CONTENT_TYPE!r}")
     if content_encoding not in (CONTENT_ENCODING, "utf8", None):
         raise DecodeError("content_type", f"content encoding {content_encoding!r} is not utf-8")
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise DecodeError("decode_error", f"body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        # The C decoder bounds nesting by the recursion limit (RecursionError) and
-        # integer size by sys.int_info's digit limit (ValueError): both are caught.
+        # Depth is checked above and integers by _bounded_int; RecursionError
+        # stays caught in case a program runs with a very low recursion limit.
         data = _DECODER.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise DecodeError("decode_error", f"body is not valid JSON: {type(exc).__name__}") from None

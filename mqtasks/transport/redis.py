@@ -46,7 +46,12 @@ class RedisTransport(Transport):
             heartbeat=heartbeat,
             connect_timeout=self.connect_timeout,
             transport_options=self.connection_options(),
+            ssl=self.kombu_ssl(),
         )
+
+    def kombu_ssl(self) -> dict[str, Any] | bool:
+        # Without options kombu would connect to rediss:// with CERT_NONE.
+        return self.tls.redis_kwargs() if self.uses_tls else False
 
     def connection_options(self) -> dict[str, Any]:
         # Ten priority lists, so that priorities 0-9 keep their order (kombu's

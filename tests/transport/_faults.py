@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
+from collections.abc import Callable
 
 import redis
 
@@ -84,22 +87,16 @@ class TcpProxy:
     """A loopback TCP proxy owned by a test: forward, cut every connection, refuse, resume."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
-        import socket
-        import threading
-
         self.target = (target_host, target_port)
-        self._socket_mod = socket
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.accepting = True
-        self.pairs: list[tuple[object, object]] = []
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
     def _accept(self) -> None:
-        import threading
-
         while True:
             try:
                 client, _ = self.listener.accept()
@@ -109,7 +106,7 @@ class TcpProxy:
                 client.close()
                 continue
             try:
-                upstream = self._socket_mod.create_connection(self.target, timeout=5)
+                upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
                 client.close()
                 continue
@@ -118,19 +115,12 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src, dst) -> None:  # type: ignore[no-untyped-def]
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        pipe(src, dst, lambda data: self.forward(src, data))
+
+    def forward(self, src: socket.socket, data: bytes) -> bool:
+        """Whether to pass on ``data`` read from ``src`` (subclasses hold or drop bytes)."""
+        return True
 
     def cut(self, *, refuse: bool) -> None:
         """Close every proxied connection; with ``refuse``, turn new ones away too."""
@@ -140,7 +130,7 @@ class TcpProxy:
         for client, upstream in pairs:
             for s in (client, upstream):
                 try:
-                    s.shutdown(self._socket_mod.SHUT_RDWR)  # type: ignore[attr-defined]
+                    s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
 
@@ -151,3 +141,25 @@ class TcpProxy:
     def close(self) -> None:
         self.cut(refuse=True)
         self.listener.close()
+
+
+def pipe(
+    src: socket.socket, dst: socket.socket, forward: Callable[[bytes], bool] | None = None
+) -> None:
+    """Copy bytes from ``src`` to ``dst`` until either side closes, then close both.
+
+    ``forward`` (if given) sees each chunk first and may hold it (block) or drop it
+    (return False).
+    """
+    try:
+        while data := src.recv(65536):
+            if forward is None or forward(data):
+                dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass

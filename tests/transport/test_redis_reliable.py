@@ -338,20 +338,9 @@ class BlackHoleProxy(TcpProxy):
 
     swallow = False
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:  # type: ignore[override]
-        upstream = src.getpeername()[1] == self.target[1]
-        try:
-            while data := src.recv(65536):
-                if not (upstream and self.swallow):
-                    dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+    def forward(self, src: socket.socket, data: bytes) -> bool:
+        from_redis = src.getpeername()[1] == self.target[1]
+        return not (from_redis and self.swallow)
 
 
 def test_a_message_moved_for_a_consumer_whose_connection_dies_is_not_lost(
