@@ -7,13 +7,18 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
 
 from mqtasks import App
-from mqtasks.transport.base import DLQ_SUFFIX
 from mqtasks.testing import reset
+from mqtasks.transport.base import DLQ_SUFFIX
+
+if TYPE_CHECKING:
+    from tests.transport.test_delivery_limit import Crash
 
 #: The local RabbitMQ used by integration tests.
 AMQP_URL = os.environ.get("MQTASKS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -121,3 +126,19 @@ def cleanup(app: App) -> None:
 def app(broker_url: str, make_app: Callable[..., App]) -> App:
     """An app on each transport in turn, with a run-unique default queue."""
     return make_app(broker_url)
+
+
+@pytest.fixture
+def crash(tmp_path: Path) -> Iterator[Callable[[str], Crash]]:
+    """A factory of worker-subprocess set-ups; their workers are killed and keys deleted after."""
+    from tests.transport.test_delivery_limit import Crash
+
+    made: list[Crash] = []
+
+    def make(kind: str) -> Crash:
+        made.append(Crash(kind, tmp_path))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -13,14 +14,17 @@ import pytest
 import redis
 import tenacity
 
-from mqtasks import App, Reject, Retry
+from mqtasks import App, ConfigurationError, QueueSpec, Reject, Retry
 from mqtasks.deadletter import HEADER_DEATH_EXCEPTION, HEADER_DEATH_REASON, HEADER_DEATH_TRACEBACK
+from mqtasks.dlq import list_dead_letters
 from mqtasks.message import HEADER_ATTEMPT
 from mqtasks.retry import RetryPolicy
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.redis_reliable import ReliableRedisDelivery, ReliableRedisTransport
+from tests import crash_app
 from tests.conftest import require_broker
 from tests.transport.test_contract import raw_publish
+from tests.transport.test_delivery_limit import Crash
 
 
 @pytest.fixture(params=["memory", "amqp", "redis"])
@@ -251,3 +255,84 @@ def test_short_delay_is_not_blocked_by_a_long_one(amqp_url, make_app) -> None:
         assert done.wait(20)
     assert order == ["second"]
     assert time.monotonic() - sent < 20
+
+
+def test_a_queue_ttl_shorter_than_the_retry_schedule_is_refused_before_work_moves(
+    amqp_url, make_app
+) -> None:
+    app = make_app(amqp_url)
+    name = app.settings.default_queue
+    app.add_queue(QueueSpec(name, message_ttl=5.0))
+
+    @app.task(max_retries=3, retry_backoff=tenacity.wait_fixed(2))
+    def slow_to_give_up() -> None: ...
+
+    slow_to_give_up.delay()
+    with pytest.raises(ConfigurationError) as caught:
+        running_worker(app, concurrency=1).__enter__()
+    text = str(caught.value)
+    assert f"Queue {name!r}" in text and "slow_to_give_up" in text
+    assert "message_ttl is 5 s" in text and "3 retries can wait up to 6 s" in text
+    assert app.transport.message_counts([app.queue(name)]) == {name: 1}  # nothing moved
+
+    app.add_queue(QueueSpec(name, message_ttl=6.0))  # a schedule that fits passes
+    app.check([name])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_a_retry_pending_when_its_worker_is_killed_still_runs(
+    kind: str, crash: Callable[[str], Crash]
+) -> None:
+    c = crash(kind)
+    first = c.start("-c", "1")
+    first.wait_started()
+    # Given a task whose first attempt failed: its retry is published, held by
+    # the broker for 2 s, and the first attempt acknowledged
+    c.app.tasks[crash_app.FLAKY].delay("f")
+    first.wait_log("task.retried")
+    if kind == "redis":
+        spec = c.app.queue(c.queue)
+        transport = c.app.transport
+        assert isinstance(transport, ReliableRedisTransport)
+        client = transport.publisher()
+        wait_until(
+            lambda: (
+                transport.delayed_counts([spec]) == {c.queue: 1}
+                and not any(client.llen(k) for k in client.scan_iter(c.proc_pattern(), count=1000))
+                and transport.message_counts([spec]) == {c.queue: 0}
+            )
+        )
+    # When the worker is killed while the retry waits
+    first.signal(signal.SIGKILL)
+    assert first.wait(5) == -signal.SIGKILL
+    # Then a new worker runs the second attempt
+    second = c.start("-c", "1")
+    second.wait_started()
+    wait_until(lambda: bool(c.events("attempt2", "f")), timeout=30)
+    assert c.events("attempt1", "f")[0] == first.pid
+    assert c.events("attempt2", "f") == [second.pid]
+    wait_until(lambda: bool(c.events("finish", "f")))
+    assert c.events("finish", "f")[-1] == second.pid
+    assert list_dead_letters(c.app, c.queue) == []
+
+
+@pytest.mark.integration
+def test_a_retry_the_transport_cannot_delay_is_dead_lettered_not_looped(make_app) -> None:
+    url = require_broker("redis").replace("redis://", "redis+kombu://", 1)
+    app = make_app(url)
+    runs: list[int] = []
+
+    @app.task(max_retries=3, retry_backoff=0)  # passes the start-up check
+    def wants_a_pause() -> None:
+        runs.append(1)
+        raise Retry(countdown=5)
+
+    wants_a_pause.delay()
+    name = app.settings.default_queue
+    with running_worker(app, concurrency=1):
+        wait_until(lambda: len(list_dead_letters(app, name)) == 1)
+    [entry] = list_dead_letters(app, name)
+    assert entry.reason == "retry_unsupported"
+    assert entry.detail is not None and "redis://" in entry.detail
+    assert runs == [1]

@@ -51,12 +51,17 @@ return existed
 """
 
 # Move in-flight messages back to the consumption end of their queues, marked
-# redelivered, oldest first in line. With ARGV[2] set: release that consumer
+# redelivered with their count of unsettled deliveries (the digits after the
+# flag byte) raised by one, oldest first in line. With ARGV[2] set: release that consumer
 # (a graceful close; ARGV[3] == '1' also forgets it). Otherwise: every
 # registered consumer whose liveness key expired. Returns moved, then ids.
 # KEYS: registry. ARGV: prefix, consumer id or '', forget.
 RESTORE = """
 local prefix = ARGV[1]
+local function returned(m)
+  local digits = string.match(m, '^%d*', 2)
+  return 'r' .. ((tonumber(digits) or 0) + 1) .. string.sub(m, 2 + #digits)
+end
 local function restore(cid, sources)
   local moved = 0
   for i, src in ipairs(cjson.decode(sources)) do
@@ -64,7 +69,7 @@ local function restore(cid, sources)
     while true do
       local m = redis.call('LPOP', proc)
       if not m then break end
-      redis.call('RPUSH', src, 'r' .. string.sub(m, 2))
+      redis.call('RPUSH', src, returned(m))
       moved = moved + 1
     end
   end

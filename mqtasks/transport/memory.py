@@ -8,11 +8,13 @@ messages, and :meth:`MemoryTransport.reset` empties it.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import threading
 import time
-from collections import defaultdict
+import weakref
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -21,9 +23,54 @@ from kombu.transport import memory as kombu_memory
 from kombu.transport.virtual import BrokerState
 
 from ._guard import GuardedVirtualMessage
-from .base import Envelope, QueueSpec, Transport
+from .base import DLQ_SUFFIX, Envelope, QueueSpec, QueueStats, Transport
 
 __all__ = ["MemoryTransport"]
+
+
+class _TrackedChannel(kombu_memory.Channel):  # type: ignore[misc]
+    """A memory channel that registers itself with its transport, so that
+    :meth:`MemoryTransport.queue_stats` can count consumers and unacked messages."""
+
+    open_channels: ClassVar[weakref.WeakSet[Any]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_channels.add(self)
+
+
+#: Message property (kept in memory, never on a wire) counting the deliveries
+#: that ended without a settlement: the consumer went away holding the message.
+RETURNS_PROPERTY = "mqtasks_returns"
+
+
+class _CountingChannel(kombu_memory.Channel):  # type: ignore[misc]
+    """A memory channel that counts deliveries the way a broker does.
+
+    kombu hands a message back through ``_restore`` when its channel closes with
+    it unacknowledged (a worker that stopped before its task finished): that
+    delivery counts. A requeue (``basic_reject(requeue=True)``, a stopping
+    worker handing back what it never started) goes through
+    ``_restore_at_beginning`` and does not.
+    """
+
+    def _restore(self, message: Any) -> None:
+        props = message.properties
+        props[RETURNS_PROPERTY] = int(props.get(RETURNS_PROPERTY, 0)) + 1
+        super()._restore(message)
+
+    def _restore_at_beginning(self, message: Any) -> None:
+        kombu_memory.Channel._restore(self, message)
+
+
+def _copied(read: Any) -> Any:
+    # Worker threads may add to what ``read`` copies; try again if they did meanwhile.
+    for _ in range(100):
+        try:
+            return read()
+        except RuntimeError:  # "changed size during iteration"
+            continue
+    return read()
 
 
 class MemoryTransport(Transport):
@@ -39,11 +86,13 @@ class MemoryTransport(Transport):
         self._due_ready = threading.Condition()
         self._seq = itertools.count()
         self._scheduler: threading.Thread | None = None
+        self._channels: weakref.WeakSet[Any] = weakref.WeakSet()
         channel = type(
             "MemoryChannel",
-            (kombu_memory.Channel,),
+            (_CountingChannel, _TrackedChannel),
             {
                 "Message": GuardedVirtualMessage,
+                "open_channels": self._channels,
                 "queues": self._queues,
                 "events": defaultdict(set),
                 # Hand unacked messages back on close, like the real brokers do.
@@ -119,11 +168,54 @@ class MemoryTransport(Transport):
         return options
 
     def queue_arguments(self, spec: QueueSpec) -> dict[str, Any]:
-        super().queue_arguments(spec)
+        """Check ``spec`` (``delivery_limit`` is counted here, in process)."""
+        super().queue_arguments(dataclasses.replace(spec, delivery_limit=None))
         return {}
+
+    def delivery_count(self, raw: Any) -> int | None:
+        """Deliveries so far, this one included: hand-backs at a close count, requeues do not."""
+        return int((raw.properties or {}).get(RETURNS_PROPERTY, 0)) + 1
 
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         return {s.name: (q.qsize() if (q := self._queues.get(s.name)) else 0) for s in specs}
+
+    def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
+        """Count from this transport's queues and its open channels' consumers and
+        unacknowledged deliveries; a queue never declared is missing."""
+        unacked: Counter[str] = Counter()
+        consumers: Counter[str] = Counter()
+        for channel in _copied(lambda: list(self._channels)):
+            if channel.closed:
+                continue
+            tags = _copied(lambda c=channel: list(c._consumers))
+            consumers.update(channel._tag_to_queue.get(tag) for tag in tags)
+            qos = channel._qos
+            if qos is None:
+                continue
+            dirty = _copied(lambda q=qos: set(q._dirty))
+            delivered = _copied(lambda q=qos: list(q._delivered.items()))
+            unacked.update(
+                m.delivery_info.get("routing_key") for tag, m in delivered if tag not in dirty
+            )
+        ready = self.message_counts(specs)
+        delayed = self.delayed_counts(specs)
+        stats: dict[str, QueueStats] = {}
+        for spec in specs:
+            if spec.name not in self._queues:
+                stats[spec.name] = QueueStats(spec.name, exists=False)
+                continue
+            dlq = self._queues.get(spec.name + DLQ_SUFFIX)
+            stats[spec.name] = QueueStats(
+                spec.name,
+                ready=ready[spec.name],
+                unacked=unacked[spec.name],
+                delayed=delayed[spec.name],
+                dead_lettered=dlq.qsize()
+                if dlq is not None and not spec.name.endswith(DLQ_SUFFIX)
+                else None,
+                consumers=consumers[spec.name],
+            )
+        return stats
 
     def reset(self) -> None:
         """Drop every queued message and queue of this transport."""

@@ -43,9 +43,18 @@ short delay never waits behind a long one, and held messages are in Redis
 only: they survive worker restarts and no worker holds them in memory. A queue
 with no consumer keeps its due messages held until one starts.
 
-Element format: one flag byte (``n`` new, ``r`` redelivered), a compact JSON
-object (message id, headers, content type and encoding, priority), a newline,
-then the body bytes unchanged.
+Element format: one flag byte (``n`` new, ``r`` redelivered), the number of
+earlier deliveries that ended without a settlement in decimal (absent while
+there are none), a compact JSON object (message id, headers, content type and
+encoding, priority), a newline, then the body bytes unchanged.
+
+Delivery counts (``delivery_limit``) live in the element itself: the restore
+script, which hands back the messages of a consumer that died or closed
+holding them, rewrites ``r`` plus the count plus one, in the same step that
+moves them (it copies the element anyway). A requeue of a message never
+started keeps its count. So counting costs no command on the fetch, ack or
+dead-letter path, nothing is left to clean up when a message is acked,
+purged or deleted, and two messages with the same id are counted apart.
 
 Not supported here: ``max_priority`` (a priority list per level would need a
 blocking connection per level), ``message_ttl`` and ``max_length``; each is a
@@ -55,6 +64,7 @@ ConfigurationError. Redis persistence decides durability (``appendonly yes``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -75,11 +85,20 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .._url import mask_url
+from .._url import mask_url, redact
 from ..exceptions import ConfigurationError, PublishError, TransportError
-from ._guard import strip_compression
+from ._guard import json_depth_exceeds, strip_compression
 from ._redis_scripts import BEAT, DELAY, PROMOTE, RESTORE, SETTLE_FETCH
-from .base import Consumer, Delivery, Envelope, QueueSpec, Transport, translate_errors
+from .base import (
+    DLQ_SUFFIX,
+    Consumer,
+    Delivery,
+    Envelope,
+    QueueSpec,
+    QueueStats,
+    Transport,
+    translate_errors,
+)
 from .redis import redis_warnings
 
 __all__ = ["ReliableRedisConsumer", "ReliableRedisDelivery", "ReliableRedisTransport"]
@@ -94,6 +113,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _PIPELINE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, redis.RedisError)
+
+#: Largest metadata (id, headers, content type) of a list element read, in bytes.
+MAX_METADATA = 1024 * 1024
 
 _OPTIONS = ("key_prefix", "liveness_ttl", "sweep_interval", "block_timeout", "delay_poll_interval")
 
@@ -132,6 +154,7 @@ class ReliableRedisDelivery(Delivery):
         self.generation = generation
         self.received_at = time.time()
         self.redelivered = element[:1] == b"r"
+        self.delivery_count: int | None = 1
         self.refused: str | None = None
         self.body = b""
         self.headers: Mapping[str, Any] = {}
@@ -140,10 +163,20 @@ class ReliableRedisDelivery(Delivery):
         self.content_encoding: str | None = None
         self.priority: int | None = None
         newline = element.find(b"\n")
+        start = 1  # the metadata starts after the flag and the count's digits
+        while start < newline and 0x30 <= element[start] <= 0x39:
+            start += 1
         try:
-            if element[:1] not in (b"n", b"r") or newline < 0:
+            if element[:1] not in (b"n", b"r") or newline < 0 or start > 10:
                 raise ValueError("not an mqtasks element")
-            meta = json.loads(element[1:newline])
+            if start > 1:
+                self.delivery_count = int(element[1:start]) + 1
+            if newline > MAX_METADATA or json_depth_exceeds(element[start:newline], 64):
+                # Parsing could take the memory or the stack of the worker.
+                self.refused = "invalid_headers"
+                self.body = element[newline + 1 :]
+                return
+            meta = json.loads(element[start:newline])
             if not isinstance(meta, dict):
                 raise ValueError("metadata is not an object")
             headers = meta.get("h") or {}
@@ -660,6 +693,10 @@ class ReliableRedisTransport(Transport):
         """The liveness key of a consumer."""
         return f"{self.key_prefix}:alive:{consumer_id}"
 
+    def processing_key(self, consumer_id: str, index: int) -> str:
+        """The in-flight list of a consumer for its ``index``-th source queue."""
+        return f"{self.key_prefix}:proc:{consumer_id}:{index}"
+
     # -- connections -------------------------------------------------------
 
     def _pool(self, **overrides: Any) -> redis.ConnectionPool:
@@ -669,6 +706,8 @@ class ReliableRedisTransport(Transport):
             "socket_keepalive": True,
             "retry": Retry(NoBackoff(), 0),  # retries are ours: with a deadline, or a reconnect
         }
+        if self.uses_tls:
+            kwargs.update(self.tls.redis_kwargs())
         kwargs.update(overrides)
         return redis.ConnectionPool.from_url(self.redis_url, **kwargs)
 
@@ -711,7 +750,8 @@ class ReliableRedisTransport(Transport):
     # -- topology ----------------------------------------------------------
 
     def queue_arguments(self, spec: QueueSpec) -> dict[str, Any]:
-        """Check that ``spec`` asks for nothing this transport lacks.
+        """Check that ``spec`` asks for nothing this transport lacks
+        (``delivery_limit`` is counted in the elements).
 
         Raises:
             ConfigurationError: ``max_priority``, ``message_ttl`` or ``max_length`` is set.
@@ -722,7 +762,7 @@ class ReliableRedisTransport(Transport):
                 "(priorities would be ignored). Remove it, or use redis+kombu:// or amqp:// "
                 "with a classic queue."
             )
-        return super().queue_arguments(spec)
+        return super().queue_arguments(dataclasses.replace(spec, delivery_limit=None))
 
     def declare(self, specs: Sequence[QueueSpec]) -> None:
         """Check the queue options; Redis lists need no declaration."""
@@ -748,6 +788,66 @@ class ReliableRedisTransport(Transport):
             for spec in specs:
                 pipe.zcard(self.delayed_key(spec.name))
             return {s.name: int(n) for s, n in zip(specs, pipe.execute(), strict=True)}
+
+    def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
+        """Read each queue's ready list, delayed set, dead-letter list and, through
+        the consumer registry, its in-flight lists and live consumers.
+
+        Redis has no queue objects: an absent queue is an empty one, never
+        missing. In-flight messages of a consumer that died count as
+        unacknowledged until a sweep puts them back. Read with one pipeline,
+        not atomically.
+
+        Raises:
+            ConnectionFailed: Redis cannot be reached.
+        """
+        with translate_errors(self.url, "read queue stats"):
+            client = self.publisher()
+            registry: dict[str, list[str]] = {}
+            for raw_id, sources in client.hgetall(self.registry_key).items():
+                try:
+                    keys = json.loads(sources)
+                except ValueError:
+                    continue  # not ours to judge; the sweep owns the registry
+                if isinstance(keys, list):
+                    registry[raw_id.decode(errors="replace")] = [str(k) for k in keys]
+            pipe = client.pipeline(transaction=False)
+            for cid in registry:
+                pipe.exists(self.alive_key(cid))
+            wanted = {self.queue_key(s.name) for s in specs}
+            in_flight = [
+                (cid, key, i)
+                for cid, keys in registry.items()
+                for i, key in enumerate(keys)
+                if key in wanted
+            ]
+            for cid, _, i in in_flight:
+                pipe.llen(self.processing_key(cid, i))
+            for spec in specs:
+                pipe.llen(self.queue_key(spec.name))
+                pipe.zcard(self.delayed_key(spec.name))
+                pipe.llen(self.queue_key(spec.name + DLQ_SUFFIX))
+            replies = iter(pipe.execute())
+        alive = {cid for cid in registry if next(replies)}
+        unacked: Counter[str] = Counter()
+        consumers: Counter[str] = Counter()
+        for cid, key, _ in in_flight:
+            unacked[key] += int(next(replies))
+            if cid in alive:
+                consumers[key] += 1
+        stats: dict[str, QueueStats] = {}
+        for spec in specs:
+            key = self.queue_key(spec.name)
+            ready, delayed, dead = (int(next(replies)) for _ in range(3))
+            stats[spec.name] = QueueStats(
+                spec.name,
+                ready=ready,
+                unacked=unacked[key],
+                delayed=delayed,
+                dead_lettered=None if spec.name.endswith(DLQ_SUFFIX) else dead,
+                consumers=consumers[key],
+            )
+        return stats
 
     def purge(self, specs: Sequence[QueueSpec]) -> int:
         """Remove all ready and delayed messages from the queues; return how many."""
@@ -814,8 +914,10 @@ class ReliableRedisTransport(Transport):
                 last = exc
                 break
         raise PublishError(
-            f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
-            f"{type(last).__name__}: {last} (broker {mask_url(self.url)})",
+            redact(
+                f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
+                f"{type(last).__name__}: {last} (broker {mask_url(self.url)})"
+            ),
             task_id=envelope.message_id,
         ) from last
 

@@ -1,17 +1,213 @@
-"""Crash loops end: a message that keeps coming back is dead-lettered, not looped."""
+"""Crash loops end: a message that keeps coming back is dead-lettered, not looped.
+
+A delivery counts when it ends without a settlement (the worker crashed, was
+killed, went away holding it); a stopping worker handing back what it never
+started does not count on ``redis://`` and ``memory://``. Past the queue's
+``delivery_limit`` the worker dead-letters the message with reason
+``delivery_limit`` instead of running it.
+"""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import threading
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
-from mqtasks import ConfigurationError, QueueSpec
+from mqtasks import App, ConfigurationError, QueueSpec, Settings
+from mqtasks.dlq import list_dead_letters
+from mqtasks.testing import running_worker
 from mqtasks.transport import resolve
+from mqtasks.transport.base import Delivery, broker_spec
+from mqtasks.transport.memory import MemoryTransport
+from mqtasks.transport.redis_reliable import ReliableRedisDelivery, encode_element
+from mqtasks.worker import Worker
+from tests import crash_app
+from tests.conftest import REDIS_URL, cleanup, require_broker, unique_name
+from tests.test_cli import PYTHON, ROOT, CliWorker, clean_env, wait_until
+
+from .test_redis_reliable import Inbox, envelope, make_transport
+
+# -- configuration ----------------------------------------------------------------
 
 
-def test_a_message_delivered_past_its_limit_lands_in_the_dead_letters(
-    amqp_url, make_app, queue_name
+def test_the_default_limit_comes_from_the_settings_and_a_queue_can_override_it() -> None:
+    assert Settings().delivery_limit == 20
+    app = App("t", broker="memory://", queues=[QueueSpec("own", delivery_limit=5)])
+    assert app.delivery_limit("default") == 20
+    assert app.delivery_limit("own") == 5
+    assert app.delivery_limit("default.dlq") is None
+    off = App("t", broker="memory://", delivery_limit=0, queues=[QueueSpec("q", delivery_limit=0)])
+    assert off.delivery_limit("default") is None and off.delivery_limit("q") is None
+    assert Settings.from_env({"MQTASKS_DELIVERY_LIMIT": "7"}).delivery_limit == 7
+
+
+@pytest.mark.parametrize("bad", [-1, True, "3"])
+def test_a_limit_that_is_not_a_count_is_refused(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="delivery_limit"):
+        QueueSpec("q", delivery_limit=bad)
+    with pytest.raises(ConfigurationError, match="delivery_limit"):
+        Settings(delivery_limit=bad)
+
+
+@pytest.mark.parametrize("url", ["redis+kombu://h:1/0"])
+def test_brokers_that_do_not_count_deliveries_say_so(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="does not count deliveries"):
+        resolve(url).queue_arguments(QueueSpec("q", delivery_limit=3))
+
+
+def test_classic_rabbitmq_queues_do_not_count_deliveries() -> None:
+    with pytest.raises(ConfigurationError, match="queue_type='quorum'"):
+        resolve("amqp://127.0.0.1//").queue_arguments(
+            QueueSpec("q", queue_type="classic", delivery_limit=3)
+        )
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "memory://"])
+def test_redis_and_memory_count_deliveries_themselves(url: str) -> None:
+    assert resolve(url).queue_arguments(QueueSpec("q", delivery_limit=3)) == {}
+
+
+def test_a_limit_of_zero_is_off_and_never_a_queue_argument() -> None:
+    amqp = resolve("amqp://127.0.0.1//")
+    classic = QueueSpec("q", queue_type="classic", delivery_limit=0)
+    assert "x-delivery-limit" not in amqp.queue_arguments(broker_spec(classic))
+    assert amqp.kombu_queue(classic).queue_arguments is not None  # declared, no error
+    # An inherited default never becomes a queue argument either (existing queues
+    # keep their arguments); a quorum queue's own limit does.
+    assert "x-delivery-limit" not in amqp.queue_arguments(QueueSpec("q"))
+    assert amqp.queue_arguments(QueueSpec("q", delivery_limit=4))["x-delivery-limit"] == 4
+
+
+# -- counting, per transport ---------------------------------------------------------
+
+
+def test_redis_elements_carry_their_count() -> None:
+    element = encode_element(envelope(1))
+    assert ReliableRedisDelivery(element, "q", 1, "", "").delivery_count == 1
+    counted = b"r12" + element[1:]
+    delivery = ReliableRedisDelivery(counted, "q", 1, "", "")
+    assert (delivery.delivery_count, delivery.message_id, delivery.body) == (13, "m1", b'{"n":1}')
+    assert delivery.redelivered and delivery.refused is None
+    garbage = ReliableRedisDelivery(b"r" + b"9" * 12 + element[1:], "q", 1, "", "")
+    assert garbage.refused == "decode_error"
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    require_broker("redis")
+    tag = "{" + unique_name("dl") + "}"
+    yield tag
+    _delete_keys(tag)
+
+
+def _delete_keys(tag: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=tag.replace("{", "[{]").replace("}", "[}]") + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.mark.integration
+def test_redis_counts_hand_backs_at_close_but_not_requeues(prefix: str) -> None:
+    q = unique_name("q")
+    transport = make_transport(prefix)
+    transport.publish(q, envelope(1))
+    counts: list[int | None] = []
+    for settle in ("requeue", "close", "close", "ack"):
+        inbox = Inbox(transport, [q], prefetch=1)
+        inbox.pump(lambda inbox=inbox: len(inbox.got) == 1)  # type: ignore[misc]
+        [delivery] = inbox.got
+        counts.append(delivery.delivery_count)
+        if settle == "requeue":
+            inbox.consumer.requeue(delivery)
+        elif settle == "ack":
+            inbox.consumer.ack(delivery)
+        inbox.consumer.close()  # hands back what is held, counted
+    assert counts == [1, 1, 2, 3]
+    assert transport.message_counts([QueueSpec(q)]) == {q: 0}
+    transport.close()
+
+
+def test_memory_counts_hand_backs_at_close_but_not_requeues() -> None:
+    transport = MemoryTransport("memory://")
+    transport.declare([QueueSpec("q")])
+    transport.publish("q", envelope(1))
+    counts: list[int | None] = []
+    for settle in ("requeue", "close", "close", "ack"):
+        got: list[Delivery] = []
+        consumer = transport.consumer([QueueSpec("q")], prefetch=1)
+        consumer.start(got.append)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            consumer.drain(0.05)
+        [delivery] = got
+        counts.append(delivery.delivery_count)
+        if settle == "requeue":
+            consumer.requeue(delivery)
+        elif settle == "ack":
+            consumer.ack(delivery)
+        consumer.close()
+    assert counts == [1, 1, 2, 3]
+    assert transport.message_counts([QueueSpec("q")]) == {"q": 0}
+
+
+def test_memory_worker_dead_letters_a_message_after_its_limit_and_keeps_working(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app("memory://")
+    name = app.settings.default_queue
+    app.add_queue(QueueSpec(name, delivery_limit=3))
+    release = threading.Event()
+    runs: list[int] = []
+    pings: list[int] = []
+
+    @app.task
+    def hangs() -> None:
+        runs.append(1)
+        release.wait(30)
+
+    @app.task
+    def ping() -> None:
+        pings.append(1)
+
+    hangs.delay()
+    try:
+        # Given workers that go away while the task runs (as if it had killed them)
+        for n in range(1, 4):
+            worker = Worker(app, concurrency=1, prefetch=1)
+            worker.start()
+            wait_until(lambda n=n: len(runs) == n, "the task to start")  # type: ignore[misc]
+            assert worker.stop(timeout=0) is False  # abandoned: handed back at close
+        # When the next worker gets it, over the limit of 3
+        ping.delay()
+        with running_worker(app, concurrency=1, prefetch=1):
+            wait_until(lambda: pings and app.dead_letters(name), "the ping and the dead letter")
+    finally:
+        release.set()
+    # Then it was not run a 4th time, it is dead-lettered, and other tasks still run
+    [entry] = app.dead_letters(name)
+    assert len(runs) == 3 and pings == [1]
+    assert entry.reason == "delivery_limit" and entry.task == hangs.name
+    assert entry.detail is not None and "delivered 4 times" in entry.detail
+    assert entry.headers["mqtasks-death-queue"] == name
+
+
+# -- real worker processes that kill themselves ----------------------------------
+
+
+@pytest.mark.integration
+def test_rabbitmq_dead_letters_a_message_delivered_past_its_limit_itself(
+    amqp_url: str, make_app: Callable[..., App], queue_name: Callable[[str], str]
 ) -> None:
     name = queue_name("crashy")
     app = make_app(amqp_url, queues=[QueueSpec(name, delivery_limit=2)])
@@ -23,8 +219,7 @@ def test_a_message_delivered_past_its_limit_lands_in_the_dead_letters(
     deliveries = 0
     with app.transport.connection() as conn:
         channel = conn.channel()
-        # Given a worker that dies with the message every time (it never acks;
-        # a requeue is what RabbitMQ does when a consumer's connection dies)
+        # Given a consumer that never settles (no worker: the broker's own limit)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             raw = channel.basic_get(name, no_ack=False)
@@ -35,8 +230,7 @@ def test_a_message_delivered_past_its_limit_lands_in_the_dead_letters(
                 continue
             deliveries += 1
             channel.basic_reject(raw.delivery_tag, requeue=True)
-        # Then after limit + 1 deliveries it is in the dead-letter queue, with the
-        # broker's reason, and no longer in the work queue
+        # Then after limit + 1 returns RabbitMQ dead-letters it, with its reason
         dead = channel.basic_get(name + ".dlq", no_ack=True)
     assert deliveries == 3
     assert dead is not None
@@ -46,14 +240,112 @@ def test_a_message_delivered_past_its_limit_lands_in_the_dead_letters(
     assert app.transport.message_counts([app.queue(name)]) == {name: 0}
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis+kombu://h:1/0", "memory://"])
-def test_brokers_that_do_not_count_deliveries_say_so(url: str) -> None:
-    with pytest.raises(ConfigurationError, match="delivery_limit"):
-        resolve(url).queue_arguments(QueueSpec("q", delivery_limit=3))
+def live_children(parent: CliWorker) -> set[int]:
+    """Pids of the supervisor's children that it has not seen die."""
+    started = {e["pid"] for e in parent.logs("supervisor.child_started")}
+    return started - {e["pid"] for e in parent.logs("supervisor.child_died")}
 
 
-def test_classic_rabbitmq_queues_do_not_count_deliveries() -> None:
-    with pytest.raises(ConfigurationError, match="queue_type='quorum'"):
-        resolve("amqp://127.0.0.1//").queue_arguments(
-            QueueSpec("q", queue_type="classic", delivery_limit=3)
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has installed a SIGTERM handler (a worker past its start-up)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
+#: The worker command line, on the app of ``tests/crash_app.py``.
+WORKER = [PYTHON, "-m", "mqtasks", "worker", "-A", "tests.crash_app"]
+
+
+class Crash:
+    """One broker, queue, record file and publishing app for a worker subprocess."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.url = require_broker(kind)
+        self.queue = unique_name("crash")
+        self.record = tmp_path / "record"
+        self.tmp_path = tmp_path
+        self.options: dict[str, Any] = {}
+        if kind == "redis":
+            # Keys of our own; a killed worker's messages come back within about 1.5 s.
+            self.options = {
+                "key_prefix": "{" + self.queue + "}",
+                "liveness_ttl": 1.0,
+                "sweep_interval": 0.25,
+            }
+        self.app = crash_app.make_app(self.url, self.queue, self.options)
+        self.workers: list[CliWorker] = []
+
+    def start(self, *args: str, **env: str) -> CliWorker:
+        n = len(self.workers)
+        stderr, stdout = self.tmp_path / f"worker-{n}.err", self.tmp_path / f"worker-{n}.out"
+        environ = clean_env(
+            MQTASKS_BROKER_URL=self.url,
+            CRASH_TEST_QUEUE=self.queue,
+            CRASH_TEST_RECORD=str(self.record),
+            CRASH_TEST_TRANSPORT_OPTIONS=json.dumps(self.options),
+            **env,
         )
+        with open(stderr, "ab") as err, open(stdout, "ab") as out:
+            proc = subprocess.Popen(
+                [*WORKER, "--log-format", "json", *args],
+                cwd=ROOT,
+                env=environ,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        worker = CliWorker(proc, stderr, stdout)
+        self.workers.append(worker)
+        return worker
+
+    def proc_pattern(self) -> str:
+        """SCAN pattern of this set-up's Redis processing lists."""
+        prefix = str(self.options["key_prefix"])
+        return prefix.replace("{", "[{]").replace("}", "[}]") + ":proc:*"
+
+    def events(self, event: str, tag: str) -> list[int]:
+        """Pids that recorded ``event`` for ``tag``, in order."""
+        return [p for e, t, p in crash_app.read_record(self.record) if e == event and t == tag]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.kill()
+        if self.kind == "redis":
+            _delete_keys(self.options["key_prefix"])
+        cleanup(self.app)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_a_task_that_kills_its_worker_is_dead_lettered_after_the_limit(
+    kind: str, crash: Callable[[str], Crash]
+) -> None:
+    c = crash(kind)
+    # Given supervised workers (a dead child is replaced) and a limit of 3 from the settings
+    parent = c.start("--processes", "2", "-c", "1", "--prefetch", "1", MQTASKS_DELIVERY_LIMIT="3")
+    parent.wait_started(2)
+    # When a task SIGKILLs its worker process every time it runs
+    c.app.tasks[crash_app.KILL].delay("doom")
+    parent.wait_log("task.dead_lettered", timeout=60)
+    # Then it ran in exactly 3 processes and is dead-lettered, not run a 4th time
+    starts = c.events("start", "doom")
+    assert len(starts) == 3 and len(set(starts)) == 3
+    [entry] = list_dead_letters(c.app, c.queue)
+    assert entry.reason == "delivery_limit"
+    assert entry.task == crash_app.KILL and entry.queue == c.queue
+    assert entry.detail is not None and "delivered 4 times" in entry.detail
+    assert {"mqtasks-death-worker", "mqtasks-death-failed-at"} <= set(entry.headers)
+    # And the worker keeps running other tasks
+    c.app.tasks[crash_app.PING].delay("after")
+    wait_until(lambda: c.events("ping", "after"), "the ping to run")
+    assert c.events("start", "doom") == starts
+    # (every death noticed, and each replacement handling SIGTERM, before the stop)
+    wait_until(lambda: len(parent.logs("supervisor.child_died")) == 3, "3 deaths noticed")
+    wait_until(lambda: all(map(catches_sigterm, live_children(parent))), "children ready")
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(15) == 0, parent.stderr()[-3000:]
+    assert c.app.transport.message_counts([c.app.queue(c.queue)]) == {c.queue: 0}

@@ -1,0 +1,177 @@
+"""Start-up checks: configurations that would misbehave are refused before any message moves.
+
+:func:`check_app` is what a :class:`~mqtasks.worker.Worker` runs when it is
+created, and what :meth:`App.check() <mqtasks.app.App.check>` runs on demand
+(in a deploy script, or a test). It reads the app's settings, queue configs,
+tasks and retry policies; it does not talk to the broker.
+
+The retry schedule of a policy is computed from its tenacity wait strategy's
+upper bound (for jittered or random waits, their maximum):
+:func:`max_backoff` per attempt and :func:`retry_schedule` in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import tenacity
+
+from .exceptions import ConfigurationError
+from .retry import RetryPolicy
+from .transport.base import broker_spec
+from .transport.redis import RedisTransport
+
+if TYPE_CHECKING:
+    from .app import App
+
+__all__ = ["check_app", "check_prefetch", "max_backoff", "retry_schedule"]
+
+#: kombu's Redis ``visibility_timeout`` when the transport options set none, in seconds.
+KOMBU_VISIBILITY_TIMEOUT = 3600.0
+
+
+def max_backoff(policy: RetryPolicy, attempt: int) -> float:
+    """Return the longest wait ``policy`` can choose after failed attempt ``attempt``.
+
+    tenacity's random strategies count at their maximum (``wait_random``'s
+    ``max``, ``wait_exponential_jitter`` with its whole jitter,
+    ``wait_random_exponential``'s exponential ceiling); sums (``a + b``) and
+    chains are followed. A strategy tenacity does not ship is called once.
+
+    Args:
+        policy: The retry policy.
+        attempt: Attempts made so far, starting at 1.
+    """
+    state = RetryPolicy._state(attempt, RuntimeError("checking the retry schedule"))
+    return max(0.0, _upper(policy.backoff, state))
+
+
+def retry_schedule(policy: RetryPolicy) -> float:
+    """Return the longest time ``policy``'s retries can wait in all, in seconds:
+    the sum of :func:`max_backoff` over its ``max_retries`` retries."""
+    return sum(max_backoff(policy, attempt) for attempt in range(1, policy.max_retries + 1))
+
+
+def _upper(wait: Any, state: tenacity.RetryCallState) -> float:
+    n = state.attempt_number
+    if isinstance(wait, tenacity.wait_random):
+        return float(wait.wait_random_max)
+    if isinstance(wait, tenacity.wait_random_exponential):
+        return float(tenacity.wait_exponential.__call__(wait, state))
+    if isinstance(wait, tenacity.wait_exponential_jitter):
+        try:
+            high = wait.multiplier * wait.exp_base ** (n - 1) + wait.jitter
+        except OverflowError:
+            high = wait.max
+        return float(max(max(0, wait.min), min(high, wait.max)))
+    if isinstance(wait, tenacity.wait_combine):
+        return sum(_upper(w, state) for w in wait.wait_funcs)
+    if isinstance(wait, tenacity.wait_chain):
+        return _upper(wait.strategies[min(max(n, 1), len(wait.strategies)) - 1], state)
+    return float(wait(state))
+
+
+def check_prefetch(concurrency: int, prefetch: int) -> None:
+    """Refuse a prefetch window smaller than the worker's thread pool.
+
+    Raises:
+        ConfigurationError: ``prefetch`` is below ``concurrency``.
+    """
+    if prefetch < concurrency:
+        raise ConfigurationError(
+            f"prefetch ({prefetch}) is below concurrency ({concurrency}): "
+            f"{concurrency - prefetch} worker threads would always be idle. "
+            "Raise prefetch or lower concurrency."
+        )
+
+
+def check_app(
+    app: App,
+    queues: Sequence[str] | None = None,
+    *,
+    concurrency: int | None = None,
+    prefetch: int | None = None,
+) -> None:
+    """Check that a worker of ``app`` on ``queues`` can do what its config promises.
+
+    Refused, each with the queue, task and numbers concerned:
+
+    * ``prefetch`` below ``concurrency`` (threads that could never get work);
+    * a queue whose ``message_ttl`` is shorter than the total retry schedule of
+      a task it carries: the TTL says work older than it is worthless, yet the
+      task's later retries would run well after that (the broker holds retry
+      delays outside the work queue, so it would not stop them);
+    * a queue option the broker cannot honour (``max_priority`` on ``redis://``,
+      ``delivery_limit`` on a classic RabbitMQ queue or ``redis+kombu://`` ...);
+    * on ``redis+kombu://``, a task whose retries wait: kombu's Redis transport
+      cannot hold a message for a delay (it would have to stay unacknowledged
+      in a worker, and come back as a duplicate after ``visibility_timeout``),
+      so mqtasks refuses delays there, and each retry would be handed back at
+      once instead, in a loop. ``redis://`` holds delays in a sorted set in
+      Redis and has no visibility timeout.
+
+    Args:
+        app: The app.
+        queues: The queues a worker would consume; all task queues by default.
+        concurrency: Worker threads; the app's setting by default.
+        prefetch: Unacknowledged messages held; the app's setting by default.
+
+    Raises:
+        ConfigurationError: Every problem found, one per line. A broker URL
+            that names no transport skips the broker's checks here.
+    """
+    settings = app.settings
+    concurrency = concurrency or settings.concurrency
+    prefetch = prefetch or settings.effective_prefetch
+    names = list(queues or app.task_queues())
+    problems: list[str] = []
+    try:
+        check_prefetch(concurrency, prefetch)
+    except ConfigurationError as exc:
+        problems.append(str(exc))
+    try:
+        transport = app.transport
+    except ConfigurationError:
+        # A URL naming no transport: the worker reports it when it connects
+        # (exit code 1, like an unreachable broker); App.check() raises it.
+        transport = None
+    for name in names:
+        if transport is None:
+            break
+        try:
+            transport.queue_arguments(broker_spec(app.queue(name)))
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+    for task in sorted(app.tasks.values(), key=lambda t: t.name):
+        ttl = app.queue(task.queue).message_ttl
+        if task.queue not in names or ttl is None or not task.retry_policy.max_retries:
+            continue
+        schedule = retry_schedule(task.retry_policy)
+        if schedule > ttl:
+            problems.append(
+                f"Queue {task.queue!r}, task {task.name!r}: message_ttl is {ttl:g} s, but the "
+                f"task's {task.retry_policy.max_retries} retries can wait up to {schedule:g} s "
+                "in all, so its last retries would run work older than the queue's TTL allows. "
+                "Raise message_ttl, or shorten the schedule (max_retries, retry_backoff)."
+            )
+    if isinstance(transport, RedisTransport):
+        visibility = float(
+            settings.transport_options.get("visibility_timeout", KOMBU_VISIBILITY_TIMEOUT)
+        )
+        for task in sorted(app.tasks.values(), key=lambda t: t.name):
+            policy = task.retry_policy
+            if task.queue not in names or not policy.max_retries:
+                continue
+            longest = max(max_backoff(policy, a) for a in range(1, policy.max_retries + 1))
+            if longest > 0:
+                problems.append(
+                    f"Queue {task.queue!r}, task {task.name!r}: its retries wait up to "
+                    f"{longest:g} s, but {transport.schemes[0]}:// cannot hold a message for a "
+                    "delay (kombu would keep it unacknowledged in a worker and deliver it again "
+                    f"after visibility_timeout, {visibility:g} s), so each retry would be handed "
+                    "back at once, in a loop. Use redis://, which holds delays in Redis and has "
+                    "no visibility timeout, or give the task max_retries=0 or retry_backoff=0."
+                )
+    if problems:
+        raise ConfigurationError("\n".join(problems))
