@@ -22,7 +22,7 @@ from .exceptions import (
     Unroutable,
 )
 from .message import Message
-from .middleware import Middleware
+from .middleware import Middleware, OpenTelemetryTracing, StatsdMetrics, StructlogContext
 from .retry import RetryPolicy
 from .task import Task, TaskHandle
 from .transport import QueueSpec
@@ -41,6 +41,7 @@ __all__ = [
     "MQTasksError",
     "Message",
     "Middleware",
+    "OpenTelemetryTracing",
     "PublishError",
     "PublishNacked",
     "QueueSpec",
@@ -48,6 +49,8 @@ __all__ = [
     "Retry",
     "RetryPolicy",
     "Settings",
+    "StatsdMetrics",
+    "StructlogContext",
     "Task",
     "TaskHandle",
     "TaskNotRegistered",

@@ -20,12 +20,15 @@ from .exceptions import (
     TransportError,
 )
 from .message import Message
-from .middleware import DEFAULT_MIDDLEWARE, Middleware
+from .middleware import Middleware, default_middleware
 from .retry import RetryPolicy
 from .serialization import encode_body
+from .status import QueueStatus, queue_status
 from .task import BASE_OPTIONS, P, R, Task, TaskHandle
 from .transport import QueueSpec, Transport, resolve
+from .transport.base import DLQ_SUFFIX
 from .types import Seconds
+from .validation import check_app
 
 __all__ = ["App"]
 
@@ -42,7 +45,8 @@ class App:
         broker: Broker URL; ``MQTASKS_BROKER_URL`` or ``memory://`` when omitted.
         settings: Full settings; built from the environment when omitted.
         queues: Queue configurations; queues not listed get the defaults.
-        middleware: Middleware instances; the default stack when omitted.
+        middleware: Middleware instances, replacing the default stack
+            (:func:`~mqtasks.middleware.default_middleware`, picked by the settings).
         retry_policy: The retry policy of tasks that set none of their own
             (``RetryPolicy()``: 3 retries, exponential backoff with jitter).
         overrides: Individual :class:`~mqtasks.config.Settings` fields.
@@ -86,7 +90,7 @@ class App:
             self.add_queue(spec)
         #: Installed middleware, in order.
         self.middleware: list[Middleware] = (
-            list(middleware) if middleware is not None else [cls() for cls in DEFAULT_MIDDLEWARE]
+            list(middleware) if middleware is not None else default_middleware(settings)
         )
         self._transport: Transport | None = None
         self._lock = threading.Lock()
@@ -112,6 +116,7 @@ class App:
                         heartbeat=s.heartbeat,
                         connect_timeout=s.connect_timeout,
                         transport_options=s.transport_options,
+                        tls=s.tls,
                     )
         return self._transport
 
@@ -123,6 +128,38 @@ class App:
         """Return the configuration of queue ``name`` (the defaults if not configured)."""
         spec = self.queues.get(name)
         return spec if spec is not None else QueueSpec(name)
+
+    def delivery_limit(self, name: str) -> int | None:
+        """Return the most deliveries a message of queue ``name`` gets; None: no limit.
+
+        The queue's ``QueueSpec.delivery_limit`` if it sets one (0: none), else
+        :attr:`Settings.delivery_limit <mqtasks.config.Settings.delivery_limit>`.
+        Dead-letter queues have none.
+        """
+        if name.endswith(DLQ_SUFFIX):
+            return None
+        spec = self.queues.get(name)
+        limit = spec.delivery_limit if spec is not None else None
+        if limit is None:
+            limit = self.settings.delivery_limit
+        return limit or None
+
+    def check(
+        self,
+        queues: Sequence[str] | None = None,
+        *,
+        concurrency: int | None = None,
+        prefetch: int | None = None,
+    ) -> None:
+        """Check the configuration a worker of this app would run with; see
+        :func:`mqtasks.validation.check_app` (workers run it when created).
+
+        Raises:
+            UnknownTransport: The broker URL names no transport.
+            ConfigurationError: Every problem found, one per line.
+        """
+        self.transport  # noqa: B018 - resolving the URL is the first check
+        check_app(self, queues, concurrency=concurrency, prefetch=prefetch)
 
     def task_queues(self) -> list[str]:
         """Return the names of all queues that registered tasks publish to."""
@@ -164,6 +201,14 @@ class App:
     def purge_dead_letters(self, queue: str | None = None) -> int:
         """Delete every dead letter of ``queue``; return how many were deleted."""
         return dlq.purge_dead_letters(self, queue or self.settings.default_queue)
+
+    def status(self, queues: Sequence[str] | None = None) -> list[QueueStatus]:
+        """Return the status of ``queues`` (the task queues by default): ready,
+        unacknowledged, delayed and dead-lettered messages and consumers.
+
+        See :func:`mqtasks.status.queue_status`.
+        """
+        return queue_status(self, queues)
 
     def close(self) -> None:
         """Close the app's broker connections."""
@@ -281,29 +326,48 @@ class App:
             EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
             PublishError: The broker did not take the message.
         """
-        for mw in self.middleware:
-            message = _call_hook(mw.before_publish, self, message, default=message)
-        body = encode_body(
-            message.args,
-            dict(message.kwargs),
-            max_size=self.settings.max_message_size,
-            names=names,
-            task=message.task,
-        )
-        transport = self.transport
+        message = self._before_publish(message)
         try:
-            transport.declare([self.queue(message.queue)])
-        except TransportError as exc:
-            raise PublishError(
-                f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
-                task_id=message.id,
-            ) from exc
-        if delay:
-            transport.publish(message.queue, message.to_envelope(body), delay=delay)
-        else:
-            transport.publish(message.queue, message.to_envelope(body))
+            body = encode_body(
+                message.args,
+                dict(message.kwargs),
+                max_size=self.settings.max_message_size,
+                names=names,
+                task=message.task,
+            )
+            transport = self.transport
+            try:
+                transport.declare([self.queue(message.queue)])
+            except TransportError as exc:
+                raise PublishError(
+                    f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
+                    task_id=message.id,
+                ) from exc
+            if delay:
+                transport.publish(message.queue, message.to_envelope(body), delay=delay)
+            else:
+                transport.publish(message.queue, message.to_envelope(body))
+        except BaseException as exc:
+            self._publish_failed([message], exc)
+            raise
         for mw in reversed(self.middleware):
             _call_hook(mw.after_publish, self, message)
+
+    def _before_publish(self, message: Message) -> Message:
+        mws = self.middleware
+        for i, mw in enumerate(mws):
+            try:
+                message = _call_hook(mw.before_publish, self, message, default=message)
+            except BaseException as exc:  # a MiddlewareError vetoes: close what was opened
+                for opened in reversed(mws[:i]):
+                    _call_hook(opened.after_publish_error, self, message, exc)
+                raise
+        return message
+
+    def _publish_failed(self, messages: Iterable[Message], exc: BaseException) -> None:
+        for message in messages:
+            for mw in reversed(self.middleware):
+                _call_hook(mw.after_publish_error, self, message, exc)
 
     def send_many(self, messages: Iterable[Message]) -> list[TaskHandle]:
         """Publish many messages at once, with the broker's confirms pipelined.
@@ -317,34 +381,43 @@ class App:
                 ``.failed`` say which.
         """
         prepared: list[Message] = []
-        for message in messages:
-            for mw in self.middleware:
-                message = _call_hook(mw.before_publish, self, message, default=message)
-            prepared.append(message)
-        limit = self.settings.max_message_size
-        items = []
-        for message in prepared:
-            task = self.tasks.get(message.task)
-            names = task._names if task is not None else None
-            body = encode_body(
-                message.args, dict(message.kwargs), max_size=limit, names=names, task=message.task
-            )
-            items.append((message.queue, message.to_envelope(body)))
-        if not items:
-            return []
-        transport = self.transport
         try:
-            transport.declare([self.queue(q) for q in dict.fromkeys(m.queue for m in prepared)])
-        except TransportError as exc:
-            failed: dict[str, BaseException] = {m.id: exc for m in prepared}
-            raise BulkPublishError(
-                f"None of {len(prepared)} tasks was enqueued: {exc}", sent=[], failed=failed
-            ) from exc
-        results = transport.publish_many(items)
+            for message in messages:
+                prepared.append(self._before_publish(message))
+            limit = self.settings.max_message_size
+            items = []
+            for message in prepared:
+                task = self.tasks.get(message.task)
+                names = task._names if task is not None else None
+                body = encode_body(
+                    message.args,
+                    dict(message.kwargs),
+                    max_size=limit,
+                    names=names,
+                    task=message.task,
+                )
+                items.append((message.queue, message.to_envelope(body)))
+            if not items:
+                return []
+            transport = self.transport
+            try:
+                transport.declare([self.queue(q) for q in dict.fromkeys(m.queue for m in prepared)])
+            except TransportError as exc:
+                failed: dict[str, BaseException] = {m.id: exc for m in prepared}
+                raise BulkPublishError(
+                    f"None of {len(prepared)} tasks was enqueued: {exc}", sent=[], failed=failed
+                ) from exc
+            results = transport.publish_many(items)
+        except BaseException as exc:
+            self._publish_failed(prepared, exc)
+            raise
         sent = [m for m, r in zip(prepared, results, strict=True) if r is None]
         for message in sent:
             for mw in reversed(self.middleware):
                 _call_hook(mw.after_publish, self, message)
+        for message, r in zip(prepared, results, strict=True):
+            if r is not None:
+                self._publish_failed([message], r)
         failures = {m.id: r for m, r in zip(prepared, results, strict=True) if r is not None}
         if failures:
             first = next(iter(failures.values()))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import types
 from typing import Any
 
@@ -17,11 +17,14 @@ import click
 import structlog
 
 from . import __version__
+from . import logging as logs
 from ._importing import import_object
+from ._url import redact
 from .app import App
 from .config import mask_url
 from .dlq import DeadLetter, list_dead_letters, purge_dead_letters, replay_dead_letters
 from .exceptions import MQTasksError
+from .status import QueueStatus, StatusMonitor
 from .transport.base import dead_letter_spec
 from .worker import Worker
 
@@ -54,31 +57,16 @@ Exit codes:
 logger = structlog.get_logger("mqtasks.cli")
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """Set up structlog (and stdlib logging for kombu) to write to stderr."""
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise click.BadParameter(f"unknown log level {level!r}", param_hint="--log-level")
-    if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+def configure_logging(level: str, fmt: str) -> str:
+    """Set up structured logging to stderr (see :func:`mqtasks.logging.configure_logging`).
+
+    Returns the format used. Raises :exc:`click.UsageError` for an unknown level or
+    format (``MQTASKS_LOG_FORMAT`` included).
+    """
+    try:
+        return logs.configure_logging(level, fmt)
+    except MQTasksError as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
 def load_app(path: str) -> App:
@@ -153,13 +141,19 @@ def cli() -> None:
     default=None,
     help="Seconds running tasks may take to finish after SIGTERM (default 30).",
 )
-@click.option("--log-level", default="info", show_default=True, help="debug, info, warning, error.")
+@click.option(
+    "--log-level",
+    type=click.Choice(logs.LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="The lowest level logged.",
+)
 @click.option(
     "--log-format",
     type=click.Choice(["auto", "console", "json"]),
-    default="auto",
-    show_default=True,
-    help="console on a terminal, JSON otherwise.",
+    default=None,
+    help="json: one object per line; auto: console on a terminal, JSON otherwise "
+    "(default: the log_format setting, MQTASKS_LOG_FORMAT, else auto).",
 )
 def worker(
     app_path: str,
@@ -169,14 +163,20 @@ def worker(
     prefetch: int | None,
     shutdown_timeout: float | None,
     log_level: str,
-    log_format: str,
+    log_format: str | None,
 ) -> None:
     """Consume the app's queues and run its tasks until SIGTERM or SIGINT."""
-    configure_logging(log_level, log_format)
+    env_format = os.environ.get("MQTASKS_LOG_FORMAT") or "auto"
+    used = configure_logging(log_level, log_format or env_format)
     if processes > 1:
         argv = [sys.executable, "-m", "mqtasks", *sys.argv[1:]]
         sys.exit(Supervisor(_child_argv(argv), processes).run())
     app = load_app(app_path)
+    if log_format is None and app.settings.log_format != env_format:
+        # The app sets its own log_format: use it (loggers used while importing keep the first).
+        used_by_app = logs.resolve_format(app.settings.log_format)
+        if used_by_app != used:
+            configure_logging(log_level, used_by_app)
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     try:
         w = Worker(
@@ -207,6 +207,7 @@ def run_worker(w: Worker) -> int:
         signals["count"] += 1
         if signals["count"] > 1:
             logger.warning("worker.forced_exit", signal=signal.Signals(signum).name)
+            logs.flush()  # os._exit skips the atexit hook that writes the last lines
             os._exit(RET_FORCED)
         logger.info("worker.stopping", signal=signal.Signals(signum).name)
         stop.set()
@@ -300,6 +301,9 @@ class Supervisor:
                     continue
                 logger.warning("supervisor.child_died", slot=slot, pid=child.pid, code=code)
                 self._restart_pause()
+                if self.stopping:  # a signal came during the pause: no replacement
+                    del self.children[slot]
+                    continue
                 self._spawn(slot)
             if self.stopping and not self.children:
                 break
@@ -497,6 +501,145 @@ def dlq_purge(app_path: str, queue: str, yes: bool) -> None:
     click.echo(f"Purged {count} dead letter{'' if count == 1 else 's'} of {queue}.")
 
 
+# -- status ------------------------------------------------------------------------
+
+STATUS_EPILOG = """\b
+Examples:
+  mqtasks status -A myapp                 # every queue of the app's tasks
+  mqtasks status -A myapp emails reports  # these queues
+  mqtasks status -A myapp --watch         # refresh every 2 s, with READY/S
+  mqtasks status -A myapp --watch 10 --json | jq .queues[0].ready
+
+\b
+Columns:
+  READY      waiting for a consumer
+  UNACKED    delivered to a consumer, not acknowledged yet
+  DELAYED    held by the broker for a countdown or retry backoff
+  DEAD       entries of the queue's dead-letter queue (QUEUE.dlq)
+  CONSUMERS  consumers attached to the queue
+  READY/S    change of READY per second over the last minute (--watch):
+             negative while the queue drains, positive while it backs up
+
+\b
+Exit codes:
+  0  the status was printed (a missing queue is reported, not an error)
+  1  the broker is unreachable or refused
+  2  bad command line, including -A naming no app and invalid queue names
+"""
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _status_table(statuses: list[QueueStatus], broker: str) -> str:
+    rows: list[list[str]] = []
+    for s in statuses:
+        if not s.exists:
+            rows.append([s.queue, "missing", "", "", "", "", ""])
+            continue
+        delayed = _count(s.delayed) + ("*" if s.delayed_scope == "vhost" else "")
+        rate = "-" if s.ready_rate is None else f"{s.ready_rate:+.2f}"
+        rows.append(
+            [
+                s.queue,
+                _count(s.ready),
+                _count(s.unacked),
+                delayed,
+                _count(s.dead_lettered),
+                _count(s.consumers),
+                rate,
+            ]
+        )
+    header = ["QUEUE", "READY", "UNACKED", "DELAYED", "DEAD", "CONSUMERS", "READY/S"]
+    when = statuses[0].sampled_at.strftime("%Y-%m-%d %H:%M:%S") if statuses else ""
+    lines = [f"{broker}  {when} UTC", _table(rows, header)]
+    present = [s for s in statuses if s.exists]
+    if any(s.unacked is None for s in present):
+        lines.append("UNACKED -: not reported by this broker (RabbitMQ: only its management API).")
+    if any(s.delayed_scope == "vhost" for s in present):
+        lines.append(
+            "DELAYED *: held for every queue of the vhost; RabbitMQ's delay queues are shared."
+        )
+    if present and all(s.ready_rate is None for s in present):
+        lines.append("READY/S -: needs two samples; use --watch.")
+    return "\n".join(lines)
+
+
+@cli.command(epilog=STATUS_EPILOG)
+@click.option("-A", "--app", "app_path", required=True, help="The app: module[:attribute].")
+@click.argument("queues", nargs=-1)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Refresh every SECONDS (2 if omitted) until Ctrl-C; put QUEUEs before it.",
+)
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --watch: stop after N samples.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per sample, one per line.")
+def status(
+    app_path: str,
+    queues: tuple[str, ...],
+    watch: float | None,
+    count: int | None,
+    as_json: bool,
+) -> None:
+    """Show ready, unacked, delayed and dead-lettered messages and consumers per
+    queue (default: every queue of the app's tasks)."""
+    if count is not None and watch is None:
+        raise click.UsageError("--count needs --watch.")
+    app = load_app(app_path)
+    broker = mask_url(app.settings.broker_url)
+    try:
+        monitor = StatusMonitor(app, list(queues) or None)
+    except MQTasksError as exc:
+        raise click.UsageError(str(exc)) from exc
+    samples = 0
+    try:
+        while True:
+            statuses = monitor.sample()
+            samples += 1
+            if as_json:
+                document = {
+                    "broker": broker,
+                    "sampled_at": statuses[0].sampled_at.isoformat() if statuses else None,
+                    "queues": [s.to_dict() for s in statuses],
+                }
+                click.echo(json.dumps(document))
+            else:
+                if watch is not None and sys.stdout.isatty():
+                    click.clear()
+                elif samples > 1:
+                    click.echo()
+                click.echo(_status_table(statuses, broker))
+            if watch is None or (count is not None and samples >= count):
+                return
+            sys.stdout.flush()
+            time.sleep(watch)
+    except MQTasksError as exc:
+        message = str(exc) if broker in str(exc) else f"{exc} (broker {broker})"
+        raise click.ClickException(message) from exc
+    except KeyboardInterrupt:
+        return
+    finally:
+        app.close()
+
+
 def main() -> None:
     """Entry point of the ``mqtasks`` console script."""
-    cli(prog_name="mqtasks")
+    try:
+        cli(prog_name="mqtasks")
+    except Exception:
+        # Not a usage or broker error (those are reported by click): print the
+        # traceback, chained causes included, with passwords masked.
+        sys.stderr.write(redact(traceback.format_exc()))
+        sys.exit(RET_ERROR)

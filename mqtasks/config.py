@@ -11,14 +11,18 @@ from typing import Any, Literal
 
 from ._url import mask_url
 from .exceptions import ConfigurationError
+from .transport.tls import TLSOptions
 
-__all__ = ["DEFAULT_BROKER_URL", "QueueType", "Settings", "mask_url"]
+__all__ = ["DEFAULT_BROKER_URL", "LogFormat", "QueueType", "Settings", "TLSOptions", "mask_url"]
 
 #: The broker used when neither an argument nor ``MQTASKS_BROKER_URL`` names one.
 DEFAULT_BROKER_URL = "memory://"
 
 #: RabbitMQ queue types mqtasks declares.
 QueueType = Literal["quorum", "classic"]
+
+#: Log output of ``mqtasks worker``: ``auto`` is console on a terminal, JSON otherwise.
+LogFormat = Literal["auto", "console", "json"]
 
 _ENV_PREFIX = "MQTASKS_"
 
@@ -56,8 +60,25 @@ class Settings:
     prefetch: int | None = None
     #: Seconds a stopping worker lets running tasks finish before it gives up on them.
     shutdown_timeout: float = 30.0
+    #: Most deliveries of a message whose task keeps killing its worker: past it the
+    #: worker dead-letters the message (reason ``delivery_limit``) instead of running
+    #: it again. For queues whose ``QueueSpec`` sets none; ``0`` or ``None``: no limit.
+    #: Counted on ``redis://``, ``memory://`` and RabbitMQ quorum queues.
+    delivery_limit: int | None = 20
     #: Extra kombu transport options (for example Redis ``visibility_timeout``).
     transport_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: TLS of ``amqps://`` and ``rediss://`` connections: CA file, client certificate,
+    #: verification (on unless ``verify=False``). ``MQTASKS_TLS_CA_FILE``,
+    #: ``MQTASKS_TLS_CERT_FILE``, ``MQTASKS_TLS_KEY_FILE``, ``MQTASKS_TLS_VERIFY``.
+    tls: TLSOptions = field(default_factory=TLSOptions)
+    #: Where StatsD metrics go, ``statsd://host:port/prefix``; ``None``: no metrics.
+    statsd_url: str | None = None
+    #: OpenTelemetry spans and trace propagation, active once a tracer provider is set.
+    tracing: bool = True
+    #: Log output of ``mqtasks worker`` when ``--log-format`` is not given.
+    log_format: LogFormat = "auto"
+    #: Include task arguments in ``task.received`` log events (they may hold personal data).
+    log_task_args: bool = False
 
     def __post_init__(self) -> None:
         if self.max_message_size <= 0:
@@ -78,9 +99,27 @@ class Settings:
             )
         if self.heartbeat < 0 or self.shutdown_timeout < 0:
             raise ConfigurationError("heartbeat and shutdown_timeout cannot be negative.")
+        if self.delivery_limit is not None and (
+            isinstance(self.delivery_limit, bool)
+            or not isinstance(self.delivery_limit, int)
+            or self.delivery_limit < 0
+        ):
+            raise ConfigurationError(
+                "delivery_limit must be a number of deliveries (at least 1), or 0 or None "
+                f"for no limit; not {self.delivery_limit!r}."
+            )
+        if self.log_format not in ("auto", "console", "json"):
+            raise ConfigurationError(
+                f"log_format must be 'auto', 'console' or 'json', not {self.log_format!r}."
+            )
         object.__setattr__(
             self, "transport_options", MappingProxyType(dict(self.transport_options))
         )
+        if not isinstance(self.tls, TLSOptions):
+            raise ConfigurationError(
+                f"tls must be a mqtasks.TLSOptions, not {type(self.tls).__name__}: "
+                "tls=TLSOptions(ca_file=..., cert_file=..., key_file=..., verify=True)."
+            )
 
     @property
     def effective_prefetch(self) -> int:
@@ -104,8 +143,11 @@ class Settings:
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        tls = TLSOptions.from_env(env)
+        if tls is not None:
+            values["tls"] = tls
         for f in dataclasses.fields(cls):
-            if f.name == "transport_options":
+            if f.name in ("transport_options", "tls"):
                 continue
             raw = env.get(_ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
@@ -117,15 +159,30 @@ class Settings:
     @staticmethod
     def _kind(name: str) -> type:
         default = {f.name: f.default for f in dataclasses.fields(Settings)}[name]
-        if name == "prefetch":
+        if name in ("prefetch", "delivery_limit"):
             return int
+        if name == "statsd_url":
+            return str
         return type(default)
 
     def __repr__(self) -> str:
         return f"Settings(broker_url={mask_url(self.broker_url)!r}, default_queue={self.default_queue!r})"
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _parse(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.strip().lower() in _TRUE:
+            return True
+        if raw.strip().lower() in _FALSE:
+            return False
+        var = _ENV_PREFIX + name.upper()
+        raise ConfigurationError(
+            f"{var}={raw!r} is not a boolean (true/false, 1/0, yes/no, on/off)."
+        )
     try:
         if kind is int:
             return int(raw)

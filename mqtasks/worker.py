@@ -10,6 +10,7 @@ has finished: at-least-once.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import queue
 import threading
@@ -21,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from ._url import redact
 from .app import App, _call_hook
 from .deadletter import dead_letter_envelope
 from .exceptions import (
@@ -32,8 +34,10 @@ from .exceptions import (
     SkipMessage,
 )
 from .message import Message, _origin
+from .middleware.base import overriding
 from .retry import RetryPolicy
 from .transport.base import DLQ_SUFFIX, Consumer, Delivery
+from .validation import check_app
 
 __all__ = ["Worker"]
 
@@ -78,12 +82,11 @@ class Worker:
         self.shutdown_timeout = s.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         if self.concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1.")
-        if self.prefetch < self.concurrency:
-            raise ConfigurationError(
-                f"prefetch ({self.prefetch}) is below concurrency ({self.concurrency}): "
-                f"{self.concurrency - self.prefetch} worker threads would always be idle. "
-                "Raise prefetch or lower concurrency."
-            )
+        # Refuse what would misbehave (idle threads, options the broker cannot
+        # honour, retries it cannot hold) before any message moves.
+        check_app(app, self.queues, concurrency=self.concurrency, prefetch=self.prefetch)
+        #: Most deliveries per queue before a message is dead-lettered unrun (None: no limit).
+        self.delivery_limits = {q: app.delivery_limit(q) for q in self.queues}
         self.collect_errors = collect_errors
         #: ``(message or None, exception)`` pairs, when ``collect_errors`` is on.
         self.errors: list[tuple[Message | None, BaseException]] = []
@@ -114,6 +117,7 @@ class Worker:
         self._startup_error: BaseException | None = None
         self._stop_called = False
         self._origin = _origin()
+        self._bind_hooks()
 
     def __repr__(self) -> str:
         return f"<Worker {self.app.name!r} queues={self.queues} concurrency={self.concurrency}>"
@@ -127,6 +131,7 @@ class Worker:
             ConnectionFailed: The broker cannot be reached.
             ConfigurationError: A queue configuration the broker cannot honour.
         """
+        self._bind_hooks()
         for mw in self.app.middleware:
             _call_hook(mw.worker_boot, self)
         for i in range(self.concurrency):
@@ -148,6 +153,16 @@ class Worker:
             prefetch=self.prefetch,
             broker=repr(self.app.transport),
         )
+
+    def _bind_hooks(self) -> None:
+        # Only the hooks middleware override are called per message: the
+        # worker's hot path pays nothing for the rest.
+        mws = self.app.middleware
+        self._before_process = overriding(mws, "before_process")
+        self._after_process = overriding(mws[::-1], "after_process")
+        self._after_retry = overriding(mws[::-1], "after_retry")
+        self._after_reject = overriding(mws[::-1], "after_reject")
+        self._after_dead_letter = overriding(mws[::-1], "after_dead_letter")
 
     def _broker_warnings(self) -> list[str]:
         try:
@@ -371,7 +386,10 @@ class Worker:
             with self._lock:
                 self._running += 1
             try:
-                action = self._process(delivery)
+                # A fresh copy of the thread's context per message: what the
+                # task or a middleware binds (structlog contextvars, the
+                # OpenTelemetry context) ends with the message.
+                action = contextvars.copy_context().run(self._process, delivery)
             except BaseException:  # pragma: no cover - _process handles task errors
                 logger.exception("worker.process_crashed", message_id=delivery.message_id)
                 action = _REJECT
@@ -388,12 +406,13 @@ class Worker:
             detail=detail,
             task_id=delivery.message_id,
             task_name=message.task if message else None,
+            attempt=message.attempt if message else None,
             queue=delivery.queue,
         )
         if self.collect_errors:
             self.errors.append((message, DecodeError(reason, detail)))
-        for mw in reversed(self.app.middleware):
-            _call_hook(mw.after_reject, self, message, reason)
+        for hook in self._after_reject:
+            _call_hook(hook, self, message, reason)
         return self._dead_letter(delivery, message, reason, detail)
 
     def _dead_letter(
@@ -418,6 +437,9 @@ class Worker:
             logger.error(
                 "message.dead_letter_failed",
                 task_id=delivery.message_id,
+                task_name=message.task if message else None,
+                attempt=message.attempt if message else None,
+                queue=delivery.queue,
                 reason=reason,
                 error=str(error),
                 note="requeued instead; nothing is lost",
@@ -427,9 +449,12 @@ class Worker:
             "task.dead_lettered",
             task_id=delivery.message_id,
             task_name=message.task if message else None,
+            attempt=message.attempt if message else None,
             reason=reason,
             queue=delivery.queue,
         )
+        for hook in self._after_dead_letter:
+            _call_hook(hook, self, message, reason)
         return _ACK
 
     def _retry(self, delivery: Delivery, message: Message, delay: float, exc: BaseException) -> str:
@@ -451,10 +476,17 @@ class Worker:
         retry = message.copy(attempt=message.attempt + 1, first_failed_at=first, headers=headers)
         try:  # the body does not change between attempts: send it as received
             self.app.transport.publish(message.queue, retry.to_envelope(delivery.body), delay=delay)
+        except ConfigurationError as error:
+            # The transport cannot hold this delay (redis+kombu://): requeueing would
+            # run the task again at once, in a loop; give it up with the reason instead.
+            return self._dead_letter(delivery, message, "retry_unsupported", str(error), exc)
         except MQTasksError as error:
             logger.error(
                 "task.retry_failed",
                 task_id=message.id,
+                task_name=message.task,
+                attempt=message.attempt,
+                queue=message.queue,
                 error=str(error),
                 note="requeued instead; nothing is lost",
             )
@@ -464,13 +496,36 @@ class Worker:
             task_id=message.id,
             task_name=message.task,
             attempt=message.attempt,
+            queue=message.queue,
             delay=round(delay, 3),
-            error=f"{type(exc).__name__}: {exc}"[:500],
+            error=redact(f"{type(exc).__name__}: {exc}")[:500],
         )
+        for hook in self._after_retry:
+            _call_hook(hook, self, message, delay, exc)
         return _ACK
+
+    def _over_delivery_limit(self, delivery: Delivery) -> str | None:
+        """Dead-letter a message delivered more often than its queue allows, unrun."""
+        limit = self.delivery_limits.get(delivery.queue)
+        count = delivery.delivery_count
+        if limit is None or count is None or count <= limit:
+            return None
+        try:
+            message = Message.from_delivery(delivery, max_size=self.app.settings.max_message_size)
+        except DecodeError:
+            message = None
+        detail = (
+            f"delivered {count} times, over the queue's limit of {limit}: its worker "
+            "crashed, was killed or lost its connection each time (the task may be what "
+            "kills it); not run again"
+        )
+        return self._reject(delivery, message, "delivery_limit", detail)
 
     def _process(self, delivery: Delivery) -> str:
         app = self.app
+        over = self._over_delivery_limit(delivery)
+        if over is not None:
+            return over
         try:
             message = Message.from_delivery(delivery, max_size=app.settings.max_message_size)
         except DecodeError as exc:
@@ -486,32 +541,46 @@ class Worker:
             task.signature.bind(*message.args, **message.kwargs)
         except TypeError as exc:
             return self._reject(delivery, message, "invalid_arguments", str(exc))
-        try:
-            for mw in app.middleware:
-                _call_hook(mw.before_process, self, message)
-        except SkipMessage:
-            return _ACK
+        for hook in self._before_process:
+            try:
+                _call_hook(hook, self, message)
+            except SkipMessage as skip:
+                # Close the brackets opened so far: after_process of the
+                # middleware before the one that skipped, in reverse.
+                mws = app.middleware
+                skipper = getattr(hook, "__self__", None)
+                opened = mws[: mws.index(skipper)] if skipper in mws else []
+                for mw in reversed(opened):
+                    _call_hook(mw.after_process, self, message, result=None, exception=skip)
+                return _ACK
         result: Any = None
         error: BaseException | None = None
         try:
             result = task.fn(*message.args, **message.kwargs)
         except BaseException as exc:
             error = exc
-        for mw in reversed(app.middleware):
-            _call_hook(mw.after_process, self, message, result=result, exception=error)
-        if error is None:
-            return _ACK
-        return self._after_failure(delivery, message, task.retry_policy, error)
+        try:
+            if error is None:
+                return _ACK
+            return self._after_failure(delivery, message, task.retry_policy, error)
+        finally:  # after a retry or dead-letter publish: middleware see the whole outcome
+            for hook in self._after_process:
+                _call_hook(hook, self, message, result=result, exception=error)
 
     def _after_failure(
         self, delivery: Delivery, message: Message, policy: RetryPolicy, exc: BaseException
     ) -> str:
         if isinstance(exc, Reject):
             logger.info(
-                "task.rejected", task_id=message.id, task_name=message.task, reason=exc.reason
+                "task.rejected",
+                task_id=message.id,
+                task_name=message.task,
+                attempt=message.attempt,
+                queue=message.queue,
+                reason=exc.reason,
             )
-            for mw in reversed(self.app.middleware):
-                _call_hook(mw.after_reject, self, message, "rejected")
+            for hook in self._after_reject:
+                _call_hook(hook, self, message, "rejected")
             return self._dead_letter(delivery, message, "rejected", exc.reason, exc)
         if isinstance(exc, Retry):
             if message.attempt > policy.max_retries:
@@ -532,8 +601,8 @@ class Worker:
             task_name=message.task,
             attempt=message.attempt,
             queue=message.queue,
-            error=f"{type(exc).__name__}: {exc}",
-            traceback="".join(traceback.format_exception(exc))[-8192:],
+            error=redact(f"{type(exc).__name__}: {exc}"),
+            traceback=redact("".join(traceback.format_exception(exc)))[-8192:],
         )
         if self.collect_errors:
             self.errors.append((message, exc))

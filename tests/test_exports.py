@@ -25,3 +25,11 @@ def test_version_is_a_string() -> None:
 
 def test_testing_helpers_are_exported() -> None:
     assert set(mqtasks.testing.__all__) == {"drain", "memory_app", "reset", "running_worker"}
+
+
+def test_observability_middleware_is_exported() -> None:
+    import mqtasks.middleware
+
+    for name in ("OpenTelemetryTracing", "StatsdMetrics", "StructlogContext"):
+        assert getattr(mqtasks, name) is getattr(mqtasks.middleware, name)
+        assert name in mqtasks.__all__

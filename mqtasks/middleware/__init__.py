@@ -1,10 +1,49 @@
-"""Middleware: the hook interface and the default stack."""
+"""Middleware: the hook interface, the observability middleware and the default stack."""
 
 from __future__ import annotations
 
-from .base import Middleware
+from typing import TYPE_CHECKING
 
-__all__ = ["DEFAULT_MIDDLEWARE", "Middleware"]
+from .base import Middleware, overriding
+from .log_context import StructlogContext
+from .otel import OpenTelemetryTracing
+from .statsd import StatsdMetrics
 
-#: Middleware classes an App installs when none are given.
-DEFAULT_MIDDLEWARE: tuple[type[Middleware], ...] = ()
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = [
+    "DEFAULT_MIDDLEWARE",
+    "Middleware",
+    "OpenTelemetryTracing",
+    "StatsdMetrics",
+    "StructlogContext",
+    "default_middleware",
+    "overriding",
+]
+
+#: Middleware classes of the default stack, in order. Tracing comes first so
+#: that its span encloses what the others do; each class's
+#: :meth:`~mqtasks.middleware.base.Middleware.from_settings` decides whether it
+#: is installed.
+DEFAULT_MIDDLEWARE: tuple[type[Middleware], ...] = (
+    OpenTelemetryTracing,
+    StructlogContext,
+    StatsdMetrics,
+)
+
+
+def default_middleware(settings: Settings) -> list[Middleware]:
+    """Return the stack an :class:`~mqtasks.App` installs when given no ``middleware``.
+
+    With the default settings: :class:`OpenTelemetryTracing` (recording once a
+    tracer provider is set) and :class:`StructlogContext`; with ``statsd_url``
+    set, also :class:`StatsdMetrics`. Add your own on top with
+    ``App(..., middleware=[*default_middleware(settings), Mine()])`` or
+    ``app.middleware.append(Mine())``.
+
+    Raises:
+        ConfigurationError: A setting a middleware cannot use (a bad ``statsd_url``).
+    """
+    stack = [cls.from_settings(settings) for cls in DEFAULT_MIDDLEWARE]
+    return [mw for mw in stack if mw is not None]

@@ -8,6 +8,7 @@ A :class:`Transport` publishes :class:`Envelope` objects to queues declared from
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ import structlog
 from kombu import pools
 from kombu.exceptions import OperationalError
 
-from .._url import mask_url
+from .._url import mask_url, redact, remember_secret
 from ..exceptions import (
     ConfigurationError,
     ConnectionFailed,
@@ -29,6 +30,7 @@ from ..exceptions import (
     QueueNotFound,
     TransportError,
 )
+from .tls import TLSOptions, tls_failure
 
 if TYPE_CHECKING:
     from kombu.message import Message as KombuMessage
@@ -39,7 +41,9 @@ __all__ = [
     "Delivery",
     "Envelope",
     "QueueSpec",
+    "QueueStats",
     "Transport",
+    "broker_spec",
     "dead_letter_spec",
     "translate_errors",
 ]
@@ -66,10 +70,15 @@ class QueueSpec:
         message_ttl: Seconds a message may wait in the queue before the broker drops it.
         max_length: Most ready messages the queue holds.
         overflow: What happens past ``max_length``.
-        delivery_limit: Deliveries after which a message that keeps coming back
-            (its worker crashed, was killed, lost its connection) is dead-lettered
-            with reason ``delivery_limit`` instead of looping forever. RabbitMQ
-            quorum queues (``x-delivery-limit``) in this release.
+        delivery_limit: Most deliveries of a message that keeps coming back (its
+            worker crashed, was killed, lost its connection): when it arrives once
+            more, the worker dead-letters it with reason ``delivery_limit``
+            instead of running it. ``None`` takes the app's
+            :attr:`~mqtasks.config.Settings.delivery_limit`; ``0`` turns the
+            limit off for this queue. Counted by ``redis://``, ``memory://`` and
+            RabbitMQ quorum queues (which also get ``x-delivery-limit``, so the
+            broker dead-letters it itself if no worker does); other queues refuse
+            an explicit limit with a ConfigurationError.
     """
 
     name: str
@@ -94,17 +103,65 @@ class QueueSpec:
             raise ConfigurationError(f"Queue {self.name!r}: message_ttl must be positive seconds.")
         if self.max_length is not None and self.max_length < 1:
             raise ConfigurationError(f"Queue {self.name!r}: max_length must be at least 1.")
-        if self.delivery_limit is not None and self.delivery_limit < 1:
-            raise ConfigurationError(f"Queue {self.name!r}: delivery_limit must be at least 1.")
+        if self.delivery_limit is not None and (
+            isinstance(self.delivery_limit, bool)
+            or not isinstance(self.delivery_limit, int)
+            or self.delivery_limit < 0
+        ):
+            raise ConfigurationError(
+                f"Queue {self.name!r}: delivery_limit must be a number of deliveries "
+                f"(at least 1), 0 for no limit, or None for the app's default; "
+                f"not {self.delivery_limit!r}."
+            )
         if self.overflow not in ("drop-head", "reject-publish"):
             raise ConfigurationError(
                 f"Queue {self.name!r}: overflow must be 'drop-head' or 'reject-publish'."
             )
 
 
+def broker_spec(spec: QueueSpec) -> QueueSpec:
+    """Return ``spec`` as a broker declares it: ``delivery_limit=0`` (off) becomes None.
+
+    An inherited limit (None) is enforced by the worker from the delivery count
+    alone and never becomes a queue argument: a queue declared before the
+    default changed keeps its arguments, so redeclaring it does not fail.
+    """
+    if spec.delivery_limit == 0:
+        return dataclasses.replace(spec, delivery_limit=None)
+    return spec
+
+
 def dead_letter_spec(spec: QueueSpec) -> QueueSpec:
     """Return the spec of ``spec``'s dead-letter queue: same type, no limits."""
     return QueueSpec(spec.name + DLQ_SUFFIX, queue_type=spec.queue_type)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What a broker tells about one queue; ``None`` where it cannot tell.
+
+    Attributes:
+        name: The queue.
+        exists: False if the broker has no such queue (every count is then ``None``).
+        ready: Messages waiting for a consumer.
+        unacked: Messages delivered to consumers and not yet acknowledged.
+        delayed: Messages the broker holds for a delay (countdowns, retry backoffs).
+        delayed_scope: ``queue`` if :attr:`delayed` counts this queue's messages,
+            ``vhost`` if the broker cannot attribute them and it is the total held
+            for every queue of the virtual host (RabbitMQ's shared delay queues).
+        dead_lettered: Entries of the queue's dead-letter queue (``None`` if that
+            queue does not exist).
+        consumers: Consumers attached to the queue.
+    """
+
+    name: str
+    exists: bool = True
+    ready: int | None = None
+    unacked: int | None = None
+    delayed: int | None = None
+    delayed_scope: Literal["queue", "vhost"] = "queue"
+    dead_lettered: int | None = None
+    consumers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +187,7 @@ class Delivery:
         "body",
         "content_encoding",
         "content_type",
+        "delivery_count",
         "generation",
         "headers",
         "message_id",
@@ -141,7 +199,13 @@ class Delivery:
         "refused",
     )
 
-    def __init__(self, raw: KombuMessage, queue: str, generation: int) -> None:
+    def __init__(
+        self,
+        raw: KombuMessage,
+        queue: str,
+        generation: int,
+        delivery_count: int | None = None,
+    ) -> None:
         props = raw.properties
         self.raw = raw
         self.body: bytes = raw.body if isinstance(raw.body, bytes) else bytes(raw.body or b"")
@@ -156,6 +220,9 @@ class Delivery:
         self.received_at = time.time()
         #: Set by the transport when it refused to let kombu touch the body.
         self.refused: str | None = getattr(raw, "mqtasks_refused", None)
+        #: Deliveries of this message so far, this one included, as the broker
+        #: counted them; None when the broker does not count.
+        self.delivery_count = delivery_count
 
     def __repr__(self) -> str:
         return f"<Delivery {self.message_id} from {self.queue!r}>"
@@ -169,17 +236,31 @@ def translate_errors(url: str, what: str) -> Iterator[None]:
     except TransportError:
         raise
     except (OperationalError, ConnectionError, OSError, TimeoutError) as exc:
-        raise ConnectionFailed(
-            f"{what}: cannot reach the broker at {mask_url(url)} ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise ConnectionFailed(_unreachable(url, what, exc)) from exc
     except Exception as exc:
         if isinstance(exc, _connection_errors()):
-            raise ConnectionFailed(
-                f"{what}: connection to {mask_url(url)} failed ({type(exc).__name__}: {exc})"
-            ) from exc
+            raise ConnectionFailed(_unreachable(url, what, exc)) from exc
         if isinstance(exc, _channel_errors()):
-            raise TransportError(f"{what}: broker refused ({type(exc).__name__}: {exc})") from exc
+            raise TransportError(
+                redact(
+                    f"{what}: the broker at {mask_url(url)} refused ({type(exc).__name__}: {exc})"
+                )
+            ) from exc
         raise
+
+
+def _unreachable(url: str, what: str, exc: BaseException) -> str:
+    """The message of a failed connection: the TLS refusal if that is what it was."""
+    refused = tls_failure(exc)
+    if refused is not None:
+        return redact(
+            f"{what}: the TLS certificate of the broker at {mask_url(url)} was refused "
+            f"({refused}). Trust the CA that signed it with TLSOptions(ca_file=...) "
+            "(MQTASKS_TLS_CA_FILE) and connect by a host name the certificate lists."
+        )
+    return redact(
+        f"{what}: cannot reach the broker at {mask_url(url)} ({type(exc).__name__}: {exc})"
+    )
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -231,8 +312,14 @@ class Transport:
         heartbeat: float = 10.0,
         connect_timeout: float = 5.0,
         transport_options: Mapping[str, Any] | None = None,
+        tls: TLSOptions | None = None,
     ) -> None:
+        remember_secret(url)
         self.url = url
+        #: TLS options (used by ``amqps://``, ``rediss://``, ``rediss+kombu://``).
+        self.tls = tls if tls is not None else TLSOptions()
+        #: Whether the URL's scheme connects with TLS.
+        self.uses_tls = self.tls.apply(url)
         self.queue_type = queue_type
         self.publish_timeout = publish_timeout
         self.publish_retries = publish_retries
@@ -259,7 +346,12 @@ class Transport:
             heartbeat=heartbeat,
             connect_timeout=self.connect_timeout,
             transport_options=self.connection_options(),
+            ssl=self.kombu_ssl(),
         )
+
+    def kombu_ssl(self) -> dict[str, Any] | bool:
+        """Return kombu's ``ssl`` connection argument: False unless the URL uses TLS."""
+        return False
 
     def connection_options(self) -> dict[str, Any]:
         """Return the kombu ``transport_options`` for connections of this transport."""
@@ -294,10 +386,11 @@ class Transport:
         Raises:
             ConfigurationError: The broker cannot honour an option of ``spec``.
         """
-        if spec.delivery_limit is not None:
+        if spec.delivery_limit:
             raise ConfigurationError(
-                f"Queue {spec.name!r}: delivery_limit needs a RabbitMQ quorum queue in this "
-                f"release; {self.schemes[0]}:// does not count deliveries yet."
+                f"Queue {spec.name!r}: {self.schemes[0]}:// does not count deliveries, so it "
+                "cannot honour delivery_limit. Use redis:// or a RabbitMQ quorum queue, or "
+                "remove delivery_limit from the queue config."
             )
         if spec.max_length is not None or spec.message_ttl is not None:
             raise ConfigurationError(
@@ -309,6 +402,7 @@ class Transport:
 
     def kombu_queue(self, spec: QueueSpec) -> kombu.Queue:
         """Return the kombu queue for ``spec`` (bound to the default exchange)."""
+        spec = broker_spec(spec)
         return kombu.Queue(
             spec.name,
             exchange=kombu.Exchange(""),
@@ -380,7 +474,16 @@ class Transport:
         try:
             with pool.acquire(block=True, timeout=timeout) as producer:
                 self._local.returned = None
-                self._publish(producer, exchange, routing_key, envelope, deadline)
+                try:
+                    self._publish(producer, exchange, routing_key, envelope, deadline)
+                except Exception as exc:
+                    if not _caused_by(exc, "MessageNacked"):
+                        # Returned to the pool after an error, the connection would be
+                        # closed politely, waiting seconds more for a broker that does
+                        # not answer; drop it instead (the pool makes a new one).
+                        with contextlib.suppress(Exception):
+                            producer.connection.collect()
+                    raise
                 returned = self._local.returned
         except PublishError:
             raise
@@ -392,8 +495,10 @@ class Transport:
                     task_id=envelope.message_id,
                 ) from exc
             raise PublishError(
-                f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
-                f"{type(exc).__name__}: {exc} (broker {mask_url(self.url)})",
+                redact(
+                    f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
+                    f"{type(exc).__name__}: {exc} (broker {mask_url(self.url)})"
+                ),
                 task_id=envelope.message_id,
             ) from exc
         if returned is not None:
@@ -407,8 +512,8 @@ class Transport:
         """
         if delay:
             raise ConfigurationError(
-                f"{type(self).__name__} cannot hold a message for a delay; "
-                "delays (countdown, retries) need amqp:// or memory:// in this release."
+                f"{self.schemes[0]}:// cannot hold a message for a delay; delays "
+                "(countdown, retries) are held by amqp://, redis:// and memory://."
             )
         return "", queue
 
@@ -426,6 +531,7 @@ class Transport:
             "interval_start": 0.1,
             "interval_step": 0.5,
             "interval_max": 2.0,
+            "errback": deadline_errback(producer.connection, deadline, self.connect_timeout),
         }
         producer.publish(
             envelope.body,
@@ -496,6 +602,18 @@ class Transport:
         """Return a consumer of ``specs`` that owns its own connection."""
         return Consumer(self, specs, prefetch=prefetch)
 
+    def delivery_count(self, raw: KombuMessage) -> int | None:
+        """Return how many times the broker has delivered ``raw``, this time included.
+
+        RabbitMQ quorum queues count returns in the ``x-delivery-count`` header;
+        a message that was never redelivered is on its first delivery anywhere.
+        Otherwise the count is unknown: None.
+        """
+        returns = (raw.headers or {}).get("x-delivery-count")
+        if isinstance(returns, int) and not isinstance(returns, bool) and returns >= 0:
+            return returns + 1
+        return None if raw.delivery_info.get("redelivered") else 1
+
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         """Return the number of ready messages per queue.
 
@@ -524,6 +642,36 @@ class Transport:
         """
         return {}
 
+    def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
+        """Return what the broker tells about each queue, by queue name.
+
+        A queue that does not exist is reported with ``exists=False``, never
+        raised. The base implementation counts ready, delayed and dead-lettered
+        messages; transports that can tell more override it.
+
+        Raises:
+            ConnectionFailed: The broker cannot be reached.
+            TransportError: The broker refused.
+        """
+        stats: dict[str, QueueStats] = {}
+        for spec in specs:
+            try:
+                ready = self.message_counts([spec]).get(spec.name)
+            except QueueNotFound:
+                stats[spec.name] = QueueStats(spec.name, exists=False)
+                continue
+            dead: int | None = None
+            if not spec.name.endswith(DLQ_SUFFIX):
+                try:
+                    dead = self.message_counts([dead_letter_spec(spec)]).get(spec.name + DLQ_SUFFIX)
+                except QueueNotFound:
+                    dead = None
+            delayed = self.delayed_counts([spec]).get(spec.name)
+            stats[spec.name] = QueueStats(
+                spec.name, ready=ready, delayed=delayed, dead_lettered=dead
+            )
+        return stats
+
     def purge(self, specs: Sequence[QueueSpec]) -> int:
         """Remove all ready messages from the queues; return how many."""
         total = 0
@@ -540,6 +688,39 @@ class Transport:
             for spec in specs:
                 self.kombu_queue(spec).bind(channel).delete()
                 self._declared.discard(spec.name)
+
+
+def deadline_errback(
+    connection: kombu.Connection, deadline: float, connect_timeout: float
+) -> Callable[..., None]:
+    """An ``errback`` for kombu's ``ensure`` that keeps its reconnects within ``deadline``.
+
+    kombu retries a lost connection ``max_retries`` times, each attempt waiting up
+    to ``connect_timeout`` for a broker that accepts TCP but does not answer (a
+    frozen one): several times the publish timeout in all. The connection's
+    ``connect_timeout`` is cut to the time left now and before each reconnect
+    attempt, and the errback gives up once no time is left.
+
+    Args:
+        connection: The (pooled) connection a publish runs on.
+        deadline: ``time.monotonic()`` value by which the publish must end.
+        connect_timeout: The configured connect timeout, never exceeded.
+
+    Raises:
+        TimeoutError: The deadline has passed (kombu re-raises it as OperationalError).
+    """
+
+    connection.connect_timeout = max(0.05, min(connect_timeout, deadline - time.monotonic()))
+
+    def errback(exc: BaseException, interval: float) -> None:
+        remaining = deadline - time.monotonic() - interval
+        if remaining <= 0:
+            raise TimeoutError(
+                f"no answer from the broker within the publish timeout ({type(exc).__name__})"
+            ) from exc
+        connection.connect_timeout = min(connect_timeout, remaining)
+
+    return errback
 
 
 def _caused_by(exc: BaseException | None, name: str) -> bool:
@@ -632,7 +813,8 @@ class Consumer:
         info = raw.delivery_info
         queue = self._tags.get(info.get("consumer_tag")) or info.get("routing_key") or ""
         assert self._on_delivery is not None
-        self._on_delivery(Delivery(raw, queue, self.generation))
+        count = self.transport.delivery_count(raw)
+        self._on_delivery(Delivery(raw, queue, self.generation, count))
 
     @property
     def connection_errors(self) -> tuple[type[BaseException], ...]:

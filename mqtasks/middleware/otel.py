@@ -1,0 +1,224 @@
+"""OpenTelemetryTracing: W3C trace context through the broker, a span per publish and per attempt.
+
+``delay()`` opens a PRODUCER span ``"<queue> publish"`` and injects its
+context into the message headers (``traceparent``, ``tracestate``, baggage).
+A worker extracts it and opens a CONSUMER span ``"<queue> process"`` per
+attempt, a child of the producer span, current while the task runs. A retry is
+republished with the same headers, so every attempt of a task, and the tasks
+it sends, belong to the caller's trace.
+
+Only the OpenTelemetry API is used: spans are recorded once the application
+sets a tracer provider (the SDK's, or a vendor's); until then the middleware
+does nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCode
+
+from ..exceptions import Reject, Retry, SkipMessage
+from .base import Middleware
+
+if TYPE_CHECKING:
+    from ..app import App
+    from ..config import Settings
+    from ..message import Message
+    from ..worker import Worker
+
+__all__ = ["INSTRUMENTATION_NAME", "OpenTelemetryTracing", "messaging_system"]
+
+#: Name of the tracer (the instrumentation scope) spans are created with.
+INSTRUMENTATION_NAME = "mqtasks"
+
+_SYSTEMS = {
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "redis": "redis",
+    "rediss": "redis",
+    "memory": "memory",
+}
+
+
+def messaging_system(broker_url: str) -> str:
+    """Return the ``messaging.system`` attribute for a broker URL (``rabbitmq``, ``redis``, ``memory``)."""
+    scheme = broker_url.split("://", 1)[0].split("+", 1)[0].lower()
+    return _SYSTEMS.get(scheme, scheme)
+
+
+class OpenTelemetryTracing(Middleware):
+    """Propagates trace context through messages and records publish and process spans.
+
+    Installed by the default stack unless the ``tracing`` setting is off
+    (``MQTASKS_TRACING=false``).
+
+    Args:
+        tracer_provider: Where spans go; the global provider
+            (:func:`opentelemetry.trace.set_tracer_provider`) by default,
+            looked up until one is set.
+    """
+
+    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
+        self._tracer: trace.Tracer | None = (
+            None if tracer_provider is None else tracer_provider.get_tracer(INSTRUMENTATION_NAME)
+        )
+        self._local = threading.local()
+        self._systems: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OpenTelemetryTracing | None:
+        """Return tracing on the global tracer provider, or None when ``tracing`` is off."""
+        return cls() if settings.tracing else None
+
+    def __repr__(self) -> str:
+        return "<OpenTelemetryTracing>"
+
+    @property
+    def tracer(self) -> trace.Tracer | None:
+        """The tracer spans are made with; None while no tracer provider is set."""
+        tracer = self._tracer
+        if tracer is None:
+            provider = trace.get_tracer_provider()
+            if isinstance(provider, ProxyTracerProvider):
+                return None  # nothing configured: stay out of the way, at no cost
+            tracer = self._tracer = provider.get_tracer(INSTRUMENTATION_NAME)
+        return tracer
+
+    def _attributes(self, app: App, message: Message, operation: str) -> dict[str, Any]:
+        url = app.settings.broker_url
+        system = self._systems.get(url)
+        if system is None:
+            system = self._systems[url] = messaging_system(url)
+        return {
+            "messaging.system": system,
+            "messaging.destination.name": message.queue,
+            "messaging.message.id": message.id,
+            "messaging.operation": operation,
+            "mqtasks.task.name": message.task,
+            "mqtasks.task.attempt": message.attempt,
+        }
+
+    # -- publishing ------------------------------------------------------------------
+
+    def _publishing(self) -> dict[str, trace.Span]:
+        spans: dict[str, trace.Span] | None = getattr(self._local, "publishing", None)
+        if spans is None:
+            spans = self._local.publishing = {}
+        return spans
+
+    def before_publish(self, app: App, message: Message) -> Message:
+        """Open the PRODUCER span and inject its context into the message headers."""
+        tracer = self.tracer
+        if tracer is None:
+            return message
+        headers = message.headers
+        # Headers that carry a trace already (a replayed message, or the caller's
+        # own) say where this publish belongs; otherwise the current span does.
+        parent = propagate.extract(headers) if "traceparent" in headers else None
+        span = tracer.start_span(
+            f"{message.queue} publish",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes=self._attributes(app, message, "publish"),
+        )
+        carrier = dict(headers)
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        self._publishing()[message.id] = span
+        return message.copy(headers=carrier)
+
+    def after_publish(self, app: App, message: Message) -> None:
+        """End the PRODUCER span."""
+        span = self._publishing().pop(message.id, None)
+        if span is not None:
+            span.end()
+
+    def after_publish_error(self, app: App, message: Message, exception: BaseException) -> None:
+        """Record the exception on the PRODUCER span, with error status, and end it."""
+        span = self._publishing().pop(message.id, None)
+        if span is not None:
+            span.record_exception(exception)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
+            span.end()
+
+    # -- processing ------------------------------------------------------------------
+
+    def before_process(self, worker: Worker, message: Message) -> None:
+        """Open the CONSUMER span of this attempt, child of the producer's, and make it current."""
+        tracer = self.tracer
+        if tracer is None:
+            return
+        parent = propagate.extract(message.headers)
+        attributes = self._attributes(worker.app, message, "process")
+        if message.redelivered:  # only when true: each attribute costs the SDK a few µs
+            attributes["mqtasks.message.redelivered"] = True
+        span = tracer.start_span(
+            f"{message.queue} process",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        )
+        local = self._local
+        local.span = span
+        local.token = otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def _span(self) -> trace.Span | None:
+        span: trace.Span | None = getattr(self._local, "span", None)
+        return span
+
+    def after_retry(
+        self, worker: Worker, message: Message, delay: float, exception: BaseException
+    ) -> None:
+        """Add a ``mqtasks.retry`` event: the delay and the next attempt."""
+        span = self._span()
+        if span is not None:
+            span.add_event(
+                "mqtasks.retry",
+                {
+                    "mqtasks.retry.delay": delay,
+                    "mqtasks.retry.next_attempt": message.attempt + 1,
+                    "exception.type": type(exception).__qualname__,
+                },
+            )
+
+    def after_reject(self, worker: Worker, message: Message | None, reason: str) -> None:
+        """Add a ``mqtasks.reject`` event with the reason."""
+        span = self._span()
+        if span is not None:
+            span.add_event("mqtasks.reject", {"mqtasks.reject.reason": reason})
+
+    def after_dead_letter(self, worker: Worker, message: Message | None, reason: str) -> None:
+        """Add a ``mqtasks.dead_letter`` event with the reason."""
+        span = self._span()
+        if span is not None:
+            span.add_event("mqtasks.dead_letter", {"mqtasks.dead_letter.reason": reason})
+
+    def after_process(
+        self,
+        worker: Worker,
+        message: Message,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Record a failure on the span (error status), end it and restore the context."""
+        span = self._span()
+        if span is None:
+            return
+        local = self._local
+        local.span = None
+        if exception is None or isinstance(exception, Retry):
+            pass  # a requested retry is control flow, not an error; its event says enough
+        elif isinstance(exception, SkipMessage):
+            span.add_event("mqtasks.skip")
+        elif isinstance(exception, Reject):
+            span.set_status(Status(StatusCode.ERROR, f"rejected: {exception.reason}"))
+        else:
+            span.record_exception(exception)
+            span.set_attribute("error.type", type(exception).__qualname__)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
+        otel_context.detach(local.token)
+        span.end()
