@@ -317,3 +317,19 @@ def test_worker_writes_json_with_the_task_context_and_masked_urls(
         (event,) = [e for e in logged if e["event"] == name]
         assert event["task_name"] == observability_app.FAIL and event["trace_id"] == TRACE_ID
     assert all("timestamp" in e and "level" in e for e in logged)
+
+
+def test_an_app_that_never_configured_structlog_gets_no_line_per_task(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    structlog.reset_defaults()  # structlog's default prints every level to stdout
+    app = memory_app()
+
+    @app.task
+    def quiet() -> None: ...
+
+    quiet.delay()
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker)
+    out = capsys.readouterr().out
+    assert "task.published" not in out and "task.received" not in out

@@ -11,7 +11,9 @@ default does, and so does :func:`mqtasks.logging.configure_logging`).
 It also logs the lifecycle events the worker does not log itself, with the
 same names as the StatsD metrics: ``task.published``, ``task.received`` and
 ``task.succeeded`` at debug level (one line per task would be most of a busy
-worker's log, and of its logging cost; the StatsD counters count them), and
+worker's log, and of its logging cost; the StatsD counters count them) and only
+once structlog is configured (its default configuration prints every level, so
+an application that never configured it would get a line per ``delay()``), and
 ``task.publish_failed`` at warning level. The worker logs ``task.failed``,
 ``task.retried``, ``task.rejected``, ``message.rejected`` and
 ``task.dead_lettered`` (info level and above) whatever middleware is installed.
@@ -74,6 +76,8 @@ class StructlogContext(Middleware):
 
     def after_publish(self, app: App, message: Message) -> None:
         """Log ``task.published`` (debug)."""
+        if not structlog.is_configured():
+            return  # structlog's default prints every level: not a line per delay()
         publish_logger.debug(
             "task.published",
             task_id=message.id,
@@ -112,7 +116,9 @@ class StructlogContext(Middleware):
         local.started = time.perf_counter()
         # The context goes in explicitly too: the events keep it under a
         # structlog configuration without merge_contextvars.
-        if self.log_args:
+        if not structlog.is_configured():
+            pass  # structlog's default prints every level: no debug line per task
+        elif self.log_args:
             logger.debug(
                 "task.received",
                 redelivered=message.redelivered,
@@ -138,6 +144,7 @@ class StructlogContext(Middleware):
             return
         if exception is None:
             duration = round(time.perf_counter() - local.started, 6)
-            logger.debug("task.succeeded", duration=duration, **local.context)
+            if structlog.is_configured():
+                logger.debug("task.succeeded", duration=duration, **local.context)
         local.tokens = None
         structlog.contextvars.reset_contextvars(**tokens)
