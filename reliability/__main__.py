@@ -1,0 +1,171 @@
+"""``python -m reliability``: run the fault-injection protocol and report.
+
+Runs the negative controls first (the harness must see loss where there is
+loss), then the scenarios; prints one JSON object per scenario run and a
+summary table, writes both to the results file, and exits 1 if any pass
+criterion failed (2 if a negative control showed no loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from .harness import BROKER_PROFILES, PROFILES, Harness
+from .report import summary_table
+from .scenarios import SCENARIOS
+
+#: Exit code: every criterion passed.
+RET_OK = 0
+#: Exit code: a scenario's pass criterion failed (or it crashed).
+RET_FAILED = 1
+#: Exit code: a negative control showed no loss, so the harness cannot be trusted.
+RET_HARNESS_BROKEN = 2
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--profile", type=click.Choice(sorted(PROFILES)), default="ci", show_default=True)
+@click.option(
+    "--scenario",
+    "scenarios",
+    multiple=True,
+    type=click.Choice(sorted(SCENARIOS), case_sensitive=False),
+    help="Run only these (repeatable); the negative controls always run first unless --no-controls.",
+)
+@click.option(
+    "--broker",
+    "brokers",
+    multiple=True,
+    type=click.Choice(["rabbitmq", "redis", *BROKER_PROFILES]),
+    help="Only these brokers: rabbitmq (RQ, RC), redis (RD, RV), or a profile name.",
+)
+@click.option("--seed", type=int, default=None, help="Re-use a seed printed by an earlier run.")
+@click.option("--no-controls", is_flag=True, help="Skip N1-N3 (for re-running one scenario).")
+@click.option(
+    "--results",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON lines file for the results (default: build/reliability-<profile>-<time>.jsonl).",
+)
+@click.option("--keep", is_flag=True, help="Keep the work directory (ledgers, worker logs).")
+def main(
+    profile: str,
+    scenarios: tuple[str, ...],
+    brokers: tuple[str, ...],
+    seed: int | None,
+    no_controls: bool,
+    results: Path | None,
+    keep: bool,
+) -> None:
+    """Run the reliability fault-injection protocol on brokers the harness starts itself."""
+    prof = PROFILES[profile]
+    seed = seed if seed is not None else random.randrange(2**31)
+    wanted = {s.upper() for s in scenarios}
+    allowed = _broker_filter(brokers)
+    selected = [
+        s
+        for s in SCENARIOS.values()
+        if (s.negative and not no_controls)
+        or (not s.negative and (not wanted or s.name.upper() in wanted))
+        or (s.negative and s.name.upper() in wanted)
+    ]
+    results = (
+        results or Path("build") / f"reliability-{profile}-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+    )
+    results.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="mqtasks-rel-"))
+    os.chmod(workdir, 0o755)  # the RabbitMQ node runs as another user below it
+    click.echo(
+        f"reliability: profile={profile} seed={seed} workdir={workdir} results={results}", err=True
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    harness = Harness(workdir, prof, seed)
+    rows: list[dict[str, Any]] = []
+    code = RET_OK
+    t_start = time.monotonic()
+    try:
+        with results.open("w") as out:
+            for scenario in selected:
+                for broker in scenario.brokers:
+                    if broker not in allowed:
+                        continue
+                    row = _run_one(harness, scenario.name, broker)
+                    row["versions"] = harness.versions()
+                    line = json.dumps(row, default=str)
+                    click.echo(line)
+                    out.write(line + "\n")
+                    out.flush()
+                    rows.append(row)
+                    if row.get("status") == "failed":
+                        code = max(code, RET_HARNESS_BROKEN if scenario.negative else RET_FAILED)
+            bad = harness.loopback_violations()
+            if bad:
+                click.echo(f"listening beyond loopback: {bad}", err=True)
+                code = max(code, RET_FAILED)
+            total = time.monotonic() - t_start
+            table = summary_table(rows, profile=profile, seed=seed, total_s=total)
+            out.write(
+                json.dumps({"summary": table, "total_s": round(total, 1), "seed": seed}) + "\n"
+            )
+        click.echo(table)
+    except KeyboardInterrupt:
+        click.echo("interrupted: cleaning up", err=True)
+        code = 130
+    finally:
+        harness.close()
+        if not keep:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    sys.exit(code)
+
+
+def _broker_filter(brokers: tuple[str, ...]) -> set[str]:
+    if not brokers:
+        return set(BROKER_PROFILES)
+    allowed: set[str] = set()
+    for b in brokers:
+        allowed |= {"rabbitmq": {"RQ", "RC"}, "redis": {"RD", "RV"}}.get(b, {b})
+    return allowed
+
+
+def _run_one(harness: Harness, name: str, broker: str) -> dict[str, Any]:
+    scenario = SCENARIOS[name]
+    if scenario.fn is None:
+        return {"scenario": name, "broker": broker, "status": "not_implemented", "passed": None}
+    click.echo(f"-- {name} on {broker}: {scenario.title}", err=True)
+    try:
+        row = scenario.fn(harness, broker)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        return {
+            "scenario": name,
+            "broker": broker,
+            "status": "failed",
+            "passed": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
+    if row.get("status") != "pending":  # pending: the broker lacks a feature the scenario needs
+        row["status"] = "passed" if row.get("passed") else "failed"
+    return row
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,721 @@
+"""The machinery every scenario shares: brokers, a run, a publisher, quiescence, figures.
+
+A :class:`Harness` owns the brokers for one ``python -m reliability`` invocation
+(started once, on first use). Each scenario run is a :class:`Run`: its own work
+queue, ledger directory, worker pool and fault log, torn down when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import kombu
+import redis
+
+import mqtasks
+from mqtasks import App
+from mqtasks.dlq import list_dead_letters
+from mqtasks.exceptions import MQTasksError
+from mqtasks.serialization import encode_body
+from mqtasks.transport import ReliableRedisTransport
+
+from .brokers import RabbitNode, RedisServer, listening_beyond_loopback
+from .ledger import Classification, Event, LedgerWriter, percentile, read_ledger
+from .proxy import TcpProxy
+from .tasks import build_app
+from .workers import WorkerPool, worker_argv
+
+__all__ = ["BROKER_PROFILES", "Harness", "Profile", "Publisher", "Run", "wmix_ms"]
+
+#: Broker profiles: RabbitMQ quorum (RQ) or classic (RC); Redis durable (RD) or volatile (RV).
+BrokerProfile = Literal["RQ", "RC", "RD", "RV"]
+BROKER_PROFILES: tuple[BrokerProfile, ...] = ("RQ", "RC", "RD", "RV")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one harness profile."""
+
+    name: str
+    #: Multiplies the protocol's task counts (ci: 0.1).
+    scale: float
+    #: Seconds of the soak scenario.
+    soak_s: float
+    #: Quiet seconds that make a run quiescent.
+    quiet_s: float = 10.0
+
+    def n(self, count: int, minimum: int = 1) -> int:
+        """``count`` scaled for this profile (at least ``minimum``)."""
+        return max(minimum, round(count * self.scale))
+
+
+#: ci waits 5 quiet seconds, release 10: quiescence also needs empty ready,
+#: delayed and unacked counts (a dead Redis consumer's messages count as unacked
+#: until a sweep restores them), so the quiet time only covers what is in transit.
+PROFILES = {
+    "ci": Profile("ci", 0.1, 60.0, quiet_s=5.0),
+    "release": Profile("release", 1.0, 600.0),
+}
+
+
+def wmix_ms(rng: random.Random) -> float:
+    """W-mix task duration: 90 % 1-10 ms, 9 % 50-200 ms, 1 % 1-2 s."""
+    x = rng.random()
+    if x < 0.90:
+        return round(rng.uniform(1, 10), 2)
+    if x < 0.99:
+        return round(rng.uniform(50, 200), 2)
+    return round(rng.uniform(1000, 2000), 2)
+
+
+class Harness:
+    """Brokers of one invocation, started on first use and always cleaned up.
+
+    Args:
+        workdir: Where runs keep their ledgers and logs.
+        profile: ci or release sizes.
+        seed: Base seed; each run derives its own from it.
+    """
+
+    def __init__(self, workdir: Path, profile: Profile, seed: int) -> None:
+        self.workdir = workdir
+        self.profile = profile
+        self.seed = seed
+        self.rabbit: RabbitNode | None = None
+        self.redis: dict[str, RedisServer] = {}
+        self._versions: dict[str, str] = {}
+        self.startup_s: dict[str, float] = {}
+
+    # -- brokers --------------------------------------------------------------
+
+    def rabbit_node(self) -> RabbitNode:
+        """The harness's RabbitMQ node (started on first use; restarted if a scenario killed it)."""
+        if self.rabbit is None:
+            self.rabbit = RabbitNode(self.workdir / "rabbit")
+            self.startup_s["rabbitmq"] = round(self.rabbit.start(), 1)
+            self._versions["rabbitmq"] = self.rabbit.version()
+        elif self.rabbit.beam_pid() is None:
+            self.rabbit.restart()
+        return self.rabbit
+
+    def redis_server(self, profile: Literal["RD", "RV"]) -> RedisServer:
+        """The harness's Redis server of ``profile`` (started on first use)."""
+        server = self.redis.get(profile)
+        if server is None:
+            server = self.redis[profile] = RedisServer(profile, self.workdir / f"redis-{profile}")
+            (self.workdir / f"redis-{profile}").mkdir(parents=True, exist_ok=True)
+            self.startup_s[f"redis-{profile}"] = round(server.start(), 1)
+            self._versions["redis"] = server.version()
+        elif server.proc is None or server.proc.poll() is not None:
+            server.restart()
+        return server
+
+    def broker_url(self, broker: BrokerProfile) -> str:
+        """URL of the broker behind ``broker``."""
+        if broker in ("RQ", "RC"):
+            return self.rabbit_node().url
+        return self.redis_server(broker).url  # type: ignore[arg-type]
+
+    def loopback_violations(self) -> list[str]:
+        """Listening sockets of the harness's brokers bound beyond 127.0.0.1."""
+        pids: list[int] = []
+        if self.rabbit is not None:
+            pids += self.rabbit.pids()
+        for server in self.redis.values():
+            pids += server.pids()
+        return listening_beyond_loopback(pids)
+
+    def versions(self) -> dict[str, Any]:
+        """Machine, broker and library versions for the result file."""
+        import amqp
+
+        return {
+            "mqtasks": mqtasks.__version__,
+            "kombu": kombu.__version__,
+            "py-amqp": amqp.__version__,
+            "redis-py": redis.__version__,
+            "python": platform.python_version(),
+            "nproc": os.cpu_count(),
+            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            **self._versions,
+        }
+
+    def close(self) -> None:
+        """Stop every broker and remove their files."""
+        if self.rabbit is not None:
+            self.rabbit.stop()
+            self.rabbit = None
+        for server in self.redis.values():
+            server.stop()
+        self.redis.clear()
+
+    # -- runs -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def run(
+        self,
+        scenario: str,
+        broker: BrokerProfile,
+        *,
+        workers: int = 2,
+        concurrency: int = 1,
+        prefetch: int = 4,
+        shutdown_timeout: float = 30.0,
+        early_ack: bool = False,
+        delivery_limit: int | None = None,
+        proxy: bool = False,
+        restart: bool = True,
+        queue_type: str | None = None,
+    ) -> Iterator[Run]:
+        """Set up one scenario run; tear it down (workers, proxy, queues) on exit."""
+        seed = random.Random(f"{self.seed}-{scenario}-{broker}").randrange(2**31)
+        run = Run(
+            self,
+            scenario,
+            broker,
+            seed=seed,
+            workers=workers,
+            concurrency=concurrency,
+            prefetch=prefetch,
+            shutdown_timeout=shutdown_timeout,
+            early_ack=early_ack,
+            delivery_limit=delivery_limit,
+            proxy=proxy,
+            restart=restart,
+            queue_type=queue_type,
+        )
+        try:
+            yield run
+        finally:
+            run.close()
+
+
+@dataclass
+class PublishStats:
+    """What the publisher saw."""
+
+    calls: int = 0
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    #: (t, latency) of calls slower than one second.
+    slow: list[tuple[float, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able figures."""
+        return {
+            "calls": self.calls,
+            "latency_ms_p50": _ms(percentile(self.latencies, 50)),
+            "latency_ms_p99": _ms(percentile(self.latencies, 99)),
+            "latency_ms_max": _ms(max(self.latencies, default=None)),
+            "errors": dict(self.errors),
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One task call to publish."""
+
+    task: str
+    args: tuple[Any, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Publisher:
+    """Publishes jobs at a steady rate from a thread, recording intent, confirmed or failed.
+
+    The task id is made before the first attempt (it is the first argument of
+    every harness task) and written to the ledger as ``intent`` first.
+
+    Args:
+        app: The app to publish with.
+        ledger: The publisher's ledger.
+        rate: Calls per second (``None``: as fast as the broker confirms).
+    """
+
+    def __init__(self, app: App, ledger: LedgerWriter, rate: float | None) -> None:
+        self.app = app
+        self.ledger = ledger
+        self.rate = rate
+        self.stats = PublishStats()
+        self.stop_event = threading.Event()
+        self.published = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self, jobs: Sequence[Job]) -> None:
+        """Publish ``jobs`` in the background."""
+        self._thread = threading.Thread(target=self._run, args=(jobs,), daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until every job was published (or the publisher was stopped)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """Whether it is still publishing."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self, jobs: Sequence[Job]) -> None:
+        t0 = time.monotonic()
+        for i, job in enumerate(jobs):
+            if self.stop_event.is_set():
+                return
+            if self.rate:
+                wait = t0 + i / self.rate - time.monotonic()
+                if wait > 0 and self.stop_event.wait(wait):
+                    return
+            self.publish(job)
+
+    def publish(self, job: Job) -> bool:
+        """Publish one job now; return whether the broker confirmed it."""
+        task_id = job.args[0]
+        task = self.app.tasks[job.task]
+        self.ledger.record("intent", task_id)
+        start = time.monotonic()
+        try:
+            task.apply_async(job.args, task_id=task_id, **job.options)
+        except MQTasksError as exc:
+            took = time.monotonic() - start
+            self.ledger.record("failed", task_id, error=type(exc).__name__, took=round(took, 3))
+            self.stats.errors[type(exc).__name__] += 1
+            ok = False
+        else:
+            took = time.monotonic() - start
+            self.ledger.record("confirmed", task_id)
+            ok = True
+        self.stats.calls += 1
+        self.stats.latencies.append(took)
+        if took > 1.0:
+            self.stats.slow.append((time.time(), took))
+        self.published += 1
+        return ok
+
+
+class Run:
+    """One scenario run on one broker profile: queue, ledger, workers, faults, figures."""
+
+    def __init__(
+        self,
+        harness: Harness,
+        scenario: str,
+        broker: BrokerProfile,
+        *,
+        seed: int,
+        workers: int,
+        concurrency: int,
+        prefetch: int,
+        shutdown_timeout: float,
+        early_ack: bool,
+        delivery_limit: int | None,
+        proxy: bool,
+        restart: bool,
+        queue_type: str | None,
+    ) -> None:
+        self.harness = harness
+        self.scenario = scenario
+        self.broker = broker
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.profile = harness.profile
+        tag = secrets.token_hex(3)
+        self.dir = harness.workdir / f"{scenario}-{broker}-{tag}"
+        self.ledger_dir = self.dir / "ledger"
+        self.ledger_dir.mkdir(parents=True)
+        self.queue = f"rel.{scenario.lower()}.{broker.lower()}.{tag}"
+        self.key_prefix = f"{{rel-{tag}}}"
+        self.url = harness.broker_url(broker)
+        self.proxy = TcpProxy(int(self.url.rsplit(":", 1)[1].split("/", 1)[0])) if proxy else None
+        url = self.proxy.url_for(self.url) if self.proxy is not None else self.url
+        self.queue_type = queue_type or ("classic" if broker == "RC" else "quorum")
+        self.env = {
+            "MQTASKS_BROKER_URL": url,
+            "MQTASKS_QUEUE_TYPE": self.queue_type,
+            "MQTASKS_HEARTBEAT": "10",
+            "MQTASKS_PUBLISH_TIMEOUT": "10",
+            "RELIABILITY_QUEUE": self.queue,
+            "RELIABILITY_LEDGER_DIR": str(self.ledger_dir),
+            "RELIABILITY_DELIVERY_LIMIT": str(delivery_limit or ""),
+            "RELIABILITY_TRANSPORT_OPTIONS": json.dumps(
+                {"key_prefix": self.key_prefix} if self.is_redis else {}
+            ),
+        }
+        self.app = build_app(self.env)
+        self.ledger = LedgerWriter(self.ledger_dir / "harness.jsonl")
+        self.pool = WorkerPool(
+            worker_argv(
+                concurrency=concurrency,
+                prefetch=prefetch,
+                shutdown_timeout=shutdown_timeout,
+                early_ack=early_ack,
+            ),
+            self.env,
+            workers,
+            self.dir / "logs",
+            restart=restart,
+        )
+        self.workers = workers
+        self.concurrency = concurrency
+        self.prefetch = prefetch
+        self.t0 = time.time()
+        self.faults: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.checks: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+        self.publisher: Publisher | None = None
+        self._closed = False
+
+    @property
+    def is_redis(self) -> bool:
+        """Whether the broker is Redis."""
+        return self.broker in ("RD", "RV")
+
+    def rel(self, t: float | None = None) -> float:
+        """Seconds since the run started (of epoch time ``t``, or now)."""
+        return round((time.time() if t is None else t) - self.t0, 3)
+
+    def bound(self, faults: int, processes_hit: int = 1) -> int:
+        """The protocol's Bound(k): in-flight window per fault times faults."""
+        return faults * (self.concurrency + self.prefetch) * processes_hit
+
+    # -- workload ---------------------------------------------------------------
+
+    def new_id(self) -> str:
+        """A fresh task id (made before the first publish attempt)."""
+        return f"{self.scenario}-{self.rng.getrandbits(64):016x}"
+
+    def wmix_jobs(self, n: int, *, noop: bool = False) -> list[Job]:
+        """``n`` ``rel.work`` jobs with W-mix (or W-noop) durations."""
+        return [
+            Job("rel.work", (self.new_id(), 0 if noop else wmix_ms(self.rng))) for _ in range(n)
+        ]
+
+    def start_publisher(self, jobs: Sequence[Job], rate: float | None) -> Publisher:
+        """Publish ``jobs`` at ``rate`` in the background."""
+        self.publisher = Publisher(
+            self.app, LedgerWriter(self.ledger_dir / "publisher.jsonl"), rate
+        )
+        self.publisher.start(jobs)
+        return self.publisher
+
+    def publish_all(self, jobs: Sequence[Job]) -> Publisher:
+        """Publish ``jobs`` one by one, now, and wait."""
+        p = self.start_publisher(jobs, None)
+        p.join()
+        return p
+
+    def publish_raw_unconfirmed(
+        self,
+        n: int,
+        *,
+        stop: threading.Event,
+        progress: Callable[[int], None],
+        rate: float = 2000.0,
+    ) -> None:
+        """N1: publish ``n`` transient ``rel.work`` messages with plain kombu, confirms off,
+        at about ``rate`` per second.
+
+        A ``publish()`` that returned counts as ``confirmed``, as a caller without
+        confirms would believe. Stops at the first error (the broker is gone).
+        """
+        ledger = LedgerWriter(self.ledger_dir / "publisher.jsonl")
+        task = self.app.tasks["rel.work"]
+        self.app.declare([self.queue])
+        with kombu.Connection(self.url) as conn:  # no confirm_publish: fire and forget
+            producer = kombu.Producer(conn.channel(), auto_declare=False)
+            for i in range(n):
+                if stop.is_set():
+                    break
+                task_id = self.new_id()
+                message = task.message((task_id, 1.0), task_id=task_id)
+                body = encode_body(
+                    message.args, dict(message.kwargs), max_size=self.app.settings.max_message_size
+                )
+                env = message.to_envelope(body)
+                ledger.record("intent", task_id)
+                try:
+                    producer.publish(
+                        env.body,
+                        routing_key=self.queue,
+                        headers=dict(env.headers),
+                        content_type=env.content_type,
+                        content_encoding=env.content_encoding,
+                        message_id=env.message_id,
+                        delivery_mode=1,  # transient
+                        retry=False,
+                    )
+                except Exception as exc:
+                    ledger.record("failed", task_id, error=type(exc).__name__)
+                    break
+                ledger.record("confirmed", task_id)
+                progress(i + 1)
+                time.sleep(1 / rate)
+        ledger.close()
+
+    # -- faults -----------------------------------------------------------------
+
+    def fault(self, kind: str, **info: Any) -> dict[str, Any]:
+        """Record a fault injected now; return its record (figures are added later)."""
+        record: dict[str, Any] = {"t": self.rel(), "kind": kind, **info}
+        self.faults.append(record)
+        return record
+
+    def kill_worker(self, sig: int) -> dict[str, Any]:
+        """Signal a random worker; return the fault record."""
+        slot, pid = self.pool.signal(sig, rng=self.rng)
+        name = {9: "SIGKILL", 15: "SIGTERM"}.get(sig, str(sig))
+        return self.fault(name, slot=slot, pid=pid, at=time.time())
+
+    # -- waiting ----------------------------------------------------------------
+
+    def depths(self) -> dict[str, int]:
+        """Messages not yet finished, by place: ready, delayed, unacked, dead."""
+        if self.is_redis:
+            server = self.harness.redis_server(self.broker)  # type: ignore[arg-type]
+            client = server.client()
+            try:
+                p = self.key_prefix
+                ready = client.llen(f"{p}:q:{self.queue}")
+                delayed = client.zcard(f"{p}:delayed:{self.queue}")
+                dead = client.llen(f"{p}:q:{self.queue}.dlq")
+                unacked = sum(client.llen(k) for k in client.scan_iter(match=f"{p}:proc:*"))
+            finally:
+                client.close()
+            return {"ready": ready, "delayed": delayed, "unacked": unacked, "dead": dead}
+        node = self.harness.rabbit_node()
+        ready = unacked = delayed = dead = 0
+        for name, (r, u) in node.queue_depths().items():
+            if name == self.queue:
+                ready, unacked = r, u
+            elif name == self.queue + ".dlq":
+                dead = r + u
+            elif name.startswith("mqtasks.delay."):
+                delayed += r + u
+        return {"ready": ready, "delayed": delayed, "unacked": unacked, "dead": dead}
+
+    def ledger_size(self) -> int:
+        """Bytes in the ledger so far (grows with every event)."""
+        return sum(p.stat().st_size for p in self.ledger_dir.glob("*.jsonl"))
+
+    def wait_quiescent(self, timeout: float, *, quiet: float | None = None) -> bool:
+        """Wait until queues are empty, nothing is unacked and the ledger and DLQ
+        stay unchanged for ``quiet`` seconds; return False on ``timeout``.
+        """
+        quiet = self.profile.quiet_s if quiet is None else quiet
+        deadline = time.monotonic() + timeout
+        last: tuple[int, int] | None = None
+        since = time.monotonic()
+        while time.monotonic() < deadline:
+            if self.publisher is not None and self.publisher.alive:
+                time.sleep(1.0)
+                continue
+            try:
+                d = self.depths()
+            except Exception as exc:  # the broker may be restarting
+                self.notes.append(f"depth check failed: {type(exc).__name__}")
+                time.sleep(1.0)
+                continue
+            state = (self.ledger_size(), d["dead"])
+            busy = d["ready"] or d["delayed"] or d["unacked"]
+            if busy or state != last:
+                last = state
+                since = time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return True
+            time.sleep(1.0 if not self.is_redis else 0.5)
+        self.notes.append(f"not quiescent after {timeout:.0f} s: {self.depths()}")
+        return False
+
+    def drain_dead_letters(self) -> int:
+        """Record every dead-letter entry of the run's queue as a ``dead`` event."""
+        try:
+            entries = list_dead_letters(self.app, self.queue, limit=None)
+        except MQTasksError as exc:
+            if "does not exist" in str(exc):
+                return 0
+            raise
+        for e in entries:
+            self.ledger.record(
+                "dead",
+                e.id,
+                attempt=e.attempts,
+                reason=e.reason,
+                exception=e.exception,
+                detail=e.detail,
+                queue=e.queue,
+                traceback_bytes=len(e.traceback or ""),
+                delivery_count=e.headers.get("x-delivery-count"),
+                failed_at=e.failed_at.timestamp() if e.failed_at else None,
+            )
+        return len(entries)
+
+    # -- figures ----------------------------------------------------------------
+
+    def events(self) -> list[Event]:
+        """Every ledger event of the run so far."""
+        events, torn = read_ledger(self.ledger_dir)
+        self.extra["torn_lines"] = torn
+        return events
+
+    def check(self, name: str, ok: bool, value: Any = None, want: str = "") -> bool:
+        """Record one pass criterion."""
+        self.checks.append({"check": name, "ok": bool(ok), "value": value, "want": want})
+        return ok
+
+    def standard_checks(
+        self,
+        c: Classification,
+        *,
+        dup_bound: int | None = 0,
+        dead: int | None = 0,
+        publish_failed: int | None = 0,
+    ) -> None:
+        """lost = 0, unexpected = 0, and the scenario's duplicate / dead / publish bounds."""
+        self.check("lost", c.lost == 0, c.lost, "0")
+        self.check("unexpected", c.unexpected == 0, c.unexpected, "0")
+        if dup_bound is not None:
+            self.check(
+                "executed_more_than_once",
+                c.executed_more_than_once <= dup_bound,
+                c.executed_more_than_once,
+                f"<= {dup_bound}",
+            )
+        if dead is not None:
+            self.check("dead_lettered", c.dead_total == dead, c.dead_total, str(dead))
+        if publish_failed is not None:
+            self.check(
+                "publish_failed",
+                c.publish_failed == publish_failed,
+                c.publish_failed,
+                str(publish_failed),
+            )
+
+    def worker_recovery(self, events: Sequence[Event]) -> None:
+        """Fill ``recovery_s`` of worker-kill faults: until every id the killed
+        process had started (and not finished) has started again."""
+        for f in self.faults:
+            if f["kind"] not in ("SIGKILL", "SIGTERM") or "pid" not in f:
+                continue
+            pid, at = f["pid"], f["at"]
+            open_ids: dict[str, float] = {}
+            for e in events:
+                if e.pid != pid or e.t > at:
+                    continue
+                if e.kind == "start":
+                    open_ids[e.id] = e.t
+                elif e.kind == "done":
+                    open_ids.pop(e.id, None)
+            delays: dict[str, float | None] = {}
+            for task_id in open_ids:
+                again = [e.t for e in events if e.id == task_id and e.kind == "start" and e.t > at]
+                delays[task_id] = round(min(again) - at, 3) if again else None
+            f["in_flight"] = len(open_ids)
+            f["redelivery_s"] = delays
+            known = [d for d in delays.values() if d is not None]
+            f["recovery_s"] = (
+                max(known) if known and len(known) == len(delays) else (0.0 if not delays else None)
+            )
+
+    def first_done_after(self, events: Sequence[Event], t: float) -> float | None:
+        """Seconds from epoch time ``t`` to the first ``done`` after it."""
+        later = [e.t for e in events if e.kind == "done" and e.t >= t]
+        return round(min(later) - t, 3) if later else None
+
+    def log_events(self, names: Sequence[str]) -> list[tuple[float, str, str]]:
+        """(epoch time, event, file) of worker log lines whose event is in ``names``."""
+        found = []
+        for path in sorted((self.dir / "logs").glob("worker-*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if not line.startswith("{"):
+                    continue
+                try:
+                    data = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if data.get("event") in names and "timestamp" in data:
+                    ts = datetime.fromisoformat(
+                        data["timestamp"].replace("Z", "+00:00")
+                    ).timestamp()
+                    found.append((ts, str(data["event"]), path.name))
+        return sorted(found)
+
+    def log_count(self, needle: str) -> int:
+        """How many times ``needle`` appears in the workers' logs."""
+        return self.pool.logs().count(needle)
+
+    def result(self, c: Classification, *, started: float) -> dict[str, Any]:
+        """The run's JSON object."""
+        if self.publisher is not None:
+            self.extra["publisher"] = self.publisher.stats.summary()
+        unknown_tag = self.log_count("unknown delivery tag")
+        self.check("no_unknown_delivery_tag", unknown_tag == 0, unknown_tag, "0")
+        crashed = self.log_count("worker.io_crashed")
+        self.check("no_io_thread_crash", crashed == 0, crashed, "0")
+        return {
+            "scenario": self.scenario,
+            "broker": self.broker,
+            "profile": self.profile.name,
+            "seed": self.seed,
+            **{k: v for k, v in c.to_dict().items() if k != "samples"},
+            "samples": c.samples,
+            "faults": self.faults,
+            "checks": self.checks,
+            "passed": all(ch["ok"] for ch in self.checks),
+            "duration_s": round(time.time() - started, 1),
+            "worker_exits": [
+                {"slot": e.slot, "pid": e.pid, "code": e.code, "t": self.rel(e.t)}
+                for e in self.pool.exits
+            ],
+            "notes": self.notes,
+            **self.extra,
+        }
+
+    def close(self) -> None:
+        """Stop workers and the proxy, delete the run's queues, close the app."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.publisher is not None:
+            self.publisher.stop_event.set()
+            self.publisher.join(15)
+        self.pool.stop(timeout=10)
+        if self.proxy is not None:
+            self.proxy.close()
+        with contextlib.suppress(Exception):
+            specs = [self.app.queue(self.queue)]
+            from mqtasks.transport.base import dead_letter_spec
+
+            specs.append(dead_letter_spec(specs[0]))
+            if isinstance(self.app.transport, ReliableRedisTransport):
+                client = self.harness.redis_server(self.broker).client()  # type: ignore[arg-type]
+                keys = list(client.scan_iter(match=f"{self.key_prefix}*"))
+                if keys:
+                    client.delete(*keys)
+                client.close()
+            else:
+                self.app.transport.delete(specs)
+        self.app.close()
+        self.ledger.close()
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and everything under it, ignoring errors."""
+    shutil.rmtree(path, ignore_errors=True)
