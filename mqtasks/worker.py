@@ -32,6 +32,7 @@ from .exceptions import (
     Reject,
     Retry,
     SkipMessage,
+    Unroutable,
 )
 from .message import Message, _origin
 from .middleware.base import overriding
@@ -431,8 +432,15 @@ class Worker:
         envelope = dead_letter_envelope(
             delivery, message, reason=reason, detail=detail, exc=exc, worker=self._origin
         )
+        transport = self.app.transport
         try:
-            self.app.transport.publish(delivery.queue + DLQ_SUFFIX, envelope)
+            try:
+                transport.publish(delivery.queue + DLQ_SUFFIX, envelope)
+            except Unroutable:
+                # The dead-letter queue was deleted behind our back: declare it again.
+                transport.forget_declared()
+                transport.declare([self.app.queue(delivery.queue)])
+                transport.publish(delivery.queue + DLQ_SUFFIX, envelope)
         except MQTasksError as error:
             logger.error(
                 "message.dead_letter_failed",

@@ -777,6 +777,10 @@ class Consumer:
 
     def _connect(self, max_retries: int | None) -> None:
         t = self.transport
+        # The queues with their dead-letter queues and bindings: a worker must be able
+        # to dead-letter what it takes even if no publisher ever declared them.
+        t.forget_declared()
+        t.declare(self.specs)
         conn = t.connection(heartbeat=t.heartbeat)
         with translate_errors(t.url, "connect consumer"):
             conn.ensure_connection(

@@ -270,3 +270,37 @@ def test_kombu_connection_is_the_transports(app: App) -> None:
     conn = app.transport.connection()
     assert isinstance(conn, kombu.Connection)
     conn.release()
+
+
+def test_a_worker_declares_the_dead_letter_queue_itself(app: App) -> None:
+    """Dead letters need no publisher to have declared ``<queue>.dlq`` first."""
+    name = app.settings.default_queue
+
+    @app.task
+    def fine() -> None: ...
+
+    # Given a worker on a broker where nobody has declared anything yet
+    app.transport.delete([app.queue(name), app.queue(name + ".dlq")])
+    app.transport.forget_declared()
+    with running_worker(app, concurrency=1) as worker:
+        # When a producer other than mqtasks sends poison straight to the queue
+        raw_publish(app, name, b"{not json", content_type="application/json", message_id="p-1")
+        drain(worker, timeout=20, raise_errors=False)
+    # Then it is dead-lettered with its own reason, at the first attempt
+    [entry] = app.dead_letters(name)
+    assert (entry.id, entry.reason) == ("p-1", "invalid_headers")
+
+
+def test_a_dead_letter_queue_deleted_while_the_worker_runs_is_declared_again(app: App) -> None:
+    name = app.settings.default_queue
+
+    @app.task
+    def fine() -> None: ...
+
+    with running_worker(app, concurrency=1) as worker:
+        # Given an operator who deletes the dead-letter queue under a running worker
+        app.transport.delete([app.queue(name + ".dlq")])
+        raw_publish(app, name, b"{not json", content_type="application/json", message_id="p-2")
+        drain(worker, timeout=20, raise_errors=False)
+    [entry] = app.dead_letters(name)
+    assert (entry.id, entry.reason) == ("p-2", "invalid_headers")
