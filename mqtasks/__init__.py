@@ -21,7 +21,7 @@ from .exceptions import (
     UnknownTransport,
     Unroutable,
 )
-from .message import Message
+from .message import Message, current_message
 from .middleware import Middleware, OpenTelemetryTracing, StatsdMetrics, StructlogContext
 from .retry import RetryPolicy
 from .task import Task, TaskHandle
@@ -59,4 +59,5 @@ __all__ = [
     "Unroutable",
     "Worker",
     "__version__",
+    "current_message",
 ]

@@ -7,6 +7,7 @@ message id property and headers prefixed ``mqtasks-``.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "MAX_NAME_LENGTH",
     "PROTOCOL_VERSION",
     "Message",
+    "current_message",
 ]
 
 #: Version of the wire protocol this release speaks.
@@ -117,6 +119,9 @@ class Message:
     redelivered: bool = False
     #: When the first attempt failed (aware UTC), once a retry is under way.
     first_failed_at: datetime | None = None
+    #: Deliveries of this message so far, this one included, where the broker
+    #: counts them (received messages only; a worker crash counts one more).
+    delivery_count: int | None = None
 
     def copy(self, **changes: Any) -> Message:
         """Return a copy with ``changes`` applied."""
@@ -194,6 +199,7 @@ class Message:
             headers=meta["extra"],
             redelivered=delivery.redelivered,
             first_failed_at=_utc(meta["first_failed_at"]),
+            delivery_count=delivery.delivery_count,
         )
 
 
@@ -309,3 +315,25 @@ def _timestamp(headers: Mapping[str, Any], key: str) -> float | None:
     if not math.isfinite(value) or not 0 <= value <= _MAX_TIMESTAMP:
         raise DecodeError("invalid_headers", f"{key} out of range")
     return value
+
+
+_current: contextvars.ContextVar[Message | None] = contextvars.ContextVar(
+    "mqtasks_current_message", default=None
+)
+
+
+def current_message() -> Message | None:
+    """Return the message of the task running in this thread, or None outside a task.
+
+    Inside a task it tells the task its own id (stable across retries and
+    redeliveries: the idempotency key), attempt, queue, whether the broker
+    delivered it before, and how often::
+
+        from mqtasks import current_message
+
+        @app.task
+        def charge(order_id: int) -> None:
+            msg = current_message()
+            payments.charge(order_id, idempotency_key=msg.id if msg else None)
+    """
+    return _current.get()

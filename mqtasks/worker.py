@@ -34,7 +34,7 @@ from .exceptions import (
     SkipMessage,
     Unroutable,
 )
-from .message import Message, _origin
+from .message import Message, _current, _origin
 from .middleware.base import overriding
 from .retry import RetryPolicy
 from .transport.base import DLQ_SUFFIX, Consumer, Delivery
@@ -563,6 +563,8 @@ class Worker:
                 return _ACK
         result: Any = None
         error: BaseException | None = None
+        # Each message runs in a context of its own (see _work_main): no reset needed.
+        _current.set(message)
         try:
             result = task.fn(*message.args, **message.kwargs)
         except BaseException as exc:

@@ -18,7 +18,7 @@ import kombu
 import pytest
 import redis
 
-from mqtasks import App, Reject, TransportError
+from mqtasks import App, Reject, TransportError, current_message
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.base import Envelope
 from mqtasks.transport.redis_reliable import ReliableRedisTransport, encode_element
@@ -304,3 +304,22 @@ def test_a_dead_letter_queue_deleted_while_the_worker_runs_is_declared_again(app
         drain(worker, timeout=20, raise_errors=False)
     [entry] = app.dead_letters(name)
     assert (entry.id, entry.reason) == ("p-2", "invalid_headers")
+
+
+def test_a_task_reads_its_own_message(app: App) -> None:
+    seen: list[tuple[str, int, str, bool, int | None]] = []
+
+    @app.task(max_retries=1, retry_backoff=0)
+    def introspect() -> None:
+        msg = current_message()
+        assert msg is not None
+        seen.append((msg.id, msg.attempt, msg.queue, msg.redelivered, msg.delivery_count))
+        if msg.attempt == 1:
+            raise RuntimeError("once more")
+
+    handle = introspect.delay()
+    assert current_message() is None  # outside a task
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker, timeout=20, raise_errors=False)
+    queue = introspect.queue
+    assert seen == [(handle.id, 1, queue, False, 1), (handle.id, 2, queue, False, 1)]
