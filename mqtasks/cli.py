@@ -308,8 +308,16 @@ class Supervisor:
             if self.stopping and not self.children:
                 break
             time.sleep(0.2)
-        # A child killed by a signal (negative code) did not stop cleanly either.
-        return max((RET_FORCED if c < 0 else c for c in codes.values()), default=RET_OK)
+        return max((self._stop_code(c) for c in codes.values()), default=RET_OK)
+
+    def _stop_code(self, code: int) -> int:
+        """The exit code a stopped child stands for."""
+        if code == -signal.SIGTERM and self.signals == 1:
+            # Killed by our first SIGTERM before it installed its handler: it had
+            # not started consuming (the handler comes first), so it held nothing.
+            return RET_OK
+        # Any other death by a signal is not a clean stop.
+        return RET_FORCED if code < 0 else code
 
     def _restart_pause(self) -> None:
         # Back off when children die in a loop (a bad deploy), up to 10 s.

@@ -725,3 +725,15 @@ def test_bad_messages_are_rejected_and_the_worker_keeps_running(
     assert not marker.exists()
     if kind == "redis":
         assert s.in_flight() == 0
+
+
+def test_a_child_stopped_before_it_could_handle_sigterm_is_a_clean_stop() -> None:
+    """A child spawned just before the SIGTERM dies of it unhandled; it held no messages."""
+    code = (
+        "import sys; from mqtasks.cli import Supervisor; "
+        "sys.exit(Supervisor([sys.executable, '-c', 'import time; time.sleep(30)'], 2).run())"
+    )
+    proc = subprocess.Popen([PYTHON, "-c", code], cwd=ROOT, env=clean_env())
+    time.sleep(1.5)  # the children sleep with SIGTERM's default action: it kills them
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
