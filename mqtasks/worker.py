@@ -405,10 +405,7 @@ class Worker:
             "message.rejected",
             reason=reason,
             detail=detail,
-            task_id=delivery.message_id,
-            task_name=message.task if message else None,
-            attempt=message.attempt if message else None,
-            queue=delivery.queue,
+            **_fields(delivery, message),
         )
         if self.collect_errors:
             self.errors.append((message, DecodeError(reason, detail)))
@@ -444,10 +441,7 @@ class Worker:
         except MQTasksError as error:
             logger.error(
                 "message.dead_letter_failed",
-                task_id=delivery.message_id,
-                task_name=message.task if message else None,
-                attempt=message.attempt if message else None,
-                queue=delivery.queue,
+                **_fields(delivery, message),
                 reason=reason,
                 error=str(error),
                 note="requeued instead; nothing is lost",
@@ -455,11 +449,8 @@ class Worker:
             return _REQUEUE
         logger.warning(
             "task.dead_lettered",
-            task_id=delivery.message_id,
-            task_name=message.task if message else None,
-            attempt=message.attempt if message else None,
+            **_fields(delivery, message),
             reason=reason,
-            queue=delivery.queue,
         )
         for hook in self._after_dead_letter:
             _call_hook(hook, self, message, reason)
@@ -626,3 +617,13 @@ class Worker:
         return self._dead_letter(
             delivery, message, "max_retries_exceeded", f"failed {message.attempt} times", exc
         )
+
+
+def _fields(delivery: Delivery, message: Message | None) -> dict[str, Any]:
+    """The task fields of a log event about ``delivery`` (``message``: None if undecodable)."""
+    return {
+        "task_id": delivery.message_id,
+        "task_name": message.task if message else None,
+        "attempt": message.attempt if message else None,
+        "queue": delivery.queue,
+    }
