@@ -39,18 +39,20 @@ def remember_secret(url: str) -> None:
 
     Transports call this with their broker URL, so that the password is masked
     even in text that does not show it as part of a URL (an exception message
-    that quotes it, a traceback line).
+    that quotes it, a traceback line). A failover list (``first;second``) has
+    each of its passwords remembered (and a password holding ``;`` whole).
     """
-    try:
-        password = urlsplit(url).password if "://" in url else None
-    except ValueError:
-        password = None
-    if not password:
-        return
-    with _secrets_lock:
-        for secret in {password, unquote(password)}:
-            if len(secret) >= MIN_SECRET_LENGTH:
-                _secrets.add(secret)
+    for part in dict.fromkeys([url, *url.split(";")]):
+        try:
+            password = urlsplit(part).password if "://" in part else None
+        except ValueError:
+            password = None
+        if not password:
+            continue
+        with _secrets_lock:
+            for secret in {password, unquote(password)}:
+                if len(secret) >= MIN_SECRET_LENGTH:
+                    _secrets.add(secret)
 
 
 def redact(text: str) -> str:

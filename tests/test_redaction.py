@@ -227,3 +227,17 @@ def test_mask_url_masks_every_password_in_urls_and_texts(text: str, shown: str) 
     from mqtasks.config import mask_url
 
     assert mask_url(text) == shown
+
+
+def test_every_password_of_a_failover_list_is_masked_outside_urls() -> None:
+    from mqtasks._url import redact, remember_secret
+
+    # Given a failover list of two brokers, each with its own password
+    first, second = f"One-{uuid.uuid4().hex[:12]}", f"Two-{uuid.uuid4().hex[:12]}"
+    remember_secret(f"amqp://a:{first}@h1:5672//;amqp://b:{second}@h2:5672//")
+    # Then both are masked where a text quotes them bare (an error, a traceback)
+    assert redact(f"passwords {first} {second}") == "passwords ** **"
+    # and a password holding ';' (allowed in a URL's user info) is masked whole
+    odd = f"Semi;{uuid.uuid4().hex[:12]}"
+    remember_secret(f"redis://:{odd}@cache:6379/0")
+    assert redact(f"password {odd}") == "password **"

@@ -282,6 +282,22 @@ def _channel_errors() -> tuple[type[BaseException], ...]:
     return (amqp.exceptions.AMQPError, redis.exceptions.RedisError, KombuError)
 
 
+class _FailoverConnection(kombu.Connection):  # type: ignore[misc]
+    """A kombu connection that keeps mqtasks' transport class when it fails over.
+
+    kombu's ``Connection.switch()`` (called when it moves to the next URL of a
+    ``;``-separated failover list) takes the transport from the new URL's
+    scheme, dropping the class given at construction: a worker would then read
+    bodies with kombu's stock transport and fail on every message.
+    """
+
+    def switch(self, conn_str: str) -> None:
+        super().switch(conn_str)
+        initial: Any = self._initial_params["transport"]
+        if initial:
+            self.transport_cls = initial
+
+
 class Transport:
     """Base class of mqtasks transports: kombu underneath, opaque bodies on top.
 
@@ -340,7 +356,7 @@ class Transport:
 
     def connection(self, *, heartbeat: float = 0) -> kombu.Connection:
         """Return a new (unconnected) kombu connection to this broker."""
-        return kombu.Connection(
+        return _FailoverConnection(
             self.url,
             transport=self.kombu_transport,
             heartbeat=heartbeat,
@@ -472,6 +488,7 @@ class Transport:
         exchange, routing_key = self.route(queue, delay)
         pool = self._pool()
         try:
+            nacked: Exception | None = None
             with pool.acquire(block=True, timeout=timeout) as producer:
                 self._local.returned = None
                 try:
@@ -483,8 +500,13 @@ class Transport:
                         # not answer; drop it instead (the pool makes a new one).
                         with contextlib.suppress(Exception):
                             producer.connection.collect()
-                    raise
+                        raise
+                    # A nack leaves the connection as good as before; raised inside
+                    # this block, kombu would close it and the next publish open another.
+                    nacked = exc
                 returned = self._local.returned
+            if nacked is not None:
+                raise nacked
         except PublishError:
             raise
         except Exception as exc:

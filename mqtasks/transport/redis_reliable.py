@@ -69,6 +69,7 @@ import json
 import math
 import os
 import random
+import re
 import select
 import socket
 import time
@@ -137,6 +138,13 @@ def encode_element(envelope: Envelope) -> bytes:
     return b"n" + head + b"\n" + envelope.body
 
 
+#: The message id at the start of an element's metadata (``encode_element`` writes it first).
+_LEADING_ID = re.compile(rb'\{"i":"([^"\\]{1,255})"')
+
+#: Bytes above which a settled element is sent on its own before the next fetch.
+_LARGE_ELEMENT = 1024 * 1024
+
+
 class ReliableRedisDelivery(Delivery):
     """A delivery that remembers its list element and the lists it moves between."""
 
@@ -175,6 +183,9 @@ class ReliableRedisDelivery(Delivery):
                 # Parsing could take the memory or the stack of the worker.
                 self.refused = "invalid_headers"
                 self.body = element[newline + 1 :]
+                # The id is written first: keep it, so the dead letter names its task.
+                found = _LEADING_ID.match(element, start, min(newline, start + 512))
+                self.message_id = found.group(1).decode() if found else None
                 return
             meta = json.loads(element[start:newline])
             if not isinstance(meta, dict):
@@ -487,6 +498,10 @@ class ReliableRedisConsumer(Consumer):
             n, idle = 0, []
         if not self._pending and not n:
             return False
+        if n and any(len(p[3]) > _LARGE_ELEMENT for p in self._pending):
+            # Settle a large element before fetching more, so its bytes are freed
+            # rather than held while the next (possibly large) element is read.
+            self._flush_settlements()
         if idle:
             self._turn = (self._turn + 1) % len(idle)
             idle = idle[self._turn :] + idle[: self._turn]  # no queue starves the others
@@ -650,6 +665,12 @@ class ReliableRedisTransport(Transport):
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
+        if ";" in url:
+            # redis-py would read the rest of the list as the database path.
+            raise ConfigurationError(
+                f"{mask_url(url)}: a ';' failover list is not supported on Redis; "
+                "give one URL (use Redis Sentinel or a managed endpoint for failover)."
+            )
         opts = self.transport_options
         unknown = sorted(set(opts) - set(_OPTIONS))
         if unknown:

@@ -151,6 +151,12 @@ def test_element_round_trips_every_envelope_field() -> None:
     )
 
 
+def test_metadata_too_large_to_parse_is_refused_but_keeps_its_message_id() -> None:
+    env = Envelope(body=b"{}", message_id="id-big", headers={"x": "v" * (2 * 1024 * 1024)})
+    d = ReliableRedisDelivery(encode_element(env), "q", 1, "p", "s")
+    assert (d.refused, d.message_id, d.body) == ("invalid_headers", "id-big", b"{}")
+
+
 def test_unsupported_queue_options_and_unknown_options_are_configuration_errors() -> None:
     t = ReliableRedisTransport("redis://127.0.0.1:6379/0")
     for spec in (
