@@ -202,6 +202,15 @@ class _PublishFrames:
             self.connection.bytes_sent += 1
 
 
+class _BrokerNacked(Exception):
+    """The broker nacked the message just published (a full queue with
+    ``overflow=reject-publish``, for one): the publish is over, not retried.
+
+    :meth:`Transport.publish` turns it into :class:`~mqtasks.exceptions.PublishNacked`
+    (its cause is py-amqp's ``MessageNacked``).
+    """
+
+
 class _Confirms:
     """Publisher-confirm bookkeeping of one pooled channel, used by one thread at a time."""
 
@@ -550,7 +559,10 @@ class AmqpTransport(Transport):
             channel.send_method(amqp_spec.Basic.Publish, "Bssbb", args, message)
             self._await_confirm(channel.connection, sock, confirms, tag, envelope, deadline)
             if confirms.nacked >= tag:
-                raise MessageNacked()
+                # Not MessageNacked itself: py-amqp counts it among the recoverable
+                # connection errors, and ensure() would drop the connection, open a
+                # new one and publish again, publish_retries times, without a pause.
+                raise _BrokerNacked() from MessageNacked()
 
         conn.ensure(
             producer,
