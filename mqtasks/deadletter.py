@@ -2,7 +2,10 @@
 
 A dead-lettered message keeps its body, id and headers unchanged and gains
 ``mqtasks-death-*`` headers, so an operator can see the reason and a replay can
-send the original again. Every text is cut to a bounded size.
+send the original again. Every text is cut to a bounded size, and so are the
+original headers kept: a refused message may carry as many as the broker took,
+and its entry, which adds the reason on top, must still be publishable (RabbitMQ
+carries all headers of a message in one frame, 128 KiB by default).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEADER_DEATH_DETAIL",
+    "HEADER_DEATH_DROPPED_HEADERS",
     "HEADER_DEATH_EXCEPTION",
     "HEADER_DEATH_FAILED_AT",
     "HEADER_DEATH_QUEUE",
@@ -27,6 +31,7 @@ __all__ = [
     "HEADER_DEATH_TRACEBACK",
     "HEADER_DEATH_WORKER",
     "MAX_DETAIL",
+    "MAX_KEPT_HEADERS",
     "MAX_TRACEBACK",
     "dead_letter_envelope",
 ]
@@ -45,11 +50,16 @@ HEADER_DEATH_FAILED_AT = "mqtasks-death-failed-at"
 HEADER_DEATH_WORKER = "mqtasks-death-worker"
 #: Header: the queue it was taken from.
 HEADER_DEATH_QUEUE = "mqtasks-death-queue"
+#: Header: names of original headers left out of the entry (over :data:`MAX_KEPT_HEADERS`).
+HEADER_DEATH_DROPPED_HEADERS = "mqtasks-death-dropped-headers"
 
 #: Longest detail or exception text kept, in characters.
 MAX_DETAIL = 1024
 #: Longest traceback kept, in characters (its end, where the error is).
 MAX_TRACEBACK = 8192
+#: Most bytes of the original headers an entry keeps (names and values, about as
+#: encoded); ``mqtasks-*`` headers are kept first, then the others in order.
+MAX_KEPT_HEADERS = 64 * 1024
 
 
 def dead_letter_envelope(
@@ -73,7 +83,7 @@ def dead_letter_envelope(
     """
     from .transport.base import Envelope
 
-    headers: dict[str, Any] = {str(k): _plain(v) for k, v in dict(delivery.headers).items()}
+    headers = _kept_headers(delivery.headers)
     headers[HEADER_DEATH_REASON] = reason
     headers[HEADER_DEATH_DETAIL] = redact(detail)[:MAX_DETAIL]
     headers[HEADER_DEATH_FAILED_AT] = time.time()
@@ -97,6 +107,47 @@ def dead_letter_envelope(
         content_encoding=delivery.content_encoding or "binary",
         priority=None,
     )
+
+
+def _kept_headers(original: Mapping[str, Any]) -> dict[str, Any]:
+    """The original headers as plain values, within :data:`MAX_KEPT_HEADERS`.
+
+    A header that does not fit is left out whole (a cut value would be a wrong
+    one) and named in :data:`HEADER_DEATH_DROPPED_HEADERS`.
+    """
+    items = [(str(k), v) for k, v in dict(original).items()]
+    items.sort(key=lambda kv: not kv[0].startswith("mqtasks-"))  # stable: order kept otherwise
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    room = MAX_KEPT_HEADERS
+    for key, value in items:
+        plain = _plain(value)
+        size = _encoded_size(key) + _encoded_size(plain)
+        if size > room:
+            dropped.append(key)
+            continue
+        kept[key] = plain
+        room -= size
+    if dropped:
+        kept[HEADER_DEATH_DROPPED_HEADERS] = ", ".join(dropped)[:MAX_DETAIL]
+    return kept
+
+
+def _encoded_size(value: Any) -> int:
+    """About how many bytes ``value`` (a plain header value) takes on the wire."""
+    size = 0
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        size += 8  # type tag, length prefix, separators
+        if isinstance(current, str):
+            size += len(current.encode("utf-8", "surrogatepass"))
+        elif isinstance(current, Mapping):
+            size += sum(len(str(k)) for k in current)
+            stack.extend(current.values())
+        elif isinstance(current, (list, tuple)):
+            stack.extend(current)
+    return size
 
 
 def _plain(value: Any, depth: int = 0) -> Any:

@@ -376,28 +376,33 @@ class Worker:
             delivery = get()
             if delivery is None:
                 return
-            consumer = self._consumer
-            if consumer is not None and delivery.generation != consumer.generation:
-                # The connection it came on is gone and the broker delivers it again.
-                post((delivery, _DROP))
-                continue
-            if self._stopping.is_set():
-                post((delivery, _REQUEUE))
-                continue
+            post((delivery, self._outcome(delivery)))
+            # Not kept while this thread waits for the next one: a settled
+            # message's body (and the transport's copy of it) may be large.
+            del delivery
+
+    def _outcome(self, delivery: Delivery) -> str:
+        """Run ``delivery`` (worker thread); return its settlement."""
+        consumer = self._consumer
+        if consumer is not None and delivery.generation != consumer.generation:
+            # The connection it came on is gone and the broker delivers it again.
+            return _DROP
+        if self._stopping.is_set():
+            return _REQUEUE
+        with self._lock:
+            self._running += 1
+        try:
+            # A fresh copy of the thread's context per message: what the
+            # task or a middleware binds (structlog contextvars, the
+            # OpenTelemetry context) ends with the message.
+            action: str = contextvars.copy_context().run(self._process, delivery)
+        except BaseException:  # pragma: no cover - _process handles task errors
+            logger.exception("worker.process_crashed", message_id=delivery.message_id)
+            action = _REJECT
+        finally:
             with self._lock:
-                self._running += 1
-            try:
-                # A fresh copy of the thread's context per message: what the
-                # task or a middleware binds (structlog contextvars, the
-                # OpenTelemetry context) ends with the message.
-                action = contextvars.copy_context().run(self._process, delivery)
-            except BaseException:  # pragma: no cover - _process handles task errors
-                logger.exception("worker.process_crashed", message_id=delivery.message_id)
-                action = _REJECT
-            finally:
-                with self._lock:
-                    self._running -= 1
-            post((delivery, action))
+                self._running -= 1
+        return action
 
     def _reject(self, delivery: Delivery, message: Message | None, reason: str, detail: str) -> str:
         """Bad input: log it, dead-letter it with its reason, never run or requeue it."""

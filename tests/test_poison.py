@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -332,3 +333,116 @@ def test_json_depth_scanner_reads_long_strings_of_escapes() -> None:
     body = b'["' + b"\\\\" * (MiB // 4) + b'",' + b"[" * 1000 + b"]" * 1000 + b"]"
     assert json_depth_exceeds(body, 64)
     assert not json_depth_exceeds(body, 1001)
+
+
+def test_a_dead_letter_entry_keeps_its_headers_within_a_bound() -> None:
+    # A refused message's headers are as large as the broker carried them; its
+    # dead-letter entry adds the reason on top and must still be publishable
+    # (RabbitMQ carries all headers in one frame, 128 KiB by default).
+    from mqtasks.deadletter import dead_letter_envelope
+    from mqtasks.transport.redis_reliable import ReliableRedisDelivery
+
+    headers = {"mqtasks-task": "t", "note": "x" * 200_000, "small": 1, "traceparent": "00-ab"}
+    meta = {"i": "big", "h": headers, "t": "application/json", "e": "utf-8", "p": None}
+    element = b"n" + json.dumps(meta).encode() + b"\n" + GOOD_BODY
+    delivery = ReliableRedisDelivery(element, "q", 1, "", "")
+    envelope = dead_letter_envelope(
+        delivery,
+        None,
+        reason="invalid_headers",
+        detail="header 'note' is too long",
+        exc=RuntimeError("y" * 100_000),
+        worker="1@host",
+    )
+    kept = dict(envelope.headers)
+    assert len(json.dumps(kept)) < 80 * 1024
+    assert kept["mqtasks-death-reason"] == "invalid_headers"
+    assert (kept["mqtasks-task"], kept["small"], kept["traceparent"]) == ("t", 1, "00-ab")
+    assert "note" not in kept
+    assert kept["mqtasks-death-dropped-headers"] == "note"
+    assert envelope.body == GOOD_BODY and envelope.message_id == "big"
+
+
+def _largest_header_value(app: App, headers: dict[str, Any], key: str) -> int:
+    """The longest value of header ``key`` RabbitMQ takes with ``headers`` (bisection;
+    a frame too large closes the connection, so each probe has its own)."""
+    low, high = 0, 1 * MiB
+    while high - low > 1:
+        size = (low + high) // 2
+        try:
+            with app.transport.connection() as conn:
+                conn.Producer().publish(
+                    GOOD_BODY,
+                    routing_key="mqt-nowhere",
+                    exchange="",
+                    headers={**headers, key: "x" * size},
+                    message_id="big-headers",
+                    retry=False,
+                    **JSON,
+                )
+        except Exception:
+            high = size
+        else:
+            low = size
+    return low
+
+
+def test_headers_as_large_as_rabbitmq_takes_end_in_the_dead_letter_queue(
+    amqp_url: str, make_app: Callable[..., App]
+) -> None:
+    app = make_app(amqp_url)
+    ran: list[int] = []
+
+    @app.task(max_retries=0)
+    def add(x: int, y: int) -> None:
+        ran.append(x + y)
+
+    app.declare([add.queue])
+    headers = {"mqtasks-task": add.name}
+    size = _largest_header_value(app, headers, "note")
+    assert 100_000 < size < 131_072
+    # Given a message whose headers fill RabbitMQ's frame, then a good task
+    inject(
+        app, add.queue, GOOD_BODY, "big-headers", headers={**headers, "note": "x" * size}, **JSON
+    )
+    add.delay(1, 1)
+    # When a worker consumes them
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker, timeout=20, raise_errors=False)
+    # Then the message is dead-lettered once with its reason (not requeued in a loop)
+    assert ran == [2]
+    assert [(e.id, e.reason) for e in app.dead_letters(add.queue)] == [
+        ("big-headers", "invalid_headers")
+    ]
+
+
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_a_worker_holds_no_message_once_it_is_settled(
+    kind: str, make_app: Callable[..., App]
+) -> None:
+    # A worker thread waiting for its next message must not keep the last one
+    # (a 20 MiB poison body, the element it came in) alive until then.
+    import tracemalloc
+
+    from .conftest import require_broker
+
+    app = make_app(require_broker(kind))
+
+    @app.task(max_retries=0)
+    def add(x: int, y: int) -> None: ...
+
+    app.declare([add.queue])
+    tracemalloc.start()
+    try:
+        body = b'{"args":[1,2],"kwargs":{"pad":"' + b"x" * (8 * MiB) + b'"}}'
+        inject(app, add.queue, body, "too-large", headers={"mqtasks-task": add.name}, **JSON)
+        del body
+        before, _ = tracemalloc.get_traced_memory()
+        with running_worker(app, concurrency=1) as worker:
+            drain(worker, timeout=30, raise_errors=False)
+            time.sleep(0.5)  # the I/O thread sends the settlement with its next fetch
+            held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert [(e.id, e.reason) for e in app.dead_letters(add.queue)] == [("too-large", "too_large")]
+    assert held < 4 * MiB, f"{held / MiB:.1f} MiB still held after the message was settled"
