@@ -737,3 +737,42 @@ def test_a_child_stopped_before_it_could_handle_sigterm_is_a_clean_stop() -> Non
     time.sleep(1.5)  # the children sleep with SIGTERM's default action: it kills them
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
+
+
+_LARGE_BUFFERS = """
+import sys
+from mqtasks import cli
+if sys.argv[1] == "fixed":
+    cli._return_large_buffers_to_the_os()
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) // 1024
+base = rss_mib()
+keep = []
+for _ in range(3):
+    body = bytes(20 * 1024 * 1024)  # a large message
+    keep.append(bytes(100))  # something small allocated while it is held
+    del body
+print(rss_mib() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_worker_gives_the_memory_of_large_messages_back() -> None:
+    """The worker fixes glibc's mmap threshold: freed large buffers leave the process."""
+
+    def grown(mode: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+        out = subprocess.run(
+            [sys.executable, "-c", _LARGE_BUFFERS, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            timeout=60,
+        )
+        return int(out.stdout.strip())
+
+    assert grown("stock") >= 15  # glibc's sliding threshold keeps a 20 MiB buffer's pages
+    assert grown("fixed") <= 5
