@@ -14,17 +14,19 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import click
 
-from .harness import BROKER_PROFILES, PROFILES, Harness
+from .harness import BROKER_PROFILES, PROFILES, BrokerProfile, Harness
 from .report import summary_table
-from .scenarios import SCENARIOS
+from .scenarios import SCENARIOS, Scenario
 
 #: Exit code: every criterion passed.
 RET_OK = 0
@@ -51,8 +53,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     "--broker",
     "brokers",
     multiple=True,
-    type=click.Choice(["rabbitmq", "redis", *BROKER_PROFILES]),
-    help="Only these brokers: rabbitmq (RQ, RC), redis (RD, RV), or a profile name.",
+    type=click.Choice(["rabbitmq", "redis", "memory", *BROKER_PROFILES]),
+    help="Only these brokers: rabbitmq (RQ, RC), redis (RD, RV), memory (MEM), or a profile name.",
 )
 @click.option("--seed", type=int, default=None, help="Re-use a seed printed by an earlier run.")
 @click.option("--no-controls", is_flag=True, help="Skip N1-N3 (for re-running one scenario).")
@@ -63,6 +65,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     help="JSON lines file for the results (default: build/reliability-<profile>-<time>.jsonl).",
 )
 @click.option("--keep", is_flag=True, help="Keep the work directory (ledgers, worker logs).")
+@click.option(
+    "--lanes",
+    type=click.IntRange(1, 2),
+    default=None,
+    help="2: run the RabbitMQ and the Redis scenarios side by side (default for ci); "
+    "1: one at a time (default for release).",
+)
 def main(
     profile: str,
     scenarios: tuple[str, ...],
@@ -71,9 +80,11 @@ def main(
     no_controls: bool,
     results: Path | None,
     keep: bool,
+    lanes: int | None,
 ) -> None:
     """Run the reliability fault-injection protocol on brokers the harness starts itself."""
     prof = PROFILES[profile]
+    lanes = lanes or (2 if profile == "ci" else 1)
     seed = seed if seed is not None else random.randrange(2**31)
     wanted = {s.upper() for s in scenarios}
     allowed = _broker_filter(brokers)
@@ -91,7 +102,9 @@ def main(
     workdir = Path(tempfile.mkdtemp(prefix="mqtasks-rel-"))
     os.chmod(workdir, 0o755)  # the RabbitMQ node runs as another user below it
     click.echo(
-        f"reliability: profile={profile} seed={seed} workdir={workdir} results={results}", err=True
+        f"reliability: profile={profile} seed={seed} lanes={lanes} workdir={workdir} "
+        f"results={results}",
+        err=True,
     )
     signal.signal(signal.SIGTERM, _interrupt)
     harness = Harness(workdir, prof, seed)
@@ -100,19 +113,28 @@ def main(
     t_start = time.monotonic()
     try:
         with results.open("w") as out:
-            for scenario in selected:
-                for broker in scenario.brokers:
-                    if broker not in allowed:
-                        continue
-                    row = _run_one(harness, scenario.name, broker)
-                    row["versions"] = harness.versions()
-                    line = json.dumps(row, default=str)
+            runs: list[Pair] = [
+                (scenario, broker)
+                for scenario in selected
+                for broker in scenario.brokers
+                if broker in allowed
+            ]
+            lock = threading.Lock()
+
+            def record(scenario: Scenario, row: dict[str, Any]) -> None:
+                nonlocal code
+                row["versions"] = harness.versions()
+                line = json.dumps(row, default=str)
+                with lock:
                     click.echo(line)
                     out.write(line + "\n")
                     out.flush()
                     rows.append(row)
                     if row.get("status") == "failed":
                         code = max(code, RET_HARNESS_BROKEN if scenario.negative else RET_FAILED)
+
+            for phase in _phases(runs, lanes):
+                _run_phase(harness, phase, record)
             bad = harness.loopback_violations()
             if bad:
                 click.echo(f"listening beyond loopback: {bad}", err=True)
@@ -135,12 +157,64 @@ def main(
     sys.exit(code)
 
 
+Pair = tuple[Scenario, BrokerProfile]
+
+#: Scenarios that load both cores (throughput and soak figures): never side by side.
+EXCLUSIVE = frozenset({"S12"})
+
+
+def _phases(runs: list[Pair], lanes: int) -> list[list[list[Pair]]]:
+    """Group runs into phases of lanes; lanes of a phase run at the same time.
+
+    Negative controls come first and alone (the protocol: a harness that cannot
+    see loss proves nothing, so they are judged before anything else). With two
+    lanes, the RabbitMQ runs and the other runs (Redis, memory) go side by side:
+    each lane only ever touches its own brokers, and most scenarios spend their
+    time waiting for faults, delays and quiescence rather than on the CPU. The
+    CPU-bound soak runs last, one at a time, so its throughput is its own.
+    """
+    controls = [r for r in runs if r[0].negative]
+    exclusive = [r for r in runs if not r[0].negative and r[0].name in EXCLUSIVE]
+    rest = [r for r in runs if not r[0].negative and r[0].name not in EXCLUSIVE]
+    phases: list[list[list[Pair]]] = []
+    if controls:
+        phases.append([controls])
+    if lanes == 1:
+        if rest:
+            phases.append([rest])
+    else:
+        rabbit = [r for r in rest if r[1] in ("RQ", "RC")]
+        other = [r for r in rest if r[1] not in ("RQ", "RC")]
+        phases.append([lane for lane in (rabbit, other) if lane])
+    if exclusive:
+        phases.append([exclusive])
+    return [p for p in phases if p]
+
+
+def _run_phase(
+    harness: Harness, phase: list[list[Pair]], record: Callable[[Scenario, dict[str, Any]], None]
+) -> None:
+    """Run the lanes of one phase, each in its own thread (the first in this one)."""
+
+    def lane(runs: list[Pair]) -> None:
+        for scenario, broker in runs:
+            record(scenario, _run_one(harness, scenario.name, broker))
+
+    threads = [threading.Thread(target=lane, args=(r,), daemon=True) for r in phase[1:]]
+    for t in threads:
+        t.start()
+    lane(phase[0])
+    for t in threads:
+        while t.is_alive():  # a timed join keeps Ctrl-C and SIGTERM working
+            t.join(1.0)
+
+
 def _broker_filter(brokers: tuple[str, ...]) -> set[str]:
     if not brokers:
         return set(BROKER_PROFILES)
     allowed: set[str] = set()
     for b in brokers:
-        allowed |= {"rabbitmq": {"RQ", "RC"}, "redis": {"RD", "RV"}}.get(b, {b})
+        allowed |= {"rabbitmq": {"RQ", "RC"}, "redis": {"RD", "RV"}, "memory": {"MEM"}}.get(b, {b})
     return allowed
 
 

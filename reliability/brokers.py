@@ -18,8 +18,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 
@@ -27,6 +28,7 @@ __all__ = [
     "BrokerError",
     "RabbitNode",
     "RedisServer",
+    "TlsFiles",
     "descendants",
     "free_port",
     "listening_beyond_loopback",
@@ -39,6 +41,32 @@ _LOOPBACK_DIST = "-kernel inet_dist_use_interface {127,0,0,1}"
 
 class BrokerError(RuntimeError):
     """A broker the harness owns did not start, stop or answer as expected."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a broker's TLS listener.
+
+    Args:
+        ca: The CA certificate(s) clients of the harness trust.
+        cert: The certificate the broker presents.
+        key: Its private key.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def copy_to(self, directory: Path) -> TlsFiles:
+        """Copy the files into ``directory`` (a broker running as another user reads them there)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        out = []
+        for name, src in (("ca.pem", self.ca), ("cert.pem", self.cert), ("key.pem", self.key)):
+            dst = directory / name
+            shutil.copyfile(src, dst)
+            dst.chmod(0o644)
+            out.append(dst)
+        return TlsFiles(*out)
 
 
 def free_port() -> int:
@@ -125,14 +153,23 @@ class RabbitNode:
 
     Args:
         base: Directory for its files; a new temporary one by default.
+        tls: Also listen with TLS on :attr:`tls_port`, presenting these files
+            (no client certificates asked); :attr:`url` is then the ``amqps://``
+            URL by host name ``localhost``, :attr:`plain_url` the plain one.
     """
 
-    def __init__(self, base: Path | None = None) -> None:
+    def __init__(self, base: Path | None = None, *, tls: TlsFiles | None = None) -> None:
         self.base = Path(base or tempfile.mkdtemp(prefix="mqtasks-rel-rabbit-"))
         self.port = free_port()
         self.dist_port = free_port()
         while self.dist_port == self.port:
             self.dist_port = free_port()
+        self.tls = tls.copy_to(self.base / "tls") if tls is not None else None
+        self.tls_port: int | None = None
+        if tls is not None:
+            self.tls_port = free_port()
+            while self.tls_port in (self.port, self.dist_port):
+                self.tls_port = free_port()
         self.name = f"mqtrel{secrets.token_hex(4)}@localhost"
         self.password = secrets.token_urlsafe(12)
         self.user = "rel"
@@ -142,7 +179,14 @@ class RabbitNode:
 
     @property
     def url(self) -> str:
-        """AMQP URL of the node (its own user and a random password)."""
+        """URL of the node (its own user and a random password): ``amqps://`` with TLS."""
+        if self.tls_port is not None:
+            return f"amqps://{self.user}:{self.password}@localhost:{self.tls_port}//"
+        return self.plain_url
+
+    @property
+    def plain_url(self) -> str:
+        """AMQP URL of the node's plain (non-TLS) listener."""
         return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port}//"
 
     def _prepare(self) -> None:
@@ -151,13 +195,23 @@ class RabbitNode:
         cookie = self.base / "home" / ".erlang.cookie"
         cookie.write_text(secrets.token_hex(16).upper())
         cookie.chmod(0o400)
+        tls = ""
+        if self.tls is not None:
+            tls = (
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {self.tls.ca}\n"
+                f"ssl_options.certfile = {self.tls.cert}\n"
+                f"ssl_options.keyfile = {self.tls.key}\n"
+                "ssl_options.verify = verify_none\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+            )
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
             "loopback_users = none\n"
             f"default_user = {self.user}\n"
             f"default_pass = {self.password}\n"
             # A failing broker alarm would block publishers for reasons of its own.
-            "disk_free_limit.absolute = 50MB\n"
+            "disk_free_limit.absolute = 50MB\n" + tls
         )
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "env.conf").write_text("")  # not /etc/rabbitmq/rabbitmq-env.conf
@@ -231,6 +285,8 @@ class RabbitNode:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise
                 time.sleep(0.5)
+        if self.tls_port is not None:
+            wait_port(self.tls_port, max(1.0, deadline - time.monotonic()), alive=self.proc)
         return time.monotonic() - t0
 
     def beam_pid(self) -> int | None:
@@ -297,6 +353,8 @@ class RabbitNode:
         """``rabbitmqctl start_app`` and wait until it accepts connections."""
         self.ctl("start_app", timeout=120)
         wait_port(self.port, 60)
+        if self.tls_port is not None:
+            wait_port(self.tls_port, 60)
 
     def kill(self) -> None:
         """``kill -9`` the Erlang VM (and its helper processes)."""
@@ -364,20 +422,29 @@ class RedisServer:
         profile: ``RD`` durable (``appendonly yes``, ``appendfsync always``) or
             ``RV`` volatile (no persistence; the negative control).
         base: Directory for its files; a new temporary one by default.
+        tls: Listen with TLS only (``--tls-port``, no plain port), presenting
+            these files (no client certificates asked); :attr:`url` is then a
+            ``rediss://`` URL by host name ``localhost``.
     """
 
-    def __init__(self, profile: RedisProfile, base: Path | None = None) -> None:
+    def __init__(
+        self, profile: RedisProfile, base: Path | None = None, *, tls: TlsFiles | None = None
+    ) -> None:
         if profile not in ("RD", "RV"):
             raise ValueError(f"Redis profile must be 'RD' or 'RV', not {profile!r}")
         self.profile = profile
         self.base = Path(base or tempfile.mkdtemp(prefix=f"mqtasks-rel-redis-{profile.lower()}-"))
+        self.base.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.password = secrets.token_urlsafe(12)
+        self.tls = tls.copy_to(self.base / "tls") if tls is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """Redis URL (database 0) with the password."""
+        """Redis URL (database 0) with the password: ``rediss://`` with TLS."""
+        if self.tls is not None:
+            return f"rediss://:{self.password}@localhost:{self.port}/0"
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def argv(self) -> list[str]:
@@ -387,10 +454,20 @@ class RedisServer:
             if self.profile == "RD"
             else ["--appendonly", "no"]
         )
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert),
+                "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         return [
             shutil.which("redis-server") or "redis-server",
             "--bind", "127.0.0.1",
-            "--port", str(self.port),
+            *listen,
             "--requirepass", self.password,
             "--maxmemory-policy", "noeviction",
             "--save", "",
@@ -424,9 +501,22 @@ class RedisServer:
         return time.monotonic() - t0
 
     def client(self) -> redis.Redis[bytes]:
-        """A new client to the server."""
+        """A new client to the server.
+
+        With TLS it checks the certificate chain against :attr:`tls` ``.ca`` but
+        not the host name: it is the harness's own look at a server it started,
+        whatever name that server's certificate was made for.
+        """
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {
+                "ssl": True,
+                "ssl_ca_certs": str(self.tls.ca),
+                "ssl_cert_reqs": "required",
+                "ssl_check_hostname": False,
+            }
         return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5, **tls
         )
 
     def shutdown_nosave(self) -> None:

@@ -34,7 +34,7 @@ from mqtasks.serialization import encode_body
 from mqtasks.transport import ReliableRedisTransport
 
 from .brokers import RabbitNode, RedisServer, listening_beyond_loopback
-from .ledger import Classification, Event, LedgerWriter, percentile, read_ledger
+from .ledger import Checks, Classification, Event, LedgerWriter, percentile, read_ledger
 from .proxy import TcpProxy
 from .tasks import build_app
 from .workers import WorkerPool, worker_argv
@@ -42,8 +42,10 @@ from .workers import WorkerPool, worker_argv
 __all__ = ["BROKER_PROFILES", "Harness", "Profile", "Publisher", "Run", "wmix_ms"]
 
 #: Broker profiles: RabbitMQ quorum (RQ) or classic (RC); Redis durable (RD) or volatile (RV).
-BrokerProfile = Literal["RQ", "RC", "RD", "RV"]
-BROKER_PROFILES: tuple[BrokerProfile, ...] = ("RQ", "RC", "RD", "RV")
+#: RQ RabbitMQ quorum, RC RabbitMQ classic, RD Redis durable, RV Redis volatile,
+#: MEM ``memory://`` in process (S15 only).
+BrokerProfile = Literal["RQ", "RC", "RD", "RV", "MEM"]
+BROKER_PROFILES: tuple[BrokerProfile, ...] = ("RQ", "RC", "RD", "RV", "MEM")
 
 
 @dataclass(frozen=True)
@@ -180,8 +182,14 @@ class Harness:
         proxy: bool = False,
         restart: bool = True,
         queue_type: str | None = None,
+        queue_options: dict[str, Any] | None = None,
     ) -> Iterator[Run]:
-        """Set up one scenario run; tear it down (workers, proxy, queues) on exit."""
+        """Set up one scenario run; tear it down (workers, proxy, queues) on exit.
+
+        ``queue_options`` are extra :class:`~mqtasks.transport.QueueSpec` fields of
+        the run's work queue (``max_length``, ``overflow``...), the same for the
+        workers and the publisher.
+        """
         seed = random.Random(f"{self.seed}-{scenario}-{broker}").randrange(2**31)
         run = Run(
             self,
@@ -197,6 +205,7 @@ class Harness:
             proxy=proxy,
             restart=restart,
             queue_type=queue_type,
+            queue_options=queue_options,
         )
         try:
             yield run
@@ -310,7 +319,7 @@ class Publisher:
         return ok
 
 
-class Run:
+class Run(Checks):
     """One scenario run on one broker profile: queue, ledger, workers, faults, figures."""
 
     def __init__(
@@ -329,7 +338,9 @@ class Run:
         proxy: bool,
         restart: bool,
         queue_type: str | None,
+        queue_options: dict[str, Any] | None = None,
     ) -> None:
+        super().__init__()
         self.harness = harness
         self.scenario = scenario
         self.broker = broker
@@ -357,6 +368,7 @@ class Run:
             "RELIABILITY_TRANSPORT_OPTIONS": json.dumps(
                 {"key_prefix": self.key_prefix} if self.is_redis else {}
             ),
+            "RELIABILITY_QUEUE_OPTIONS": json.dumps(queue_options or {}),
         }
         self.app = build_app(self.env)
         self.ledger = LedgerWriter(self.ledger_dir / "harness.jsonl")
@@ -378,8 +390,6 @@ class Run:
         self.t0 = time.time()
         self.faults: list[dict[str, Any]] = []
         self.notes: list[str] = []
-        self.checks: list[dict[str, Any]] = []
-        self.extra: dict[str, Any] = {}
         self.publisher: Publisher | None = None
         self._closed = False
 
@@ -546,26 +556,7 @@ class Run:
 
     def drain_dead_letters(self) -> int:
         """Record every dead-letter entry of the run's queue as a ``dead`` event."""
-        try:
-            entries = list_dead_letters(self.app, self.queue, limit=None)
-        except MQTasksError as exc:
-            if "does not exist" in str(exc):
-                return 0
-            raise
-        for e in entries:
-            self.ledger.record(
-                "dead",
-                e.id,
-                attempt=e.attempts,
-                reason=e.reason,
-                exception=e.exception,
-                detail=e.detail,
-                queue=e.queue,
-                traceback_bytes=len(e.traceback or ""),
-                delivery_count=e.headers.get("x-delivery-count"),
-                failed_at=e.failed_at.timestamp() if e.failed_at else None,
-            )
-        return len(entries)
+        return record_dead_letters(self.app, self.queue, self.ledger)
 
     # -- figures ----------------------------------------------------------------
 
@@ -574,39 +565,6 @@ class Run:
         events, torn = read_ledger(self.ledger_dir)
         self.extra["torn_lines"] = torn
         return events
-
-    def check(self, name: str, ok: bool, value: Any = None, want: str = "") -> bool:
-        """Record one pass criterion."""
-        self.checks.append({"check": name, "ok": bool(ok), "value": value, "want": want})
-        return ok
-
-    def standard_checks(
-        self,
-        c: Classification,
-        *,
-        dup_bound: int | None = 0,
-        dead: int | None = 0,
-        publish_failed: int | None = 0,
-    ) -> None:
-        """lost = 0, unexpected = 0, and the scenario's duplicate / dead / publish bounds."""
-        self.check("lost", c.lost == 0, c.lost, "0")
-        self.check("unexpected", c.unexpected == 0, c.unexpected, "0")
-        if dup_bound is not None:
-            self.check(
-                "executed_more_than_once",
-                c.executed_more_than_once <= dup_bound,
-                c.executed_more_than_once,
-                f"<= {dup_bound}",
-            )
-        if dead is not None:
-            self.check("dead_lettered", c.dead_total == dead, c.dead_total, str(dead))
-        if publish_failed is not None:
-            self.check(
-                "publish_failed",
-                c.publish_failed == publish_failed,
-                c.publish_failed,
-                str(publish_failed),
-            )
 
     def worker_recovery(self, events: Sequence[Event]) -> None:
         """Fill ``recovery_s`` of worker-kill faults: until every id the killed
@@ -678,7 +636,7 @@ class Run:
             "samples": c.samples,
             "faults": self.faults,
             "checks": self.checks,
-            "passed": all(ch["ok"] for ch in self.checks),
+            "passed": self.passed,
             "duration_s": round(time.time() - started, 1),
             "worker_exits": [
                 {"slot": e.slot, "pid": e.pid, "code": e.code, "t": self.rel(e.t)}
@@ -714,6 +672,30 @@ class Run:
                 self.app.transport.delete(specs)
         self.app.close()
         self.ledger.close()
+
+
+def record_dead_letters(app: App, queue: str, ledger: LedgerWriter) -> int:
+    """Record every dead-letter entry of ``queue`` as a ``dead`` event; return how many."""
+    try:
+        entries = list_dead_letters(app, queue, limit=None)
+    except MQTasksError as exc:
+        if "does not exist" in str(exc):
+            return 0
+        raise
+    for e in entries:
+        ledger.record(
+            "dead",
+            e.id,
+            attempt=e.attempts,
+            reason=e.reason,
+            exception=e.exception,
+            detail=e.detail,
+            queue=e.queue,
+            traceback_bytes=len(e.traceback or ""),
+            delivery_count=e.headers.get("x-delivery-count"),
+            failed_at=e.failed_at.timestamp() if e.failed_at else None,
+        )
+    return len(entries)
 
 
 def remove_tree(path: Path) -> None:

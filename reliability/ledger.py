@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 __all__ = [
     "EVENT_KINDS",
+    "Checks",
     "Classification",
     "Event",
     "LedgerWriter",
@@ -284,3 +285,49 @@ def classify(events: Iterable[Event]) -> Classification:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+class Checks:
+    """Pass criteria of one scenario run, and its extra figures."""
+
+    def __init__(self) -> None:
+        self.checks: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+
+    @property
+    def passed(self) -> bool:
+        """Whether every criterion recorded so far holds."""
+        return all(ch["ok"] for ch in self.checks)
+
+    def check(self, name: str, ok: bool, value: Any = None, want: str = "") -> bool:
+        """Record one pass criterion."""
+        self.checks.append({"check": name, "ok": bool(ok), "value": value, "want": want})
+        return ok
+
+    def standard_checks(
+        self,
+        c: Classification,
+        *,
+        dup_bound: int | None = 0,
+        dead: int | None = 0,
+        publish_failed: int | None = 0,
+    ) -> None:
+        """lost = 0, unexpected = 0, and the scenario's duplicate / dead / publish bounds."""
+        self.check("lost", c.lost == 0, c.lost, "0")
+        self.check("unexpected", c.unexpected == 0, c.unexpected, "0")
+        if dup_bound is not None:
+            self.check(
+                "executed_more_than_once",
+                c.executed_more_than_once <= dup_bound,
+                c.executed_more_than_once,
+                f"<= {dup_bound}",
+            )
+        if dead is not None:
+            self.check("dead_lettered", c.dead_total == dead, c.dead_total, str(dead))
+        if publish_failed is not None:
+            self.check(
+                "publish_failed",
+                c.publish_failed == publish_failed,
+                c.publish_failed,
+                str(publish_failed),
+            )

@@ -7,7 +7,9 @@ configured entirely from the environment the harness sets:
 * ``RELIABILITY_QUEUE``: the run's work queue (every task is sent there);
 * ``RELIABILITY_LEDGER_DIR``: where each process appends its ledger file;
 * ``RELIABILITY_DELIVERY_LIMIT``: the queue's ``delivery_limit``, if any;
-* ``RELIABILITY_TRANSPORT_OPTIONS``: JSON transport options (Redis sweep, prefix).
+* ``RELIABILITY_TRANSPORT_OPTIONS``: JSON transport options (Redis sweep, prefix);
+* ``RELIABILITY_QUEUE_OPTIONS``: JSON fields of the work queue's ``QueueSpec``
+  (``max_length``, ``overflow``, ``message_ttl``...).
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def build_app(environ: dict[str, str] | None = None) -> App:
     queue = env.get("RELIABILITY_QUEUE") or DEFAULT_QUEUE
     limit = env.get("RELIABILITY_DELIVERY_LIMIT")
     options = json.loads(env.get("RELIABILITY_TRANSPORT_OPTIONS") or "{}")
-    spec = QueueSpec(queue, delivery_limit=int(limit) if limit else None)
+    queue_options = json.loads(env.get("RELIABILITY_QUEUE_OPTIONS") or "{}")
+    spec = QueueSpec(queue, delivery_limit=int(limit) if limit else None, **queue_options)
     rel = App(
         "reliability",
         broker=env.get("MQTASKS_BROKER_URL"),
@@ -141,6 +144,17 @@ def _register(rel: App) -> None:
     def expiring(task_id: str) -> None:
         """Always raises; sent with ``expires`` shorter than its retry schedule."""
         raise RuntimeError(f"rel.expiring {task_id} always fails")
+
+    @rel.task(name="rel.leak", max_retries=0)
+    def leak(task_id: str) -> None:
+        """Raises an error quoting the broker URL and each of its passwords (redaction)."""
+        from urllib.parse import urlsplit
+
+        url = rel.settings.broker_url
+        passwords = [urlsplit(u).password or "" for u in url.split(";") if "://" in u]
+        raise RuntimeError(
+            f"rel.leak {task_id}: lost the broker at {url} (passwords {' '.join(passwords)})"
+        )
 
 
 #: The app ``-A reliability.tasks`` loads.
