@@ -1,5 +1,6 @@
 """Brokers owned by one test module: their own redis-server or RabbitMQ node on free
-loopback ports, and a throwaway certificate authority for TLS.
+loopback ports. The throwaway certificate authority for TLS is the harness's
+(:mod:`reliability.pki`).
 
 Each is stopped by the process id it was started with; the machine's shared
 brokers are never touched.
@@ -7,8 +8,6 @@ brokers are never touched.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import shutil
 import signal
@@ -16,13 +15,9 @@ import socket
 import ssl
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from reliability.pki import Pki
 
 
 def free_port() -> int:
@@ -55,139 +50,6 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout)
-
-
-# -- certificates -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    """PEM files of a test CA and certificates it (or a stranger) signed."""
-
-    ca: Path  #: the CA clients are told to trust
-    server_cert: Path  #: for localhost and 127.0.0.1, signed by ``ca``
-    server_key: Path
-    other_cert: Path  #: for other.example only, signed by ``ca``
-    other_key: Path
-    rogue_cert: Path  #: for localhost and 127.0.0.1, signed by an unknown CA
-    rogue_key: Path
-    client_cert: Path  #: a client certificate signed by ``ca``
-    client_key: Path
-
-
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return path
-
-
-def _write_cert(cert: x509.Certificate, path: Path) -> Path:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def _ca(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common))
-        .issuer_name(_name(common))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _leaf(
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    common: str,
-    names: list[x509.GeneralName],
-    usage: x509.ObjectIdentifier,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-    )
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
-def make_pki(directory: Path) -> Pki:
-    """Write a throwaway CA and certificates for the TLS tests into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    local = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    ca_key, ca_cert = _ca("mqtasks test CA")
-    rogue_ca_key, rogue_ca_cert = _ca("somebody else's CA")
-    server = _leaf(ca_key, ca_cert, "localhost", local, ExtendedKeyUsageOID.SERVER_AUTH)
-    other = _leaf(
-        ca_key,
-        ca_cert,
-        "other.example",
-        [x509.DNSName("other.example")],
-        ExtendedKeyUsageOID.SERVER_AUTH,
-    )
-    rogue = _leaf(rogue_ca_key, rogue_ca_cert, "localhost", local, ExtendedKeyUsageOID.SERVER_AUTH)
-    client = _leaf(ca_key, ca_cert, "mqtasks-client", [], ExtendedKeyUsageOID.CLIENT_AUTH)
-    for path in directory.iterdir():
-        path.chmod(0o644)
-    pki = Pki(
-        ca=_write_cert(ca_cert, directory / "ca.pem"),
-        server_cert=_write_cert(server[1], directory / "server.pem"),
-        server_key=_write_key(server[0], directory / "server.key"),
-        other_cert=_write_cert(other[1], directory / "other.pem"),
-        other_key=_write_key(other[0], directory / "other.key"),
-        rogue_cert=_write_cert(rogue[1], directory / "rogue.pem"),
-        rogue_key=_write_key(rogue[0], directory / "rogue.key"),
-        client_cert=_write_cert(client[1], directory / "client.pem"),
-        client_key=_write_key(client[0], directory / "client.key"),
-    )
-    for path in directory.iterdir():
-        path.chmod(0o644)  # readable by a broker running as another user
-    return pki
 
 
 # -- redis-server -------------------------------------------------------------------

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,9 @@ import structlog
 from mqtasks import App, ConfigurationError, ConnectionFailed, PublishError, Settings, Worker
 from mqtasks.config import TLSOptions
 from mqtasks.testing import drain, running_worker
+from reliability.pki import Pki, TlsFront, make_pki
 
-from ._servers import Pki, make_pki, start_rabbitmq_tls, start_redis, stop
-from .transport._faults import pipe
+from ._servers import start_rabbitmq_tls, start_redis, stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,47 +34,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-class TlsProxy:
-    """Terminates TLS with a given certificate and forwards plain TCP to a port."""
-
-    def __init__(self, cert: Path, key: Path, target_port: int) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(str(cert), str(key))
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        try:
-            secure = self.context.wrap_socket(client, server_side=True)
-            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            upstream.settimeout(None)
-        except (OSError, ssl.SSLError):
-            client.close()
-            return
-        self.sockets += [secure, upstream]
-        threading.Thread(target=pipe, args=(upstream, secure), daemon=True).start()
-        pipe(secure, upstream)
-
-    def close(self) -> None:
-        self.listener.close()
-        for s in self.sockets:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-
 @pytest.fixture(scope="module")
 def rabbit(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
     """Our own RabbitMQ node: TLS port with the right certificate, plus proxies
@@ -84,8 +41,8 @@ def rabbit(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
     if not os.path.exists("/usr/lib/rabbitmq/bin/rabbitmq-server"):
         pytest.skip("rabbitmq-server is not installed")
     proc, tls_port, tcp_port = start_rabbitmq_tls(tmp_path_factory.mktemp("rabbit"), pki)
-    other = TlsProxy(pki.other_cert, pki.other_key, tcp_port)
-    rogue = TlsProxy(pki.rogue_cert, pki.rogue_key, tcp_port)
+    other = TlsFront(pki.other_cert, pki.other_key, tcp_port)
+    rogue = TlsFront(pki.rogue_cert, pki.rogue_key, tcp_port)
     try:
         yield {"good": tls_port, "other": other.port, "rogue": rogue.port}
     finally:
