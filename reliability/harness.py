@@ -126,6 +126,14 @@ class Harness:
             server.restart()
         return server
 
+    def broker_password(self, broker: BrokerProfile) -> str | None:
+        """The random password in ``broker``'s URL (None for ``memory://``)."""
+        if broker in ("RQ", "RC"):
+            return self.rabbit_node().password
+        if broker in ("RD", "RV"):
+            return self.redis_server(broker).password  # type: ignore[arg-type]
+        return None
+
     def broker_url(self, broker: BrokerProfile) -> str:
         """URL of the broker behind ``broker``."""
         if broker in ("RQ", "RC"):
@@ -222,6 +230,9 @@ class PublishStats:
     errors: Counter[str] = field(default_factory=Counter)
     #: (t, latency) of calls slower than one second.
     slow: list[tuple[float, float]] = field(default_factory=list)
+    #: Distinct texts of the errors raised (with their causes); kept out of the
+    #: summary, searched for the broker's password.
+    texts: set[str] = field(default_factory=set)
 
     def summary(self) -> dict[str, Any]:
         """JSON-able figures."""
@@ -232,6 +243,16 @@ class PublishStats:
             "latency_ms_max": _ms(max(self.latencies, default=None)),
             "errors": dict(self.errors),
         }
+
+
+def _error_text(exc: BaseException) -> str:
+    """``exc`` and its causes as a caller could print them (message, repr, args)."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 10:
+        parts += [str(seen), repr(seen), repr(seen.args)]
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(parts)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -306,6 +327,8 @@ class Publisher:
             took = time.monotonic() - start
             self.ledger.record("failed", task_id, error=type(exc).__name__, took=round(took, 3))
             self.stats.errors[type(exc).__name__] += 1
+            if len(self.stats.texts) < 1000:
+                self.stats.texts.add(_error_text(exc))
             ok = False
         else:
             took = time.monotonic() - start
@@ -354,6 +377,7 @@ class Run(Checks):
         self.queue = f"rel.{scenario.lower()}.{broker.lower()}.{tag}"
         self.key_prefix = f"{{rel-{tag}}}"
         self.url = harness.broker_url(broker)
+        self.password = harness.broker_password(broker)
         self.proxy = TcpProxy(int(self.url.rsplit(":", 1)[1].split("/", 1)[0])) if proxy else None
         url = self.proxy.url_for(self.url) if self.proxy is not None else self.url
         self.queue_type = queue_type or ("classic" if broker == "RC" else "quorum")
@@ -627,6 +651,11 @@ class Run(Checks):
         self.check("no_unknown_delivery_tag", unknown_tag == 0, unknown_tag, "0")
         crashed = self.log_count("worker.io_crashed")
         self.check("no_io_thread_crash", crashed == 0, crashed, "0")
+        if self.password:
+            # Every run's URLs carry the broker's random password (S14 in every scenario).
+            texts = self.publisher.stats.texts if self.publisher is not None else set()
+            shown = self.log_count(self.password) + sum(t.count(self.password) for t in texts)
+            self.check("password_never_shown", shown == 0, shown, "0 in worker logs and errors")
         return {
             "scenario": self.scenario,
             "broker": self.broker,
