@@ -26,6 +26,18 @@ from .tasks import build_app
 
 __all__ = ["s15"]
 
+#: Figures of the three parts added up in the row.
+SUMMED = (
+    "sent",
+    "confirmed",
+    "publish_failed",
+    "executed",
+    "executed_more_than_once",
+    "started_more_than_once",
+    "lost",
+    "unexpected",
+)
+
 
 class MemoryRun(Checks):
     """One in-process run on ``memory://``: an app, its ledger and a threaded worker."""
@@ -106,9 +118,7 @@ def s15(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
             "passed": run.passed,
             **run.extra,
         }
-        for key in ("sent", "confirmed", "publish_failed", "executed", "lost", "unexpected"):
-            totals[key] = totals.get(key, 0) + getattr(c, key)
-        for key in ("executed_more_than_once", "started_more_than_once"):
+        for key in SUMMED:
             totals[key] = totals.get(key, 0) + getattr(c, key)
         dead = totals.setdefault("dead_lettered", {})
         for reason, count in c.dead_lettered.items():
