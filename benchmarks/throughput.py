@@ -88,6 +88,33 @@ class Counter:
             self.value += 1
 
 
+def publisher_threads(
+    send: Callable[[], object],
+    n: int,
+    publishers: int,
+    stop: threading.Event,
+    errors: list[BaseException],
+) -> list[threading.Thread]:
+    """Return (unstarted) threads that call ``send()`` n times in all, until ``stop`` is set.
+
+    A thread that fails appends its exception to ``errors`` and ends.
+    """
+
+    def publish(count: int) -> None:
+        try:
+            for _ in range(count):
+                if stop.is_set():
+                    return
+                send()
+        except BaseException as exc:
+            errors.append(exc)
+
+    return [
+        threading.Thread(target=publish, args=(k,), name=f"bench-pub-{i}", daemon=True)
+        for i, k in enumerate(split(n, publishers))
+    ]
+
+
 def wait_progress(
     read: Callable[[], int], target: int, deadline: float, stall: float
 ) -> tuple[str, float]:
@@ -224,20 +251,7 @@ class MqtasksSide:
         worker = self.worker()
         errors: list[BaseException] = []
         stop = threading.Event()
-
-        def publish(count: int) -> None:
-            try:
-                for _ in range(count):
-                    if stop.is_set():
-                        return
-                    self.noop.delay()
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [
-            threading.Thread(target=publish, args=(k,), name=f"bench-pub-{i}", daemon=True)
-            for i, k in enumerate(split(n, self.opts.publishers))
-        ]
+        threads = publisher_threads(self.noop.delay, n, self.opts.publishers, stop, errors)
         try:
             worker.start(timeout=30.0)
             s0 = worker.settled

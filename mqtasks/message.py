@@ -74,11 +74,17 @@ _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-def _origin() -> str:
+def _reset_origin() -> None:
     global _ORIGIN
-    pid = os.getpid()
-    if not _ORIGIN.startswith(f"{pid}@"):  # after fork
-        _ORIGIN = f"{pid}@{socket.gethostname()}"
+    _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
+
+
+# Set again in a forked child, rather than compared with os.getpid() (a system
+# call) on every publish.
+os.register_at_fork(after_in_child=_reset_origin)
+
+
+def _origin() -> str:
     return _ORIGIN
 
 
@@ -124,8 +130,23 @@ class Message:
     delivery_count: int | None = None
 
     def copy(self, **changes: Any) -> Message:
-        """Return a copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
+        """Return a copy with ``changes`` applied.
+
+        Raises:
+            TypeError: A name in ``changes`` is not a field.
+        """
+        # dataclasses.replace() would call __init__, which sets 15 frozen fields one
+        # object.__setattr__ at a time (about 12 µs, on every traced publish); no
+        # field has a default to compute or a check to run, so copying the instance
+        # dict gives the same object at a tenth of the cost.
+        unknown = changes.keys() - _FIELD_NAMES
+        if unknown:
+            raise TypeError(f"Message has no field(s) {sorted(unknown)}")
+        new = object.__new__(type(self))
+        state = new.__dict__
+        state.update(self.__dict__)
+        state.update(changes)
+        return new
 
     def is_expired(self, now: float | None = None) -> bool:
         """Return whether the message is past its expiry time."""
@@ -210,6 +231,9 @@ _REFUSALS = {
     "decode_error": "the transport could not read the message",
 }
 
+#: The fields Message.copy() accepts.
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Message))
+
 #: Headers RabbitMQ writes when it dead-letters a message; a producer may forge them.
 _DEATH_LIST = "x-death"
 _DEATH_TEXTS = ("x-first-death-", "x-last-death-")
@@ -229,6 +253,10 @@ def _check_broker_headers(headers: Mapping[str, Any]) -> None:
             raise DecodeError("invalid_headers", f"malformed {str(key)[:64]} header")
 
 
+#: Header value types that need no size check (short strings are checked inline).
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def _parse_headers(delivery: Delivery) -> dict[str, Any]:
     headers = delivery.headers
     if not isinstance(headers, Mapping):
@@ -237,9 +265,13 @@ def _parse_headers(delivery: Delivery) -> dict[str, Any]:
         raise DecodeError("invalid_headers", f"{len(headers)} headers, over {MAX_HEADERS}")
     extra: dict[str, Any] = {}
     for key, value in headers.items():
-        if isinstance(value, (str, bytes)) and len(value) > MAX_HEADER_VALUE:
-            raise DecodeError("invalid_headers", f"header {str(key)[:64]!r} is too long")
-        if isinstance(value, (Mapping, list, tuple)) and not _small_value(value):
+        kind = type(value)
+        if kind in _SCALARS:
+            pass  # the common case, without the ABC checks below
+        elif isinstance(value, (str, bytes)):
+            if len(value) > MAX_HEADER_VALUE:
+                raise DecodeError("invalid_headers", f"header {str(key)[:64]!r} is too long")
+        elif isinstance(value, (Mapping, list, tuple)) and not _small_value(value):
             raise DecodeError("invalid_headers", f"header {str(key)[:64]!r} is too large or deep")
         if not str(key).startswith("mqtasks-"):
             extra[key] = value

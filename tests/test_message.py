@@ -138,3 +138,33 @@ def test_expiry() -> None:
     m = Message(id="i", task="t", queue="q", expires_at=datetime(2020, 1, 1, tzinfo=timezone.utc))
     assert m.is_expired()
     assert not m.copy(expires_at=None).is_expired()
+
+
+def test_copy_changes_only_what_it_is_given() -> None:
+    published = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    original = Message(
+        id="m-1",
+        task="t.add",
+        queue="work",
+        args=(1, 2),
+        kwargs={"z": 3},
+        published_at=published,
+        headers={"traceparent": "x"},
+    )
+    changed = original.copy(attempt=2, headers={"traceparent": "y"})
+    assert changed == Message(
+        id="m-1",
+        task="t.add",
+        queue="work",
+        args=(1, 2),
+        kwargs={"z": 3},
+        attempt=2,
+        published_at=published,
+        headers={"traceparent": "y"},
+    )
+    assert type(changed) is Message
+    assert original.attempt == 1 and original.headers == {"traceparent": "x"}
+    with pytest.raises(AttributeError):
+        changed.attempt = 3  # type: ignore[misc]
+    with pytest.raises(TypeError, match="no field"):
+        original.copy(atempt=2)

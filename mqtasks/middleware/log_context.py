@@ -21,6 +21,7 @@ an application that never configured it would get a line per ``delay()``), and
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Mapping
@@ -111,7 +112,7 @@ class StructlogContext(Middleware):
         if trace_id is not None:
             context["trace_id"] = trace_id
         local = self._local
-        local.tokens = structlog.contextvars.bind_contextvars(**context)
+        local.tokens = [_context_var(key).set(value) for key, value in context.items()]
         local.context = context
         local.started = time.perf_counter()
         # The context goes in explicitly too: the events keep it under a
@@ -147,4 +148,24 @@ class StructlogContext(Middleware):
             if structlog.is_configured():
                 logger.debug("task.succeeded", duration=duration, **local.context)
         local.tokens = None
-        structlog.contextvars.reset_contextvars(**tokens)
+        for token in reversed(tokens):
+            token.var.reset(token)
+
+
+#: The ContextVar behind each context key, as structlog.contextvars names and keeps them.
+_CONTEXT_VARS: dict[str, contextvars.ContextVar[Any]] = {}
+
+
+def _context_var(key: str) -> contextvars.ContextVar[Any]:
+    """Return the ContextVar that :func:`structlog.contextvars.bind_contextvars` uses for ``key``.
+
+    bind_contextvars() builds the variable's name and looks it up for every key of
+    every call; a worker binds five keys per task, so the variables are looked up
+    once, through the token structlog returns, and set directly.
+    """
+    var = _CONTEXT_VARS.get(key)
+    if var is None:
+        token = structlog.contextvars.bind_contextvars(**{key: None})[key]
+        var = _CONTEXT_VARS[key] = token.var
+        var.reset(token)
+    return var

@@ -35,6 +35,9 @@ __all__ = ["INSTRUMENTATION_NAME", "OpenTelemetryTracing", "messaging_system"]
 #: Name of the tracer (the instrumentation scope) spans are created with.
 INSTRUMENTATION_NAME = "mqtasks"
 
+#: Most (broker, queue, task, operation) whose shared span attributes are kept.
+_SHARED_CACHE_SIZE = 1024
+
 _SYSTEMS = {
     "amqp": "rabbitmq",
     "amqps": "rabbitmq",
@@ -67,7 +70,7 @@ class OpenTelemetryTracing(Middleware):
             None if tracer_provider is None else tracer_provider.get_tracer(INSTRUMENTATION_NAME)
         )
         self._local = threading.local()
-        self._systems: dict[str, str] = {}
+        self._shared: dict[tuple[str, str, str, str], dict[str, Any]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenTelemetryTracing | None:
@@ -89,18 +92,23 @@ class OpenTelemetryTracing(Middleware):
         return tracer
 
     def _attributes(self, app: App, message: Message, operation: str) -> dict[str, Any]:
-        url = app.settings.broker_url
-        system = self._systems.get(url)
-        if system is None:
-            system = self._systems[url] = messaging_system(url)
-        return {
-            "messaging.system": system,
-            "messaging.destination.name": message.queue,
-            "messaging.message.id": message.id,
-            "messaging.operation": operation,
-            "mqtasks.task.name": message.task,
-            "mqtasks.task.attempt": message.attempt,
-        }
+        # The attributes a queue, task and operation share are built once; a span
+        # then costs one dict copy and two items.
+        key = (app.settings.broker_url, message.queue, message.task, operation)
+        shared = self._shared.get(key)
+        if shared is None:
+            if len(self._shared) >= _SHARED_CACHE_SIZE:
+                self._shared.clear()
+            shared = self._shared[key] = {
+                "messaging.system": messaging_system(key[0]),
+                "messaging.destination.name": message.queue,
+                "messaging.operation": operation,
+                "mqtasks.task.name": message.task,
+            }
+        attributes = shared.copy()
+        attributes["messaging.message.id"] = message.id
+        attributes["mqtasks.task.attempt"] = message.attempt
+        return attributes
 
     # -- publishing ------------------------------------------------------------------
 
