@@ -113,6 +113,13 @@ class Task(Generic[P, R]):
             for p in self.signature.parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
+        params = list(self.signature.parameters.values())
+        # (required, most) positional arguments when every parameter is a plain
+        # positional one: a call that fits them needs no Signature.bind().
+        self._arity: tuple[int, int] | None = None
+        if all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
+            required = sum(1 for p in params if p.default is p.empty)
+            self._arity = (required, len(params))
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__module__ = getattr(fn, "__module__", None)  # type: ignore[assignment]
@@ -120,6 +127,19 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name} queue={self.queue!r}>"
+
+    def check_arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        """Check that ``args`` and ``kwargs`` fit the function's signature.
+
+        Raises:
+            TypeError: They do not (the message is ``Signature.bind()``'s).
+        """
+        arity = self._arity
+        # Signature.bind() costs about 10 µs a call, on every publish and every run;
+        # positional arguments within the function's count always bind.
+        if arity is not None and not kwargs and arity[0] <= len(args) <= arity[1]:
+            return
+        self.signature.bind(*args, **kwargs)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function here and now, like a plain call."""
@@ -224,7 +244,7 @@ class Task(Generic[P, R]):
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         try:
-            self.signature.bind(*args, **kwargs)
+            self.check_arguments(args, kwargs)
         except TypeError as exc:
             raise TypeError(f"Task {self.name!r} called with wrong arguments: {exc}") from None
         if priority is None:

@@ -100,7 +100,9 @@ class Worker:
         self._work: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
         self._settlements: queue.SimpleQueue[tuple[Delivery, str]] = queue.SimpleQueue()
         # Worker threads write a byte here after posting a settlement, to wake
-        # an I/O thread sleeping in select() (transports with ``wakeable``).
+        # an I/O thread sleeping in select() (transports with ``wakeable``); only
+        # while it sleeps (``_io_sleeping``): awake, it flushes before it sleeps again.
+        self._io_sleeping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -245,8 +247,13 @@ class Worker:
             while not self._stopping.is_set():
                 self._flush()
                 if consumer.wakeable:
-                    # Sleeps until a delivery, a settlement or a stop arrives.
-                    consumer.wait(0.5, self._wake_r)
+                    # Sleeps until a delivery, a settlement or a stop arrives. A
+                    # settlement posted before the flag was raised is seen here,
+                    # one posted after it writes to the pipe (see _work_main).
+                    self._io_sleeping = True
+                    idle = self._settlements.empty() and not self._stopping.is_set()
+                    consumer.wait(0.5 if idle else 0.0, self._wake_r)
+                    self._io_sleeping = False
                     self._clear_wake()
                 elif self._window >= self.prefetch:
                     # Nothing can arrive until something is settled: wait for that.
@@ -273,7 +280,7 @@ class Worker:
 
     def _clear_wake(self) -> None:
         try:
-            while os.read(self._wake_r, 4096):
+            while len(os.read(self._wake_r, 4096)) == 4096:
                 pass
         except (BlockingIOError, OSError):
             pass
@@ -370,7 +377,10 @@ class Worker:
 
         def post(item: tuple[Delivery, str]) -> None:
             put(item)
-            wake()
+            # Read after the put: an I/O thread that raised the flag before it
+            # checks the queue either sees the item or is woken here.
+            if self._io_sleeping:
+                wake()
 
         while True:
             delivery = get()
@@ -542,7 +552,7 @@ class Worker:
         if message.is_expired():
             return self._reject(delivery, message, "expired", f"expired at {message.expires_at}")
         try:
-            task.signature.bind(*message.args, **message.kwargs)
+            task.check_arguments(message.args, message.kwargs)
         except TypeError as exc:
             return self._reject(delivery, message, "invalid_arguments", str(exc))
         for hook in self._before_process:

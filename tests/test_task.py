@@ -152,3 +152,34 @@ def test_unknown_task_lookup_lists_registered(app: App) -> None:
 
     with pytest.raises(TaskNotRegistered, match="registered: known"):
         app.get_task("nope")
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "fits"),
+    [
+        ((1,), {}, True),
+        ((1, 2), {}, True),
+        ((), {"a": 1}, True),
+        ((), {}, False),
+        ((1, 2, 3), {}, False),
+        ((1,), {"a": 1}, False),
+        ((1,), {"c": 1}, False),
+    ],
+)
+def test_check_arguments_agrees_with_signature_bind(
+    app: App, args: tuple[int, ...], kwargs: dict[str, int], fits: bool
+) -> None:
+    @app.task
+    def plain(a: int, b: int = 0) -> None: ...
+
+    @app.task
+    def keyword_only(a: int, b: int = 0, *, c: int) -> None: ...
+
+    if fits:
+        plain.check_arguments(args, kwargs)
+    else:
+        with pytest.raises(TypeError):
+            plain.check_arguments(args, kwargs)
+    # A required keyword-only parameter is never satisfied by positional arguments.
+    with pytest.raises(TypeError):
+        keyword_only.check_arguments(args, {k: v for k, v in kwargs.items() if k != "c"})

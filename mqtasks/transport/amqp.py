@@ -12,8 +12,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import kombu
-from amqp import spec as amqp_spec
-from amqp.exceptions import MessageNacked, UnexpectedFrame
+from amqp.exceptions import MessageNacked, RecoverableConnectionError, UnexpectedFrame
 from amqp.serialization import dumps as amqp_dumps
 from kombu.transport import pyamqp
 
@@ -154,35 +153,151 @@ _CONTENT_HEADER = struct.Struct(">HHQ")  # class, weight, body size
 _FRAME_END_BYTE = b"\xce"
 
 
-class _PublishFrames:
-    """The ``basic.publish`` frames of many messages, written to the socket together.
+#: ``delivery_mode`` 2: the broker writes the message to disk.
+PERSISTENT = 2
+_FLAGS = struct.Struct(">H")  # property flags of a content header
 
-    py-amqp's frame writer makes one ``sendall()`` per message; a bulk publish
-    here makes one per :attr:`flush_size` bytes, with the same frames: a method
-    frame, a content header with the properties as py-amqp serializes them, and
-    body frames of at most ``frame_max`` bytes. The connection must not be used by
-    another thread meanwhile (a pooled one is not).
+
+def serialize_properties(envelope: Envelope, headers: dict[str, Any]) -> bytes:
+    """Return the content-header properties of ``envelope``, persistent, as py-amqp writes them.
+
+    The bytes are those of ``amqp.Message(...)._serialize_properties()`` for the
+    properties mqtasks sets (content type and encoding, headers, delivery mode,
+    priority, message id): the property flags, then the values in flag order.
+    py-amqp's version walks all fourteen basic properties and every header
+    through generic loops; headers of plain values (strings, numbers, booleans,
+    None: mqtasks' own) are written here directly, anything else by py-amqp.
+    """
+    table = _plain_table(headers) if headers is not None else None
+    if (
+        table is None
+        or envelope.content_type is None
+        or envelope.content_encoding is None
+        or envelope.message_id is None
+    ):
+        return _serialize_properties(envelope, headers)
+    content_type = envelope.content_type.encode("utf-8", "surrogatepass")
+    content_encoding = envelope.content_encoding.encode("utf-8", "surrogatepass")
+    message_id = envelope.message_id.encode("utf-8", "surrogatepass")
+    if max(len(content_type), len(content_encoding), len(message_id)) > 255:
+        return _serialize_properties(envelope, headers)
+    priority = envelope.priority
+    if priority is not None and not (type(priority) is int and 0 <= priority <= 255):
+        return _serialize_properties(envelope, headers)
+    parts = [
+        _FLAGS.pack(0xF080 if priority is None else 0xF880),
+        _BYTE.pack(len(content_type)),
+        content_type,
+        _BYTE.pack(len(content_encoding)),
+        content_encoding,
+        _LONG.pack(len(table)),
+        table,
+        _BYTE.pack(PERSISTENT),
+    ]
+    if priority is not None:
+        parts.append(_BYTE.pack(priority))
+    parts.append(_BYTE.pack(len(message_id)))
+    parts.append(message_id)
+    return b"".join(parts)
+
+
+_BYTE = struct.Struct(">B")
+_LONG = struct.Struct(">I")
+_STRING = struct.Struct(">cI")
+_INT = struct.Struct(">ci")
+_LONGLONG = struct.Struct(">cq")
+_DOUBLE = struct.Struct(">cd")
+
+
+def _plain_table(headers: dict[str, Any]) -> bytes | None:
+    """The field table of ``headers`` as py-amqp writes it, or None unless every
+    key is a short string and every value a string, bytes, number, bool or None."""
+    parts: list[bytes] = []
+    append = parts.append
+    for key, value in headers.items():
+        if type(key) is not str:
+            return None
+        name = key.encode("utf-8", "surrogatepass")
+        if len(name) > 255:
+            return None
+        append(_BYTE.pack(len(name)))
+        append(name)
+        kind = type(value)
+        if kind is str:
+            data = value.encode("utf-8", "surrogatepass")
+            append(_STRING.pack(b"S", len(data)))
+            append(data)
+        elif kind is int:
+            if value > 2147483647 or value < -2147483647:
+                append(_LONGLONG.pack(b"L", value))
+            else:
+                append(_INT.pack(b"I", value))
+        elif kind is float:
+            append(_DOUBLE.pack(b"d", value))
+        elif kind is bool:
+            append(b"t\x01" if value else b"t\x00")
+        elif kind is bytes:
+            append(_STRING.pack(b"S", len(value)))
+            append(value)
+        elif value is None:
+            append(b"V")
+        else:
+            return None
+    return b"".join(parts)
+
+
+def _serialize_properties(envelope: Envelope, headers: dict[str, Any] | None) -> bytes:
+    """:func:`serialize_properties` through py-amqp's serializer (any header values)."""
+    # (flag bit, py-amqp format, value) in the order of the content header.
+    fields = [
+        (0x8000, "s", envelope.content_type),
+        (0x4000, "s", envelope.content_encoding),
+        (0x2000, "F", headers),
+        (0x1000, "o", PERSISTENT),
+        (0x0800, "o", envelope.priority),
+        (0x0080, "s", envelope.message_id),
+    ]
+    present = [field for field in fields if field[2] is not None]
+    flags = sum(flag for flag, _, _ in present)
+    values_bytes: bytes = amqp_dumps(
+        "".join(kind for _, kind, _ in present), [value for _, _, value in present]
+    )
+    return _FLAGS.pack(flags) + values_bytes
+
+
+class _PublishFrames:
+    """The ``basic.publish`` frames of messages on one channel, written to the socket together.
+
+    py-amqp's frame writer serializes the method arguments again for every
+    message and copies the frames through a buffer; here the method frame of
+    each destination is built once per channel, and a bulk publish makes one
+    ``sendall()`` per :attr:`flush_size` bytes. The frames are the same: a method
+    frame (mandatory), a content header and body frames of at most
+    ``frame_max`` bytes. The connection must not be used by another thread
+    meanwhile (a pooled one is not).
     """
 
     #: Bytes gathered before they are written.
     flush_size: ClassVar[int] = 65536
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: Any, mandatory: bool = True) -> None:
         self.channel_id: int = channel.channel_id
         self.connection = channel.connection
+        self.mandatory = mandatory
         self.buffer = bytearray()
-        self._methods: dict[str, bytes] = {}
+        self._methods: dict[tuple[str, str], bytes] = {}
 
-    def add(self, routing_key: str, message: Any) -> None:
-        """Append the frames of ``message`` (an ``amqp.Message``), mandatory, default exchange."""
+    def add(self, exchange: str, routing_key: str, properties: bytes, body: bytes) -> None:
+        """Append the frames of a message (``properties``: see :func:`serialize_properties`)."""
         pack, channel, buffer = _FRAME_HEADER.pack, self.channel_id, self.buffer
-        method = self._methods.get(routing_key)
+        method = self._methods.get((exchange, routing_key))
         if method is None:
-            args = _BASIC_PUBLISH + amqp_dumps("Bssbb", (0, "", routing_key, True, False))
+            args = _BASIC_PUBLISH + amqp_dumps(
+                "Bssbb", (0, exchange, routing_key, self.mandatory, False)
+            )
             method = pack(1, channel, len(args)) + args + _FRAME_END_BYTE
-            self._methods[routing_key] = method
-        body = message.body
-        header = _CONTENT_HEADER.pack(60, 0, len(body)) + message._serialize_properties()
+            self._methods[(exchange, routing_key)] = method
+        header = _CONTENT_HEADER.pack(60, 0, len(body)) + properties
         buffer += method
         buffer += pack(2, channel, len(header))
         buffer += header
@@ -198,7 +313,10 @@ class _PublishFrames:
         """Write what was gathered."""
         if self.buffer:
             data, self.buffer = self.buffer, bytearray()
-            self.connection.transport.write(data)
+            transport = self.connection.transport
+            if transport is None:  # as py-amqp's own writer says it: ensure() reconnects
+                raise RecoverableConnectionError("connection already closed")
+            transport.write(data)
             self.connection.bytes_sent += 1
 
 
@@ -234,6 +352,39 @@ class _Confirms:
         self.on_ack(tag, multiple)
         if tag > self.nacked:
             self.nacked = tag
+
+
+#: A ``basic.ack`` method frame: type, channel, size, class, method, delivery tag,
+#: multiple, frame end.
+_ACK_FRAME = struct.Struct(">BHIHHQBB")
+
+
+def write_ack(channel: Any, delivery_tag: int, multiple: bool) -> None:
+    """Send ``basic.ack`` on ``channel``: the frame py-amqp's ``basic_ack`` sends.
+
+    py-amqp builds it through its generic method writer (a promise, the
+    arguments serialized from a format string, a locked shared buffer); the
+    consumer's I/O thread, the only one writing on its connection, sends the
+    21 bytes directly.
+
+    Raises:
+        RecoverableConnectionError: The channel's connection is closed.
+    """
+    connection = channel.connection
+    if connection is None:
+        raise RecoverableConnectionError("connection already closed")
+    connection.transport.write(
+        _ACK_FRAME.pack(1, channel.channel_id, 13, 60, 80, delivery_tag, multiple, _FRAME_END)
+    )
+    connection.bytes_sent += 1
+
+
+def _ack(raw: Any) -> None:
+    """Acknowledge a received kombu message as ``Message.ack()`` does, with :func:`write_ack`."""
+    if raw.acknowledged:
+        raise raw.MessageStateError(f"Message already acknowledged with state: {raw._state}")
+    write_ack(raw.channel, raw.delivery_tag, False)
+    raw._state = "ACK"
 
 
 class AmqpConsumer(Consumer):
@@ -281,6 +432,9 @@ class AmqpConsumer(Consumer):
             self._unsettled.discard(delivery.raw.delivery_tag)
         return settled
 
+    def ack(self, delivery: Any) -> bool:
+        return self._settle(delivery, lambda: _ack(delivery.raw))
+
     def ack_many(self, deliveries: Sequence[Any]) -> None:
         """Ack with one ``multiple`` frame up to the highest tag below which
         nothing else is unsettled; ack the rest one by one.
@@ -306,7 +460,7 @@ class AmqpConsumer(Consumer):
             channel = covered[0].raw.channel
 
             def ack_multiple() -> None:
-                channel.basic_ack(upto, multiple=True)
+                write_ack(channel, upto, True)
 
             if super()._settle(covered[0], ack_multiple):
                 for d in covered:
@@ -452,16 +606,9 @@ class AmqpTransport(Transport):
                             published = i
                             frames.flush()
                             self._wait_confirms(conn, deadline)
-                        message = channel.prepare_message(
-                            env.body,
-                            env.priority,
-                            env.content_type,
-                            env.content_encoding,
-                            dict(env.headers),
-                            {"message_id": env.message_id, "delivery_mode": 2},
-                        )
+                        properties = serialize_properties(env, dict(env.headers))
                         pending.add(i + 1)
-                        frames.add(queue, message)
+                        frames.add("", queue, properties, env.body)
                         if len(frames.buffer) >= frames.flush_size:
                             published = i + 1
                             frames.flush()
@@ -515,15 +662,16 @@ class AmqpTransport(Transport):
         around every read, polls for ``connection.blocked`` notices before each
         publish and reads each frame with three ``recv()`` calls: about 17 system
         calls per message, where this makes one ``sendto``, one ``select()`` and
-        one ``recv()``. A lost connection is retried as before, by kombu's
+        one ``recv()``, and the frames are built by :class:`_PublishFrames` (the
+        method frame once per destination, the properties by
+        :func:`serialize_properties`). A lost connection is retried as before, by kombu's
         ``Connection.ensure``; a confirm that does not come in time is not (the
         message may be enqueued).
         """
         conn = producer.connection
         confirm = bool(conn.transport_options.get("confirm_publish"))
-        headers = dict(envelope.headers)
-        properties = {"message_id": envelope.message_id, "delivery_mode": 2}
-        args = (0, exchange, routing_key, self.confirms, False)
+        properties = serialize_properties(envelope, dict(envelope.headers))
+        body = envelope.body
 
         def publish_once() -> None:
             channel = producer.channel
@@ -534,19 +682,15 @@ class AmqpTransport(Transport):
                     producer, exchange, routing_key, envelope, deadline
                 )
                 return
-            message = channel.prepare_message(
-                envelope.body,
-                envelope.priority,
-                envelope.content_type,
-                envelope.content_encoding,
-                headers,
-                properties,
-            )
+            frames: _PublishFrames | None = getattr(channel, "mqtasks_frames", None)
+            if frames is None:
+                frames = channel.mqtasks_frames = _PublishFrames(channel, self.confirms)
             sock = channel.connection.transport.sock
             if sock.gettimeout() != self.publish_timeout:
                 sock.settimeout(self.publish_timeout)  # bounds a write the broker does not read
             if not confirm:
-                channel.send_method(amqp_spec.Basic.Publish, "Bssbb", args, message)
+                frames.add(exchange, routing_key, properties, body)
+                frames.flush()
                 return
             if confirms is None:
                 confirms = channel.mqtasks_confirms = _Confirms()
@@ -556,7 +700,8 @@ class AmqpTransport(Transport):
                 channel.confirm_select()
             confirms.published += 1
             tag = confirms.published
-            channel.send_method(amqp_spec.Basic.Publish, "Bssbb", args, message)
+            frames.add(exchange, routing_key, properties, body)
+            frames.flush()
             self._await_confirm(channel.connection, sock, confirms, tag, envelope, deadline)
             if confirms.nacked >= tag:
                 # Not MessageNacked itself: py-amqp counts it among the recoverable

@@ -20,6 +20,8 @@ import kombu
 import structlog
 from kombu import pools
 from kombu.exceptions import OperationalError
+from kombu.resource import Resource
+from kombu.utils.functional import ChannelPromise
 
 from .._url import mask_url, redact, remember_secret
 from ..exceptions import (
@@ -379,7 +381,7 @@ class Transport:
                 if self._producers is None:
                     self._connections = self.connection().Pool(limit=self.pool_size)
                     producer_cls = _producer_factory(self._on_return if self.confirms else None)
-                    self._producers = pools.ProducerPool(
+                    self._producers = _BoundProducerPool(
                         self._connections, limit=self.pool_size, Producer=producer_cls
                     )
         return self._producers
@@ -754,6 +756,32 @@ def _caused_by(exc: BaseException | None, name: str) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
+class _BoundProducerPool(pools.ProducerPool):  # type: ignore[misc]
+    """A producer pool whose producers keep their connection and channel between uses.
+
+    kombu's ``ProducerPool`` hands a producer's connection back to the connection
+    pool on every release and binds it again on the next acquire (a connection
+    from the pool, a channel promise, a copy of the exchange): about a fifth of
+    the CPU time of a confirmed ``delay()``. Here a producer keeps its connection
+    (the two pools have the same size, so every connection stays with one
+    producer) and is unbound, as kombu does it, only when its connection or
+    channel is no longer usable: lost, collected after an error, or closed.
+    """
+
+    def release(self, resource: Any) -> None:
+        conn = resource.__connection__
+        channel = resource._channel
+        if (
+            conn is not None
+            and channel is not None
+            and conn.connected
+            and (isinstance(channel, ChannelPromise) or getattr(channel, "is_open", False))
+        ):
+            Resource.release(self, resource)  # bound as it is
+        else:
+            super().release(resource)
 
 
 def _producer_factory(on_return: Callable[..., None] | None) -> Callable[[Any], kombu.Producer]:
