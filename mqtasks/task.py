@@ -117,7 +117,7 @@ class Task(Generic[P, R]):
         # (required, most) positional arguments when every parameter is a plain
         # positional one: a call that fits them needs no Signature.bind().
         self._arity: tuple[int, int] | None = None
-        if all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
+        if len(self._names) == len(params):
             required = sum(1 for p in params if p.default is p.empty)
             self._arity = (required, len(params))
         self.__doc__ = fn.__doc__

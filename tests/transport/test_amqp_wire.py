@@ -7,10 +7,11 @@ from typing import Any
 
 import amqp
 import pytest
+from amqp.exceptions import RecoverableConnectionError
 from amqp.method_framing import frame_writer
 from amqp.serialization import dumps
 
-from mqtasks.transport.amqp import serialize_properties, write_ack
+from mqtasks.transport.amqp import _PublishFrames, serialize_properties, write_ack
 from mqtasks.transport.base import Envelope
 
 
@@ -117,3 +118,16 @@ def test_ack_frame_matches_py_amqp(tag: int, multiple: bool) -> None:
     write_ack(_Channel(ours), tag, multiple)
     assert ours.written == reference.written
     assert ours.bytes_sent == 1
+
+
+def test_writes_on_a_closed_connection_raise_what_kombu_reconnects_on() -> None:
+    sink = _Sink()
+    frames = _PublishFrames(_Channel(sink))
+    frames.add("", "work", serialize_properties(Envelope(b"{}", "id-3"), {}), b"{}")
+    sink.transport = None  # type: ignore[assignment]  # py-amqp's state once closed
+    with pytest.raises(RecoverableConnectionError):
+        frames.flush()
+    closed = _Channel(sink)
+    closed.connection = None  # type: ignore[assignment]
+    with pytest.raises(RecoverableConnectionError):
+        write_ack(closed, 1, False)
