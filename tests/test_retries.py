@@ -205,16 +205,19 @@ def test_a_retry_that_would_start_after_expiry_is_dead_lettered_as_expired(
 ) -> None:
     runs: list[int] = []
 
-    @retry_app.task(max_retries=5, retry_backoff=1.0)
+    @retry_app.task(max_retries=5, retry_backoff=2.0)
     def short_lived() -> None:
         runs.append(1)
         raise RuntimeError("down")
 
-    short_lived.apply_async(expires=1.5)
+    # Published once the worker runs, and a second of slack on either side: the
+    # first attempt may start up to 1 s late (a loaded machine) and the second
+    # still runs before expiry, while the third, due at t=4, is always past it.
     with running_worker(retry_app, concurrency=1):
+        short_lived.apply_async(expires=3.0)
         [entry] = dead_letters(retry_app, short_lived.queue, expect=1, timeout=20)
     assert headers_of(entry)[HEADER_DEATH_REASON] == "expired"
-    assert len(runs) == 2  # t=0 and t=1; the next, at t=2, is past expiry
+    assert len(runs) == 2  # t=0 and t=2; the next, at t=4, is past expiry
 
 
 def test_bad_input_lands_in_the_dead_letters_with_its_reason(retry_app: App) -> None:
