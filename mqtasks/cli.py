@@ -168,6 +168,9 @@ def worker(
     """Consume the app's queues and run its tasks until SIGTERM or SIGINT."""
     env_format = os.environ.get("MQTASKS_LOG_FORMAT") or "auto"
     used = configure_logging(log_level, log_format or env_format)
+    # Caught before the app is loaded: a SIGTERM while the app's modules import
+    # (seconds on a loaded machine) is a clean stop, not death by signal.
+    signals = None if processes > 1 else StopSignals()
     if processes > 1:
         argv = [sys.executable, "-m", "mqtasks", *sys.argv[1:]]
         sys.exit(Supervisor(_child_argv(argv), processes).run())
@@ -189,7 +192,7 @@ def worker(
         )
     except MQTasksError as exc:
         raise click.UsageError(str(exc)) from exc
-    sys.exit(run_worker(w))
+    sys.exit(run_worker(w, signals))
 
 
 #: Allocations from this size up get pages of their own (see below).
@@ -223,29 +226,53 @@ def _return_large_buffers_to_the_os() -> None:
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-def run_worker(w: Worker) -> int:
-    """Run ``w`` until a signal; return the exit code.
+class StopSignals:
+    """SIGTERM and SIGINT handling of a worker process; installed when created.
 
-    Under ``--processes`` the supervisor's pid is in ``MQTASKS_SUPERVISOR_PID``:
-    the child then ignores SIGINT (Ctrl-C reaches the whole process group, and
-    the supervisor turns it into one SIGTERM per child) and stops by itself if
-    the supervisor disappears.
+    The first signal asks the worker to stop (see :func:`run_worker`); a second
+    one exits at once with code 4. Under ``--processes`` the supervisor's pid is
+    in ``MQTASKS_SUPERVISOR_PID``: the child then ignores SIGINT (Ctrl-C reaches
+    the whole process group, and the supervisor turns it into one SIGTERM per
+    child). Create it before anything slow (loading the app), so that a signal
+    that comes early is a clean stop too.
     """
-    stop = threading.Event()
-    signals = {"count": 0}
-    supervisor = os.environ.get("MQTASKS_SUPERVISOR_PID")
 
-    def on_signal(signum: int, frame: Any) -> None:
-        signals["count"] += 1
-        if signals["count"] > 1:
+    def __init__(self) -> None:
+        #: Set by the first signal.
+        self.stop = threading.Event()
+        self.count = 0
+        #: The supervisor's pid, when this process is one of its children.
+        self.supervisor = os.environ.get("MQTASKS_SUPERVISOR_PID")
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self.supervisor else self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count > 1:
             logger.warning("worker.forced_exit", signal=signal.Signals(signum).name)
             logs.flush()  # os._exit skips the atexit hook that writes the last lines
             os._exit(RET_FORCED)
         logger.info("worker.stopping", signal=signal.Signals(signum).name)
-        stop.set()
+        self.stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, signal.SIG_IGN if supervisor else on_signal)
+
+def run_worker(w: Worker, signals: StopSignals | None = None) -> int:
+    """Run ``w`` until a signal; return the exit code.
+
+    Args:
+        w: The worker, not started yet.
+        signals: Handlers installed earlier (:class:`StopSignals`); installed
+            here if None. A signal that came already stops the worker before it
+            connects, with exit code 0.
+
+    Under ``--processes`` the child also stops by itself if the supervisor disappears.
+    """
+    if signals is None:
+        signals = StopSignals()
+    stop, supervisor = signals.stop, signals.supervisor
+    if stop.is_set():
+        logger.info("worker.stopped", clean=True, note="stopped before it started")
+        return RET_OK
     try:
         w.start()
     except MQTasksError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from mqtasks import Worker
-from mqtasks.cli import configure_logging, run_worker
+from mqtasks.cli import StopSignals, configure_logging, run_worker
 from mqtasks.transport import Consumer, Delivery, QueueSpec, Transport
 
 __all__ = ["EarlyAckConsumer", "install_early_ack", "main"]
@@ -91,12 +91,13 @@ def install_early_ack(transport: Transport) -> None:
 def main(early_ack: bool, concurrency: int, prefetch: int, shutdown_timeout: float) -> None:
     """Run the harness app's worker (optionally in early-ack mode) until SIGTERM."""
     configure_logging("info", "json")
+    signals = StopSignals()  # before the app loads, as ``mqtasks worker`` does
     from .tasks import app
 
     if early_ack:
         install_early_ack(app.transport)
     w = Worker(app, concurrency=concurrency, prefetch=prefetch, shutdown_timeout=shutdown_timeout)
-    sys.exit(run_worker(w))
+    sys.exit(run_worker(w, signals))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -776,3 +776,36 @@ def test_a_worker_gives_the_memory_of_large_messages_back() -> None:
 
     assert grown("stock") >= 15  # glibc's sliding threshold keeps a 20 MiB buffer's pages
     assert grown("fixed") <= 5
+
+
+def test_sigterm_while_the_app_is_still_importing_is_a_clean_stop(tmp_path: Path) -> None:
+    """A worker told to stop before it ever connected exits 0 (not killed by the signal)."""
+    # Given an app module that takes seconds to import, and says when it has begun
+    marker = tmp_path / "importing"
+    (tmp_path / "slow_app.py").write_text(
+        "import pathlib, sys, time\n"
+        "from mqtasks import App\n"
+        f"pathlib.Path({str(marker)!r}).touch()\n"
+        "time.sleep(3)\n"
+        "app = App('slow', broker='memory://')\n"
+    )
+    env = clean_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "mqtasks", "worker", "-A", "slow_app", "--log-format", "json"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(marker.exists, "the app's import to begin")
+        # When SIGTERM arrives in the middle of that import
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Then the worker stops cleanly, without starting
+    assert proc.returncode == 0, err.decode(errors="replace")
+    events = [e["event"] for e in json_lines(err.decode(errors="replace"))]
+    assert "worker.stopping" in events and "worker.stopped" in events
+    assert "worker.started" not in events
