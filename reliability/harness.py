@@ -512,9 +512,25 @@ class Run(Checks):
         self.faults.append(record)
         return record
 
-    def kill_worker(self, sig: int) -> dict[str, Any]:
-        """Signal a random worker; return the fault record."""
-        slot, pid = self.pool.signal(sig, rng=self.rng)
+    def kill_worker(self, sig: int, *, busy: bool = False) -> dict[str, Any]:
+        """Signal a random worker; return the fault record.
+
+        Args:
+            sig: The signal.
+            busy: Pick among the workers that have started a task, waiting up to
+                30 s for one: a worker still importing its app (seconds on a
+                loaded machine) has nothing to drain yet.
+        """
+        among: set[int] | None = None
+        if busy:
+            deadline = time.monotonic() + 30.0
+            while True:
+                alive = set(self.pool.pids().values())
+                among = {e.pid for e in self.events() if e.kind == "start" and e.pid in alive}
+                if among or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        slot, pid = self.pool.signal(sig, rng=self.rng, among=among)
         name = {9: "SIGKILL", 15: "SIGTERM"}.get(sig, str(sig))
         return self.fault(name, slot=slot, pid=pid, at=time.time())
 

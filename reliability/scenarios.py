@@ -213,7 +213,9 @@ def s2(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
         est = n * 0.2 / run.workers
         for t in _kill_instants(run, 3, 2.0, max(12.0, 0.7 * est), min_gap=3.0):
             _sleep_until(run, t)
-            f = run.kill_worker(signal.SIGTERM)
+            # A worker that is draining: a replacement started by the previous
+            # kill may still be importing its app on a loaded machine.
+            f = run.kill_worker(signal.SIGTERM, busy=True)
             e = run.pool.wait_exit(f["pid"], drain + 10)
             f["exit_code"] = e.code if e else None
             f["exit_after_s"] = round(e.t - f["at"], 2) if e else None
@@ -411,10 +413,29 @@ def _drop_connections(run: Run) -> int:
     return run.harness.rabbit_node().close_connections("chaos")
 
 
+#: Log events by which a worker shows it noticed the broker is unreachable: a lost
+#: connection, or a reconnect attempt that timed out (a worker between connections).
+_UNREACHABLE_EVENTS = (
+    "broker.connection_lost",
+    "broker.heartbeat_missed",
+    "broker.reconnect_failed",
+)
+
+
+def _ctl_seconds(run: Run) -> float:
+    """How long one rabbitmqctl call to the harness's node takes now (0 on Redis)."""
+    if run.is_redis:
+        return 0.0
+    node = run.harness.rabbit_node()
+    t = time.monotonic()
+    node.ctl("list_connections", "-q", "--no-table-headers", "name", timeout=30)
+    return time.monotonic() - t
+
+
 def _detections(run: Run, since: float, until: float) -> dict[str, float | None]:
-    """Per worker log: seconds from ``since`` to its first connection-loss event before ``until``."""
+    """Per worker log: seconds from ``since`` to its first sign of an unreachable broker before ``until``."""
     found: dict[str, float | None] = {}
-    for t, _event, name in run.log_events(("broker.connection_lost", "broker.heartbeat_missed")):
+    for t, _event, name in run.log_events(_UNREACHABLE_EVENTS):
         if since <= t <= until and name not in found:
             found[name] = round(t - since, 2)
     return found
@@ -429,23 +450,33 @@ def s5(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
         assert run.proxy is not None
         started = time.time()
         n = h.profile.n(10000)
-        span = 2 + 8 * gap + hole + 20
+        # The publisher must still be sending when the black hole ends (resuming is
+        # judged on tasks that run after it), and a broker-side close costs two
+        # rabbitmqctl calls: seconds each here, counted twice over for their spread.
+        close_s = 2 * 2 * _ctl_seconds(run)
+        span = 2 + 5 * (gap + close_s) + 3 * gap + hole + 20
+        run.extra["ctl_s"] = round(close_s / 4, 2)
         rate = min(200.0, n / span)
         run.extra["publish_rate"] = round(rate, 1)
         run.pool.start()
         time.sleep(1.5)
         run.start_publisher(run.wmix_jobs(n), rate=rate)
+        # Each fault comes ``gap`` seconds after the previous one is done, not on a
+        # fixed clock: closing connections goes through rabbitmqctl, which takes
+        # 4 to 9 s against the harness's node here, and a fixed clock then fell
+        # behind and fired the RSTs and the black hole in the same instant, while
+        # every worker was still reconnecting from the previous fault.
         t = 2.0
         for _ in range(5):
             _sleep_until(run, t)
             f = run.fault("close connections (broker side)", at=time.time())
             f["closed"] = _drop_connections(run)
-            t += gap
+            t = time.time() - run.t0 + gap
         for _ in range(3):
             _sleep_until(run, t)
             f = run.fault("proxy RST", at=time.time())
             f["cut"] = run.proxy.cut()
-            t += gap
+            t = time.time() - run.t0 + gap
         _sleep_until(run, t)
         f = run.fault("black hole", at=time.time(), seconds=hole)
         run.proxy.blackhole(True)

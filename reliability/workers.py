@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,13 +148,20 @@ class WorkerPool:
             return {s: p.pid for s, p in self.procs.items() if p.poll() is None}
 
     def signal(
-        self, sig: int, slot: int | None = None, rng: random.Random | None = None
+        self,
+        sig: int,
+        slot: int | None = None,
+        rng: random.Random | None = None,
+        among: Collection[int] | None = None,
     ) -> tuple[int, int]:
-        """Send ``sig`` to the worker in ``slot`` (a random one by default); return (slot, pid)."""
+        """Send ``sig`` to the worker in ``slot`` (a random one by default, of the
+        pids in ``among`` if given and any of them runs); return (slot, pid)."""
         with self._lock:
             alive = {s: p for s, p in self.procs.items() if p.poll() is None}
             if not alive:
                 raise RuntimeError("no worker process is running")
+            if among is not None:
+                alive = {s: p for s, p in alive.items() if p.pid in among} or alive
             if slot is None:
                 slot = (rng or random).choice(sorted(alive))
             proc = alive[slot]
