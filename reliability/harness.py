@@ -99,6 +99,8 @@ class Harness:
         self.seed = seed
         self.rabbit: RabbitNode | None = None
         self.redis: dict[str, RedisServer] = {}
+        #: Runs between set-up and tear-down (their workers are stopped by close()).
+        self._open_runs: set[Run] = set()
         self._versions: dict[str, str] = {}
         self.startup_s: dict[str, float] = {}
 
@@ -165,7 +167,11 @@ class Harness:
         }
 
     def close(self) -> None:
-        """Stop every broker and remove their files."""
+        """Stop the workers of runs still open (the other lane's, after Ctrl-C or
+        SIGTERM), then every broker, and remove their files."""
+        for run in list(self._open_runs):
+            with contextlib.suppress(Exception):
+                run.pool.stop(timeout=5)
         if self.rabbit is not None:
             self.rabbit.stop()
             self.rabbit = None
@@ -215,10 +221,12 @@ class Harness:
             queue_type=queue_type,
             queue_options=queue_options,
         )
+        self._open_runs.add(run)
         try:
             yield run
         finally:
             run.close()
+            self._open_runs.discard(run)
 
 
 @dataclass

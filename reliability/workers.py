@@ -94,7 +94,15 @@ class WorkerPool:
         restart: bool = True,
     ) -> None:
         self.argv = argv
-        self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+        # The workers watch this pid as ``mqtasks worker`` children watch their
+        # supervisor: a worker whose harness is gone (killed, or interrupted
+        # while the other lane ran) stops by itself instead of reconnecting forever.
+        self.env = {
+            **os.environ,
+            **env,
+            "PYTHONPATH": str(ROOT),
+            "MQTASKS_SUPERVISOR_PID": str(os.getpid()),
+        }
         self.size = size
         self.log_dir = log_dir
         self.restart = restart
