@@ -452,7 +452,8 @@ def s5(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
         n = h.profile.n(10000)
         # The publisher must still be sending when the black hole ends (resuming is
         # judged on tasks that run after it), and a broker-side close costs two
-        # rabbitmqctl calls: seconds each here, counted twice over for their spread.
+        # rabbitmqctl calls: 0.5 s each on a quiet machine, several seconds on a
+        # loaded one, counted twice over for their spread.
         close_s = 2 * 2 * _ctl_seconds(run)
         span = 2 + 5 * (gap + close_s) + 3 * gap + hole + 20
         run.extra["ctl_s"] = round(close_s / 4, 2)
@@ -462,8 +463,8 @@ def s5(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
         time.sleep(1.5)
         run.start_publisher(run.wmix_jobs(n), rate=rate)
         # Each fault comes ``gap`` seconds after the previous one is done, not on a
-        # fixed clock: closing connections goes through rabbitmqctl, which takes
-        # 4 to 9 s against the harness's node here, and a fixed clock then fell
+        # fixed clock: closing connections goes through rabbitmqctl, which took
+        # 4 to 9 s against the harness's node on a loaded machine, and a fixed clock fell
         # behind and fired the RSTs and the black hole in the same instant, while
         # every worker was still reconnecting from the previous fault.
         t = 2.0
