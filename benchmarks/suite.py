@@ -690,7 +690,28 @@ def run_round(system: System, rnd: int, log: Callable[[str], None]) -> dict[str,
             published += m
         finally:
             cclose()
-    log(f"publish {out['publish_per_s']:,.0f}/s")
+    if system.amqp and isinstance(system, MqtasksSystem) and system.confirm:
+        # Confirmed publishing at speed: the same N from --publishers threads, then with
+        # the bulk call, each call returning once its own messages are confirmed; set
+        # against the one-confirm-per-message rate above. No worker runs yet.
+        for key, phase in (("publish_threads", 6), ("publish_bulk", 7)):
+            base = _seq_base(phase)
+            if key == "publish_threads":
+                _, pub_s, errors = publish_threads(system, n, opts.publishers, base)
+            else:
+                _, pub_s, errors = publish_bulk(system, n, opts.batch, base)
+            problems.extend(f"{key}: {e}" for e in errors)
+            if pub_s > 0 and not errors:
+                out[f"{key}_per_s"] = n / pub_s
+            published += n
+    log(
+        f"publish {out['publish_per_s']:,.0f}/s"
+        + "".join(
+            f", {key.split('_')[1]} {out[key + '_per_s']:,.0f}/s"
+            for key in ("publish_threads", "publish_bulk")
+            if key + "_per_s" in out
+        )
+    )
 
     # 2. drain, by a freshly started worker process.
     worker = WorkerProcess(
@@ -837,6 +858,13 @@ def redis_commands() -> int | None:
 METRICS: list[tuple[str, str, bool, str]] = [
     ("publish_per_s", "publish/s (1 thread)", True, "{:,.0f}"),
     ("publish_confirm_per_s", "publish/s, kombu with a confirm per message", True, "{:,.0f}"),
+    (
+        "publish_threads_per_s",
+        "publish/s, {publishers} threads, each call confirmed (mqtasks)",
+        True,
+        "{:,.0f}",
+    ),
+    ("publish_bulk_per_s", "publish/s, bulk call, each batch confirmed (mqtasks)", True, "{:,.0f}"),
     ("drain_per_s", "drain/s", True, "{:,.0f}"),
     ("pipeline1_per_s", "pipeline/s, 1 publisher thread, a call per task", True, "{:,.0f}"),
     (
@@ -957,6 +985,29 @@ def markdown(summary: dict[str, Any], header: str, publishers: int) -> str:
                 if any(x != "n/a" for x in row):
                     lines.append(
                         f"| {label.format(publishers=publishers)} | " + " | ".join(row) + " |"
+                    )
+        confirmed = [n for n in mq if systems[n].get("publish_threads_per_s")]
+        if confirmed:
+            lines.append("")
+            lines.append(
+                "Confirmed publishing: the rate of each way over the one-confirm-per-message "
+                "rate (mqtasks' own 1-thread `delay()`, and plain kombu's where it ran)."
+            )
+            lines.append("")
+            lines.append("| system, way | publish/s | / 1 thread | / kombu confirm per message |")
+            lines.append("|---|---:|---:|---:|")
+            kombu = systems.get("kombu", {}).get("publish_confirm_per_s")
+            for n in confirmed:
+                one = systems[n].get("publish_per_s")
+                for key in ("publish_threads_per_s", "publish_bulk_per_s"):
+                    stat = systems[n].get(key)
+                    if not stat:
+                        continue
+                    way = f"{publishers} threads" if key == "publish_threads_per_s" else "bulk"
+                    vs_one = f"{stat['median'] / one['median']:.2f}" if one else "n/a"
+                    vs_kombu = f"{stat['median'] / kombu['median']:.2f}" if kombu else "n/a"
+                    lines.append(
+                        f"| {n}, {way} | {_cell(stat, '{:,.0f}', True)} | {vs_one} | {vs_kombu} |"
                     )
         lines.append("")
     return "\n".join(lines)

@@ -48,7 +48,9 @@ class Settings:
     publish_timeout: float = 10.0
     #: Reconnect attempts of a publish during a broker outage before PublishError.
     publish_retries: int = 3
-    #: Connections (and producers) kept for publishing; callers beyond it wait.
+    #: Connections (and producers) kept for publishing where a pool is used (Redis,
+    #: amqps://, RabbitMQ without confirms); callers beyond it wait. Confirmed
+    #: publishing on amqp:// shares one connection per process instead.
     publish_pool_size: int = 10
     #: AMQP heartbeat of worker connections, seconds (0 disables, not advised).
     heartbeat: float = 10.0

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from mqtasks import App, PublishNacked, QueueSpec
-from mqtasks.transport.amqp import AmqpTransport
+from mqtasks.transport.amqp import AmqpTransport, _ConfirmPipeline
 
 pytestmark = pytest.mark.integration
 
@@ -41,36 +41,31 @@ def test_a_nacked_publish_raises_after_one_attempt(
     name = queue_name("full")
     app, job = _full_queue_app(make_app, amqp_url, name)
     attempts: list[str] = []
-    original = AmqpTransport._await_confirm
+    original = _ConfirmPipeline.send
 
     def counting(
-        self: AmqpTransport,
-        connection: Any,
-        sock: Any,
-        confirms: Any,
-        tag: int,
-        envelope: Any,
-        deadline: float,
-    ) -> None:
+        self: _ConfirmPipeline, exchange: str, routing_key: str, envelope: Any, *rest: Any
+    ) -> Any:
         attempts.append(envelope.message_id)
-        original(self, connection, sock, confirms, tag, envelope, deadline)
+        return original(self, exchange, routing_key, envelope, *rest)
 
-    monkeypatch.setattr(AmqpTransport, "_await_confirm", counting)
+    monkeypatch.setattr(_ConfirmPipeline, "send", counting)
     with pytest.raises(PublishNacked) as raised:
         job.delay()
     assert attempts == [raised.value.task_id]
     assert app.transport.message_counts([app.queue(name)]) == {name: 1}
 
 
-def test_a_nacked_publish_keeps_its_pooled_connection(
+def test_a_nacked_publish_keeps_its_connection(
     amqp_url: str, make_app: Callable[..., App], queue_name: Callable[[str], str]
 ) -> None:
     """After a nack the connection is as good as before: the next publish uses it."""
     app, job = _full_queue_app(make_app, amqp_url, queue_name("full"))
-    with app.transport._pool().acquire(block=True, timeout=5) as producer:
-        before = producer.connection.connection
+    transport = app.transport
+    assert isinstance(transport, AmqpTransport)
+    before = transport._pipeline._amqp
+    assert before is not None
     with pytest.raises(PublishNacked):
         job.delay()
-    with app.transport._pool().acquire(block=True, timeout=5) as producer:
-        assert producer.connection.connection is before
+    assert transport._pipeline._amqp is before
     assert before.connected
