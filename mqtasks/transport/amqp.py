@@ -848,7 +848,7 @@ class AmqpTransport(Transport):
         """Publish ``envelope`` to ``queue``; return once the broker has confirmed it.
 
         With confirms on (the default) over plain TCP, every thread publishes on
-        one shared channel with its confirms pipelined (see :class:`_ConfirmPipeline`):
+        one shared channel with its confirms pipelined (see ``_ConfirmPipeline``):
         many threads calling ``delay()`` at once keep many confirms in flight on
         one connection. Without confirms, and over TLS (whose decrypted bytes
         ``select()`` cannot see), publishing goes through the pool.
