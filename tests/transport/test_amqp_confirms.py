@@ -8,6 +8,7 @@ import time
 import pytest
 
 from mqtasks import App, BulkPublishError, PublishNacked, QueueSpec, Unroutable
+from mqtasks.transport.base import dead_letter_spec
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,9 @@ def test_a_nack_and_a_return_are_told_to_their_own_message_only(
     app.transport.purge([app.queue(name)])
     gone = queue_name("gone")
     job.apply_async(queue=gone)
-    app.transport.delete([app.queue(gone)])
+    # Its dead-letter queue goes too: the Unroutable below clears the declared
+    # names, so the fixture's cleanup would not know of it.
+    app.transport.delete([app.queue(gone), dead_letter_spec(app.queue(gone))])
     app.transport._declared.add(gone)  # the app still believes it is declared
     with pytest.raises(Unroutable):
         job.apply_async(queue=gone)

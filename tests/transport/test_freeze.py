@@ -52,10 +52,11 @@ def _via(url: str, port: int) -> str:
 def test_delay_is_bounded_by_the_publish_timeout_while_the_broker_is_frozen(
     kind: str, make_app: Callable[..., App]
 ) -> None:
-    from tests.conftest import require_broker
+    from tests.conftest import cleanup, require_broker
 
     url = require_broker(kind)
     proxy = FreezingProxy(urlsplit(url).port or (5672 if kind == "amqp" else 6379))
+    app: App | None = None
     try:
         app = make_app(_via(url, proxy.port), publish_timeout=PUBLISH_TIMEOUT, heartbeat=0)
 
@@ -77,4 +78,8 @@ def test_delay_is_bounded_by_the_publish_timeout_while_the_broker_is_frozen(
         noop.delay(3)
     finally:
         proxy.thawed.set()
+        if app is not None:
+            # The app reaches the broker only through the proxy: delete its queue
+            # while the proxy still forwards (the fixture's own cleanup comes too late).
+            cleanup(app)
         proxy.close()
