@@ -24,25 +24,20 @@ import os
 import resource
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
-from mqtasks import App, OpenTelemetryTracing, StatsdMetrics, StructlogContext, Worker
+from mqtasks import App, Worker
 from mqtasks.logging import configure_logging
 from mqtasks.transport.base import dead_letter_spec
 
+from ._observe import StatsdSink, observed_middleware, tracer_provider
 from .throughput import publisher_threads, wait_progress
 
 #: The brokers; nothing else is ever contacted.
@@ -62,36 +57,6 @@ MODES = {
     "metrics": ("metrics",),
     "traces": ("traces",),
 }
-
-# A StatsD stand-in in its own process (so reading the packets costs the
-# benchmark nothing): counts datagrams until stdin closes, then prints the count.
-_UDP_SINK = """
-import select, socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1], flush=True)
-n = 0
-while True:
-    ready, _, _ = select.select([s, sys.stdin], [], [])
-    if s in ready:
-        s.recv(65535)
-        n += 1
-    if sys.stdin in ready and not sys.stdin.readline():
-        break
-print(n, flush=True)
-"""
-
-
-class DroppingExporter(SpanExporter):
-    """Counts the spans the BatchSpanProcessor hands over, and drops them."""
-
-    def __init__(self) -> None:
-        self.spans = 0
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.spans += len(spans)
-        return SpanExportResult.SUCCESS
 
 
 @dataclass
@@ -126,39 +91,24 @@ class Observability:
     """Everything the "on" mode sends to: a UDP sink, a log file, a tracer provider."""
 
     def __init__(self, log_path: str, log_level: str = "info", sample: float = 1.0) -> None:
-        self.sink = subprocess.Popen(
-            [sys.executable, "-c", _UDP_SINK],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.sink.stdout is not None
-        self.port = int(self.sink.stdout.readline())
+        self.sink = StatsdSink()
         self.log = open(log_path, "w")  # noqa: SIM115 - closed in close()
         configure_logging(log_level, "json", stream=self.log)
-        self.exporter = DroppingExporter()
-        self.provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(sample)))
-        self.provider.add_span_processor(BatchSpanProcessor(self.exporter))
+        self.provider, self.exporter = tracer_provider(sample)
 
     def middleware(self, mode: str) -> list[Any]:
         parts = MODES[mode]
-        stack: list[Any] = []
-        if "traces" in parts:
-            stack.append(OpenTelemetryTracing(self.provider))
-        if "logs" in parts:
-            stack.append(StructlogContext())
-        if "metrics" in parts:
-            stack.append(StatsdMetrics(f"statsd://127.0.0.1:{self.port}/bench"))
-        return stack
+        return observed_middleware(
+            self.provider if "traces" in parts else None,
+            self.sink.url() if "metrics" in parts else None,
+            logs="logs" in parts,
+        )
 
     def close(self) -> tuple[int, int, int]:
         """Flush and stop; return (datagrams received, spans exported, log lines)."""
         self.provider.shutdown()
-        assert self.sink.stdin is not None and self.sink.stdout is not None
         time.sleep(0.2)  # let the last datagrams arrive
-        self.sink.stdin.close()
-        packets = int(self.sink.stdout.readline() or 0)
-        self.sink.wait(10)
+        packets = self.sink.close()
         self.log.close()
         with open(self.log.name) as fh:
             lines = sum(1 for _ in fh)

@@ -365,6 +365,59 @@ class MqtasksNoConfirmSystem(MqtasksSystem):
     bulk_how = "noop.starmap() in batches of --batch tasks, one thread (starmap() always confirms)"
 
 
+class MqtasksObservedSystem(MqtasksSystem):
+    """mqtasks with logs, metrics and traces all on, publisher and worker alike.
+
+    Set against ``mqtasks`` (the defaults: log context on, no tracer provider, no StatsD)
+    in the table "Observability on", for the cost of observability in this benchmark.
+    """
+
+    name = "mqtasks-observed"
+
+    @property
+    def config(self) -> str:  # type: ignore[override]
+        return (
+            super().config + "; observability on: every span recorded (OTel SDK, batch span "
+            "processor, spans dropped), JSON logs at info to a file, StatsD to a UDP socket "
+            "read by another process"
+        )
+
+    def setup(self) -> None:
+        from ._observe import StatsdSink
+        from .bench_mqtasks_app import make_app
+
+        self.sink = StatsdSink()
+        self.app, self.noop = make_app(
+            self.url,
+            self.queue,
+            confirm=self.confirm,
+            keyprefix=self.keyprefix,
+            observe=True,
+            statsd_url=self.sink.url(),
+        )
+        self.app.declare()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            sink = getattr(self, "sink", None)
+            if sink is not None:
+                with contextlib.suppress(Exception):
+                    sink.close()
+
+    def worker_argv(self) -> list[str]:
+        argv = super().worker_argv()
+        argv[argv.index("--log-level") + 1] = "info"
+        argv[argv.index("--log-format") + 1] = "json"
+        return argv
+
+    def worker_env(self, record_dir: str) -> dict[str, str]:
+        env = super().worker_env(record_dir)
+        env.update(BENCH_OBSERVE="1", BENCH_STATSD_URL=self.sink.url())
+        return env
+
+
 class KombuSystem(System):
     name = "kombu"
 
@@ -543,6 +596,7 @@ SYSTEMS: dict[str, type[System]] = {
     for cls in (
         MqtasksSystem,
         MqtasksNoConfirmSystem,
+        MqtasksObservedSystem,
         KombuSystem,
         CelerySystem,
         CelerySoloSystem,
@@ -1016,8 +1070,53 @@ def markdown(summary: dict[str, Any], header: str, publishers: int) -> str:
                     lines.append(
                         f"| {n}, {way} | {_cell(stat, '{:,.0f}', True)} | {vs_one} | {vs_kombu} |"
                     )
+        if "mqtasks" in systems and "mqtasks-observed" in systems:
+            lines.extend(
+                _observed_table(systems["mqtasks"], systems["mqtasks-observed"], publishers)
+            )
         lines.append("")
     return "\n".join(lines)
+
+
+#: The rows of the "Observability on" table: key, label, a rate (the cost is 1 - ratio).
+OBSERVED_ROWS = [
+    ("publish_per_s", "publish/s (1 thread, each call confirmed on RabbitMQ)", True),
+    ("drain_per_s", "drain/s", True),
+    ("pipeline1_per_s", "pipeline/s, 1 publisher thread", True),
+    ("pipeline_per_s", "pipeline/s, {publishers} publisher threads", True),
+    ("pipeline_bulk_per_s", "pipeline/s, bulk publish", True),
+    ("pipeline_best_per_s", "pipeline/s, the best of these three ways", True),
+    ("worker_cpu_us_per_task", "worker CPU µs/task (drain)", False),
+    ("idle_latency_ms.p50", "latency idle p50 ms", False),
+    ("idle_latency_ms.p99", "latency idle p99 ms", False),
+]
+
+
+def _observed_table(
+    base: dict[str, Any], observed: dict[str, Any], publishers: int = 8
+) -> list[str]:
+    """Lines of the table setting mqtasks with observability on against its defaults."""
+    lines = [
+        "",
+        "Observability on: `mqtasks-observed` (every span recorded, JSON logs, StatsD) "
+        "against `mqtasks` (the defaults: log context, no tracer provider, no StatsD), "
+        "medians; the cost is the share of throughput lost.",
+        "",
+        "| metric | mqtasks | mqtasks-observed | observed / mqtasks | cost |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label, rate in OBSERVED_ROWS:
+        a, b = base.get(key), observed.get(key)
+        if not a or not b:
+            continue
+        fmt = "{:,.0f}" if rate or "cpu" in key else "{:.2f}"
+        ratio = b["median"] / a["median"] if a["median"] else 0.0
+        cost = f"{1 - ratio:.0%}" if rate and ratio else ""
+        lines.append(
+            f"| {label.format(publishers=publishers)} | {_cell(a, fmt, True)} | "
+            f"{_cell(b, fmt, True)} | {ratio:.2f} | {cost} |"
+        )
+    return lines
 
 
 # -- main ------------------------------------------------------------------------------------
