@@ -473,13 +473,23 @@ class _ConfirmPipeline:
             interval_step=0.5,
             interval_max=2.0,
         )
-        channel = conn.channel()
-        channel.events["basic_ack"].add(self._on_ack)
-        channel.events["basic_nack"].add(self._on_nack)
-        channel.events["basic_return"].add(self._on_return)
-        channel.confirm_select()
-        sock = channel.connection.transport.sock
-        sock.settimeout(transport.publish_timeout)  # bounds a write the broker does not read
+        try:
+            channel = conn.channel()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+            channel.events["basic_return"].add(self._on_return)
+            channel.confirm_select()
+            sock = channel.connection.transport.sock
+            sock.settimeout(transport.publish_timeout)  # bounds a write the broker does not read
+        except BaseException:
+            # A channel that is not in confirm mode must not stay open beside the
+            # next attempt's: the connection is dropped with it (no polite close,
+            # which would wait on a broker that may not answer), and the retry
+            # connects anew.
+            self._kombu = None
+            with contextlib.suppress(Exception):
+                conn.collect()
+            raise
         self._amqp = channel.connection
         self._sock = sock
         self._frames = _PublishFrames(channel)

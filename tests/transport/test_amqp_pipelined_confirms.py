@@ -153,3 +153,40 @@ def test_a_forked_child_publishes_on_its_own_connection(
     assert os.waitstatus_to_exitcode(status) == 0
     transport = app.transport
     assert transport.message_counts([app.queue(job.queue)]) == {job.queue: 101}
+
+
+def test_a_channel_that_fails_to_enter_confirm_mode_is_not_left_open(
+    amqp_url: str, make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``confirm_select`` failing (a broker that refuses it, a connection lost
+    meanwhile) must not leave its channel open: the publish is retried on a
+    fresh connection, and no channel or connection is left behind."""
+    import amqp
+
+    app = make_app(amqp_url)
+
+    @app.task
+    def job(n: int) -> None: ...
+
+    app.declare()
+    before = own_local_ports(5672)
+    real = amqp.Channel.confirm_select
+    failures: list[int] = []
+
+    def confirm_select(self: amqp.Channel, nowait: bool = False) -> None:
+        if not failures:
+            failures.append(self.channel_id)
+            raise ConnectionResetError("confirm.select failed (test)")
+        real(self, nowait)
+
+    monkeypatch.setattr(amqp.Channel, "confirm_select", confirm_select)
+    job.delay(1)  # the first attempt fails in confirm_select; the retry publishes
+    assert failures, "confirm_select was not called"
+    transport = app.transport
+    assert isinstance(transport, AmqpTransport)
+    connection = transport._pipeline._amqp
+    channels = [cid for cid in connection.channels if cid != 0]
+    assert len(channels) == 1, f"channels left open: {channels}"
+    # One connection for the pipeline: the failed attempt's is closed.
+    assert len(own_local_ports(5672) - before) == 1
+    assert transport.message_counts([app.queue(job.queue)]) == {job.queue: 1}
