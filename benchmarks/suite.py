@@ -320,9 +320,17 @@ class MqtasksSystem(System):
         from .bench_mqtasks_app import make_app
 
         self.app, self.noop = make_app(
-            self.url, self.queue, confirm=self.confirm, keyprefix=self.keyprefix
+            self.url,
+            self.queue,
+            confirm=self.confirm,
+            keyprefix=self.keyprefix,
+            **self.app_options(),
         )
         self.app.declare()
+
+    def app_options(self) -> dict[str, Any]:
+        """More keyword arguments for ``make_app`` (the observed system's)."""
+        return {}
 
     def sender(self) -> tuple[Sender, Callable[[], None]]:
         return self.noop.delay, lambda: None
@@ -384,18 +392,12 @@ class MqtasksObservedSystem(MqtasksSystem):
 
     def setup(self) -> None:
         from ._observe import StatsdSink
-        from .bench_mqtasks_app import make_app
 
         self.sink = StatsdSink()
-        self.app, self.noop = make_app(
-            self.url,
-            self.queue,
-            confirm=self.confirm,
-            keyprefix=self.keyprefix,
-            observe=True,
-            statsd_url=self.sink.url(),
-        )
-        self.app.declare()
+        super().setup()
+
+    def app_options(self) -> dict[str, Any]:
+        return {"observe": True, "statsd_url": self.sink.url()}
 
     def close(self) -> None:
         try:
@@ -1092,9 +1094,7 @@ OBSERVED_ROWS = [
 ]
 
 
-def _observed_table(
-    base: dict[str, Any], observed: dict[str, Any], publishers: int = 8
-) -> list[str]:
+def _observed_table(base: dict[str, Any], observed: dict[str, Any], publishers: int) -> list[str]:
     """Lines of the table setting mqtasks with observability on against its defaults."""
     lines = [
         "",
