@@ -16,17 +16,17 @@ from typing import Any
 import click
 import structlog
 
-from . import __version__
-from . import logging as logs
-from ._importing import import_object
-from ._url import redact
-from .app import App
-from .config import mask_url
-from .dlq import DeadLetter, list_dead_letters, purge_dead_letters, replay_dead_letters
-from .exceptions import MQTasksError
-from .status import QueueStatus, StatusMonitor
-from .transport.base import dead_letter_spec
-from .worker import Worker
+from .. import __version__
+from .. import logging as logs
+from .._importing import import_object
+from .._url import redact
+from ..app import App
+from ..config import mask_url
+from ..dlq import DeadLetter, list_dead_letters, purge_dead_letters, replay_dead_letters
+from ..exceptions import MQTasksError
+from ..status import QueueStatus, StatusMonitor
+from ..transport.base import dead_letter_spec
+from ..worker import Worker
 
 __all__ = ["RET_ERROR", "RET_FORCED", "RET_OK", "RET_TIMEOUT", "main"]
 
