@@ -253,7 +253,8 @@ class App:
             options: Options understood by installed middleware.
 
         Raises:
-            ConfigurationError: An option no installed middleware understands.
+            ConfigurationError: An option no installed middleware understands, or
+                an ``async def`` function (async tasks are not supported yet).
             DuplicateTask: Another function is registered under the same name.
         """
         known = BASE_OPTIONS.union(*(m.task_options for m in self.middleware))

@@ -74,11 +74,40 @@ def _expires_at(expires: Seconds | datetime | None) -> datetime | None:
     return datetime.now(timezone.utc) + timedelta(seconds=seconds)
 
 
+def _refuse_async(fn: Callable[..., Any], name: str) -> None:
+    """Refuse a function whose call makes a coroutine or an async generator.
+
+    The worker calls task functions and would never await what they return, so
+    the message would be acknowledged with the task's body never run.
+
+    Raises:
+        ConfigurationError: ``fn`` (or, for a callable object, its ``__call__``)
+            is an ``async def`` function or an async generator function.
+    """
+    for candidate in (fn, type(fn).__call__):
+        if inspect.iscoroutinefunction(candidate):
+            kind = "an async def function"
+        elif inspect.isasyncgenfunction(candidate):
+            kind = "an async generator function"
+        else:
+            continue
+        raise ConfigurationError(
+            f"Task {name!r} is {kind}: async tasks are not supported yet (a worker "
+            "would never await it, and its body would never run). Register a plain "
+            "function that runs it to completion instead, for example "
+            "`def task(...): return asyncio.run(coroutine_function(...))`."
+        )
+
+
 class Task(Generic[P, R]):
     """A function registered with an :class:`~mqtasks.App`.
 
     Call it to run it here; :meth:`delay` or :meth:`apply_async` to have a worker
     run it. Created by :meth:`~mqtasks.app.App.task`, not directly.
+
+    Raises:
+        ConfigurationError: ``fn`` is an ``async def`` function (or an async
+            generator function): the worker cannot run those yet.
     """
 
     def __init__(
@@ -92,6 +121,7 @@ class Task(Generic[P, R]):
         expires: Seconds | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
+        _refuse_async(fn, name)
         self.fn = fn
         self.app = app
         self.name = name

@@ -11,6 +11,7 @@ has finished: at-least-once.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import os
 import queue
 import threading
@@ -571,17 +572,32 @@ class Worker:
         error: BaseException | None = None
         # Each message runs in a context of its own (see _work_main): no reset needed.
         _current.set(message)
+        unawaited = False
         try:
             result = task.fn(*message.args, **message.kwargs)
         except BaseException as exc:
             error = exc
+        else:
+            if result is not None and _is_async(result):
+                error, result, unawaited = _discard_async(result, message.task), None, True
         try:
             if error is None:
                 return _ACK
+            if unawaited:
+                return self._refuse_async(delivery, message, error)
             return self._after_failure(delivery, message, task.retry_policy, error)
         finally:  # after a retry or dead-letter publish: middleware see the whole outcome
             for hook in self._after_process:
                 _call_hook(hook, self, message, result=result, exception=error)
+
+    def _refuse_async(self, delivery: Delivery, message: Message, exc: BaseException) -> str:
+        """Dead-letter a task whose call returned a coroutine: it never ran, and never will."""
+        logger.error(
+            "task.failed", **_fields(delivery, message), error=f"{type(exc).__name__}: {exc}"
+        )
+        if self.collect_errors:
+            self.errors.append((message, exc))
+        return self._dead_letter(delivery, message, "async_unsupported", str(exc), exc)
 
     def _after_failure(
         self, delivery: Delivery, message: Message, policy: RetryPolicy, exc: BaseException
@@ -632,6 +648,23 @@ class Worker:
         return self._dead_letter(
             delivery, message, "max_retries_exceeded", f"failed {message.attempt} times", exc
         )
+
+
+def _is_async(result: Any) -> bool:
+    """Whether a task call returned something only an event loop can run."""
+    return inspect.isawaitable(result) or inspect.isasyncgen(result)
+
+
+def _discard_async(result: Any, task: str) -> ConfigurationError:
+    """Close an unawaited coroutine (no "never awaited" warning); return the error it means."""
+    if inspect.iscoroutine(result) or inspect.isgenerator(result):
+        result.close()
+    return ConfigurationError(
+        f"Task {task!r} returned {type(result).__name__!r}, which only an event loop can "
+        "run: async tasks are not supported yet, and the task's body did not run. Make "
+        "it a plain function that runs the coroutine to completion, for example with "
+        "asyncio.run(...)."
+    )
 
 
 def _fields(delivery: Delivery, message: Message | None) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -183,3 +185,42 @@ def test_check_arguments_agrees_with_signature_bind(
     # A required keyword-only parameter is never satisfied by positional arguments.
     with pytest.raises(TypeError):
         keyword_only.check_arguments(args, {k: v for k, v in kwargs.items() if k != "c"})
+
+
+async def fetch(url: str) -> str:
+    return url
+
+
+async def stream(n: int) -> Any:
+    yield n
+
+
+class AsyncCallable:
+    async def __call__(self, n: int) -> int:
+        return n
+
+
+@pytest.mark.parametrize(
+    "fn", [fetch, stream, AsyncCallable()], ids=["coroutine", "asyncgen", "object"]
+)
+def test_an_async_task_is_refused_at_decoration(app: App, fn: Callable[..., Any]) -> None:
+    """The worker would never await it: the message would be acked with nothing run."""
+    with pytest.raises(
+        ConfigurationError, match=r"async tasks are not supported yet.*asyncio\.run"
+    ):
+        app.task(fn)
+    with pytest.raises(ConfigurationError, match="async tasks are not supported yet"):
+        app.task(name="fetch", queue="io")(fn)
+    assert app.tasks == {}
+
+
+def test_an_async_def_under_the_decorator_is_refused(app: App) -> None:
+    with pytest.raises(ConfigurationError, match="is an async def function"):
+
+        @app.task
+        async def one() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="is an async def function"):
+
+        @app.task(max_retries=2)
+        async def two() -> None: ...

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import pytest
@@ -195,3 +197,54 @@ def test_stop_is_idempotent_and_safe_before_start(app: App) -> None:
     worker.start()
     assert worker.stop() is True
     assert worker.stop() is True
+
+
+class Pending:
+    """An awaitable that is not a coroutine (as an asyncio future is)."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield
+
+
+class Handler:
+    """A callable object whose (plain) ``__call__`` returns a coroutine."""
+
+    def __init__(self, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.body = body
+
+    def __call__(self) -> Coroutine[Any, Any, None]:
+        return self.body()
+
+
+@pytest.mark.parametrize("kind", ["coroutine", "callable_object", "awaitable"])
+def test_a_task_returning_a_coroutine_is_dead_lettered_not_acked(app: App, kind: str) -> None:
+    """Nothing would await it: the body never runs, so the message must not count as done."""
+    ran: list[int] = []
+
+    async def body() -> None:
+        ran.append(1)
+
+    def sneaky() -> Any:
+        return body()
+
+    functions: dict[str, Callable[[], Any]] = {
+        "coroutine": sneaky,
+        "callable_object": Handler(body),
+        "awaitable": Pending,
+    }
+    fn = functions[kind]
+    task = app.task(name=f"sneaky_{kind}", max_retries=3)(fn)
+    handle = task.delay()
+    with structlog.testing.capture_logs() as logs, running_worker(app) as worker:
+        drain(worker, raise_errors=False)
+        errors = list(worker.errors)
+    # An unclosed coroutine warns "never awaited" when collected: an error under pytest.
+    gc.collect()
+    assert ran == []
+    [entry] = app.dead_letters()
+    assert (entry.id, entry.reason) == (handle.id, "async_unsupported")
+    assert entry.detail is not None and "async tasks are not supported yet" in entry.detail
+    assert [type(exc) for _, exc in errors] == [ConfigurationError]
+    events = [e["event"] for e in logs]
+    assert "task.retried" not in events
+    assert events.count("task.dead_lettered") == 1
