@@ -15,9 +15,8 @@ dead-letter queue holds them, oldest first.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -30,10 +29,10 @@ from .deadletter import (
     HEADER_DEATH_REASON,
     HEADER_DEATH_TRACEBACK,
 )
-from .exceptions import QueueNotFound
 from .message import HEADER_ATTEMPT, HEADER_FIRST_FAILED_AT, HEADER_TASK
-from .transport.base import DLQ_SUFFIX, Envelope, dead_letter_spec, translate_errors
-from .transport.redis_reliable import ReliableRedisDelivery, ReliableRedisTransport
+from .transport.base import DLQ_SUFFIX, StoredMessage, dead_letter_spec
+from .transport.envelope import Envelope
+from .transport.errors import translate_errors
 
 if TYPE_CHECKING:
     from .app import App
@@ -217,63 +216,14 @@ def replay_envelope(entry: DeadLetter) -> Envelope:
     )
 
 
-# -- reading the dead-letter queue ------------------------------------------------
-
-#: A taken entry and the function that removes it from the dead-letter queue.
-_Taken = tuple[DeadLetter, Callable[[], None]]
-
-
-@contextlib.contextmanager
-def _kombu_entries(app: App, queue: str) -> Iterator[Iterator[_Taken]]:
-    """Take entries with ``basic_get``; what is not removed is requeued on exit."""
-    transport = app.transport
-    dlq = dead_letter_queue(queue)
-    held: list[Any] = []
-    with translate_errors(transport.url, f"read {dlq!r}"), transport.connection() as conn:
-        channel = conn.channel()
-
-        def entries() -> Iterator[_Taken]:
-            while True:
-                try:
-                    raw = channel.basic_get(dlq, no_ack=False)
-                except Exception as exc:
-                    if getattr(exc, "code", None) == 404:
-                        raise QueueNotFound(f"Queue {dlq!r} does not exist.") from exc
-                    raise
-                if raw is None:
-                    return
-                if not hasattr(raw, "ack"):  # py-amqp's own message: let kombu wrap it
-                    raw = channel.message_to_python(raw)
-                held.append(raw)
-                entry = DeadLetter.from_entry(
-                    body=raw.body if isinstance(raw.body, bytes) else bytes(raw.body or b""),
-                    message_id=raw.properties.get("message_id"),
-                    headers=raw.headers,
-                    queue=_work_queue(queue),
-                    content_type=raw.content_type,
-                    content_encoding=raw.content_encoding,
-                )
-                yield entry, raw.ack
-
-        try:
-            yield entries()
-        finally:
-            # Reverse order: in-process brokers put a requeued message at the front.
-            for raw in reversed(held):
-                if not raw.acknowledged:
-                    with contextlib.suppress(Exception):
-                        raw.requeue()
-
-
-def _redis_entry(element: bytes, queue: str) -> DeadLetter:
-    d = ReliableRedisDelivery(element, queue, 1, "", "")
+def _entry(message: StoredMessage, queue: str) -> DeadLetter:
     return DeadLetter.from_entry(
-        body=d.body,
-        message_id=d.message_id,
-        headers=d.headers,
-        queue=queue,
-        content_type=d.content_type,
-        content_encoding=d.content_encoding,
+        body=message.body,
+        message_id=message.message_id,
+        headers=message.headers,
+        queue=_work_queue(queue),
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
     )
 
 
@@ -290,23 +240,8 @@ def list_dead_letters(app: App, queue: str, limit: int | None = 100) -> list[Dea
         QueueNotFound: The dead-letter queue does not exist (RabbitMQ).
         TransportError: The broker cannot be reached or refused.
     """
-    transport = app.transport
-    if isinstance(transport, ReliableRedisTransport):
-        key = transport.queue_key(dead_letter_queue(queue))
-        start = 0 if limit is None else -max(limit, 0)
-        if limit == 0:
-            return []
-        with translate_errors(transport.url, "read dead letters"):
-            elements = transport.publisher().lrange(key, start, -1)
-        # Producers push on the left and consumers take from the right: oldest last.
-        return [_redis_entry(e, _work_queue(queue)) for e in reversed(elements)]
-    found: list[DeadLetter] = []
-    with _kombu_entries(app, queue) as entries:
-        for entry, _ in entries:
-            if limit is not None and len(found) >= limit:
-                break
-            found.append(entry)
-    return found
+    stored = app.transport.browse(dead_letter_queue(queue), limit)
+    return [_entry(message, queue) for message in stored]
 
 
 def replay_dead_letters(
@@ -346,27 +281,11 @@ def replay_dead_letters(
     transport = app.transport
     transport.declare([app.queue(target)])
     replayed = 0
-    if isinstance(transport, ReliableRedisTransport):
-        key = transport.queue_key(dead_letter_queue(queue))
-        with translate_errors(transport.url, "read dead letters"):
-            elements = transport.publisher().lrange(key, 0, -1)
-        for element in reversed(elements):
+    with transport.take(dead_letter_queue(queue)) as messages:
+        for message, remove in messages:
             if limit is not None and replayed >= limit:
                 break
-            entry = _redis_entry(element, target)
-            if not matches(entry):
-                continue
-            transport.publish(target, replay_envelope(entry))
-            with translate_errors(transport.url, "remove a replayed dead letter"):
-                transport.publisher().lrem(key, -1, element)
-            replayed += 1
-            if on_replayed is not None:
-                on_replayed(entry)
-        return replayed
-    with _kombu_entries(app, queue) as entries:
-        for entry, remove in entries:
-            if limit is not None and replayed >= limit:
-                break
+            entry = _entry(message, queue)
             if not matches(entry):
                 continue
             transport.publish(target, replay_envelope(entry))
@@ -384,19 +303,6 @@ def purge_dead_letters(app: App, queue: str) -> int:
         QueueNotFound: The dead-letter queue does not exist (RabbitMQ).
     """
     spec = dead_letter_spec(app.queue(_work_queue(queue)))
-    try:
-        return app.transport.purge([spec])
-    except Exception as exc:
-        if _caused_by_404(exc):
-            raise QueueNotFound(f"Queue {spec.name!r} does not exist.") from exc
-        raise
-
-
-def _caused_by_404(exc: BaseException | None) -> bool:
-    seen = 0
-    while exc is not None and seen < 10:
-        if getattr(exc, "code", None) == 404:
-            return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return False
+    transport = app.transport
+    with translate_errors(transport.url, f"purge {spec.name!r}", queue=spec.name):
+        return transport.purge([spec])

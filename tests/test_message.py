@@ -11,7 +11,7 @@ import pytest
 
 from mqtasks import DecodeError, Message
 from mqtasks.serialization import decode_body, encode_body
-from mqtasks.transport.base import Delivery
+from mqtasks.transport.kombu_consumer import KombuDelivery as Delivery
 
 LIMIT = 1024 * 1024
 

@@ -1,45 +1,86 @@
-"""Broker URL scheme -> transport class; :func:`resolve` builds one from a URL."""
+"""Broker URL scheme -> transport class; :func:`resolve` builds one from a URL.
+
+The table names each class by its import path, as kombu's ``TRANSPORT_ALIASES``
+does: importing :mod:`mqtasks.transport` (the interface and value types) loads
+no broker client, and a transport's module is imported only when a URL asks
+for it.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..exceptions import UnknownTransport
-from .amqp import AmqpsTransport, AmqpTransport
-from .base import Consumer, Delivery, Envelope, QueueSpec, Transport
-from .memory import MemoryTransport
-from .redis import RedisTransport
-from .redis_reliable import ReliableRedisTransport
+from .base import Capabilities, Consumer, Delivery, QueueSpec, QueueStats, Transport
+from .envelope import Envelope
+
+if TYPE_CHECKING:
+    from .amqp import AmqpsTransport, AmqpTransport
+    from .memory import MemoryTransport
+    from .redis import RedisTransport
+    from .redis_reliable import ReliableRedisTransport
 
 __all__ = [
     "TRANSPORTS",
     "AmqpTransport",
     "AmqpsTransport",
+    "Capabilities",
     "Consumer",
     "Delivery",
     "Envelope",
     "MemoryTransport",
     "QueueSpec",
+    "QueueStats",
     "RedisTransport",
     "ReliableRedisTransport",
     "Transport",
     "resolve",
+    "transport_class",
 ]
 
-#: URL scheme -> transport class. ``redis://`` is mqtasks' own Redis transport;
-#: ``redis+kombu://`` selects kombu's stock Redis transport.
-TRANSPORTS: dict[str, type[Transport]] = {
-    "amqp": AmqpTransport,
-    "pyamqp": AmqpTransport,
-    "amqps": AmqpsTransport,
-    "redis": ReliableRedisTransport,
-    "rediss": ReliableRedisTransport,
-    "redis+kombu": RedisTransport,
-    "rediss+kombu": RedisTransport,
-    "memory": MemoryTransport,
+#: URL scheme -> ``module:Class`` of its transport. ``redis://`` is mqtasks' own
+#: Redis transport; ``redis+kombu://`` selects kombu's stock Redis transport.
+TRANSPORTS: dict[str, str] = {
+    "amqp": "mqtasks.transport.amqp:AmqpTransport",
+    "pyamqp": "mqtasks.transport.amqp:AmqpTransport",
+    "amqps": "mqtasks.transport.amqp:AmqpsTransport",
+    "redis": "mqtasks.transport.redis_reliable:ReliableRedisTransport",
+    "rediss": "mqtasks.transport.redis_reliable:ReliableRedisTransport",
+    "redis+kombu": "mqtasks.transport.redis:RedisTransport",
+    "rediss+kombu": "mqtasks.transport.redis:RedisTransport",
+    "memory": "mqtasks.transport.memory:MemoryTransport",
 }
+
+#: Names this package offers lazily -> the scheme whose class it is.
+_LAZY = {
+    "AmqpTransport": "amqp",
+    "AmqpsTransport": "amqps",
+    "MemoryTransport": "memory",
+    "RedisTransport": "redis+kombu",
+    "ReliableRedisTransport": "redis",
+}
+
+
+def transport_class(scheme: str) -> type[Transport]:
+    """Return the transport class that serves URL scheme ``scheme``.
+
+    Raises:
+        UnknownTransport: No transport serves it; the error names the supported
+            schemes and the closest match.
+    """
+    try:
+        path = TRANSPORTS[scheme]
+    except KeyError:
+        close = difflib.get_close_matches(scheme, list(TRANSPORTS), n=1)
+        raise UnknownTransport(
+            scheme, tuple(sorted(TRANSPORTS)), close[0] if close else None
+        ) from None
+    module, _, name = path.partition(":")
+    cls: type[Transport] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def resolve(url: str, **options: Any) -> Transport:
@@ -54,11 +95,10 @@ def resolve(url: str, **options: Any) -> Transport:
             the supported schemes and the closest match.
     """
     scheme = urlsplit(url).scheme.lower() if "://" in url else url
-    try:
-        cls = TRANSPORTS[scheme]
-    except KeyError:
-        close = difflib.get_close_matches(scheme, list(TRANSPORTS), n=1)
-        raise UnknownTransport(
-            scheme, tuple(sorted(TRANSPORTS)), close[0] if close else None
-        ) from None
-    return cls(url, **options)
+    return transport_class(scheme)(url, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return transport_class(_LAZY[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

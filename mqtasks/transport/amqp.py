@@ -22,16 +22,11 @@ from kombu.transport import pyamqp
 from .._url import mask_url, redact
 from ..exceptions import ConfigurationError, PublishError, PublishNacked, Unroutable
 from ._guard import GuardedAmqpMessage, guarded_frame_handler
-from .base import (
-    DLQ_SUFFIX,
-    Consumer,
-    Envelope,
-    QueueSpec,
-    QueueStats,
-    Transport,
-    deadline_errback,
-    translate_errors,
-)
+from .base import DLQ_SUFFIX, Capabilities, Consumer, QueueSpec, QueueStats
+from .envelope import Envelope
+from .errors import is_not_found, translate_errors
+from .kombu import KombuTransport, deadline_errback
+from .kombu_consumer import KombuConsumer
 
 __all__ = ["DEAD_LETTER_EXCHANGE", "DELAY_LEVELS", "AmqpTransport"]
 
@@ -690,7 +685,7 @@ def _ack(raw: Any) -> None:
     raw._state = "ACK"
 
 
-class AmqpConsumer(Consumer):
+class AmqpConsumer(KombuConsumer):
     """Consumer that sleeps in ``select()`` on its socket and a wake-up pipe.
 
     kombu's ``drain_events(timeout)`` sets and restores the socket timeout on
@@ -821,14 +816,22 @@ class AmqpConsumer(Consumer):
         super().heartbeat_check()
 
 
-class AmqpTransport(Transport):
+class AmqpTransport(KombuTransport):
     """RabbitMQ: durable (quorum by default) queues, persistent messages,
     publisher confirms and mandatory routing, so ``publish`` returns only once the
     broker has the message and raises when it cannot be routed or is nacked."""
 
     schemes: ClassVar[tuple[str, ...]] = ("amqp", "pyamqp")
     kombu_transport: Any = KombuAmqpTransport
-    confirms: ClassVar[bool] = True
+    capabilities = Capabilities(
+        delays=True,
+        priorities=True,
+        max_priority=True,
+        delivery_count=True,
+        max_length=True,
+        message_ttl=True,
+        confirms=True,
+    )
 
     def connection_options(self) -> dict[str, Any]:
         options = {"confirm_publish": True}
@@ -1055,7 +1058,9 @@ class AmqpTransport(Transport):
                 return
             frames: _PublishFrames | None = getattr(channel, "mqtasks_frames", None)
             if frames is None:
-                frames = channel.mqtasks_frames = _PublishFrames(channel, self.confirms)
+                frames = channel.mqtasks_frames = _PublishFrames(
+                    channel, self.capabilities.confirms
+                )
             sock = channel.connection.transport.sock
             if sock.gettimeout() != self.publish_timeout:
                 sock.settimeout(self.publish_timeout)  # bounds a write the broker does not read
@@ -1219,7 +1224,7 @@ class AmqpTransport(Transport):
                 try:
                     ok = channel[0].queue_declare(queue=name, passive=True)
                 except Exception as exc:
-                    if getattr(exc, "code", None) != 404:
+                    if not is_not_found(exc):
                         raise
                     channel[0] = conn.channel()
                     return None

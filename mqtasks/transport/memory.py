@@ -23,7 +23,9 @@ from kombu.transport import memory as kombu_memory
 from kombu.transport.virtual import BrokerState
 
 from ._guard import GuardedVirtualMessage
-from .base import DLQ_SUFFIX, Envelope, QueueSpec, QueueStats, Transport
+from .base import DLQ_SUFFIX, Capabilities, QueueSpec, QueueStats
+from .envelope import Envelope
+from .kombu import KombuTransport
 
 __all__ = ["MemoryTransport"]
 
@@ -73,11 +75,12 @@ def _copied(read: Any) -> Any:
     return read()
 
 
-class MemoryTransport(Transport):
+class MemoryTransport(KombuTransport):
     """Messages in process memory: for tests and demos; no durability, no redelivery
     after a crash. Unacknowledged messages are handed back when a worker stops."""
 
     schemes: ClassVar[tuple[str, ...]] = ("memory",)
+    capabilities = Capabilities(delays=True, delivery_count=True, in_process=True)
 
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)

@@ -10,7 +10,10 @@ import kombu
 from kombu.transport import redis as kombu_redis
 
 from ._guard import GuardedVirtualMessage
-from .base import Envelope, QueueSpec, Transport, translate_errors
+from .base import Capabilities, QueueSpec
+from .envelope import Envelope
+from .errors import translate_errors
+from .kombu import KombuTransport
 
 __all__ = ["RedisTransport"]
 
@@ -25,7 +28,7 @@ class KombuRedisTransport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = _Channel
 
 
-class RedisTransport(Transport):
+class RedisTransport(KombuTransport):
     """Redis through kombu's stock transport (``redis+kombu://``): a list per queue (per priority step), unacknowledged messages kept
     in a hash and restored after ``visibility_timeout`` or at a worker's shutdown.
 
@@ -35,6 +38,7 @@ class RedisTransport(Transport):
 
     schemes: ClassVar[tuple[str, ...]] = ("redis+kombu", "rediss+kombu")
     kombu_transport: Any = KombuRedisTransport
+    capabilities = Capabilities(priorities=True)
 
     def connection(self, *, heartbeat: float = 0) -> Any:
         # kombu reads "redis+kombu://" as transport "redis" plus a URL "kombu://...";

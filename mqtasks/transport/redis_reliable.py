@@ -75,31 +75,33 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
-import kombu
 import redis
 import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .._url import mask_url, redact
-from ..exceptions import ConfigurationError, PublishError, TransportError
+from ..exceptions import ConfigurationError, PublishError
 from ._guard import json_depth_exceeds, strip_compression
 from ._redis_scripts import BEAT, DELAY, PROMOTE, RESTORE, SETTLE_FETCH
 from .base import (
     DLQ_SUFFIX,
+    Capabilities,
     Consumer,
     Delivery,
-    Envelope,
     QueueSpec,
     QueueStats,
+    StoredMessage,
+    Taken,
     Transport,
-    translate_errors,
 )
+from .envelope import Envelope
+from .errors import translate_errors
 from .redis import redis_warnings
 
 __all__ = ["ReliableRedisConsumer", "ReliableRedisDelivery", "ReliableRedisTransport"]
@@ -118,7 +120,14 @@ _PIPELINE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, redis.R
 #: Largest metadata (id, headers, content type) of a list element read, in bytes.
 MAX_METADATA = 1024 * 1024
 
-_OPTIONS = ("key_prefix", "liveness_ttl", "sweep_interval", "block_timeout", "delay_poll_interval")
+_OPTIONS = (
+    "key_prefix",
+    "liveness_ttl",
+    "sweep_interval",
+    "block_timeout",
+    "delay_poll_interval",
+    "connection_class",
+)
 
 
 def encode_element(envelope: Envelope) -> bytes:
@@ -153,8 +162,8 @@ class ReliableRedisDelivery(Delivery):
     def __init__(
         self, element: bytes, queue: str, generation: int, proc_key: str, source_key: str
     ) -> None:
-        # Delivery.__init__ reads a kombu message; this transport has none.
-        self.raw = None
+        # Fields are read from the element below, not passed to Delivery.__init__:
+        # a malformed element still becomes a delivery, refused with its reason.
         self.element = element
         self.proc_key = proc_key
         self.source_key = source_key
@@ -469,7 +478,9 @@ class ReliableRedisConsumer(Consumer):
             self._promote_due()
             if self._fetch():
                 return
-            blocked = self._block()
+            # A custom connection class (an in-process fake) may have no socket for
+            # select(): poll instead; the wait below ends by the next promote check.
+            blocked = self._block() if self.rt.connection_class is None else []
             fds: list[Any] = [s.conn._sock for s in blocked]
             if wake_fd >= 0:
                 fds.append(wake_fd)
@@ -654,7 +665,10 @@ class ReliableRedisTransport(Transport):
     (10 s: how long a silent consumer keeps its messages), ``sweep_interval``
     (5 s), ``block_timeout`` (5 s: server-side BLMOVE timeout),
     ``delay_poll_interval`` (0.1 s: how often a consumer looks for newly due
-    delayed messages; a delay shorter than this may be late by up to it).
+    delayed messages; a delay shorter than this may be late by up to it),
+    ``connection_class`` (None: the one the URL selects; a redis-py connection
+    class, such as fakeredis' for :func:`mqtasks.testing.fake_redis_app`. Its
+    consumers poll every ``delay_poll_interval`` instead of blocking in BLMOVE).
 
     Redis has no publisher confirms: a publish returns when Redis has executed
     the LPUSH. Messages of the kombu-based ``redis+kombu://`` transport live in other
@@ -662,6 +676,7 @@ class ReliableRedisTransport(Transport):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss")
+    capabilities = Capabilities(delays=True, delivery_count=True, dead_letter_browse=True)
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -693,6 +708,18 @@ class ReliableRedisTransport(Transport):
                 "liveness_ttl must be at least 1 s; sweep_interval and block_timeout positive; "
                 "delay_poll_interval above 0 and at most 60 s."
             )
+        connection_class = opts.get("connection_class")
+        if connection_class is not None and (
+            self.uses_tls
+            or not isinstance(connection_class, type)
+            or not issubclass(connection_class, redis.connection.AbstractConnection)
+        ):
+            raise ConfigurationError(
+                f"Transport option connection_class={connection_class!r}: give a redis-py "
+                "connection class (such as fakeredis.FakeRedisConnection) with a redis:// "
+                "URL; rediss:// keeps its own TLS connection class."
+            )
+        self.connection_class: type[redis.connection.AbstractConnection] | None = connection_class
         parts = urlsplit(url)
         self.redis_url = urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
         self.registry_key = f"{self.key_prefix}:consumers"
@@ -729,6 +756,8 @@ class ReliableRedisTransport(Transport):
         }
         if self.uses_tls:
             kwargs.update(self.tls.redis_kwargs())
+        if self.connection_class is not None:
+            kwargs["connection_class"] = self.connection_class
         kwargs.update(overrides)
         return redis.ConnectionPool.from_url(self.redis_url, **kwargs)
 
@@ -748,10 +777,6 @@ class ReliableRedisTransport(Transport):
                     pool = self._pool(max_connections=self.pool_size)
                     self._publisher = redis.Redis(connection_pool=pool)
         return self._publisher
-
-    def connection(self, *, heartbeat: float = 0) -> kombu.Connection:
-        """Not available: this transport does not run on kombu."""
-        raise TransportError(f"{self.schemes[0]}:// speaks to Redis directly; no kombu connection.")
 
     def close(self) -> None:
         """Close the publishing connections."""
@@ -1037,6 +1062,44 @@ class ReliableRedisTransport(Transport):
                 f"JSON values on this transport ({exc}).",
                 task_id=envelope.message_id,
             ) from exc
+
+    # -- reading queues without a consumer -------------------------------------
+
+    def _stored(self, element: bytes, queue: str) -> StoredMessage:
+        d = ReliableRedisDelivery(element, queue, 1, "", "")
+        return StoredMessage(
+            body=d.body,
+            message_id=d.message_id,
+            headers=d.headers,
+            content_type=d.content_type,
+            content_encoding=d.content_encoding,
+        )
+
+    def browse(self, queue: str, limit: int | None = None) -> list[StoredMessage]:
+        """Read up to ``limit`` messages of ``queue`` with ``LRANGE``, oldest first, untouched."""
+        if limit == 0:
+            return []
+        start = 0 if limit is None else -max(limit, 0)
+        with translate_errors(self.url, f"read {queue!r}"):
+            elements = self.publisher().lrange(self.queue_key(queue), start, -1)
+        # Producers push on the left and consumers take from the right: oldest last.
+        return [self._stored(e, queue) for e in reversed(elements)]
+
+    @contextlib.contextmanager
+    def take(self, queue: str) -> Iterator[Iterator[Taken]]:
+        """Read ``queue``'s messages oldest first; removing one is an ``LREM`` of its element."""
+        key = self.queue_key(queue)
+        with translate_errors(self.url, f"read {queue!r}"):
+            elements = self.publisher().lrange(key, 0, -1)
+
+        def remover(element: bytes) -> Callable[[], None]:
+            def remove() -> None:
+                with translate_errors(self.url, f"remove a message from {queue!r}"):
+                    self.publisher().lrem(key, -1, element)
+
+            return remove
+
+        yield ((self._stored(e, queue), remover(e)) for e in reversed(elements))
 
     # -- consuming ---------------------------------------------------------
 

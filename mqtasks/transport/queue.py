@@ -1,0 +1,125 @@
+"""How queues are declared and what a broker tells about them: value types
+shared by every transport and by the layers above."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from ..exceptions import ConfigurationError
+
+__all__ = ["DLQ_SUFFIX", "Overflow", "QueueSpec", "QueueStats", "broker_spec", "dead_letter_spec"]
+
+#: A queue's dead letters go to the queue of the same name with this suffix.
+DLQ_SUFFIX = ".dlq"
+
+#: Overflow behaviours of a bounded queue (RabbitMQ's ``x-overflow``).
+Overflow = Literal["drop-head", "reject-publish"]
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """How a queue is declared.
+
+    Args:
+        name: Queue name (also the routing key).
+        queue_type: ``quorum`` or ``classic`` (RabbitMQ); ``None`` takes the app's setting.
+        max_priority: Highest message priority honoured: RabbitMQ classic queues
+            (``x-max-priority``). Redis always orders priorities 0 to 9 (higher
+            first, as on RabbitMQ; larger values count as 9); memory ignores them.
+        message_ttl: Seconds a message may wait in the queue before the broker drops it.
+        max_length: Most ready messages the queue holds.
+        overflow: What happens past ``max_length``.
+        delivery_limit: Most deliveries of a message that keeps coming back (its
+            worker crashed, was killed, lost its connection): when it arrives once
+            more, the worker dead-letters it with reason ``delivery_limit``
+            instead of running it. ``None`` takes the app's
+            :attr:`~mqtasks.config.Settings.delivery_limit`; ``0`` turns the
+            limit off for this queue. Counted by ``redis://``, ``memory://`` and
+            RabbitMQ quorum queues (which also get ``x-delivery-limit``, so the
+            broker dead-letters it itself if no worker does); other queues refuse
+            an explicit limit with a ConfigurationError.
+    """
+
+    name: str
+    queue_type: Literal["quorum", "classic"] | None = None
+    max_priority: int | None = None
+    message_ttl: float | None = None
+    max_length: int | None = None
+    overflow: Overflow = "reject-publish"
+    delivery_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 200:
+            raise ConfigurationError(f"Queue name {self.name!r} must be 1 to 200 characters.")
+        if any(c in self.name for c in "#* "):
+            raise ConfigurationError(
+                f"Queue name {self.name!r} may not contain '#', '*' or spaces "
+                "(they are routing-pattern characters)."
+            )
+        if self.max_priority is not None and not 1 <= self.max_priority <= 255:
+            raise ConfigurationError(f"Queue {self.name!r}: max_priority must be 1 to 255.")
+        if self.message_ttl is not None and self.message_ttl <= 0:
+            raise ConfigurationError(f"Queue {self.name!r}: message_ttl must be positive seconds.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigurationError(f"Queue {self.name!r}: max_length must be at least 1.")
+        if self.delivery_limit is not None and (
+            isinstance(self.delivery_limit, bool)
+            or not isinstance(self.delivery_limit, int)
+            or self.delivery_limit < 0
+        ):
+            raise ConfigurationError(
+                f"Queue {self.name!r}: delivery_limit must be a number of deliveries "
+                f"(at least 1), 0 for no limit, or None for the app's default; "
+                f"not {self.delivery_limit!r}."
+            )
+        if self.overflow not in ("drop-head", "reject-publish"):
+            raise ConfigurationError(
+                f"Queue {self.name!r}: overflow must be 'drop-head' or 'reject-publish'."
+            )
+
+
+def broker_spec(spec: QueueSpec) -> QueueSpec:
+    """Return ``spec`` as a broker declares it: ``delivery_limit=0`` (off) becomes None.
+
+    An inherited limit (None) is enforced by the worker from the delivery count
+    alone and never becomes a queue argument: a queue declared before the
+    default changed keeps its arguments, so redeclaring it does not fail.
+    """
+    if spec.delivery_limit == 0:
+        return dataclasses.replace(spec, delivery_limit=None)
+    return spec
+
+
+def dead_letter_spec(spec: QueueSpec) -> QueueSpec:
+    """Return the spec of ``spec``'s dead-letter queue: same type, no limits."""
+    return QueueSpec(spec.name + DLQ_SUFFIX, queue_type=spec.queue_type)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What a broker tells about one queue; ``None`` where it cannot tell.
+
+    Attributes:
+        name: The queue.
+        exists: False if the broker has no such queue (every count is then ``None``).
+        ready: Messages waiting for a consumer.
+        unacked: Messages delivered to consumers and not yet acknowledged.
+        delayed: Messages the broker holds for a delay (countdowns, retry backoffs).
+        delayed_scope: ``queue`` if :attr:`delayed` counts this queue's messages,
+            ``vhost`` if the broker cannot attribute them and it is the total held
+            for every queue of the virtual host (RabbitMQ's shared delay queues).
+        dead_lettered: Entries of the queue's dead-letter queue (``None`` if that
+            queue does not exist).
+        consumers: Consumers attached to the queue.
+    """
+
+    name: str
+    exists: bool = True
+    ready: int | None = None
+    unacked: int | None = None
+    delayed: int | None = None
+    delayed_scope: Literal["queue", "vhost"] = "queue"
+    dead_lettered: int | None = None
+    consumers: int | None = None
