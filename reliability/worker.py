@@ -17,7 +17,8 @@ from typing import Any
 import click
 
 from mqtasks import Worker
-from mqtasks.cli import StopSignals, configure_logging, run_worker
+from mqtasks.cli import configure_logging
+from mqtasks.process import StopSignals, run_worker
 from mqtasks.transport import Consumer, Delivery, QueueSpec, Transport
 
 __all__ = ["EarlyAckConsumer", "install_early_ack", "main"]

@@ -730,7 +730,7 @@ def test_bad_messages_are_rejected_and_the_worker_keeps_running(
 def test_a_child_stopped_before_it_could_handle_sigterm_is_a_clean_stop() -> None:
     """A child spawned just before the SIGTERM dies of it unhandled; it held no messages."""
     code = (
-        "import sys; from mqtasks.cli import Supervisor; "
+        "import sys; from mqtasks.process import Supervisor; "
         "sys.exit(Supervisor([sys.executable, '-c', 'import time; time.sleep(30)'], 2).run())"
     )
     proc = subprocess.Popen([PYTHON, "-c", code], cwd=ROOT, env=clean_env())
@@ -741,9 +741,9 @@ def test_a_child_stopped_before_it_could_handle_sigterm_is_a_clean_stop() -> Non
 
 _LARGE_BUFFERS = """
 import sys
-from mqtasks import cli
+from mqtasks import process
 if sys.argv[1] == "fixed":
-    cli._return_large_buffers_to_the_os()
+    process.return_large_buffers_to_the_os()
 def rss_mib():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):

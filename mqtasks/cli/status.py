@@ -1,0 +1,151 @@
+"""``mqtasks status``: the state of an app's queues, once or ``--watch``-ing.
+
+The command prints and refreshes; sampling the broker is
+:mod:`mqtasks.status`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from ..config import mask_url
+from ..exceptions import MQTasksError
+from ..status import QueueStatus, StatusMonitor
+from . import app_option, cli, load_app, table
+
+__all__ = ["STATUS_EPILOG", "status"]
+
+#: The end of ``mqtasks status --help``: examples, columns and exit codes.
+STATUS_EPILOG = """\b
+Examples:
+  mqtasks status -A myapp                 # every queue of the app's tasks
+  mqtasks status -A myapp emails reports  # these queues
+  mqtasks status -A myapp --watch         # refresh every 2 s, with READY/S
+  mqtasks status -A myapp --watch 10 --json | jq .queues[0].ready
+
+\b
+Columns:
+  READY      waiting for a consumer
+  UNACKED    delivered to a consumer, not acknowledged yet
+  DELAYED    held by the broker for a countdown or retry backoff
+  DEAD       entries of the queue's dead-letter queue (QUEUE.dlq)
+  CONSUMERS  consumers attached to the queue
+  READY/S    change of READY per second over the last minute (--watch):
+             negative while the queue drains, positive while it backs up
+
+\b
+Exit codes:
+  0  the status was printed (a missing queue is reported, not an error)
+  1  the broker is unreachable or refused
+  2  bad command line, including -A naming no app and invalid queue names
+"""
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _status_table(statuses: list[QueueStatus], broker: str) -> str:
+    rows: list[list[str]] = []
+    for s in statuses:
+        if not s.exists:
+            rows.append([s.queue, "missing", "", "", "", "", ""])
+            continue
+        delayed = _count(s.delayed) + ("*" if s.delayed_scope == "vhost" else "")
+        rate = "-" if s.ready_rate is None else f"{s.ready_rate:+.2f}"
+        rows.append(
+            [
+                s.queue,
+                _count(s.ready),
+                _count(s.unacked),
+                delayed,
+                _count(s.dead_lettered),
+                _count(s.consumers),
+                rate,
+            ]
+        )
+    header = ["QUEUE", "READY", "UNACKED", "DELAYED", "DEAD", "CONSUMERS", "READY/S"]
+    when = statuses[0].sampled_at.strftime("%Y-%m-%d %H:%M:%S") if statuses else ""
+    lines = [f"{broker}  {when} UTC", table(rows, header)]
+    present = [s for s in statuses if s.exists]
+    if any(s.unacked is None for s in present):
+        lines.append("UNACKED -: not reported by this broker (RabbitMQ: only its management API).")
+    if any(s.delayed_scope == "vhost" for s in present):
+        lines.append(
+            "DELAYED *: held for every queue of the vhost; RabbitMQ's delay queues are shared."
+        )
+    if present and all(s.ready_rate is None for s in present):
+        lines.append("READY/S -: needs two samples; use --watch.")
+    return "\n".join(lines)
+
+
+@cli.command(epilog=STATUS_EPILOG)
+@app_option
+@click.argument("queues", nargs=-1)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Refresh every SECONDS (2 if omitted) until Ctrl-C; put QUEUEs before it.",
+)
+@click.option(
+    "-n",
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --watch: stop after N samples.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per sample, one per line.")
+def status(
+    app_path: str,
+    queues: tuple[str, ...],
+    watch: float | None,
+    count: int | None,
+    as_json: bool,
+) -> None:
+    """Show ready, unacked, delayed and dead-lettered messages and consumers per
+    queue (default: every queue of the app's tasks)."""
+    if count is not None and watch is None:
+        raise click.UsageError("--count needs --watch.")
+    app = load_app(app_path)
+    broker = mask_url(app.settings.broker_url)
+    try:
+        monitor = StatusMonitor(app, list(queues) or None)
+    except MQTasksError as exc:
+        raise click.UsageError(str(exc)) from exc
+    samples = 0
+    try:
+        while True:
+            statuses = monitor.sample()
+            samples += 1
+            if as_json:
+                document = {
+                    "broker": broker,
+                    "sampled_at": statuses[0].sampled_at.isoformat() if statuses else None,
+                    "queues": [s.to_dict() for s in statuses],
+                }
+                click.echo(json.dumps(document))
+            else:
+                if watch is not None and sys.stdout.isatty():
+                    click.clear()
+                elif samples > 1:
+                    click.echo()
+                click.echo(_status_table(statuses, broker))
+            if watch is None or (count is not None and samples >= count):
+                return
+            sys.stdout.flush()
+            time.sleep(watch)
+    except MQTasksError as exc:
+        message = str(exc) if broker in str(exc) else f"{exc} (broker {broker})"
+        raise click.ClickException(message) from exc
+    except KeyboardInterrupt:
+        return
+    finally:
+        app.close()
