@@ -12,6 +12,7 @@ upper bound (for jittered or random waits, their maximum):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,50 @@ def _upper(wait: Any, state: tenacity.RetryCallState) -> float:
     return float(wait(state))
 
 
+def _visibility_problems(visibility: object, shutdown_timeout: float, scheme: str) -> list[str]:
+    """Return what is wrong with a kombu Redis ``visibility_timeout`` (nothing: an empty list).
+
+    kombu's Redis transport hands a message to another worker once it has
+    been unacknowledged for ``visibility_timeout`` seconds, whether or not its
+    worker is alive and still running the task: a task that runs longer runs
+    twice at once. Tasks declare no run time yet, so the longest time the app
+    says a task may still run is ``shutdown_timeout``, the grace a stopping
+    worker gives running tasks (retry waits, the other thing a worker could
+    hold a message for, are refused on this transport altogether).
+
+    Args:
+        visibility: The ``visibility_timeout`` transport option, as given.
+        shutdown_timeout: Seconds a stopping worker lets running tasks finish.
+        scheme: The transport's URL scheme, for the message.
+    """
+    seconds = _seconds(visibility)
+    if seconds is None:
+        return [
+            f"transport_options visibility_timeout must be a positive number of seconds, not "
+            f"{visibility!r}: {scheme}:// hands an unacknowledged message to another worker "
+            f"after that long. Set it above your longest task (kombu's default is "
+            f"{KOMBU_VISIBILITY_TIMEOUT:g} s)."
+        ]
+    if seconds <= shutdown_timeout:
+        return [
+            f"transport_options visibility_timeout is {seconds:g} s, but shutdown_timeout is "
+            f"{shutdown_timeout:g} s: a task still running when its worker is told to stop may "
+            f"run that long, while {scheme}:// hands its message to another worker once it "
+            "has been unacknowledged for visibility_timeout, so the task would run twice at "
+            "once. Set visibility_timeout above your longest task and above shutdown_timeout "
+            f"(kombu's default is {KOMBU_VISIBILITY_TIMEOUT:g} s), or lower shutdown_timeout."
+        ]
+    return []
+
+
+def _seconds(value: object) -> float | None:
+    """``value`` as positive finite seconds, or None if it is not that."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 def check_prefetch(concurrency: int, prefetch: int) -> None:
     """Refuse a prefetch window smaller than the worker's thread pool.
 
@@ -92,6 +137,7 @@ def check_app(
     *,
     concurrency: int | None = None,
     prefetch: int | None = None,
+    shutdown_timeout: float | None = None,
 ) -> None:
     """Check that a worker of ``app`` on ``queues`` can do what its config promises.
 
@@ -109,13 +155,19 @@ def check_app(
       in a worker, and come back as a duplicate after ``visibility_timeout``),
       so mqtasks refuses delays there, and each retry would be handed back at
       once instead, in a loop. ``redis://`` holds delays in a sorted set in
-      Redis and has no visibility timeout.
+      Redis and has no visibility timeout;
+    * on ``redis+kombu://``, a ``visibility_timeout`` that is not a positive
+      number, or not above the longest time the app says a task may still
+      run: ``shutdown_timeout``, the grace a stopping worker gives running
+      tasks (tasks declare no run time of their own yet).
 
     Args:
         app: The app.
         queues: The queues a worker would consume; all task queues by default.
         concurrency: Worker threads; the app's setting by default.
         prefetch: Unacknowledged messages held; the app's setting by default.
+        shutdown_timeout: Seconds a stopping worker lets running tasks finish;
+            the app's setting by default.
 
     Raises:
         ConfigurationError: Every problem found, one per line. A broker URL
@@ -156,9 +208,11 @@ def check_app(
                 "Raise message_ttl, or shorten the schedule (max_retries, retry_backoff)."
             )
     if isinstance(transport, RedisTransport):
-        visibility = float(
-            settings.transport_options.get("visibility_timeout", KOMBU_VISIBILITY_TIMEOUT)
-        )
+        option = settings.transport_options.get("visibility_timeout", KOMBU_VISIBILITY_TIMEOUT)
+        held = settings.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
+        problems.extend(_visibility_problems(option, held, transport.schemes[0]))
+        seconds = _seconds(option)
+        visibility = f"{seconds:g} s" if seconds is not None else repr(option)
         for task in sorted(app.tasks.values(), key=lambda t: t.name):
             policy = task.retry_policy
             if task.queue not in names or not policy.max_retries:
@@ -169,7 +223,7 @@ def check_app(
                     f"Queue {task.queue!r}, task {task.name!r}: its retries wait up to "
                     f"{longest:g} s, but {transport.schemes[0]}:// cannot hold a message for a "
                     "delay (kombu would keep it unacknowledged in a worker and deliver it again "
-                    f"after visibility_timeout, {visibility:g} s), so each retry would be handed "
+                    f"after visibility_timeout, {visibility}), so each retry would be handed "
                     "back at once, in a loop. Use redis://, which holds delays in Redis and has "
                     "no visibility timeout, or give the task max_retries=0 or retry_backoff=0."
                 )

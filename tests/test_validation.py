@@ -58,6 +58,31 @@ def test_the_visibility_timeout_named_is_the_transports_own() -> None:
         app.check()
 
 
+def test_a_visibility_timeout_a_running_task_can_outlast_is_refused() -> None:
+    """kombu hands a message unacknowledged for visibility_timeout to another
+    worker; a stopping worker lets its tasks run shutdown_timeout (30 s) more."""
+    app = App("t", broker=KOMBU_REDIS, transport_options={"visibility_timeout": 10})
+    with pytest.raises(ConfigurationError) as caught:
+        app.check()
+    message = str(caught.value)
+    assert "visibility_timeout is 10 s, but shutdown_timeout is 30 s" in message
+    assert "Set visibility_timeout above your longest task" in message
+    with pytest.raises(ConfigurationError, match="shutdown_timeout is 30 s"):
+        Worker(app)
+    App("t", broker=KOMBU_REDIS, transport_options={"visibility_timeout": 31}).check()
+    App(
+        "t", broker=KOMBU_REDIS, shutdown_timeout=5, transport_options={"visibility_timeout": 10}
+    ).check()
+    App("t", broker=KOMBU_REDIS).check()  # kombu's default: an hour
+
+
+@pytest.mark.parametrize("bad", [0, -5, "600", True, float("nan")])
+def test_a_visibility_timeout_that_is_not_positive_seconds_is_refused(bad: object) -> None:
+    app = App("t", broker=KOMBU_REDIS, transport_options={"visibility_timeout": bad})
+    with pytest.raises(ConfigurationError, match="must be a positive number of seconds"):
+        app.check()
+
+
 def test_tasks_that_never_wait_to_retry_pass_on_every_broker() -> None:
     app = App("t", broker=KOMBU_REDIS)
 
