@@ -24,7 +24,8 @@ from typing import Any
 
 import click
 
-from .harness import BROKER_PROFILES, PROFILES, BrokerProfile, Harness
+from .harness import Harness
+from .profiles import BROKER_PROFILES, PROFILES, BrokerProfile
 from .report import summary_table
 from .scenarios import SCENARIOS, Scenario
 

@@ -1,11 +1,4 @@
-"""Scenarios S10b (countdowns longer than ``consumer_timeout``) and S11 (slow
-consumer, bounded queue) of the fault-injection protocol.
-
-S10b sets RabbitMQ's ``consumer_timeout`` to its 60 s minimum at run time and
-sends tasks whose countdown outlasts it twice over: a delay held unacknowledged
-by a worker would get its channel closed with ``PRECONDITION_FAILED``. A raw
-consumer that holds one message unacknowledged runs alongside, to show the
-broker does enforce the timeout on channels opened after the change.
+"""S11: a slow consumer and a bounded queue.
 
 S11 publishes at 500/s into a work queue bounded to ``max_length`` while one
 worker takes about 100/s: (a) ``overflow: reject-publish`` must make ``delay()``
@@ -20,13 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import kombu
@@ -34,14 +25,16 @@ import kombu
 from mqtasks.exceptions import ConfigurationError
 
 from .brokers import RabbitNode
-from .harness import BrokerProfile, Harness, Job, Run
-from .ledger import Classification, Event, LedgerWriter, classify, percentile
+from .harness import Harness
+from .ledger import Classification, Event, classify
+from .profiles import BrokerProfile
+from .publisher import PacedPublisher
+from .run import Run
+from .steps import finish
 from .tasks import build_app
 
-__all__ = ["DepthSampler", "HoldControl", "PacedPublisher", "s10b", "s11"]
+__all__ = ["DepthSampler", "s11"]
 
-#: The lowest ``consumer_timeout`` RabbitMQ enforces, in ms (it checks once a minute).
-CONSUMER_TIMEOUT_MS = 60000
 #: Publish rate of S11, calls per second.
 S11_RATE = 500.0
 #: Duration of a ``rel.work`` task in S11, ms (one worker then takes about 100/s).
@@ -52,28 +45,6 @@ S11_TASK_MS = 10.0
 S11_QUIET_S = 1.0
 
 
-# -- shared helpers ------------------------------------------------------------------
-
-
-def _finish(
-    run: Run, timeout: float, quiet: float | None = None
-) -> tuple[list[Event], Classification]:
-    """Wait for quiescence (a check), read the dead letters, classify every id."""
-    ok = run.wait_quiescent(timeout, quiet=quiet)
-    run.check("quiescent", ok, ok, f"within {timeout:.0f} s")
-    run.extra["dlq_entries"] = run.drain_dead_letters()
-    events = run.events()
-    return events, classify(events)
-
-
-def _starts_by_id(events: Sequence[Event]) -> dict[str, list[Event]]:
-    out: dict[str, list[Event]] = {}
-    for e in events:
-        if e.kind == "start":
-            out.setdefault(e.id, []).append(e)
-    return out
-
-
 def _figures(c: Classification) -> dict[str, Any]:
     """The classification without its samples (for a variant's sub-result)."""
     return {k: v for k, v in c.to_dict().items() if k != "samples"}
@@ -82,355 +53,6 @@ def _figures(c: Classification) -> dict[str, Any]:
 def _publish_timeout(run: Run) -> float:
     return float(run.env["MQTASKS_PUBLISH_TIMEOUT"])
 
-
-@dataclass(frozen=True)
-class Call:
-    """One ``delay()`` call as the publisher saw it."""
-
-    id: str
-    #: When it started (epoch seconds).
-    t: float
-    #: Seconds until it returned or raised.
-    took: float
-    #: The exception's type name, or None if the broker confirmed.
-    error: str | None = None
-    #: The start of the exception's message.
-    detail: str | None = None
-
-    @property
-    def end(self) -> float:
-        """When it returned or raised (epoch seconds)."""
-        return self.t + self.took
-
-
-class PacedPublisher:
-    """Calls ``delay()`` of ``rel.work`` from a thread at most ``rate`` times a
-    second for ``seconds``, recording every call in the ledger and in :attr:`calls`.
-
-    Unlike :class:`~reliability.harness.Publisher` it never catches up after a
-    slow call (a blocked broker would otherwise be followed by a burst), and it
-    keeps each exception's message: the scenarios check what ``delay()`` raised.
-
-    Args:
-        run: The run (its app, ledger directory and seed).
-        phase: Names the ledger file; task ids start with ``<scenario><phase>-``.
-        rate: Most calls per second.
-        seconds: How long to publish.
-        ms: The ``rel.work`` duration of every task.
-    """
-
-    def __init__(self, run: Run, phase: str, rate: float, seconds: float, ms: float) -> None:
-        self.run = run
-        self.phase = phase
-        self.rate = rate
-        self.seconds = seconds
-        self.ms = ms
-        self.prefix = f"{run.scenario}{phase}"
-        self.ledger = LedgerWriter(run.ledger_dir / f"publisher-{phase}.jsonl")
-        self.rng = random.Random(run.rng.getrandbits(64))
-        self.calls: list[Call] = []
-        self.stop_event = threading.Event()
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self._thread = threading.Thread(target=self._loop, name=f"publisher-{phase}", daemon=True)
-
-    def start(self) -> None:
-        """Start publishing in the background."""
-        self.started_at = time.time()
-        self._thread.start()
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the thread; return whether it has finished."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        """Whether it is still publishing."""
-        return self._thread.is_alive()
-
-    def _loop(self) -> None:
-        try:
-            end = time.monotonic() + self.seconds
-            due = time.monotonic()
-            while not self.stop_event.is_set():
-                now = time.monotonic()
-                if now >= end:
-                    break
-                if due > now:
-                    self.stop_event.wait(due - now)
-                    continue
-                self.publish_one()
-                # No catching up: at most 50 ms of calls behind schedule are made up.
-                due = max(due + 1 / self.rate, time.monotonic() - 0.05)
-        finally:
-            self.finished_at = time.time()
-            self.ledger.close()
-
-    def publish_one(self) -> Call:
-        """Make one ``delay()`` call now and record it."""
-        task_id = f"{self.prefix}-{self.rng.getrandbits(64):016x}"
-        task = self.run.app.tasks["rel.work"]
-        self.ledger.record("intent", task_id)
-        t = time.time()
-        start = time.monotonic()
-        try:
-            task.apply_async((task_id, self.ms), task_id=task_id)
-        except Exception as exc:  # any type: what delay() raises is a figure here
-            took = time.monotonic() - start
-            detail = str(exc)[:300]
-            self.ledger.record(
-                "failed", task_id, error=type(exc).__name__, took=round(took, 3), detail=detail
-            )
-            call = Call(task_id, t, took, type(exc).__name__, detail)
-        else:
-            took = time.monotonic() - start
-            self.ledger.record("confirmed", task_id)
-            call = Call(task_id, t, took)
-        self.calls.append(call)
-        return call
-
-    def summary(self) -> dict[str, Any]:
-        """Calls, achieved rate, latencies and errors by type."""
-        took = [c.took for c in self.calls]
-        span = (self.finished_at or time.time()) - (self.started_at or time.time())
-        return {
-            "calls": len(self.calls),
-            "confirmed": sum(1 for c in self.calls if c.error is None),
-            "errors": dict(Counter(c.error for c in self.calls if c.error is not None)),
-            "achieved_per_s": round(len(self.calls) / span, 1) if span > 0 else None,
-            "latency_ms_p50": _ms(percentile(took, 50)),
-            "latency_ms_p99": _ms(percentile(took, 99)),
-            "latency_ms_max": _ms(max(took, default=None)),
-        }
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 1)
-
-
-# -- S10b ------------------------------------------------------------------------------
-
-
-def _consumer_timeout(node: RabbitNode) -> int | None:
-    """The node's ``consumer_timeout`` in ms; None when it is unset."""
-    out = node.ctl("eval", "application:get_env(rabbit, consumer_timeout).", timeout=30)
-    m = re.search(r"\{ok,\s*(\d+)\}", out)
-    return int(m.group(1)) if m else None
-
-
-def _restore_consumer_timeout(node: RabbitNode, previous: int | None) -> None:
-    if previous is None:
-        node.ctl("eval", "application:unset_env(rabbit, consumer_timeout).", timeout=30)
-    else:
-        node.ctl("eval", f"application:set_env(rabbit, consumer_timeout, {previous}).", timeout=30)
-
-
-class HoldControl:
-    """A raw consumer that takes one message and never acknowledges it.
-
-    With ``consumer_timeout`` in force the broker closes its channel with
-    ``PRECONDITION_FAILED`` one to two minutes later: proof that channels opened
-    after the change get the new timeout, so the workers' channels have it too.
-
-    Args:
-        url: The node's AMQP URL.
-        queue: Name of the exclusive queue it declares.
-    """
-
-    def __init__(self, url: str, queue: str) -> None:
-        self.url = url
-        self.queue = queue
-        self.local_port: int | None = None
-        self.delivered_at: float | None = None
-        self.closed_at: float | None = None
-        self.error: str | None = None
-        self._conn: kombu.Connection | None = None
-
-    def start(self) -> None:
-        """Connect, publish one message to an exclusive queue and take it unacknowledged."""
-        conn = self._conn = kombu.Connection(self.url, heartbeat=0, connect_timeout=5)
-        conn.connect()
-        channel = conn.channel()
-        queue = kombu.Queue(
-            self.queue,
-            exchange=kombu.Exchange(""),
-            routing_key=self.queue,
-            exclusive=True,
-            auto_delete=True,
-            durable=False,
-        ).bind(channel)
-        queue.declare()
-        kombu.Producer(channel, auto_declare=False).publish(b"hold", routing_key=self.queue)
-        consumer = kombu.Consumer(channel, queues=[queue], no_ack=False, auto_declare=False)
-
-        def on_message(message: Any) -> None:
-            self.delivered_at = time.time()
-
-        consumer.on_message = on_message
-        consumer.consume()
-        deadline = time.monotonic() + 10
-        while self.delivered_at is None and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=1)
-        self.local_port = int(conn.connection.transport.sock.getsockname()[1])
-
-    def wait_closed(self, until: float) -> None:
-        """Read the connection until the broker closes the channel or epoch time ``until``."""
-        conn = self._conn
-        while conn is not None and self.closed_at is None and time.time() < until:
-            try:
-                conn.drain_events(timeout=min(1.0, max(0.05, until - time.time())))
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                self.closed_at = time.time()
-                self.error = f"{type(exc).__name__}: {exc}"[:300]
-
-    def close(self) -> None:
-        """Close the connection (the exclusive queue goes with it)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.release()
-
-    def figures(self) -> dict[str, Any]:
-        """What the control saw."""
-        after = (
-            round(self.closed_at - self.delivered_at, 1)
-            if self.closed_at is not None and self.delivered_at is not None
-            else None
-        )
-        return {
-            "delivered": self.delivered_at is not None,
-            "closed_after_s": after,
-            "error": self.error,
-        }
-
-
-def _broker_log_offset(node: RabbitNode) -> dict[str, int]:
-    return {str(p): p.stat().st_size for p in (node.base / "log").glob("*.log")}
-
-
-def _consumer_timeouts_in_broker_log(
-    node: RabbitNode, since: dict[str, int]
-) -> list[tuple[int | None, str]]:
-    """Channels the broker closed for ``consumer_timeout`` since the log offsets
-    ``since``: the client's local port (None: not found) and the log line."""
-    found: list[tuple[int | None, str]] = []
-    for path in (node.base / "log").glob("*.log"):
-        with path.open("rb") as f:
-            f.seek(since.get(str(path), 0))
-            text = f.read().decode(errors="replace")
-        for m in re.finditer(r"delivery acknowledgement on channel \d+ timed out", text):
-            before = text[max(0, m.start() - 1000) : m.start()]
-            ports = re.findall(r"\(127\.0\.0\.1:(\d+) ->", before)
-            line = text[text.rfind("\n", 0, m.start()) + 1 : m.end()]
-            found.append((int(ports[-1]) if ports else None, line[-200:]))
-    return found
-
-
-def s10b(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
-    """Countdowns longer than ``consumer_timeout`` (60 s): no channel closed, each runs once, on time."""
-    release = h.profile.name == "release"
-    # Above 2 x consumer_timeout: the broker checks once a minute.
-    countdown = 180.0 if release else 130.0
-    with h.run("S10b", broker) as run:
-        started = time.time()
-        n = h.profile.n(1000)
-        node = h.rabbit_node()
-        log_offset = _broker_log_offset(node)
-        previous = _consumer_timeout(node)
-        run.extra["consumer_timeout_before_ms"] = previous
-        control = HoldControl(run.url, run.queue + ".hold")
-        try:
-            node.ctl(
-                "eval",
-                f"application:set_env(rabbit, consumer_timeout, {CONSUMER_TIMEOUT_MS}).",
-                timeout=30,
-            )
-            now = _consumer_timeout(node)
-            run.extra["consumer_timeout_ms"] = now
-            run.check(
-                "consumer_timeout_set", now == CONSUMER_TIMEOUT_MS, now, f"{CONSUMER_TIMEOUT_MS} ms"
-            )
-            control.start()
-            run.pool.start()
-            time.sleep(1.5)
-            run.extra["countdown_s"] = countdown
-            jobs = [run.new_id() for _ in range(n)]
-            run.publish_all([Job("rel.work", (i, 1.0), {"countdown": countdown}) for i in jobs])
-            last_intent = time.time()
-            # Nothing is due before the countdown: read only the control meanwhile.
-            control.wait_closed(last_intent + countdown - 2)
-            _wait_done(run, set(jobs), deadline=last_intent + countdown + 120)
-            events, c = _finish(run, 120, quiet=2.0)
-        finally:
-            control.close()
-            _restore_consumer_timeout(node, previous)
-        run.extra["consumer_timeout_restored_ms"] = _consumer_timeout(node)
-        run.standard_checks(c)
-        run.check("executed_all", c.executed == n, c.executed, str(n))
-        run.check(
-            "started_more_than_once", c.started_more_than_once == 0, c.started_more_than_once, "0"
-        )
-        intents = {e.id: e.t for e in events if e.kind == "intent"}
-        starts = _starts_by_id(events)
-        late = [min(e.t for e in ss) - intents[i] for i, ss in starts.items() if i in intents]
-        early = [x for x in late if x < countdown]
-        run.extra["start_after_intent_s"] = {
-            "min": round(min(late), 3) if late else None,
-            "p50": round(percentile(late, 50) or 0, 3) if late else None,
-            "max": round(max(late), 3) if late else None,
-        }
-        run.check(
-            "not_before_countdown",
-            not early,
-            len(early),
-            f"0 started < {countdown:.0f} s after intent",
-        )
-        worker_closed = run.log_count("PRECONDITION_FAILED") + run.log_count("PreconditionFailed")
-        run.check("no_precondition_failed_in_worker_logs", worker_closed == 0, worker_closed, "0")
-        closed = _consumer_timeouts_in_broker_log(node, log_offset)
-        wait_log = time.monotonic() + 10  # the broker writes its log asynchronously
-        while control.error is not None and time.monotonic() < wait_log:
-            if any(p == control.local_port for p, _ in closed):
-                break
-            time.sleep(0.5)
-            closed = _consumer_timeouts_in_broker_log(node, log_offset)
-        others = [p for p, _ in closed if p is None or p != control.local_port]
-        control_logged = any(p == control.local_port for p, _ in closed)
-        run.extra["broker_log_consumer_timeouts"] = [
-            {"port": p, "control": p == control.local_port, "line": line} for p, line in closed
-        ]
-        run.check(
-            "no_consumer_timeout_in_broker_log",
-            not others and control_logged,
-            {"workers": len(others), "control_logged": control_logged},
-            "0 channels closed for consumer_timeout besides the control's (found in the log)",
-        )
-        run.extra["control"] = control.figures()
-        run.check(
-            "control_channel_closed",
-            control.error is not None and "PRECONDITION_FAILED" in control.error,
-            control.figures(),
-            "the unacking control consumer is closed with PRECONDITION_FAILED",
-        )
-        lost_events = run.log_events(("broker.connection_lost", "broker.heartbeat_missed"))
-        run.extra["worker_connection_lost_events"] = len(lost_events)
-        return run.result(c, started=started)
-
-
-def _wait_done(run: Run, ids: set[str], deadline: float) -> None:
-    """Poll the ledger until every id in ``ids`` has a ``done`` (or epoch time ``deadline``)."""
-    while time.time() < deadline:
-        done = {e.id for e in run.events() if e.kind == "done"}
-        if ids <= done:
-            return
-        time.sleep(0.5)
-
-
-# -- S11 -------------------------------------------------------------------------------
 
 #: Where S11 runs its variants: (a) on every RabbitMQ row, (b) once (a node-wide
 #: alarm blocks publishing connections whatever the queue type), (c) on classic queues.
@@ -715,7 +337,7 @@ def _s11_rabbit(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
                 counters.append(_publish_counters(node))
         finally:
             sampler.stop()
-        events, c = _finish(run, 120, quiet=S11_QUIET_S)
+        events, c = finish(run, 120, quiet=S11_QUIET_S)
         run.standard_checks(c, publish_failed=None)
         variants: dict[str, Any] = {
             "a": _variant(
@@ -764,7 +386,7 @@ def _s11_drop_head(
             pub.join()
         finally:
             sampler.stop()
-        events, c = _finish(run, 120, quiet=S11_QUIET_S)
+        events, c = finish(run, 120, quiet=S11_QUIET_S)
         run.standard_checks(c, dead=None)
         reasons = sorted(c.dead_lettered)
         maxlen = c.dead_lettered.get("maxlen", 0)
@@ -900,7 +522,7 @@ def _s11_redis(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
             "confirmed once maxmemory is restored",
         )
         run.pool.start()
-        events, c = _finish(run, 120, quiet=S11_QUIET_S)
+        events, c = finish(run, 120, quiet=S11_QUIET_S)
         run.standard_checks(c, publish_failed=None)
         run.extra["variants"] = {"maxmemory": _variant(pub, events)}
         return run.result(c, started=started)

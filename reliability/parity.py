@@ -2,16 +2,18 @@
 
 The scenarios S0 (baseline), S7 (poison) and S8 (always-failing task) run on
 the memory transport with a worker in this process, and are judged by the same
-criteria as on the real brokers. It shows that what a unit test on
-``memory://`` sees is what production sees for these behaviours. It does not
-cover crashes, restarts or redelivery: the memory transport keeps nothing
-across a process and does not hand back a dead consumer's messages.
+criteria as on the real brokers (:func:`~reliability.retries.s8_checks`,
+:meth:`~reliability.poison.workload.PoisonWorkload.judge`). It shows that what
+a unit test on ``memory://`` sees is what production sees for these behaviours.
+It does not cover crashes, restarts or redelivery: the memory transport keeps
+nothing across a process and does not hand back a dead consumer's messages.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,10 +21,18 @@ from typing import Any
 
 from mqtasks import App
 from mqtasks.testing import running_worker
+from mqtasks.transport.base import dead_letter_spec
 
-from .harness import BrokerProfile, Harness, Job, Publisher, record_dead_letters, wmix_ms
-from .ledger import Checks, LedgerWriter, classify, read_ledger
+from .harness import Harness
+from .ledger import Checks, Event, LedgerWriter, classify, read_ledger
+from .poison.kinds import CLASS_MODULES
+from .poison.workload import PoisonWorkload, interleaved
+from .profiles import BrokerProfile
+from .publisher import Publisher
+from .retries import s8_checks
+from .run import record_dead_letters
 from .tasks import build_app
+from .workload import Job, wmix_ms
 
 __all__ = ["s15"]
 
@@ -89,9 +99,6 @@ class MemoryRun(Checks):
 
 def s15(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
     """S0, S7 and S8 on ``memory://`` in process, with the real brokers' criteria."""
-    from .poison import memory_poison_part
-    from .scenarios import s8_checks
-
     started = time.time()
     base = Path(tempfile.mkdtemp(prefix="S15-", dir=h.workdir))
     parts: dict[str, Any] = {}
@@ -148,7 +155,7 @@ def s15(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
     # S7: every poison kind, injected bypassing the producer.
     run = MemoryRun("S7", base)
     with running_worker(run.app, concurrency=2, prefetch=8, collect_errors=False):
-        memory_poison_part(h, run)
+        _poison_part(h, run)
         ok = run.wait_drained(60.0)
         run.check("quiescent", ok, ok)
     part("S7", run, 0)
@@ -168,3 +175,68 @@ def s15(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
             "(the memory transport keeps nothing across processes)."
         ],
     }
+
+
+def _poison_part(h: Harness, run: MemoryRun) -> None:
+    """S7 in process on ``memory://`` (for S15), with a worker of ``run.app`` running.
+
+    Injects every kind among good tasks, waits until the worker has settled
+    them (60 s at most), records the dead letters in ``run.ledger`` (under the
+    poison ids: the caller must not record them again) and checks S7's criteria
+    on ``run``. Worker memory, logs and crashes are not judged here: the worker
+    is this process.
+    """
+    rng = random.Random(f"{h.seed}-S15-S7")
+    n_kind = h.profile.n(100)
+    workload = PoisonWorkload(
+        run.app,
+        run.queue,
+        run.ledger_dir,
+        n_kind=n_kind,
+        new_id=lambda: f"S15-S7-{rng.getrandbits(64):016x}",
+        marker_dir=run.ledger_dir.parent,
+    )
+    try:
+        before = [m for m in CLASS_MODULES if m in sys.modules]
+        jobs = workload.good_jobs(h.profile.n(1000), rng)
+        workload.send(interleaved(workload.plan, jobs, rng))
+        unroutable = workload.unroutable(n_kind)
+        oversized = workload.oversized(n_kind)
+        spec = run.app.queue(run.queue)
+        dead_spec = dead_letter_spec(spec)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            counts = run.app.transport.message_counts([spec, dead_spec])
+            done = {e.id for e in _events(run.ledger_dir) if e.kind == "done"}
+            settled = not counts[spec.name] and counts[dead_spec.name] >= len(workload.plan)
+            if settled and set(workload.good) <= done:
+                break
+            time.sleep(0.1)
+        run.extra["dlq"] = workload.record_dead_letters(run.ledger)
+        events = _events(run.ledger_dir)
+        workload.judge(
+            run,
+            events,
+            classify(events),
+            unroutable=unroutable,
+            oversized=oversized,
+            expect_unroutable=False,
+        )
+        run.extra["unroutable_note"] = (
+            "memory:// has no mandatory routing: delay() to a queue deleted behind the "
+            "app's back returns (reported, not a criterion; RabbitMQ raises Unroutable)."
+        )
+        after = [m for m in CLASS_MODULES if m in sys.modules]
+        run.check(
+            "class_not_imported",
+            not before and not after,
+            {"before": before, "after": after},
+            f"{', '.join(CLASS_MODULES)} never imported (named by b and h)",
+        )
+    finally:
+        workload.close()
+
+
+def _events(ledger_dir: Path) -> list[Event]:
+    events, _ = read_ledger(ledger_dir)
+    return events
