@@ -86,7 +86,13 @@ class Worker:
             raise ConfigurationError("concurrency must be at least 1.")
         # Refuse what would misbehave (idle threads, options the broker cannot
         # honour, retries it cannot hold) before any message moves.
-        check_app(app, self.queues, concurrency=self.concurrency, prefetch=self.prefetch)
+        check_app(
+            app,
+            self.queues,
+            concurrency=self.concurrency,
+            prefetch=self.prefetch,
+            shutdown_timeout=self.shutdown_timeout,
+        )
         #: Most deliveries per queue before a message is dead-lettered unrun (None: no limit).
         self.delivery_limits = {q: app.delivery_limit(q) for q in self.queues}
         self.collect_errors = collect_errors

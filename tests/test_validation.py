@@ -76,6 +76,13 @@ def test_a_visibility_timeout_a_running_task_can_outlast_is_refused() -> None:
     App("t", broker=KOMBU_REDIS).check()  # kombu's default: an hour
 
 
+def test_a_worker_checks_the_visibility_timeout_against_its_own_shutdown_timeout() -> None:
+    app = App("t", broker=KOMBU_REDIS, transport_options={"visibility_timeout": 45})
+    with pytest.raises(ConfigurationError, match="shutdown_timeout is 60 s"):
+        Worker(app, shutdown_timeout=60)  # mqtasks worker --shutdown-timeout 60
+    Worker(app, shutdown_timeout=20)
+
+
 @pytest.mark.parametrize("bad", [0, -5, "600", True, float("nan")])
 def test_a_visibility_timeout_that_is_not_positive_seconds_is_refused(bad: object) -> None:
     app = App("t", broker=KOMBU_REDIS, transport_options={"visibility_timeout": bad})
