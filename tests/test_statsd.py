@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import structlog
@@ -235,3 +239,38 @@ def test_in_flight_gauge_counts_running_tasks(statsd_server: StatsdServer) -> No
     finally:
         gate.set()
         reset(app)
+
+
+PRODUCER = """
+import sys
+
+from mqtasks import App
+
+app = App("producer", broker="memory://")
+
+
+@app.task
+def noop(i: int) -> None: ...
+
+
+for i in range(int(sys.argv[1])):
+    noop.delay(i)
+"""
+
+
+@pytest.mark.parametrize("n", [55, 2000])
+def test_a_producer_that_exits_sends_its_last_published_counters(
+    statsd_server: StatsdServer, tmp_path: Path, n: int
+) -> None:
+    """What is still buffered at exit goes out before the socket closes, never through a closed one."""
+    script = tmp_path / "producer.py"
+    script.write_text(PRODUCER)
+    env = {**os.environ, "MQTASKS_STATSD_URL": statsd_server.url}
+    done = subprocess.run(
+        [sys.executable, str(script), str(n)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    stat = "mqtasks.task.published.producer_noop"
+    statsd_server.wait_for(lambda: statsd_server.count(stat) >= n, f"{n} published counts")
+    assert statsd_server.count(stat) == n
+    assert "statsd.send_failed" not in done.stdout + done.stderr

@@ -132,8 +132,11 @@ class _UdpClient(statsd.StatsClient):  # type: ignore[misc]  # statsd is untyped
 
     def _send(self, data: str) -> None:
         # statsd's own _send drops errors silently; this one reports them (rate-limited).
+        sock = self._sock
+        if sock is None:  # closed; a stat added to its buffer afterwards is dropped
+            return
         try:
-            self._sock.sendto(data.encode("ascii"), self._addr)
+            sock.sendto(data.encode("ascii"), self._addr)
         except Exception as exc:
             self._errors(exc)
 
@@ -183,9 +186,13 @@ class StatsdMetrics(Middleware):
         self._sample_errors = _ErrorLog("statsd.gauge_sample_failed")
         self._client: _UdpClient | None = None
         self._buffer: Any = None
+        self._closer: weakref.finalize[Any, Any] | None = None
         self._stop = threading.Event()
         self._resolved_at = -ERROR_LOG_INTERVAL
         self._lock = threading.Lock()
+        # Held while the buffer is sent and while the client is closed, so that
+        # nothing is ever sent through a closed socket.
+        self._send_lock = threading.Lock()
         self._local = threading.local()
         self._names: dict[str, str] = {}
         self._samplers: dict[int, threading.Event] = {}
@@ -213,7 +220,11 @@ class StatsdMetrics(Middleware):
         # Resolving the host can fail (or name a host that is gone); try again
         # at most once per ERROR_LOG_INTERVAL, dropping stats meanwhile.
         with self._lock:
-            if self._client is None and time.monotonic() - self._resolved_at >= ERROR_LOG_INTERVAL:
+            if (
+                self._client is None
+                and not _exiting.is_set()
+                and time.monotonic() - self._resolved_at >= ERROR_LOG_INTERVAL
+            ):
                 self._resolved_at = time.monotonic()
                 try:
                     client = _UdpClient(
@@ -222,9 +233,15 @@ class StatsdMetrics(Middleware):
                 except OSError as exc:
                     self._send_errors(exc, host=self.host, port=self.port)
                 else:
-                    # Close the socket when this middleware is dropped (apps are seldom closed).
-                    weakref.finalize(self, client.close)
-                    self._client, self._buffer = client, client.pipeline()
+                    buffer = client.pipeline()
+                    # Send what is left and close the socket when this middleware
+                    # is dropped (apps are seldom closed). Not at exit: weakref's
+                    # exit hook runs before _close_all (atexit runs the last
+                    # registered first) and would close the socket before the
+                    # final send; _close_all sends, then closes.
+                    closer = weakref.finalize(self, _send_and_close, buffer, client)
+                    closer.atexit = False
+                    self._client, self._buffer, self._closer = client, buffer, closer
                     self._stop = stop = threading.Event()
                     threading.Thread(
                         target=_flush_loop,
@@ -236,22 +253,27 @@ class StatsdMetrics(Middleware):
 
     def flush(self) -> None:
         """Send the buffered stats now (the background thread does it every ``flush_interval``)."""
-        buffer = self._buffer
-        if buffer is not None:
-            try:
-                buffer.send()
-            except Exception as exc:  # sending must never raise
-                self._send_errors(exc)
+        with self._send_lock:
+            buffer = self._buffer  # None once closed: its client is closed too
+            if buffer is not None:
+                try:
+                    buffer.send()
+                except Exception as exc:  # sending must never raise
+                    self._send_errors(exc)
 
     def close(self) -> None:
         """Send what is buffered and close the UDP socket; later stats open a new one."""
-        self.flush()
-        with self._lock:
-            client, self._client, self._buffer = self._client, None, None
-            self._resolved_at = -ERROR_LOG_INTERVAL
-            self._stop.set()
-        if client is not None:
-            client.close()
+        with self._send_lock:
+            with self._lock:
+                client, buffer, closer = self._client, self._buffer, self._closer
+                self._client = self._buffer = self._closer = None
+                self._resolved_at = -ERROR_LOG_INTERVAL
+                self._stop.set()
+            if closer is not None:
+                # Not closer(): weakref ignores finalizers once its exit hook has run.
+                closer.detach()
+            if client is not None:
+                _send_and_close(buffer, client)
 
     @property
     def client(self) -> Any:
@@ -424,7 +446,7 @@ class StatsdMetrics(Middleware):
                 pipe.gauge(stat, counts[spec.name])
 
 
-#: Every StatsdMetrics alive, flushed once more when the interpreter exits.
+#: Every StatsdMetrics alive, flushed and closed when the interpreter exits.
 _LIVE: weakref.WeakSet[StatsdMetrics] = weakref.WeakSet()
 
 
@@ -438,7 +460,23 @@ def _flush_loop(ref: weakref.ref[StatsdMetrics], interval: float, stop: threadin
         del metrics
 
 
+#: Set once the interpreter exits: stats after that are dropped, no socket is opened again.
+_exiting = threading.Event()
+
+
+def _send_and_close(buffer: Any, client: _UdpClient) -> None:
+    """Send what ``buffer`` holds through ``client``, then close ``client``."""
+    try:
+        buffer.send()
+    except Exception as exc:  # sending must never raise
+        client._errors(exc)
+    client.close()
+
+
 @atexit.register
-def _flush_all() -> None:
+def _close_all() -> None:
+    # A producer's last stats (its final task.published counts) are still in the
+    # buffer when it exits: send them, then close each socket, in that order.
+    _exiting.set()
     for metrics in list(_LIVE):
-        metrics.flush()
+        metrics.close()
