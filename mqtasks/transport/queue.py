@@ -29,7 +29,11 @@ class QueueSpec:
             (``x-max-priority``). Redis always orders priorities 0 to 9 (higher
             first, as on RabbitMQ; larger values count as 9); memory ignores them.
         message_ttl: Seconds a message may wait in the queue before the broker drops it.
-        max_length: Most ready messages the queue holds.
+        max_length: Most ready messages the queue holds (unacknowledged ones do
+            not count). A RabbitMQ classic queue holds exactly this many; a
+            quorum queue with ``reject-publish`` takes at least one more (as
+            many more as are in flight when it fills) before it refuses
+            publishes, as RabbitMQ documents.
         overflow: What happens past ``max_length``.
         delivery_limit: Most deliveries of a message that keeps coming back (its
             worker crashed, was killed, lost its connection): when it arrives once

@@ -96,6 +96,49 @@ def test_queue_arguments_reach_rabbitmq(amqp_url, make_app, queue_name) -> None:
     assert app.transport.message_counts([app.queue(name)]) == {name: 2}
 
 
+def test_a_full_quorum_queue_takes_one_more_then_refuses_every_publish(
+    amqp_url, make_app, queue_name
+) -> None:
+    """What RabbitMQ promises for a quorum queue with ``reject-publish``: the
+    limit is not enforced strictly. The queue takes every message up to
+    ``max_length`` and then at least one more; only once it is over the limit
+    does it tell each publishing channel to refuse, and from then on every
+    publish is nacked while it stays full. How far past the limit it goes
+    depends on the messages in flight when it fills (one here: each
+    ``delay()`` waits for its confirm), a small number that RabbitMQ does not
+    bound. A classic queue holds exactly ``max_length`` (the test above)."""
+    limit = 3
+    name = queue_name("bounded")
+    app = make_app(
+        amqp_url,
+        queues=[QueueSpec(name, queue_type="quorum", max_length=limit, overflow="reject-publish")],
+    )
+
+    @app.task(queue=name)
+    def job() -> None: ...
+
+    # Given a quorum queue filled to its limit, plus the one it always lets past
+    for _ in range(limit + 1):
+        job.delay()
+    # When publishing goes on, one message at a time
+    accepted = limit + 1
+    refused = False
+    while not refused and accepted < limit + 20:  # the test's patience, not a promise
+        try:
+            job.delay()
+        except PublishNacked:
+            refused = True
+        else:
+            accepted += 1
+    # Then the queue refuses, loudly, and keeps refusing while it is full
+    assert refused, f"{accepted} messages taken, no refusal"
+    for _ in range(3):
+        with pytest.raises(PublishNacked, match="NOT enqueued"):
+            job.delay()
+    # And every accepted message is there; no refused one is
+    assert app.transport.message_counts([app.queue(name)]) == {name: accepted}
+
+
 @pytest.mark.parametrize("kind", ["amqp", "redis"])
 def test_publishing_reuses_pooled_connections(kind: str, make_app) -> None:
     from tests.conftest import require_broker
