@@ -1,4 +1,9 @@
-"""``package.module:attribute`` lookup, used by ``worker -A``."""
+"""``package.module:attribute`` lookup, for the ``-A`` option of every ``mqtasks`` command.
+
+Kept apart from the command line so that the lookup and its errors (a
+:class:`~mqtasks.exceptions.ConfigurationError` saying what was not found)
+need no click.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Shared type aliases and Protocols."""
+"""The type aliases every layer shares, and the one place a duration becomes seconds.
+
+Headers and durations cross every layer (the transport, messages, tasks, the
+worker); naming them here keeps one meaning for each, and ``to_seconds``
+normalises a ``timedelta`` once, at the edge. A leaf module: any layer may
+import it.
+"""
 
 from __future__ import annotations
 
