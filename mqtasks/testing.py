@@ -1,25 +1,41 @@
-"""Helpers for testing tasks: an app on ``memory://``, a worker in a thread, ``drain()``.
+"""Helpers for testing tasks: an app on ``memory://`` or on fakeredis, a worker in a
+thread, ``drain()``.
 
 Also a pytest plugin (registered as ``mqtasks``) providing the fixtures
-``mqtasks_app`` and ``mqtasks_worker``::
+``mqtasks_app`` and ``mqtasks_worker``, and ``mqtasks_fake_redis_app`` and
+``mqtasks_fake_redis_worker`` for the real ``redis://`` transport on an
+in-process fakeredis server (``pip install 'mqtasks[testing]'``)::
 
     def test_add(mqtasks_app, mqtasks_worker):
         add.delay(2, 3)
         drain(mqtasks_worker)        # re-raises the task's exception, if any
+
+fakeredis is imported here only, when a fakeredis app is asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .app import App
-from .transport.memory import MemoryTransport
+from .exceptions import ConfigurationError
 from .worker import Worker
 
-__all__ = ["drain", "memory_app", "reset", "running_worker"]
+if TYPE_CHECKING:
+    import fakeredis
+
+__all__ = ["FAKE_REDIS_URL", "drain", "fake_redis_app", "memory_app", "reset", "running_worker"]
+
+#: The broker URL of :func:`fake_redis_app`'s apps; its host only names the fake in logs.
+FAKE_REDIS_URL = "redis://fakeredis/0"
+
+#: How often a consumer on fakeredis looks for new and due messages: it polls, as its
+#: connections have no socket to wait on, so a short interval keeps tests quick.
+_FAKE_REDIS_POLL_INTERVAL = 0.02
 
 
 def memory_app(name: str = "test", **overrides: Any) -> App:
@@ -28,10 +44,64 @@ def memory_app(name: str = "test", **overrides: Any) -> App:
     return App(name, **overrides)
 
 
+def fake_redis_app(
+    name: str = "test", *, server: fakeredis.FakeServer | None = None, **overrides: Any
+) -> App:
+    """Return an app on the real ``redis://`` transport, talking to an in-process
+    fakeredis server instead of a Redis: its Lua scripts, delayed sorted sets and
+    dead-letter lists run as on Redis, with no server to start.
+
+    Each call gets a server of its own unless ``server`` is given: pass the same
+    ``fakeredis.FakeServer`` to apps that share queues. ``app.transport.publisher()``
+    is a redis-py client of the app's server, to read its keys.
+
+    Args:
+        name: The app's name.
+        server: The fakeredis server to talk to; a new one by default.
+        overrides: :class:`~mqtasks.App` arguments. ``transport_options`` are
+            kept, with ``connection_class`` set to fakeredis' (and
+            ``delay_poll_interval`` 0.02 s unless given).
+
+    Raises:
+        ConfigurationError: fakeredis or lupa (its Lua engine) is not installed.
+        TypeError: ``broker`` is given: the fake is always ``redis://``.
+    """
+    if "broker" in overrides:
+        raise TypeError("fake_redis_app() sets the broker itself; drop broker=.")
+    options = dict(overrides.pop("transport_options", None) or {})
+    options["connection_class"] = _fake_connection_class(server)
+    options.setdefault("delay_poll_interval", _FAKE_REDIS_POLL_INTERVAL)
+    return App(name, broker=FAKE_REDIS_URL, transport_options=options, **overrides)
+
+
+def _fake_connection_class(server: fakeredis.FakeServer | None) -> type[Any]:
+    """A fakeredis connection class bound to ``server`` (a new one if None)."""
+    try:
+        import fakeredis
+    except ImportError as exc:
+        raise ConfigurationError(
+            "fake_redis_app() needs fakeredis with Lua: pip install 'mqtasks[testing]'."
+        ) from exc
+    if importlib.util.find_spec("lupa") is None:
+        raise ConfigurationError(
+            "fake_redis_app() needs lupa to run the transport's Lua scripts on fakeredis: "
+            "pip install 'mqtasks[testing]' (or 'fakeredis[lua]')."
+        )
+    bound = fakeredis.FakeServer() if server is None else server
+
+    class BoundFakeRedisConnection(fakeredis.FakeRedisConnection):
+        """Every connection of one app talks to the same fake server."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(server=bound, **kwargs)
+
+    return BoundFakeRedisConnection
+
+
 def reset(app: App) -> None:
     """Empty the app's memory broker (no-op for other transports) and close its connections."""
     transport = app._transport
-    if isinstance(transport, MemoryTransport):
+    if transport is not None and transport.capabilities.in_process:
         transport.reset()
     app.close()
 
@@ -115,4 +185,17 @@ else:
         ``queues``): the worker consumes the queues known when it starts.
         """
         with running_worker(mqtasks_app) as worker:
+            yield worker
+
+    @pytest.fixture
+    def mqtasks_fake_redis_app() -> Iterator[App]:
+        """A fresh app on the ``redis://`` transport and a fakeredis server of its own."""
+        app = fake_redis_app()
+        yield app
+        reset(app)
+
+    @pytest.fixture
+    def mqtasks_fake_redis_worker(mqtasks_fake_redis_app: App) -> Iterator[Worker]:
+        """A worker on ``mqtasks_fake_redis_app``, as ``mqtasks_worker`` is on ``mqtasks_app``."""
+        with running_worker(mqtasks_fake_redis_app) as worker:
             yield worker
