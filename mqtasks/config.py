@@ -65,7 +65,7 @@ class Settings:
     #: Most deliveries of a message whose task keeps killing its worker: past it the
     #: worker dead-letters the message (reason ``delivery_limit``) instead of running
     #: it again. For queues whose ``QueueSpec`` sets none; ``0`` or ``None``: no limit.
-    #: Counted on ``redis://``, ``memory://`` and RabbitMQ quorum queues.
+    #: Counted on ``redis://``, ``memory://`` and RabbitMQ (quorum and classic queues).
     delivery_limit: int | None = 20
     #: Extra kombu transport options (for example Redis ``visibility_timeout``).
     transport_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))

@@ -149,7 +149,7 @@ def check_app(
       task's later retries would run well after that (the broker holds retry
       delays outside the work queue, so it would not stop them);
     * a queue option the broker cannot honour (``max_priority`` on ``redis://``,
-      ``delivery_limit`` on a classic RabbitMQ queue or ``redis+kombu://`` ...);
+      ``delivery_limit`` on ``redis+kombu://`` ...);
     * on ``redis+kombu://``, a task whose retries wait: kombu's Redis transport
       cannot hold a message for a delay (it would have to stay unacknowledged
       in a worker, and come back as a duplicate after ``visibility_timeout``),

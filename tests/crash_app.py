@@ -2,7 +2,8 @@
 
 Configured from the environment, so each test gives its worker a queue of its own:
 
-- ``MQTASKS_BROKER_URL``, ``MQTASKS_DELIVERY_LIMIT`` (read by :class:`mqtasks.config.Settings`).
+- ``MQTASKS_BROKER_URL``, ``MQTASKS_DELIVERY_LIMIT``, ``MQTASKS_QUEUE_TYPE`` (read by
+  :class:`mqtasks.config.Settings`).
 - ``CRASH_TEST_QUEUE``: the queue the tasks publish to and the worker consumes.
 - ``CRASH_TEST_RECORD``: a file that gets one line per event, ``event tag pid``,
   each written with one ``O_APPEND`` write (shared by the test and every worker).
@@ -69,14 +70,18 @@ def make_app(
     broker: str | None = None,
     queue: str | None = None,
     transport_options: Mapping[str, Any] | None = None,
+    queue_type: str | None = None,
 ) -> App:
-    """Build the test app: :data:`KILL`, :data:`PING` and :data:`FLAKY` on ``queue``."""
+    """Build the test app: :data:`KILL`, :data:`PING` and :data:`FLAKY` on ``queue``
+    (of ``queue_type`` on RabbitMQ; the worker reads ``MQTASKS_QUEUE_TYPE``)."""
+    overrides: dict[str, Any] = {} if queue_type is None else {"queue_type": queue_type}
     app = App(
         "crash_test",
         broker=broker,
         default_queue=queue or os.environ.get("CRASH_TEST_QUEUE") or "mqt-crash-test",
         publish_timeout=5.0,
         transport_options=dict(transport_options or {}),
+        **overrides,
     )
     app.middleware.append(AttemptRecorder())
 

@@ -139,12 +139,15 @@ def test_queue_options_the_broker_cannot_honour_are_reported_with_the_rest() -> 
     lines = str(caught.value).splitlines()
     assert len(lines) == 2  # the idle threads and the TTL; memory:// counts deliveries
     assert "prefetch (1)" in lines[0] and "'short'" in lines[1] and "message_ttl" in lines[1]
+    kombu_redis = App("t", broker=KOMBU_REDIS)
+    kombu_redis.add_queue(QueueSpec("crashy", delivery_limit=3))
+    with pytest.raises(ConfigurationError, match="'crashy': redis\\+kombu:// does not count"):
+        check_app(kombu_redis, ["crashy"])
+    kombu_redis.add_queue(QueueSpec("crashy", delivery_limit=0))  # off: nothing to count
+    check_app(kombu_redis, ["crashy"])
     classic = App("t", broker="amqp://127.0.0.1:1//", queue_type="classic")
     classic.add_queue(QueueSpec("crashy", delivery_limit=3))
-    with pytest.raises(ConfigurationError, match="'crashy': delivery_limit needs queue_type"):
-        check_app(classic, ["crashy"])
-    classic.add_queue(QueueSpec("crashy", delivery_limit=0))  # off: nothing to count
-    check_app(classic, ["crashy"])
+    check_app(classic, ["crashy"])  # the worker counts deliveries on classic queues
 
 
 # -- the retry schedule's upper bound ----------------------------------------------------

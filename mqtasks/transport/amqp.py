@@ -22,7 +22,8 @@ from kombu.transport import pyamqp
 from .._url import mask_url, redact
 from ..exceptions import ConfigurationError, PublishError, PublishNacked, Unroutable
 from ._guard import GuardedAmqpMessage, guarded_frame_handler
-from .base import DLQ_SUFFIX, Capabilities, Consumer, QueueSpec, QueueStats
+from .base import DLQ_SUFFIX, Capabilities, Consumer, Delivery, QueueSpec, QueueStats
+from .delivery_count import RedeliveryCounter, counted_returns
 from .envelope import Envelope
 from .errors import is_not_found, translate_errors
 from .kombu import KombuTransport, deadline_errback
@@ -710,6 +711,43 @@ class AmqpConsumer(KombuConsumer):
         #: Delivery tags received on the current channel and not settled yet.
         self._unsettled: set[int] = set()
         self._next_heartbeat = 0.0
+        # Classic queues only flag a redelivery; their deliveries are counted here.
+        default = self.transport.queue_type
+        classic = [s for s in self.specs if (s.queue_type or default) == "classic"]
+        self._counter = RedeliveryCounter(self.transport, classic)
+        self._hand_on: Callable[[Delivery], None] | None = None
+
+    def start(self, on_delivery: Callable[[Delivery], None]) -> None:
+        self._hand_on = on_delivery
+        super().start(self._count if self._counter.queues else on_delivery)
+
+    def _count(self, delivery: Delivery) -> None:
+        assert self._hand_on is not None
+        if self._counter.receive(delivery):
+            self._hand_on(delivery)
+
+    def _recount(self) -> None:
+        """Count the redeliveries held back by :meth:`_count`: republish each with its
+        count raised, then ack it (see :mod:`~mqtasks.transport.delivery_count`).
+
+        Runs after a read, not inside the frame callback that delivered them, so
+        an ack that finds the connection gone reconnects between reads. After one
+        failed publish the rest go on with the count they have at least, so a
+        broker that does not answer holds the I/O thread for one publish
+        timeout, not one per message.
+        """
+        assert self._hand_on is not None
+        pending, self._counter.pending = self._counter.pending, []
+        failed = False
+        for delivery, copy in pending:
+            if delivery.generation != self.generation:
+                continue  # its connection is gone: the broker has it back
+            if not failed and self._counter.republish(delivery, copy):
+                self.ack(delivery)
+                continue
+            failed = True
+            delivery.delivery_count = counted_returns(copy.headers) + 1
+            self._hand_on(delivery)
 
     def _receive(self, raw: Any) -> None:
         self._unsettled.add(raw.delivery_tag)
@@ -717,6 +755,7 @@ class AmqpConsumer(KombuConsumer):
 
     def _connect(self, max_retries: int | None) -> None:
         self._unsettled = set()
+        self._counter.pending.clear()
         super()._connect(max_retries)
         sock = self._socket()
         if sock is not None:
@@ -801,7 +840,14 @@ class AmqpConsumer(KombuConsumer):
         except self.connection_errors as exc:
             self._lost(exc)
             return
+        if self._counter.pending:
+            self._recount()
         self.heartbeat_check()
+
+    def drain(self, timeout: float) -> None:
+        super().drain(timeout)
+        if self._counter.pending:
+            self._recount()
 
     def heartbeat_check(self) -> None:
         """Check heartbeats at most four times per heartbeat interval (at most once a second).
@@ -1273,12 +1319,9 @@ class AmqpTransport(KombuTransport):
                 )
         elif spec.max_priority is not None:
             args["x-max-priority"] = spec.max_priority
-        if spec.delivery_limit is not None:
-            if queue_type != "quorum":
-                raise ConfigurationError(
-                    f"Queue {spec.name!r}: delivery_limit needs queue_type='quorum' "
-                    "(RabbitMQ counts deliveries only on quorum queues)."
-                )
+        if spec.delivery_limit is not None and queue_type == "quorum":
+            # Classic queues take no x-delivery-limit: their consumers count
+            # deliveries themselves (AmqpConsumer, transport.delivery_count).
             args["x-delivery-limit"] = spec.delivery_limit
         if spec.message_ttl is not None:
             args["x-message-ttl"] = int(spec.message_ttl * 1000)

@@ -40,10 +40,11 @@ class QueueSpec:
             more, the worker dead-letters it with reason ``delivery_limit``
             instead of running it. ``None`` takes the app's
             :attr:`~mqtasks.config.Settings.delivery_limit`; ``0`` turns the
-            limit off for this queue. Counted by ``redis://``, ``memory://`` and
+            limit off for this queue. Counted by ``redis://``, ``memory://``,
             RabbitMQ quorum queues (which also get ``x-delivery-limit``, so the
-            broker dead-letters it itself if no worker does); other queues refuse
-            an explicit limit with a ConfigurationError.
+            broker dead-letters it itself if no worker does) and, by the worker,
+            RabbitMQ classic queues; ``redis+kombu://`` refuses an explicit
+            limit with a ConfigurationError.
     """
 
     name: str

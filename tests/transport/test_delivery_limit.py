@@ -20,12 +20,15 @@ from typing import Any
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
-from mqtasks import App, ConfigurationError, QueueSpec, Settings
+from mqtasks import App, ConfigurationError, PublishNacked, QueueSpec, Settings
 from mqtasks.dlq import list_dead_letters
 from mqtasks.testing import running_worker
 from mqtasks.transport import resolve
-from mqtasks.transport.base import Delivery, broker_spec
+from mqtasks.transport.base import Delivery, Transport, broker_spec
+from mqtasks.transport.delivery_count import HEADER_DELIVERY_COUNT, counted_returns
+from mqtasks.transport.envelope import Envelope
 from mqtasks.transport.memory import MemoryTransport
 from mqtasks.transport.redis_reliable import ReliableRedisDelivery, encode_element
 from mqtasks.worker import Worker
@@ -63,11 +66,21 @@ def test_brokers_that_do_not_count_deliveries_say_so(url: str) -> None:
         resolve(url).queue_arguments(QueueSpec("q", delivery_limit=3))
 
 
-def test_classic_rabbitmq_queues_do_not_count_deliveries() -> None:
-    with pytest.raises(ConfigurationError, match="queue_type='quorum'"):
-        resolve("amqp://127.0.0.1//").queue_arguments(
-            QueueSpec("q", queue_type="classic", delivery_limit=3)
-        )
+def test_classic_rabbitmq_queues_take_a_limit_their_consumers_count() -> None:
+    """RabbitMQ has no x-delivery-limit for classic queues: mqtasks counts there."""
+    args = resolve("amqp://127.0.0.1//").queue_arguments(
+        QueueSpec("q", queue_type="classic", delivery_limit=3)
+    )
+    assert "x-delivery-limit" not in args
+
+
+@pytest.mark.parametrize(
+    ("value", "returns"),
+    [(None, 0), (0, 0), (3, 3), (10_000, 10_000), (10_001, 0), (-1, 0), (True, 0), ("3", 0)],
+)
+def test_only_a_whole_count_within_bounds_is_read_from_the_header(value: Any, returns: int) -> None:
+    headers = {} if value is None else {HEADER_DELIVERY_COUNT: value}
+    assert counted_returns(headers) == returns
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "memory://"])
@@ -202,6 +215,82 @@ def test_memory_worker_dead_letters_a_message_after_its_limit_and_keeps_working(
     assert entry.headers["mqtasks-death-queue"] == name
 
 
+def _deliver_one(transport: Transport, spec: QueueSpec) -> tuple[Any, Delivery]:
+    """Start a consumer of ``spec`` and return it with the first delivery it hands on."""
+    got: list[Delivery] = []
+    consumer = transport.consumer([spec], prefetch=1)
+    consumer.start(got.append)
+    wait_until(lambda: consumer.drain(0.05) or got, "a delivery")  # type: ignore[func-returns-value]
+    return consumer, got[0]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_rabbitmq_counts_every_return_on_quorum_and_classic_queues(
+    amqp_url: str, make_app: Callable[..., App], queue_name: Callable[[str], str], queue_type: Any
+) -> None:
+    """A quorum queue counts in x-delivery-count; on a classic queue, which only
+    flags a redelivery, the consumer republishes it with its count raised."""
+    name = queue_name("counted")
+    app = make_app(amqp_url, queues=[QueueSpec(name, queue_type=queue_type)])
+
+    @app.task(queue=name)
+    def job() -> None: ...
+
+    handle = job.delay()
+    counts: list[int | None] = []
+    for settle in ("requeue", "close", "close", "ack"):
+        consumer, delivery = _deliver_one(app.transport, app.queue(name))
+        counts.append(delivery.delivery_count)
+        assert delivery.message_id == handle.id
+        assert HEADER_DELIVERY_COUNT not in delivery.headers  # never seen past the transport
+        consumer.cancel()  # so that a requeued message goes to the next consumer
+        if settle == "requeue":
+            consumer.requeue(delivery)
+        elif settle == "ack":
+            consumer.ack(delivery)
+        consumer.close()  # hands back what is held: counted
+    assert counts == [1, 2, 3, 4]
+    assert app.transport.message_counts([app.queue(name)]) == {name: 0}
+
+
+@pytest.mark.integration
+def test_a_recount_the_broker_refuses_hands_the_message_on_with_its_count_so_far(
+    amqp_url: str,
+    make_app: Callable[..., App],
+    queue_name: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = queue_name("counted")
+    app = make_app(amqp_url, queues=[QueueSpec(name, queue_type="classic")])
+
+    @app.task(queue=name)
+    def job() -> None: ...
+
+    job.delay()
+    transport = app.transport
+    consumer, delivery = _deliver_one(transport, app.queue(name))
+    consumer.close()  # returned once
+    # Given the copy that records the return cannot be published (a full queue)
+    refused: list[Envelope] = []
+
+    def refuse(queue: str, envelope: Envelope, **kwargs: Any) -> None:
+        refused.append(envelope)
+        raise PublishNacked("NOT enqueued: the broker refused it", task_id=envelope.message_id)
+
+    monkeypatch.setattr(transport, "publish", refuse)
+    with capture_logs() as logs:
+        consumer, delivery = _deliver_one(transport, app.queue(name))
+    # Then the message still runs, with the count it has at least, and says so
+    assert delivery.delivery_count == 2 and delivery.redelivered
+    assert [e.headers[HEADER_DELIVERY_COUNT] for e in refused] == [1]
+    [event] = [e for e in logs if e["event"] == "delivery.count_failed"]
+    assert event["delivery_count"] == 2 and "PublishNacked" in event["error"]
+    consumer.ack(delivery)
+    consumer.close()
+    assert transport.message_counts([app.queue(name)]) == {name: 0}
+
+
 # -- real worker processes that kill themselves ----------------------------------
 
 
@@ -262,8 +351,11 @@ class Crash:
     """One broker, queue, record file and publishing app for a worker subprocess."""
 
     def __init__(self, kind: str, tmp_path: Path) -> None:
+        # "amqp-classic": RabbitMQ with classic queues (MQTASKS_QUEUE_TYPE).
+        kind, _, queue_type = kind.partition("-")
         self.kind = kind
         self.url = require_broker(kind)
+        self.queue_type = queue_type or None
         self.queue = unique_name("crash")
         self.record = tmp_path / "record"
         self.tmp_path = tmp_path
@@ -275,12 +367,14 @@ class Crash:
                 "liveness_ttl": 1.0,
                 "sweep_interval": 0.25,
             }
-        self.app = crash_app.make_app(self.url, self.queue, self.options)
+        self.app = crash_app.make_app(self.url, self.queue, self.options, self.queue_type)
         self.workers: list[CliWorker] = []
 
     def start(self, *args: str, **env: str) -> CliWorker:
         n = len(self.workers)
         stderr, stdout = self.tmp_path / f"worker-{n}.err", self.tmp_path / f"worker-{n}.out"
+        if self.queue_type is not None:
+            env = {"MQTASKS_QUEUE_TYPE": self.queue_type, **env}
         environ = clean_env(
             MQTASKS_BROKER_URL=self.url,
             CRASH_TEST_QUEUE=self.queue,
@@ -320,7 +414,7 @@ class Crash:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["amqp", "redis"])
+@pytest.mark.parametrize("kind", ["amqp", "amqp-classic", "redis"])
 def test_a_task_that_kills_its_worker_is_dead_lettered_after_the_limit(
     kind: str, crash: Callable[[str], Crash]
 ) -> None:
