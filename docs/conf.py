@@ -77,7 +77,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     # Standard library: collections.abc.Mapping, datetime.timedelta, typing.ParamSpec
     # (Sphinx also renders ``*args: P.args`` as a reference to "typing.~P").
-    (r"py:(class|obj)", r"(collections\.abc|datetime|typing)\..+"),
+    (r"py:(class|obj)", r"(collections\.abc|contextlib|datetime|typing)\..+"),
     # kombu objects the transports wrap or subclass (Connection, Queue, Message, ...).
     (r"py:(class|obj)", r"kombu\..+"),
     # redis-py clients the redis:// transport returns (redis.Redis).

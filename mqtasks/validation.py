@@ -21,7 +21,6 @@ import tenacity
 from .exceptions import ConfigurationError
 from .retry import RetryPolicy
 from .transport.base import broker_spec
-from .transport.redis import RedisTransport
 
 if TYPE_CHECKING:
     from .app import App
@@ -207,7 +206,8 @@ def check_app(
                 "in all, so its last retries would run work older than the queue's TTL allows. "
                 "Raise message_ttl, or shorten the schedule (max_retries, retry_backoff)."
             )
-    if isinstance(transport, RedisTransport):
+    if transport is not None and transport.capabilities.visibility_timeout:
+        # Checked here, not in the transport: a worker reports every problem at once.
         option = settings.transport_options.get("visibility_timeout", KOMBU_VISIBILITY_TIMEOUT)
         held = settings.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         problems.extend(_visibility_problems(option, held, transport.schemes[0]))

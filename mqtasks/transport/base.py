@@ -1,7 +1,7 @@
 """The transport interface: opaque bodies, headers and queue names; never tasks.
 
 A :class:`Transport` publishes :class:`~mqtasks.transport.envelope.Envelope`
-objects to queues declared from :class:`QueueSpec` and hands a worker
+objects to queues declared from :class:`~mqtasks.transport.queue.QueueSpec` and hands a worker
 :class:`Delivery` objects through a :class:`Consumer`. It knows nothing of tasks
 or the app, and this module names no broker client: what a transport can do is
 told by its :class:`Capabilities`, which the layers above ask instead of
@@ -53,19 +53,20 @@ class Capabilities:
 
     Attributes:
         delays: Holds a message for a delay (countdowns, retry backoffs) in the broker.
-        priorities: Orders ready messages by :attr:`Envelope.priority`.
-        max_priority: Honours :attr:`QueueSpec.max_priority` as a queue argument.
+        priorities: Orders ready messages by ``Envelope.priority``.
+        max_priority: Honours ``QueueSpec.max_priority`` as a queue argument.
         delivery_count: Counts deliveries of a message, so ``delivery_limit`` holds.
-        max_length: Enforces :attr:`QueueSpec.max_length` and ``overflow``.
-        message_ttl: Enforces :attr:`QueueSpec.message_ttl`.
+        max_length: Enforces ``QueueSpec.max_length`` and ``overflow``.
+        message_ttl: Enforces ``QueueSpec.message_ttl``.
         confirms: The broker confirms each publish and returns unroutable messages.
         dead_letter_browse: Reads a queue without taking its messages (listing dead
             letters leaves them untouched); otherwise a listing takes and requeues them.
         in_process: Lives in this process (``memory://``): :meth:`Transport.reset`
             empties it, and nothing survives the process.
-        visibility_timeout: Seconds after which the broker hands an unacknowledged
-            message to another consumer although its worker is alive; ``None``
-            where the broker waits for the worker (its connection or liveness).
+        visibility_timeout: Hands a message unacknowledged for the
+            ``visibility_timeout`` transport option to another consumer, although
+            its worker may be alive and running it (kombu's Redis transport);
+            otherwise the broker waits for the worker's connection or liveness.
     """
 
     delays: bool = False
@@ -77,7 +78,7 @@ class Capabilities:
     confirms: bool = False
     dead_letter_browse: bool = False
     in_process: bool = False
-    visibility_timeout: float | None = None
+    visibility_timeout: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class Delivery:
 class Consumer:
     """Receives deliveries from queues; every method runs on the thread that drains it.
 
-    After a reconnect, deliveries of an old :attr:`generation` are stale:
+    After a reconnect, deliveries of an old ``generation`` are stale:
     settling them does nothing (the broker has already handed them back).
 
     Args:

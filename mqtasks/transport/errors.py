@@ -1,4 +1,4 @@
-"""One translation of broker client errors into mqtasks' :class:`TransportError` tree.
+"""One translation of broker client errors into mqtasks' :class:`~mqtasks.exceptions.TransportError` tree.
 
 Every transport call that can raise a kombu, py-amqp or redis-py error runs
 inside :func:`translate_errors`, so callers above the transport layer only ever

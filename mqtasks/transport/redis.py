@@ -38,7 +38,7 @@ class RedisTransport(KombuTransport):
 
     schemes: ClassVar[tuple[str, ...]] = ("redis+kombu", "rediss+kombu")
     kombu_transport: Any = KombuRedisTransport
-    capabilities = Capabilities(priorities=True)
+    capabilities = Capabilities(priorities=True, visibility_timeout=True)
 
     def connection(self, *, heartbeat: float = 0) -> Any:
         # kombu reads "redis+kombu://" as transport "redis" plus a URL "kombu://...";
