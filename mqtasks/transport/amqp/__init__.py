@@ -19,15 +19,15 @@ from amqp.exceptions import MessageNacked, RecoverableConnectionError, Unexpecte
 from amqp.serialization import dumps as amqp_dumps
 from kombu.transport import pyamqp
 
-from .._url import mask_url, redact
-from ..exceptions import ConfigurationError, PublishError, PublishNacked, Unroutable
-from ._guard import GuardedAmqpMessage, guarded_frame_handler
-from .base import DLQ_SUFFIX, Capabilities, Consumer, Delivery, QueueSpec, QueueStats
-from .delivery_count import RedeliveryCounter, counted_returns
-from .envelope import Envelope
-from .errors import is_not_found, translate_errors
-from .kombu import KombuTransport, deadline_errback
-from .kombu_consumer import KombuConsumer
+from ..._url import mask_url, redact
+from ...exceptions import ConfigurationError, PublishError, PublishNacked, Unroutable
+from .._guard import GuardedAmqpMessage, guarded_frame_handler
+from ..base import DLQ_SUFFIX, Capabilities, Consumer, Delivery, QueueSpec, QueueStats
+from ..delivery_count import RedeliveryCounter, counted_returns
+from ..envelope import Envelope
+from ..errors import is_not_found, translate_errors
+from ..kombu import KombuTransport, deadline_errback
+from ..kombu_consumer import KombuConsumer
 
 __all__ = ["DEAD_LETTER_EXCHANGE", "DELAY_LEVELS", "AmqpTransport"]
 
