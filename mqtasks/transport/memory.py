@@ -4,6 +4,10 @@ kombu keeps ``memory://`` queues at class level, shared by every connection in
 the process. Each :class:`MemoryTransport` builds its own kombu channel class
 with its own queue table, so two apps (or two tests) never see each other's
 messages, and :meth:`MemoryTransport.reset` empties it.
+
+kombu's memory queues are first in, first out (its channel takes no notice of
+a message's priority); this module's queues hand out higher priorities first,
+as ``redis://`` does, so that code tested here orders its tasks as on a broker.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import queue as queue_module
 import threading
 import time
 import weakref
@@ -65,6 +70,54 @@ class _CountingChannel(kombu_memory.Channel):  # type: ignore[misc]
         kombu_memory.Channel._restore(self, message)
 
 
+#: Highest priority level kept apart, as on ``redis://`` and kombu's virtual
+#: transports: higher priorities count as 9.
+MAX_LEVEL = 9
+
+
+class _PriorityQueue(queue_module.Queue):  # type: ignore[type-arg]
+    """A queue of kombu message payloads, higher priority first (0 to 9, above 9
+    and above the queue's ``max_priority`` counting as those), oldest first
+    among equals. Requeued messages join the end of their level, as kombu's
+    memory queues put them at the end."""
+
+    def __init__(self, name: str, max_priorities: dict[str, int]) -> None:
+        self.name = name
+        self.max_priorities = max_priorities  # the transport's, filled as queues are declared
+        self.order = itertools.count()
+        super().__init__()
+
+    def _init(self, maxsize: int) -> None:
+        self.queue: list[tuple[int, int, Any]] = []  # type: ignore[assignment]
+
+    def _qsize(self) -> int:
+        return len(self.queue)
+
+    def _put(self, item: Any) -> None:
+        priority = (item.get("properties") or {}).get("priority") or 0
+        cap = self.max_priorities.get(self.name, MAX_LEVEL)
+        level = max(0, min(int(priority), cap, MAX_LEVEL))
+        heapq.heappush(self.queue, (-level, next(self.order), item))
+
+    def _get(self) -> Any:
+        return heapq.heappop(self.queue)[2]
+
+
+class _PriorityChannel(kombu_memory.Channel):  # type: ignore[misc]
+    """A memory channel whose queues are :class:`_PriorityQueue` objects."""
+
+    max_priorities: ClassVar[dict[str, int]]
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        self._queue_for(queue)
+
+    def _queue_for(self, queue: str) -> Any:
+        found = self.queues.get(queue)
+        if found is None:
+            found = self.queues.setdefault(queue, _PriorityQueue(queue, self.max_priorities))
+        return found
+
+
 def _copied(read: Any) -> Any:
     # Worker threads may add to what ``read`` copies; try again if they did meanwhile.
     for _ in range(100):
@@ -80,7 +133,9 @@ class MemoryTransport(KombuTransport):
     after a crash. Unacknowledged messages are handed back when a worker stops."""
 
     schemes: ClassVar[tuple[str, ...]] = ("memory",)
-    capabilities = Capabilities(delays=True, delivery_count=True, in_process=True)
+    capabilities = Capabilities(
+        delays=True, priorities=True, max_priority=True, delivery_count=True, in_process=True
+    )
 
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
@@ -90,12 +145,14 @@ class MemoryTransport(KombuTransport):
         self._seq = itertools.count()
         self._scheduler: threading.Thread | None = None
         self._channels: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._max_priorities: dict[str, int] = {}
         channel = type(
             "MemoryChannel",
-            (_CountingChannel, _TrackedChannel),
+            (_CountingChannel, _TrackedChannel, _PriorityChannel),
             {
                 "Message": GuardedVirtualMessage,
                 "open_channels": self._channels,
+                "max_priorities": self._max_priorities,
                 "queues": self._queues,
                 "events": defaultdict(set),
                 # Hand unacked messages back on close, like the real brokers do.
@@ -171,8 +228,13 @@ class MemoryTransport(KombuTransport):
         return options
 
     def queue_arguments(self, spec: QueueSpec) -> dict[str, Any]:
-        """Check ``spec`` (``delivery_limit`` is counted here, in process)."""
+        """Check ``spec`` (``delivery_limit`` is counted here, in process) and
+        remember its ``max_priority``, which caps its messages' priorities."""
         super().queue_arguments(dataclasses.replace(spec, delivery_limit=None))
+        if spec.max_priority is None:
+            self._max_priorities.pop(spec.name, None)
+        else:
+            self._max_priorities[spec.name] = spec.max_priority
         return {}
 
     def delivery_count(self, raw: Any) -> int | None:
@@ -227,5 +289,6 @@ class MemoryTransport(KombuTransport):
                 q.queue.clear()
         self._queues.clear()
         self._declared.clear()
+        self._max_priorities.clear()
         with self._due_ready:
             self._due.clear()

@@ -25,9 +25,13 @@ class QueueSpec:
     Args:
         name: Queue name (also the routing key).
         queue_type: ``quorum`` or ``classic`` (RabbitMQ); ``None`` takes the app's setting.
-        max_priority: Highest message priority honoured: RabbitMQ classic queues
-            (``x-max-priority``). Redis always orders priorities 0 to 9 (higher
-            first, as on RabbitMQ; larger values count as 9); memory ignores them.
+        max_priority: Highest message priority the queue ranks apart; higher
+            ones rank with it, as on RabbitMQ. RabbitMQ honours it on classic
+            queues (``x-max-priority``, up to 255) and orders no priorities on a
+            queue declared without it. ``redis://`` and ``memory://`` order
+            priorities 0 to 9 on every queue (higher first; above 9 counts as
+            9) and cap them at ``max_priority`` when it is lower;
+            ``redis+kombu://`` orders 0 to 9 whatever it says.
         message_ttl: Seconds a message may wait in the queue before the broker drops it.
         max_length: Most ready messages the queue holds (unacknowledged ones do
             not count). A RabbitMQ classic queue holds exactly this many; a

@@ -13,6 +13,8 @@ Layout, all keys under one hash tag (``{mqtasks}`` by default), so every script
 touches a single slot:
 
 * ``{p}:q:<queue>``: ready list; publishers LPUSH, consumers take from the right.
+* ``{p}:q:<queue>#<k>``: ready list of the messages of priority level ``k`` (1
+  to 9; see Priorities), present only while it holds some.
 * ``{p}:proc:<consumer>:<i>``: in flight for one consumer, one list per source queue.
 * ``{p}:alive:<consumer>``: liveness key with a TTL, refreshed by the consumer's I/O loop.
 * ``{p}:consumers``: hash consumer id -> JSON list of its source queue keys.
@@ -37,7 +39,8 @@ clocks do not matter. Every consumer of the queue runs a second script from its
 I/O loop, every ``delay_poll_interval`` (0.1 s, jittered) and exactly when the
 earliest held element falls due (the script returns how long until then, and
 the consumer's ``select()`` sleeps no longer): it moves due elements, earliest
-first, to the tail of the ready list in the same atomic step. Whichever
+first, to the tail of the ready list of their priority level in the same
+atomic step. Whichever
 consumer runs it first moves them; one that dies mid-move loses nothing. A
 short delay never waits behind a long one, and held messages are in Redis
 only: they survive worker restarts and no worker holds them in memory. A queue
@@ -46,7 +49,31 @@ with no consumer keeps its due messages held until one starts.
 Element format: one flag byte (``n`` new, ``r`` redelivered), the number of
 earlier deliveries that ended without a settlement in decimal (absent while
 there are none), a compact JSON object (message id, headers, content type and
-encoding, priority), a newline, then the body bytes unchanged.
+encoding, priority and, only where the queue lowered it, the priority level),
+a newline, then the body bytes unchanged.
+
+Priorities (0 to 9, higher first, as on RabbitMQ; above 9 counts as 9, and
+above a queue's ``max_priority`` as that): a message of priority 0 or none
+goes to the queue's list, exactly as without priorities, and one of level
+``k`` to the list ``#k``. A fetch takes from the highest non-empty level
+first, oldest first within one; a queue with no message at a level fetches as
+if priorities did not exist (one EXISTS more in the script). Consumers block
+in BLMOVE on the queue's own list only, not on ten: the scripts that add to a
+level list (publish, promote, restore, requeue) also move the next message of
+the highest level into the queue's list when it is empty, so a blocked
+consumer gets it at once, and move it back to its level's head when more
+messages arrive (``_redis_scripts``). So the queue's list holds at most one
+message of a higher level, at its consumption end. A message's level is
+written in its element (its priority, or the level a ``max_priority`` lowered
+it to), so a delayed message, a requeued one and one restored from a dead
+consumer go back to their own level; the one processing list per source
+queue stays as it was. A priority publish is one script call (the plain one
+an LPUSH), so a task still costs three commands at most: publish, fetch (or
+the BLMOVE that blocked for it) and the settle-and-fetch call that acks it.
+Among messages that arrive while a consumer is between a fetch and its
+BLMOVE, one may be delivered before a higher one, which then waits for the
+next fetch or at most ``delay_poll_interval`` (every consumer's promote check
+also wakes its queues).
 
 Delivery counts (``delivery_limit``) live in the element itself: the restore
 script, which hands back the messages of a consumer that died or closed
@@ -56,8 +83,7 @@ started keeps its count. So counting costs no command on the fetch, ack or
 dead-letter path, nothing is left to clean up when a message is acked,
 purged or deleted, and two messages with the same id are counted apart.
 
-Not supported here: ``max_priority`` (a priority list per level would need a
-blocking connection per level), ``message_ttl`` and ``max_length``; each is a
+Not supported here: ``message_ttl`` and ``max_length``; each is a
 ConfigurationError. Redis persistence decides durability (``appendonly yes``).
 """
 
@@ -88,7 +114,7 @@ from redis.retry import Retry
 from .._url import mask_url, redact
 from ..exceptions import ConfigurationError, PublishError
 from ._guard import json_depth_exceeds, strip_compression
-from ._redis_scripts import BEAT, DELAY, PROMOTE, RESTORE, SETTLE_FETCH
+from ._redis_scripts import BEAT, DELAY, PROMOTE, PUBLISH, RESTORE, SETTLE_FETCH
 from .base import (
     DLQ_SUFFIX,
     Capabilities,
@@ -130,8 +156,31 @@ _OPTIONS = (
 )
 
 
-def encode_element(envelope: Envelope) -> bytes:
+#: Highest priority level: priorities 0 to 9 are kept apart, higher ones count as 9.
+MAX_LEVEL = 9
+
+
+def priority_level(priority: int | None, max_priority: int | None = None) -> int:
+    """Return the level a message of ``priority`` is queued at, 0 (none) to 9.
+
+    Args:
+        priority: The message's priority; None counts as 0, as on RabbitMQ.
+        max_priority: The queue's ``QueueSpec.max_priority``: higher priorities
+            count as this one, as on RabbitMQ.
+    """
+    if not priority or priority < 0:
+        return 0
+    return min(priority, MAX_LEVEL if max_priority is None else max_priority, MAX_LEVEL)
+
+
+def encode_element(envelope: Envelope, level: int | None = None) -> bytes:
     """Return the list element for ``envelope`` (flag, JSON metadata, newline, body).
+
+    Args:
+        envelope: The message.
+        level: Its priority level, if not the one its priority gives
+            (:func:`priority_level` without a ``max_priority``). Written last,
+            where the Lua scripts read it.
 
     Raises:
         TypeError: A header value is not JSON-serialisable.
@@ -143,6 +192,8 @@ def encode_element(envelope: Envelope) -> bytes:
         "e": envelope.content_encoding,
         "p": envelope.priority,
     }
+    if level is not None and level != priority_level(envelope.priority):
+        meta["l"] = level
     head = json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
     return b"n" + head + b"\n" + envelope.body
 
@@ -655,6 +706,11 @@ def _buffered(conn: Any) -> bool:
     return bool(pending and pending())
 
 
+def _sum_levels(replies: Iterator[Any]) -> int:
+    """Sum the next LLEN replies of a queue's ready lists (see ``_count_ready``)."""
+    return sum(int(next(replies)) for _ in range(MAX_LEVEL + 1))
+
+
 class ReliableRedisTransport(Transport):
     """Redis with atomic fetch-and-record, liveness-based restore and no
     visibility timeout: a long task of a live worker is never delivered twice.
@@ -670,13 +726,24 @@ class ReliableRedisTransport(Transport):
     class, such as fakeredis' for :func:`mqtasks.testing.fake_redis_app`. Its
     consumers poll every ``delay_poll_interval`` instead of blocking in BLMOVE).
 
+    Message priorities 0 to 9 run higher first on every queue, as on RabbitMQ;
+    higher values count as 9, and as the queue's ``max_priority`` when it is
+    lower (a queue's ``max_priority`` is known to the transports that declared
+    or consume the queue; apps declare theirs before publishing).
+
     Redis has no publisher confirms: a publish returns when Redis has executed
     the LPUSH. Messages of the kombu-based ``redis+kombu://`` transport live in other
     keys; drain them before switching.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss")
-    capabilities = Capabilities(delays=True, delivery_count=True, dead_letter_browse=True)
+    capabilities = Capabilities(
+        delays=True,
+        priorities=True,
+        max_priority=True,
+        delivery_count=True,
+        dead_letter_browse=True,
+    )
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -724,14 +791,24 @@ class ReliableRedisTransport(Transport):
         self.redis_url = urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
         self.registry_key = f"{self.key_prefix}:consumers"
         self._publisher: redis.Redis[bytes] | None = None
-        self._delay_script: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._max_priority: dict[str, int] = {}
 
     #: Most delayed messages one consumer moves per queue in one script call.
     promote_batch: ClassVar[int] = 500
 
     def queue_key(self, queue: str) -> str:
-        """The ready list of ``queue``."""
+        """The ready list of ``queue`` (of its messages of priority 0 or none)."""
         return f"{self.key_prefix}:q:{queue}"
+
+    def level_key(self, queue: str, level: int) -> str:
+        """The ready list of ``queue``'s messages of priority ``level`` (``queue_key`` for 0)."""
+        key = self.queue_key(queue)
+        return f"{key}#{level}" if level else key
+
+    def ready_keys(self, queue: str) -> list[str]:
+        """The ready lists of ``queue``, one per priority level from 0 to 9."""
+        return [self.level_key(queue, k) for k in range(MAX_LEVEL + 1)]
 
     def delayed_key(self, queue: str) -> str:
         """The sorted set of ``queue``'s messages held for a delay."""
@@ -782,7 +859,7 @@ class ReliableRedisTransport(Transport):
         """Close the publishing connections."""
         with self._lock:
             publisher, self._publisher = self._publisher, None
-            self._delay_script = None
+            self._scripts.clear()
             self._declared.clear()
         if publisher is not None:
             publisher.close()
@@ -797,35 +874,52 @@ class ReliableRedisTransport(Transport):
 
     def queue_arguments(self, spec: QueueSpec) -> dict[str, Any]:
         """Check that ``spec`` asks for nothing this transport lacks
-        (``delivery_limit`` is counted in the elements).
+        (``delivery_limit`` is counted in the elements, ``max_priority`` caps
+        the priority level messages are queued at).
 
         Raises:
-            ConfigurationError: ``max_priority``, ``message_ttl`` or ``max_length`` is set.
+            ConfigurationError: ``message_ttl`` or ``max_length`` is set.
         """
-        if spec.max_priority is not None:
-            raise ConfigurationError(
-                f"Queue {spec.name!r}: {self.schemes[0]}:// does not support max_priority "
-                "(priorities would be ignored). Remove it, or use redis+kombu:// or amqp:// "
-                "with a classic queue."
-            )
         return super().queue_arguments(dataclasses.replace(spec, delivery_limit=None))
 
     def declare(self, specs: Sequence[QueueSpec]) -> None:
-        """Check the queue options; Redis lists need no declaration."""
+        """Check the queue options and remember each queue's ``max_priority``;
+        Redis lists need no declaration."""
         for spec in specs:
             self.queue_arguments(spec)
+        self._remember_max_priority(specs)
         self._declared.update(s.name for s in specs)
 
+    def _remember_max_priority(self, specs: Sequence[QueueSpec]) -> None:
+        for spec in specs:
+            if spec.max_priority is None:
+                self._max_priority.pop(spec.name, None)
+            else:
+                self._max_priority[spec.name] = spec.max_priority
+
+    def _level(self, queue: str, priority: int | None) -> int:
+        """The priority level a message of ``priority`` is queued at in ``queue``."""
+        if queue.endswith(DLQ_SUFFIX):
+            return 0  # dead letters stay in one list, read oldest first (browse, take)
+        return priority_level(priority, self._max_priority.get(queue))
+
+    def _count_ready(self, pipe: Any, queue: str) -> None:
+        """Add an LLEN of each of ``queue``'s ready lists to ``pipe``."""
+        for key in self.ready_keys(queue):
+            pipe.llen(key)
+
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
-        """Return the number of ready messages per queue (an absent queue is empty).
+        """Return the number of ready messages per queue, all priority levels
+        together (an absent queue is empty).
 
         Messages held for a delay are not ready: see :meth:`delayed_counts`.
         """
         with translate_errors(self.url, "count messages"):
             pipe = self.publisher().pipeline(transaction=False)
             for spec in specs:
-                pipe.llen(self.queue_key(spec.name))
-            return {s.name: int(n) for s, n in zip(specs, pipe.execute(), strict=True)}
+                self._count_ready(pipe, spec.name)
+            replies = iter(pipe.execute())
+        return {s.name: _sum_levels(replies) for s in specs}
 
     def delayed_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         """Return, per queue, how many messages Redis holds for a delay (due or not)."""
@@ -870,9 +964,9 @@ class ReliableRedisTransport(Transport):
             for cid, _, i in in_flight:
                 pipe.llen(self.processing_key(cid, i))
             for spec in specs:
-                pipe.llen(self.queue_key(spec.name))
+                self._count_ready(pipe, spec.name)
                 pipe.zcard(self.delayed_key(spec.name))
-                pipe.llen(self.queue_key(spec.name + DLQ_SUFFIX))
+                pipe.llen(self.queue_key(spec.name + DLQ_SUFFIX))  # dead letters: level 0
             replies = iter(pipe.execute())
         alive = {cid for cid in registry if next(replies)}
         unacked: Counter[str] = Counter()
@@ -884,7 +978,8 @@ class ReliableRedisTransport(Transport):
         stats: dict[str, QueueStats] = {}
         for spec in specs:
             key = self.queue_key(spec.name)
-            ready, delayed, dead = (int(next(replies)) for _ in range(3))
+            ready = _sum_levels(replies)
+            delayed, dead = (int(next(replies)) for _ in range(2))
             stats[spec.name] = QueueStats(
                 spec.name,
                 ready=ready,
@@ -896,21 +991,27 @@ class ReliableRedisTransport(Transport):
         return stats
 
     def purge(self, specs: Sequence[QueueSpec]) -> int:
-        """Remove all ready and delayed messages from the queues; return how many."""
+        """Remove all ready (of every priority) and delayed messages from the
+        queues; return how many."""
         with translate_errors(self.url, "purge"):
             pipe = self.publisher().pipeline(transaction=True)
             for spec in specs:
-                pipe.llen(self.queue_key(spec.name))
+                self._count_ready(pipe, spec.name)
                 pipe.zcard(self.delayed_key(spec.name))
-                pipe.delete(self.queue_key(spec.name), self.delayed_key(spec.name))
-            replies = pipe.execute()
-            return sum(int(replies[i]) + int(replies[i + 1]) for i in range(0, len(replies), 3))
+                pipe.delete(*self.ready_keys(spec.name), self.delayed_key(spec.name))
+            replies = iter(pipe.execute())
+            removed = 0
+            for _ in specs:
+                removed += _sum_levels(replies) + int(next(replies))
+                next(replies)  # the DEL's count of keys
+            return removed
 
     def delete(self, specs: Sequence[QueueSpec]) -> None:
-        """Delete queues (their ready and delayed messages; in-flight ones return to a new list)."""
+        """Delete queues (their ready messages of every priority and delayed ones;
+        in-flight ones return to a new list)."""
         if not specs:
             return
-        keys = [k for s in specs for k in (self.queue_key(s.name), self.delayed_key(s.name))]
+        keys = [k for s in specs for k in (*self.ready_keys(s.name), self.delayed_key(s.name))]
         with translate_errors(self.url, "delete queues"):
             self.publisher().delete(*keys)
         self._declared.difference_update(s.name for s in specs)
@@ -943,12 +1044,12 @@ class ReliableRedisTransport(Transport):
         """
         timeout = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        element = self._encode(queue, envelope)
+        element, level = self._encode(queue, envelope)
         delay_ms = self._delay_ms(queue, envelope, delay)
         backoff = 0.05
         for attempt in range(self.publish_retries + 1):
             try:
-                self._send(self.publisher(), queue, element, delay_ms)
+                self._send(self.publisher(), queue, element, level, delay_ms)
                 return
             except CONNECTION_ERRORS as exc:
                 last: BaseException = exc
@@ -996,12 +1097,12 @@ class ReliableRedisTransport(Transport):
             pipe = self.publisher().pipeline(transaction=False)
             for i, (queue, envelope) in enumerate(batch, start):
                 try:
-                    element = self._encode(queue, envelope)
+                    element, level = self._encode(queue, envelope)
                     delay_ms = self._delay_ms(queue, envelope, delays[i] if delays else None)
                 except PublishError as exc:
                     results[i] = exc
                     continue
-                self._send(pipe, queue, element, delay_ms)
+                self._send(pipe, queue, element, level, delay_ms)
             try:
                 replies = iter(pipe.execute(raise_on_error=False))
             except _PIPELINE_ERRORS as exc:
@@ -1025,18 +1126,26 @@ class ReliableRedisTransport(Transport):
                     )
         return results
 
-    def _send(self, client: Any, queue: str, element: bytes, delay_ms: str | None) -> None:
-        """LPUSH ``element``, or add it to the delayed set (on a client or a pipeline)."""
-        if delay_ms is None:
+    def _send(
+        self, client: Any, queue: str, element: bytes, level: int, delay_ms: str | None
+    ) -> None:
+        """LPUSH ``element`` to the ready list of its priority ``level``, or add it to
+        the delayed set (on a client or a pipeline): one command either way."""
+        if delay_ms is not None:
+            self._script(DELAY)(
+                keys=[self.delayed_key(queue)], args=[delay_ms, element], client=client
+            )
+        elif level == 0:
             client.lpush(self.queue_key(queue), element)
         else:
-            self._delayer()(keys=[self.delayed_key(queue)], args=[delay_ms, element], client=client)
+            keys = [self.queue_key(queue), self.level_key(queue, level)]
+            self._script(PUBLISH)(keys=keys, args=[element], client=client)
 
-    def _delayer(self) -> Any:
-        """The delayed-publish script (registered once per publishing client)."""
-        script = self._delay_script
+    def _script(self, source: str) -> Any:
+        """The script ``source`` (registered once per publishing client)."""
+        script = self._scripts.get(source)
         if script is None:
-            script = self._delay_script = self.publisher().register_script(DELAY)
+            script = self._scripts[source] = self.publisher().register_script(source)
         return script
 
     @staticmethod
@@ -1052,10 +1161,11 @@ class ReliableRedisTransport(Transport):
             )
         return None if delay <= 0 else repr(float(delay) * 1000)
 
-    @staticmethod
-    def _encode(queue: str, envelope: Envelope) -> bytes:
+    def _encode(self, queue: str, envelope: Envelope) -> tuple[bytes, int]:
+        """Return ``envelope``'s element and its priority level in ``queue``."""
+        level = self._level(queue, envelope.priority)
         try:
-            return encode_element(envelope)
+            return encode_element(envelope, level), level
         except (TypeError, ValueError) as exc:
             raise PublishError(
                 f"Task {envelope.message_id} was NOT enqueued on {queue!r}: headers must be "
@@ -1107,4 +1217,5 @@ class ReliableRedisTransport(Transport):
         """Return a consumer of ``specs`` with its own connections."""
         for spec in specs:
             self.queue_arguments(spec)
+        self._remember_max_priority(specs)  # for the retries a worker publishes
         return ReliableRedisConsumer(self, specs, prefetch=prefetch)

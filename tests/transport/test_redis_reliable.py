@@ -159,13 +159,10 @@ def test_metadata_too_large_to_parse_is_refused_but_keeps_its_message_id() -> No
 
 def test_unsupported_queue_options_and_unknown_options_are_configuration_errors() -> None:
     t = ReliableRedisTransport("redis://127.0.0.1:6379/0")
-    for spec in (
-        QueueSpec("q", max_priority=5),
-        QueueSpec("q", message_ttl=1),
-        QueueSpec("q", max_length=1),
-    ):
+    for spec in (QueueSpec("q", message_ttl=1), QueueSpec("q", max_length=1)):
         with pytest.raises(ConfigurationError):
             t.declare([spec])
+    t.declare([QueueSpec("q", max_priority=5)])  # honoured: it caps priorities
     with pytest.raises(ConfigurationError, match="visibility_timeout"):
         ReliableRedisTransport("redis://h/0", transport_options={"visibility_timeout": 5})
 
@@ -334,6 +331,145 @@ def test_undecodable_elements_are_rejected_and_do_not_block(
         ]
     )
     assert t.message_counts([app.queue(q)]) == {q: 0}
+
+
+# -- priorities --------------------------------------------------------------
+
+
+def keys_of(raw: redis.Redis[bytes], t: ReliableRedisTransport, queue: str) -> list[bytes]:
+    """Every key of ``queue``'s ready lists and delayed set."""
+    pattern = t.queue_key(queue).replace("{", "[{]").replace("}", "[}]") + "*"
+    return sorted([*raw.scan_iter(match=pattern), *raw.scan_iter(match=t.delayed_key(queue))])
+
+
+def test_every_priority_level_is_counted_purged_and_deleted(
+    prefix: str, raw: redis.Redis[bytes]
+) -> None:
+    t = make_transport(prefix)
+    q = unique_name("lv")
+    spec = QueueSpec(q)
+    for n, priority in enumerate([None, 0, 3, 9, 9, 12]):
+        t.publish(q, envelope(n, priority=priority))
+    t.publish(q, envelope(6, priority=5), delay=60)
+    assert raw.exists(t.level_key(q, 3), t.level_key(q, 9)) == 2
+    assert t.message_counts([spec]) == {q: 6}
+    stats = t.queue_stats([spec])[q]
+    assert (stats.ready, stats.delayed) == (6, 1)
+    assert t.purge([spec]) == 7
+    assert t.message_counts([spec]) == {q: 0} and keys_of(raw, t, q) == []
+    t.publish(q, envelope(7, priority=4))
+    t.publish(q, envelope(8, priority=2))
+    t.publish(q, envelope(9, priority=1), delay=60)
+    t.delete([spec])
+    assert keys_of(raw, t, q) == []
+    t.close()
+
+
+def test_a_requeued_priority_message_comes_back_first_in_its_level(prefix: str) -> None:
+    t = make_transport(prefix)
+    q = unique_name("rqp")
+    for n, priority in [(0, None), (1, 5), (2, 5), (3, 9)]:
+        t.publish(q, envelope(n, priority=priority))
+    inbox = Inbox(t, [q], prefetch=1)
+
+    def next_delivery() -> Delivery:
+        n = len(inbox.got) + 1
+        inbox.pump(lambda: len(inbox.got) == n)
+        return inbox.got[-1]
+
+    # When the first message of each of the two higher levels is requeued,
+    # then it comes next again, before the rest of its level
+    for _ in range(2):
+        first = next_delivery()
+        assert inbox.consumer.requeue(first)
+        again = next_delivery()
+        assert (again.message_id, again.redelivered) == (first.message_id, True)
+        inbox.consumer.ack(again)
+    for _ in range(2):
+        inbox.consumer.ack(next_delivery())
+    inbox.consumer.wait(0.01, -1)
+    assert inbox.ids() == ["m3", "m3", "m1", "m1", "m2", "m0"]
+    assert [d.priority for d in inbox.got] == [9, 9, 5, 5, 5, None]
+    inbox.consumer.close()
+    assert t.message_counts([QueueSpec(q)]) == {q: 0}
+    t.close()
+
+
+def test_a_dead_consumers_priority_messages_return_to_their_level_counted(
+    prefix: str,
+) -> None:
+    t = make_transport(prefix, transport_options=FAST)
+    q = unique_name("deadp")
+    for n, priority in [(0, None), (1, 9), (2, 5)]:
+        t.publish(q, envelope(n, priority=priority))
+    # Given a consumer that took the two high ones, then died without closing
+    dead = Inbox(t, [q], prefetch=2)
+    dead.pump(lambda: len(dead.got) == 2)
+    assert dead.ids() == ["m1", "m2"]
+    dead.consumer._drop()
+    for n, priority in [(3, 9), (4, 5)]:
+        t.publish(q, envelope(n, priority=priority))
+    # When a sweep (by a consumer of another queue) puts them back
+    sweeper = Inbox(t, [unique_name("other")], prefetch=1)
+    sweeper.pump(lambda: t.message_counts([QueueSpec(q)]) == {q: 5})
+    sweeper.consumer.close()
+    # Then each is first in line at its own level, its delivery counted
+    inbox = Inbox(t, [q], prefetch=5)
+    inbox.pump(lambda: len(inbox.got) == 5)
+    assert inbox.ids() == ["m1", "m3", "m2", "m4", "m0"]
+    assert [d.delivery_count for d in inbox.got] == [2, 1, 2, 1, 1]
+    for d in inbox.got:
+        inbox.consumer.ack(d)
+    inbox.consumer.close()
+    t.close()
+
+
+def test_blocked_consumers_wake_for_priority_messages_at_once(prefix: str) -> None:
+    """A priority message is pushed to a list of its own, not the one consumers block
+    on; the publish must wake them, without waiting for a poll or a BLMOVE timeout."""
+    slow = {"block_timeout": 30.0, "delay_poll_interval": 30.0}
+    t = make_transport(prefix, transport_options=slow)
+    q = unique_name("wake")
+    a, b = Inbox(t, [q], prefetch=1), Inbox(t, [q], prefetch=1)
+    for inbox in (a, b):
+        inbox.consumer.wait(0.01, -1)  # promote checked; now blocked in BLMOVE for 30 s
+        assert inbox.consumer._sources[0].blocked_since is not None
+    # When two priority messages arrive while both wait
+    assert t.publish_many([(q, envelope(1, priority=5)), (q, envelope(2, priority=9))]) == [
+        None,
+        None,
+    ]
+    # Then each consumer gets one, well before any timeout would have woken it
+    deadline = time.monotonic() + 5
+    while len(a.got) + len(b.got) < 2:
+        assert time.monotonic() < deadline, (a.ids(), b.ids())
+        for inbox in (a, b):
+            inbox.consumer.wait(0.05, -1)
+    assert sorted([*a.ids(), *b.ids()]) == ["m1", "m2"]  # type: ignore[type-var]
+    for inbox in (a, b):
+        inbox.consumer.ack(inbox.got[0])
+        inbox.consumer.close()
+    t.close()
+
+
+def test_a_queues_max_priority_caps_the_level_but_not_the_priority(
+    prefix: str, raw: redis.Redis[bytes]
+) -> None:
+    t = make_transport(prefix)
+    q = unique_name("cap")
+    t.declare([QueueSpec(q, max_priority=3)])
+    t.publish(q, envelope(1, priority=9))
+    t.publish(q, envelope(2, priority=3))
+    t.publish(q, envelope(3, priority=9), delay=0.01)
+    assert not raw.exists(t.level_key(q, 9))
+    inbox = Inbox(t, [q], prefetch=3)
+    inbox.pump(lambda: len(inbox.got) == 3)
+    # Ranked as 3, in order; the worker still sees the priority it was sent with
+    assert [(d.message_id, d.priority) for d in inbox.got] == [("m1", 9), ("m2", 3), ("m3", 9)]
+    for d in inbox.got:
+        inbox.consumer.ack(d)
+    inbox.consumer.close()
+    t.close()
 
 
 # -- faults ----------------------------------------------------------------------
