@@ -147,7 +147,7 @@ def check_app(
       a task it carries: the TTL says work older than it is worthless, yet the
       task's later retries would run well after that (the broker holds retry
       delays outside the work queue, so it would not stop them);
-    * a queue option the broker cannot honour (``max_priority`` on ``redis://``,
+    * a queue option the broker cannot honour (``max_length`` on ``redis://``,
       ``delivery_limit`` on ``redis+kombu://`` ...);
     * on ``redis+kombu://``, a task whose retries wait: kombu's Redis transport
       cannot hold a message for a delay (it would have to stay unacknowledged
