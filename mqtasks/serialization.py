@@ -2,16 +2,19 @@
 
 Only ``application/json`` is ever decoded. Pickle, YAML, msgpack and compressed
 bodies are refused by content type before any byte is interpreted, so a hostile
-message can at worst be dead-lettered, never executed.
+message can at worst be dead-lettered, never executed. Bodies nested deeper than
+:data:`MAX_JSON_DEPTH` are refused by :func:`json_depth_exceeds` before a JSON
+decoder recurses into them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
+from ._json import json_depth_exceeds
 from .exceptions import DecodeError, EncodeError
-from .transport._guard import json_depth_exceeds
 
 __all__ = [
     "CONTENT_ENCODING",
@@ -20,6 +23,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "decode_body",
     "encode_body",
+    "json_depth_exceeds",
 ]
 
 #: The only content type mqtasks publishes and accepts.
@@ -54,7 +58,7 @@ def encode_body(
     kwargs: dict[str, Any],
     *,
     max_size: int,
-    names: list[str] | None = None,
+    names: Sequence[str] | None = None,
     task: str = "",
 ) -> bytes:
     """Encode a call's arguments into a JSON body.
@@ -88,7 +92,7 @@ def encode_body(
 
 
 def _explain(
-    args: tuple[Any, ...], kwargs: dict[str, Any], names: list[str], task: str, exc: Exception
+    args: tuple[Any, ...], kwargs: dict[str, Any], names: Sequence[str], task: str, exc: Exception
 ) -> EncodeError:
     """Find the first argument JSON cannot carry and name it."""
     labelled = [(names[i] if i < len(names) else f"#{i}", v) for i, v in enumerate(args)]

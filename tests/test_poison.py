@@ -23,9 +23,8 @@ import pytest
 import redis
 
 from mqtasks import App, DecodeError, EncodeError
-from mqtasks.serialization import MAX_JSON_DEPTH, decode_body
+from mqtasks.serialization import MAX_JSON_DEPTH, decode_body, json_depth_exceeds
 from mqtasks.testing import drain, running_worker
-from mqtasks.transport._guard import json_depth_exceeds
 from mqtasks.transport.redis_reliable import ReliableRedisTransport
 
 from .conftest import AMQP_URL

@@ -111,9 +111,10 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .._json import json_depth_exceeds
 from .._url import mask_url, redact
 from ..exceptions import ConfigurationError, PublishError
-from ._guard import json_depth_exceeds, strip_compression
+from ._guard import strip_compression
 from ._redis_scripts import BEAT, DELAY, PROMOTE, PUBLISH, RESTORE, SETTLE_FETCH
 from .base import (
     DLQ_SUFFIX,
