@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar, overload
-
-import structlog
+from typing import Any, overload
 
 from . import dlq
 from .config import Settings, mask_url
@@ -14,15 +12,14 @@ from .exceptions import (
     BulkPublishError,
     ConfigurationError,
     DuplicateTask,
-    MiddlewareError,
     PublishError,
     TaskNotRegistered,
     TransportError,
 )
 from .message import Message
 from .middleware import Middleware, default_middleware
+from .middleware.base import Runner
 from .retry import RetryPolicy
-from .serialization import encode_body
 from .status import QueueStatus, queue_status
 from .task import BASE_OPTIONS, P, R, Task, TaskHandle
 from .transport import QueueSpec, Transport, resolve
@@ -31,10 +28,6 @@ from .types import Seconds
 from .validation import check_app
 
 __all__ = ["App"]
-
-logger = structlog.get_logger("mqtasks.app")
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class App:
@@ -92,6 +85,7 @@ class App:
         self.middleware: list[Middleware] = (
             list(middleware) if middleware is not None else default_middleware(settings)
         )
+        self._runner = Runner(self.middleware)
         self._transport: Transport | None = None
         self._lock = threading.Lock()
 
@@ -313,6 +307,14 @@ class App:
 
     # -- publishing -------------------------------------------------------------
 
+    @property
+    def _hooks(self) -> Runner:
+        """The runner of :attr:`middleware` (which users may replace at any time)."""
+        runner = self._runner
+        if runner.middleware is not self.middleware:
+            runner = self._runner = Runner(self.middleware)
+        return runner
+
     def send(
         self, message: Message, *, names: list[str] | None = None, delay: float | None = None
     ) -> None:
@@ -327,15 +329,10 @@ class App:
             EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
             PublishError: The broker did not take the message.
         """
-        message = self._before_publish(message)
+        hooks = self._hooks
+        message = hooks.before_publish(self, message)
         try:
-            body = encode_body(
-                message.args,
-                dict(message.kwargs),
-                max_size=self.settings.max_message_size,
-                names=names,
-                task=message.task,
-            )
+            envelope = message.encode(max_size=self.settings.max_message_size, names=names)
             transport = self.transport
             try:
                 transport.declare([self.queue(message.queue)])
@@ -345,30 +342,13 @@ class App:
                     task_id=message.id,
                 ) from exc
             if delay:
-                transport.publish(message.queue, message.to_envelope(body), delay=delay)
+                transport.publish(message.queue, envelope, delay=delay)
             else:
-                transport.publish(message.queue, message.to_envelope(body))
+                transport.publish(message.queue, envelope)
         except BaseException as exc:
-            self._publish_failed([message], exc)
+            hooks.after_publish_error(self, [message], exc)
             raise
-        for mw in reversed(self.middleware):
-            _call_hook(mw.after_publish, self, message)
-
-    def _before_publish(self, message: Message) -> Message:
-        mws = self.middleware
-        for i, mw in enumerate(mws):
-            try:
-                message = _call_hook(mw.before_publish, self, message, default=message)
-            except BaseException as exc:  # a MiddlewareError vetoes: close what was opened
-                for opened in reversed(mws[:i]):
-                    _call_hook(opened.after_publish_error, self, message, exc)
-                raise
-        return message
-
-    def _publish_failed(self, messages: Iterable[Message], exc: BaseException) -> None:
-        for message in messages:
-            for mw in reversed(self.middleware):
-                _call_hook(mw.after_publish_error, self, message, exc)
+        hooks.after_publish(self, [message])
 
     def send_many(self, messages: Iterable[Message]) -> list[TaskHandle]:
         """Publish many messages at once, with the broker's confirms pipelined.
@@ -381,23 +361,17 @@ class App:
             BulkPublishError: Some messages were not enqueued; ``.sent`` and
                 ``.failed`` say which.
         """
+        hooks = self._hooks
         prepared: list[Message] = []
         try:
             for message in messages:
-                prepared.append(self._before_publish(message))
+                prepared.append(hooks.before_publish(self, message))
             limit = self.settings.max_message_size
             items = []
             for message in prepared:
                 task = self.tasks.get(message.task)
                 names = task._names if task is not None else None
-                body = encode_body(
-                    message.args,
-                    dict(message.kwargs),
-                    max_size=limit,
-                    names=names,
-                    task=message.task,
-                )
-                items.append((message.queue, message.to_envelope(body)))
+                items.append((message.queue, message.encode(max_size=limit, names=names)))
             if not items:
                 return []
             transport = self.transport
@@ -410,15 +384,13 @@ class App:
                 ) from exc
             results = transport.publish_many(items)
         except BaseException as exc:
-            self._publish_failed(prepared, exc)
+            hooks.after_publish_error(self, prepared, exc)
             raise
         sent = [m for m, r in zip(prepared, results, strict=True) if r is None]
-        for message in sent:
-            for mw in reversed(self.middleware):
-                _call_hook(mw.after_publish, self, message)
+        hooks.after_publish(self, sent)
         for message, r in zip(prepared, results, strict=True):
             if r is not None:
-                self._publish_failed([message], r)
+                hooks.after_publish_error(self, [message], r)
         failures = {m.id: r for m, r in zip(prepared, results, strict=True) if r is not None}
         if failures:
             first = next(iter(failures.values()))
@@ -442,15 +414,3 @@ def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
         and code_a.co_filename == code_b.co_filename
         and code_a.co_firstlineno == code_b.co_firstlineno
     )
-
-
-def _call_hook(hook: Callable[..., Any], *args: Any, default: Any = None, **kwargs: Any) -> Any:
-    """Run a middleware hook; log its errors instead of failing (MiddlewareError excepted)."""
-    try:
-        result = hook(*args, **kwargs)
-    except MiddlewareError:
-        raise
-    except Exception:
-        logger.exception("middleware.hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
-        return default
-    return default if result is None and default is not None else result

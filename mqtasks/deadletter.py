@@ -1,4 +1,4 @@
-"""Dead-letter entries: the original message plus why it was given up.
+"""Dead-letter entries: the original message plus why it was given up, and their publishing.
 
 A dead-lettered message keeps its body, id and headers unchanged and gains
 ``mqtasks-death-*`` headers, so an operator can see the reason and a replay can
@@ -16,10 +16,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._url import redact
+from .exceptions import Unroutable
 from .message import HEADER_ATTEMPT, HEADER_FIRST_FAILED_AT, Message
+from .transport.envelope import Envelope
+from .transport.queue import DLQ_SUFFIX
 
 if TYPE_CHECKING:
-    from .transport.base import Delivery, Envelope
+    from .transport.base import Delivery, Transport
+    from .transport.queue import QueueSpec
 
 __all__ = [
     "HEADER_DEATH_DETAIL",
@@ -34,6 +38,7 @@ __all__ = [
     "MAX_KEPT_HEADERS",
     "MAX_TRACEBACK",
     "dead_letter_envelope",
+    "publish_dead_letter",
 ]
 
 #: Header: the reason code (``max_retries_exceeded``, ``rejected``, ``decode_error`` ...).
@@ -81,8 +86,6 @@ def dead_letter_envelope(
         exc: The last exception, if the task raised.
         worker: ``pid@host`` of this worker.
     """
-    from .transport.base import Envelope
-
     headers = _kept_headers(delivery.headers)
     headers[HEADER_DEATH_REASON] = reason
     headers[HEADER_DEATH_DETAIL] = redact(detail)[:MAX_DETAIL]
@@ -107,6 +110,24 @@ def dead_letter_envelope(
         content_encoding=delivery.content_encoding or "binary",
         priority=None,
     )
+
+
+def publish_dead_letter(transport: Transport, spec: QueueSpec, envelope: Envelope) -> None:
+    """Publish a dead-letter entry to the dead-letter queue of ``spec``, confirmed.
+
+    A dead-letter queue deleted behind the worker's back is declared again,
+    and the entry published once more.
+
+    Raises:
+        TransportError: The broker did not store the entry.
+    """
+    name = spec.name + DLQ_SUFFIX
+    try:
+        transport.publish(name, envelope)
+    except Unroutable:
+        transport.forget_declared()
+        transport.declare([spec])
+        transport.publish(name, envelope)
 
 
 def _kept_headers(original: Mapping[str, Any]) -> dict[str, Any]:

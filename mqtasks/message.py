@@ -1,4 +1,4 @@
-"""Message: one task call, and its mapping to and from the wire (protocol 1).
+"""Message: one task call, and its encoding to and decoding from the wire (protocol 1).
 
 The wire format is documented in ``docs/protocol.md``. A body is JSON
 ``{"args": [...], "kwargs": {...}}``; everything else travels in the
@@ -20,10 +20,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import DecodeError
-from .serialization import CONTENT_ENCODING, CONTENT_TYPE, decode_body
+from .serialization import CONTENT_ENCODING, CONTENT_TYPE, decode_body, encode_body
+from .transport.envelope import Envelope
 
 if TYPE_CHECKING:
-    from .transport.base import Delivery, Envelope
+    from collections.abc import Sequence
+
+    from .transport.base import Delivery
 
 __all__ = [
     "HEADER_ATTEMPT",
@@ -154,10 +157,26 @@ class Message:
             return False
         return (time.time() if now is None else now) >= self.expires_at.timestamp()
 
-    def to_envelope(self, body: bytes) -> Envelope:
-        """Wrap an encoded body with this message's id and headers."""
-        from .transport.base import Envelope
+    def encode(self, *, max_size: int, names: Sequence[str] | None = None) -> Envelope:
+        """Encode the arguments as the JSON body and wrap it with this message's id and headers.
 
+        Args:
+            max_size: Largest body accepted, in bytes.
+            names: Parameter names of the task's positional arguments, for errors.
+
+        Raises:
+            EncodeError: An argument JSON cannot carry, or a body over ``max_size``.
+        """
+        body = encode_body(
+            self.args, dict(self.kwargs), max_size=max_size, names=names, task=self.task
+        )
+        return self.to_envelope(body)
+
+    def to_envelope(self, body: bytes) -> Envelope:
+        """Wrap an already encoded body with this message's id and headers.
+
+        A retry sends the body it received this way, unchanged.
+        """
         headers: dict[str, Any] = dict(self.headers)
         headers[HEADER_PROTOCOL] = PROTOCOL_VERSION
         headers[HEADER_TASK] = self.task

@@ -81,7 +81,7 @@ class RetryPolicy:
 
     def is_retryable(self, exc: BaseException) -> bool:
         """Whether ``exc`` is an exception this policy retries at all."""
-        return bool(self._retry(self._state(1, exc)))
+        return bool(self._retry(self.call_state(1, exc)))
 
     def next_delay(self, attempt: int, exc: BaseException) -> float | None:
         """Return seconds to wait before the next attempt, or None to give up.
@@ -90,15 +90,31 @@ class RetryPolicy:
             attempt: Attempts made so far, starting at 1.
             exc: The exception the last attempt raised.
         """
-        state = self._state(attempt, exc)
+        state = self.call_state(attempt, exc)
         if not self._retry(state) or self._stop(state):
             return None
         return max(0.0, float(self.backoff(state)))
 
+    def backoff_delay(self, attempt: int, exc: BaseException) -> float:
+        """Return the seconds ``backoff`` waits after ``attempt``, whether or not it is retried.
+
+        For a retry the task asked for (:exc:`~mqtasks.exceptions.Retry` without
+        a countdown), which :meth:`next_delay` would not grant past ``max_retries``.
+
+        Args:
+            attempt: Attempts made so far, starting at 1.
+            exc: The exception the last attempt raised.
+        """
+        return max(0.0, float(self.backoff(self.call_state(attempt, exc))))
+
     @staticmethod
-    def _state(attempt: int, exc: BaseException) -> tenacity.RetryCallState:
-        # tenacity's strategies read the attempt number and the outcome from a
-        # call state; build one for the attempt the message says it was.
+    def call_state(attempt: int, exc: BaseException) -> tenacity.RetryCallState:
+        """Return the tenacity call state of a failed ``attempt`` that raised ``exc``.
+
+        tenacity's strategies read the attempt number and the outcome from a call
+        state; this one is for the attempt the message says it was, not for a
+        loop tenacity runs.
+        """
         state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
         state.attempt_number = attempt
         state.outcome = tenacity.Future.construct(attempt, exc, True)

@@ -17,7 +17,7 @@ from .types import Seconds, to_seconds
 if TYPE_CHECKING:
     from .app import App
 
-__all__ = ["Task", "TaskHandle"]
+__all__ = ["Task", "TaskHandle", "refuse_awaitable"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,6 +97,28 @@ def _refuse_async(fn: Callable[..., Any], name: str) -> None:
             "function that runs it to completion instead, for example "
             "`def task(...): return asyncio.run(coroutine_function(...))`."
         )
+
+
+def refuse_awaitable(result: Any, task: str) -> ConfigurationError | None:
+    """Return the error a task call means when it returned what only an event loop can run.
+
+    A coroutine (or generator-based one) is closed, so that it does not warn
+    "never awaited" later; the task's body has not run. Any other result: None.
+
+    Args:
+        result: What the task function returned.
+        task: The task's name, for the message.
+    """
+    if not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
+        return None
+    if inspect.iscoroutine(result) or inspect.isgenerator(result):
+        result.close()
+    return ConfigurationError(
+        f"Task {task!r} returned {type(result).__name__!r}, which only an event loop can "
+        "run: async tasks are not supported yet, and the task's body did not run. Make "
+        "it a plain function that runs the coroutine to completion, for example with "
+        "asyncio.run(...)."
+    )
 
 
 class Task(Generic[P, R]):

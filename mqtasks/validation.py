@@ -43,7 +43,7 @@ def max_backoff(policy: RetryPolicy, attempt: int) -> float:
         policy: The retry policy.
         attempt: Attempts made so far, starting at 1.
     """
-    state = RetryPolicy._state(attempt, RuntimeError("checking the retry schedule"))
+    state = policy.call_state(attempt, RuntimeError("checking the retry schedule"))
     return max(0.0, _upper(policy.backoff, state))
 
 

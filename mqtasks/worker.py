@@ -1,31 +1,32 @@
-"""Worker: consume -> decode -> dispatch -> ack or reject.
+"""Worker: consume -> decode -> run -> settle (ack, reject or requeue).
 
 One I/O thread owns the broker connection: it receives deliveries, settles
-them (ack, reject, requeue) and keeps heartbeats going, because kombu channels
-are not thread-safe. Worker threads take deliveries from a local queue, run
-the task and post the outcome back to the I/O thread. The broker bounds the
-deliveries held at once (prefetch), and a message is acked only after its task
-has finished: at-least-once.
+them and keeps heartbeats going, because kombu channels are not thread-safe.
+Worker threads take deliveries from a local queue, run the task and post the
+outcome back to the I/O thread. The broker bounds the deliveries held at once
+(prefetch), and a message is acked only after its task has finished (or its
+next attempt or dead letter is stored): at-least-once. What becomes of a failed
+task is decided by middleware (:class:`~mqtasks.middleware.retries.Retries`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-import inspect
 import os
 import queue
 import threading
 import time
 import traceback
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from ._url import redact
-from .app import App, _call_hook
-from .deadletter import dead_letter_envelope
+from .app import App
+from .deadletter import dead_letter_envelope, publish_dead_letter
 from .exceptions import (
     ConfigurationError,
     DecodeError,
@@ -33,12 +34,12 @@ from .exceptions import (
     Reject,
     Retry,
     SkipMessage,
-    Unroutable,
 )
 from .message import Message, _current, _origin
-from .middleware.base import overriding
-from .retry import RetryPolicy
-from .transport.base import DLQ_SUFFIX, Consumer, Delivery
+from .middleware.base import Runner
+from .middleware.retries import with_retries
+from .task import refuse_awaitable
+from .transport.base import Consumer, Delivery
 from .validation import check_app
 
 __all__ = ["Worker"]
@@ -47,10 +48,6 @@ logger = structlog.get_logger("mqtasks.worker")
 
 _ACK, _REJECT, _REQUEUE, _DROP = "ack", "reject", "requeue", "drop"
 _STOP = None
-
-
-def _BROKER_DEATH_HEADER(key: str) -> bool:  # noqa: N802 - reads as a constant predicate
-    return key.startswith(("x-death", "x-first-death-", "x-last-death-"))
 
 
 class Worker:
@@ -114,10 +111,7 @@ class Worker:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._lock = threading.Lock()
-        self._outstanding = 0
-        self._running = 0
-        self._window = 0
-        self._generation = 0
+        self._outstanding = self._running = self._window = self._generation = 0
         self._consumer: Consumer | None = None
         self._threads: list[threading.Thread] = []
         self._io_thread: threading.Thread | None = None
@@ -142,8 +136,7 @@ class Worker:
             ConfigurationError: A queue configuration the broker cannot honour.
         """
         self._bind_hooks()
-        for mw in self.app.middleware:
-            _call_hook(mw.worker_boot, self)
+        self._hooks.worker_boot(self)
         for i in range(self.concurrency):
             t = threading.Thread(target=self._work_main, name=f"mqtasks-worker-{i}", daemon=True)
             t.start()
@@ -165,14 +158,9 @@ class Worker:
         )
 
     def _bind_hooks(self) -> None:
-        # Only the hooks middleware override are called per message: the
-        # worker's hot path pays nothing for the rest.
-        mws = self.app.middleware
-        self._before_process = overriding(mws, "before_process")
-        self._after_process = overriding(mws[::-1], "after_process")
-        self._after_retry = overriding(mws[::-1], "after_retry")
-        self._after_reject = overriding(mws[::-1], "after_reject")
-        self._after_dead_letter = overriding(mws[::-1], "after_dead_letter")
+        # The app's middleware plus Retries, the decision on failures, whatever
+        # the app installs; bound again at start, as the app's list may change.
+        self._hooks = Runner(with_retries(self.app.middleware))
 
     def _broker_warnings(self) -> list[str]:
         try:
@@ -191,10 +179,7 @@ class Worker:
         if self._io_thread is None:
             return True
         with self._lock:
-            if self._stop_called:
-                first = False
-            else:
-                self._stop_called = first = True
+            first, self._stop_called = not self._stop_called, True
         if not first:  # not started, or stopped already (or stopping in another thread)
             self._done.wait()
             return self.clean_exit
@@ -208,8 +193,7 @@ class Worker:
         if self.clean_exit:  # every thread has exited: nobody writes to the pipe any more
             os.close(self._wake_r)
             os.close(self._wake_w)
-        for mw in reversed(self.app.middleware):
-            _call_hook(mw.worker_shutdown, self)
+        self._hooks.worker_shutdown(self)
         logger.info("worker.stopped", clean=self.clean_exit)
         return self.clean_exit
 
@@ -264,7 +248,8 @@ class Worker:
                     self._clear_wake()
                 elif self._window >= self.prefetch:
                     # Nothing can arrive until something is settled: wait for that.
-                    self._wait_settlement(0.5)
+                    with contextlib.suppress(queue.Empty):
+                        self._settle(*self._settlements.get(timeout=0.5))
                     consumer.heartbeat_check()
                 else:
                     consumer.drain(timeout=0.02 if self._window else 0.5)
@@ -280,17 +265,13 @@ class Worker:
             self._done.set()
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # full: the I/O thread is already due to wake
             os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):  # full: the I/O thread is already due to wake
-            pass
 
     def _clear_wake(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # empty
             while len(os.read(self._wake_r, 4096)) == 4096:
                 pass
-        except (BlockingIOError, OSError):
-            pass
 
     def _on_delivery(self, delivery: Delivery) -> None:
         self._outstanding += 1
@@ -323,15 +304,13 @@ class Worker:
     def _flush(self) -> None:
         get = self._settlements.get_nowait
         acks: list[Delivery] = []
-        while True:
-            try:
+        with contextlib.suppress(queue.Empty):
+            while True:
                 delivery, action = get()
-            except queue.Empty:
-                break
-            if action == _ACK:
-                acks.append(delivery)
-            else:
-                self._settle(delivery, action)
+                if action == _ACK:
+                    acks.append(delivery)
+                else:
+                    self._settle(delivery, action)
         if acks:
             consumer = self._consumer
             assert consumer is not None
@@ -339,23 +318,13 @@ class Worker:
             for delivery in acks:
                 self._count_settled(delivery, _ACK)
 
-    def _wait_settlement(self, timeout: float) -> None:
-        try:
-            delivery, action = self._settlements.get(timeout=timeout)
-        except queue.Empty:
-            return
-        self._settle(delivery, action)
-
     def _shutdown(self, consumer: Consumer) -> None:
         consumer.cancel()
         # Hand back what no thread has started, so other workers get it now.
-        while True:
-            try:
-                delivery = self._work.get_nowait()
-            except queue.Empty:
-                break
-            if delivery is not None:
-                self._settle(delivery, _REQUEUE)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                if (delivery := self._work.get_nowait()) is not None:
+                    self._settle(delivery, _REQUEUE)
         deadline = time.monotonic() + self._grace
         while time.monotonic() < deadline:
             self._flush()
@@ -423,16 +392,10 @@ class Worker:
 
     def _reject(self, delivery: Delivery, message: Message | None, reason: str, detail: str) -> str:
         """Bad input: log it, dead-letter it with its reason, never run or requeue it."""
-        logger.error(
-            "message.rejected",
-            reason=reason,
-            detail=detail,
-            **_fields(delivery, message),
-        )
+        logger.error("message.rejected", reason=reason, detail=detail, **_fields(delivery, message))
         if self.collect_errors:
             self.errors.append((message, DecodeError(reason, detail)))
-        for hook in self._after_reject:
-            _call_hook(hook, self, message, reason)
+        self._hooks.after_reject(self, message, reason)
         return self._dead_letter(delivery, message, reason, detail)
 
     def _dead_letter(
@@ -451,15 +414,8 @@ class Worker:
         envelope = dead_letter_envelope(
             delivery, message, reason=reason, detail=detail, exc=exc, worker=self._origin
         )
-        transport = self.app.transport
         try:
-            try:
-                transport.publish(delivery.queue + DLQ_SUFFIX, envelope)
-            except Unroutable:
-                # The dead-letter queue was deleted behind our back: declare it again.
-                transport.forget_declared()
-                transport.declare([self.app.queue(delivery.queue)])
-                transport.publish(delivery.queue + DLQ_SUFFIX, envelope)
+            publish_dead_letter(self.app.transport, self.app.queue(delivery.queue), envelope)
         except MQTasksError as error:
             logger.error(
                 "message.dead_letter_failed",
@@ -469,61 +425,65 @@ class Worker:
                 note="requeued instead; nothing is lost",
             )
             return _REQUEUE
-        logger.warning(
-            "task.dead_lettered",
-            **_fields(delivery, message),
-            reason=reason,
-        )
-        for hook in self._after_dead_letter:
-            _call_hook(hook, self, message, reason)
+        logger.warning("task.dead_lettered", **_fields(delivery, message), reason=reason)
+        self._hooks.after_dead_letter(self, message, reason)
         return _ACK
 
-    def _retry(self, delivery: Delivery, message: Message, delay: float, exc: BaseException) -> str:
-        """Publish the next attempt, held by the broker for ``delay`` s, then ack this one."""
-        now = time.time()
-        if message.expires_at is not None and now + delay >= message.expires_at.timestamp():
-            return self._dead_letter(
-                delivery,
-                message,
-                "expired",
-                f"the next attempt, due in {delay:.1f} s, would start after the task expires",
-                exc,
-            )
-        first = message.first_failed_at or datetime.fromtimestamp(now, tz=timezone.utc)
-        # Drop the broker's dead-letter history from the last trip through the
-        # delay queues: RabbitMQ silently drops a message that would be dead-lettered
-        # again through a queue its x-death already lists (cycle detection).
-        headers = {k: v for k, v in message.headers.items() if not _BROKER_DEATH_HEADER(k)}
-        retry = message.copy(attempt=message.attempt + 1, first_failed_at=first, headers=headers)
-        try:  # the body does not change between attempts: send it as received
-            self.app.transport.publish(message.queue, retry.to_envelope(delivery.body), delay=delay)
-        except ConfigurationError as error:
-            # The transport cannot hold this delay (redis+kombu://): requeueing would
-            # run the task again at once, in a loop; give it up with the reason instead.
-            return self._dead_letter(delivery, message, "retry_unsupported", str(error), exc)
+    # -- what the deciding middleware calls (Retries) ---------------------------------
+
+    @property
+    def decided(self) -> bool:
+        """Whether the message this thread processes is retried or dead-lettered already."""
+        job = _job.get()
+        return job is not None and job.action is not None
+
+    def retry(
+        self, message: Message, retry: Message, delay: float, exception: BaseException
+    ) -> None:
+        """Publish ``retry``, the next attempt of ``message``, held ``delay`` s; then ack ``message``.
+
+        For the deciding middleware's ``after_process`` (:class:`~mqtasks.middleware.retries.Retries`).
+        The body goes as received; if the broker refuses it, ``message`` is requeued instead.
+
+        Raises:
+            ConfigurationError: The transport cannot hold a delay; nothing was published.
+        """
+        job = _current_job()
+        try:
+            envelope = retry.to_envelope(job.delivery.body)
+            self.app.transport.publish(message.queue, envelope, delay=delay)
+        except ConfigurationError:
+            raise
         except MQTasksError as error:
             logger.error(
                 "task.retry_failed",
-                task_id=message.id,
-                task_name=message.task,
-                attempt=message.attempt,
-                queue=message.queue,
+                **_fields(job.delivery, message),
                 error=str(error),
                 note="requeued instead; nothing is lost",
             )
-            return _REQUEUE
+            job.action = _REQUEUE
+            return
         logger.info(
             "task.retried",
-            task_id=message.id,
-            task_name=message.task,
-            attempt=message.attempt,
-            queue=message.queue,
+            **_fields(job.delivery, message),
             delay=round(delay, 3),
-            error=redact(f"{type(exc).__name__}: {exc}")[:500],
+            error=redact(f"{type(exception).__name__}: {exception}")[:500],
         )
-        for hook in self._after_retry:
-            _call_hook(hook, self, message, delay, exc)
-        return _ACK
+        self._hooks.after_retry(self, message, delay, exception)
+        job.action = _ACK
+
+    def dead_letter(
+        self, message: Message, reason: str, detail: str, exception: BaseException | None = None
+    ) -> None:
+        """Publish ``message`` to its dead-letter queue with ``reason``, confirmed; then ack it.
+
+        For the deciding middleware's ``after_process``; if the dead-letter
+        queue cannot be written, ``message`` is requeued instead.
+        """
+        job = _current_job()
+        job.action = self._dead_letter(job.delivery, message, reason, detail, exception)
+
+    # -- running one message ------------------------------------------------------------
 
     def _over_delivery_limit(self, delivery: Delivery) -> str | None:
         """Dead-letter a message delivered more often than its queue allows, unrun."""
@@ -562,115 +522,70 @@ class Worker:
             task.check_arguments(message.args, message.kwargs)
         except TypeError as exc:
             return self._reject(delivery, message, "invalid_arguments", str(exc))
-        for hook in self._before_process:
-            try:
-                _call_hook(hook, self, message)
-            except SkipMessage as skip:
-                # Close the brackets opened so far: after_process of the
-                # middleware before the one that skipped, in reverse.
-                mws = app.middleware
-                skipper = getattr(hook, "__self__", None)
-                opened = mws[: mws.index(skipper)] if skipper in mws else []
-                for mw in reversed(opened):
-                    _call_hook(mw.after_process, self, message, result=None, exception=skip)
-                return _ACK
+        hooks = self._hooks
+        try:
+            hooks.before_process(self, message)
+        except SkipMessage:
+            return _ACK
         result: Any = None
         error: BaseException | None = None
+        refused: ConfigurationError | None = None
         # Each message runs in a context of its own (see _work_main): no reset needed.
         _current.set(message)
-        unawaited = False
+        _job.set(job := _Job(delivery))
         try:
             result = task.fn(*message.args, **message.kwargs)
+            if result is not None and (refused := refuse_awaitable(result, message.task)):
+                error, result = refused, None
         except BaseException as exc:
             error = exc
-        else:
-            if result is not None and _is_async(result):
-                error, result, unawaited = _discard_async(result, message.task), None, True
-        try:
-            if error is None:
-                return _ACK
-            if unawaited:
-                return self._refuse_async(delivery, message, error)
-            return self._after_failure(delivery, message, task.retry_policy, error)
-        finally:  # after a retry or dead-letter publish: middleware see the whole outcome
-            for hook in self._after_process:
-                _call_hook(hook, self, message, result=result, exception=error)
+        if error is not None:
+            self._report(delivery, message, error)
+        if refused is not None:  # nothing can await it: never retried
+            job.action = self._dead_letter(
+                delivery, message, "async_unsupported", str(refused), refused
+            )
+        # The deciding middleware (Retries) comes last in the stack, so it
+        # retries or dead-letters before the others see the outcome.
+        hooks.after_process(self, message, result, error)
+        if error is None:
+            return _ACK
+        if job.action is None:  # the deciding hook failed (logged as middleware.hook_failed)
+            logger.error("task.undecided", **_fields(delivery, message), note="requeued")
+        return job.action or _REQUEUE
 
-    def _refuse_async(self, delivery: Delivery, message: Message, exc: BaseException) -> str:
-        """Dead-letter a task whose call returned a coroutine: it never ran, and never will."""
-        logger.error(
-            "task.failed", **_fields(delivery, message), error=f"{type(exc).__name__}: {exc}"
-        )
-        if self.collect_errors:
-            self.errors.append((message, exc))
-        return self._dead_letter(delivery, message, "async_unsupported", str(exc), exc)
-
-    def _after_failure(
-        self, delivery: Delivery, message: Message, policy: RetryPolicy, exc: BaseException
-    ) -> str:
+    def _report(self, delivery: Delivery, message: Message, exc: BaseException) -> None:
+        """Log how the task ended, before the deciding middleware acts on it."""
         if isinstance(exc, Reject):
-            logger.info(
-                "task.rejected",
-                task_id=message.id,
-                task_name=message.task,
-                attempt=message.attempt,
-                queue=message.queue,
-                reason=exc.reason,
+            logger.info("task.rejected", **_fields(delivery, message), reason=exc.reason)
+            self._hooks.after_reject(self, message, "rejected")
+        elif not isinstance(exc, Retry):
+            logger.error(
+                "task.failed",
+                **_fields(delivery, message),
+                error=redact(f"{type(exc).__name__}: {exc}"),
+                traceback=redact("".join(traceback.format_exception(exc)))[-8192:],
             )
-            for hook in self._after_reject:
-                _call_hook(hook, self, message, "rejected")
-            return self._dead_letter(delivery, message, "rejected", exc.reason, exc)
-        if isinstance(exc, Retry):
-            if message.attempt > policy.max_retries:
-                return self._dead_letter(
-                    delivery,
-                    message,
-                    "max_retries_exceeded",
-                    f"Retry requested after {message.attempt} attempts",
-                    exc,
-                )
-            delay = exc.countdown
-            if delay is None:
-                delay = float(policy.backoff(policy._state(message.attempt, exc)))
-            return self._retry(delivery, message, max(0.0, delay), exc)
-        logger.error(
-            "task.failed",
-            task_id=message.id,
-            task_name=message.task,
-            attempt=message.attempt,
-            queue=message.queue,
-            error=redact(f"{type(exc).__name__}: {exc}"),
-            traceback=redact("".join(traceback.format_exception(exc)))[-8192:],
-        )
-        if self.collect_errors:
-            self.errors.append((message, exc))
-        delay = policy.next_delay(message.attempt, exc)
-        if delay is not None:
-            return self._retry(delivery, message, delay, exc)
-        if not policy.is_retryable(exc):
-            return self._dead_letter(
-                delivery, message, "not_retryable", f"{type(exc).__name__} is not retried", exc
-            )
-        return self._dead_letter(
-            delivery, message, "max_retries_exceeded", f"failed {message.attempt} times", exc
-        )
+            if self.collect_errors:
+                self.errors.append((message, exc))
 
 
-def _is_async(result: Any) -> bool:
-    """Whether a task call returned something only an event loop can run."""
-    return inspect.isawaitable(result) or inspect.isasyncgen(result)
+@dataclass(slots=True)
+class _Job:
+    """The delivery a worker thread runs, and its settlement once decided."""
+
+    delivery: Delivery
+    action: str | None = None
 
 
-def _discard_async(result: Any, task: str) -> ConfigurationError:
-    """Close an unawaited coroutine (no "never awaited" warning); return the error it means."""
-    if inspect.iscoroutine(result) or inspect.isgenerator(result):
-        result.close()
-    return ConfigurationError(
-        f"Task {task!r} returned {type(result).__name__!r}, which only an event loop can "
-        "run: async tasks are not supported yet, and the task's body did not run. Make "
-        "it a plain function that runs the coroutine to completion, for example with "
-        "asyncio.run(...)."
-    )
+#: The job of the message running in this context (one context per message).
+_job: contextvars.ContextVar[_Job | None] = contextvars.ContextVar("mqtasks_job", default=None)
+
+
+def _current_job() -> _Job:
+    if (job := _job.get()) is None:
+        raise RuntimeError("Worker.retry() and dead_letter() are for after_process hooks.")
+    return job
 
 
 def _fields(delivery: Delivery, message: Message | None) -> dict[str, Any]:

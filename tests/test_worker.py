@@ -12,6 +12,7 @@ import structlog
 
 from mqtasks import App, ConfigurationError, Message, Middleware, Worker
 from mqtasks.exceptions import SkipMessage
+from mqtasks.middleware import Retries
 from mqtasks.testing import drain, memory_app, reset, running_worker
 
 
@@ -248,3 +249,92 @@ def test_a_task_returning_a_coroutine_is_dead_lettered_not_acked(app: App, kind:
     events = [e["event"] for e in logs]
     assert "task.retried" not in events
     assert events.count("task.dead_lettered") == 1
+
+
+def test_failed_tasks_are_retried_and_dead_lettered_with_no_middleware_installed() -> None:
+    """The decision is middleware, yet ``middleware=[]`` never turns it off."""
+    app = memory_app(middleware=[])
+    runs: list[int] = []
+
+    @app.task(max_retries=1, retry_backoff=0)
+    def boom() -> None:
+        runs.append(1)
+        raise RuntimeError("no")
+
+    handle = boom.delay()
+    with running_worker(app) as worker:
+        drain(worker, raise_errors=False)
+    [entry] = app.dead_letters()
+    reset(app)
+    assert (entry.id, entry.reason, entry.attempts) == (handle.id, "max_retries_exceeded", 2)
+    assert len(runs) == 2
+    assert app.middleware == []
+
+
+class NoRetries(Retries):
+    """Gives up at the first failure."""
+
+    def retry(
+        self, worker: Worker, message: Message, delay: float, exception: BaseException
+    ) -> None:
+        worker.dead_letter(message, "no_retries", "retries are off here", exception)
+
+
+def test_a_retries_middleware_the_app_installs_makes_the_decision(app: App) -> None:
+    app.middleware.append(NoRetries())
+    runs: list[int] = []
+
+    @app.task(max_retries=3, retry_backoff=0)
+    def boom() -> None:
+        runs.append(1)
+        raise RuntimeError("no")
+
+    boom.delay()
+    with running_worker(app) as worker:
+        drain(worker, raise_errors=False)
+    [entry] = app.dead_letters()
+    assert (entry.reason, entry.detail) == ("no_retries", "retries are off here")
+    assert runs == [1]
+
+
+class FailsOnce(Retries):
+    """A deciding hook with a bug the first time it runs."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def after_process(self, worker: Worker, message: Message, **outcome: Any) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("bug in the deciding middleware")
+        super().after_process(worker, message, **outcome)
+
+
+def test_a_failure_no_middleware_decides_is_requeued_not_acked(app: App) -> None:
+    app.middleware.append(FailsOnce())
+    runs: list[int] = []
+
+    @app.task(max_retries=0)
+    def boom() -> None:
+        runs.append(1)
+        raise RuntimeError("no")
+
+    boom.delay()
+    with structlog.testing.capture_logs() as logs, running_worker(app) as worker:
+        drain(worker, raise_errors=False)
+    events = [e["event"] for e in logs]
+    assert events.count("middleware.hook_failed") == 1
+    assert events.count("task.undecided") == 1
+    # Requeued, it ran again and was dead-lettered by the (now working) decision.
+    assert runs == [1, 1]
+    assert [e.reason for e in app.dead_letters()] == ["max_retries_exceeded"]
+
+
+def test_retry_and_dead_letter_are_only_for_a_message_being_processed(app: App) -> None:
+    worker = Worker(app, concurrency=1)
+    message = Message(id="m-1", task="t", queue=app.settings.default_queue)
+    with pytest.raises(RuntimeError, match="after_process"):
+        worker.dead_letter(message, "rejected", "no")
+    with pytest.raises(RuntimeError, match="after_process"):
+        worker.retry(message, message.copy(attempt=2), 1.0, RuntimeError("no"))
+    assert not worker.decided

@@ -1,4 +1,5 @@
-"""Middleware: the hook interface, the observability middleware and the default stack."""
+"""Middleware: the hook interface and its runner, retries, the observability middleware
+and the default stack."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING
 from .base import Middleware, overriding
 from .log_context import StructlogContext
 from .otel import OpenTelemetryTracing
+from .retries import Retries, with_retries
 from .statsd import StatsdMetrics
 
 if TYPE_CHECKING:
@@ -16,10 +18,12 @@ __all__ = [
     "DEFAULT_MIDDLEWARE",
     "Middleware",
     "OpenTelemetryTracing",
+    "Retries",
     "StatsdMetrics",
     "StructlogContext",
     "default_middleware",
     "overriding",
+    "with_retries",
 ]
 
 #: Middleware classes of the default stack, in order. Tracing comes first so
@@ -38,7 +42,8 @@ def default_middleware(settings: Settings) -> list[Middleware]:
 
     With the default settings: :class:`OpenTelemetryTracing` (recording once a
     tracer provider is set) and :class:`StructlogContext`; with ``statsd_url``
-    set, also :class:`StatsdMetrics`. Add your own on top with
+    set, also :class:`StatsdMetrics`. Every worker also runs :class:`Retries`,
+    whatever the stack (see :func:`with_retries`). Add your own on top with
     ``App(..., middleware=[*default_middleware(settings), Mine()])`` or
     ``app.middleware.append(Mine())``.
 

@@ -1,9 +1,14 @@
-"""Middleware: hooks around publishing and processing, for observability and policy."""
+"""Middleware: hooks around publishing and processing, for observability and policy,
+and the runner that calls them in order."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import structlog
+
+from ..exceptions import MiddlewareError, SkipMessage
 
 if TYPE_CHECKING:
     from ..app import App
@@ -11,7 +16,9 @@ if TYPE_CHECKING:
     from ..message import Message
     from ..worker import Worker
 
-__all__ = ["Middleware", "overriding"]
+__all__ = ["Middleware", "Runner", "call_hook", "overriding"]
+
+logger = structlog.get_logger("mqtasks.middleware")
 
 
 class Middleware:
@@ -25,8 +32,10 @@ class Middleware:
     The worker calls only the hooks a middleware overrides, so an unused hook
     costs nothing. For one message, the worker calls, in this order:
     :meth:`before_process`; the task; then, depending on the outcome,
-    :meth:`after_retry`, :meth:`after_reject` and :meth:`after_dead_letter`;
-    and last :meth:`after_process`. All of them run in the worker thread
+    :meth:`after_reject`, :meth:`after_retry` and :meth:`after_dead_letter`;
+    and last :meth:`after_process`. The retry or dead letter is the decision
+    of :class:`~mqtasks.middleware.retries.Retries`, which every worker puts
+    last in its stack, so its ``after_process`` runs before the others'. All of them run in the worker thread
     that runs the task, so per-message state can live in a
     :class:`threading.local`. A message refused as bad input never reaches
     :meth:`before_process`: only :meth:`after_reject` and
@@ -126,3 +135,138 @@ def overriding(middleware: Sequence[Middleware], hook: str) -> list[Callable[...
         for mw in middleware
         if getattr(type(mw), hook, base) is not base or hook in getattr(mw, "__dict__", ())
     ]
+
+
+def call_hook(hook: Callable[..., Any], *args: Any, default: Any = None, **kwargs: Any) -> Any:
+    """Run a middleware hook; log its error instead of raising it.
+
+    A :exc:`~mqtasks.exceptions.MiddlewareError` (a veto, such as
+    :exc:`~mqtasks.exceptions.SkipMessage`) is raised; any other error is logged
+    as ``middleware.hook_failed`` and ``default`` returned, so an observability
+    bug never fails a task or a publish.
+
+    Returns:
+        What the hook returned, or ``default`` if it failed or returned None.
+    """
+    try:
+        result = hook(*args, **kwargs)
+    except MiddlewareError:
+        raise
+    except Exception:
+        logger.exception("middleware.hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
+        return default
+    return default if result is None and default is not None else result
+
+
+class Runner:
+    """Calls the hooks of a middleware stack: ``before_*`` in order, ``after_*`` in reverse.
+
+    Args:
+        middleware: The stack, in installation order. The publishing hooks read
+            it at every call (an app's list may change at any time); the
+            processing hooks are bound on first use, only those a middleware
+            overrides, so a worker's hot path pays nothing for the rest.
+    """
+
+    def __init__(self, middleware: Sequence[Middleware]) -> None:
+        self.middleware = middleware
+        self._bound: dict[str, list[Callable[..., Any]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Runner {[type(m).__name__ for m in self.middleware]}>"
+
+    def _hooks(self, name: str) -> list[Callable[..., Any]]:
+        hooks = self._bound.get(name)
+        if hooks is None:
+            stack = self.middleware if name.startswith("before_") else self.middleware[::-1]
+            hooks = self._bound[name] = overriding(stack, name)
+        return hooks
+
+    # -- publishing -------------------------------------------------------------
+
+    def before_publish(self, app: App, message: Message) -> Message:
+        """Run every ``before_publish``; return the message as the last one changed it.
+
+        Raises:
+            MiddlewareError: A middleware vetoed; those before it got
+                ``after_publish_error`` with it, in reverse.
+        """
+        mws = self.middleware
+        for i, mw in enumerate(mws):
+            try:
+                message = call_hook(mw.before_publish, app, message, default=message)
+            except BaseException as exc:  # a MiddlewareError vetoes: close what was opened
+                for opened in reversed(mws[:i]):
+                    call_hook(opened.after_publish_error, app, message, exc)
+                raise
+        return message
+
+    def after_publish(self, app: App, messages: Iterable[Message]) -> None:
+        """Run every ``after_publish``, in reverse, for each of ``messages``."""
+        mws = self.middleware[::-1]
+        for message in messages:
+            for mw in mws:
+                call_hook(mw.after_publish, app, message)
+
+    def after_publish_error(
+        self, app: App, messages: Iterable[Message], exception: BaseException
+    ) -> None:
+        """Run every ``after_publish_error``, in reverse, for each of ``messages``."""
+        mws = self.middleware[::-1]
+        for message in messages:
+            for mw in mws:
+                call_hook(mw.after_publish_error, app, message, exception)
+
+    # -- processing -------------------------------------------------------------
+
+    def worker_boot(self, worker: Worker) -> None:
+        """Run every ``worker_boot``, in order."""
+        for mw in self.middleware:
+            call_hook(mw.worker_boot, worker)
+
+    def worker_shutdown(self, worker: Worker) -> None:
+        """Run every ``worker_shutdown``, in reverse."""
+        for mw in self.middleware[::-1]:
+            call_hook(mw.worker_shutdown, worker)
+
+    def before_process(self, worker: Worker, message: Message) -> None:
+        """Run the ``before_process`` overrides, in order.
+
+        Raises:
+            SkipMessage: A middleware skipped the message; the middleware before
+                it got ``after_process`` with it, in reverse (their brackets closed).
+        """
+        for hook in self._hooks("before_process"):
+            try:
+                call_hook(hook, worker, message)
+            except SkipMessage as skip:
+                mws = list(self.middleware)
+                skipper = getattr(hook, "__self__", None)
+                opened = mws[: mws.index(skipper)] if skipper in mws else []
+                for mw in reversed(opened):
+                    call_hook(mw.after_process, worker, message, result=None, exception=skip)
+                raise
+
+    def after_process(
+        self, worker: Worker, message: Message, result: Any, exception: BaseException | None
+    ) -> None:
+        """Run the ``after_process`` overrides, in reverse."""
+        for hook in self._hooks("after_process"):
+            call_hook(hook, worker, message, result=result, exception=exception)
+
+    def after_retry(
+        self, worker: Worker, message: Message, delay: float, exception: BaseException
+    ) -> None:
+        """Run the ``after_retry`` overrides, in reverse."""
+        for hook in self._hooks("after_retry"):
+            call_hook(hook, worker, message, delay, exception)
+
+    def after_reject(self, worker: Worker, message: Message | None, reason: str) -> None:
+        """Run the ``after_reject`` overrides, in reverse."""
+        for hook in self._hooks("after_reject"):
+            call_hook(hook, worker, message, reason)
+
+    def after_dead_letter(self, worker: Worker, message: Message | None, reason: str) -> None:
+        """Run the ``after_dead_letter`` overrides, in reverse."""
+        for hook in self._hooks("after_dead_letter"):
+            call_hook(hook, worker, message, reason)
