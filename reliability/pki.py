@@ -22,7 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Pki", "TlsFront", "make_pki", "pipe"]
+from .proxy import pipe
+
+__all__ = ["Pki", "TlsFront", "make_pki"]
 
 
 # -- certificates ----------------------------------------------------------------------
@@ -217,15 +219,3 @@ class TlsFront:
                 with contextlib.suppress(OSError):
                     s.close()
             self._sockets.clear()
-
-
-def pipe(src: socket.socket, dst: socket.socket) -> None:
-    """Copy bytes from ``src`` to ``dst`` until either side closes, then close both."""
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    for s in (src, dst):
-        with contextlib.suppress(OSError):
-            s.close()

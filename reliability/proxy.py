@@ -1,9 +1,15 @@
-"""A loopback TCP proxy the harness owns, to break connections without touching the broker.
+"""A loopback TCP proxy, to break connections without touching the broker.
+
+The harness (S5) and the test suite both use it; it lives here because the
+tests may import the harness, never the other way round.
 
 * :meth:`TcpProxy.cut` resets every proxied connection (``SO_LINGER`` 0: the
-  peers see RST, as after a network failure);
+  peers see RST, as after a network failure), and with ``refuse`` also turns new
+  connections away until :meth:`TcpProxy.resume`: a broker that is down;
 * :meth:`TcpProxy.blackhole` keeps every socket open but forwards nothing, in
-  either direction: a half-open connection only heartbeats or timeouts detect.
+  either direction: a half-open connection only heartbeats or timeouts detect;
+* :meth:`TcpProxy.forward` is the hook a subclass overrides to hold (block) or
+  drop the bytes of one direction (a frozen broker, a reply that never arrives).
 """
 
 from __future__ import annotations
@@ -12,31 +18,40 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
-__all__ = ["TcpProxy"]
+__all__ = ["TcpProxy", "pipe"]
 
 
 class TcpProxy:
     """Forwards ``127.0.0.1:<port>`` to ``target``; one thread per direction per connection.
 
     Args:
-        target_port: The broker's port on loopback.
+        target_port: The broker's port.
+        target_host: The broker's host (loopback by default).
     """
 
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         self.holing = threading.Event()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        #: Connections forwarded so far.
         self.accepted = 0
+        #: Connections turned away (while refusing, or the target did not answer).
+        self.refused = 0
+        self.accepting = True
         self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, name="rel-proxy-accept", daemon=True).start()
+        threading.Thread(target=self._accept, name="tcp-proxy-accept", daemon=True).start()
 
     def url_for(self, url: str) -> str:
-        """``url`` with its port replaced by the proxy's."""
-        return url.replace(f":{self.target[1]}/", f":{self.port}/")
+        """``url`` (one broker's) pointing at the proxy instead: same credentials,
+        path and query, host and port the proxy's."""
+        parts = urlsplit(url)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        return parts._replace(netloc=f"{userinfo}{at}127.0.0.1:{self.port}").geturl()
 
     def _accept(self) -> None:
         while True:
@@ -44,11 +59,14 @@ class TcpProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if not self.accepting:
+                self._turn_away(client)
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)
             except OSError:
-                _reset(client)
+                self._turn_away(client)
                 continue
             with self._lock:
                 self.pairs.append((client, upstream))
@@ -56,23 +74,31 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
+    def _turn_away(self, client: socket.socket) -> None:
+        with self._lock:
+            self.refused += 1
+        _reset(client)
+
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            while data := src.recv(65536):
-                if self.holing.is_set():
-                    continue  # swallowed: the other side hears nothing
-                dst.sendall(data)
-        except OSError:
-            pass
+            pipe(src, dst, lambda data: not self.holing.is_set() and self.forward(src, data))
         finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
             with self._lock:
                 self.pairs = [p for p in self.pairs if src not in p]
 
-    def cut(self) -> int:
-        """Reset every proxied connection; return how many were cut."""
+    def forward(self, src: socket.socket, data: bytes) -> bool:
+        """Whether to pass on ``data`` read from ``src``; a subclass may block here to
+        hold the bytes, or return False to drop them."""
+        return True
+
+    def cut(self, *, refuse: bool = False) -> int:
+        """Reset every proxied connection; return how many were cut.
+
+        Args:
+            refuse: Also turn new connections away until :meth:`resume`.
+        """
+        if refuse:
+            self.accepting = False
         with self._lock:
             pairs, self.pairs = self.pairs, []
         for pair in pairs:
@@ -82,6 +108,10 @@ class TcpProxy:
             for s in pair:
                 _reset(s)
         return len(pairs)
+
+    def resume(self) -> None:
+        """Accept and forward new connections again."""
+        self.accepting = True
 
     def blackhole(self, on: bool = True) -> int:
         """Stop forwarding bytes, sockets staying open; or end the black hole.
@@ -99,10 +129,33 @@ class TcpProxy:
 
     def close(self) -> None:
         """Stop accepting and reset every connection."""
-        self._closed = True
+        self.accepting = False
         with contextlib.suppress(OSError):
             self.listener.close()
         self.cut()
+
+
+def pipe(
+    src: socket.socket, dst: socket.socket, forward: Callable[[bytes], bool] | None = None
+) -> None:
+    """Copy bytes from ``src`` to ``dst`` until either side closes, then close both.
+
+    Args:
+        src: Where bytes are read.
+        dst: Where they are written.
+        forward: Sees each chunk first; it may block (hold the bytes) or return
+            False (drop them).
+    """
+    try:
+        while data := src.recv(65536):
+            if forward is None or forward(data):
+                dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.close()
 
 
 def _reset(sock: socket.socket) -> None:
