@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,59 +28,25 @@ from mqtasks.transport import ReliableRedisTransport
 from mqtasks.transport.base import Envelope
 from mqtasks.transport.redis_reliable import encode_element
 from tests import cli_app
-from tests.conftest import cleanup, require_broker, unique_name
-
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-#: The console script installed next to the interpreter running the tests.
-MQTASKS = str(Path(sys.executable).with_name("mqtasks"))
-#: Seconds any single wait in this file may take before the test fails.
-WAIT = 20.0
+from tests._helpers.brokers import cleanup, require_broker, unique_name
+from tests._helpers.cli import (
+    MQTASKS,
+    PYTHON,
+    ROOT,
+    CliWorker,
+    children,
+    clean_env,
+    json_lines,
+    proc_stat,
+    run,
+    session_members,
+)
+from tests._helpers.wait import wait_for
 
 BROKER_KINDS = [pytest.param("amqp", id="amqp"), pytest.param("redis", id="redis")]
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without MQTASKS_/CLI_TEST_ variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTASKS_", "CLI_TEST_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 30) -> Any:
-    """Run a short command to completion (killed after ``timeout`` seconds)."""
-    return subprocess.run(
-        args, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def json_lines(text: str, event: str | None = None) -> list[dict[str, Any]]:
-    """The JSON log lines in ``text`` (with ``event`` if given); other lines are skipped."""
-    out = []
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and (event is None or entry.get("event") == event):
-            out.append(entry)
-    return out
 
 
 @dataclass
@@ -107,95 +72,6 @@ class Record:
 
     def tags(self, event: str = "finish", prefix: str = "") -> set[str]:
         return {t for e, t, _ in self.entries() if e == event and t.startswith(prefix)}
-
-
-def _proc_stat(pid: int) -> tuple[int, int, int] | None:
-    """Return ``(ppid, pgrp, session)`` of a live, non-zombie process, or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[1]), int(fields[2]), int(fields[3])
-
-
-def session_members(sid: int) -> list[int]:
-    """Live processes of the session ``sid`` (a worker started with ``start_new_session``)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None and stat[2] == sid:
-                members.append(int(entry.name))
-    return members
-
-
-class CliWorker:
-    """A ``mqtasks worker`` subprocess with its stderr in a file."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], stderr: Path, stdout: Path) -> None:
-        self.proc = proc
-        self.stderr_path = stderr
-        self.stdout_path = stdout
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def logs(self, event: str | None = None) -> list[dict[str, Any]]:
-        """The JSON log lines on stderr (other lines, from stdlib logging, are skipped)."""
-        return json_lines(self.stderr(), event)
-
-    def wait_log(self, event: str, count: int = 1, timeout: float = WAIT) -> list[dict[str, Any]]:
-        """Wait until ``event`` was logged ``count`` times; fail early if the worker exits."""
-
-        def seen() -> list[dict[str, Any]] | None:
-            found = self.logs(event)
-            if len(found) >= count:
-                return found
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"worker exited with {self.proc.returncode} before logging {event!r}:\n"
-                    + self.stderr()[-4000:]
-                )
-            return None
-
-        found: list[dict[str, Any]] = wait_until(seen, f"{count} x {event!r} logged", timeout)
-        return found
-
-    def wait_started(self, count: int = 1) -> None:
-        self.wait_log("worker.started", count)
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.proc.pid, signum)
-
-    def wait(self, timeout: float) -> int:
-        """Wait for the exit code; fail (with the log) if it takes longer than ``timeout``."""
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"worker still running {timeout} s later:\n{self.stderr()[-4000:]}"
-            ) from None
-
-    def kill(self) -> None:
-        """SIGKILL the worker and every process of its session; reap the worker."""
-        for pid in [self.proc.pid, *session_members(self.proc.pid)]:
-            if pid == self.proc.pid and self.proc.poll() is not None:
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-            pass
 
 
 @dataclass
@@ -440,7 +316,7 @@ def test_worker_runs_published_tasks_and_stops_on_sigterm(
         s.send(f"t{i}")
 
     # Then the worker runs each of them once
-    wait_until(lambda: s.record.count("finish") == 5, "5 finished tasks")
+    wait_for(lambda: s.record.count("finish") == 5, "5 finished tasks")
     assert sorted(t for e, t, _ in s.record.entries() if e == "finish") == [
         f"t{i}" for i in range(5)
     ]
@@ -472,7 +348,7 @@ def test_sigterm_lets_the_running_task_finish_and_acks_it(
 
     # Given a 2 s task running
     s.send("slow", 2.0)
-    wait_until(lambda: s.record.count("start", "slow") == 1, "the slow task to start")
+    wait_for(lambda: s.record.count("start", "slow") == 1, "the slow task to start")
 
     # When SIGTERM arrives
     worker.signal(signal.SIGTERM)
@@ -491,7 +367,7 @@ def test_sigterm_lets_the_running_task_finish_and_acks_it(
     second = run_cli(s, "-c", "1", "--shutdown-timeout", "5")
     second.wait_started()
     s.send("after")
-    wait_until(lambda: s.record.count("finish", "after") == 1, "the task sent afterwards")
+    wait_for(lambda: s.record.count("finish", "after") == 1, "the task sent afterwards")
     assert s.record.count("start", "slow") == 1
     second.signal(signal.SIGTERM)
     assert second.wait(10) == 0, second.stderr()
@@ -511,7 +387,7 @@ def test_shutdown_timeout_exits_3_and_the_task_is_not_lost(
 
     # Given a 30 s task running
     s.send("long", 30.0)
-    wait_until(lambda: s.record.count("start", "long") == 1, "the long task to start")
+    wait_for(lambda: s.record.count("start", "long") == 1, "the long task to start")
 
     # When SIGTERM arrives, the 1 s grace period runs out: exit code 3
     worker.signal(signal.SIGTERM)
@@ -524,7 +400,7 @@ def test_shutdown_timeout_exits_3_and_the_task_is_not_lost(
 
     # Then the message went back to the broker: a new worker starts it again
     run_cli(s, "-c", "1").wait_started()
-    wait_until(lambda: s.record.count("start", "long") == 2, "the long task to start again")
+    wait_for(lambda: s.record.count("start", "long") == 2, "the long task to start again")
 
 
 # -- 6. SIGKILL mid-task ----------------------------------------------------------------------------
@@ -545,7 +421,7 @@ def test_task_of_a_killed_worker_runs_on_the_next_one(
 
     # Given a task running
     s.send("doomed", 1.5)
-    wait_until(lambda: s.record.count("start", "doomed") == 1, "the task to start")
+    wait_for(lambda: s.record.count("start", "doomed") == 1, "the task to start")
 
     # When the worker is killed with SIGKILL
     worker.signal(signal.SIGKILL)
@@ -558,7 +434,7 @@ def test_task_of_a_killed_worker_runs_on_the_next_one(
     # Then another worker runs the task to completion
     second = run_cli(s, "-c", "1", "--shutdown-timeout", "5")
     second.wait_started()
-    wait_until(lambda: s.record.count("finish", "doomed") >= 1, "the task to finish", timeout=25)
+    wait_for(lambda: s.record.count("finish", "doomed") >= 1, "the task to finish", timeout=25)
     assert s.record.count("start", "doomed") == 2
     assert s.record.count("finish", "doomed") == 1
     assert s.record.pids("finish") == {second.pid}
@@ -584,12 +460,12 @@ def test_processes_2_runs_two_children_and_replaces_a_dead_one(
     children = {e["pid"] for e in parent.logs("supervisor.child_started")}
     assert len(children) == 2
     for pid in children:
-        assert (_proc_stat(pid) or (0,))[0] == parent.pid
+        assert (proc_stat(pid) or (0,))[0] == parent.pid
 
     # Two processes share the work
     for i in range(40):
         s.send(f"a{i}", 0.05)
-    wait_until(lambda: len(s.record.tags(prefix="a")) == 40, "40 finished tasks")
+    wait_for(lambda: len(s.record.tags(prefix="a")) == 40, "40 finished tasks")
     assert s.record.pids(prefix="a") == children
 
     # When one child is killed, the supervisor starts another in its slot
@@ -606,7 +482,7 @@ def test_processes_2_runs_two_children_and_replaces_a_dead_one(
     for i in range(40):
         s.send(f"b{i}", 0.05)
     # (a task whose ack the killed child had not sent yet may run again: at-least-once)
-    wait_until(lambda: len(s.record.tags(prefix="b")) == 40, "40 more finished tasks")
+    wait_for(lambda: len(s.record.tags(prefix="b")) == 40, "40 more finished tasks")
     assert replacement in s.record.pids(prefix="b")
 
     # And SIGTERM to the parent stops everything, leaving no process behind
@@ -626,7 +502,7 @@ def test_ctrl_c_stops_a_multi_process_worker_gracefully(
     parent = run_cli(s, "--processes", "2", "-c", "1", "--shutdown-timeout", "10")
     parent.wait_started(2)
     s.send("slow", 1.5)
-    wait_until(lambda: s.record.count("start", "slow") == 1, "the slow task to start")
+    wait_for(lambda: s.record.count("start", "slow") == 1, "the slow task to start")
 
     # When the terminal's process group gets SIGINT (what Ctrl-C does)
     os.killpg(parent.pid, signal.SIGINT)
@@ -709,7 +585,7 @@ def test_bad_messages_are_rejected_and_the_worker_keeps_running(
     s.send("good")
 
     # Then each bad one is rejected with its reason, and the good one still runs
-    wait_until(lambda: s.record.count("finish", "good") == 1, "the good task")
+    wait_for(lambda: s.record.count("finish", "good") == 1, "the good task")
     rejected = {e["task_id"]: e for e in worker.wait_log("message.rejected", len(expected))}
     assert {k: v["reason"] for k, v in rejected.items()} == expected
     assert rejected["bad-unknown_task"]["task_name"] == "cli.nope"
@@ -718,7 +594,7 @@ def test_bad_messages_are_rejected_and_the_worker_keeps_running(
     assert worker.proc.poll() is None
     assert s.ready() == 0
     if kind == "redis":
-        wait_until(lambda: s.in_flight() == 0, "the rejections to be settled")
+        wait_for(lambda: s.in_flight() == 0, "the rejections to be settled")
 
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 0, worker.stderr()
@@ -734,7 +610,8 @@ def test_a_child_stopped_before_it_could_handle_sigterm_is_a_clean_stop() -> Non
         "sys.exit(Supervisor([sys.executable, '-c', 'import time; time.sleep(30)'], 2).run())"
     )
     proc = subprocess.Popen([PYTHON, "-c", code], cwd=ROOT, env=clean_env())
-    time.sleep(1.5)  # the children sleep with SIGTERM's default action: it kills them
+    # The children sleep with SIGTERM's default action: it kills them
+    wait_for(lambda: len(children(proc.pid)) == 2, "the supervisor's two children")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
 
@@ -797,7 +674,7 @@ def test_sigterm_while_the_app_is_still_importing_is_a_clean_stop(tmp_path: Path
         stderr=subprocess.PIPE,
     )
     try:
-        wait_until(marker.exists, "the app's import to begin")
+        wait_for(marker.exists, "the app's import to begin")
         # When SIGTERM arrives in the middle of that import
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
@@ -24,7 +23,8 @@ from mqtasks.message import HEADER_ATTEMPT, HEADER_FIRST_FAILED_AT
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.base import dead_letter_spec
 from tests import dlq_app
-from tests.conftest import cleanup, require_broker, unique_name
+from tests._helpers.brokers import cleanup, require_broker, unique_name
+from tests._helpers.wait import wait_for
 
 APP_PATH = "tests.dlq_app:create()"
 
@@ -72,13 +72,11 @@ def flaky_queue(app: App) -> str:
 
 
 def wait_for_dead_letters(app: App, n: int, timeout: float = 20.0) -> list[DeadLetter]:
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = list_dead_letters(app, flaky_queue(app))
-        if len(entries) >= n:
-            return entries
-        assert time.monotonic() < deadline, f"{len(entries)} of {n} dead letters in time"
-        time.sleep(0.05)
+    def entries() -> list[DeadLetter]:
+        return list_dead_letters(app, flaky_queue(app))
+
+    wait_for(lambda: len(entries()) >= n, lambda: f"{n} dead letters, {len(entries())}", timeout)
+    return entries()
 
 
 def dead_letter(app: App, *ns: int) -> list[str]:

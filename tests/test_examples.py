@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+from tests._helpers.cli import ROOT
 
 
 def test_quickstart_runs_on_the_embedded_broker() -> None:
@@ -40,7 +41,8 @@ def test_shop_example_tasks_run_on_memory(monkeypatch) -> None:
         reset(shop.app)
 
 
-def test_docs_fixture_snippet_passes() -> None:
+@pytest.mark.parametrize("snippet", ["test_with_fixtures.py", "test_with_fake_redis.py"])
+def test_docs_fixture_snippet_passes(snippet: str) -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -49,7 +51,7 @@ def test_docs_fixture_snippet_passes() -> None:
             "-q",
             "-p",
             "no:cacheprovider",
-            "docs/_snippets/test_with_fixtures.py",
+            f"docs/_snippets/{snippet}",
         ],
         cwd=ROOT,
         capture_output=True,

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,10 @@ from mqtasks.middleware import OpenTelemetryTracing, StructlogContext
 from mqtasks.middleware.log_context import trace_id_of
 from mqtasks.testing import drain, memory_app, reset, running_worker
 from tests import observability_app
-from tests.conftest import require_broker, unique_name
+from tests._helpers.brokers import require_broker, unique_name
+from tests._helpers.cli import ROOT
+from tests._helpers.wait import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 CONTEXT = ("task_id", "task_name", "attempt", "queue")
@@ -276,23 +276,20 @@ def test_worker_writes_json_with_the_task_context_and_masked_urls(
             text = stderr.read_text()
             return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-        def wait_for(event: str) -> dict[str, Any]:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                found = [e for e in lines() if e["event"] == event]
-                if found:
-                    return found[0]
+        def wait_logged(event: str) -> dict[str, Any]:
+            def found() -> dict[str, Any] | None:
                 assert proc.poll() is None, stderr.read_text()
-                time.sleep(0.05)
-            raise AssertionError(f"no {event} in {stderr.read_text()}")
+                return next((e for e in lines() if e["event"] == event), None)
+
+            return wait_for(found, lambda: f"{event} in {stderr.read_text()}", 30)
 
         # Given a started worker
-        started = wait_for("worker.started")
+        started = wait_logged("worker.started")
         # When a traced call and a failing one arrive
         handle = hello.apply_async(("ada",), headers={"traceparent": TRACEPARENT})
         fail.apply_async(headers={"traceparent": TRACEPARENT})
-        wait_for("task.succeeded")
-        wait_for("task.dead_lettered")
+        wait_logged("task.succeeded")
+        wait_logged("task.dead_lettered")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,12 +19,9 @@ from mqtasks.middleware import (
     overriding,
 )
 from mqtasks.testing import drain, memory_app, reset, running_worker
-from tests.statsd_server import StatsdServer, statsd_server
-from tests.transport.test_contract import raw_publish
-
-__all__ = ["statsd_server"]  # the fixture, re-exported for pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests._helpers.cli import ROOT
+from tests._helpers.publish import raw_publish
+from tests._helpers.statsd import StatsdServer
 
 
 class Journal(Middleware):

@@ -13,27 +13,26 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
 from mqtasks import App, PublishError, Settings
+from mqtasks.dlq import DeadLetter
 from mqtasks.testing import drain, running_worker
-
-from ._servers import free_port, start_redis, stop
-from .conftest import require_broker, unique_name
+from tests._helpers.brokers import require_broker, unique_name
+from tests._helpers.cli import ROOT
+from tests._helpers.servers import free_port, start_redis, stop
+from tests._helpers.wait import wait_for
 
 #: The password the tests look for; long enough to be masked even outside URLs.
 SECRET = f"Pw-{uuid.uuid4().hex[:16]}"
 #: A wrong password that contains SECRET, so one search finds either.
 WRONG = f"{SECRET}-wrong"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -161,13 +160,12 @@ def test_a_task_error_quoting_the_broker_url_is_masked_everywhere(
     try:
         # Given a task that fails quoting the broker URL and password
         app.get_task("redaction.leak").delay()
-        deadline = time.monotonic() + 60
-        entries = app.dead_letters(queue)
-        while not entries:
-            assert time.monotonic() < deadline, "the failed task never reached the DLQ"
+
+        def dead_lettered() -> list[DeadLetter]:
             assert worker.poll() is None, worker.communicate()[1][-2000:]
-            time.sleep(0.2)
-            entries = app.dead_letters(queue)
+            return app.dead_letters(queue)
+
+        entries = wait_for(dead_lettered, "the failed task to reach the DLQ", timeout=60)
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGTERM)

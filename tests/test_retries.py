@@ -22,8 +22,8 @@ from mqtasks.retry import RetryPolicy
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.redis_reliable import ReliableRedisDelivery, ReliableRedisTransport
 from tests import crash_app
-from tests.conftest import require_broker
-from tests.transport.test_contract import raw_publish
+from tests._helpers.brokers import require_broker
+from tests._helpers.publish import raw_publish
 from tests.transport.test_delivery_limit import Crash
 
 

@@ -17,9 +17,9 @@ from mqtasks import App, ConfigurationError, Reject, Settings, Worker
 from mqtasks.middleware import StatsdMetrics, default_middleware
 from mqtasks.middleware.statsd import UNKNOWN_TASK, parse_statsd_url, sanitize
 from mqtasks.testing import drain, memory_app, reset, running_worker
-from tests.conftest import require_broker
-from tests.statsd_server import StatsdServer, statsd_server
-from tests.transport.test_contract import raw_publish
+from tests._helpers.brokers import require_broker
+from tests._helpers.publish import raw_publish
+from tests._helpers.statsd import StatsdServer, statsd_server
 
 __all__ = ["statsd_server"]  # the fixture, re-exported for pytest
 

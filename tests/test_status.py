@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -21,9 +20,8 @@ from mqtasks.exceptions import ConfigurationError, ConnectionFailed
 from mqtasks.status import QueueStatus, StatusMonitor, queue_status
 from mqtasks.transport.base import DLQ_SUFFIX, Consumer, Delivery
 from tests import status_app
-from tests.conftest import cleanup, require_broker, unique_name
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests._helpers.brokers import cleanup, require_broker, unique_name
+from tests._helpers.cli import ROOT
 
 
 @pytest.fixture

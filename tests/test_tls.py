@@ -22,9 +22,9 @@ import structlog
 from mqtasks import App, ConfigurationError, ConnectionFailed, PublishError, Settings, Worker
 from mqtasks.config import TLSOptions
 from mqtasks.testing import drain, running_worker
+from mqtasks.transport.kombu import KombuTransport
 from reliability.pki import Pki, TlsFront, make_pki
-
-from ._servers import start_rabbitmq_tls, start_redis, stop
+from tests._helpers.servers import start_rabbitmq_tls, start_redis, stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -267,6 +267,7 @@ def test_tls_options_come_from_the_environment(pki: Pki) -> None:
 def test_amqps_checks_the_host_name_py_amqp_would_not() -> None:
     # py-amqp checks the host name only when told it: mqtasks always tells it.
     app = App("t", broker="amqps://guest:guest@broker.internal:5671//")
+    assert isinstance(app.transport, KombuTransport)
     options = app.transport.kombu_ssl()
     assert isinstance(options, dict)
     assert options["server_hostname"] == "broker.internal"

@@ -16,7 +16,7 @@ from mqtasks import App, EncodeError, Message, Middleware, Reject, Settings, Wor
 from mqtasks.middleware import OpenTelemetryTracing, default_middleware
 from mqtasks.middleware.otel import messaging_system
 from mqtasks.testing import drain, memory_app, reset, running_worker
-from tests.conftest import require_broker
+from tests._helpers.brokers import require_broker
 
 
 @pytest.fixture

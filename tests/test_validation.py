@@ -10,7 +10,7 @@ import tenacity
 from mqtasks import App, ConfigurationError, QueueSpec, RetryPolicy, UnknownTransport
 from mqtasks.validation import check_app, max_backoff, retry_schedule
 from mqtasks.worker import Worker
-from tests.test_cli import PYTHON, ROOT, clean_env
+from tests._helpers.cli import PYTHON, ROOT, clean_env
 
 #: kombu's Redis transport on a port nothing listens on: checks must not need the broker.
 KOMBU_REDIS = "redis+kombu://127.0.0.1:1/0"

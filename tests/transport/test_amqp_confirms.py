@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from mqtasks import App, BulkPublishError, PublishNacked, QueueSpec, Unroutable
 from mqtasks.transport.base import dead_letter_spec
+from tests._helpers.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -71,13 +71,14 @@ def test_threads_publishing_at_once_each_get_their_message_in(
     for t in threads:
         t.join(60)
     assert errors == []
-    counts = app.transport.message_counts([app.queue(job.queue)])
-    # Without confirms the broker may still be reading what was sent: give it time.
-    deadline = time.monotonic() + (0 if confirm else 10)
-    while counts != {job.queue: 300} and time.monotonic() < deadline:
-        time.sleep(0.05)
-        counts = app.transport.message_counts([app.queue(job.queue)])
-    assert counts == {job.queue: 300}
+
+    def counts() -> dict[str, int]:
+        return app.transport.message_counts([app.queue(job.queue)])
+
+    if confirm:  # every delay() returned after its confirm: the broker has them all now
+        assert counts() == {job.queue: 300}
+    else:  # without confirms the broker may still be reading what was sent
+        wait_for(lambda: counts() == {job.queue: 300}, lambda: f"300 messages, {counts()}", 10)
 
 
 def test_a_bulk_send_into_a_full_queue_names_exactly_the_refused_messages(

@@ -8,7 +8,6 @@ caller either returns (its message is in the queue) or raises.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -16,8 +15,8 @@ import pytest
 from mqtasks import App, PublishError
 from mqtasks.testing import running_worker
 from mqtasks.transport.amqp import AmqpTransport
-
-from ._faults import close_amqp_connections, own_local_ports
+from tests._helpers.faults import close_amqp_connections, own_local_ports
+from tests._helpers.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -105,23 +104,31 @@ def test_a_connection_closed_while_confirms_are_outstanding_loses_no_message(
 
     job.delay(-1)
     closed: list[int] = []
+    returned: list[int] = []
+
+    def send(n: int) -> None:
+        job.delay(n)
+        returned.append(n)
+
+    def more_published(what: str) -> None:
+        """Wait until 50 more delay() calls have returned (confirms are flowing)."""
+        before = len(returned)
+        wait_for(lambda: len(returned) >= before + 50, what, 30)
 
     def cut() -> None:
         for _ in range(2):
-            time.sleep(0.3)
+            more_published("publishing before the cut")
             closed.append(close_amqp_connections())
-        time.sleep(0.3)  # and publishing goes on on the new connection
+        more_published("publishing to go on on the new connection")
 
-    done, errors = _publish_from_threads(job.delay, threads=8, each=100_000, during=cut)
+    done, errors = _publish_from_threads(send, threads=8, each=100_000, during=cut)
     assert len(closed) == 2 and min(closed) >= 1, (
         "the connection was not cut twice while publishing"
     )
     assert errors == []  # each published again within its timeout
     assert len(done) > 100
     with running_worker(app, concurrency=4):
-        deadline = time.monotonic() + 60
-        while not done <= seen and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: done <= seen, lambda: f"{len(done - seen)} tasks to run", 60)
     assert done - seen == set()
 
 

@@ -6,9 +6,7 @@ never blocking the queue; unstarted prefetched messages handed back on stop.
 
 from __future__ import annotations
 
-import gzip
 import os
-import pickle
 import threading
 import time
 from pathlib import Path
@@ -16,50 +14,11 @@ from typing import Any
 
 import kombu
 import pytest
-import redis
 
 from mqtasks import App, Reject, current_message
 from mqtasks.testing import drain, running_worker
-from mqtasks.transport.base import Envelope
 from mqtasks.transport.kombu import KombuTransport
-from mqtasks.transport.redis_reliable import ReliableRedisTransport, encode_element
-
-
-def raw_publish(app: App, queue: str, body: Any, **kwargs: Any) -> None:
-    """Publish bypassing mqtasks, as a hostile or buggy producer would."""
-    kwargs["headers"] = dict(kwargs.get("headers") or {})  # kombu may add to it in place
-    transport = app.transport
-    if isinstance(transport, ReliableRedisTransport):
-        _raw_redis_publish(transport, queue, body, **kwargs)
-        return
-    with transport.connection() as conn:
-        producer = conn.Producer()
-        kwargs.setdefault("message_id", "raw-1")
-        producer.publish(body, routing_key=queue, exchange="", **kwargs)
-
-
-def _raw_redis_publish(
-    transport: ReliableRedisTransport, queue: str, body: Any, **kwargs: Any
-) -> None:
-    """The same poison, written straight into mqtasks' Redis list format."""
-    headers = kwargs["headers"]
-    content_type = kwargs.get("content_type")
-    if kwargs.get("serializer") == "pickle":
-        body, content_type = pickle.dumps(body), "application/x-python-serialize"
-    if kwargs.get("compression") == "gzip":
-        body, headers["compression"] = gzip.compress(body), "application/x-gzip"
-    envelope = Envelope(
-        body=body,
-        message_id=kwargs.get("message_id", "raw-1"),
-        headers=headers,
-        content_type=content_type or "application/data",
-        content_encoding=kwargs.get("content_encoding") or "binary",
-    )
-    client = redis.Redis.from_url(transport.redis_url)
-    try:
-        client.lpush(transport.queue_key(queue), encode_element(envelope))
-    finally:
-        client.close()
+from tests._helpers.publish import raw_publish
 
 
 def reasons(worker: Any) -> list[str]:

@@ -33,8 +33,9 @@ from mqtasks.transport.memory import MemoryTransport
 from mqtasks.transport.redis_reliable import ReliableRedisDelivery, encode_element
 from mqtasks.worker import Worker
 from tests import crash_app
-from tests.conftest import REDIS_URL, cleanup, require_broker, unique_name
-from tests.test_cli import PYTHON, ROOT, CliWorker, clean_env, wait_until
+from tests._helpers.brokers import REDIS_URL, cleanup, require_broker, unique_name
+from tests._helpers.cli import PYTHON, ROOT, CliWorker, clean_env
+from tests._helpers.wait import wait_for as wait_until
 
 from .test_redis_reliable import Inbox, envelope, make_transport
 

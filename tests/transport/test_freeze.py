@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from mqtasks import App, TransportError
-
-from ._faults import TcpProxy
+from reliability.proxy import TcpProxy
+from tests._helpers.brokers import cleanup, require_broker
 
 pytestmark = pytest.mark.integration
 
@@ -41,24 +41,15 @@ class FreezingProxy(TcpProxy):
         return True
 
 
-def _via(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    userinfo, _, _ = parts.netloc.rpartition("@")
-    host = f"127.0.0.1:{port}"
-    return parts._replace(netloc=f"{userinfo}@{host}" if userinfo else host).geturl()
-
-
 @pytest.mark.parametrize("kind", ["amqp", "redis"])
 def test_delay_is_bounded_by_the_publish_timeout_while_the_broker_is_frozen(
     kind: str, make_app: Callable[..., App]
 ) -> None:
-    from tests.conftest import cleanup, require_broker
-
     url = require_broker(kind)
     proxy = FreezingProxy(urlsplit(url).port or (5672 if kind == "amqp" else 6379))
     app: App | None = None
     try:
-        app = make_app(_via(url, proxy.port), publish_timeout=PUBLISH_TIMEOUT, heartbeat=0)
+        app = make_app(proxy.url_for(url), publish_timeout=PUBLISH_TIMEOUT, heartbeat=0)
 
         @app.task
         def noop(n: int) -> None: ...

@@ -4,33 +4,25 @@ from __future__ import annotations
 
 import threading
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
 from mqtasks.testing import drain, running_worker
-
-from ._faults import TcpProxy
+from reliability.proxy import TcpProxy
+from tests._helpers.brokers import require_broker
+from tests._helpers.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def _via(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
-
-
 @pytest.mark.parametrize("kind", ["amqp", "redis"])
 def test_worker_reconnects_after_an_outage_and_stops_during_one(kind: str, make_app) -> None:
-    from tests.conftest import require_broker
-
     url = require_broker(kind)
     proxy = TcpProxy(urlsplit(url).port or (5672 if kind == "amqp" else 6379))
     try:
         direct = make_app(url)
-        app = make_app(_via(url, proxy.port), default_queue=direct.settings.default_queue)
+        app = make_app(proxy.url_for(url), default_queue=direct.settings.default_queue)
         seen: list[int] = []
         lock = threading.Lock()
 
@@ -47,16 +39,14 @@ def test_worker_reconnects_after_an_outage_and_stops_during_one(kind: str, make_
             proxy.cut(refuse=True)
             for n in range(5):
                 direct.get_task("outage.record").delay(n)
-            time.sleep(1.0)
+            wait_for(lambda: proxy.refused >= 1, "the worker to find the broker unreachable")
             # When the broker is reachable again, the worker reconnects by itself
             proxy.resume()
             drain(worker, timeout=30)
             # RabbitMQ may have delivered some of them to the cut consumer before it
             # saw that connection close; they come back once it does (drain() sees
             # no ready message meanwhile), so wait for all five.
-            deadline = time.monotonic() + 30
-            while len(seen) < 5 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: len(seen) >= 5, lambda: f"all five tasks (ran: {seen})", 30)
             assert sorted(seen) == list(range(5))
             # And when the broker goes away again, stop() still returns promptly
             proxy.cut(refuse=True)

@@ -19,8 +19,7 @@ import pytest
 from mqtasks import App, QueueSpec, RetryPolicy
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.redis_reliable import ReliableRedisTransport
-
-from ..conftest import require_broker, unique_name
+from tests._helpers.brokers import require_broker, unique_name
 
 
 def kinds(*names: str) -> list[Any]:

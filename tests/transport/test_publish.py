@@ -8,6 +8,8 @@ import pytest
 
 from mqtasks import App, PublishError, PublishNacked, QueueSpec, RetryPolicy, Unroutable
 from mqtasks.testing import drain, running_worker
+from tests._helpers.brokers import require_broker
+from tests._helpers.faults import own_local_ports
 
 pytestmark = pytest.mark.integration
 
@@ -51,8 +53,6 @@ def test_publish_during_an_outage_raises_in_bounded_time(url: str) -> None:
 
 @pytest.mark.parametrize("kind", ["amqp", "redis+kombu"])
 def test_higher_priorities_run_first_on_both_brokers(kind: str, make_app, queue_name) -> None:
-    from tests.conftest import require_broker
-
     name = queue_name("prio")
     url = require_broker(kind.partition("+")[0])
     if kind == "redis+kombu":
@@ -141,10 +141,6 @@ def test_a_full_quorum_queue_takes_one_more_then_refuses_every_publish(
 
 @pytest.mark.parametrize("kind", ["amqp", "redis"])
 def test_publishing_reuses_pooled_connections(kind: str, make_app) -> None:
-    from tests.conftest import require_broker
-
-    from ._faults import own_local_ports
-
     url = require_broker(kind)
     port = 5672 if kind == "amqp" else 6379
     app = make_app(url)

@@ -10,8 +10,8 @@ import pytest
 
 from mqtasks import App
 from mqtasks.testing import drain, running_worker
-
-from ._faults import close_amqp_connections, kill_redis_connections
+from tests._helpers.faults import close_amqp_connections, kill_redis_connections
+from tests._helpers.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,9 +30,7 @@ def _run_through_a_cut(app: App, cut: Callable[[], int]) -> None:
 
     record.delay(0)
     with running_worker(app, concurrency=2) as worker:
-        deadline = time.monotonic() + 10
-        while worker.received < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: worker.received >= 1, "the worker to take the first task", 10, 0.01)
         # When the broker drops the worker's connection mid-task
         assert cut() >= 1
         gate.set()

@@ -21,8 +21,9 @@ from mqtasks import App, PublishError, QueueSpec, Retry
 from mqtasks.testing import running_worker
 from mqtasks.transport import ReliableRedisTransport
 from mqtasks.transport.base import Delivery
+from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
+from tests._helpers.wait import wait_for
 
-from ..conftest import REDIS_URL, require_broker, unique_name
 from .test_redis_reliable import FAST, Inbox, envelope, make_transport, reliable_url
 
 pytestmark = pytest.mark.integration
@@ -158,8 +159,9 @@ def test_two_consumers_never_deliver_a_delayed_message_twice(prefix: str) -> Non
     def pump(inbox: Inbox) -> None:
         try:
             inbox.pump(lambda: total() >= n, timeout=10)
-            time.sleep(0.3)  # a late duplicate would show up here
-            inbox.consumer.wait(0.05, -1)
+            listening = time.monotonic() + 0.3  # go on fetching: a late duplicate shows up
+            while time.monotonic() < listening:
+                inbox.consumer.wait(0.05, -1)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -237,9 +239,7 @@ def test_countdown_and_retry_run_through_the_worker(
         later.apply_async(countdown=0.7)
         again.delay()
         assert done.wait(10)
-        deadline = time.monotonic() + 5
-        while not starts["later"] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: starts["later"], "the countdown task to start", 5, 0.01)
     assert 0.7 - 0.01 <= starts["later"][0] - sent <= 1.2
     first, second = starts["again"]
     assert 0.5 - 0.01 <= second - first <= 1.0

@@ -27,9 +27,9 @@ from mqtasks.transport.redis_reliable import (
     ReliableRedisDelivery,
     encode_element,
 )
+from reliability.proxy import TcpProxy
+from tests._helpers.brokers import REDIS_URL, RUN_ID, require_broker, unique_name
 
-from ..conftest import REDIS_URL, RUN_ID, require_broker, unique_name
-from ._faults import TcpProxy
 from .test_contract import (  # run here against redis:// (see the app fixture)
     test_each_task_runs_once_and_is_acked,
     test_expired_task_is_not_run,

@@ -1,6 +1,6 @@
 """Brokers owned by one test module: their own redis-server or RabbitMQ node on free
-loopback ports. The throwaway certificate authority for TLS is the harness's
-(:mod:`reliability.pki`).
+loopback ports. The throwaway certificate authority for TLS, the free port and the
+wait for a listener are the harness's (:mod:`reliability.pki`, :mod:`reliability.brokers`).
 
 Each is stopped by the process id it was started with; the machine's shared
 brokers are never touched.
@@ -11,34 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
-import time
 from pathlib import Path
 
+from reliability.brokers import free_port, wait_port
 from reliability.pki import Pki
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until something accepts connections on 127.0.0.1:``port``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+__all__ = ["free_port", "start_rabbitmq_tls", "start_redis", "stop"]
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -86,7 +65,7 @@ def start_redis(
     proc = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    wait_for_port(port, 10, proc)
+    wait_port(port, 10, alive=proc)
     return proc, port
 
 
@@ -142,19 +121,9 @@ def start_rabbitmq_tls(directory: Path, pki: Pki) -> tuple[subprocess.Popen[byte
             start_new_session=True,
         )
     try:
-        wait_for_port(tls_port, 90, proc)
-        wait_for_port(tcp_port, 30, proc)
+        wait_port(tls_port, 90, alive=proc)
+        wait_port(tcp_port, 30, alive=proc)
     except BaseException:
         stop(proc)
         raise
     return proc, tls_port, tcp_port
-
-
-def tls_handshake_ok(port: int, ca: Path) -> bool:
-    """Whether a verified TLS handshake with 127.0.0.1:``port`` succeeds."""
-    context = ssl.create_default_context(cafile=str(ca))
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname="localhost"),
-    ):
-        return True

@@ -1,14 +1,20 @@
-"""A real StatsD receiver for tests: a UDP socket on 127.0.0.1 that records every line."""
+"""A real StatsD receiver for tests: a UDP socket on 127.0.0.1 that records every line.
+
+The ``statsd_server`` fixture is registered for every test by ``conftest.py``.
+"""
 
 from __future__ import annotations
 
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
+
+from .wait import wait_for
+
+__all__ = ["StatsdServer", "statsd_server"]
 
 _LINE = re.compile(r"^(?P<name>[^:]+):(?P<value>[^|]+)\|(?P<type>c|ms|g|s)(\|@[0-9.]+)?$")
 
@@ -70,11 +76,8 @@ class StatsdServer:
         return [v for v, t in self.stats(name) if t == "ms"]
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; received: {self.lines}")
-            time.sleep(0.01)
+        """Wait until ``condition()`` holds; fail showing every line received."""
+        wait_for(condition, lambda: f"{what}; received: {self.lines}", timeout, interval=0.01)
 
 
 @pytest.fixture

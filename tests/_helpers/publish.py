@@ -1,0 +1,63 @@
+"""Publishing past mqtasks' producer, as a hostile or buggy producer would.
+
+Raw kombu on RabbitMQ and ``memory://``; on mqtasks' own Redis transport the
+list element written straight into the queue. The worker must dead-letter what
+it cannot take, with its reason, and never block the queue on it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from typing import Any
+
+from mqtasks import App
+from mqtasks.transport.base import Envelope
+from mqtasks.transport.kombu import KombuTransport
+from mqtasks.transport.redis_reliable import ReliableRedisTransport, encode_element
+
+__all__ = ["raw_publish"]
+
+
+def raw_publish(app: App, queue: str, body: Any, **kwargs: Any) -> None:
+    """Publish ``body`` to ``queue`` bypassing mqtasks.
+
+    Args:
+        app: The app whose broker is used.
+        queue: The queue (routing key on the default exchange).
+        body: The raw body.
+        **kwargs: What kombu's ``Producer.publish`` takes (``headers``,
+            ``content_type``, ``serializer="pickle"``, ``compression="gzip"``...),
+            applied the same way on Redis.
+    """
+    kwargs["headers"] = dict(kwargs.get("headers") or {})  # kombu may add to it in place
+    transport = app.transport
+    if isinstance(transport, ReliableRedisTransport):
+        _raw_redis_publish(transport, queue, body, **kwargs)
+        return
+    assert isinstance(transport, KombuTransport), transport
+    with transport.connection() as conn:
+        producer = conn.Producer()
+        kwargs.setdefault("message_id", "raw-1")
+        producer.publish(body, routing_key=queue, exchange="", **kwargs)
+
+
+def _raw_redis_publish(
+    transport: ReliableRedisTransport, queue: str, body: Any, **kwargs: Any
+) -> None:
+    """The same poison, written straight into mqtasks' Redis list format."""
+    headers = kwargs["headers"]
+    content_type = kwargs.get("content_type")
+    if kwargs.get("serializer") == "pickle":
+        body, content_type = pickle.dumps(body), "application/x-python-serialize"
+    if kwargs.get("compression") == "gzip":
+        body, headers["compression"] = gzip.compress(body), "application/x-gzip"
+    envelope = Envelope(
+        body=body,
+        message_id=kwargs.get("message_id", "raw-1"),
+        headers=headers,
+        content_type=content_type or "application/data",
+        content_encoding=kwargs.get("content_encoding") or "binary",
+    )
+    # The transport's own client: it reaches fakeredis too.
+    transport.publisher().lpush(transport.queue_key(queue), encode_element(envelope))
