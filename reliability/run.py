@@ -22,7 +22,7 @@ from mqtasks import App
 from mqtasks.dlq import list_dead_letters
 from mqtasks.exceptions import MQTasksError
 from mqtasks.serialization import encode_body
-from mqtasks.transport import ReliableRedisTransport
+from mqtasks.transport import RedisTransport
 
 from .ledger import Checks, Classification, Event, LedgerWriter, read_ledger
 from .proxy import TcpProxy
@@ -403,7 +403,7 @@ class Run(Checks):
             from mqtasks.transport.base import dead_letter_spec
 
             specs.append(dead_letter_spec(specs[0]))
-            if isinstance(self.app.transport, ReliableRedisTransport):
+            if isinstance(self.app.transport, RedisTransport):
                 client = self.harness.redis_server(self.broker).client()  # type: ignore[arg-type]
                 keys = list(client.scan_iter(match=f"{self.key_prefix}*"))
                 if keys:

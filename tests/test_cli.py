@@ -24,9 +24,9 @@ import kombu
 import pytest
 
 from mqtasks import App, __version__
-from mqtasks.transport import ReliableRedisTransport
+from mqtasks.transport import RedisTransport
 from mqtasks.transport.base import Envelope
-from mqtasks.transport.redis_reliable import encode_element
+from mqtasks.transport.redis import encode_element
 from tests import cli_app
 from tests._helpers.brokers import cleanup, require_broker, unique_name
 from tests._helpers.cli import (
@@ -110,10 +110,10 @@ class Scenario:
         return self.app.transport.message_counts([self.app.queue(self.queue)])[self.queue]
 
     @property
-    def redis(self) -> ReliableRedisTransport:
+    def redis(self) -> RedisTransport:
         """The ``redis://`` transport of the publishing app (Redis scenarios only)."""
         transport = self.app.transport
-        assert isinstance(transport, ReliableRedisTransport), transport
+        assert isinstance(transport, RedisTransport), transport
         return transport
 
     def redis_keys(self, suffix: str = "*") -> list[bytes]:

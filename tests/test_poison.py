@@ -25,7 +25,7 @@ from mqtasks import App, DecodeError, EncodeError
 from mqtasks.serialization import MAX_JSON_DEPTH, decode_body, json_depth_exceeds
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.kombu import KombuTransport
-from mqtasks.transport.redis_reliable import ReliableRedisTransport
+from mqtasks.transport.redis import RedisTransport
 from tests._helpers.brokers import AMQP_URL, require_broker
 from tests._helpers.wait import wait_for
 
@@ -45,7 +45,7 @@ def inject(app: App, queue: str, body: bytes, message_id: str, **props: Any) -> 
     """Publish raw bytes with raw properties, as a hostile or buggy producer would."""
     headers = dict(props.pop("headers", {}))
     transport = app.transport
-    if isinstance(transport, ReliableRedisTransport):
+    if isinstance(transport, RedisTransport):
         meta = {
             "i": message_id,
             "h": headers,
@@ -71,7 +71,7 @@ def inject_deep_headers(app: App, queue: str, task: str, depth: int) -> None:
     """A header nested ``depth`` levels: tables on RabbitMQ (from another process,
     whose recursion limit is raised to write it), JSON on Redis, dicts in memory."""
     transport = app.transport
-    if isinstance(transport, ReliableRedisTransport):
+    if isinstance(transport, RedisTransport):
         deep = '{"k":' * depth + "1" + "}" * depth
         head = (
             f'{{"i":"deep-headers","h":{{"mqtasks-task":"{task}","deep":{deep}}},'
@@ -340,12 +340,12 @@ def test_a_dead_letter_entry_keeps_its_headers_within_a_bound() -> None:
     # dead-letter entry adds the reason on top and must still be publishable
     # (RabbitMQ carries all headers in one frame, 128 KiB by default).
     from mqtasks.deadletter import dead_letter_envelope
-    from mqtasks.transport.redis_reliable import ReliableRedisDelivery
+    from mqtasks.transport.redis import RedisDelivery
 
     headers = {"mqtasks-task": "t", "note": "x" * 200_000, "small": 1, "traceparent": "00-ab"}
     meta = {"i": "big", "h": headers, "t": "application/json", "e": "utf-8", "p": None}
     element = b"n" + json.dumps(meta).encode() + b"\n" + GOOD_BODY
-    delivery = ReliableRedisDelivery(element, "q", 1, "", "")
+    delivery = RedisDelivery(element, "q", 1, "", "")
     envelope = dead_letter_envelope(
         delivery,
         None,

@@ -20,7 +20,7 @@ from mqtasks.dlq import list_dead_letters
 from mqtasks.message import HEADER_ATTEMPT
 from mqtasks.retry import RetryPolicy
 from mqtasks.testing import drain, running_worker
-from mqtasks.transport.redis_reliable import ReliableRedisDelivery, ReliableRedisTransport
+from mqtasks.transport.redis import RedisDelivery, RedisTransport
 from tests import crash_app
 from tests._helpers.brokers import require_broker
 from tests._helpers.publish import raw_publish
@@ -48,7 +48,7 @@ def dead_letters(app: App, queue: str, *, expect: int, timeout: float = 10.0) ->
     """Take the dead-letter queue's entries off the broker (waiting for ``expect``)."""
     transport = app.transport
     deadline = time.monotonic() + timeout
-    if isinstance(transport, ReliableRedisTransport):
+    if isinstance(transport, RedisTransport):
         client = redis.Redis.from_url(transport.redis_url)
         entries: list[Entry] = []
         try:
@@ -57,7 +57,7 @@ def dead_letters(app: App, queue: str, *, expect: int, timeout: float = 10.0) ->
                 if element is None:
                     time.sleep(0.05)
                     continue
-                d = ReliableRedisDelivery(element, queue, 1, "", "")
+                d = RedisDelivery(element, queue, 1, "", "")
                 entries.append(Entry(dict(d.headers), d.body, d.message_id))
         finally:
             client.close()
@@ -297,7 +297,7 @@ def test_a_retry_pending_when_its_worker_is_killed_still_runs(
     if kind == "redis":
         spec = c.app.queue(c.queue)
         transport = c.app.transport
-        assert isinstance(transport, ReliableRedisTransport)
+        assert isinstance(transport, RedisTransport)
         client = transport.publisher()
         wait_until(
             lambda: (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .amqp import AmqpsTransport, AmqpTransport
     from .memory import MemoryTransport
     from .redis import RedisTransport
-    from .redis_reliable import ReliableRedisTransport
+    from .redis_kombu import RedisKombuTransport
 
 __all__ = [
     "TRANSPORTS",
@@ -34,23 +35,24 @@ __all__ = [
     "MemoryTransport",
     "QueueSpec",
     "QueueStats",
+    "RedisKombuTransport",
     "RedisTransport",
-    "ReliableRedisTransport",
     "Transport",
     "resolve",
     "transport_class",
 ]
 
 #: URL scheme -> ``module:Class`` of its transport. ``redis://`` is mqtasks' own
-#: Redis transport; ``redis+kombu://`` selects kombu's stock Redis transport.
+#: Redis transport; ``redis+kombu://`` selects kombu's stock Redis transport
+#: (``RedisKombuTransport``).
 TRANSPORTS: dict[str, str] = {
     "amqp": "mqtasks.transport.amqp:AmqpTransport",
     "pyamqp": "mqtasks.transport.amqp:AmqpTransport",
     "amqps": "mqtasks.transport.amqp:AmqpsTransport",
-    "redis": "mqtasks.transport.redis_reliable:ReliableRedisTransport",
-    "rediss": "mqtasks.transport.redis_reliable:ReliableRedisTransport",
-    "redis+kombu": "mqtasks.transport.redis:RedisTransport",
-    "rediss+kombu": "mqtasks.transport.redis:RedisTransport",
+    "redis": "mqtasks.transport.redis:RedisTransport",
+    "rediss": "mqtasks.transport.redis:RedisTransport",
+    "redis+kombu": "mqtasks.transport.redis_kombu:RedisKombuTransport",
+    "rediss+kombu": "mqtasks.transport.redis_kombu:RedisKombuTransport",
     "memory": "mqtasks.transport.memory:MemoryTransport",
 }
 
@@ -59,8 +61,8 @@ _LAZY = {
     "AmqpTransport": "amqp",
     "AmqpsTransport": "amqps",
     "MemoryTransport": "memory",
-    "RedisTransport": "redis+kombu",
-    "ReliableRedisTransport": "redis",
+    "RedisKombuTransport": "redis+kombu",
+    "RedisTransport": "redis",
 }
 
 
@@ -98,7 +100,18 @@ def resolve(url: str, **options: Any) -> Transport:
     return transport_class(scheme)(url, **options)
 
 
+#: Names of earlier releases -> today's (a rename keeps the old name for a while).
+_RENAMED = {"ReliableRedisTransport": "RedisTransport"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return transport_class(_LAZY[name])
+    if name in _RENAMED:
+        warnings.warn(
+            f"mqtasks.transport.{name} is now mqtasks.transport.{_RENAMED[name]}.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return transport_class(_LAZY[_RENAMED[name]])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

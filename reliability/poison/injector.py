@@ -15,7 +15,7 @@ from typing import Any
 import kombu
 
 from mqtasks import App
-from mqtasks.transport import ReliableRedisTransport
+from mqtasks.transport import RedisTransport
 from mqtasks.transport.amqp import AmqpTransport
 from mqtasks.transport.kombu import KombuTransport
 
@@ -62,7 +62,7 @@ class PoisonInjector:
     @property
     def is_redis(self) -> bool:
         """Whether the broker is mqtasks' own Redis transport."""
-        return isinstance(self.transport, ReliableRedisTransport)
+        return isinstance(self.transport, RedisTransport)
 
     def _connection(self) -> kombu.Connection:
         """A new connection to the broker (RabbitMQ and ``memory://``: kombu-backed)."""
@@ -103,7 +103,7 @@ class PoisonInjector:
         Raises:
             Exception: Whatever kombu or redis-py raised (the broker did not take it).
         """
-        if isinstance(self.transport, ReliableRedisTransport):
+        if isinstance(self.transport, RedisTransport):
             meta = {
                 "i": poison.id if poison.send_id else None,
                 "h": dict(poison.headers),

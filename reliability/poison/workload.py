@@ -20,7 +20,7 @@ from mqtasks import App, EncodeError
 from mqtasks.deadletter import HEADER_DEATH_DROPPED_HEADERS
 from mqtasks.dlq import list_dead_letters
 from mqtasks.exceptions import MQTasksError
-from mqtasks.transport import QueueSpec, ReliableRedisTransport
+from mqtasks.transport import QueueSpec, RedisTransport
 from mqtasks.transport.base import dead_letter_spec
 from mqtasks.transport.kombu import KombuTransport
 from mqtasks.transport.memory import MemoryTransport
@@ -163,7 +163,7 @@ class PoisonWorkload:
                 raised[type(exc).__name__] += 1
             else:
                 raised["returned"] += 1
-        if not isinstance(transport, ReliableRedisTransport | MemoryTransport):
+        if not isinstance(transport, RedisTransport | MemoryTransport):
             with contextlib.suppress(Exception):
                 transport.delete(specs)
         return dict(raised)
@@ -310,7 +310,7 @@ class PoisonWorkload:
 def _delete_behind_back(app: App, queue: str) -> None:
     """Delete ``queue`` without telling the app (which still believes it declared)."""
     transport = app.transport
-    if isinstance(transport, ReliableRedisTransport):
+    if isinstance(transport, RedisTransport):
         transport.publisher().delete(transport.queue_key(queue))
         return
     assert isinstance(transport, KombuTransport), transport

@@ -24,7 +24,7 @@ import kombu
 
 from mqtasks.config import Settings
 from mqtasks.exceptions import MQTasksError
-from mqtasks.transport import ReliableRedisTransport
+from mqtasks.transport import RedisTransport
 from mqtasks.transport.base import dead_letter_spec
 from mqtasks.transport.kombu import KombuTransport
 
@@ -270,7 +270,7 @@ def _scan_raw(run: Run, scan: LeakScan) -> None:
     entries = 0
     if run.is_redis:
         transport = run.app.transport
-        assert isinstance(transport, ReliableRedisTransport)
+        assert isinstance(transport, RedisTransport)
         client = run.harness.redis_server(run.broker).client()  # type: ignore[arg-type]
         try:
             for raw in client.lrange(transport.queue_key(dlq), 0, -1):
@@ -386,7 +386,7 @@ def _scan_reprs(run: Run, scan: LeakScan) -> None:
         "app.transport": transport,
         "Settings.from_env": Settings.from_env(run.env),
     }
-    if isinstance(transport, ReliableRedisTransport):
+    if isinstance(transport, RedisTransport):
         client = transport.client()
         shown |= {
             "transport.client()": client,
@@ -401,6 +401,6 @@ def _scan_reprs(run: Run, scan: LeakScan) -> None:
     for name, obj in shown.items():
         scan.scan("reprs", f"repr({name})", repr(obj))
         scan.scan("reprs", f"str({name})", str(obj))
-    if not isinstance(transport, ReliableRedisTransport):
+    if not isinstance(transport, RedisTransport):
         shown["transport.connection()"].release()
     run.extra["reprs_scanned"] = sorted(shown)

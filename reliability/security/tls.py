@@ -23,7 +23,7 @@ from typing import Any
 
 from mqtasks import App
 from mqtasks.config import Settings, TLSOptions, mask_url
-from mqtasks.transport import ReliableRedisTransport
+from mqtasks.transport import RedisTransport
 from mqtasks.transport.kombu import KombuTransport
 
 from ..brokers import RabbitNode, RedisServer, TlsFiles, listening_beyond_loopback
@@ -268,7 +268,7 @@ def _default_verification(url: str) -> dict[str, Any]:
     app = App("reliability-probe", broker=url)
     try:
         transport = app.transport
-        if isinstance(transport, ReliableRedisTransport) or "rediss" in url:
+        if isinstance(transport, RedisTransport) or "rediss" in url:
             kwargs = transport.tls.redis_kwargs()
             reqs, host = str(kwargs["ssl_cert_reqs"]), bool(kwargs["ssl_check_hostname"])
             verified = reqs == "required" and host

@@ -14,7 +14,7 @@ from typing import Any
 from mqtasks import App
 from mqtasks.transport.base import Envelope
 from mqtasks.transport.kombu import KombuTransport
-from mqtasks.transport.redis_reliable import ReliableRedisTransport, encode_element
+from mqtasks.transport.redis import RedisTransport, encode_element
 
 __all__ = ["raw_publish"]
 
@@ -32,7 +32,7 @@ def raw_publish(app: App, queue: str, body: Any, **kwargs: Any) -> None:
     """
     kwargs["headers"] = dict(kwargs.get("headers") or {})  # kombu may add to it in place
     transport = app.transport
-    if isinstance(transport, ReliableRedisTransport):
+    if isinstance(transport, RedisTransport):
         _raw_redis_publish(transport, queue, body, **kwargs)
         return
     assert isinstance(transport, KombuTransport), transport
@@ -43,7 +43,7 @@ def raw_publish(app: App, queue: str, body: Any, **kwargs: Any) -> None:
 
 
 def _raw_redis_publish(
-    transport: ReliableRedisTransport, queue: str, body: Any, **kwargs: Any
+    transport: RedisTransport, queue: str, body: Any, **kwargs: Any
 ) -> None:
     """The same poison, written straight into mqtasks' Redis list format."""
     headers = kwargs["headers"]

@@ -30,7 +30,7 @@ from mqtasks.transport.base import Delivery, Transport, broker_spec
 from mqtasks.transport.delivery_count import HEADER_DELIVERY_COUNT, counted_returns
 from mqtasks.transport.envelope import Envelope
 from mqtasks.transport.memory import MemoryTransport
-from mqtasks.transport.redis_reliable import ReliableRedisDelivery, encode_element
+from mqtasks.transport.redis import RedisDelivery, encode_element
 from mqtasks.worker import Worker
 from tests import crash_app
 from tests._helpers.brokers import REDIS_URL, cleanup, require_broker, unique_name
@@ -105,12 +105,12 @@ def test_a_limit_of_zero_is_off_and_never_a_queue_argument() -> None:
 
 def test_redis_elements_carry_their_count() -> None:
     element = encode_element(envelope(1))
-    assert ReliableRedisDelivery(element, "q", 1, "", "").delivery_count == 1
+    assert RedisDelivery(element, "q", 1, "", "").delivery_count == 1
     counted = b"r12" + element[1:]
-    delivery = ReliableRedisDelivery(counted, "q", 1, "", "")
+    delivery = RedisDelivery(counted, "q", 1, "", "")
     assert (delivery.delivery_count, delivery.message_id, delivery.body) == (13, "m1", b'{"n":1}')
     assert delivery.redelivered and delivery.refused is None
-    garbage = ReliableRedisDelivery(b"r" + b"9" * 12 + element[1:], "q", 1, "", "")
+    garbage = RedisDelivery(b"r" + b"9" * 12 + element[1:], "q", 1, "", "")
     assert garbage.refused == "decode_error"
 
 

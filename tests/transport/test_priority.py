@@ -18,7 +18,7 @@ import pytest
 
 from mqtasks import App, QueueSpec, RetryPolicy
 from mqtasks.testing import drain, running_worker
-from mqtasks.transport.redis_reliable import ReliableRedisTransport
+from mqtasks.transport.redis import RedisTransport
 from tests._helpers.brokers import require_broker, unique_name
 
 
@@ -128,7 +128,7 @@ def wait_until_due(app: App, queue: str, *, held: int, total: int) -> None:
     spec = app.queue(queue)
     deadline = time.monotonic() + 10
     while True:
-        if isinstance(transport, ReliableRedisTransport):
+        if isinstance(transport, RedisTransport):
             client = transport.publisher()
             seconds, micros = client.time()
             now_ms = seconds * 1000 + micros / 1000

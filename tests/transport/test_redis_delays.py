@@ -19,7 +19,7 @@ import redis
 
 from mqtasks import App, PublishError, QueueSpec, Retry
 from mqtasks.testing import running_worker
-from mqtasks.transport import ReliableRedisTransport
+from mqtasks.transport import RedisTransport
 from mqtasks.transport.base import Delivery
 from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
 from tests._helpers.wait import wait_for
@@ -43,7 +43,7 @@ def prefix() -> Iterator[str]:
 
 
 @pytest.fixture
-def transport(prefix: str) -> Iterator[ReliableRedisTransport]:
+def transport(prefix: str) -> Iterator[RedisTransport]:
     t = make_transport(prefix)
     yield t
     t.close()
@@ -64,7 +64,7 @@ def arrivals(inbox: Inbox) -> dict[str | None, float]:
 
 
 def test_a_delayed_message_is_held_then_delivered_on_time(
-    transport: ReliableRedisTransport,
+    transport: RedisTransport,
 ) -> None:
     q = unique_name("q")
     inbox = Inbox(transport, [q], prefetch=10)
@@ -81,7 +81,7 @@ def test_a_delayed_message_is_held_then_delivered_on_time(
     inbox.consumer.close()
 
 
-def test_a_short_delay_is_not_blocked_by_a_long_one(transport: ReliableRedisTransport) -> None:
+def test_a_short_delay_is_not_blocked_by_a_long_one(transport: RedisTransport) -> None:
     a, b = unique_name("a"), unique_name("b")
     inbox = Inbox(transport, [a, b], prefetch=10)
     times = arrivals(inbox)
@@ -98,10 +98,10 @@ def test_a_short_delay_is_not_blocked_by_a_long_one(transport: ReliableRedisTran
 
 
 def test_due_order_is_kept_across_several_moves(
-    transport: ReliableRedisTransport, monkeypatch: pytest.MonkeyPatch
+    transport: RedisTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Published latest-due first, and more due at once than one script call moves.
-    monkeypatch.setattr(ReliableRedisTransport, "promote_batch", 4)
+    monkeypatch.setattr(RedisTransport, "promote_batch", 4)
     q = unique_name("q")
     items = [(q, envelope(n)) for n in range(15)]
     results = transport.publish_many(items, delays=[0.3 - n * 0.01 for n in range(15)])
@@ -182,7 +182,7 @@ def test_two_consumers_never_deliver_a_delayed_message_twice(prefix: str) -> Non
 
 
 def test_counts_purge_and_delete_cover_delayed_messages(
-    transport: ReliableRedisTransport,
+    transport: RedisTransport,
 ) -> None:
     a, b = unique_name("a"), unique_name("b")
     specs = [QueueSpec(a), QueueSpec(b)]
@@ -200,7 +200,7 @@ def test_counts_purge_and_delete_cover_delayed_messages(
     assert transport.delayed_counts(specs) == {a: 0, b: 0}
 
 
-def test_delay_arguments(transport: ReliableRedisTransport) -> None:
+def test_delay_arguments(transport: RedisTransport) -> None:
     q = unique_name("q")
     # The same envelope again while it is held (a retry after a lost reply) is stored once.
     transport.publish(q, envelope(1), delay=30)

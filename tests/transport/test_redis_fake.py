@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from mqtasks import App
-from mqtasks.transport import redis as mq_redis
+from mqtasks.transport import redis_kombu as mq_redis
 
 
 @pytest.fixture

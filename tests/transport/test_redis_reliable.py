@@ -20,11 +20,11 @@ import redis
 
 from mqtasks import App, ConfigurationError, PublishError, QueueSpec
 from mqtasks.testing import drain, running_worker
-from mqtasks.transport import ReliableRedisTransport, resolve
+from mqtasks.transport import RedisTransport, resolve
 from mqtasks.transport.base import Delivery, Envelope
-from mqtasks.transport.redis_reliable import (
-    ReliableRedisConsumer,
-    ReliableRedisDelivery,
+from mqtasks.transport.redis import (
+    RedisConsumer,
+    RedisDelivery,
     encode_element,
 )
 from reliability.proxy import TcpProxy
@@ -100,10 +100,10 @@ def envelope(n: int, **kwargs: Any) -> Envelope:
 class Inbox:
     """A consumer driven by the test itself, as the worker's I/O thread would."""
 
-    def __init__(self, transport: ReliableRedisTransport, queues: list[str], prefetch: int):
+    def __init__(self, transport: RedisTransport, queues: list[str], prefetch: int):
         self.got: list[Delivery] = []
         consumer = transport.consumer([QueueSpec(q) for q in queues], prefetch=prefetch)
-        assert isinstance(consumer, ReliableRedisConsumer)
+        assert isinstance(consumer, RedisConsumer)
         self.consumer = consumer
         consumer.start(self.got.append)
 
@@ -122,10 +122,10 @@ class Inbox:
         return [d.message_id for d in self.got]
 
 
-def make_transport(prefix: str, url: str | None = None, **options: Any) -> ReliableRedisTransport:
+def make_transport(prefix: str, url: str | None = None, **options: Any) -> RedisTransport:
     opts = {"key_prefix": prefix, **options.pop("transport_options", {})}
     transport = resolve(url or reliable_url(), transport_options=opts, **options)
-    assert isinstance(transport, ReliableRedisTransport)
+    assert isinstance(transport, RedisTransport)
     return transport
 
 
@@ -141,7 +141,7 @@ def test_element_round_trips_every_envelope_field() -> None:
         content_encoding="utf-8",
         priority=3,
     )
-    d = ReliableRedisDelivery(encode_element(env), "q", 1, "p", "s")
+    d = RedisDelivery(encode_element(env), "q", 1, "p", "s")
     assert (d.body, d.message_id, dict(d.headers), d.priority) == (env.body, "id-1", env.headers, 3)
     assert (d.content_type, d.content_encoding, d.redelivered, d.refused) == (
         "application/json",
@@ -153,18 +153,18 @@ def test_element_round_trips_every_envelope_field() -> None:
 
 def test_metadata_too_large_to_parse_is_refused_but_keeps_its_message_id() -> None:
     env = Envelope(body=b"{}", message_id="id-big", headers={"x": "v" * (2 * 1024 * 1024)})
-    d = ReliableRedisDelivery(encode_element(env), "q", 1, "p", "s")
+    d = RedisDelivery(encode_element(env), "q", 1, "p", "s")
     assert (d.refused, d.message_id, d.body) == ("invalid_headers", "id-big", b"{}")
 
 
 def test_unsupported_queue_options_and_unknown_options_are_configuration_errors() -> None:
-    t = ReliableRedisTransport("redis://127.0.0.1:6379/0")
+    t = RedisTransport("redis://127.0.0.1:6379/0")
     for spec in (QueueSpec("q", message_ttl=1), QueueSpec("q", max_length=1)):
         with pytest.raises(ConfigurationError):
             t.declare([spec])
     t.declare([QueueSpec("q", max_priority=5)])  # honoured: it caps priorities
     with pytest.raises(ConfigurationError, match="visibility_timeout"):
-        ReliableRedisTransport("redis://h/0", transport_options={"visibility_timeout": 5})
+        RedisTransport("redis://h/0", transport_options={"visibility_timeout": 5})
 
 
 # -- consuming ------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_undecodable_elements_are_rejected_and_do_not_block(
         good.append(x + y)
 
     t = app.transport
-    assert isinstance(t, ReliableRedisTransport)
+    assert isinstance(t, RedisTransport)
     q = add.queue
     task = {"mqtasks-task": add.name}
 
@@ -336,7 +336,7 @@ def test_undecodable_elements_are_rejected_and_do_not_block(
 # -- priorities --------------------------------------------------------------
 
 
-def keys_of(raw: redis.Redis[bytes], t: ReliableRedisTransport, queue: str) -> list[bytes]:
+def keys_of(raw: redis.Redis[bytes], t: RedisTransport, queue: str) -> list[bytes]:
     """Every key of ``queue``'s ready lists and delayed set."""
     pattern = t.queue_key(queue).replace("{", "[{]").replace("}", "[}]") + "*"
     return sorted([*raw.scan_iter(match=pattern), *raw.scan_iter(match=t.delayed_key(queue))])
@@ -568,7 +568,7 @@ def test_a_dead_consumers_messages_are_restored_within_seconds(
     for n in range(3):
         job.delay(n)
     t = app.transport
-    assert isinstance(t, ReliableRedisTransport)
+    assert isinstance(t, RedisTransport)
     # Given a consumer that took two messages, then died without closing (SIGKILL)
     dead = Inbox(t, [job.queue], prefetch=2)
     dead.pump(lambda: len(dead.got) == 2)
@@ -630,12 +630,12 @@ def test_publish_to_a_frozen_redis_raises_within_the_timeout(prefix: str) -> Non
 
 
 def test_redis_urls_select_this_transport_and_kombus_stays_selectable() -> None:
-    from mqtasks.transport import RedisTransport
+    from mqtasks.transport import RedisKombuTransport
 
-    assert isinstance(resolve("redis://127.0.0.1:6379/0"), ReliableRedisTransport)
-    assert isinstance(resolve("redis+kombu://127.0.0.1:6379/0"), RedisTransport)
+    assert isinstance(resolve("redis://127.0.0.1:6379/0"), RedisTransport)
+    assert isinstance(resolve("redis+kombu://127.0.0.1:6379/0"), RedisKombuTransport)
     t = resolve("rediss://u:pw@127.0.0.1:6380/3")
-    assert isinstance(t, ReliableRedisTransport)
+    assert isinstance(t, RedisTransport)
     assert t.redis_url == "rediss://u:pw@127.0.0.1:6380/3"
     assert "pw" not in repr(t)
 

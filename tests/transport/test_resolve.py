@@ -8,8 +8,8 @@ from mqtasks import App, ConfigurationError, QueueSpec, UnknownTransport
 from mqtasks.transport import (
     AmqpTransport,
     MemoryTransport,
+    RedisKombuTransport,
     RedisTransport,
-    ReliableRedisTransport,
     resolve,
 )
 
@@ -18,9 +18,9 @@ from mqtasks.transport import (
     ("url", "cls"),
     [
         ("amqp://guest:guest@127.0.0.1//", AmqpTransport),
-        ("redis://127.0.0.1:6379/0", ReliableRedisTransport),
-        ("rediss://127.0.0.1:6380/0", ReliableRedisTransport),
-        ("redis+kombu://127.0.0.1:6379/0", RedisTransport),
+        ("redis://127.0.0.1:6379/0", RedisTransport),
+        ("rediss://127.0.0.1:6380/0", RedisTransport),
+        ("redis+kombu://127.0.0.1:6379/0", RedisKombuTransport),
         ("memory://", MemoryTransport),
     ],
 )

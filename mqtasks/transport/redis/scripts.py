@@ -1,6 +1,6 @@
 """Lua scripts of the reliable Redis transport: each runs atomically in Redis.
 
-Key layout and element format are described in :mod:`mqtasks.transport.redis_reliable`.
+Key layout and element format are described in :mod:`mqtasks.transport.redis`.
 Scripts touch keys derived from their arguments (processing lists of other
 consumers, a queue's priority lists), which is fine on a single Redis and on a
 cluster as long as every key shares the transport's hash tag.

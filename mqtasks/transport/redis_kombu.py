@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import kombu
@@ -14,8 +14,9 @@ from .base import Capabilities, QueueSpec
 from .envelope import Envelope
 from .errors import translate_errors
 from .kombu import KombuTransport
+from .redis.checks import redis_warnings
 
-__all__ = ["RedisTransport"]
+__all__ = ["RedisKombuTransport"]
 
 
 class _Channel(kombu_redis.Channel):  # type: ignore[misc]
@@ -28,7 +29,7 @@ class KombuRedisTransport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = _Channel
 
 
-class RedisTransport(KombuTransport):
+class RedisKombuTransport(KombuTransport):
     """Redis through kombu's stock transport (``redis+kombu://``): a list per queue (per priority step), unacknowledged messages kept
     in a hash and restored after ``visibility_timeout`` or at a worker's shutdown.
 
@@ -88,40 +89,3 @@ class RedisTransport(KombuTransport):
     def check_broker(self) -> list[str]:
         """Warn when Redis would lose or evict acknowledged tasks."""
         return redis_warnings(self.connection)
-
-
-def redis_warnings(connection: Callable[[], Any]) -> list[str]:
-    """Read Redis' persistence and eviction settings; return what weakens delivery.
-
-    Args:
-        connection: Returns a kombu connection to the Redis server.
-    """
-    warnings: list[str] = []
-    try:
-        with connection() as conn:
-            client = conn.default_channel.client
-            config = {}
-            for key in ("appendonly", "appendfsync", "maxmemory-policy"):
-                config.update(client.config_get(key))
-    except Exception as exc:  # CONFIG may be renamed or forbidden by ACLs
-        return [
-            f"could not read the Redis configuration ({type(exc).__name__}); "
-            "make sure it persists tasks (appendonly yes) and does not evict them"
-        ]
-    if config.get("appendonly") != "yes":
-        warnings.append(
-            "Redis has no append-only file (appendonly no): queued tasks are lost if Redis "
-            "restarts. Set appendonly yes and appendfsync always (or everysec, losing up "
-            "to 1 s of tasks) for at-least-once delivery."
-        )
-    elif config.get("appendfsync") == "no":
-        warnings.append(
-            "Redis appendfsync is 'no': tasks acknowledged by Redis can be lost on a crash."
-        )
-    policy = config.get("maxmemory-policy", "noeviction")
-    if policy != "noeviction":
-        warnings.append(
-            f"Redis maxmemory-policy is {policy!r}: under memory pressure Redis may evict "
-            "queued tasks. Use noeviction, so that delay() fails loudly instead."
-        )
-    return warnings
