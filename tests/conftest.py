@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from mqtasks import App
+from mqtasks.testing import FAKE_REDIS_URL, fake_redis_app
 from tests._helpers.brokers import cleanup, require_broker, unique_name
 from tests._helpers.statsd import statsd_server  # noqa: F401 - a fixture for every test
 
@@ -58,7 +59,10 @@ def make_app() -> Iterator[Callable[..., App]]:
     def make(url: str = "memory://", **overrides: object) -> App:
         overrides.setdefault("default_queue", unique_name("default"))
         overrides.setdefault("publish_timeout", 5.0)
-        app = App("t", broker=url, **overrides)  # type: ignore[arg-type]
+        if url == FAKE_REDIS_URL:
+            app = fake_redis_app("t", **overrides)  # type: ignore[arg-type]
+        else:
+            app = App("t", broker=url, **overrides)  # type: ignore[arg-type]
         apps.append(app)
         return app
 

@@ -1,4 +1,5 @@
-"""The contract every transport meets: memory, the local RabbitMQ, the local Redis.
+"""The contract every transport meets: memory, the local RabbitMQ, the local Redis,
+and the ``redis://`` transport on fakeredis (what ``mqtasks.testing.fake_redis_app`` offers).
 
 Publish, consume, ack after the task; bad input rejected with its reason and
 never blocking the queue; unstarted prefetched messages handed back on stop.
@@ -18,7 +19,14 @@ import pytest
 from mqtasks import App, Reject, current_message
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.kombu import KombuTransport
+from tests._helpers.brokers import require_broker
 from tests._helpers.publish import raw_publish
+
+
+@pytest.fixture(params=["memory", "amqp", "redis", "fakeredis"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each transport in turn, and ``redis://`` on fakeredis as well."""
+    return require_broker(request.param)
 
 
 def reasons(worker: Any) -> list[str]:
