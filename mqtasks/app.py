@@ -6,6 +6,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, overload
 
+import structlog
+
 from . import dlq
 from .config import Settings, mask_url
 from .exceptions import (
@@ -26,6 +28,8 @@ from .transport import QueueSpec, Transport, resolve
 from .transport.base import DLQ_SUFFIX
 from .types import Seconds
 from .validation import check_app
+
+logger = structlog.get_logger("mqtasks.app")
 
 __all__ = ["App"]
 
@@ -88,6 +92,8 @@ class App:
         self._runner = Runner(self.middleware)
         self._transport: Transport | None = None
         self._lock = threading.Lock()
+        #: Queues whose ignored priorities were already reported (once per queue).
+        self._priority_checked: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<App {self.name!r} broker={mask_url(self.settings.broker_url)!r} tasks={len(self.tasks)}>"
@@ -341,6 +347,8 @@ class App:
                     f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
                     task_id=message.id,
                 ) from exc
+            if message.priority is not None and message.queue not in self._priority_checked:
+                self._check_priority(message.queue)
             if delay:
                 transport.publish(message.queue, envelope, delay=delay)
             else:
@@ -349,6 +357,13 @@ class App:
             hooks.after_publish_error(self, [message], exc)
             raise
         hooks.after_publish(self, [message])
+
+    def _check_priority(self, queue: str) -> None:
+        """Say once per queue when the broker would ignore the priorities sent to it."""
+        self._priority_checked.add(queue)
+        reason = self.transport.priority_ignored(self.queue(queue))
+        if reason is not None:
+            logger.warning("publish.priority_ignored", queue=queue, reason=reason)
 
     def send_many(self, messages: Iterable[Message]) -> list[TaskHandle]:
         """Publish many messages at once, with the broker's confirms pipelined.
@@ -375,6 +390,9 @@ class App:
             if not items:
                 return []
             transport = self.transport
+            for queue in {m.queue for m in prepared if m.priority is not None}:
+                if queue not in self._priority_checked:
+                    self._check_priority(queue)
             try:
                 transport.declare([self.queue(q) for q in dict.fromkeys(m.queue for m in prepared)])
             except TransportError as exc:

@@ -53,8 +53,9 @@ class Capabilities:
 
     Attributes:
         delays: Holds a message for a delay (countdowns, retry backoffs) in the broker.
-        priorities: Orders ready messages by ``Envelope.priority``.
-        max_priority: Honours ``QueueSpec.max_priority`` as a queue argument.
+        priorities: Orders the ready messages of every queue by ``Envelope.priority``.
+        max_priority: Orders by priority the queues declared with
+            ``QueueSpec.max_priority`` (a queue argument), and only those.
         delivery_count: Counts deliveries of a message, so ``delivery_limit`` holds.
         max_length: Enforces ``QueueSpec.max_length`` and ``overflow``.
         message_ttl: Enforces ``QueueSpec.message_ttl``.
@@ -342,6 +343,23 @@ class Transport:
                 that exists with other arguments).
         """
         raise NotImplementedError
+
+    def priority_ignored(self, spec: QueueSpec) -> str | None:
+        """Return why messages of ``spec`` would not be ordered by priority; None if they are.
+
+        The app logs it once per queue when a task sends a priority there, so a
+        priority the broker drops is never dropped without a word.
+        """
+        caps = self.capabilities
+        if caps.priorities or (caps.max_priority and spec.max_priority is not None):
+            return None
+        if caps.max_priority:
+            return (
+                f"{self.schemes[0]}:// orders messages by priority only on a queue declared "
+                f"with max_priority; declare QueueSpec({spec.name!r}, queue_type='classic', "
+                "max_priority=9) (RabbitMQ quorum queues have no priorities)"
+            )
+        return f"{self.schemes[0]}:// does not order messages by priority"
 
     def forget_declared(self) -> None:
         """Forget the declaration cache (after a queue was deleted behind our back)."""

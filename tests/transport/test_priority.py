@@ -15,11 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from mqtasks import App, QueueSpec, RetryPolicy
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.redis import RedisTransport
-from tests._helpers.brokers import require_broker, unique_name
+from tests._helpers.brokers import cleanup, require_broker, unique_name
 
 
 def kinds(*names: str) -> list[Any]:
@@ -138,3 +139,28 @@ def wait_until_due(app: App, queue: str, *, held: int, total: int) -> None:
             return
         assert time.monotonic() < deadline, "the delayed messages never fell due"
         time.sleep(0.02)
+
+
+def test_a_priority_the_broker_would_ignore_is_reported_once_per_queue() -> None:
+    """RabbitMQ quorum queues have no priorities: sending one is said, not dropped silently."""
+    app = App("prio-warn", broker=require_broker("amqp"))
+    quorum = unique_name("prio-quorum")
+    ranked = unique_name("prio-classic")
+    app.add_queue(QueueSpec(ranked, queue_type="classic", max_priority=9))
+
+    @app.task(queue=quorum)
+    def plain() -> None: ...
+
+    @app.task(queue=ranked)
+    def ranked_task() -> None: ...
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            plain.apply_async(priority=9)
+            plain.apply_async(priority=1)
+            ranked_task.apply_async(priority=9)
+        ignored = [e for e in logs if e["event"] == "publish.priority_ignored"]
+        assert [e["queue"] for e in ignored] == [quorum]
+        assert "max_priority" in ignored[0]["reason"]
+    finally:
+        cleanup(app)

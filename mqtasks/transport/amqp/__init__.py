@@ -871,7 +871,6 @@ class AmqpTransport(KombuTransport):
     kombu_transport: Any = KombuAmqpTransport
     capabilities = Capabilities(
         delays=True,
-        priorities=True,
         max_priority=True,
         delivery_count=True,
         max_length=True,
