@@ -149,7 +149,7 @@ class RedisConsumer(Consumer):
                 self._reconcile()
         except BaseException:
             self._client = None
-            client.close()
+            _close(client)
             raise
         self._cancelled = False
 
@@ -241,7 +241,7 @@ class RedisConsumer(Consumer):
             self._drop_blocking(source)
         if client is not None:
             with contextlib.suppress(Exception):
-                client.close()
+                _close(client)
 
     def _drop_blocking(self, source: _Source) -> None:
         conn, source.conn, source.blocked_since = source.conn, None, None
@@ -467,6 +467,19 @@ class RedisConsumer(Consumer):
         finally:
             self._held.clear()
             self._drop()
+
+
+def _close(client: redis.Redis[bytes]) -> None:
+    """Close a consumer's client and its socket.
+
+    ``Redis.close()`` only hands the connection back to a pool it was given,
+    leaving the socket open until garbage collection; the pool is the
+    client's own, so it is disconnected too.
+    """
+    try:
+        client.close()
+    finally:
+        client.connection_pool.disconnect()
 
 
 def _buffered(conn: Any) -> bool:
