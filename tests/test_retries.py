@@ -20,6 +20,7 @@ from mqtasks.dlq import list_dead_letters
 from mqtasks.message import HEADER_ATTEMPT
 from mqtasks.retry import RetryPolicy
 from mqtasks.testing import drain, running_worker
+from mqtasks.transport.kombu import KombuTransport
 from mqtasks.transport.redis import RedisDelivery, RedisTransport
 from tests import crash_app
 from tests._helpers.brokers import require_broker
@@ -70,6 +71,7 @@ def dead_letters(app: App, queue: str, *, expect: int, timeout: float = 10.0) ->
 
 def _kombu_dead_letters(app: App, queue: str, *, expect: int, deadline: float) -> list[Any]:
     got: list[Any] = []
+    assert isinstance(app.transport, KombuTransport)
     with app.transport.connection() as conn:
         channel = conn.channel()
         while len(got) < expect and time.monotonic() < deadline:

@@ -26,9 +26,10 @@ from mqtasks import App, ConfigurationError, PublishNacked, QueueSpec, Settings
 from mqtasks.dlq import list_dead_letters
 from mqtasks.testing import running_worker
 from mqtasks.transport import resolve
+from mqtasks.transport.amqp.delivery_count import HEADER_DELIVERY_COUNT, counted_returns
 from mqtasks.transport.base import Delivery, Transport, broker_spec
-from mqtasks.transport.delivery_count import HEADER_DELIVERY_COUNT, counted_returns
 from mqtasks.transport.envelope import Envelope
+from mqtasks.transport.kombu import KombuTransport
 from mqtasks.transport.memory import MemoryTransport
 from mqtasks.transport.redis import RedisDelivery, encode_element
 from mqtasks.worker import Worker
@@ -91,6 +92,7 @@ def test_redis_and_memory_count_deliveries_themselves(url: str) -> None:
 
 def test_a_limit_of_zero_is_off_and_never_a_queue_argument() -> None:
     amqp = resolve("amqp://127.0.0.1//")
+    assert isinstance(amqp, KombuTransport)
     classic = QueueSpec("q", queue_type="classic", delivery_limit=0)
     assert "x-delivery-limit" not in amqp.queue_arguments(broker_spec(classic))
     assert amqp.kombu_queue(classic).queue_arguments is not None  # declared, no error
@@ -307,6 +309,7 @@ def test_rabbitmq_dead_letters_a_message_delivered_past_its_limit_itself(
 
     handle = crashes.delay()
     deliveries = 0
+    assert isinstance(app.transport, KombuTransport)
     with app.transport.connection() as conn:
         channel = conn.channel()
         # Given a consumer that never settles (no worker: the broker's own limit)

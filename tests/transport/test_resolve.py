@@ -88,3 +88,11 @@ def test_brokers_without_ttl_or_max_length_say_so(url: str) -> None:
 def test_queue_spec_validates(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigurationError):
         QueueSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_old_name_of_the_redis_transport_still_resolves_with_a_warning() -> None:
+    import mqtasks.transport
+
+    with pytest.warns(DeprecationWarning, match="now mqtasks.transport.RedisTransport"):
+        old = mqtasks.transport.ReliableRedisTransport
+    assert old is RedisTransport
