@@ -84,6 +84,8 @@ nitpick_ignore_regex = [
     (r"py:(class|obj)", r"redis\..+"),
     # tenacity's call state, which retry backoff strategies receive.
     (r"py:(class|obj)", r"tenacity\..+"),
+    # The fakeredis server that mqtasks.testing.fake_redis_app takes.
+    (r"py:class", r"fakeredis\..+"),
     # The observability libraries the middleware use (structlog, statsd, OpenTelemetry).
     (r"py:(class|obj|mod|func)", r"(structlog|statsd|opentelemetry)(\..+)?"),
     (r"py:class", r"threading\.local"),
