@@ -90,11 +90,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
@@ -118,6 +116,7 @@ from ..base import (
 )
 from ..envelope import Envelope
 from ..errors import translate_errors
+from . import queues
 from .checks import redis_warnings
 from .consumer import CONNECTION_ERRORS, RedisConsumer
 from .element import MAX_LEVEL, RedisDelivery, encode_element, priority_level
@@ -363,65 +362,9 @@ class RedisTransport(Transport):
             return {s.name: int(n) for s, n in zip(specs, pipe.execute(), strict=True)}
 
     def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
-        """Read each queue's ready list, delayed set, dead-letter list and, through
-        the consumer registry, its in-flight lists and live consumers.
-
-        Redis has no queue objects: an absent queue is an empty one, never
-        missing. In-flight messages of a consumer that died count as
-        unacknowledged until a sweep puts them back. Read with one pipeline,
-        not atomically.
-
-        Raises:
-            ConnectionFailed: Redis cannot be reached.
-        """
-        with translate_errors(self.url, "read queue stats"):
-            client = self.publisher()
-            registry: dict[str, list[str]] = {}
-            for raw_id, sources in client.hgetall(self.registry_key).items():
-                try:
-                    keys = json.loads(sources)
-                except ValueError:
-                    continue  # not ours to judge; the sweep owns the registry
-                if isinstance(keys, list):
-                    registry[raw_id.decode(errors="replace")] = [str(k) for k in keys]
-            pipe = client.pipeline(transaction=False)
-            for cid in registry:
-                pipe.exists(self.alive_key(cid))
-            wanted = {self.queue_key(s.name) for s in specs}
-            in_flight = [
-                (cid, key, i)
-                for cid, keys in registry.items()
-                for i, key in enumerate(keys)
-                if key in wanted
-            ]
-            for cid, _, i in in_flight:
-                pipe.llen(self.processing_key(cid, i))
-            for spec in specs:
-                self._count_ready(pipe, spec.name)
-                pipe.zcard(self.delayed_key(spec.name))
-                pipe.llen(self.queue_key(spec.name + DLQ_SUFFIX))  # dead letters: level 0
-            replies = iter(pipe.execute())
-        alive = {cid for cid in registry if next(replies)}
-        unacked: Counter[str] = Counter()
-        consumers: Counter[str] = Counter()
-        for cid, key, _ in in_flight:
-            unacked[key] += int(next(replies))
-            if cid in alive:
-                consumers[key] += 1
-        stats: dict[str, QueueStats] = {}
-        for spec in specs:
-            key = self.queue_key(spec.name)
-            ready = _sum_levels(replies)
-            delayed, dead = (int(next(replies)) for _ in range(2))
-            stats[spec.name] = QueueStats(
-                spec.name,
-                ready=ready,
-                unacked=unacked[key],
-                delayed=delayed,
-                dead_lettered=None if spec.name.endswith(DLQ_SUFFIX) else dead,
-                consumers=consumers[key],
-            )
-        return stats
+        """Read each queue's lists, delayed set, dead-letter list, in-flight lists
+        and live consumers (see :func:`~mqtasks.transport.redis.queues.queue_stats`)."""
+        return queues.queue_stats(self, specs)
 
     def purge(self, specs: Sequence[QueueSpec]) -> int:
         """Remove all ready (of every priority) and delayed messages from the
@@ -608,41 +551,13 @@ class RedisTransport(Transport):
 
     # -- reading queues without a consumer -------------------------------------
 
-    def _stored(self, element: bytes, queue: str) -> StoredMessage:
-        d = RedisDelivery(element, queue, 1, "", "")
-        return StoredMessage(
-            body=d.body,
-            message_id=d.message_id,
-            headers=d.headers,
-            content_type=d.content_type,
-            content_encoding=d.content_encoding,
-        )
-
     def browse(self, queue: str, limit: int | None = None) -> list[StoredMessage]:
         """Read up to ``limit`` messages of ``queue`` with ``LRANGE``, oldest first, untouched."""
-        if limit == 0:
-            return []
-        start = 0 if limit is None else -max(limit, 0)
-        with translate_errors(self.url, f"read {queue!r}"):
-            elements = self.publisher().lrange(self.queue_key(queue), start, -1)
-        # Producers push on the left and consumers take from the right: oldest last.
-        return [self._stored(e, queue) for e in reversed(elements)]
+        return queues.browse(self, queue, limit)
 
-    @contextlib.contextmanager
-    def take(self, queue: str) -> Iterator[Iterator[Taken]]:
+    def take(self, queue: str) -> contextlib.AbstractContextManager[Iterator[Taken]]:
         """Read ``queue``'s messages oldest first; removing one is an ``LREM`` of its element."""
-        key = self.queue_key(queue)
-        with translate_errors(self.url, f"read {queue!r}"):
-            elements = self.publisher().lrange(key, 0, -1)
-
-        def remover(element: bytes) -> Callable[[], None]:
-            def remove() -> None:
-                with translate_errors(self.url, f"remove a message from {queue!r}"):
-                    self.publisher().lrem(key, -1, element)
-
-            return remove
-
-        yield ((self._stored(e, queue), remover(e)) for e in reversed(elements))
+        return queues.take(self, queue)
 
     # -- consuming ---------------------------------------------------------
 

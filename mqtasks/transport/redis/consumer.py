@@ -62,7 +62,7 @@ class RedisConsumer(Consumer):
 
     The deliveries it holds belong to the consumer id, not to a TCP connection:
     after a reconnect they stay valid (their acks remove the records, so a
-    connection blip causes no duplicate) and :attr:`generation` does not
+    connection blip causes no duplicate) and ``generation`` does not
     change. It changes only when a sweep restored this consumer's messages
     (an outage longer than ``liveness_ttl``); deliveries of the old generation
     are then stale and settling them does nothing, since others have them.

@@ -1,0 +1,122 @@
+"""Reading ``redis://`` queues without a consumer: queue statistics, and the
+browsing and taking that dead-letter tooling uses. Functions of a
+:class:`~mqtasks.transport.redis.RedisTransport`, kept apart from its
+publishing and topology."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from ..base import DLQ_SUFFIX, QueueSpec, QueueStats, StoredMessage, Taken
+from ..errors import translate_errors
+from .element import MAX_LEVEL, RedisDelivery
+
+if TYPE_CHECKING:
+    from . import RedisTransport
+
+__all__ = ["browse", "queue_stats", "stored", "take"]
+
+
+def queue_stats(t: RedisTransport, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
+    """Read each queue's ready list, delayed set, dead-letter list and, through
+    the consumer registry, its in-flight lists and live consumers.
+
+    Redis has no queue objects: an absent queue is an empty one, never
+    missing. In-flight messages of a consumer that died count as
+    unacknowledged until a sweep puts them back. Read with one pipeline,
+    not atomically.
+
+    Raises:
+        ConnectionFailed: Redis cannot be reached.
+    """
+    with translate_errors(t.url, "read queue stats"):
+        client = t.publisher()
+        registry: dict[str, list[str]] = {}
+        for raw_id, sources in client.hgetall(t.registry_key).items():
+            try:
+                keys = json.loads(sources)
+            except ValueError:
+                continue  # not ours to judge; the sweep owns the registry
+            if isinstance(keys, list):
+                registry[raw_id.decode(errors="replace")] = [str(k) for k in keys]
+        pipe = client.pipeline(transaction=False)
+        for cid in registry:
+            pipe.exists(t.alive_key(cid))
+        wanted = {t.queue_key(s.name) for s in specs}
+        in_flight = [
+            (cid, key, i)
+            for cid, keys in registry.items()
+            for i, key in enumerate(keys)
+            if key in wanted
+        ]
+        for cid, _, i in in_flight:
+            pipe.llen(t.processing_key(cid, i))
+        for spec in specs:
+            t._count_ready(pipe, spec.name)
+            pipe.zcard(t.delayed_key(spec.name))
+            pipe.llen(t.queue_key(spec.name + DLQ_SUFFIX))  # dead letters: level 0
+        replies = iter(pipe.execute())
+    alive = {cid for cid in registry if next(replies)}
+    unacked: Counter[str] = Counter()
+    consumers: Counter[str] = Counter()
+    for cid, key, _ in in_flight:
+        unacked[key] += int(next(replies))
+        if cid in alive:
+            consumers[key] += 1
+    stats: dict[str, QueueStats] = {}
+    for spec in specs:
+        key = t.queue_key(spec.name)
+        ready = sum(int(next(replies)) for _ in range(MAX_LEVEL + 1))
+        delayed, dead = (int(next(replies)) for _ in range(2))
+        stats[spec.name] = QueueStats(
+            spec.name,
+            ready=ready,
+            unacked=unacked[key],
+            delayed=delayed,
+            dead_lettered=None if spec.name.endswith(DLQ_SUFFIX) else dead,
+            consumers=consumers[key],
+        )
+    return stats
+
+
+def stored(t: RedisTransport, element: bytes, queue: str) -> StoredMessage:
+    d = RedisDelivery(element, queue, 1, "", "")
+    return StoredMessage(
+        body=d.body,
+        message_id=d.message_id,
+        headers=d.headers,
+        content_type=d.content_type,
+        content_encoding=d.content_encoding,
+    )
+
+
+def browse(t: RedisTransport, queue: str, limit: int | None = None) -> list[StoredMessage]:
+    """Read up to ``limit`` messages of ``queue`` with ``LRANGE``, oldest first, untouched."""
+    if limit == 0:
+        return []
+    start = 0 if limit is None else -max(limit, 0)
+    with translate_errors(t.url, f"read {queue!r}"):
+        elements = t.publisher().lrange(t.queue_key(queue), start, -1)
+    # Producers push on the left and consumers take from the right: oldest last.
+    return [stored(t, e, queue) for e in reversed(elements)]
+
+
+@contextlib.contextmanager
+def take(t: RedisTransport, queue: str) -> Iterator[Iterator[Taken]]:
+    """Read ``queue``'s messages oldest first; removing one is an ``LREM`` of its element."""
+    key = t.queue_key(queue)
+    with translate_errors(t.url, f"read {queue!r}"):
+        elements = t.publisher().lrange(key, 0, -1)
+
+    def remover(element: bytes) -> Callable[[], None]:
+        def remove() -> None:
+            with translate_errors(t.url, f"remove a message from {queue!r}"):
+                t.publisher().lrem(key, -1, element)
+
+        return remove
+
+    yield ((stored(t, e, queue), remover(e)) for e in reversed(elements))
