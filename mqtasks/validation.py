@@ -229,3 +229,29 @@ def check_app(
                 )
     if problems:
         raise ConfigurationError("\n".join(problems))
+
+
+def unenforced_limits(app: App, queues: Sequence[str]) -> list[str]:
+    """Return warnings for delivery limits the broker cannot count on these queues.
+
+    A limit set on a queue itself is refused when the queue is declared; the
+    app-wide default (:attr:`~mqtasks.config.Settings.delivery_limit`) is on
+    for every queue, so a broker without delivery counts (``redis+kombu://``)
+    only warns, once per worker, that crash loops stay uncapped there.
+
+    Args:
+        app: The app whose settings give the default.
+        queues: The queues a worker consumes.
+    """
+    transport = app.transport
+    if transport.capabilities.delivery_count:
+        return []
+    limited = [q for q in queues if app.delivery_limit(q)]
+    if not limited:
+        return []
+    return [
+        f"{transport.schemes[0]}:// does not count deliveries, so the delivery_limit "
+        f"({app.settings.delivery_limit}) is not enforced on {limited}: a task that kills "
+        "its worker is redelivered without end. Use redis:// or amqp://, or set "
+        "delivery_limit=0 (MQTASKS_DELIVERY_LIMIT=0) to say so."
+    ]

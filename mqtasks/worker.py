@@ -40,7 +40,7 @@ from .middleware.base import Runner
 from .middleware.retries import with_retries
 from .task import refuse_awaitable
 from .transport.base import Consumer, Delivery
-from .validation import check_app
+from .validation import check_app, unenforced_limits
 
 __all__ = ["Worker"]
 
@@ -164,7 +164,7 @@ class Worker:
 
     def _broker_warnings(self) -> list[str]:
         try:
-            return self.app.transport.check_broker()
+            return self.app.transport.check_broker() + unenforced_limits(self.app, self.queues)
         except Exception as exc:  # a check must never stop a worker
             return [f"broker settings could not be checked: {type(exc).__name__}"]
 

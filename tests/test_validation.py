@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import structlog.testing
 import tenacity
 
 from mqtasks import App, ConfigurationError, QueueSpec, RetryPolicy, UnknownTransport
-from mqtasks.validation import check_app, max_backoff, retry_schedule
+from mqtasks.testing import running_worker
+from mqtasks.validation import check_app, max_backoff, retry_schedule, unenforced_limits
 from mqtasks.worker import Worker
+from tests._helpers.brokers import cleanup, require_broker, unique_name
 from tests._helpers.cli import PYTHON, ROOT, clean_env
 
 #: kombu's Redis transport on a port nothing listens on: checks must not need the broker.
@@ -195,3 +198,28 @@ def test_a_broker_url_naming_no_transport_is_raised_by_check() -> None:
     with pytest.raises(UnknownTransport, match="amqp2"):
         app.check()
     Worker(app)  # the worker reports it when it connects (exit code 1 on the command line)
+
+
+def test_a_delivery_limit_the_broker_cannot_count_is_said_at_start_up() -> None:
+    """redis+kombu:// has no delivery counts: the app-wide default limit is not silently dropped."""
+    kombu_redis = require_broker("redis").replace("redis://", "redis+kombu://", 1)
+    app = App("limits", broker=kombu_redis)
+    name = unique_name("uncounted")
+
+    @app.task(queue=name, max_retries=0)
+    def work() -> None: ...
+
+    try:
+        (warning,) = unenforced_limits(app, [name])
+        assert "does not count deliveries" in warning
+        assert "delivery_limit=0" in warning
+        with structlog.testing.capture_logs() as logs, running_worker(app, queues=[name]):
+            pass
+        unsafe = [e["detail"] for e in logs if e["event"] == "broker.unsafe_config"]
+        assert any("does not count deliveries" in d for d in unsafe)
+        # Turned off, or on brokers that count, nothing is said.
+        off = App("limits-off", broker=kombu_redis, delivery_limit=0)
+        assert unenforced_limits(off, [name]) == []
+        assert unenforced_limits(App("limits-memory", broker="memory://"), [name]) == []
+    finally:
+        cleanup(app)
