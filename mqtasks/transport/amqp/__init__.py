@@ -23,7 +23,7 @@ from ..._url import mask_url, redact
 from ...exceptions import ConfigurationError, PublishError, PublishNacked, Unroutable
 from .._guard import GuardedAmqpMessage, guarded_frame_handler
 from ..base import DLQ_SUFFIX, Capabilities, Consumer, Delivery, QueueSpec, QueueStats
-from ..delivery_count import RedeliveryCounter, counted_returns
+from .delivery_count import RedeliveryCounter, counted_returns
 from ..envelope import Envelope
 from ..errors import is_not_found, translate_errors
 from ..kombu import KombuTransport, deadline_errback

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .._url import redact
-from ..exceptions import MQTasksError
-from .envelope import Envelope
-from .queue import DLQ_SUFFIX, QueueSpec
+from ..._url import redact
+from ...exceptions import MQTasksError
+from ..envelope import Envelope
+from ..queue import DLQ_SUFFIX, QueueSpec
 
 if TYPE_CHECKING:
-    from .base import Delivery, Transport
+    from ..base import Delivery, Transport
 
 __all__ = ["HEADER_DELIVERY_COUNT", "MAX_DELIVERY_COUNT", "RedeliveryCounter", "counted_returns"]
 
