@@ -23,11 +23,11 @@ from ..._url import mask_url, redact
 from ...exceptions import ConfigurationError, PublishError, PublishNacked, Unroutable
 from .._guard import GuardedAmqpMessage, guarded_frame_handler
 from ..base import DLQ_SUFFIX, Capabilities, Consumer, Delivery, QueueSpec, QueueStats
-from .delivery_count import RedeliveryCounter, counted_returns
 from ..envelope import Envelope
 from ..errors import is_not_found, translate_errors
 from ..kombu import KombuTransport, deadline_errback
 from ..kombu_consumer import KombuConsumer
+from .delivery_count import RedeliveryCounter, counted_returns
 
 __all__ = ["DEAD_LETTER_EXCHANGE", "DELAY_LEVELS", "AmqpTransport"]
 
