@@ -80,6 +80,8 @@ nitpick_ignore_regex = [
     (r"py:(class|obj)", r"(collections\.abc|contextlib|datetime|typing)\..+"),
     # kombu objects the transports wrap or subclass (Connection, Queue, Message, ...).
     (r"py:(class|obj)", r"kombu\..+"),
+    # py-amqp, under kombu's RabbitMQ transport: the exceptions amqp:// raises.
+    (r"py:(class|exc|obj)", r"amqp\..+"),
     # redis-py clients the redis:// transport returns (redis.Redis).
     (r"py:(class|obj)", r"redis\..+"),
     # tenacity's call state, which retry backoff strategies receive.

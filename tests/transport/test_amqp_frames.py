@@ -10,7 +10,7 @@ from amqp.exceptions import UnexpectedFrame
 
 from mqtasks import App
 from mqtasks.testing import drain, running_worker
-from mqtasks.transport.amqp import split_frames
+from mqtasks.transport.amqp.wire import split_frames
 
 
 def frame(frame_type: int, channel: int, payload: bytes, end: int = 0xCE) -> bytes:

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from mqtasks import App, PublishNacked, QueueSpec
-from mqtasks.transport.amqp import AmqpTransport, _ConfirmPipeline
+from mqtasks.transport.amqp import AmqpTransport
+from mqtasks.transport.amqp.confirms import _ConfirmPipeline
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from amqp.exceptions import RecoverableConnectionError
 from amqp.method_framing import frame_writer
 from amqp.serialization import dumps
 
-from mqtasks.transport.amqp import _PublishFrames, serialize_properties, write_ack
+from mqtasks.transport.amqp.wire import _PublishFrames, serialize_properties, write_ack
 from mqtasks.transport.base import Envelope
 
 

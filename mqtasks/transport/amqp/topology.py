@@ -1,0 +1,227 @@
+"""What mqtasks declares on RabbitMQ besides the queues themselves, and how it reads them.
+
+Each queue gets a dead-letter queue behind one shared dead-letter exchange,
+and its arguments (queue type, limits, priorities). Delays are held by a
+ladder of TTL queues shared by the whole vhost. :class:`~mqtasks.transport.amqp.AmqpTransport`
+calls these functions from its topology hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import kombu
+
+from ...exceptions import ConfigurationError
+from ..base import DLQ_SUFFIX, QueueSpec, QueueStats
+from ..errors import is_not_found, translate_errors
+
+if TYPE_CHECKING:
+    from ..kombu import KombuTransport
+
+__all__ = [
+    "DEAD_LETTER_EXCHANGE",
+    "DELAY_DELIVERY_EXCHANGE",
+    "DELAY_LEVELS",
+    "MAX_DELAY",
+    "bind_queues",
+    "declare_topology",
+    "delay_routing_key",
+    "queue_arguments",
+    "queue_stats",
+    "route",
+]
+
+#: Direct exchange routing each queue's dead letters to ``<queue>.dlq``.
+DEAD_LETTER_EXCHANGE = "mqtasks.dlx"
+#: Levels of the delay ladder: level k holds a message 2**k ms; 32 levels reach 49 days.
+DELAY_LEVELS = 32
+#: Topic exchange where delayed messages leave the ladder towards their queue.
+DELAY_DELIVERY_EXCHANGE = "mqtasks.delayed"
+#: Longest delay the ladder can hold, in seconds.
+MAX_DELAY = (2**DELAY_LEVELS - 1) / 1000
+
+
+def _level(k: int) -> str:
+    return f"mqtasks.delay.{k}"
+
+
+def delay_routing_key(delay: float, queue: str) -> str:
+    """Routing key that walks a message through the ladder for ``delay`` seconds.
+
+    One word per level, most significant first: ``1`` stops in that level's
+    queue (TTL ``2**k`` ms), ``0`` passes on. The queue name follows.
+    """
+    ms = max(1, math.ceil(delay * 1000))
+    return ".".join(f"{ms:0{DELAY_LEVELS}b}") + "." + queue
+
+
+def route(queue: str, delay: float | None) -> tuple[str, str]:
+    """Return ``(exchange, routing_key)`` that reaches ``queue`` after ``delay`` seconds.
+
+    Raises:
+        ConfigurationError: The delay is longer than the ladder holds.
+    """
+    if not delay or delay <= 0:
+        return "", queue
+    if delay > MAX_DELAY:
+        raise ConfigurationError(
+            f"A delay of {delay:.0f} s is longer than the {MAX_DELAY:.0f} s the broker can hold."
+        )
+    return _level(DELAY_LEVELS - 1), delay_routing_key(delay, queue)
+
+
+def declare_topology(channel: Any) -> None:
+    """Declare the dead-letter exchange and the delay ladder.
+
+    kombu's native delayed delivery (``kombu.transport.native_delayed_delivery``)
+    builds the same kind of ladder but counts whole seconds, and retry backoffs
+    start at fractions of a second; this ladder counts milliseconds. Level k is
+    a topic exchange and a queue whose messages expire after ``2**k`` ms into
+    level k-1; a message's routing key has one bit per level and stops only in
+    the levels whose bit is 1, so each queue holds messages of one TTL and a
+    short delay never waits behind a long one. Level 0 expires into
+    ``mqtasks.delayed``, where every queue is bound under its own name.
+    """
+    kombu.Exchange(DEAD_LETTER_EXCHANGE, type="direct", durable=True).bind(channel).declare()
+    delivery = kombu.Exchange(DELAY_DELIVERY_EXCHANGE, type="topic", durable=True)
+    delivery.bind(channel).declare()
+    # Always classic durable queues, whatever the app's queue type: the ladder is
+    # shared by every app on the vhost (a queue cannot be redeclared as another
+    # type), and RabbitMQ 3.10's quorum queues expire a message at the head only
+    # lazily, which stalled the ladder in tests; classic queues expire on time.
+    # Their dead-lettering is at-most-once: see the reliability guide.
+    quorum = False
+    for k in range(DELAY_LEVELS - 1, -1, -1):
+        exchange = kombu.Exchange(_level(k), type="topic", durable=True).bind(channel)
+        exchange.declare()
+        arguments: dict[str, Any] = {
+            "x-message-ttl": 2**k,
+            "x-dead-letter-exchange": _level(k - 1) if k else DELAY_DELIVERY_EXCHANGE,
+            "x-overflow": "reject-publish",
+        }
+        if quorum:
+            arguments["x-queue-type"] = "quorum"
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+        prefix = "*." * (DELAY_LEVELS - 1 - k)
+        queue = kombu.Queue(
+            _level(k),
+            exchange=exchange,
+            routing_key=prefix + "1.#",
+            durable=True,
+            queue_arguments=arguments,
+        ).bind(channel)
+        queue.declare()
+        # A 0 bit passes the message on: to the next level, or out of the ladder.
+        onward = _level(k - 1) if k else DELAY_DELIVERY_EXCHANGE
+        kombu.Exchange(onward, type="topic", durable=True).bind(channel).declare()
+        channel.exchange_bind(destination=onward, source=_level(k), routing_key=prefix + "0.#")
+
+
+def bind_queues(channel: Any, specs: Sequence[QueueSpec]) -> None:
+    """Bind each queue's dead-letter queue to the dead-letter exchange and the
+    queue itself to the end of the delay ladder."""
+    for spec in specs:
+        if spec.name.endswith(DLQ_SUFFIX):
+            continue
+        channel.queue_bind(
+            queue=spec.name + DLQ_SUFFIX, exchange=DEAD_LETTER_EXCHANGE, routing_key=spec.name
+        )
+        channel.queue_bind(
+            queue=spec.name,
+            exchange=DELAY_DELIVERY_EXCHANGE,
+            routing_key="*." * DELAY_LEVELS + spec.name,
+        )
+
+
+def queue_arguments(spec: QueueSpec, default_type: str) -> dict[str, Any]:
+    """Return the ``x-`` arguments that declare ``spec`` on RabbitMQ.
+
+    Args:
+        spec: The queue.
+        default_type: Its queue type unless ``spec`` names one.
+
+    Raises:
+        ConfigurationError: ``spec`` asks for what its queue type cannot do.
+    """
+    queue_type = spec.queue_type or default_type
+    args: dict[str, Any] = {}
+    if not spec.name.endswith(DLQ_SUFFIX):
+        # What the broker drops itself (TTL, overflow, delivery limit) lands
+        # in the queue's dead-letter queue, with the broker's x-death reason.
+        args["x-dead-letter-exchange"] = DEAD_LETTER_EXCHANGE
+        args["x-dead-letter-routing-key"] = spec.name
+        if queue_type == "quorum" and (
+            spec.max_length is None or spec.overflow == "reject-publish"
+        ):
+            args["x-dead-letter-strategy"] = "at-least-once"
+            args["x-overflow"] = "reject-publish"
+    if queue_type == "quorum":
+        args["x-queue-type"] = "quorum"
+        if spec.max_priority is not None:
+            raise ConfigurationError(
+                f"Queue {spec.name!r}: RabbitMQ quorum queues do not support max_priority; "
+                "use QueueSpec(..., queue_type='classic') for a priority queue."
+            )
+    elif spec.max_priority is not None:
+        args["x-max-priority"] = spec.max_priority
+    if spec.delivery_limit is not None and queue_type == "quorum":
+        # Classic queues take no x-delivery-limit: their consumers count
+        # deliveries themselves (AmqpConsumer, amqp.delivery_count).
+        args["x-delivery-limit"] = spec.delivery_limit
+    if spec.message_ttl is not None:
+        args["x-message-ttl"] = int(spec.message_ttl * 1000)
+    if spec.max_length is not None:
+        args["x-max-length"] = spec.max_length
+        args["x-overflow"] = spec.overflow
+    return args
+
+
+def queue_stats(transport: KombuTransport, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
+    """Read ready messages and consumers with passive ``queue.declare``.
+
+    Unacknowledged messages are left unknown (``None``): only the management
+    plugin's HTTP API counts them. Delayed messages are the total held in the
+    delay ladder for the whole vhost (``delayed_scope="vhost"``): the ladder is
+    shared by every queue, and telling whose a message is would mean taking it.
+
+    Raises:
+        ConnectionFailed: The broker cannot be reached.
+    """
+    with translate_errors(transport.url, "read queue stats"), transport.connection() as conn:
+        conn.ensure_connection(max_retries=1, timeout=transport.connect_timeout)
+        channel = [conn.channel()]
+
+        def passive(name: str) -> tuple[int, int] | None:
+            # A 404 closes the channel: carry on with a fresh one.
+            try:
+                ok = channel[0].queue_declare(queue=name, passive=True)
+            except Exception as exc:
+                if not is_not_found(exc):
+                    raise
+                channel[0] = conn.channel()
+                return None
+            return int(ok.message_count or 0), int(ok.consumer_count or 0)
+
+        # The ladder is declared top level first: without it, nothing is delayed.
+        top = passive(_level(DELAY_LEVELS - 1))
+        levels = [passive(_level(k)) for k in range(DELAY_LEVELS - 1)] if top else []
+        delayed = sum(level[0] for level in [top, *levels] if level is not None)
+        stats: dict[str, QueueStats] = {}
+        for spec in specs:
+            found = passive(spec.name)
+            if found is None:
+                stats[spec.name] = QueueStats(spec.name, exists=False)
+                continue
+            dead = None if spec.name.endswith(DLQ_SUFFIX) else passive(spec.name + DLQ_SUFFIX)
+            stats[spec.name] = QueueStats(
+                spec.name,
+                ready=found[0],
+                consumers=found[1],
+                delayed=delayed,
+                delayed_scope="vhost",
+                dead_lettered=dead[0] if dead is not None else None,
+            )
+    return stats
