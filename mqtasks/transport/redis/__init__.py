@@ -363,7 +363,7 @@ class RedisTransport(Transport):
 
     def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
         """Read each queue's lists, delayed set, dead-letter list, in-flight lists
-        and live consumers (see :func:`~mqtasks.transport.redis.queues.queue_stats`)."""
+        and live consumers (``redis.queues.queue_stats``)."""
         return queues.queue_stats(self, specs)
 
     def purge(self, specs: Sequence[QueueSpec]) -> int:
