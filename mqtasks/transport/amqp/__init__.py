@@ -12,7 +12,6 @@ queues (:mod:`~mqtasks.transport.amqp.topology`).
 from __future__ import annotations
 
 import contextlib
-import select
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -29,10 +28,17 @@ from ..base import Capabilities, Consumer, QueueSpec, QueueStats
 from ..envelope import Envelope
 from ..kombu import KombuTransport, deadline_errback
 from . import topology
-from .confirms import _BrokerNacked, _ConfirmPipeline, _Confirms, _ConnectFailed
+from .confirms import (
+    Confirm,
+    Confirms,
+    _BrokerNacked,
+    _ConfirmPipeline,
+    _ConnectFailed,
+    read_confirms,
+)
 from .consumer import AmqpConsumer
 from .topology import DEAD_LETTER_EXCHANGE, DELAY_LEVELS
-from .wire import _PublishFrames, read_available, serialize_properties
+from .wire import _PublishFrames, serialize_properties
 
 __all__ = ["DEAD_LETTER_EXCHANGE", "DELAY_LEVELS", "AmqpTransport", "AmqpsTransport"]
 
@@ -176,28 +182,14 @@ class AmqpTransport(KombuTransport):
         deadline = time.monotonic() + timeout
         published = 0  # items handed to the socket (or possibly, when a write failed)
         results: list[BaseException | None] = [None] * len(items)
-        pending: set[int] = set()  # delivery tags (1-based item index + 1) not yet settled
+        # Each item's confirm; the channel's delivery tag of item i is i + 1.
+        confirms: Confirms[Confirm] = Confirms()
+        sent = [Confirm() for _ in items]
         by_id = {env.message_id: i for i, (_, env) in enumerate(items)}
 
         def fail(index: int, exc: BaseException) -> None:
             if results[index] is None:
                 results[index] = exc
-
-        def on_ack(tag: int, multiple: bool) -> None:
-            settled = [t for t in pending if t <= tag] if multiple else [tag]
-            pending.difference_update(settled)
-
-        def on_nack(tag: int, multiple: bool) -> None:
-            settled = [t for t in pending if t <= tag] if multiple else [tag]
-            for t in settled:
-                fail(
-                    t - 1,
-                    PublishNacked(
-                        f"Task {items[t - 1][1].message_id} was NOT enqueued: the broker refused it.",
-                        task_id=items[t - 1][1].message_id,
-                    ),
-                )
-            pending.difference_update(settled)
 
         def on_return(exc: Any, exchange: str, routing_key: str, message: Any) -> None:
             index = by_id.get(message.properties.get("message_id"))
@@ -217,35 +209,33 @@ class AmqpTransport(KombuTransport):
                 conn.ensure_connection(max_retries=self.publish_retries)
                 channel = conn.channel()
                 try:
-                    channel.events["basic_ack"].add(on_ack)
-                    channel.events["basic_nack"].add(on_nack)
                     channel.events["basic_return"].add(on_return)
-                    channel.confirm_select()
+                    confirms.select(channel)
                     sock = channel.connection.transport.sock
                     if sock.gettimeout() != self.publish_timeout:
                         # Bounds a write the broker does not read (see _publish).
                         sock.settimeout(self.publish_timeout)
                     frames = _PublishFrames(channel)
                     for i, (queue, env) in enumerate(items):
-                        while len(pending) >= self.confirm_window:
+                        while len(confirms.pending) >= self.confirm_window:
                             published = i
                             frames.flush()
-                            self._wait_confirms(conn, deadline)
+                            self._wait_confirms(channel.connection, deadline)
                         properties = serialize_properties(env, dict(env.headers))
-                        pending.add(i + 1)
+                        confirms.add(sent[i])
                         frames.add("", queue, properties, env.body)
                         if len(frames.buffer) >= frames.flush_size:
                             published = i + 1
                             frames.flush()
                     published = len(items)
                     frames.flush()
-                    while pending:
-                        self._wait_confirms(conn, deadline)
+                    while confirms.pending:
+                        self._wait_confirms(channel.connection, deadline)
                 finally:
                     with contextlib.suppress(Exception):
                         channel.close()
         except Exception as exc:
-            for t in pending:
+            for t in confirms.pending:
                 if t > published:
                     continue  # never handed to the broker: below
                 env = items[t - 1][1]
@@ -265,6 +255,15 @@ class AmqpTransport(KombuTransport):
                     PublishError(
                         f"Task {env.message_id} was NOT enqueued: {type(exc).__name__}: {exc}",
                         task_id=env.message_id,
+                    ),
+                )
+        for i, confirm in enumerate(sent):
+            if confirm.outcome == "nack":
+                fail(
+                    i,
+                    PublishNacked(
+                        f"Task {items[i][1].message_id} was NOT enqueued: the broker refused it.",
+                        task_id=items[i][1].message_id,
                     ),
                 )
         if any(isinstance(r, Unroutable) for r in results):
@@ -300,7 +299,7 @@ class AmqpTransport(KombuTransport):
 
         def publish_once() -> None:
             channel = producer.channel
-            confirms: _Confirms | None = getattr(channel, "mqtasks_confirms", None)
+            confirms: Confirms[Confirm] | None = getattr(channel, "mqtasks_confirms", None)
             if confirm and confirms is None and channel._confirm_selected:
                 # Put in confirm mode by someone else: its tags are not ours to count.
                 super(AmqpTransport, self)._publish(
@@ -320,17 +319,14 @@ class AmqpTransport(KombuTransport):
                 frames.flush()
                 return
             if confirms is None:
-                confirms = channel.mqtasks_confirms = _Confirms()
-                channel.events["basic_ack"].add(confirms.on_ack)
-                channel.events["basic_nack"].add(confirms.on_nack)
-                channel._confirm_selected = True  # py-amqp's flag: never selected twice
-                channel.confirm_select()
-            confirms.published += 1
-            tag = confirms.published
+                confirms = channel.mqtasks_confirms = Confirms()
+                confirms.select(channel)
+            sent = Confirm()
+            confirms.add(sent)
             frames.add(exchange, routing_key, properties, body)
             frames.flush()
-            self._await_confirm(channel.connection, sock, confirms, tag, envelope, deadline)
-            if confirms.nacked >= tag:
+            self._await_confirm(channel.connection, sent, envelope, deadline)
+            if sent.outcome == "nack":
                 # Not MessageNacked itself: py-amqp counts it among the recoverable
                 # connection errors, and ensure() would drop the connection, open a
                 # new one and publish again, publish_retries times, without a pause.
@@ -347,16 +343,9 @@ class AmqpTransport(KombuTransport):
         )()
 
     def _await_confirm(
-        self,
-        connection: Any,
-        sock: Any,
-        confirms: _Confirms,
-        tag: int,
-        envelope: Envelope,
-        deadline: float,
+        self, connection: Any, sent: Confirm, envelope: Envelope, deadline: float
     ) -> None:
-        tls = hasattr(sock, "pending")  # decrypted bytes select() cannot see
-        while confirms.settled < tag:
+        while sent.outcome is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishError(
@@ -365,23 +354,14 @@ class AmqpTransport(KombuTransport):
                     "same task id makes a duplicate detectable.",
                     task_id=envelope.message_id,
                 )
-            if tls:
-                with contextlib.suppress(TimeoutError):
-                    connection.drain_events(timeout=remaining)
-            elif select.select([sock], [], [], remaining)[0]:
-                read_available(connection, sock)
+            read_confirms(connection, remaining)
 
     @staticmethod
-    def _wait_confirms(conn: Any, deadline: float) -> None:
+    def _wait_confirms(connection: Any, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("publisher confirms did not arrive in time")
-        connection = conn.connection
-        sock = connection.transport.sock
-        if hasattr(sock, "pending"):  # TLS: decrypted bytes select() cannot see
-            conn.drain_events(timeout=remaining)
-        elif select.select([sock], [], [], remaining)[0]:
-            read_available(connection, sock)
+        read_confirms(connection, remaining)
 
     def route(self, queue: str, delay: float | None) -> tuple[str, str]:
         """Delays go through the ladder of TTL queues (see :meth:`declare_topology`)."""

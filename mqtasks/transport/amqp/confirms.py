@@ -2,20 +2,24 @@
 
 A channel in confirm mode numbers its messages from 1 in publishing order, and
 the broker settles them with ``basic.ack`` or ``basic.nack``, one delivery tag
-or (``multiple``) every tag up to one. A pooled channel's single ``publish()``
-keeps that record in ``_Confirms``; ``_ConfirmPipeline``, the confirming
-channel that every thread's ``delay()`` shares, in its waiters.
+or (``multiple``) every tag up to one. :class:`Confirms` is the one record of
+that, used by every confirmed publish: a pooled channel's single ``publish()``,
+a bulk ``publish_many()`` and ``_ConfirmPipeline``, the confirming channel
+that every thread's ``delay()`` shares.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import select
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import kombu
 
@@ -28,6 +32,106 @@ from .wire import _PublishFrames, read_available
 if TYPE_CHECKING:
     from . import AmqpTransport
 
+__all__ = ["Confirm", "Confirms", "read_confirms"]
+
+#: How the broker settled a message.
+Outcome = Literal["ack", "nack"]
+
+
+class Confirm:
+    """One message published on a confirming channel, until the broker settles it."""
+
+    __slots__ = ("outcome",)
+
+    def __init__(self) -> None:
+        #: "ack" or "nack" once the broker settled it.
+        self.outcome: Outcome | None = None
+
+
+C = TypeVar("C", bound=Confirm)
+
+
+class Confirms(Generic[C]):
+    """The delivery tags of one confirming channel and the messages not settled yet.
+
+    Args:
+        lock: Held while the record changes, when more than one thread uses it
+            (the broker's answers are read by any of them). Without it, one
+            thread at a time.
+        on_settle: Called with each message as the broker settles it (after its
+            :attr:`~Confirm.outcome` is set; ``lock`` is held).
+    """
+
+    __slots__ = ("_lock", "_on_settle", "pending", "published")
+
+    def __init__(
+        self,
+        *,
+        lock: contextlib.AbstractContextManager[Any] | None = None,
+        on_settle: Callable[[C], object] | None = None,
+    ) -> None:
+        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._on_settle = on_settle
+        #: Delivery tag of the last message published on the channel.
+        self.published = 0
+        #: Messages the broker has not settled yet, by delivery tag, lowest first.
+        self.pending: dict[int, C] = {}
+
+    def select(self, channel: Any) -> None:
+        """Put py-amqp's ``channel`` in confirm mode, its acks and nacks recorded here."""
+        channel.events["basic_ack"].add(self.on_ack)
+        channel.events["basic_nack"].add(self.on_nack)
+        channel._confirm_selected = True  # py-amqp's flag: never selected twice
+        channel.confirm_select()
+
+    def add(self, confirm: C) -> int:
+        """Record ``confirm`` as the next message published on the channel; return its tag."""
+        with self._lock:
+            tag = self.published = self.published + 1
+            self.pending[tag] = confirm
+        return tag
+
+    def on_ack(self, tag: int, multiple: bool) -> None:
+        """Record a ``basic.ack`` (py-amqp's handler signature)."""
+        self._settle(tag, multiple, "ack")
+
+    def on_nack(self, tag: int, multiple: bool) -> None:
+        """Record a ``basic.nack`` (py-amqp's handler signature)."""
+        self._settle(tag, multiple, "nack")
+
+    def _settle(self, tag: int, multiple: bool, outcome: Outcome) -> None:
+        with self._lock:
+            pending = self.pending
+            if multiple:  # every tag up to this one (pending is in publishing order)
+                tags = list(itertools.takewhile(lambda t: t <= tag, pending))
+            else:
+                tags = [tag] if tag in pending else []
+            on_settle = self._on_settle
+            for t in tags:
+                confirm = pending.pop(t)
+                confirm.outcome = outcome
+                if on_settle is not None:
+                    on_settle(confirm)
+
+
+def read_confirms(connection: Any, timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for the broker's answers on ``connection`` and dispatch them.
+
+    Acks and nacks reach the :class:`Confirms` of their channel, returns its
+    return handlers. Returns when something was read or the time is up; the
+    caller checks whether what it waits for came.
+
+    Args:
+        connection: A py-amqp connection, used by this thread only meanwhile.
+        timeout: Most seconds to wait.
+    """
+    sock = connection.transport.sock
+    if hasattr(sock, "pending"):  # TLS: decrypted bytes select() cannot see
+        with contextlib.suppress(TimeoutError):
+            connection.drain_events(timeout=timeout)
+    elif select.select([sock], [], [], timeout)[0]:
+        read_available(connection, sock)
+
 
 class _BrokerNacked(Exception):
     """The broker nacked the message just published (a full queue with
@@ -38,52 +142,16 @@ class _BrokerNacked(Exception):
     """
 
 
-class _Confirms:
-    """Publisher-confirm bookkeeping of one pooled channel, used by one thread at a time."""
-
-    __slots__ = ("nacked", "published", "settled")
-
-    def __init__(self) -> None:
-        #: Delivery tag of the last message published on the channel.
-        self.published = 0
-        #: Highest delivery tag the broker has acked or nacked.
-        self.settled = 0
-        #: Highest delivery tag the broker has nacked.
-        self.nacked = 0
-
-    def on_ack(self, tag: int, multiple: bool) -> None:
-        # One message is in flight at a time (the publisher waits for each), so
-        # the highest tag settled says whether the one waited for is.
-        if tag > self.settled:
-            self.settled = tag
-
-    def on_nack(self, tag: int, multiple: bool) -> None:
-        self.on_ack(tag, multiple)
-        if tag > self.nacked:
-            self.nacked = tag
-
-
-class _Waiter:
+class _Waiter(Confirm):
     """One message published on the shared confirming channel, until the broker settles it."""
 
-    __slots__ = (
-        "connection",
-        "error",
-        "message_id",
-        "outcome",
-        "returned",
-        "signalled",
-        "tag",
-        "wake",
-    )
+    __slots__ = ("connection", "error", "message_id", "returned", "signalled", "wake")
 
-    def __init__(self, tag: int, message_id: str, connection: Any) -> None:
-        self.tag = tag
+    def __init__(self, message_id: str, connection: Any) -> None:
+        super().__init__()
         self.message_id = message_id
         #: The py-amqp connection it was written on (its acks come only on that one).
         self.connection = connection
-        #: "ack" or "nack" once the broker settled it.
-        self.outcome: str | None = None
         #: ``(exception, routing_key)`` when the broker returned it (no queue bound).
         self.returned: tuple[Any, str] | None = None
         #: Why its connection was given up before it was settled.
@@ -147,8 +215,8 @@ class _ConfirmPipeline:
 
     def _reset(self) -> None:
         """Start with no connection (also in a forked child: the parent's socket is not its own)."""
-        #: Guards the connection, the tag counter and writes (re-entrant: a failed
-        #: write gives up the connection while holding it).
+        #: Guards the connection and writes (re-entrant: a failed write gives up
+        #: the connection while holding it).
         self._write = threading.RLock()
         #: Guards the waiters, their outcomes and wake-ups, and the reader's role.
         self._state = threading.Lock()
@@ -156,8 +224,8 @@ class _ConfirmPipeline:
         self._amqp: Any = None  # the py-amqp connection of the current channel
         self._sock: Any = None
         self._frames: _PublishFrames | None = None
-        self._published = 0
-        self._pending: dict[int, _Waiter] = {}
+        #: The current channel's messages (its delivery tags start again at 1).
+        self._confirms: Confirms[_Waiter] | None = None
         self._reading = False
 
     # -- the connection ------------------------------------------------------
@@ -180,10 +248,9 @@ class _ConfirmPipeline:
         )
         try:
             channel = conn.channel()
-            channel.events["basic_ack"].add(self._on_ack)
-            channel.events["basic_nack"].add(self._on_nack)
-            channel.events["basic_return"].add(self._on_return)
-            channel.confirm_select()
+            confirms: Confirms[_Waiter] = Confirms(lock=self._state, on_settle=self._signal)
+            channel.events["basic_return"].add(partial(self._on_return, confirms))
+            confirms.select(channel)
             sock = channel.connection.transport.sock
             sock.settimeout(transport.publish_timeout)  # bounds a write the broker does not read
         except BaseException:
@@ -198,22 +265,26 @@ class _ConfirmPipeline:
         self._amqp = channel.connection
         self._sock = sock
         self._frames = _PublishFrames(channel)
-        self._published = 0
+        self._confirms = confirms
 
     def _give_up(self, connection: Any, exc: BaseException) -> None:
         """Drop ``connection`` (if still current) and fail its unsettled messages."""
+        confirms = None
         with self._write:
             if connection is not None and connection is self._amqp:
-                self._amqp = self._sock = self._frames = None
+                confirms = self._confirms
+                self._amqp = self._sock = self._frames = self._confirms = None
                 if self._kombu is not None:
                     with contextlib.suppress(Exception):
                         self._kombu.collect()  # no polite close: the broker may not answer
+        if confirms is None:
+            return  # not current: given up before, with every message written on it
         with self._state:
-            for tag, waiter in list(self._pending.items()):
-                if waiter.connection is connection:
-                    waiter.error = exc
-                    del self._pending[tag]
-                    self._signal(waiter)
+            waiters = list(confirms.pending.values())
+            confirms.pending.clear()
+            for waiter in waiters:
+                waiter.error = exc
+                self._signal(waiter)
 
     def close(self) -> None:
         """Close the connection; publishes still waiting fail and retry on a new one."""
@@ -225,35 +296,20 @@ class _ConfirmPipeline:
             with contextlib.suppress(Exception):
                 conn.collect()
 
-    # -- broker answers (run by the reading thread) --------------------------
+    # -- broker answers (run by the reading thread, the state lock held) -----
 
     @staticmethod
     def _signal(waiter: _Waiter) -> None:
-        # The state lock is held.
         if not waiter.signalled:
             waiter.signalled = True
             waiter.wake.release()
 
-    def _settle(self, tag: int, multiple: bool, outcome: str) -> None:
-        with self._state:
-            pending = self._pending
-            tags = [t for t in pending if t <= tag] if multiple else [tag] * (tag in pending)
-            for t in tags:
-                waiter = pending.pop(t)
-                waiter.outcome = outcome
-                self._signal(waiter)
-
-    def _on_ack(self, tag: int, multiple: bool) -> None:
-        self._settle(tag, multiple, "ack")
-
-    def _on_nack(self, tag: int, multiple: bool) -> None:
-        self._settle(tag, multiple, "nack")
-
-    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+    def _on_return(
+        self, confirms: Confirms[_Waiter], exc: Any, exchange: str, routing_key: str, message: Any
+    ) -> None:
         message_id = message.properties.get("message_id")
         with self._state:
-            for tag in sorted(self._pending):
-                waiter = self._pending[tag]
+            for waiter in confirms.pending.values():
                 if waiter.message_id == message_id and waiter.returned is None:
                     waiter.returned = (exc, routing_key)
                     break
@@ -286,12 +342,10 @@ class _ConfirmPipeline:
                     self._open(deadline)
                 except Exception as exc:
                     raise _ConnectFailed(str(exc)) from exc
-            frames = self._frames
-            assert frames is not None
-            self._published += 1
-            waiter = _Waiter(self._published, envelope.message_id, self._amqp)
-            with self._state:
-                self._pending[waiter.tag] = waiter
+            frames, confirms = self._frames, self._confirms
+            assert frames is not None and confirms is not None
+            waiter = _Waiter(envelope.message_id, self._amqp)
+            confirms.add(waiter)
             try:
                 frames.add(exchange, routing_key, properties, envelope.body)
                 frames.flush()
@@ -333,10 +387,11 @@ class _ConfirmPipeline:
                 failed = exc
             with state:
                 self._reading = False
-                if waiter.done or failed is not None:
+                confirms = self._confirms
+                if confirms is not None and (waiter.done or failed is not None):
                     # Someone else's message still waits for its confirm: its
                     # thread reads next.
-                    for other in self._pending.values():
+                    for other in confirms.pending.values():
                         if other is not waiter:
                             self._signal(other)
                             break
