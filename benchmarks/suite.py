@@ -272,6 +272,18 @@ class System:
 
         return bulk, close
 
+    def block(self) -> contextlib.AbstractContextManager[Any] | None:
+        """A block inside which publishes wait for their confirms together, at its end.
+
+        ``None`` when the system has no such block (all but mqtasks, and an mqtasks
+        without ``App.publishing()``): its "in a block" rows read n/a.
+        """
+        return None
+
+    def has_block(self) -> bool:
+        """Whether :meth:`block` gives a block (asked without making one)."""
+        return False
+
     def close(self) -> None:
         """Close the publishing side."""
 
@@ -311,7 +323,7 @@ class MqtasksSystem(System):
     @property
     def config(self) -> str:  # type: ignore[override]
         if not self.amqp:
-            return "mqtasks worker -c 8 (1 process, prefetch 16), acks late, kombu Redis transport"
+            return "mqtasks worker -c 8 (1 process, prefetch 16), acks late, mqtasks' own redis://"
         return "mqtasks worker -c 8 (1 process, prefetch 16), acks late, quorum queue, " + (
             "publisher confirms on (default)" if self.confirm else "publisher confirms OFF"
         )
@@ -347,6 +359,21 @@ class MqtasksSystem(System):
             starmap(items)
 
         return bulk, lambda: None
+
+    def block(self) -> contextlib.AbstractContextManager[Any] | None:
+        # App.publishing() is newer than this suite's first version: the suite runs on
+        # an mqtasks without it too, and says n/a.
+        publishing = getattr(self.app, "publishing", None)
+        return publishing() if publishing is not None else None
+
+    def has_block(self) -> bool:
+        return hasattr(self.app, "publishing")
+
+    def purge(self) -> None:
+        # Through the transport, so that it also empties the queue on Redis (the block's
+        # publishes, no worker running, must not add to the drain's N).
+        with contextlib.suppress(Exception):
+            bounded(lambda: self.app.transport.purge([self.app.queue(self.queue)]), 30, "purge")
 
     def close(self) -> None:
         app = getattr(self, "app", None)
@@ -420,6 +447,48 @@ class MqtasksObservedSystem(MqtasksSystem):
         return env
 
 
+def mqtasks_message_fields(queue: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The headers and content properties mqtasks sends, taken from a real message."""
+    from mqtasks.serialization import encode_body
+
+    from .bench_mqtasks_app import make_app
+
+    _, noop = make_app("memory://", queue)
+    message = noop.message((0, 0.0))
+    envelope = message.to_envelope(encode_body(message.args, {}, max_size=1 << 20))
+    props = {"content_type": envelope.content_type, "content_encoding": envelope.content_encoding}
+    return dict(envelope.headers), props
+
+
+def kombu_sender(
+    producer: kombu.Producer,
+    queue: str,
+    headers: dict[str, Any],
+    props: dict[str, str],
+    mandatory: bool,
+) -> Sender:
+    """``producer.publish()`` of the message mqtasks sends for ``noop(seq, sent)``."""
+    dumps = json.dumps
+
+    def send(seq: int, sent: float) -> None:
+        h = dict(headers)
+        h["mqtasks-published-at"] = sent
+        producer.publish(
+            dumps({"args": [seq, sent], "kwargs": {}}).encode(),
+            exchange="",
+            routing_key=queue,
+            headers=h,
+            message_id=str(uuid.uuid4()),
+            delivery_mode=2,
+            mandatory=mandatory,
+            timeout=10,
+            confirm_timeout=10,
+            **props,
+        )
+
+    return send
+
+
 class KombuSystem(System):
     name = "kombu"
 
@@ -432,22 +501,11 @@ class KombuSystem(System):
         )
 
     def setup(self) -> None:
-        from mqtasks.serialization import encode_body
-
         from . import bench_kombu_worker as kw
-        from .bench_mqtasks_app import make_app
 
         self.kw = kw
         self.kqueue = kw.queue_for(self.url, self.queue)
-        # The headers and properties mqtasks sends, taken from a real message.
-        _, noop = make_app("memory://", self.queue)
-        message = noop.message((0, 0.0))
-        envelope = message.to_envelope(encode_body(message.args, {}, max_size=1 << 20))
-        self.headers = dict(envelope.headers)
-        self.props = {
-            "content_type": envelope.content_type,
-            "content_encoding": envelope.content_encoding,
-        }
+        self.headers, self.props = mqtasks_message_fields(self.queue)
         with self.connection() as conn:
             self.kqueue.bind(conn.default_channel).declare()
 
@@ -461,26 +519,7 @@ class KombuSystem(System):
         conn = self.connection(confirm=confirm)
         conn.ensure_connection(max_retries=3)
         producer = kombu.Producer(conn.channel(), auto_declare=False)
-        headers, props, queue, amqp = self.headers, self.props, self.queue, self.amqp
-        dumps = json.dumps
-
-        def send(seq: int, sent: float) -> None:
-            h = dict(headers)
-            h["mqtasks-published-at"] = sent
-            producer.publish(
-                dumps({"args": [seq, sent], "kwargs": {}}).encode(),
-                exchange="",
-                routing_key=queue,
-                headers=h,
-                message_id=str(uuid.uuid4()),
-                delivery_mode=2,
-                mandatory=amqp,
-                timeout=10,
-                confirm_timeout=10,
-                **props,
-            )
-
-        return send, conn.release
+        return kombu_sender(producer, self.queue, self.headers, self.props, self.amqp), conn.release
 
     def close(self) -> None:
         if hasattr(self, "kqueue"):
@@ -684,24 +723,65 @@ def publish_bulk(
 
     Returns (t0 wall time, seconds until the last batch returned, errors).
     """
-    errors: list[str] = []
     bulk, close = system.bulk_sender()
-    t0 = time.time()
-    deadline = time.monotonic() + system.ctx.opts.timeout
-    try:
+
+    def run(deadline: float, errors: list[str]) -> None:
         for start in range(0, count, batch):
             sent = time.time()
             bulk([(base + k, sent) for k in range(start, min(count, start + batch))])
             if time.monotonic() > deadline:
                 errors.append(f"bulk publisher timed out at {start + batch}/{count}")
                 break
+
+    return _timed(system, "bulk publisher", run, close)
+
+
+def publish_block(system: System, count: int, base: int) -> tuple[float, float, list[str]]:
+    """One thread calls ``delay()`` in a plain loop inside the system's block.
+
+    The time runs until the block has ended, every message confirmed. Returns
+    (t0 wall time, seconds, errors).
+    """
+    send, close = system.sender()
+
+    def run(deadline: float, errors: list[str]) -> None:
+        block = system.block()
+        if block is None:
+            raise RuntimeError(f"{system.name} has no block to publish in")
+        with block:
+            for k in range(count):
+                send(base + k, time.time())
+                if not k & 255 and time.monotonic() > deadline:
+                    errors.append(f"block publisher timed out at {k}/{count}")
+                    break
+
+    return _timed(system, "block publisher", run, close)
+
+
+def _timed(
+    system: System,
+    what: str,
+    run: Callable[[float, list[str]], None],
+    close: Callable[[], None],
+) -> tuple[float, float, list[str]]:
+    """Time ``run(deadline, errors)`` from one thread, then ``close()``.
+
+    Returns (t0 wall time, seconds until ``run`` returned or raised, errors).
+    """
+    errors: list[str] = []
+    t0 = time.time()
+    try:
+        run(time.monotonic() + system.ctx.opts.timeout, errors)
     except Exception as exc:
-        errors.append(f"bulk publisher: {exc!r}")
+        errors.append(f"{what}: {exc!r}")
     finally:
         with contextlib.suppress(Exception):
             close()
     return t0, time.time() - t0, errors
 
+
+#: Seq phase of the one-thread loops inside a block (see :func:`_seq_base`).
+BLOCK_PHASE = 8
 
 #: The pipeline phases, in order: result key and seq phase (see :func:`_seq_base`).
 PIPELINES = [("pipeline1", 4), ("pipeline", 1), ("pipeline_bulk", 5)]
@@ -739,7 +819,24 @@ def run_round(system: System, rnd: int, log: Callable[[str], None]) -> dict[str,
                 out[f"{key}_per_s"] = n / pub_s
         system.purge()
 
-    # 1. publish, no worker. One warm-up publish first (connects, declares), outside timing.
+    out["block"] = system.has_block()
+    if out["block"]:
+        # The one-thread loop inside a block, no worker running: the plain loop a user
+        # writes, with the confirms awaited together at the block's end. Purged after,
+        # so that the drain starts from N like the others'.
+        warm, warm_close = system.sender()
+        try:
+            warm(-1, time.time())
+        finally:
+            warm_close()
+        _, pub_s, errors = publish_block(system, n, _seq_base(BLOCK_PHASE))
+        problems.extend(f"publish in a block: {e}" for e in errors)
+        if pub_s > 0 and not errors:
+            out["publish_block_loop_per_s"] = n / pub_s
+        system.purge()
+
+    # 1. publish, no worker: one thread calling delay()/send()/publish() in a plain loop.
+    # One warm-up publish first (connects, declares), outside timing.
     send, close = system.sender()
     try:
         send(-1, time.time())
@@ -771,7 +868,7 @@ def run_round(system: System, rnd: int, log: Callable[[str], None]) -> dict[str,
         f"publish {out['publish_per_s']:,.0f}/s"
         + "".join(
             f", {key.split('_')[1]} {out[key + '_per_s']:,.0f}/s"
-            for key in ("publish_threads", "publish_bulk")
+            for key in ("publish_threads", "publish_bulk", "publish_block_loop")
             if key + "_per_s" in out
         )
     )
@@ -812,15 +909,20 @@ def run_round(system: System, rnd: int, log: Callable[[str], None]) -> dict[str,
 
         # 3. pipelines: publishers and the warm worker at once; one thread with a call per
         # task, --publishers threads with a call per task, one thread with the bulk call.
-        for key, phase in PIPELINES:
+        # Then, where the system has a block, the one-thread loop inside it: not one of
+        # the three ways of the best-of figure, which stays comparable with earlier runs.
+        block_way = [("pipeline_block_loop", BLOCK_PHASE)] if out["block"] else []
+        for key, phase in PIPELINES + block_way:
             since = records.sizes()
             base = _seq_base(phase)
             if key == "pipeline1":
                 t0, pub_s, errors = publish_threads(system, n, 1, base)
             elif key == "pipeline":
                 t0, pub_s, errors = publish_threads(system, n, opts.publishers, base)
-            else:
+            elif key == "pipeline_bulk":
                 t0, pub_s, errors = publish_bulk(system, n, opts.batch, base)
+            else:
+                t0, pub_s, errors = publish_block(system, n, base)
             problems.extend(f"{key}: {e}" for e in errors)
             status, got = wait_count(
                 records, since, n, timeout=opts.timeout, stall=opts.stall, alive=worker.alive
@@ -919,7 +1021,13 @@ def redis_commands() -> int | None:
 
 #: key, label, higher is better, format
 METRICS: list[tuple[str, str, bool, str]] = [
-    ("publish_per_s", "publish/s (1 thread)", True, "{:,.0f}"),
+    ("publish_per_s", "publish/s, one-thread loop, no worker", True, "{:,.0f}"),
+    (
+        "publish_block_loop_per_s",
+        "publish/s, one-thread loop in a block (mqtasks), no worker",
+        True,
+        "{:,.0f}",
+    ),
     ("publish_confirm_per_s", "publish/s, kombu with a confirm per message", True, "{:,.0f}"),
     (
         "publish_threads_per_s",
@@ -929,7 +1037,12 @@ METRICS: list[tuple[str, str, bool, str]] = [
     ),
     ("publish_bulk_per_s", "publish/s, bulk call, each batch confirmed (mqtasks)", True, "{:,.0f}"),
     ("drain_per_s", "drain/s", True, "{:,.0f}"),
-    ("pipeline1_per_s", "pipeline/s, 1 publisher thread, a call per task", True, "{:,.0f}"),
+    (
+        "pipeline1_per_s",
+        "pipeline/s, one-thread loop (1 publisher, a call per task)",
+        True,
+        "{:,.0f}",
+    ),
     (
         "pipeline_per_s",
         "pipeline/s, {publishers} publisher threads, a call per task",
@@ -938,6 +1051,12 @@ METRICS: list[tuple[str, str, bool, str]] = [
     ),
     ("pipeline_bulk_per_s", "pipeline/s, bulk publish from 1 thread (see below)", True, "{:,.0f}"),
     ("pipeline_best_per_s", "pipeline/s, the best of these three ways", True, "{:,.0f}"),
+    (
+        "pipeline_block_loop_per_s",
+        "pipeline/s, one-thread loop in a block (mqtasks)",
+        True,
+        "{:,.0f}",
+    ),
     ("idle_latency_ms.p50", "latency idle p50 ms", False, "{:.2f}"),
     ("idle_latency_ms.p95", "latency idle p95 ms", False, "{:.2f}"),
     ("idle_latency_ms.p99", "latency idle p99 ms", False, "{:.2f}"),
@@ -968,7 +1087,11 @@ def summarise(
             rs = [r for r in rounds if r["broker"] == broker and r["system"] == name]
             if not rs:
                 continue
-            s: dict[str, Any] = {"rounds": len(rs), "problems": sum(len(r["problems"]) for r in rs)}
+            s: dict[str, Any] = {
+                "rounds": len(rs),
+                "problems": sum(len(r["problems"]) for r in rs),
+                "block": any(r.get("block") for r in rs),
+            }
             for key, *_ in METRICS:
                 values = [v for v in (_get(r, key) for r in rs) if v is not None]
                 if values:
@@ -1014,6 +1137,7 @@ def markdown(summary: dict[str, Any], header: str, publishers: int) -> str:
             lines.append("Rounds with problems (see the JSON): " + ", ".join(bad))
         mq = [n for n in names if n.startswith("mqtasks")]
         peers = [n for n in names if not n.startswith("mqtasks")]
+        lines.extend(_loop_table(systems, names, mq, peers))
         if mq and peers:
             lines.append("")
             lines.append(
@@ -1078,6 +1202,70 @@ def markdown(summary: dict[str, Any], header: str, publishers: int) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+#: The rows of the one-thread loop table: key, label, and the peers' key it is set against
+#: (a block's loop against the peer's plain loop: the peers have no block).
+LOOP_ROWS: list[tuple[str, str, str]] = [
+    ("publish_per_s", "publish/s, no worker running", "publish_per_s"),
+    ("publish_block_loop_per_s", "publish/s, in a block, no worker running", "publish_per_s"),
+    ("pipeline1_per_s", "pipeline (publish while a worker runs), end to end/s", "pipeline1_per_s"),
+    ("pipeline_block_loop_per_s", "pipeline, in a block, end to end/s", "pipeline1_per_s"),
+]
+
+
+def _loop_table(
+    systems: dict[str, Any], names: list[str], mq: list[str], peers: list[str]
+) -> list[str]:
+    """Lines of the table of one thread publishing in a plain loop, and its ratios."""
+    lines = [
+        "",
+        "One thread calling `delay()` / `send()` / `publish()` in a plain loop, as a script "
+        'enqueueing a backlog or a request handler does; "in a block" is the same loop '
+        "inside `with app.publishing():` (mqtasks only; its confirms are awaited together "
+        "at the block's end).",
+        "",
+        "| one-thread loop | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for key, label, _ in LOOP_ROWS:
+        cells = []
+        for n in names:
+            in_block = key.startswith(("publish_block", "pipeline_block"))
+            if in_block and n.startswith("mqtasks") and not systems[n].get("block"):
+                cells.append("n/a (no `App.publishing()`)")
+                continue
+            cells.append(_cell(systems[n].get(key), "{:,.0f}", True))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cols = [(m, p) for m in mq for p in peers]
+    if cols:
+        lines += [
+            "",
+            "| ratio, mqtasks / peer's plain loop | "
+            + " | ".join(f"{m} / {p}" for m, p in cols)
+            + " |",
+            "|---|" + "---:|" * len(cols),
+        ]
+        for key, label, peer_key in LOOP_ROWS:
+            row = []
+            for m, p in cols:
+                a, c = systems[m].get(key), systems[p].get(peer_key)
+                row.append(f"{a['median'] / c['median']:.2f}" if a and c else "n/a")
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        if "kombu" in peers:
+            row = []
+            kombu = systems["kombu"].get("publish_confirm_per_s")
+            for m, p in cols:
+                a = systems[m].get("publish_per_s")
+                ok = a and kombu and p == "kombu"
+                row.append(f"{a['median'] / kombu['median']:.2f}" if ok else "")
+            if kombu:
+                lines.append(
+                    "| publish/s, no worker, against kombu with a confirm per message | "
+                    + " | ".join(row)
+                    + " |"
+                )
+    return lines
 
 
 #: The rows of the "Observability on" table: key, label, a rate (the cost is 1 - ratio).
