@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import structlog
 
 from . import dlq
 from .config import Settings, mask_url
 from .exceptions import (
-    BulkPublishError,
     ConfigurationError,
     DuplicateTask,
     PublishError,
@@ -21,6 +21,15 @@ from .exceptions import (
 from .message import Message
 from .middleware import Middleware, default_middleware
 from .middleware.base import Runner
+from .publishing import (
+    Item,
+    Publishing,
+    bulk_error,
+    current_block,
+    loop_batcher,
+    publish_encoded,
+    settle,
+)
 from .retry import RetryPolicy
 from .status import QueueStatus, queue_status
 from .task import BASE_OPTIONS, P, R, Task, TaskHandle
@@ -28,6 +37,10 @@ from .transport import QueueSpec, Transport, resolve
 from .transport.base import DLQ_SUFFIX
 from .types import Seconds
 from .validation import check_app
+
+if TYPE_CHECKING:
+    from .publishing import LoopBatcher
+    from .transport import Envelope
 
 logger = structlog.get_logger("mqtasks.app")
 
@@ -94,6 +107,8 @@ class App:
         self._lock = threading.Lock()
         #: Queues whose ignored priorities were already reported (once per queue).
         self._priority_checked: set[str] = set()
+        #: The adelay() batcher of each event loop (see mqtasks.publishing).
+        self._batchers: weakref.WeakKeyDictionary[Any, LoopBatcher] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"<App {self.name!r} broker={mask_url(self.settings.broker_url)!r} tasks={len(self.tasks)}>"
@@ -321,24 +336,54 @@ class App:
             runner = self._runner = Runner(self.middleware)
         return runner
 
+    def publishing(self, window: int | None = None) -> Publishing:
+        """Return a block in which ``delay()`` returns at once and the exit waits for every confirm.
+
+        ::
+
+            with app.publishing():
+                for order in orders:
+                    charge.delay(order.id)  # a pending handle, at once
+            # here every message is confirmed, or BulkPublishError was raised
+
+        Only this app's tasks sent from this thread go through the block; see
+        :mod:`mqtasks.publishing` for what it guarantees.
+
+        Args:
+            window: Most messages gathered before they are handed to the broker;
+                the transport's confirm window (or 500) when None.
+
+        Raises:
+            ValueError: ``window`` is below 1.
+        """
+        return Publishing(self, window)
+
     def send(
         self, message: Message, *, names: list[str] | None = None, delay: float | None = None
-    ) -> None:
+    ) -> TaskHandle:
         """Encode and publish ``message``, running the publish middleware.
+
+        Inside a :meth:`publishing` block of this app (in this thread), the
+        message is handed to the block and the handle returned is pending.
 
         Args:
             message: What to send.
             names: Parameter names of the task's positional arguments, for errors.
             delay: Seconds the broker holds the message before a worker gets it.
 
+        Returns:
+            The message's handle.
+
         Raises:
             EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
             PublishError: The broker did not take the message.
         """
+        message, envelope = self._prepare(message, names)
+        block = current_block(self)
+        if block is not None:
+            return block.add(message, envelope, delay)
         hooks = self._hooks
-        message = hooks.before_publish(self, message)
         try:
-            envelope = message.encode(max_size=self.settings.max_message_size, names=names)
             transport = self.transport
             try:
                 transport.declare([self.queue(message.queue)])
@@ -347,8 +392,6 @@ class App:
                     f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
                     task_id=message.id,
                 ) from exc
-            if message.priority is not None and message.queue not in self._priority_checked:
-                self._check_priority(message.queue)
             if delay:
                 transport.publish(message.queue, envelope, delay=delay)
             else:
@@ -357,6 +400,35 @@ class App:
             hooks.after_publish_error(self, [message], exc)
             raise
         hooks.after_publish(self, [message])
+        return TaskHandle(message.id, message.task, message.queue)
+
+    async def asend(
+        self, message: Message, *, names: list[str] | None = None, delay: float | None = None
+    ) -> TaskHandle:
+        """:meth:`send` for asyncio code: return once the broker has confirmed ``message``.
+
+        Calls awaited together share one pipelined publish, made in a thread
+        (see :mod:`mqtasks.publishing`); the checks run at the call.
+
+        Raises:
+            EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
+            PublishError: The broker did not take the message.
+        """
+        message, envelope = self._prepare(message, names)
+        return await loop_batcher(self).send(message, envelope, delay)
+
+    def _prepare(self, message: Message, names: list[str] | None) -> tuple[Message, Envelope]:
+        """Run ``before_publish`` and encode; on an error, run ``after_publish_error`` and raise."""
+        hooks = self._hooks
+        message = hooks.before_publish(self, message)
+        try:
+            envelope = message.encode(max_size=self.settings.max_message_size, names=names)
+            if message.priority is not None and message.queue not in self._priority_checked:
+                self._check_priority(message.queue)
+        except BaseException as exc:
+            hooks.after_publish_error(self, [message], exc)
+            raise
+        return message, envelope
 
     def _check_priority(self, queue: str) -> None:
         """Say once per queue when the broker would ignore the priorities sent to it."""
@@ -382,42 +454,26 @@ class App:
             for message in messages:
                 prepared.append(hooks.before_publish(self, message))
             limit = self.settings.max_message_size
-            items = []
+            items: list[Item] = []
             for message in prepared:
                 task = self.tasks.get(message.task)
                 names = task._names if task is not None else None
-                items.append((message.queue, message.encode(max_size=limit, names=names)))
+                envelope = message.encode(max_size=limit, names=names)
+                items.append((message, (message.queue, envelope), None))
             if not items:
                 return []
-            transport = self.transport
             for queue in {m.queue for m in prepared if m.priority is not None}:
                 if queue not in self._priority_checked:
                     self._check_priority(queue)
-            try:
-                transport.declare([self.queue(q) for q in dict.fromkeys(m.queue for m in prepared)])
-            except TransportError as exc:
-                failed: dict[str, BaseException] = {m.id: exc for m in prepared}
-                raise BulkPublishError(
-                    f"None of {len(prepared)} tasks was enqueued: {exc}", sent=[], failed=failed
-                ) from exc
-            results = transport.publish_many(items)
+            results = publish_encoded(self, items)
         except BaseException as exc:
             hooks.after_publish_error(self, prepared, exc)
             raise
-        sent = [m for m, r in zip(prepared, results, strict=True) if r is None]
-        hooks.after_publish(self, sent)
-        for message, r in zip(prepared, results, strict=True):
-            if r is not None:
-                hooks.after_publish_error(self, [message], r)
-        failures = {m.id: r for m, r in zip(prepared, results, strict=True) if r is not None}
+        failures = settle(self, prepared, results)
+        sent = _handles([m for m, r in zip(prepared, results, strict=True) if r is None])
         if failures:
-            first = next(iter(failures.values()))
-            raise BulkPublishError(
-                f"{len(failures)} of {len(prepared)} tasks were NOT enqueued (first: {first})",
-                sent=_handles(sent),
-                failed=failures,
-            ) from first
-        return _handles(sent)
+            raise bulk_error(failures, len(prepared), sent) from next(iter(failures.values()))
+        return sent
 
 
 def _handles(messages: list[Message]) -> list[TaskHandle]:

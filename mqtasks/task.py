@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -17,7 +17,7 @@ from .types import Seconds, to_seconds
 if TYPE_CHECKING:
     from .app import App
 
-__all__ = ["Task", "TaskHandle", "refuse_awaitable"]
+__all__ = ["Confirmation", "Task", "TaskHandle", "refuse_awaitable"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -37,9 +37,37 @@ BASE_OPTIONS = frozenset(
 )
 
 
+class Confirmation:
+    """Whether the broker has confirmed a message handed to a publishing block yet.
+
+    Pending until the block (:class:`~mqtasks.publishing.Publishing`) settles
+    it with the broker's answer, once, from the thread that opened the block.
+    """
+
+    __slots__ = ("error", "settled")
+
+    def __init__(self) -> None:
+        #: Whether the broker's answer is in.
+        self.settled = False
+        #: Why the message was not enqueued; None while pending or once confirmed.
+        self.error: BaseException | None = None
+
+    def settle(self, error: BaseException | None) -> None:
+        """Record the broker's answer: None when it confirmed the message."""
+        self.error = error
+        self.settled = True
+
+
 @dataclass(frozen=True)
 class TaskHandle:
-    """What ``delay()`` returns: the message was confirmed by the broker."""
+    """What ``delay()`` returns: the id of a message the broker has confirmed.
+
+    Outside a publishing block a handle exists only once the broker confirmed
+    the message, so :attr:`confirmed` is always True. Inside
+    ``with app.publishing():`` ``delay()`` returns before the broker answers:
+    the handle is pending (:attr:`confirmed` False) until the block has the
+    broker's confirm, at the latest when the block exits.
+    """
 
     #: The message (task) id.
     id: str
@@ -47,9 +75,30 @@ class TaskHandle:
     task: str
     #: The queue it was published to.
     queue: str
+    #: The pending confirm of a message sent inside a publishing block; None: confirmed.
+    confirmation: Confirmation | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         return self.id
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether the broker has confirmed the message (False while pending or failed)."""
+        c = self.confirmation
+        return c is None or (c.settled and c.error is None)
+
+    @property
+    def pending(self) -> bool:
+        """Whether the broker's answer is still awaited (only inside a publishing block)."""
+        c = self.confirmation
+        return c is not None and not c.settled
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the message was not enqueued (a :class:`~mqtasks.exceptions.PublishError`
+        as a rule); None while pending or once confirmed."""
+        c = self.confirmation
+        return None if c is None else c.error
 
 
 def _delay(countdown: Seconds | None, eta: datetime | None) -> float | None:
@@ -200,6 +249,10 @@ class Task(Generic[P, R]):
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
         """Send the call to a worker; return once the broker has confirmed it.
 
+        Inside ``with app.publishing():`` (see :mod:`mqtasks.publishing`) it
+        returns at once with a pending handle, and the block waits for the
+        broker's confirm.
+
         Raises:
             TypeError: The arguments do not fit the function's signature.
             EncodeError: An argument cannot be sent as JSON, or the message is too large.
@@ -235,6 +288,9 @@ class Task(Generic[P, R]):
             countdown: Seconds the broker holds the message before a worker gets it.
             eta: An aware datetime before which no worker gets it (instead of ``countdown``).
 
+        Returns:
+            The message's handle; pending inside a publishing block (as for :meth:`delay`).
+
         Raises:
             TypeError: The arguments do not fit the function's signature.
             EncodeError: An argument cannot be sent as JSON, or the message is too large.
@@ -250,8 +306,53 @@ class Task(Generic[P, R]):
             task_id=task_id,
             expires=expires,
         )
-        self.app.send(message, names=self._names, delay=delay)
-        return TaskHandle(message.id, self.name, message.queue)
+        return self.app.send(message, names=self._names, delay=delay)
+
+    async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+        """Send the call from asyncio code; return once the broker has confirmed it.
+
+        Calls awaited together (``asyncio.gather``) share one pipelined publish,
+        made in a thread so the event loop keeps running; a lone call is
+        published at once. The checks run at the call, as for :meth:`delay`.
+
+        Raises:
+            TypeError: The arguments do not fit the function's signature.
+            EncodeError: An argument cannot be sent as JSON, or the message is too large.
+            PublishError: The message was not enqueued.
+        """
+        return await self.aapply_async(args, kwargs)
+
+    async def aapply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        headers: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        expires: Seconds | datetime | None = None,
+        countdown: Seconds | None = None,
+        eta: datetime | None = None,
+    ) -> TaskHandle:
+        """:meth:`apply_async` for asyncio code, pipelined as :meth:`adelay` is.
+
+        Raises:
+            TypeError: The arguments do not fit the function's signature.
+            EncodeError: An argument cannot be sent as JSON, or the message is too large.
+            PublishError: The message was not enqueued.
+        """
+        delay = _delay(countdown, eta)
+        message = self.message(
+            args,
+            kwargs,
+            queue=queue,
+            priority=priority,
+            headers=headers,
+            task_id=task_id,
+            expires=expires,
+        )
+        return await self.app.asend(message, names=self._names, delay=delay)
 
     def map(self, items: Iterable[Any], **options: Any) -> list[TaskHandle]:
         """Send one call per item, each item the single argument; confirms are pipelined.

@@ -24,7 +24,14 @@ def test_version_is_a_string() -> None:
 
 
 def test_testing_helpers_are_exported() -> None:
-    assert set(mqtasks.testing.__all__) == {"drain", "memory_app", "reset", "running_worker"}
+    assert set(mqtasks.testing.__all__) == {
+        "FAKE_REDIS_URL",
+        "drain",
+        "fake_redis_app",
+        "memory_app",
+        "reset",
+        "running_worker",
+    }
 
 
 def test_observability_middleware_is_exported() -> None:
@@ -33,3 +40,14 @@ def test_observability_middleware_is_exported() -> None:
     for name in ("OpenTelemetryTracing", "StatsdMetrics", "StructlogContext"):
         assert getattr(mqtasks, name) is getattr(mqtasks.middleware, name)
         assert name in mqtasks.__all__
+
+
+def test_publishing_names_are_documented() -> None:
+    """The block is reached through ``app.publishing()``; its module documents its names."""
+    import mqtasks.publishing
+
+    for name in mqtasks.publishing.__all__:
+        assert hasattr(mqtasks.publishing, name), name
+    for name in ("Publishing", "LoopBatcher", "publish_encoded", "settle", "current_block"):
+        assert getattr(mqtasks.publishing, name).__doc__, name
+    assert mqtasks.App.publishing.__doc__ and mqtasks.Task.adelay.__doc__
