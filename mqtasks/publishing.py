@@ -6,7 +6,7 @@ few tasks, can choose to wait once for many confirms instead:
 
 * **The block.** :meth:`App.publishing() <mqtasks.app.App.publishing>` returns
   a :class:`Publishing`, a context manager bound to its app and to the thread
-  that enters it (through a :class:`contextvars.ContextVar` holding the open
+  that enters it (through a ``contextvars.ContextVar`` holding the open
   blocks). Inside it, ``delay()``/``apply_async()`` of a task of that app run
   the same checks as always (argument binding, the ``before_publish``
   middleware, encoding and size checks raise at the call), then hand the
@@ -27,7 +27,7 @@ few tasks, can choose to wait once for many confirms instead:
   A crash inside the block can lose only the block's unconfirmed messages.
 * **Where the block applies.** Only to tasks of its app, sent from its thread:
   another app's task, or a call from another thread (a thread that inherited
-  the context, such as :func:`asyncio.to_thread`), publishes and waits as
+  the context, such as ``asyncio.to_thread``), publishes and waits as
   always. Nested blocks each confirm their own messages at their own exit.
   Delayed messages (``countdown``/``eta``) go through the bulk path when the
   transport's ``publish_many`` takes ``delays=`` (``redis://``), else one by
@@ -39,7 +39,7 @@ few tasks, can choose to wait once for many confirms instead:
 * **asyncio.** :meth:`Task.adelay() <mqtasks.task.Task.adelay>` returns once its
   message is confirmed. A batcher per event loop collects the calls made in
   one iteration of the loop and publishes them with the same bulk path in a
-  thread (:func:`asyncio.to_thread`); each call gets its own handle or its own
+  thread (``asyncio.to_thread``); each call gets its own handle or its own
   ``PublishError``. A lone call waits for no timer: it is published on the
   loop's next iteration.
 """
@@ -335,10 +335,12 @@ class LoopBatcher:
         self._waiting: list[tuple[Item, asyncio.Future[TaskHandle]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def send(
-        self, message: Message, envelope: Envelope, delay: float | None
-    ) -> asyncio.Future[TaskHandle]:
-        """Queue an encoded message; return the future of its handle."""
+    async def send(self, message: Message, envelope: Envelope, delay: float | None) -> TaskHandle:
+        """Publish an encoded message with the others of this loop iteration; return its handle.
+
+        Raises:
+            PublishError: The message was not enqueued.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[TaskHandle] = loop.create_future()
         if not self._waiting:
@@ -346,7 +348,7 @@ class LoopBatcher:
             # (asyncio.gather) join; a lone call still leaves on the next iteration.
             loop.call_soon(self._flush)
         self._waiting.append(((message, (message.queue, envelope), delay), future))
-        return future
+        return await future
 
     def _flush(self) -> None:
         batch, self._waiting = self._waiting, []
