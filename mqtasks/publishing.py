@@ -265,6 +265,9 @@ class Publishing:
         if self._token is not None:
             _open_blocks.reset(self._token)
             self._token = None
+        # Contexts copied inside the block (asyncio tasks created in it) still list
+        # it: from now on their delay() publishes and waits as outside any block.
+        self._thread = None
         try:
             if self._gathered:
                 self._hand_over()
@@ -274,7 +277,6 @@ class Publishing:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-            self._thread = None
         if self.failed:
             sent = [h for h in self.handles if h.confirmed]
             raise bulk_error(self.failed, len(self.handles), sent)

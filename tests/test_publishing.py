@@ -318,6 +318,31 @@ def test_nested_blocks_each_confirm_their_own_at_their_exit(app: App) -> None:
     assert ready(app, job.queue) == 3
 
 
+def test_a_context_copied_inside_a_block_publishes_directly_after_it(app: App) -> None:
+    """An asyncio task created inside the block keeps a copy of its context, block
+    included; once the block has exited, its delay() must not land in the closed block."""
+
+    @app.task
+    def job(n: int) -> None: ...
+
+    async def main() -> TaskHandle:
+        release = asyncio.Event()
+
+        async def later() -> TaskHandle:
+            await release.wait()
+            return job.delay(2)
+
+        with app.publishing():
+            job.delay(1)
+            child = asyncio.ensure_future(later())
+        release.set()
+        return await child
+
+    handle = asyncio.run(main())
+    assert handle.confirmed and not handle.pending
+    assert ready(app, job.queue) == 2
+
+
 def test_a_countdown_inside_the_block_is_kept(app: App) -> None:
     @app.task
     def job(n: int) -> None: ...
