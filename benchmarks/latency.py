@@ -22,6 +22,11 @@ For each call it takes:
   reading the message;
 * **CPU**: ``time.thread_time()`` around the call.
 
+``--delivery N`` then purges the queues, starts a kombu consumer on each (its
+own connection and thread, no acks) and publishes N more per variant, one at a
+time, each waited for until delivered: the **send-to-delivery** time, where a
+quorum queue's commit shows (the broker delivers a message once it is committed).
+
 ``--profile PATH`` also runs cProfile over ``--samples`` quorum ``delay()``
 calls afterwards (and kombu's publish over as many, to ``PATH.kombu``) and
 prints the top functions by own time.
@@ -42,10 +47,12 @@ import resource
 import socket
 import statistics
 import sys
+import threading
 import time
 import types
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import amqp.transport
@@ -187,6 +194,64 @@ def measure(publish: Publish, seq: int) -> dict[str, float]:
     }
 
 
+class Deliveries:
+    """A consumer per queue, each on its own connection and thread, noting when messages arrive.
+
+    For the send-to-delivery pass: ``time.time()`` at arrival minus the ``sent``
+    the publisher put in the message's arguments just before its call.
+    """
+
+    def __init__(self, url: str, queues: list[str]) -> None:
+        self.cond = threading.Condition()
+        #: Send-to-delivery seconds by (queue, seq).
+        self.arrived: dict[tuple[str, int], float] = {}
+        self._stop = False
+        self._conns: list[kombu.Connection] = []
+        self._threads: list[threading.Thread] = []
+        for queue in queues:
+            conn = kombu.Connection(url, connect_timeout=5)
+            conn.ensure_connection(max_retries=3)
+            channel = conn.channel()
+            channel.queue_purge(queue)  # the first pass's messages
+            consumer = kombu.Consumer(
+                channel,
+                queues=[kombu.Queue(queue, no_declare=True)],
+                on_message=partial(self._on_message, queue),
+                no_ack=True,
+            )
+            consumer.consume()
+            thread = threading.Thread(target=self._drain, args=(conn,), daemon=True)
+            self._conns.append(conn)
+            self._threads.append(thread)
+            thread.start()
+
+    def _on_message(self, queue: str, message: Any) -> None:
+        now = time.time()
+        seq, sent = json.loads(message.body)["args"]
+        with self.cond:
+            self.arrived[(queue, seq)] = now - sent
+            self.cond.notify_all()
+
+    def _drain(self, conn: kombu.Connection) -> None:
+        while not self._stop:
+            with contextlib.suppress(socket.timeout):
+                conn.drain_events(timeout=0.2)
+
+    def wait(self, queue: str, seq: int, timeout: float = 10.0) -> float | None:
+        """Seconds from send to delivery of ``seq`` on ``queue``; None if it did not come."""
+        with self.cond:
+            self.cond.wait_for(lambda: (queue, seq) in self.arrived, timeout)
+            return self.arrived.get((queue, seq))
+
+    def close(self) -> None:
+        self._stop = True
+        for thread in self._threads:
+            thread.join(5)
+        for conn in self._conns:
+            with contextlib.suppress(Exception):
+                conn.release()
+
+
 def p(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
@@ -224,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=20, help="calls per variant not counted (20)")
     ap.add_argument("--pause", type=float, default=0.002, help="seconds between two calls (0.002)")
     ap.add_argument("--queue-types", default="quorum,classic", help="quorum,classic")
+    ap.add_argument(
+        "--delivery",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N messages per variant timed from send to delivery to a consumer (0: none)",
+    )
     ap.add_argument("--json", metavar="PATH", help="write the figures and every sample")
     ap.add_argument("--profile", metavar="PATH", help="also cProfile quorum calls into PATH")
     opts = ap.parse_args(argv)
@@ -241,13 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     variants: dict[str, tuple[Publish, Callable[[], None]]] = {}
+    queues: dict[str, str] = {}
     samples: dict[str, list[dict[str, float]]] = {}
     try:
         with timed_sockets():
             for qt in queue_types:
                 for lib, make in (("mqtasks", mqtasks_publisher), ("kombu", kombu_publisher)):
                     name = f"{lib} {qt}"
-                    variants[name] = make(url, f"bench-lat-{run_id}-{lib}-{qt}", qt)
+                    queues[name] = f"bench-lat-{run_id}-{lib}-{qt}"
+                    variants[name] = make(url, queues[name], qt)
                     samples[name] = []
             for k in range(opts.warmup + opts.samples):
                 for name, (publish, _) in variants.items():
@@ -284,6 +358,36 @@ def main(argv: list[str] | None = None) -> int:
                 wall = a["wall"]["p50"] - b["wall"]["p50"]
                 broker = a["broker"]["p50"] - b["broker"]["p50"]
                 print(f"  {lib}: wall {wall:+.3f} ms, broker {broker:+.3f} ms")
+        if opts.delivery:
+            print(
+                "\nsend to delivery, one message at a time, a kombu consumer on its own "
+                "connection (no acks): p50 (p99) ms"
+            )
+            deliveries = Deliveries(url, list(queues.values()))
+            late: dict[str, list[float]] = {name: [] for name in variants}
+            try:
+                for k in range(opts.warmup + opts.delivery):
+                    for name, (publish, _) in variants.items():
+                        seq = 2_000_000 + k
+                        publish(seq)
+                        took = deliveries.wait(queues[name], seq)
+                        if took is not None and k >= opts.warmup:
+                            late[name].append(took * 1e3)
+                        time.sleep(opts.pause)
+            finally:
+                deliveries.close()
+            for name, values in late.items():
+                if values:
+                    d = summary[name]["delivery"] = {
+                        "p50": statistics.median(values),
+                        "p99": p(values, 0.99),
+                        "mean": statistics.fmean(values),
+                    }
+                    missing = opts.delivery - len(values)
+                    print(
+                        f"  {name:<16} {d['p50']:.3f} ({d['p99']:.3f})"
+                        + (f", {missing} not delivered in 10 s" if missing else "")
+                    )
         if opts.profile:
             qt = queue_types[0]
             profile(
