@@ -23,6 +23,7 @@ from mqtasks import (
 )
 from mqtasks.message import Message
 from mqtasks.transport.envelope import Envelope
+from tests._helpers.wait import wait_for
 
 Items = Sequence[tuple[str, Envelope]]
 
@@ -188,6 +189,27 @@ def test_handles_are_pending_inside_the_block_and_confirmed_after(
     assert all(h.confirmed and not h.pending for h in handles)
     assert handles[0] == TaskHandle(handles[0].id, job.name, job.queue)  # equal as before
     assert ready(app, job.queue) == 11
+
+
+def test_the_block_publishes_as_it_goes(app: App) -> None:
+    """Messages leave while the block is open, not only at its exit: a crash inside
+    the block loses only what is unconfirmed."""
+
+    @app.task
+    def job(n: int) -> None: ...
+
+    job.delay(-1)
+    with app.publishing(window=1000) as batch:
+        first = job.delay(0)  # nothing in flight: handed to the broker at once
+        wait_for(lambda: ready(app, job.queue) == 2, "the first message, inside the block")
+
+        def send_one_more() -> bool:
+            job.delay(len(batch.handles))
+            return first.confirmed
+
+        # The first handle is settled by a later delay(), before the exit.
+        wait_for(send_one_more, "the first message's confirm, inside the block")
+    assert ready(app, job.queue) == 1 + len(batch.handles)
 
 
 def test_an_exception_in_the_body_still_publishes_what_it_produced(app: App) -> None:
