@@ -380,7 +380,8 @@ class App:
         """
         message, envelope = self._prepare(message, names)
         block = current_block(self)
-        if block is not None:
+        # A delay the broker cannot hold raises at the call, below, as outside a block.
+        if block is not None and (not delay or self.transport.capabilities.delays):
             return block.add(message, envelope, delay)
         hooks = self._hooks
         try:

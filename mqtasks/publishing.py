@@ -154,7 +154,7 @@ def publish_encoded(app: App, items: Sequence[Item]) -> list[BaseException | Non
         if delay and not bulk_delays:
             try:
                 transport.publish(queue, envelope, delay=delay)
-            except PublishError as exc:
+            except Exception as exc:  # this message's answer; the others' stand
                 results[n] = exc
     return results
 

@@ -13,6 +13,7 @@ import pytest
 from mqtasks import (
     App,
     BulkPublishError,
+    ConfigurationError,
     EncodeError,
     Middleware,
     PublishError,
@@ -376,6 +377,21 @@ def test_a_countdown_inside_the_block_is_kept(app: App) -> None:
     assert ready(app, job.queue) == 1  # a dropped delay would make it 2
     delayed = app.transport.delayed_counts([app.queue(job.queue)])
     assert delayed.get(job.queue, 1) == 1  # where the broker can tell
+
+
+def test_a_delay_the_broker_cannot_hold_raises_at_the_call_inside_the_block(
+    redis_url: str, make_app: Callable[..., App]
+) -> None:
+    app = make_app(redis_url.replace("redis://", "redis+kombu://", 1))
+
+    @app.task
+    def job(n: int) -> None: ...
+
+    with app.publishing() as batch:
+        with pytest.raises(ConfigurationError, match="delay"):
+            job.apply_async((1,), countdown=5)
+        job.delay(2)
+    assert [h.confirmed for h in batch.handles] == [True]
 
 
 def test_a_block_is_used_once(app: App) -> None:
