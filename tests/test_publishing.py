@@ -478,3 +478,15 @@ def test_adelay_checks_its_arguments(app: App) -> None:
             await job.adelay()  # type: ignore[call-arg]
 
     asyncio.run(main())
+
+
+def test_aapply_async_keeps_its_countdown(app: App) -> None:
+    @app.task
+    def job(n: int) -> None: ...
+
+    async def main() -> list[TaskHandle]:
+        return list(await asyncio.gather(job.adelay(1), job.aapply_async((2,), countdown=60)))
+
+    handles = asyncio.run(main())
+    assert all(h.confirmed for h in handles)
+    assert ready(app, job.queue) == 1  # a dropped delay would make it 2
