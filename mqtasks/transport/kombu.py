@@ -181,18 +181,7 @@ class KombuTransport(Transport):
         timeout: float | None = None,
         delay: float | None = None,
     ) -> None:
-        """Publish ``envelope`` to ``queue``; return once the broker has it.
-
-        Args:
-            queue: Destination queue (the routing key on the default exchange).
-            envelope: What to send.
-            timeout: Seconds to wait in all; the transport's ``publish_timeout`` by default.
-            delay: Seconds the broker holds the message before ``queue`` gets it.
-
-        Raises:
-            PublishError: The message was not enqueued (``Unroutable``, ``PublishNacked``
-                or an outage outlasting the retries).
-        """
+        """Publish through a pooled producer (see :meth:`Transport.publish <mqtasks.transport.base.Transport.publish>`)."""
         timeout = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         exchange, routing_key = self.route(queue, delay)
