@@ -82,7 +82,10 @@ class LineWriter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mqtasks-log-writer", daemon=True)
-        self._thread.start()
+        if interval > 0:
+            self._thread.start()
+        else:  # no thread (a process that forks must have none): each line is written at once
+            self.max_lines = 0
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -118,6 +121,8 @@ class LineWriter:
     def close(self) -> None:
         """Stop the background thread and write what is left."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
         self.drain()
 
     def isatty(self) -> bool:
@@ -167,7 +172,7 @@ def resolve_format(fmt: str, stream: TextIO | None = None) -> str:
 
 
 def configure_logging(
-    level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None
+    level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None, background: bool = True
 ) -> str:
     """Set up structlog, and stdlib logging (kombu's), to write events to ``stream``.
 
@@ -183,6 +188,8 @@ def configure_logging(
         fmt: ``json`` (one object per line), ``console`` (readable), or ``auto``:
             console if ``stream`` is a terminal, JSON otherwise.
         stream: Where to write; standard error by default.
+        background: Write from a background thread; False writes each line at
+            once, with no thread (a process that forks, the ``--processes`` supervisor).
 
     Returns:
         The format used, ``"console"`` or ``"json"``.
@@ -211,10 +218,11 @@ def configure_logging(
     tail: list[Any] = [structlog.processors.format_exc_info, mask_urls, renderer]
     stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     global _writer
-    if _writer is None or _writer.stream is not out:
+    interval = FLUSH_INTERVAL if background else 0.0
+    if _writer is None or _writer.stream is not out or _writer.interval != interval:
         if _writer is not None:
             _writer.close()
-        _writer = LineWriter(out)
+        _writer = LineWriter(out, interval)
     # Loggers used before a reconfiguration keep their writer: reuse it for the same stream.
     writer = _writer
     structlog.configure(

@@ -5,20 +5,53 @@ module decides what a signal means to a running worker, which exit code a stop
 ends with, and how N worker processes are kept running. It knows nothing of
 click, so a program that builds its own :class:`~mqtasks.worker.Worker` (the
 reliability harness does) can stop it the same way ``mqtasks worker`` does.
+
+How the children start. Two designs were weighed: (a) a fork server, where the
+supervisor imports the app, connecting to nothing, and ``fork()``s each child,
+which then builds its worker and opens its own connections; (b) a supervisor
+that imports only the standard library and starts each child as a fresh
+interpreter. (a) is the one here. Its children share, copy-on-write, every page
+the supervisor filled before forking: the interpreter, mqtasks, kombu and the
+app's own modules, which are most of a worker's memory; under (b) each child
+imports all of them again into private pages, and only the supervisor gets
+smaller. Celery's prefork pool and ``gunicorn --preload`` do the same; Dramatiq
+forks from a parent that has not imported the app, so its children share less.
+Forking is safe only from a process with one thread and no connection: before
+the first child, :func:`fork_blockers` looks for other threads (a StatsD flush
+thread, an OpenTelemetry batch span processor started at import) and connected
+sockets (an app that published at import); where it finds any, the children
+start as fresh interpreters instead, as in (b) but with the app loaded, and the
+supervisor logs why. The supervisor logs without a writer thread for the same
+reason (``background=False`` in :func:`mqtasks.logging.configure_logging`), and
+freezes the collector's generations before forking so that a child's garbage
+collection does not copy the pages it shares. A child replaces the supervisor's
+signal handlers with :class:`StopSignals` before anything else (the stop signals
+are blocked across ``fork()`` until then), configures its own logging, builds
+its worker, connects, and exits through ``os._exit`` after the exit hooks, never
+returning into the supervisor's stack.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import gc
 import os
 import signal
+import socket
+import stat
 import subprocess
+import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+import traceback
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
 from . import logging as logs
+from ._url import redact
 from .config import mask_url
 from .exceptions import MQTasksError
 
@@ -31,8 +64,10 @@ __all__ = [
     "RET_FORCED",
     "RET_OK",
     "RET_TIMEOUT",
+    "ChildMain",
     "StopSignals",
     "Supervisor",
+    "fork_blockers",
     "return_large_buffers_to_the_os",
     "run_worker",
 ]
@@ -51,6 +86,9 @@ logger = structlog.get_logger("mqtasks.process")
 #: Allocations from this size up get pages of their own (see
 #: :func:`return_large_buffers_to_the_os`).
 MMAP_THRESHOLD = 1024 * 1024
+
+#: The signals that stop a worker, blocked around ``fork()`` (see :meth:`Supervisor._fork`).
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 #: glibc's mallopt() parameter M_MMAP_THRESHOLD.
 _M_MMAP_THRESHOLD = -3
@@ -143,31 +181,155 @@ def run_worker(w: Worker, signals: StopSignals | None = None) -> int:
     return RET_OK if w.stop() else RET_TIMEOUT
 
 
+def fork_blockers() -> list[str]:
+    """Why this process cannot fork worker children safely; empty when it can.
+
+    A forked child holds a copy of the forking thread only: another thread's
+    locks and half-done work would be left as they were in every child (a
+    StatsD flush thread, an OpenTelemetry batch span processor started at
+    import). And a connection open now would be one socket shared by every
+    child, their frames interleaved. Each such thread and connection is a reason.
+    """
+    main = threading.main_thread()
+    reasons = [f"thread {t.name!r} is running" for t in threading.enumerate() if t is not main]
+    reasons += [f"a connection to {peer} is open" for peer in _connection_peers()]
+    return reasons
+
+
+def _connection_peers() -> list[str]:
+    """Peers of this process's connected stream sockets (standard streams aside)."""
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc (not Linux): only threads are checked
+        return []
+    peers = []
+    for fd in fds:
+        try:
+            if fd <= 2 or not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:  # the fd that listed the directory, closed since
+            continue
+        with sock:
+            try:
+                peer = sock.getpeername() if sock.type == socket.SOCK_STREAM else None
+            except OSError:  # listening, or not connected
+                peer = None
+        if isinstance(peer, tuple):
+            peers.append(f"{peer[0]}:{peer[1]}")
+        elif peer:  # a Unix socket with a path (an unnamed one is a pipe, not a broker)
+            peers.append(str(peer))
+    return peers
+
+
+#: A forked child's work: given its stop-signal handlers, run a worker and return the exit code.
+ChildMain = Callable[[StopSignals], int]
+
+
+class _Forked:
+    """A child made by ``fork()``: the part of :class:`subprocess.Popen` the supervisor uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by a poll this one interrupted (a signal handler's)
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # not reaped yet, so the pid is still this child's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
 class Supervisor:
     """Runs N worker processes, replaces those that die, and stops them on a signal.
 
     Args:
-        argv: Command line of one child worker.
+        start: How a child starts: a function that a child forked from this
+            process runs (see :data:`ChildMain`), or the command line of a fresh
+            interpreter. Fork only from a process :func:`fork_blockers` finds safe.
         processes: How many children to keep running.
+        signals: Handlers installed before this supervisor's, while the app was
+            loading: a signal they caught stops the supervisor before any child starts.
     """
 
-    def __init__(self, argv: list[str], processes: int) -> None:
-        self.argv = argv
+    def __init__(
+        self,
+        start: ChildMain | list[str],
+        processes: int,
+        signals: StopSignals | None = None,
+    ) -> None:
+        self.start = start
         self.processes = processes
-        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.early = signals
+        self.children: dict[int, _Forked | subprocess.Popen[bytes]] = {}
         self.stopping = False
         self.signals = 0
         self._restarts: list[float] = []
 
     def _spawn(self, slot: int) -> None:
-        env = {
-            **os.environ,
-            "MQTASKS_WORKER_SLOT": str(slot),
-            "MQTASKS_SUPERVISOR_PID": str(os.getpid()),
-        }
-        child = subprocess.Popen(self.argv, env=env)
+        child: _Forked | subprocess.Popen[bytes]
+        if isinstance(self.start, list):
+            env = {
+                **os.environ,
+                "MQTASKS_WORKER_SLOT": str(slot),
+                "MQTASKS_SUPERVISOR_PID": str(os.getpid()),
+            }
+            child = subprocess.Popen(self.start, env=env)
+        else:
+            child = self._fork(slot, self.start)
         self.children[slot] = child
         logger.info("supervisor.child_started", slot=slot, pid=child.pid)
+
+    def _fork(self, slot: int, main: ChildMain) -> _Forked:
+        logs.flush()  # a line still buffered would be written by the child too
+        # What is imported by now goes to the collector's permanent generation: a
+        # collection in a child never writes to those objects' pages, so they stay shared.
+        gc.freeze()
+        parent = os.getpid()
+        # Blocked until the child has its own handlers: the supervisor's, copied
+        # into the child, would signal the child's siblings.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(slot, parent, main, mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return _Forked(pid)
+
+    def _child(self, slot: int, parent: int, main: ChildMain, mask: Iterable[int]) -> NoReturn:
+        """Run ``main`` in a forked child and exit with its code; never returns."""
+        code = RET_ERROR
+        try:
+            self.children.clear()  # the siblings are not this process's to signal or reap
+            os.environ["MQTASKS_WORKER_SLOT"] = str(slot)
+            os.environ["MQTASKS_SUPERVISOR_PID"] = str(parent)
+            signals = StopSignals()  # replaces the supervisor's handlers
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that came is a stop now
+            code = main(signals)
+        except SystemExit as exc:
+            code = (
+                exc.code if isinstance(exc.code, int) else RET_OK if exc.code is None else RET_ERROR
+            )
+        except BaseException:
+            sys.stderr.write(redact(traceback.format_exc()))
+        finally:
+            # The exit hooks registered so far are this process's too (buffered log
+            # lines, metrics and spans to send); the stack above belongs to the supervisor.
+            atexit._run_exitfuncs()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(code)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Children ignore SIGINT; each signal here becomes one SIGTERM per child
@@ -183,7 +345,11 @@ class Supervisor:
         """Run until signalled; return the worst child exit code."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        if self.early is not None and self.early.count:
+            self.signals, self.stopping = self.early.count, True
         for slot in range(self.processes):
+            if self.stopping:  # a child started now would never hear of the stop
+                break
             self._spawn(slot)
         codes: dict[int, int] = {}
         while True:

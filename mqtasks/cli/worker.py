@@ -7,18 +7,32 @@ signals, exit codes and the ``--processes`` supervisor it runs under are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Any
+from urllib.parse import urlsplit
 
 import click
+import structlog
 
 from .. import logging as logs
+from ..app import App
 from ..exceptions import MQTasksError
-from ..process import StopSignals, Supervisor, return_large_buffers_to_the_os, run_worker
+from ..process import (
+    StopSignals,
+    Supervisor,
+    fork_blockers,
+    return_large_buffers_to_the_os,
+    run_worker,
+)
+from ..transport import transport_class
 from ..worker import Worker
 from . import app_option, cli, configure_logging, load_app
 
 __all__ = ["HELP_EPILOG", "worker"]
+
+logger = structlog.get_logger("mqtasks.cli")
 
 #: The end of ``mqtasks worker --help``: examples and exit codes.
 HELP_EPILOG = """\b
@@ -51,7 +65,8 @@ Exit codes:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Worker processes, each with its own connection; dead ones are replaced.",
+    help="Worker processes, forked from this one after it loads the app, each with its own "
+    "connection; dead ones are replaced.",
 )
 @click.option(
     "--prefetch",
@@ -92,31 +107,85 @@ def worker(
     """Consume the app's queues and run its tasks until SIGTERM or SIGINT."""
     env_format = os.environ.get("MQTASKS_LOG_FORMAT") or "auto"
     used = configure_logging(log_level, log_format or env_format)
+    supervise = processes > 1
+    if supervise:  # the supervisor forks its children: no log writer thread in it
+        logs.configure_logging(log_level, used, background=False)
     # Caught before the app is loaded: a SIGTERM while the app's modules import
     # (seconds on a loaded machine) is a clean stop, not death by signal.
-    signals = None if processes > 1 else StopSignals()
-    if processes > 1:
-        argv = [sys.executable, "-m", "mqtasks", *sys.argv[1:]]
-        sys.exit(Supervisor(_child_argv(argv), processes).run())
+    signals = StopSignals()
     app = load_app(app_path)
     if log_format is None and app.settings.log_format != env_format:
         # The app sets its own log_format: use it (loggers used while importing keep the first).
         used_by_app = logs.resolve_format(app.settings.log_format)
         if used_by_app != used:
-            configure_logging(log_level, used_by_app)
+            used = logs.configure_logging(log_level, used_by_app, background=not supervise)
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
-    return_large_buffers_to_the_os()
+    return_large_buffers_to_the_os()  # in the supervisor too: forked children inherit it
+    options: dict[str, Any] = {
+        "queues": queue_list,
+        "concurrency": concurrency,
+        "prefetch": prefetch,
+        "shutdown_timeout": shutdown_timeout,
+    }
+    if supervise:
+        sys.exit(_supervise(app, processes, signals, log_level, used, options))
+    sys.exit(run_worker(_build_worker(app, options), signals))
+
+
+def _build_worker(app: App, options: dict[str, Any]) -> Worker:
+    """The worker for ``app``; impossible options are a usage error (exit code 2)."""
     try:
-        w = Worker(
-            app,
-            queues=queue_list,
-            concurrency=concurrency,
-            prefetch=prefetch,
-            shutdown_timeout=shutdown_timeout,
-        )
+        return Worker(app, **options)
     except MQTasksError as exc:
         raise click.UsageError(str(exc)) from exc
-    sys.exit(run_worker(w, signals))
+
+
+def _supervise(
+    app: App,
+    processes: int,
+    signals: StopSignals,
+    log_level: str,
+    log_format: str,
+    options: dict[str, Any],
+) -> int:
+    """Run ``processes`` children under a supervisor; return its exit code.
+
+    Children are forked from this process, which has loaded the app, so that
+    they share its pages; where forking is unsafe (see
+    :func:`~mqtasks.process.fork_blockers`) they start as fresh interpreters.
+    """
+    blockers = fork_blockers()
+    if blockers:
+        logger.warning(
+            "supervisor.not_forking",
+            reasons=blockers,
+            hint="children start as fresh interpreters and share no memory with each other; "
+            "start threads and connections on first use or in a worker_boot hook, "
+            "not while the app module imports",
+        )
+        argv = [sys.executable, "-m", "mqtasks", *sys.argv[1:]]
+        return Supervisor(_child_argv(argv), processes, signals).run()
+
+    _preload(app)
+
+    def child(child_signals: StopSignals) -> int:
+        logs.configure_logging(log_level, log_format)  # with a writer thread of its own
+        try:
+            w = _build_worker(app, options)
+        except click.UsageError as exc:
+            exc.show()
+            return exc.exit_code
+        return run_worker(w, child_signals)
+
+    return Supervisor(child, processes, signals).run()
+
+
+def _preload(app: App) -> None:
+    """Import what each child would import on connecting, so that the children share it."""
+    url = app.settings.broker_url
+    with contextlib.suppress(MQTasksError):  # an unknown scheme: each child says so
+        transport_class(urlsplit(url).scheme.lower() if "://" in url else url)
+    import encodings.idna  # noqa: F401  - the codec that resolving a host name loads
 
 
 def _child_argv(argv: list[str]) -> list[str]:

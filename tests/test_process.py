@@ -1,0 +1,186 @@
+"""``mqtasks worker --processes N``: children forked from a supervisor that holds no connection.
+
+Real ``python -m mqtasks worker -A tests.cli_app`` processes on the local RabbitMQ,
+started with the ``scenario`` and ``run_cli`` fixtures of ``tests/test_cli.py``. A forked
+child keeps the supervisor's command line; a child started as a fresh interpreter has
+``--processes 1`` in its own, which is how these tests tell the two apart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+
+import pytest
+
+from tests._helpers.cli import CliWorker, session_members
+from tests._helpers.wait import wait_for
+from tests.test_cli import MakeScenario, RunCli, Scenario, run_cli, scenario  # noqa: F401
+
+#: A scenario, its supervisor, and the pids of the supervisor's two first children.
+Started = tuple[Scenario, CliWorker, list[int]]
+
+AMQP_PORT = 5672
+
+
+def cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().decode().split("\0")[:-1]
+
+
+def broker_connections(pid: int, port: int = AMQP_PORT) -> int:
+    """TCP connections process ``pid`` holds to ``port`` (its sockets in the TCP tables)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:[") : -1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as fh:
+            next(fh)  # the header
+            for line in fh:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def started_children(parent: CliWorker) -> list[int]:
+    return [e["pid"] for e in parent.logs("supervisor.child_started")]
+
+
+def at(event: dict[str, object]) -> datetime:
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+
+
+@pytest.fixture
+def start_two(scenario: MakeScenario, run_cli: RunCli) -> Callable[..., Started]:  # noqa: F811
+    """Start ``--processes 2`` on RabbitMQ with ``env`` added; return once both consume."""
+
+    def start(**env: str) -> Started:
+        s = scenario("amqp")
+        s.env_extra.update(env)
+        parent = run_cli(s, "--processes", "2", "-c", "1", "--shutdown-timeout", "10")
+        parent.wait_started(2)
+        return s, parent, started_children(parent)
+
+    return start
+
+
+@pytest.mark.integration
+def test_children_are_forked_and_only_they_connect_to_the_broker(
+    start_two: Callable[..., Started],
+) -> None:
+    s, parent, children = start_two()
+    assert len(children) == 2
+
+    # The children are forks of the supervisor (the same command line), not new interpreters
+    for pid in children:
+        assert cmdline(pid) == cmdline(parent.pid)
+    assert not parent.logs("supervisor.not_forking")
+
+    # Each child has a connection of its own; the supervisor has none
+    for pid in children:
+        wait_for(partial(broker_connections, pid), f"child {pid}'s connection")
+    assert broker_connections(parent.pid) == 0
+
+    # And they run tasks, each child some of them
+    for i in range(20):
+        s.send(f"a{i}", 0.05)
+    wait_for(lambda: len(s.record.tags(prefix="a")) == 20, "20 finished tasks")
+    assert s.record.pids(prefix="a") <= set(children)
+    assert broker_connections(parent.pid) == 0
+
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(15) == 0, parent.stderr()
+    assert len(parent.logs("worker.stopped")) == 2
+    assert session_members(parent.pid) == []
+
+
+@pytest.mark.integration
+def test_a_killed_child_is_replaced_by_a_new_fork_that_runs_tasks(
+    start_two: Callable[..., Started],
+) -> None:
+    s, parent, children = start_two()
+
+    # When one child is killed
+    victim = children[0]
+    os.kill(victim, signal.SIGKILL)
+
+    # Then the supervisor forks another in its slot
+    died = parent.wait_log("supervisor.child_died")
+    assert died[0]["pid"] == victim
+    assert died[0]["code"] == -signal.SIGKILL
+    replacement = parent.wait_log("supervisor.child_started", 3)[-1]["pid"]
+    assert replacement not in children
+    assert cmdline(replacement) == cmdline(parent.pid)
+    parent.wait_started(3)
+
+    # Which runs tasks too
+    for i in range(30):
+        s.send(f"b{i}", 0.05)
+    wait_for(lambda: len(s.record.tags(prefix="b")) == 30, "30 finished tasks")
+    assert replacement in s.record.pids(prefix="b")
+    assert broker_connections(parent.pid) == 0
+
+    # And SIGTERM stops the survivor and the replacement cleanly
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(15) == 0, parent.stderr()
+    assert len(parent.logs("worker.stopped")) == 2
+    assert not parent.logs("worker.forced_exit")
+    assert session_members(parent.pid) == []
+
+
+@pytest.mark.integration
+def test_children_that_fail_at_start_up_are_restarted_with_a_growing_pause(
+    scenario: MakeScenario,  # noqa: F811
+    run_cli: RunCli,  # noqa: F811
+) -> None:
+    s = scenario("amqp")
+    # Given a broker URL where nothing listens: every child fails to connect and exits 1
+    # (at once: one attempt, a short timeout)
+    s.url = "amqp://guest:guest@127.0.0.1:1//"
+    s.env_extra.update(MQTASKS_PUBLISH_RETRIES="0", MQTASKS_CONNECT_TIMEOUT="0.5")
+    parent = run_cli(s, "--processes", "2", "-c", "1")
+
+    died = parent.wait_log("supervisor.child_died", 6)
+    assert {e["code"] for e in died} == {1}
+    assert parent.logs("worker.start_failed")
+    # The pauses before the restarts double (0.1, 0.1, 0.2, 0.4 s before the 6th start):
+    # the supervisor does not spin
+    started = parent.wait_log("supervisor.child_started", 6)
+    assert (at(started[5]) - at(died[0])).total_seconds() >= 0.8
+
+    # A stop exits 1 if a child that failed is among the last ones, 0 if the stop found
+    # only children that had not connected yet
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(15) in (0, 1), parent.stderr()
+    assert session_members(parent.pid) == []
+
+
+@pytest.mark.integration
+def test_a_supervisor_with_a_thread_starts_its_children_as_fresh_interpreters(
+    start_two: Callable[..., Started],
+) -> None:
+    # Given an app whose StatsD middleware starts its flush thread when the app is created
+    s, parent, children = start_two(MQTASKS_STATSD_URL="statsd://127.0.0.1:8125/mqt-test")
+
+    # Then the supervisor says why it does not fork, and children are new interpreters
+    (why,) = parent.logs("supervisor.not_forking")
+    assert any("mqtasks-statsd-flush" in reason for reason in why["reasons"])
+    for pid in children:
+        assert cmdline(pid)[-2:] == ["--processes", "1"]
+
+    s.send("c")
+    wait_for(lambda: s.record.count("finish", "c") == 1, "the task")
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(15) == 0, parent.stderr()
+    assert session_members(parent.pid) == []
