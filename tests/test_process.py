@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 
 import pytest
 
-from tests._helpers.cli import CliWorker, session_members
+from tests._helpers.cli import PYTHON, ROOT, CliWorker, clean_env, session_members
 from tests._helpers.wait import wait_for
 from tests.test_cli import MakeScenario, RunCli, Scenario, run_cli, scenario  # noqa: F401
 
@@ -184,3 +186,35 @@ def test_a_supervisor_with_a_thread_starts_its_children_as_fresh_interpreters(
     parent.signal(signal.SIGTERM)
     assert parent.wait(15) == 0, parent.stderr()
     assert session_members(parent.pid) == []
+
+
+def test_sigterm_while_the_supervisor_imports_the_app_stops_it_before_any_child(
+    tmp_path: Path,
+) -> None:
+    # Given an app module that sleeps while it imports, in the supervisor now
+    marker = tmp_path / "importing"
+    (tmp_path / "slow_supervised.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(marker)!r}).touch()\ntime.sleep(3)\n"
+        "from mqtasks import App\napp = App('slow', broker='memory://')\n"
+    )
+    env = clean_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    argv = [PYTHON, "-m", "mqtasks", "worker", "-A", "slow_supervised", "--processes", "2"]
+    err, out = tmp_path / "err", tmp_path / "out"
+    with open(err, "wb") as err_file:
+        proc = subprocess.Popen(
+            [*argv, "--log-format", "json"],
+            cwd=ROOT,
+            env=env,
+            stderr=err_file,
+            start_new_session=True,
+        )
+    supervisor = CliWorker(proc, err, out)
+    try:
+        wait_for(marker.exists, "the app's import to begin")
+        # When SIGTERM comes in the middle of it
+        supervisor.signal(signal.SIGTERM)
+        # Then the supervisor exits 0 without starting a child
+        assert supervisor.wait(30) == 0, supervisor.stderr()
+        assert not supervisor.logs("supervisor.child_started")
+    finally:
+        supervisor.kill()
