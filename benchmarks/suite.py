@@ -1276,6 +1276,8 @@ OBSERVED_ROWS = [
     ("pipeline_per_s", "pipeline/s, {publishers} publisher threads", True),
     ("pipeline_bulk_per_s", "pipeline/s, bulk publish", True),
     ("pipeline_best_per_s", "pipeline/s, the best of these three ways", True),
+    ("publish_block_loop_per_s", "publish/s, one-thread loop in a block", True),
+    ("pipeline_block_loop_per_s", "pipeline/s, one-thread loop in a block", True),
     ("worker_cpu_us_per_task", "worker CPU µs/task (drain)", False),
     ("idle_latency_ms.p50", "latency idle p50 ms", False),
     ("idle_latency_ms.p99", "latency idle p99 ms", False),
