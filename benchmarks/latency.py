@@ -118,7 +118,7 @@ Publish = Callable[[int], None]
 def mqtasks_publisher(url: str, queue: str, queue_type: str) -> tuple[Publish, Callable[[], None]]:
     """``noop.delay(seq, sent)`` on ``queue``, mqtasks' defaults but for the queue type."""
     from mqtasks import App
-    from mqtasks.transport.queue import QueueSpec
+    from mqtasks.transport.queue import QueueSpec, dead_letter_spec
 
     app = App("bench-lat", broker=url, queues=[QueueSpec(queue, queue_type=queue_type)])  # type: ignore[arg-type]
 
@@ -133,7 +133,8 @@ def mqtasks_publisher(url: str, queue: str, queue_type: str) -> tuple[Publish, C
 
     def close() -> None:
         with contextlib.suppress(Exception):
-            app.transport.delete([app.queue(queue)])
+            spec = app.queue(queue)
+            app.transport.delete([spec, dead_letter_spec(spec)])  # declared beside it
         app.close()
 
     return publish, close

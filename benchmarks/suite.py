@@ -329,6 +329,8 @@ class MqtasksSystem(System):
         )
 
     def setup(self) -> None:
+        from mqtasks.transport.queue import DLQ_SUFFIX
+
         from .bench_mqtasks_app import make_app
 
         self.app, self.noop = make_app(
@@ -339,6 +341,8 @@ class MqtasksSystem(System):
             **self.app_options(),
         )
         self.app.declare()
+        if self.amqp:  # mqtasks declares the queue's dead-letter queue beside it
+            self.ctx.amqp_queues.add(self.queue + DLQ_SUFFIX)
 
     def app_options(self) -> dict[str, Any]:
         """More keyword arguments for ``make_app`` (the observed system's)."""
