@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from mqtasks import App
 from mqtasks.testing import FAKE_REDIS_URL, fake_redis_app
 from tests._helpers.brokers import cleanup, require_broker, unique_name
+from tests._helpers.crash import Crash
 from tests._helpers.statsd import statsd_server  # noqa: F401 - a fixture for every test
-
-if TYPE_CHECKING:
-    from tests.transport.test_delivery_limit import Crash
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -80,8 +77,6 @@ def app(broker_url: str, make_app: Callable[..., App]) -> App:
 @pytest.fixture
 def crash(tmp_path: Path) -> Iterator[Callable[[str], Crash]]:
     """A factory of worker-subprocess set-ups; their workers are killed and keys deleted after."""
-    from tests.transport.test_delivery_limit import Crash
-
     made: list[Crash] = []
 
     def make(kind: str) -> Crash:

@@ -24,8 +24,8 @@ from mqtasks.transport.kombu import KombuTransport
 from mqtasks.transport.redis import RedisDelivery, RedisTransport
 from tests import crash_app
 from tests._helpers.brokers import require_broker
+from tests._helpers.crash import Crash
 from tests._helpers.publish import raw_publish
-from tests.transport.test_delivery_limit import Crash
 
 
 @pytest.fixture(params=["memory", "amqp", "redis"])

@@ -6,7 +6,9 @@
 * :mod:`~tests._helpers.publish`: publishing past mqtasks, as a hostile producer would;
 * :mod:`~tests._helpers.statsd`: a real StatsD receiver;
 * :mod:`~tests._helpers.servers`: brokers of a test module's own (redis-server, RabbitMQ);
-* :mod:`~tests._helpers.faults`: cutting this process's own broker connections.
+* :mod:`~tests._helpers.faults`: cutting this process's own broker connections;
+* :mod:`~tests._helpers.redis`: the ``redis://`` transport consumed by the test itself;
+* :mod:`~tests._helpers.crash`: worker subprocesses on ``tests/crash_app.py``, for crash tests.
 
 The loopback TCP proxy is the harness's :class:`reliability.proxy.TcpProxy`.
 """

@@ -9,9 +9,7 @@ started does not count on ``redis://`` and ``memory://``. Past the queue's
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from structlog.testing import capture_logs
 
 from mqtasks import App, ConfigurationError, PublishNacked, QueueSpec, Settings
@@ -34,11 +31,11 @@ from mqtasks.transport.memory import MemoryTransport
 from mqtasks.transport.redis import RedisDelivery, encode_element
 from mqtasks.worker import Worker
 from tests import crash_app
-from tests._helpers.brokers import REDIS_URL, cleanup, require_broker, unique_name
-from tests._helpers.cli import PYTHON, ROOT, CliWorker, clean_env
+from tests._helpers.brokers import unique_name
+from tests._helpers.cli import CliWorker
+from tests._helpers.crash import Crash
+from tests._helpers.redis import Inbox, envelope, key_prefix, make_transport
 from tests._helpers.wait import wait_for as wait_until
-
-from .test_redis_reliable import Inbox, envelope, make_transport
 
 # -- configuration ----------------------------------------------------------------
 
@@ -119,18 +116,8 @@ def test_redis_elements_carry_their_count() -> None:
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A Redis key prefix of this test's own; its keys are deleted afterwards."""
-    require_broker("redis")
-    tag = "{" + unique_name("dl") + "}"
-    yield tag
-    _delete_keys(tag)
-
-
-def _delete_keys(tag: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=tag.replace("{", "[{]").replace("}", "[}]") + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with key_prefix("dl") as tag:
+        yield tag
 
 
 @pytest.mark.integration
@@ -345,76 +332,6 @@ def catches_sigterm(pid: int) -> bool:
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
     return False
-
-
-#: The worker command line, on the app of ``tests/crash_app.py``.
-WORKER = [PYTHON, "-m", "mqtasks", "worker", "-A", "tests.crash_app"]
-
-
-class Crash:
-    """One broker, queue, record file and publishing app for a worker subprocess."""
-
-    def __init__(self, kind: str, tmp_path: Path) -> None:
-        # "amqp-classic": RabbitMQ with classic queues (MQTASKS_QUEUE_TYPE).
-        kind, _, queue_type = kind.partition("-")
-        self.kind = kind
-        self.url = require_broker(kind)
-        self.queue_type = queue_type or None
-        self.queue = unique_name("crash")
-        self.record = tmp_path / "record"
-        self.tmp_path = tmp_path
-        self.options: dict[str, Any] = {}
-        if kind == "redis":
-            # Keys of our own; a killed worker's messages come back within about 1.5 s.
-            self.options = {
-                "key_prefix": "{" + self.queue + "}",
-                "liveness_ttl": 1.0,
-                "sweep_interval": 0.25,
-            }
-        self.app = crash_app.make_app(self.url, self.queue, self.options, self.queue_type)
-        self.workers: list[CliWorker] = []
-
-    def start(self, *args: str, **env: str) -> CliWorker:
-        n = len(self.workers)
-        stderr, stdout = self.tmp_path / f"worker-{n}.err", self.tmp_path / f"worker-{n}.out"
-        if self.queue_type is not None:
-            env = {"MQTASKS_QUEUE_TYPE": self.queue_type, **env}
-        environ = clean_env(
-            MQTASKS_BROKER_URL=self.url,
-            CRASH_TEST_QUEUE=self.queue,
-            CRASH_TEST_RECORD=str(self.record),
-            CRASH_TEST_TRANSPORT_OPTIONS=json.dumps(self.options),
-            **env,
-        )
-        with open(stderr, "ab") as err, open(stdout, "ab") as out:
-            proc = subprocess.Popen(
-                [*WORKER, "--log-format", "json", *args],
-                cwd=ROOT,
-                env=environ,
-                stdout=out,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        worker = CliWorker(proc, stderr, stdout)
-        self.workers.append(worker)
-        return worker
-
-    def proc_pattern(self) -> str:
-        """SCAN pattern of this set-up's Redis processing lists."""
-        prefix = str(self.options["key_prefix"])
-        return prefix.replace("{", "[{]").replace("}", "[}]") + ":proc:*"
-
-    def events(self, event: str, tag: str) -> list[int]:
-        """Pids that recorded ``event`` for ``tag``, in order."""
-        return [p for e, t, p in crash_app.read_record(self.record) if e == event and t == tag]
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.kill()
-        if self.kind == "redis":
-            _delete_keys(self.options["key_prefix"])
-        cleanup(self.app)
 
 
 @pytest.mark.integration

@@ -15,16 +15,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-import redis
 
 from mqtasks import App, PublishError, QueueSpec, Retry
 from mqtasks.testing import running_worker
 from mqtasks.transport import RedisTransport
 from mqtasks.transport.base import Delivery
-from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
+from tests._helpers.brokers import unique_name
+from tests._helpers.redis import FAST, Inbox, envelope, key_prefix, make_transport, reliable_url
 from tests._helpers.wait import wait_for
-
-from .test_redis_reliable import FAST, Inbox, envelope, make_transport, reliable_url
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +30,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A key prefix (hash tag) of this test's own; its keys are deleted afterwards."""
-    require_broker("redis")
-    tag = "{" + unique_name("rd") + "}"
-    yield tag
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=tag.replace("{", "[{]").replace("}", "[}]") + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with key_prefix("rd") as tag:
+        yield tag
 
 
 @pytest.fixture

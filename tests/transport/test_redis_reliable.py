@@ -22,13 +22,18 @@ from mqtasks import App, ConfigurationError, PublishError, QueueSpec
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport import RedisTransport, resolve
 from mqtasks.transport.base import Delivery, Envelope
-from mqtasks.transport.redis import (
-    RedisConsumer,
-    RedisDelivery,
-    encode_element,
-)
+from mqtasks.transport.redis import RedisDelivery, encode_element
 from reliability.proxy import TcpProxy
 from tests._helpers.brokers import REDIS_URL, RUN_ID, require_broker, unique_name
+from tests._helpers.redis import (
+    FAST,
+    Inbox,
+    envelope,
+    key_prefix,
+    make_transport,
+    reliable_url,
+    scan_pattern,
+)
 
 from .test_contract import (  # run here against redis:// (see the app fixture)
     test_each_task_runs_once_and_is_acked,
@@ -48,27 +53,12 @@ __all__ = [
     "test_threads_run_tasks_concurrently",
 ]
 
-#: Liveness settings short enough for a test to see a dead consumer restored.
-FAST = {"liveness_ttl": 1.0, "sweep_interval": 0.3}
-
-
-def reliable_url(port: int | None = None) -> str:
-    parts = urlsplit(REDIS_URL)
-    netloc = parts.netloc if port is None else f"127.0.0.1:{port}"
-    return parts._replace(scheme="redis", netloc=netloc).geturl()
-
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A key prefix (hash tag) of this test's own; its keys are deleted afterwards."""
-    require_broker("redis")
-    tag = "{" + unique_name("rr") + "}"
-    yield tag
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=tag.replace("{", "[{]").replace("}", "[}]") + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with key_prefix("rr") as tag:
+        yield tag
 
 
 @pytest.fixture
@@ -91,42 +81,6 @@ def raw() -> Iterator[redis.Redis[bytes]]:
 
 
 pytestmark = pytest.mark.integration
-
-
-def envelope(n: int, **kwargs: Any) -> Envelope:
-    return Envelope(body=b'{"n":%d}' % n, message_id=f"m{n}", **kwargs)
-
-
-class Inbox:
-    """A consumer driven by the test itself, as the worker's I/O thread would."""
-
-    def __init__(self, transport: RedisTransport, queues: list[str], prefetch: int):
-        self.got: list[Delivery] = []
-        consumer = transport.consumer([QueueSpec(q) for q in queues], prefetch=prefetch)
-        assert isinstance(consumer, RedisConsumer)
-        self.consumer = consumer
-        consumer.start(self.got.append)
-
-    @property
-    def proc(self) -> str:
-        """The processing list of the first queue."""
-        return self.consumer.proc_key(self.consumer._sources[0])
-
-    def pump(self, until: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not until():
-            assert time.monotonic() < deadline, f"timed out with {len(self.got)} deliveries"
-            self.consumer.wait(0.05, -1)
-
-    def ids(self) -> list[str | None]:
-        return [d.message_id for d in self.got]
-
-
-def make_transport(prefix: str, url: str | None = None, **options: Any) -> RedisTransport:
-    opts = {"key_prefix": prefix, **options.pop("transport_options", {})}
-    transport = resolve(url or reliable_url(), transport_options=opts, **options)
-    assert isinstance(transport, RedisTransport)
-    return transport
 
 
 # -- format and configuration (no server needed for these, but cheap) --------
@@ -338,7 +292,7 @@ def test_undecodable_elements_are_rejected_and_do_not_block(
 
 def keys_of(raw: redis.Redis[bytes], t: RedisTransport, queue: str) -> list[bytes]:
     """Every key of ``queue``'s ready lists and delayed set."""
-    pattern = t.queue_key(queue).replace("{", "[{]").replace("}", "[}]") + "*"
+    pattern = scan_pattern(t.queue_key(queue)) + "*"
     return sorted([*raw.scan_iter(match=pattern), *raw.scan_iter(match=t.delayed_key(queue))])
 
 
@@ -585,7 +539,7 @@ def test_a_dead_consumers_messages_are_restored_within_seconds(
     assert sorted(n for n, _ in ran) == [0, 1, 2]
     assert time.monotonic() - started < 8
     assert not raw.hgetall(f"{prefix}:consumers")
-    assert not list(raw.scan_iter(match=f"{prefix.replace('{', '[{]').replace('}', '[}]')}:proc:*"))
+    assert not list(raw.scan_iter(match=scan_pattern(prefix) + ":proc:*"))
 
 
 def test_a_long_task_of_a_live_worker_is_not_delivered_twice(
