@@ -26,6 +26,7 @@ from tests import crash_app
 from tests._helpers.brokers import require_broker
 from tests._helpers.crash import Crash
 from tests._helpers.publish import raw_publish
+from tests._helpers.wait import wait_for
 
 
 @pytest.fixture(params=["memory", "amqp", "redis"])
@@ -46,51 +47,49 @@ class Entry:
 
 
 def dead_letters(app: App, queue: str, *, expect: int, timeout: float = 10.0) -> list[Entry]:
-    """Take the dead-letter queue's entries off the broker (waiting for ``expect``)."""
+    """Take ``expect`` entries off the broker's dead-letter queue, waiting up to ``timeout`` s."""
     transport = app.transport
-    deadline = time.monotonic() + timeout
     if isinstance(transport, RedisTransport):
         client = redis.Redis.from_url(transport.redis_url)
+        key = transport.queue_key(queue + ".dlq")
         entries: list[Entry] = []
-        try:
-            while len(entries) < expect and time.monotonic() < deadline:
-                element = client.rpop(transport.queue_key(queue + ".dlq"))
-                if element is None:
-                    time.sleep(0.05)
-                    continue
+
+        def take() -> bool:
+            while len(entries) < expect and (element := client.rpop(key)) is not None:
                 d = RedisDelivery(element, queue, 1, "", "")
                 entries.append(Entry(dict(d.headers), d.body, d.message_id))
+            return len(entries) == expect
+
+        try:
+            wait_for(take, lambda: f"{expect} dead letters; got {len(entries)}", timeout)
         finally:
             client.close()
         return entries
     return [
         Entry(dict(m.headers), m.body, m.properties.get("message_id"))
-        for m in _kombu_dead_letters(app, queue, expect=expect, deadline=deadline)
+        for m in _kombu_dead_letters(app, queue, expect=expect, timeout=timeout)
     ]
 
 
-def _kombu_dead_letters(app: App, queue: str, *, expect: int, deadline: float) -> list[Any]:
+def _kombu_dead_letters(app: App, queue: str, *, expect: int, timeout: float) -> list[Any]:
     got: list[Any] = []
     assert isinstance(app.transport, KombuTransport)
     with app.transport.connection() as conn:
         channel = conn.channel()
-        while len(got) < expect and time.monotonic() < deadline:
-            message = channel.basic_get(queue + ".dlq", no_ack=False)
-            if message is None:
-                time.sleep(0.05)
-                continue
-            if not hasattr(message, "ack"):  # py-amqp's own message: let kombu wrap it
-                message = channel.message_to_python(message)
-            got.append(message)
-            message.ack()
+
+        def take() -> bool:
+            while len(got) < expect:
+                message = channel.basic_get(queue + ".dlq", no_ack=False)
+                if message is None:
+                    return False
+                if not hasattr(message, "ack"):  # py-amqp's own message: let kombu wrap it
+                    message = channel.message_to_python(message)
+                got.append(message)
+                message.ack()
+            return True
+
+        wait_for(take, lambda: f"{expect} dead letters; got {len(got)}", timeout)
     return got
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def headers_of(entry: Entry) -> dict[str, Any]:
@@ -179,10 +178,10 @@ def test_retry_with_a_countdown_is_held_by_the_broker(retry_app: App) -> None:
 
     once_more.delay()
     with running_worker(retry_app, concurrency=1) as worker:
-        wait_until(lambda: len(starts) >= 1 and worker.idle)
+        wait_for(lambda: starts and worker.idle, "the first attempt to end, its retry held")
         # No worker thread sleeps and no message is held while the retry waits.
         assert worker.running == 0
-        wait_until(lambda: len(starts) == 2)
+        wait_for(lambda: len(starts) == 2, "the second attempt")
     assert len(starts) == 2 and starts[1] - starts[0] >= 0.5
 
 
@@ -301,12 +300,13 @@ def test_a_retry_pending_when_its_worker_is_killed_still_runs(
         transport = c.app.transport
         assert isinstance(transport, RedisTransport)
         client = transport.publisher()
-        wait_until(
+        wait_for(
             lambda: (
                 transport.delayed_counts([spec]) == {c.queue: 1}
                 and not any(client.llen(k) for k in client.scan_iter(c.proc_pattern(), count=1000))
                 and transport.message_counts([spec]) == {c.queue: 0}
-            )
+            ),
+            "the retry alone in the delayed set, the first attempt acked",
         )
     # When the worker is killed while the retry waits
     first.signal(signal.SIGKILL)
@@ -314,10 +314,10 @@ def test_a_retry_pending_when_its_worker_is_killed_still_runs(
     # Then a new worker runs the second attempt
     second = c.start("-c", "1")
     second.wait_started()
-    wait_until(lambda: bool(c.events("attempt2", "f")), timeout=30)
+    wait_for(lambda: c.events("attempt2", "f"), "the second attempt to start", timeout=30)
     assert c.events("attempt1", "f")[0] == first.pid
     assert c.events("attempt2", "f") == [second.pid]
-    wait_until(lambda: bool(c.events("finish", "f")))
+    wait_for(lambda: c.events("finish", "f"), "the second attempt to finish")
     assert c.events("finish", "f")[-1] == second.pid
     assert list_dead_letters(c.app, c.queue) == []
 
@@ -336,7 +336,7 @@ def test_a_retry_the_transport_cannot_delay_is_dead_lettered_not_looped(make_app
     wants_a_pause.delay()
     name = app.settings.default_queue
     with running_worker(app, concurrency=1):
-        wait_until(lambda: len(list_dead_letters(app, name)) == 1)
+        wait_for(lambda: len(list_dead_letters(app, name)) == 1, "the dead letter")
     [entry] = list_dead_letters(app, name)
     assert entry.reason == "retry_unsupported"
     assert entry.detail is not None and "redis://" in entry.detail

@@ -21,6 +21,7 @@ from mqtasks.testing import drain, running_worker
 from mqtasks.transport.kombu import KombuTransport
 from tests._helpers.brokers import require_broker
 from tests._helpers.publish import raw_publish
+from tests._helpers.wait import wait_for
 
 
 @pytest.fixture(params=["memory", "amqp", "redis", "fakeredis"])
@@ -174,26 +175,23 @@ def test_stop_hands_back_prefetched_messages_and_finishes_the_running_one(app: A
         slow.delay(n)
     with running_worker(app, concurrency=1, prefetch=4, shutdown_timeout=10) as worker:
         assert started.wait(10)
-        deadline = time.monotonic() + 5
-        while worker.received < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: worker.received == 4, "all four to be prefetched", 5, 0.01)
         # When the worker is told to stop while one task runs and three wait
         stopper = threading.Thread(target=worker.stop)
         stopper.start()
-        time.sleep(0.2)
+        # (it hands the three back at once, without waiting for the running one)
+        wait_for(lambda: worker.settled == 3, "the three waiting to be handed back", 5, 0.01)
         release.set()
         stopper.join(10)
         assert worker.clean_exit
     # Then the running task finished and the others are back on the queue
     assert ran == [0]
-    deadline = time.monotonic() + 5
-    counts: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        counts = app.transport.message_counts([app.queue(slow.queue)])
-        if counts[slow.queue] == 3:
-            break
-        time.sleep(0.05)
-    assert counts == {slow.queue: 3}
+    spec = app.queue(slow.queue)
+    wait_for(
+        lambda: app.transport.message_counts([spec]) == {slow.queue: 3},
+        lambda: f"3 messages back on the queue; {app.transport.message_counts([spec])}",
+        5,
+    )
 
 
 def test_threads_run_tasks_concurrently(app: App) -> None:
@@ -217,7 +215,8 @@ def test_expired_task_is_not_run(app: App) -> None:
         ran.append(1)
 
     late.apply_async(expires=0.01)
-    time.sleep(0.05)
+    expired_at = time.time() + 0.01  # not before its expiry, set from an earlier clock reading
+    wait_for(lambda: time.time() > expired_at, "the task to expire", 1, 0.01)
     with running_worker(app) as worker:
         drain(worker, raise_errors=False)
         assert reasons(worker) == ["expired"]

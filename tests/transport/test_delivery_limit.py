@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from tests._helpers.brokers import unique_name
 from tests._helpers.cli import CliWorker
 from tests._helpers.crash import Crash
 from tests._helpers.redis import Inbox, envelope, key_prefix, make_transport
-from tests._helpers.wait import wait_for as wait_until
+from tests._helpers.wait import wait_for
 
 # -- configuration ----------------------------------------------------------------
 
@@ -141,19 +140,22 @@ def test_redis_counts_hand_backs_at_close_but_not_requeues(prefix: str) -> None:
     transport.close()
 
 
+def _deliver_one(transport: Transport, spec: QueueSpec) -> tuple[Any, Delivery]:
+    """Start a consumer of ``spec`` and return it with the first delivery it hands on."""
+    got: list[Delivery] = []
+    consumer = transport.consumer([spec], prefetch=1)
+    consumer.start(got.append)
+    wait_for(lambda: consumer.drain(0.05) or got, "a delivery")  # type: ignore[func-returns-value]
+    return consumer, got[0]
+
+
 def test_memory_counts_hand_backs_at_close_but_not_requeues() -> None:
     transport = MemoryTransport("memory://")
     transport.declare([QueueSpec("q")])
     transport.publish("q", envelope(1))
     counts: list[int | None] = []
     for settle in ("requeue", "close", "close", "ack"):
-        got: list[Delivery] = []
-        consumer = transport.consumer([QueueSpec("q")], prefetch=1)
-        consumer.start(got.append)
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            consumer.drain(0.05)
-        [delivery] = got
+        consumer, delivery = _deliver_one(transport, QueueSpec("q"))
         counts.append(delivery.delivery_count)
         if settle == "requeue":
             consumer.requeue(delivery)
@@ -189,12 +191,12 @@ def test_memory_worker_dead_letters_a_message_after_its_limit_and_keeps_working(
         for n in range(1, 4):
             worker = Worker(app, concurrency=1, prefetch=1)
             worker.start()
-            wait_until(lambda n=n: len(runs) == n, "the task to start")  # type: ignore[misc]
+            wait_for(lambda n=n: len(runs) == n, "the task to start")  # type: ignore[misc]
             assert worker.stop(timeout=0) is False  # abandoned: handed back at close
         # When the next worker gets it, over the limit of 3
         ping.delay()
         with running_worker(app, concurrency=1, prefetch=1):
-            wait_until(lambda: pings and app.dead_letters(name), "the ping and the dead letter")
+            wait_for(lambda: pings and app.dead_letters(name), "the ping and the dead letter")
     finally:
         release.set()
     # Then it was not run a 4th time, it is dead-lettered, and other tasks still run
@@ -203,15 +205,6 @@ def test_memory_worker_dead_letters_a_message_after_its_limit_and_keeps_working(
     assert entry.reason == "delivery_limit" and entry.task == hangs.name
     assert entry.detail is not None and "delivered 4 times" in entry.detail
     assert entry.headers["mqtasks-death-queue"] == name
-
-
-def _deliver_one(transport: Transport, spec: QueueSpec) -> tuple[Any, Delivery]:
-    """Start a consumer of ``spec`` and return it with the first delivery it hands on."""
-    got: list[Delivery] = []
-    consumer = transport.consumer([spec], prefetch=1)
-    consumer.start(got.append)
-    wait_until(lambda: consumer.drain(0.05) or got, "a delivery")  # type: ignore[func-returns-value]
-    return consumer, got[0]
 
 
 @pytest.mark.integration
@@ -299,17 +292,20 @@ def test_rabbitmq_dead_letters_a_message_delivered_past_its_limit_itself(
     assert isinstance(app.transport, KombuTransport)
     with app.transport.connection() as conn:
         channel = conn.channel()
-        # Given a consumer that never settles (no worker: the broker's own limit)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+
+        def return_it_or_find_it_dead() -> bool:
+            """Take the message and hand it back unsettled; true once it is dead-lettered."""
+            nonlocal deliveries
             raw = channel.basic_get(name, no_ack=False)
             if raw is None:
-                if app.transport.message_counts([QueueSpec(name + ".dlq")])[name + ".dlq"]:
-                    break
-                time.sleep(0.05)
-                continue
+                dlq = name + ".dlq"
+                return bool(app.transport.message_counts([QueueSpec(dlq)])[dlq])
             deliveries += 1
             channel.basic_reject(raw.delivery_tag, requeue=True)
+            return False
+
+        # Given a consumer that never settles (no worker: the broker's own limit)
+        wait_for(return_it_or_find_it_dead, lambda: f"the dead letter ({deliveries} returns)", 20)
         # Then after limit + 1 returns RabbitMQ dead-letters it, with its reason
         dead = channel.basic_get(name + ".dlq", no_ack=True)
     assert deliveries == 3
@@ -356,11 +352,11 @@ def test_a_task_that_kills_its_worker_is_dead_lettered_after_the_limit(
     assert {"mqtasks-death-worker", "mqtasks-death-failed-at"} <= set(entry.headers)
     # And the worker keeps running other tasks
     c.app.tasks[crash_app.PING].delay("after")
-    wait_until(lambda: c.events("ping", "after"), "the ping to run")
+    wait_for(lambda: c.events("ping", "after"), "the ping to run")
     assert c.events("start", "doom") == starts
     # (every death noticed, and each replacement handling SIGTERM, before the stop)
-    wait_until(lambda: len(parent.logs("supervisor.child_died")) == 3, "3 deaths noticed")
-    wait_until(lambda: all(map(catches_sigterm, live_children(parent))), "children ready")
+    wait_for(lambda: len(parent.logs("supervisor.child_died")) == 3, "3 deaths noticed")
+    wait_for(lambda: all(map(catches_sigterm, live_children(parent))), "children ready")
     parent.signal(signal.SIGTERM)
     assert parent.wait(15) == 0, parent.stderr()[-3000:]
     assert c.app.transport.message_counts([c.app.queue(c.queue)]) == {c.queue: 0}

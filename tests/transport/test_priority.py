@@ -10,7 +10,6 @@ that way for every broker: the portable configuration.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from mqtasks import App, QueueSpec, RetryPolicy
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.redis import RedisTransport
 from tests._helpers.brokers import cleanup, require_broker, unique_name
+from tests._helpers.wait import wait_for
 
 
 def kinds(*names: str) -> list[Any]:
@@ -127,18 +127,16 @@ def wait_until_due(app: App, queue: str, *, held: int, total: int) -> None:
     """
     transport = app.transport
     spec = app.queue(queue)
-    deadline = time.monotonic() + 10
-    while True:
+
+    def due() -> bool:
         if isinstance(transport, RedisTransport):
             client = transport.publisher()
             seconds, micros = client.time()
             now_ms = seconds * 1000 + micros / 1000
-            if client.zcount(transport.delayed_key(queue), "-inf", now_ms) == held:
-                return
-        elif transport.message_counts([spec]) == {queue: total}:
-            return
-        assert time.monotonic() < deadline, "the delayed messages never fell due"
-        time.sleep(0.02)
+            return client.zcount(transport.delayed_key(queue), "-inf", now_ms) == held
+        return transport.message_counts([spec]) == {queue: total}
+
+    wait_for(due, "the delayed messages to fall due", 10, 0.02)
 
 
 def test_a_priority_the_broker_would_ignore_is_reported_once_per_queue() -> None:

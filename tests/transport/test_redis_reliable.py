@@ -31,9 +31,11 @@ from tests._helpers.redis import (
     envelope,
     key_prefix,
     make_transport,
+    pump_until,
     reliable_url,
     scan_pattern,
 )
+from tests._helpers.wait import wait_for
 
 from .test_contract import (  # run here against redis:// (see the app fixture)
     test_each_task_runs_once_and_is_acked,
@@ -394,11 +396,7 @@ def test_blocked_consumers_wake_for_priority_messages_at_once(prefix: str) -> No
         None,
     ]
     # Then each consumer gets one, well before any timeout would have woken it
-    deadline = time.monotonic() + 5
-    while len(a.got) + len(b.got) < 2:
-        assert time.monotonic() < deadline, (a.ids(), b.ids())
-        for inbox in (a, b):
-            inbox.consumer.wait(0.05, -1)
+    pump_until(lambda: len(a.got) + len(b.got) >= 2, [a, b], timeout=5)
     assert sorted([*a.ids(), *b.ids()]) == ["m1", "m2"]  # type: ignore[type-var]
     for inbox in (a, b):
         inbox.consumer.ack(inbox.got[0])
@@ -452,11 +450,8 @@ def test_a_message_moved_for_a_consumer_whose_connection_dies_is_not_lost(
         # Given Redis moves a message for the consumer but the reply never reaches it
         proxy.swallow = True
         direct.publish(q, envelope(1))
-        deadline = time.monotonic() + 5
         proc = inbox.proc
-        while raw.llen(proc) == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: raw.llen(proc), "Redis to move the message for the consumer", 5, 0.01)
         assert direct.message_counts([QueueSpec(q)]) == {q: 0}
         # When the connection is then cut
         proxy.swallow = False
@@ -494,10 +489,7 @@ def test_a_connection_cut_mid_task_causes_no_duplicate(
     try:
         record.delay(0)
         with running_worker(app, concurrency=2) as worker:
-            deadline = time.monotonic() + 10
-            while worker.received < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_for(lambda: worker.received >= 1, "the first task to be delivered", 10, 0.01)
             proxy.cut(refuse=False)
             gate.set()
             for n in range(1, 20):
@@ -531,10 +523,7 @@ def test_a_dead_consumers_messages_are_restored_within_seconds(
     # When a live worker runs, then all three run within a few seconds
     started = time.monotonic()
     with running_worker(app, concurrency=1) as worker:
-        deadline = started + 10
-        while len(ran) < 3:
-            assert time.monotonic() < deadline, ran
-            time.sleep(0.05)
+        wait_for(lambda: len(ran) >= 3, lambda: f"all three to run; ran {ran}", 10)
         drain(worker)
     assert sorted(n for n, _ in ran) == [0, 1, 2]
     assert time.monotonic() - started < 8
@@ -559,10 +548,7 @@ def test_a_long_task_of_a_live_worker_is_not_delivered_twice(
     app2.task(name="slow")(slow)
     task1.delay()
     with running_worker(app1, concurrency=1) as w1, running_worker(app2, concurrency=1) as w2:
-        deadline = time.monotonic() + 10
-        while not runs:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: runs, "the slow task to start", 10, 0.01)
         drain(w1, timeout=15)
         drain(w2, timeout=15)
     assert len(runs) == 1
