@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -85,6 +86,10 @@ def make_app(
 
     return app
 
+
+if os.environ.get("CLI_TEST_THREAD"):
+    # A thread running when the app is loaded: a supervisor must not fork then.
+    threading.Thread(target=threading.Event().wait, name="cli-test-thread", daemon=True).start()
 
 #: The app the worker subprocess loads.
 app = make_app(transport_options=transport_options_from_env())

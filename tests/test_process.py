@@ -172,12 +172,12 @@ def test_children_that_fail_at_start_up_are_restarted_with_a_growing_pause(
 def test_a_supervisor_with_a_thread_starts_its_children_as_fresh_interpreters(
     start_two: Callable[..., Started],
 ) -> None:
-    # Given an app whose StatsD middleware starts its flush thread when the app is created
-    s, parent, children = start_two(MQTASKS_STATSD_URL="statsd://127.0.0.1:8125/mqt-test")
+    # Given an app module that starts a thread when it is imported
+    s, parent, children = start_two(CLI_TEST_THREAD="1")
 
     # Then the supervisor says why it does not fork, and children are new interpreters
     (why,) = parent.logs("supervisor.not_forking")
-    assert any("mqtasks-statsd-flush" in reason for reason in why["reasons"])
+    assert any("cli-test-thread" in reason for reason in why["reasons"])
     for pid in children:
         assert cmdline(pid)[-2:] == ["--processes", "1"]
 
@@ -186,6 +186,19 @@ def test_a_supervisor_with_a_thread_starts_its_children_as_fresh_interpreters(
     parent.signal(signal.SIGTERM)
     assert parent.wait(15) == 0, parent.stderr()
     assert session_members(parent.pid) == []
+
+
+@pytest.mark.integration
+def test_an_app_with_statsd_still_forks_its_children(start_two: Callable[..., Started]) -> None:
+    """StatsD's socket and flush thread start with the first stat, in each child."""
+    s, parent, children = start_two(MQTASKS_STATSD_URL="statsd://127.0.0.1:8125/mqt-test")
+    assert not parent.logs("supervisor.not_forking")
+    for pid in children:
+        assert cmdline(pid) == cmdline(parent.pid)
+    s.send("c")
+    wait_for(lambda: s.record.count("finish", "c") == 1, "the task")
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(15) == 0, parent.stderr()
 
 
 def test_sigterm_while_the_supervisor_imports_the_app_stops_it_before_any_child(

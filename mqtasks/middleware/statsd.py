@@ -197,7 +197,9 @@ class StatsdMetrics(Middleware):
         self._names: dict[str, str] = {}
         self._samplers: dict[int, threading.Event] = {}
         _LIVE.add(self)
-        self._connect()
+        # The socket and the flush thread start with the first stat, not here:
+        # an app built in a process that then forks workers (mqtasks worker
+        # --processes) must hold no thread or socket, and each child gets its own.
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StatsdMetrics | None:
