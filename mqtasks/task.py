@@ -236,7 +236,7 @@ class Task(Generic[P, R]):
             TypeError: They do not (the message is ``Signature.bind()``'s).
         """
         arity = self._arity
-        # Signature.bind() costs about 10 µs a call, on every publish and every run;
+        # Signature.bind() is slow for a call made on every publish and every run;
         # positional arguments within the function's count always bind.
         if arity is not None and not kwargs and arity[0] <= len(args) <= arity[1]:
             return

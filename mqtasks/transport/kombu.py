@@ -414,7 +414,7 @@ class _BoundProducerPool(pools.ProducerPool):  # type: ignore[misc]
 
     kombu's ``ProducerPool`` hands a producer's connection back to the connection
     pool on every release and binds it again on the next acquire (a connection
-    from the pool, a channel promise, a copy of the exchange): about a fifth of
+    from the pool, a channel promise, a copy of the exchange): a large share of
     the CPU time of a confirmed ``delay()``. Here a producer keeps its connection
     (the two pools have the same size, so every connection stays with one
     producer) and is unbound, as kombu does it, only when its connection or
