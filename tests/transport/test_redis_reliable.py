@@ -581,3 +581,31 @@ def test_redis_urls_select_this_transport_and_kombus_stays_selectable() -> None:
 
 
 _ = RUN_ID  # the prefixes above embed it through unique_name
+
+
+def test_acks_collected_before_a_connection_dies_at_close_are_still_sent(
+    prefix: str, raw: redis.Redis[bytes]
+) -> None:
+    """A close whose connection fails while cancelling tries once more, not redelivering."""
+    proxy = TcpProxy(urlsplit(REDIS_URL).port or 6379)
+    t = make_transport(prefix, reliable_url(proxy.port))
+    direct = make_transport(prefix)
+    q = unique_name("close-ack")
+    try:
+        inbox = Inbox(t, [q], prefetch=2)
+        direct.publish(q, envelope(1))
+        inbox.pump(lambda: len(inbox.got) == 1)
+        proc = inbox.proc
+        # Given an ack collected (sent with the next fetch) for the one message held
+        inbox.consumer.ack(inbox.got[0])
+        assert raw.llen(proc) == 1
+        # When the connection is cut just before the consumer closes
+        proxy.cut(refuse=False)
+        inbox.consumer.close()
+        # Then the ack went out on a new connection: nothing is left to deliver again
+        assert raw.llen(proc) == 0
+        assert direct.message_counts([QueueSpec(q)]) == {q: 0}
+    finally:
+        proxy.close()
+        t.close()
+        direct.close()

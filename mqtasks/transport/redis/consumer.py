@@ -451,6 +451,13 @@ class RedisConsumer(Consumer):
     def close(self) -> None:
         """Settle what is pending and hand every held message back to its queue."""
         self.cancel()
+        if self._client is None and (self._pending or self._held):
+            # The connection failed while cancelling: one more try, so that the
+            # acks collected are sent rather than their messages delivered again
+            # once our liveness expires.
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                self._open(first=False)
+            self._cancelled = True
         client = self._client
         if client is None:
             return
