@@ -86,6 +86,19 @@ class RedisKombuTransport(KombuTransport):
                 counts[spec.name] = int(channel._size(spec.name))
         return counts
 
+    def delete(self, specs: Sequence[QueueSpec]) -> None:
+        """Delete queues: every priority list of each, and its binding."""
+        # kombu's virtual channel deletes the lists only of queues bound to an
+        # exchange in its own state, and a queue on the default exchange never is:
+        # its delete would leave every list in Redis. A purge removes the lists.
+        with translate_errors(self.url, "delete queues"), self.connection() as conn:
+            channel = conn.default_channel
+            for spec in specs:
+                queue = self.kombu_queue(spec).bind(channel)
+                queue.purge()
+                queue.delete()
+                self._declared.discard(spec.name)
+
     def check_broker(self) -> list[str]:
         """Warn when Redis would lose or evict acknowledged tasks."""
         return redis_warnings(self.connection)

@@ -609,3 +609,23 @@ def test_acks_collected_before_a_connection_dies_at_close_are_still_sent(
         proxy.close()
         t.close()
         direct.close()
+
+
+def test_deleting_a_redis_kombu_queue_removes_its_lists(raw: redis.Redis[bytes]) -> None:
+    """kombu deletes only queues its channel bound; the transport's delete binds first."""
+    app = App("kombu-delete", broker=REDIS_URL.replace("redis://", "redis+kombu://", 1))
+    name = unique_name("kombu-delete")
+
+    @app.task(queue=name, max_retries=0)
+    def job(n: int) -> None: ...
+
+    try:
+        job.delay(1)
+        job.apply_async((2,), priority=7)
+        assert list(raw.scan_iter(f"{name}*"))
+        app.transport.delete([app.queue(name)])
+        assert list(raw.scan_iter(f"{name}*")) == []
+    finally:
+        for key in raw.scan_iter(f"{name}*"):
+            raw.delete(key)
+        app.close()
