@@ -40,6 +40,7 @@ import structlog
 
 from mqtasks import App, Worker
 from mqtasks.serialization import encode_body
+from mqtasks.transport.queue import dead_letter_spec
 
 #: The local brokers; nothing else is ever contacted.
 BROKERS = {
@@ -276,9 +277,12 @@ class MqtasksSide:
 
     def cleanup(self) -> None:
         names = [self.queue, self.warm_queue]
+        # The dead-letter queue a worker declares beside each queue goes too.
+        specs = [self.app.queue(q) for q in names]
+        specs += [dead_letter_spec(spec) for spec in specs]
         try:
             bounded(
-                lambda: self.app.transport.delete([self.app.queue(q) for q in names]),
+                lambda: self.app.transport.delete(specs),
                 30.0,
                 "delete mqtasks queues",
             )
