@@ -279,7 +279,8 @@ class Task(Generic[P, R]):
             args: Positional arguments.
             kwargs: Keyword arguments.
             queue: Queue to publish to instead of the task's.
-            priority: Message priority (0-255; needs a queue with ``max_priority``).
+            priority: Message priority (0-255, higher first; RabbitMQ orders it only on
+                a classic queue with ``max_priority``, see :doc:`/guide/transports`).
             headers: Extra headers, passed through to the worker.
             task_id: The message id to use; a new UUID by default. Reusing an id when
                 retrying a failed ``delay()`` makes duplicates detectable.
