@@ -335,9 +335,15 @@ def test_a_retry_the_transport_cannot_delay_is_dead_lettered_not_looped(make_app
 
     wants_a_pause.delay()
     name = app.settings.default_queue
+    seen: list[Any] = []
+
+    def dead_lettered() -> bool:
+        seen[:] = list_dead_letters(app, name)
+        return len(seen) == 1
+
     with running_worker(app, concurrency=1):
-        wait_for(lambda: len(list_dead_letters(app, name)) == 1, "the dead letter")
-    [entry] = list_dead_letters(app, name)
+        wait_for(dead_lettered, "the dead letter")
+    [entry] = seen
     assert entry.reason == "retry_unsupported"
     assert entry.detail is not None and "redis://" in entry.detail
     assert runs == [1]
