@@ -15,9 +15,12 @@
     ├── SerializationError
     │   ├── EncodeError             arguments JSON cannot carry, or too large
     │   └── DecodeError             a body or headers the worker refuses
+    ├── BackendError                wraps redis / psycopg errors of the state backend
     ├── TaskError
     │   ├── TaskNotRegistered
-    │   └── DuplicateTask
+    │   ├── DuplicateTask
+    │   └── TaskFailed              a result: the task ended failed or dead-lettered
+    ├── ResultTimeout(TimeoutError) no result within the time given to get()
     ├── MiddlewareError
     │   └── SkipMessage             the only way a middleware vetoes
     └── TaskControl                 raised by task code to steer the worker
@@ -31,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BackendError",
     "BulkPublishError",
     "ConfigurationError",
     "ConnectionFailed",
@@ -44,11 +48,13 @@ __all__ = [
     "PublishNacked",
     "QueueNotFound",
     "Reject",
+    "ResultTimeout",
     "Retry",
     "SerializationError",
     "SkipMessage",
     "TaskControl",
     "TaskError",
+    "TaskFailed",
     "TaskNotRegistered",
     "TransportError",
     "UnknownTransport",
@@ -174,6 +180,59 @@ class TaskNotRegistered(TaskError, KeyError):
 
 class DuplicateTask(TaskError):
     """Two functions registered under one task name."""
+
+
+class TaskFailed(TaskError):
+    """A task's result is a failure: it ended dead-lettered (or revoked), not with a value.
+
+    Raised by ``get()`` on a handle. The task ran in another process, so its
+    exception is described, not re-raised.
+
+    Attributes:
+        task_id: The id of the task that failed (for a workflow, the failed member).
+        state: ``FAILED``, ``DEAD_LETTERED`` or ``REVOKED``.
+        reason: The dead-letter reason (``max_retries_exceeded``, ``rejected``...), if any.
+        exc_type: The name of the exception the task raised, if any.
+        exc_message: Its message.
+        traceback: Its formatted traceback (credentials masked), if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_id: str,
+        state: str,
+        reason: str | None = None,
+        exc_type: str | None = None,
+        exc_message: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.state = state
+        self.reason = reason
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.traceback = traceback
+        super().__init__(message)
+
+
+class BackendError(MQTasksError):
+    """A state backend operation failed; the original error is the ``__cause__``."""
+
+
+class ResultTimeout(MQTasksError, TimeoutError):
+    """No final result arrived within the time given to ``get()``.
+
+    Attributes:
+        task_id: The task waited for.
+        timeout: The seconds waited.
+    """
+
+    def __init__(self, message: str, *, task_id: str, timeout: float) -> None:
+        self.task_id = task_id
+        self.timeout = timeout
+        super().__init__(message)
 
 
 class MiddlewareError(MQTasksError):
