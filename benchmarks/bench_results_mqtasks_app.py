@@ -1,0 +1,75 @@
+"""The mqtasks side of ``benchmarks.results``: the suite's app with a Redis result backend.
+
+The worker runs it with the suite's command line (``python -m mqtasks worker -A
+benchmarks.bench_results_mqtasks_app -c 8``). Environment (set by ``benchmarks.results``):
+
+* ``BENCH_BROKER_URL``, ``BENCH_QUEUE``, ``BENCH_KEYPREFIX`` (the Redis transport's key
+  prefix, as in ``bench_mqtasks_app``), ``BENCH_RECORD_DIR`` (for ``bench.rnoop``);
+* ``BENCH_BACKEND_URL``: the result backend (``redis://127.0.0.1:6379/11``); empty: an app
+  without a backend, which stores no result; ``BENCH_BACKEND_PREFIX``: the backend's key
+  prefix (``backend_key_prefix``), the run's own.
+
+Everything else is mqtasks' defaults (quorum queues, acks after the task, confirms on).
+
+Tasks: ``bench.value(x) -> x`` (round trips, chord members), ``bench.tally(values) ->
+len(values)`` (chord callback), ``bench.rnoop(seq, sent) -> seq``, which records its start
+like the suite's no-op (``benchmarks/_record.py``) and returns a small value, and
+``bench.rnoop_ignored``, the same with ``ignore_result=True`` (with a backend only).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mqtasks import App
+
+from ._record import record
+
+
+def make_app(
+    url: str, queue: str, *, backend_url: str = "", backend_prefix: str = "", keyprefix: str = ""
+) -> App:
+    """Return the app of the benchmark tasks on ``queue``; results in ``backend_url`` if given."""
+    options: dict[str, Any] = {}
+    if keyprefix and url.startswith("redis+kombu"):
+        options["global_keyprefix"] = keyprefix
+    elif keyprefix and url.startswith("redis"):
+        options["key_prefix"] = keyprefix.rstrip(":")  # mqtasks' own Redis transport
+    extra: dict[str, Any] = {}
+    if backend_url:
+        extra["backend"] = backend_url
+        if backend_prefix:
+            extra["backend_key_prefix"] = backend_prefix
+    app = App("bench", broker=url, default_queue=queue, transport_options=options, **extra)
+
+    @app.task(name="bench.value")
+    def value(x: Any) -> Any:
+        return x
+
+    @app.task(name="bench.tally")
+    def tally(values: list[Any]) -> int:
+        return len(values)
+
+    @app.task(name="bench.rnoop")
+    def rnoop(seq: int, sent: float) -> int:
+        record(seq, sent)
+        return seq
+
+    if backend_url:
+
+        @app.task(name="bench.rnoop_ignored", ignore_result=True)
+        def rnoop_ignored(seq: int, sent: float) -> int:
+            record(seq, sent)
+            return seq
+
+    return app
+
+
+app = make_app(
+    os.environ.get("BENCH_BROKER_URL", "memory://"),
+    os.environ.get("BENCH_QUEUE", "bench"),
+    backend_url=os.environ.get("BENCH_BACKEND_URL", ""),
+    backend_prefix=os.environ.get("BENCH_BACKEND_PREFIX", ""),
+    keyprefix=os.environ.get("BENCH_KEYPREFIX", ""),
+)
