@@ -1,4 +1,4 @@
-"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S15.
+"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S16.
 
 Each scenario function takes the :class:`~reliability.harness.Harness` and a
 broker profile and returns one JSON-able result per run, with its figures,
@@ -28,6 +28,7 @@ from .retries import s8, s8b, s9
 from .security.redaction import s14
 from .security.tls import s13
 from .worker_faults import s1, s2, s2b
+from .workflows import s16
 
 __all__ = ["SCENARIOS", "Scenario", "ScenarioFn"]
 
@@ -72,5 +73,6 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("S13", "TLS", ("RQ", "RD"), s13),
         Scenario("S14", "credential redaction", ("RQ", "RD"), s14),
         Scenario("S15", "memory:// parity", ("MEM",), s15),
+        Scenario("S16", "chords under worker SIGKILL", ("RQ", "RD"), s16),
     ]
 }
