@@ -1,8 +1,9 @@
 """Message: one task call, and its encoding to and decoding from the wire (protocol 1).
 
 The wire format is documented in ``docs/protocol.md``. A body is JSON
-``{"args": [...], "kwargs": {...}}``; everything else travels in the
-message id property and headers prefixed ``mqtasks-``.
+``{"args": [...], "kwargs": {...}}``, plus ``"workflow": {...}`` for a step of
+a workflow (:mod:`mqtasks.canvas`); everything else travels in the message id
+property and headers prefixed ``mqtasks-``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import DecodeError
-from .serialization import CONTENT_ENCODING, CONTENT_TYPE, decode_body, encode_body
+from .serialization import CONTENT_ENCODING, CONTENT_TYPE, decode_call, encode_body
 from .transport.envelope import Envelope
 
 if TYPE_CHECKING:
@@ -131,6 +132,10 @@ class Message:
     #: Deliveries of this message so far, this one included, where the broker
     #: counts them (received messages only; a worker crash counts one more).
     delivery_count: int | None = None
+    #: What continues the workflow this call is a step of (the body's
+    #: ``workflow`` member, read by :class:`~mqtasks.middleware.workflow.Workflow`);
+    #: None for a plain call.
+    workflow: Mapping[str, Any] | None = None
 
     def copy(self, **changes: Any) -> Message:
         """Return a copy with ``changes`` applied.
@@ -138,7 +143,7 @@ class Message:
         Raises:
             TypeError: A name in ``changes`` is not a field.
         """
-        # dataclasses.replace() would call __init__, which sets 15 frozen fields one
+        # dataclasses.replace() would call __init__, which sets every frozen field one
         # object.__setattr__ at a time, on every traced publish; no field has a
         # default to compute or a check to run, so copying the instance dict gives
         # the same object far more cheaply.
@@ -168,7 +173,12 @@ class Message:
             EncodeError: An argument JSON cannot carry, or a body over ``max_size``.
         """
         body = encode_body(
-            self.args, dict(self.kwargs), max_size=max_size, names=names, task=self.task
+            self.args,
+            dict(self.kwargs),
+            max_size=max_size,
+            names=names,
+            task=self.task,
+            workflow=self.workflow,
         )
         return self.to_envelope(body)
 
@@ -219,7 +229,7 @@ class Message:
                 f"content type {delivery.content_type!r} is not {CONTENT_TYPE!r}",
             )
         meta = _parse_headers(delivery)
-        args, kwargs = decode_body(
+        args, kwargs, workflow = decode_call(
             delivery.body,
             content_type=delivery.content_type,
             content_encoding=delivery.content_encoding,
@@ -240,6 +250,7 @@ class Message:
             redelivered=delivery.redelivered,
             first_failed_at=_utc(meta["first_failed_at"]),
             delivery_count=delivery.delivery_count,
+            workflow=workflow,
         )
 
 

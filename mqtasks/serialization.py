@@ -10,18 +10,20 @@ decoder recurses into them.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ._json import json_depth_exceeds
 from .exceptions import DecodeError, EncodeError
 
 __all__ = [
+    "BODY_KEYS",
     "CONTENT_ENCODING",
     "CONTENT_TYPE",
     "MAX_INT_DIGITS",
     "MAX_JSON_DEPTH",
     "decode_body",
+    "decode_call",
     "encode_body",
     "json_depth_exceeds",
 ]
@@ -35,6 +37,9 @@ CONTENT_ENCODING = "utf-8"
 MAX_JSON_DEPTH = 64
 #: Most digits of an integer in a body.
 MAX_INT_DIGITS = 1000
+#: The members a body may have: the call's arguments and, for a workflow step,
+#: what continues the workflow once it has run (see ``docs/protocol.md``).
+BODY_KEYS = frozenset({"args", "kwargs", "workflow"})
 
 
 def _bounded_int(text: str) -> int:
@@ -60,6 +65,7 @@ def encode_body(
     max_size: int,
     names: Sequence[str] | None = None,
     task: str = "",
+    workflow: Mapping[str, Any] | None = None,
 ) -> bytes:
     """Encode a call's arguments into a JSON body.
 
@@ -69,14 +75,27 @@ def encode_body(
         max_size: Largest body allowed, in bytes.
         names: Parameter names of the positional arguments, for error messages.
         task: Task name, for error messages.
+        workflow: What continues the workflow this call is a step of (a JSON
+            object, the body's ``workflow`` member); None for a plain call.
 
     Raises:
         EncodeError: An argument JSON cannot carry (named in the message), or a
             body larger than ``max_size``.
     """
+    call: dict[str, Any] = {"args": args, "kwargs": kwargs}
+    if workflow is not None:
+        call["workflow"] = workflow
     try:
-        body = _ENCODER.encode({"args": args, "kwargs": kwargs}).encode()
+        body = _ENCODER.encode(call).encode()
     except (TypeError, ValueError) as exc:
+        if workflow is not None:
+            try:
+                _ENCODER.encode(workflow)
+            except (TypeError, ValueError) as inner:
+                raise EncodeError(
+                    f"The workflow of task {task!r} cannot be sent as JSON: {inner}. "
+                    "Pass JSON types in every signature's arguments."
+                ) from exc
         raise _explain(args, kwargs, names or [], task, exc) from exc
     if len(body) > max_size:
         raise EncodeError(
@@ -115,6 +134,26 @@ def decode_body(
 ) -> tuple[list[Any], dict[str, Any]]:
     """Decode a JSON body into ``(args, kwargs)``, refusing anything else.
 
+    See :func:`decode_call`, which also returns the body's ``workflow``.
+
+    Raises:
+        DecodeError: With reason ``too_large``, ``content_type`` or ``decode_error``.
+    """
+    args, kwargs, _ = decode_call(
+        body, content_type=content_type, content_encoding=content_encoding, max_size=max_size
+    )
+    return args, kwargs
+
+
+def decode_call(
+    body: bytes, *, content_type: str | None, content_encoding: str | None, max_size: int
+) -> tuple[list[Any], dict[str, Any], dict[str, Any] | None]:
+    """Decode a JSON body into ``(args, kwargs, workflow)``, refusing anything else.
+
+    ``workflow`` is None when the body has no ``workflow`` member. A body with
+    members other than ``args``, ``kwargs`` and ``workflow`` is refused: a
+    member this worker does not understand may carry work it would silently drop.
+
     Args:
         body: The raw body, as received.
         content_type: The message's content type.
@@ -140,8 +179,17 @@ def decode_body(
         raise DecodeError("decode_error", f"body is not valid JSON: {type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise DecodeError("decode_error", "body is not a JSON object")
+    unknown = data.keys() - BODY_KEYS
+    if unknown:
+        names = sorted(str(k)[:64] for k in unknown)[:5]
+        raise DecodeError(
+            "decode_error", f"body has member(s) {names} besides 'args', 'kwargs' and 'workflow'"
+        )
     args = data.get("args", [])
     kwargs = data.get("kwargs", {})
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise DecodeError("decode_error", "body needs 'args' (array) and 'kwargs' (object)")
-    return args, kwargs
+    workflow = data.get("workflow")
+    if "workflow" in data and not isinstance(workflow, dict):
+        raise DecodeError("decode_error", "body member 'workflow' is not a JSON object")
+    return args, kwargs, workflow
