@@ -1,0 +1,195 @@
+"""Backend: the interface every state store implements (results and coordination state).
+
+A backend stores bytes under keys; it never knows tasks, messages or the app
+(the layers above encode results as JSON before they reach it). Besides
+results, it offers the few atomic operations the features above need: a
+set-if-absent with expiry, counters, a set whose size is returned by the
+same operation that adds to it, and leases with fencing tokens.
+
+Every implementation passes the same behaviour tests (``tests/backend``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from .._url import mask_url, remember_secret
+
+if TYPE_CHECKING:
+    from ..transport.tls import TLSOptions
+
+__all__ = ["Backend"]
+
+
+class Backend(abc.ABC):
+    """Results and coordination state, chosen by URL (:func:`mqtasks.backend.resolve`).
+
+    Keys are strings the layers above choose (a task id, ``chord:<id>``); each
+    implementation puts its own prefix in front of them, so one Redis database
+    or PostgreSQL schema can hold several apps' state. Times are seconds
+    (``float``); an expiry is relative to now.
+
+    Thread-safe: one instance is shared by every worker thread of a process.
+    Not fork-safe: a forked child makes its own (connections never cross a fork).
+    """
+
+    #: URL schemes this class serves (``redis``, ``rediss``, ``postgresql``, ``memory``).
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self, url: str, *, key_prefix: str = "mqtasks:", tls: TLSOptions | None = None
+    ) -> None:
+        """Remember the store's ``url`` (its password is masked in every text) and options.
+
+        Args:
+            url: The backend URL.
+            key_prefix: Put in front of every key, so that apps can share one store.
+            tls: TLS settings, for the stores reached over a network.
+        """
+        remember_secret(url)
+        #: The backend URL; print it only through :func:`mqtasks._url.mask_url`.
+        self.url = url
+        #: Put in front of every key and task id this backend stores.
+        self.key_prefix = key_prefix
+        #: TLS settings (None: the defaults of a TLS URL, verified).
+        self.tls = tls
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {mask_url(self.url)}>"
+
+    # -- results ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def store_result(self, task_id: str, record: bytes, *, final: bool, expires: float) -> bool:
+        """Store the outcome ``record`` of task ``task_id``; return whether it was written.
+
+        A final record (a task's last outcome) is written only if no final
+        record exists yet: the first final outcome wins, so a reader never
+        sees a result change when a redelivered task runs twice. Writing a
+        final record wakes every :meth:`wait_result` waiting for it. A
+        non-final record (started, retrying) replaces an earlier non-final
+        one and is never written over a final one.
+
+        Args:
+            task_id: The task (message) id.
+            record: The encoded outcome.
+            final: Whether this is the task's last outcome.
+            expires: Seconds from now after which the record is gone.
+        """
+
+    @abc.abstractmethod
+    def get_result(self, task_id: str) -> tuple[bytes, bool] | None:
+        """Return ``(record, final)`` stored for ``task_id``, or None if there is none."""
+
+    def get_results(self, task_ids: Sequence[str]) -> list[tuple[bytes, bool] | None]:
+        """Return what :meth:`get_result` returns for each of ``task_ids``, in order.
+
+        Implementations fetch them in one round trip where the store allows.
+        """
+        return [self.get_result(task_id) for task_id in task_ids]
+
+    @abc.abstractmethod
+    def wait_result(self, task_id: str, timeout: float) -> bytes | None:
+        """Return the final record of ``task_id`` once there is one; None after ``timeout`` s.
+
+        Waits on the store's notification (Redis pub/sub, PostgreSQL
+        LISTEN/NOTIFY), never by polling in a loop; returns at once if the
+        final record is already stored.
+        """
+
+    @abc.abstractmethod
+    def forget(self, task_id: str) -> None:
+        """Delete whatever is stored for ``task_id``."""
+
+    # -- coordination ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
+        """Store ``value`` under ``key`` for ``ttl`` s unless the key exists; return whether stored."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """Return the value under ``key`` (from :meth:`set_if_absent` or :meth:`put`), or None.
+
+        A counter (:meth:`incr`) reads as its value in decimal ASCII (``b"3"``).
+        """
+
+    @abc.abstractmethod
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` s, replacing what was there."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete ``key`` (a value, a counter or a set); nothing happens if it is absent."""
+
+    @abc.abstractmethod
+    def incr(self, key: str, amount: int = 1, *, ttl: float) -> int:
+        """Add ``amount`` to the counter ``key`` (0 if absent) atomically; return the new value.
+
+        The counter expires ``ttl`` s after it was created.
+        """
+
+    @abc.abstractmethod
+    def add_member(self, key: str, member: str, *, ttl: float) -> tuple[bool, int]:
+        """Add ``member`` to the set ``key`` atomically; return ``(added, size)``.
+
+        ``added`` is False when ``member`` was in the set already; ``size`` is
+        the set's size after the operation, read in the same atomic step, so
+        exactly one caller sees each size first. Adding the same member twice
+        (a redelivered task) never counts twice. The set expires ``ttl`` s
+        after it was created.
+        """
+
+    @abc.abstractmethod
+    def members(self, key: str) -> set[str]:
+        """Return the members of the set ``key`` (empty if absent)."""
+
+    # -- leases ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> int | None:
+        """Take the lease ``name`` for ``owner`` for ``ttl`` s; return its fencing token, or None.
+
+        Succeeds if the lease is free, expired, or held by ``owner`` already
+        (then it is renewed and keeps its token). Each new holder gets a
+        token greater than every earlier holder's, so a store written with
+        tokens can refuse a holder that lost its lease without knowing it.
+        """
+
+    @abc.abstractmethod
+    def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Extend ``owner``'s hold on ``name`` to ``ttl`` s from now; False if it no longer holds it."""
+
+    @abc.abstractmethod
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give up ``owner``'s hold on ``name``; nothing happens if another holds it."""
+
+    @abc.abstractmethod
+    def lease_holder(self, name: str) -> tuple[str, int] | None:
+        """Return ``(owner, token)`` of the live holder of ``name``, or None."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def check(self) -> None:  # noqa: B027 - a store that needs no round trip has nothing to check
+        """Make one round trip to the store.
+
+        Raises:
+            BackendError: The store cannot be reached or refused the request.
+        """
+
+    def migrate(self) -> list[str]:
+        """Create the tables (or whatever else) the store needs; return what was done.
+
+        Stores that need nothing (Redis, memory) return an empty list. Those
+        that do also create what they need on first use; this is for deploy
+        scripts (``mqtasks backend migrate``) that would rather do it ahead.
+
+        Raises:
+            BackendError: The store cannot be reached or refused the request.
+        """
+        return []
+
+    def close(self) -> None:  # noqa: B027 - optional: stores without connections need nothing
+        """Close the backend's connections; a later call reconnects."""

@@ -1,0 +1,372 @@
+"""``redis://`` and ``rediss://``: the state backend on Redis (redis-py, one connection pool).
+
+Every operation that reads and writes is one Lua script or one command, so it
+is atomic on the server whatever the number of workers. Expiry is Redis' own
+(``PX``, ``PEXPIRE``), timed on the server's clock.
+
+Keys, each behind the backend's ``key_prefix`` (``mqtasks:``):
+
+* ``<p>result:<task id>``: a string, one flag byte (``F`` final, ``N`` not) then
+  the record. A final write is a script that writes only if the flag byte is
+  not ``F`` already, then publishes the flagged record on the channel
+  ``<p>result:<task id>``, where :meth:`RedisBackend.wait_result` listens.
+* ``<p>key:<key>``: values, counters and sets of the coordination operations.
+* ``<p>lease:<name>``: a hash ``owner``, ``token``, expiring with the lease.
+* ``<p>lease-tokens``: the counter tokens are drawn from. One counter for all
+  leases, never expiring: a per-lease counter would have to outlive its lease
+  for tokens to keep growing, and leases named after task ids are many.
+
+Redis Cluster: give a ``key_prefix`` with a hash tag (``{mqtasks}:``) so the
+lease scripts' two keys share a slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .._url import mask_url, redact
+from ..exceptions import BackendError
+from ..transport.tls import TLSOptions
+from .base import Backend
+
+if TYPE_CHECKING:
+    from redis.commands.core import Script
+
+__all__ = ["RedisBackend"]
+
+_FINAL = b"F"
+_NOT_FINAL = b"N"
+
+# KEYS[1] result key. ARGV[1] flag byte .. record, ARGV[2] expiry in ms, ARGV[3] channel.
+# The first final record wins: a stored one is never overwritten (GETRANGE reads
+# only its flag byte, not the record).
+_STORE_RESULT = """
+if redis.call('GETRANGE', KEYS[1], 0, 0) == 'F' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if string.sub(ARGV[1], 1, 1) == 'F' then redis.call('PUBLISH', ARGV[3], ARGV[1]) end
+return 1
+"""
+
+# KEYS[1] set. ARGV[1] member, ARGV[2] expiry in ms (from the set's creation).
+_ADD_MEMBER = """
+local added = redis.call('SADD', KEYS[1], ARGV[1])
+local size = redis.call('SCARD', KEYS[1])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {added, size}
+"""
+
+# KEYS[1] counter. ARGV[1] amount, ARGV[2] expiry in ms (from the counter's creation).
+_INCR = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return value
+"""
+
+# KEYS[1] lease hash, KEYS[2] token counter. ARGV[1] owner, ARGV[2] ttl in ms.
+# The holder renews and keeps its token; a new holder draws the next token.
+_ACQUIRE = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('HGET', KEYS[1], 'token'))
+end
+if owner then return false end
+local token = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return token
+"""
+
+# KEYS[1] lease hash. ARGV[1] owner, ARGV[2] ttl in ms.
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] lease hash. ARGV[1] owner.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _ms(seconds: float) -> int:
+    """Seconds as whole milliseconds, at least 1 (Redis refuses a zero expiry)."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _decode(raw: bytes | None) -> tuple[bytes, bool] | None:
+    if raw is None:
+        return None
+    return raw[1:], raw[:1] == _FINAL
+
+
+class RedisBackend(Backend):
+    """Results and coordination state on Redis; thread-safe (one connection pool).
+
+    Args:
+        url: ``redis://[:password@]host:port/db`` or ``rediss://...`` (TLS).
+        key_prefix: Put in front of every key (and result channel).
+        tls: For ``rediss://``: the CA, client certificate, and whether to
+            verify (the default: certificate and host name checked).
+        socket_timeout: Seconds a command may take.
+        connect_timeout: Seconds to wait for a connection.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "mqtasks:",
+        tls: TLSOptions | None = None,
+        socket_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(url, key_prefix=key_prefix, tls=tls)
+        options = tls if tls is not None else TLSOptions()
+        #: Whether the URL connects with TLS (``rediss://``).
+        self.uses_tls = options.apply(url)
+        self._pool_kwargs: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "socket_keepalive": True,
+            # No silent retry: an INCR whose reply was lost must not count twice.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if self.uses_tls:
+            self._pool_kwargs.update(options.redis_kwargs())
+        self._lock = threading.Lock()
+        self._client: redis.Redis[bytes] | None = None
+        self._scripts: dict[str, Script] = {}
+
+    # -- keys ------------------------------------------------------------------------
+
+    def result_key(self, task_id: str) -> str:
+        """The key (and pub/sub channel) of ``task_id``'s result."""
+        return f"{self.key_prefix}result:{task_id}"
+
+    def key(self, key: str) -> str:
+        """The Redis key of a coordination ``key`` (a value, counter or set)."""
+        return f"{self.key_prefix}key:{key}"
+
+    def lease_key(self, name: str) -> str:
+        """The hash of the lease ``name``."""
+        return f"{self.key_prefix}lease:{name}"
+
+    @property
+    def token_key(self) -> str:
+        """The counter lease tokens are drawn from."""
+        return f"{self.key_prefix}lease-tokens"
+
+    # -- connections -----------------------------------------------------------------
+
+    def client(self) -> redis.Redis[bytes]:
+        """The shared, thread-safe client (its pool is made on first use)."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    try:
+                        pool = redis.ConnectionPool.from_url(self.url, **self._pool_kwargs)
+                    except ValueError as exc:
+                        raise BackendError(
+                            redact(f"Bad result backend URL {mask_url(self.url)}: {exc}")
+                        ) from exc
+                    self._client = redis.Redis(connection_pool=pool)
+                    self._scripts = {
+                        name: self._client.register_script(source)
+                        for name, source in (
+                            ("store", _STORE_RESULT),
+                            ("add_member", _ADD_MEMBER),
+                            ("incr", _INCR),
+                            ("acquire", _ACQUIRE),
+                            ("renew", _RENEW),
+                            ("release", _RELEASE),
+                        )
+                    }
+                client = self._client
+        return client
+
+    def _script(self, name: str) -> Script:
+        self.client()
+        return self._scripts[name]
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Turn redis-py (and socket) errors into :class:`BackendError`, the URL masked."""
+        try:
+            yield
+        except BackendError:
+            raise
+        except (redis.RedisError, OSError) as exc:
+            raise BackendError(
+                redact(
+                    f"{what}: the result backend at {mask_url(self.url)} failed "
+                    f"({type(exc).__name__}: {exc})"
+                )
+            ) from exc
+
+    def check(self) -> None:
+        """PING Redis.
+
+        Raises:
+            BackendError: Redis cannot be reached or refused.
+        """
+        with self._errors("check"):
+            self.client().ping()
+
+    def close(self) -> None:
+        """Disconnect the pool; a later call connects again."""
+        with self._lock:
+            client, self._client = self._client, None
+            self._scripts = {}
+        if client is not None:
+            client.connection_pool.disconnect()
+            client.close()
+
+    # -- results ------------------------------------------------------------------------
+
+    def store_result(self, task_id: str, record: bytes, *, final: bool, expires: float) -> bool:
+        """Write ``record`` unless a final one is stored (one script); a final write publishes."""
+        flagged = (_FINAL if final else _NOT_FINAL) + bytes(record)
+        key = self.result_key(task_id)
+        with self._errors(f"store the result of {task_id}"):
+            written = self._script("store")(keys=[key], args=[flagged, _ms(expires), key])
+        return bool(written)
+
+    def get_result(self, task_id: str) -> tuple[bytes, bool] | None:
+        """GET the result of ``task_id``."""
+        with self._errors(f"read the result of {task_id}"):
+            return _decode(self.client().get(self.result_key(task_id)))
+
+    def get_results(self, task_ids: Sequence[str]) -> list[tuple[bytes, bool] | None]:
+        """MGET the results of ``task_ids``, in order (one round trip)."""
+        if not task_ids:
+            return []
+        with self._errors(f"read {len(task_ids)} results"):
+            raw = self.client().mget([self.result_key(t) for t in task_ids])
+        return [_decode(r) for r in raw]
+
+    def _final(self, task_id: str) -> bytes | None:
+        found = self.get_result(task_id)
+        return found[0] if found is not None and found[1] else None
+
+    def wait_result(self, task_id: str, timeout: float) -> bytes | None:
+        """GET; if not final, SUBSCRIBE to the task's channel, GET again, then wait.
+
+        The second GET runs once Redis has confirmed the subscription, so a
+        final record stored between the first GET and the subscription is
+        seen either by the GET or as a message.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        found = self._final(task_id)
+        if found is not None or timeout <= 0:
+            return found
+        channel = self.result_key(task_id)
+        with self._errors(f"wait for the result of {task_id}"):
+            pubsub = self.client().pubsub()
+            try:
+                pubsub.subscribe(channel)
+                while True:
+                    message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                    if message is not None and message["type"] == "subscribe":
+                        break
+                    if time.monotonic() >= deadline:
+                        return self._final(task_id)
+                found = self._final(task_id)
+                while found is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    message = pubsub.get_message(timeout=remaining)
+                    if message is not None and message["type"] == "message":
+                        data = message["data"]
+                        if data[:1] == _FINAL:
+                            found = bytes(data[1:])
+                return found
+            finally:
+                pubsub.close()
+
+    def forget(self, task_id: str) -> None:
+        """DEL the result of ``task_id``."""
+        with self._errors(f"forget the result of {task_id}"):
+            self.client().delete(self.result_key(task_id))
+
+    # -- coordination ----------------------------------------------------------------------
+
+    def set_if_absent(self, key: str, value: bytes, ttl: float) -> bool:
+        """SET NX PX."""
+        with self._errors(f"set {key!r}"):
+            return bool(self.client().set(self.key(key), value, nx=True, px=_ms(ttl)))
+
+    def get(self, key: str) -> bytes | None:
+        """GET."""
+        with self._errors(f"read {key!r}"):
+            return self.client().get(self.key(key))
+
+    def put(self, key: str, value: bytes, ttl: float) -> None:
+        """SET PX."""
+        with self._errors(f"write {key!r}"):
+            self.client().set(self.key(key), value, px=_ms(ttl))
+
+    def delete(self, key: str) -> None:
+        """DEL."""
+        with self._errors(f"delete {key!r}"):
+            self.client().delete(self.key(key))
+
+    def incr(self, key: str, amount: int = 1, *, ttl: float) -> int:
+        """INCRBY, and PEXPIRE when the counter has no expiry yet (one script)."""
+        with self._errors(f"increment {key!r}"):
+            return int(self._script("incr")(keys=[self.key(key)], args=[amount, _ms(ttl)]))
+
+    def add_member(self, key: str, member: str, *, ttl: float) -> tuple[bool, int]:
+        """SADD, SCARD, and PEXPIRE when the set has no expiry yet (one script)."""
+        with self._errors(f"add to {key!r}"):
+            added, size = self._script("add_member")(keys=[self.key(key)], args=[member, _ms(ttl)])
+        return bool(added), int(size)
+
+    def members(self, key: str) -> set[str]:
+        """SMEMBERS."""
+        with self._errors(f"read the members of {key!r}"):
+            raw = self.client().smembers(self.key(key))
+        return {m.decode() for m in raw}
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> int | None:
+        """Take or renew ``name`` (one script); a new holder INCRs the token counter."""
+        with self._errors(f"acquire the lease {name!r}"):
+            token = self._script("acquire")(
+                keys=[self.lease_key(name), self.token_key], args=[owner, _ms(ttl)]
+            )
+        return None if token is None else int(token)
+
+    def renew_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """PEXPIRE the lease if ``owner`` holds it (one script)."""
+        with self._errors(f"renew the lease {name!r}"):
+            return bool(self._script("renew")(keys=[self.lease_key(name)], args=[owner, _ms(ttl)]))
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """DEL the lease if ``owner`` holds it (one script)."""
+        with self._errors(f"release the lease {name!r}"):
+            self._script("release")(keys=[self.lease_key(name)], args=[owner])
+
+    def lease_holder(self, name: str) -> tuple[str, int] | None:
+        """HMGET owner, token (the hash expires with the lease)."""
+        with self._errors(f"read the lease {name!r}"):
+            owner, token = self.client().hmget(self.lease_key(name), ["owner", "token"])
+        if owner is None or token is None:
+            return None
+        return owner.decode(), int(token)
