@@ -1,0 +1,593 @@
+"""Workflow: the middleware that continues chains and chords when a step ends.
+
+A workflow (:mod:`mqtasks.canvas`) travels in its messages: each carries, in
+the body's ``workflow`` member, what comes after it (the rest of a chain, the
+chord it is a member of, its errbacks). When a step's outcome is final,
+:class:`Workflow` publishes what follows, from the outcome
+:class:`~mqtasks.middleware.results.Results` stored, before the step's message
+is acknowledged. Nothing polls: a chord's callback is published by the member
+whose completion makes the set of finished members complete, counted in the
+result backend (a set of ids, so a member that runs twice counts once).
+
+A ``workflow`` member is a JSON object with any of:
+
+- ``"chain"``: the signatures (:meth:`Signature.to_dict()
+  <mqtasks.canvas.Signature.to_dict>` form, ids assigned) of the steps after this one;
+- ``"chord"``: ``{"id", "size", "index", "callback"}`` for a chord member (the
+  last step of a chain member carries it);
+- ``"on_error"``: signatures to send as ``errback(task_id, error)`` if this step fails for good;
+- ``"dedupe": true``: run at most one copy at a time, and none once an outcome
+  is stored (chord callbacks, which a member may publish twice).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ..exceptions import MQTasksError, SkipMessage
+from ..message import MAX_NAME_LENGTH, Message, _origin
+from ..result import FAILED, SUCCEEDED, Outcome, decode_outcome, encode_outcome
+from .base import Middleware
+from .results import current_outcome
+
+if TYPE_CHECKING:
+    from ..app import App
+    from ..backend.base import Backend
+    from ..worker import Worker
+
+__all__ = [
+    "Workflow",
+    "chord_done_key",
+    "chord_fired_key",
+    "chord_ids_key",
+    "chord_published_key",
+    "run_lease_name",
+    "signature_error",
+    "with_workflow",
+]
+
+logger = structlog.get_logger("mqtasks.workflow")
+
+#: Namespace of the ids of errbacks, derived from the failed task's id so that a
+#: step whose failure is handled twice sends the same errback message twice.
+_ERRBACK_IDS = uuid.UUID("6f0c2b8e-3c1f-4e53-9a55-8f4f5d6b9e21")
+
+
+def chord_ids_key(chord_id: str) -> str:
+    """Backend key of a chord's member ids, in header order (a JSON array)."""
+    return f"chord:{chord_id}:ids"
+
+
+def chord_done_key(chord_id: str) -> str:
+    """Backend key of the set of a chord's members that succeeded."""
+    return f"chord:{chord_id}:done"
+
+
+def chord_fired_key(chord_id: str) -> str:
+    """Backend key claimed by the member that publishes the callback (or the errbacks)."""
+    return f"chord:{chord_id}:fired"
+
+
+def chord_published_key(chord_id: str) -> str:
+    """Backend key set once the claimed publish is confirmed by the broker."""
+    return f"chord:{chord_id}:published"
+
+
+def run_lease_name(task_id: str) -> str:
+    """Lease held while a copy of a ``dedupe`` message runs."""
+    return f"run:{task_id}"
+
+
+def signature_error(data: Any) -> str | None:
+    """Return what is wrong with a signature's JSON form, or None if it is well formed."""
+    if not isinstance(data, Mapping):
+        return "a signature is not a JSON object"
+    task = data.get("task")
+    if not isinstance(task, str) or not 0 < len(task) <= MAX_NAME_LENGTH:
+        return "'task' is not a task name"
+    if not isinstance(data.get("args", []), list):
+        return "'args' is not an array"
+    if not isinstance(data.get("kwargs", {}), Mapping):
+        return "'kwargs' is not an object"
+    options = data.get("options") or {}
+    if not isinstance(options, Mapping):
+        return "'options' is not an object"
+    queue = options.get("queue")
+    if queue is not None and not isinstance(queue, str):
+        return "'options.queue' is not a string"
+    priority = options.get("priority")
+    if priority is not None and (
+        not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 255
+    ):
+        return "'options.priority' is not 0 to 255"
+    for key in ("countdown", "expires"):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"'options.{key}' is not a number"
+    task_id = data.get("id")
+    if task_id is not None and (not isinstance(task_id, str) or not 0 < len(task_id) <= 255):
+        return "'id' is not a task id"
+    errbacks = data.get("on_error") or []
+    if not isinstance(errbacks, list):
+        return "'on_error' is not an array"
+    for errback in errbacks:
+        if (problem := signature_error(errback)) is not None:
+            return f"in 'on_error': {problem}"
+    return None
+
+
+def _workflow_error(workflow: Mapping[str, Any]) -> str | None:
+    """What is wrong with a message's ``workflow`` member, or None."""
+    steps = workflow.get("chain", [])
+    if not isinstance(steps, list):
+        return "'chain' is not an array"
+    for step in steps:
+        if (problem := signature_error(step)) is not None:
+            return f"in 'chain': {problem}"
+        if not isinstance(step.get("id"), str):
+            return "in 'chain': a step has no id"
+    errbacks = workflow.get("on_error", [])
+    if not isinstance(errbacks, list):
+        return "'on_error' is not an array"
+    for errback in errbacks:
+        if (problem := signature_error(errback)) is not None:
+            return f"in 'on_error': {problem}"
+    chord = workflow.get("chord")
+    if chord is not None:
+        if not isinstance(chord, Mapping):
+            return "'chord' is not an object"
+        cid, size, index = chord.get("id"), chord.get("size"), chord.get("index")
+        if not isinstance(cid, str) or not 0 < len(cid) <= 255:
+            return "'chord.id' is not a task id"
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            return "'chord.size' is not a positive integer"
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < size:
+            return "'chord.index' is not within the chord"
+        if (problem := signature_error(chord.get("callback"))) is not None:
+            return f"in 'chord.callback': {problem}"
+    return None
+
+
+class Workflow(Middleware):
+    """Continues workflows: the next step of a chain, a chord's callback, errbacks.
+
+    Workers install it (before :class:`~mqtasks.middleware.results.Results`,
+    so that its ``after_process`` runs once the outcome is stored) when the
+    app has a result backend. Every publish it makes is confirmed before the
+    message that triggered it is acknowledged; if a publish or the backend
+    fails, that message is deferred (published again, held by the broker) so
+    that the continuation is retried, never lost.
+
+    Args:
+        lease_ttl: Seconds a ``dedupe`` message's run lease lasts; renewed
+            every third of it while the task runs, so it lapses that long
+            after a worker dies.
+        defer_delay: Seconds a deferred message is held: a copy that finds
+            another running, or a step whose continuation could not be sent.
+    """
+
+    def __init__(self, *, lease_ttl: float = 30.0, defer_delay: float = 1.0) -> None:
+        if lease_ttl <= 0 or defer_delay <= 0:
+            raise ValueError("lease_ttl and defer_delay must be positive seconds")
+        self.lease_ttl = lease_ttl
+        self.defer_delay = defer_delay
+        self._leases: dict[str, tuple[Backend, str]] = {}
+        self._lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"Workflow(lease_ttl={self.lease_ttl}, defer_delay={self.defer_delay})"
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def worker_shutdown(self, worker: Worker) -> None:
+        """Stop renewing leases."""
+        self._stop.set()
+
+    def before_process(self, worker: Worker, message: Message) -> None:
+        """Skip a step that already succeeded (continuing its workflow), or a
+        ``dedupe`` copy whose outcome is stored; hold the run lease of a ``dedupe`` one.
+
+        Raises:
+            SkipMessage: The message is not run (acknowledged, or deferred first).
+        """
+        workflow = message.workflow
+        if not workflow:
+            return
+        try:
+            if workflow.get("dedupe"):
+                self._take_lease(worker, message)
+            elif "chain" in workflow or "chord" in workflow:
+                self._continue_stored(worker, message, workflow)
+        except SkipMessage:
+            raise
+        except MQTasksError as exc:
+            self._release(message.id)
+            self._defer(worker, message, "workflow_backend_failed", exc)
+            raise SkipMessage("deferred: the result backend failed") from exc
+
+    def after_process(
+        self,
+        worker: Worker,
+        message: Message,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Continue the workflow once the step's outcome is final; release its run lease."""
+        workflow = message.workflow
+        if not workflow:
+            return
+        try:
+            if isinstance(exception, SkipMessage):
+                return
+            outcome = current_outcome()
+            if outcome is None:
+                return  # retried, requeued or deferred: the step is not over
+            try:
+                self._continue(worker, message, workflow, outcome)
+            except MQTasksError as exc:
+                self._defer(worker, message, "workflow_continuation_failed", exc)
+        finally:
+            self._release(message.id)
+
+    # -- dedupe ---------------------------------------------------------------------------
+
+    def _take_lease(self, worker: Worker, message: Message) -> None:
+        backend = worker.app.backend
+        owner = f"{_origin()}/{threading.get_ident()}"
+        name = run_lease_name(message.id)
+        if backend.acquire_lease(name, owner, self.lease_ttl) is None:
+            self._defer(worker, message, "workflow_running_elsewhere")
+            raise SkipMessage("another copy of this task is running")
+        with self._lock:
+            self._leases[message.id] = (backend, owner)
+        self._start_renewer()
+        # Read after the lease is held: a copy that finished before released it
+        # only once its outcome was stored.
+        stored = backend.get_result(message.id)
+        if stored is not None and stored[1]:
+            self._release(message.id)
+            logger.info("workflow.duplicate_skipped", task_id=message.id, task_name=message.task)
+            raise SkipMessage("an outcome is stored for this task already")
+
+    def _release(self, task_id: str) -> None:
+        with self._lock:
+            held = self._leases.pop(task_id, None)
+        if held is None:
+            return
+        backend, owner = held
+        try:
+            backend.release_lease(run_lease_name(task_id), owner)
+        except MQTasksError as exc:  # it lapses after lease_ttl
+            logger.warning("workflow.lease_release_failed", task_id=task_id, error=str(exc))
+
+    def _start_renewer(self) -> None:
+        with self._lock:
+            if self._renewer is not None and self._renewer.is_alive():
+                return
+            self._stop.clear()
+            self._renewer = threading.Thread(
+                target=self._renew_main, name="mqtasks-workflow-leases", daemon=True
+            )
+            self._renewer.start()
+
+    def _renew_main(self) -> None:
+        while not self._stop.wait(self.lease_ttl / 3):
+            with self._lock:
+                held = list(self._leases.items())
+            for task_id, (backend, owner) in held:
+                try:
+                    backend.renew_lease(run_lease_name(task_id), owner, self.lease_ttl)
+                except MQTasksError as exc:
+                    logger.warning("workflow.lease_renew_failed", task_id=task_id, error=str(exc))
+
+    # -- continuing ----------------------------------------------------------------------
+
+    def _continue_stored(
+        self, worker: Worker, message: Message, workflow: Mapping[str, Any]
+    ) -> None:
+        """A step that succeeded before (redelivered, or deferred after it ran) is
+        not run again: its stored value continues the workflow."""
+        stored = worker.app.backend.get_result(message.id)
+        if stored is None or not stored[1]:
+            return
+        outcome = decode_outcome(stored[0])
+        if outcome.state != SUCCEEDED:
+            return  # a replayed dead letter runs again
+        logger.info("workflow.step_done_before", task_id=message.id, task_name=message.task)
+        self._continue(worker, message, workflow, outcome)
+        raise SkipMessage("this step succeeded before; its workflow is continued")
+
+    def _continue(
+        self, worker: Worker, message: Message, workflow: Mapping[str, Any], outcome: Outcome
+    ) -> None:
+        """Publish what follows ``message``'s final ``outcome``.
+
+        Raises:
+            MQTasksError: A publish or the backend failed (the caller defers the message).
+        """
+        problem = _workflow_error(workflow)
+        if problem is not None:
+            logger.error(
+                "workflow.invalid",
+                task_id=message.id,
+                task_name=message.task,
+                detail=problem,
+                note="the workflow is not continued",
+            )
+            return
+        app = worker.app
+        steps: list[dict[str, Any]] = list(workflow.get("chain") or [])
+        chord = workflow.get("chord")
+        if outcome.state == SUCCEEDED:
+            if steps:
+                self._next_step(app, message, workflow, steps, outcome.value)
+            elif chord is not None:
+                self._chord_member_done(app, message, chord)
+            return
+        error = {
+            "type": outcome.error_type,
+            "message": outcome.error_message,
+            "reason": outcome.reason,
+        }
+        failed_id = outcome.failed_task_id or message.id
+        if steps:
+            self._fail_rest(app, message, steps, outcome, failed_id)
+        if chord is not None:
+            self._chord_member_failed(app, message, chord, outcome, failed_id, error)
+        self._errbacks(app, message.id, failed_id, workflow.get("on_error") or [], error)
+
+    def _next_step(
+        self,
+        app: App,
+        message: Message,
+        workflow: Mapping[str, Any],
+        steps: list[dict[str, Any]],
+        value: Any,
+    ) -> None:
+        step, rest = steps[0], steps[1:]
+        args = list(step.get("args") or [])
+        if not step.get("immutable"):
+            args.insert(0, value)
+        following: dict[str, Any] = {}
+        if rest:
+            following["chain"] = rest
+        if workflow.get("chord") is not None:
+            following["chord"] = workflow["chord"]
+        _publish(app, step, args, following)
+        logger.info(
+            "workflow.step_sent",
+            task_id=message.id,
+            next_task_id=step["id"],
+            next_task_name=step["task"],
+            steps_left=len(rest),
+        )
+
+    def _fail_rest(
+        self,
+        app: App,
+        message: Message,
+        steps: list[dict[str, Any]],
+        outcome: Outcome,
+        failed_id: str,
+    ) -> None:
+        """Store FAILED for every step after the failed one: the chain's handle names it."""
+        backend = app.backend
+        s = app.settings
+        for step in steps:
+            record = _failure_record(step["task"], outcome, failed_id, s.max_message_size)
+            backend.store_result(step["id"], record, final=True, expires=s.result_expires)
+        logger.info(
+            "workflow.chain_failed",
+            task_id=message.id,
+            failed_task_id=failed_id,
+            steps_not_run=len(steps),
+        )
+
+    def _errbacks(
+        self,
+        app: App,
+        task_id: str,
+        failed_id: str,
+        errbacks: Sequence[Mapping[str, Any]],
+        error: Mapping[str, Any],
+    ) -> None:
+        for i, errback in enumerate(errbacks):
+            # The same id each time this failure is handled: a duplicate is detectable.
+            errback_id = str(uuid.uuid5(_ERRBACK_IDS, f"{task_id}/{i}"))
+            args = [failed_id, dict(error), *(errback.get("args") or [])]
+            _publish(app, {**errback, "id": errback_id}, args, {})
+            logger.info(
+                "workflow.errback_sent",
+                task_id=task_id,
+                failed_task_id=failed_id,
+                errback_id=errback_id,
+                errback_name=errback["task"],
+            )
+
+    # -- chords -----------------------------------------------------------------------
+
+    def _chord_member_done(self, app: App, message: Message, chord: Mapping[str, Any]) -> None:
+        backend = app.backend
+        ttl = app.settings.result_expires
+        cid, size = chord["id"], chord["size"]
+        added, done = backend.add_member(chord_done_key(cid), message.id, ttl=ttl)
+        if done < size:
+            return
+        claim = f"callback:{message.id}".encode()
+        if not backend.set_if_absent(chord_fired_key(cid), claim, ttl):
+            # Claimed before: by this member in an earlier run that may have died
+            # before its publish was confirmed, or by another. Unless the publish
+            # is known to be confirmed, send it again with the same id: the
+            # callback runs once (its copies are deduplicated by id).
+            holder = backend.get(chord_fired_key(cid)) or b""
+            if holder.startswith(b"error:") or backend.get(chord_published_key(cid)) is not None:
+                return
+            if holder != claim and added:
+                return  # the claimer completed the set after all; it publishes
+        callback = chord["callback"]
+        values = _member_values(backend, cid, size)
+        if values is None:
+            self._chord_unreadable(app, message, chord)
+            return
+        args = list(callback.get("args") or [])
+        if not callback.get("immutable"):
+            args.insert(0, values)
+        _publish(app, callback, args, {"dedupe": True})
+        backend.put(chord_published_key(cid), b"1", ttl)
+        logger.info(
+            "workflow.chord_completed",
+            task_id=message.id,
+            chord_id=cid,
+            size=size,
+            callback_name=callback["task"],
+        )
+
+    def _chord_member_failed(
+        self,
+        app: App,
+        message: Message,
+        chord: Mapping[str, Any],
+        outcome: Outcome,
+        failed_id: str,
+        error: Mapping[str, Any],
+    ) -> None:
+        """Fail the chord: FAILED stored for the callback, its errbacks sent once; it never runs."""
+        backend = app.backend
+        s = app.settings
+        cid, callback = chord["id"], chord["callback"]
+        record = _failure_record(callback["task"], outcome, failed_id, s.max_message_size)
+        backend.store_result(cid, record, final=True, expires=s.result_expires)
+        claim = f"error:{message.id}".encode()
+        if not backend.set_if_absent(chord_fired_key(cid), claim, s.result_expires):
+            holder = backend.get(chord_fired_key(cid))
+            if holder != claim or backend.get(chord_published_key(cid)) is not None:
+                return  # failed (or completed) by another member: its errbacks are sent
+        logger.info("workflow.chord_failed", chord_id=cid, failed_task_id=failed_id)
+        self._errbacks(app, cid, failed_id, callback.get("on_error") or [], error)
+        backend.put(chord_published_key(cid), b"1", s.result_expires)
+
+    def _chord_unreadable(self, app: App, message: Message, chord: Mapping[str, Any]) -> None:
+        """The members' values are gone (expired, forgotten, ``ignore_result``): fail the chord."""
+        backend = app.backend
+        s = app.settings
+        cid, callback = chord["id"], chord["callback"]
+        claim = f"error:{message.id}".encode()
+        backend.put(chord_fired_key(cid), claim, s.result_expires)
+        outcome = Outcome(
+            FAILED,
+            task=callback["task"],
+            reason="chord_results_missing",
+            error_message="a member's value is not in the result backend",
+        )
+        record = _failure_record(callback["task"], outcome, message.id, s.max_message_size)
+        backend.store_result(cid, record, final=True, expires=s.result_expires)
+        logger.error(
+            "workflow.chord_results_missing",
+            chord_id=cid,
+            note="a member's value expired, was forgotten or not stored (ignore_result)",
+        )
+        error = {"type": None, "message": outcome.error_message, "reason": outcome.reason}
+        self._errbacks(app, cid, message.id, callback.get("on_error") or [], error)
+        backend.put(chord_published_key(cid), b"1", s.result_expires)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _defer(
+        self, worker: Worker, message: Message, reason: str, exc: BaseException | None = None
+    ) -> None:
+        if exc is not None:
+            logger.error(
+                "workflow.deferred",
+                task_id=message.id,
+                task_name=message.task,
+                reason=reason,
+                error=str(exc),
+                delay=self.defer_delay,
+                note="held by the broker, then handled again",
+            )
+        worker.defer(message, self.defer_delay, reason)
+
+
+def _member_values(backend: Backend, cid: str, size: int) -> list[Any] | None:
+    """The chord members' values in header order; None if one is not stored."""
+    raw = backend.get(chord_ids_key(cid))
+    if raw is None:
+        return None
+    ids = json.loads(raw)
+    if not isinstance(ids, list) or len(ids) != size:
+        return None
+    values: list[Any] = []
+    for stored in backend.get_results(ids):
+        if stored is None:
+            return None
+        outcome = decode_outcome(stored[0])
+        if outcome.state != SUCCEEDED:
+            return None
+        values.append(outcome.value)
+    return values
+
+
+def _failure_record(task: str, outcome: Outcome, failed_id: str, max_size: int) -> bytes:
+    """A FAILED record for a step that will not run because ``failed_id`` failed."""
+    record = outcome.to_dict()
+    record.update(state=FAILED, task=task, value=None, failed_task_id=failed_id)
+    data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(data) > max_size:  # a long traceback: keep the error's type and message
+        data = encode_outcome(
+            FAILED, task=task, reason=outcome.reason, failed_task_id=failed_id, max_size=max_size
+        )
+    return data
+
+
+def _publish(
+    app: App, signature: Mapping[str, Any], args: list[Any], workflow: dict[str, Any]
+) -> None:
+    """Publish a step of a workflow from its JSON form, confirmed.
+
+    Raises:
+        PublishError: The broker did not take it.
+        EncodeError: Its arguments (a value a step returned) cannot be sent.
+    """
+    options = signature.get("options") or {}
+    errbacks = signature.get("on_error") or []
+    if errbacks and "on_error" not in workflow:
+        workflow = {**workflow, "on_error": errbacks}
+    expires = options.get("expires")
+    now = datetime.now(timezone.utc)
+    message = Message(
+        id=signature["id"],
+        task=signature["task"],
+        queue=options.get("queue") or app.settings.default_queue,
+        args=tuple(args),
+        kwargs=dict(signature.get("kwargs") or {}),
+        priority=options.get("priority"),
+        expires_at=None if expires is None else now + timedelta(seconds=expires),
+        workflow=workflow or None,
+    )
+    task = app.tasks.get(message.task)
+    countdown = options.get("countdown")
+    app.send(message, names=task._names if task else None, delay=countdown or None)
+
+
+def with_workflow(middleware: Sequence[Middleware]) -> list[Middleware]:
+    """Return ``middleware`` with :class:`Workflow` at the end, unless it has one already.
+
+    A worker of an app with a result backend runs this stack, then
+    :class:`~mqtasks.middleware.results.Results` and
+    :class:`~mqtasks.middleware.retries.Retries`: so Workflow's
+    ``after_process`` runs once the outcome is decided and stored.
+    """
+    stack = list(middleware)
+    if not any(isinstance(mw, Workflow) for mw in stack):
+        stack.append(Workflow())
+    return stack
