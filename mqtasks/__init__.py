@@ -5,6 +5,7 @@ from __future__ import annotations
 from .app import App
 from .config import Settings
 from .exceptions import (
+    BackendError,
     BulkPublishError,
     ConfigurationError,
     ConnectionFailed,
@@ -15,14 +16,22 @@ from .exceptions import (
     PublishError,
     PublishNacked,
     Reject,
+    ResultTimeout,
     Retry,
+    TaskFailed,
     TaskNotRegistered,
     TransportError,
     UnknownTransport,
     Unroutable,
 )
 from .message import Message, current_message
-from .middleware import Middleware, OpenTelemetryTracing, StatsdMetrics, StructlogContext
+from .middleware import (
+    Middleware,
+    OpenTelemetryTracing,
+    Results,
+    StatsdMetrics,
+    StructlogContext,
+)
 from .retry import RetryPolicy
 from .task import Task, TaskHandle
 from .transport import QueueSpec
@@ -32,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "BackendError",
     "BulkPublishError",
     "ConfigurationError",
     "ConnectionFailed",
@@ -46,12 +56,15 @@ __all__ = [
     "PublishNacked",
     "QueueSpec",
     "Reject",
+    "ResultTimeout",
+    "Results",
     "Retry",
     "RetryPolicy",
     "Settings",
     "StatsdMetrics",
     "StructlogContext",
     "Task",
+    "TaskFailed",
     "TaskHandle",
     "TaskNotRegistered",
     "TransportError",

@@ -1,4 +1,4 @@
-"""App: settings, the task registry, middleware and the (lazy) transport."""
+"""App: settings, the task registry, middleware, the (lazy) transport and result backend."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .exceptions import (
 from .message import Message
 from .middleware import Middleware, default_middleware
 from .middleware.base import Runner
+from .middleware.results import Results
 from .publishing import (
     Item,
     Publishing,
@@ -39,6 +40,7 @@ from .types import Seconds
 from .validation import check_app
 
 if TYPE_CHECKING:
+    from .backend.base import Backend
     from .publishing import LoopBatcher
     from .transport import Envelope
 
@@ -53,6 +55,8 @@ class App:
     Args:
         name: The app's name (used in logs and for tasks defined in ``__main__``).
         broker: Broker URL; ``MQTASKS_BROKER_URL`` or ``memory://`` when omitted.
+        backend: Result backend URL (``redis://``, ``postgresql://``, ``memory://``);
+            ``MQTASKS_BACKEND_URL`` when omitted; none: results are not stored.
         settings: Full settings; built from the environment when omitted.
         queues: Queue configurations; queues not listed get the defaults.
         middleware: Middleware instances, replacing the default stack
@@ -77,6 +81,7 @@ class App:
         name: str = "mqtasks",
         broker: str | None = None,
         *,
+        backend: str | None = None,
         settings: Settings | None = None,
         queues: Iterable[QueueSpec] = (),
         middleware: Iterable[Middleware] | None = None,
@@ -87,9 +92,9 @@ class App:
         #: Default retry policy of the app's tasks.
         self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy()
         if settings is None:
-            settings = Settings.from_env(broker_url=broker, **overrides)
+            settings = Settings.from_env(broker_url=broker, backend_url=backend, **overrides)
         else:
-            settings = settings.replace(broker_url=broker, **overrides)
+            settings = settings.replace(broker_url=broker, backend_url=backend, **overrides)
         #: The app's settings.
         self.settings: Settings = settings
         #: Registered tasks by name.
@@ -104,6 +109,7 @@ class App:
         )
         self._runner = Runner(self.middleware)
         self._transport: Transport | None = None
+        self._backend: Backend | None = None
         self._lock = threading.Lock()
         #: Queues whose ignored priorities were already reported (once per queue).
         self._priority_checked: set[str] = set()
@@ -111,7 +117,9 @@ class App:
         self._batchers: weakref.WeakKeyDictionary[Any, LoopBatcher] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
-        return f"<App {self.name!r} broker={mask_url(self.settings.broker_url)!r} tasks={len(self.tasks)}>"
+        s = self.settings
+        backend = "" if s.backend_url is None else f" backend={mask_url(s.backend_url)!r}"
+        return f"<App {self.name!r} broker={mask_url(s.broker_url)!r}{backend} tasks={len(self.tasks)}>"
 
     # -- configuration -------------------------------------------------------
 
@@ -134,6 +142,43 @@ class App:
                         tls=s.tls,
                     )
         return self._transport
+
+    @property
+    def has_backend(self) -> bool:
+        """Whether the app has a result backend URL (its workers store results)."""
+        return self.settings.backend_url is not None
+
+    @property
+    def backend(self) -> Backend:
+        """The result backend for the backend URL, created on first use.
+
+        Raises:
+            ConfigurationError: The app has no result backend URL, or it names
+                no backend (the message says which schemes exist).
+        """
+        if self._backend is None:
+            with self._lock:
+                if self._backend is None:
+                    s = self.settings
+                    if s.backend_url is None:
+                        raise ConfigurationError(
+                            f"App {self.name!r} has no result backend: "
+                            "App(..., backend='redis://...') or MQTASKS_BACKEND_URL."
+                        )
+                    from .backend import resolve as resolve_backend
+
+                    options: dict[str, Any] = {"tls": s.tls}
+                    if s.backend_key_prefix is not None:
+                        options["key_prefix"] = s.backend_key_prefix
+                    self._backend = resolve_backend(s.backend_url, **options)
+        return self._backend
+
+    def handle(self, task_id: str) -> TaskHandle:
+        """Return the handle of task ``task_id`` (an id kept from an earlier ``delay()``).
+
+        Its ``task`` and ``queue`` are None: only the id is known.
+        """
+        return TaskHandle(task_id, app=self)
 
     def add_queue(self, spec: QueueSpec) -> None:
         """Add (or replace) a queue configuration."""
@@ -226,9 +271,11 @@ class App:
         return queue_status(self, queues)
 
     def close(self) -> None:
-        """Close the app's broker connections."""
+        """Close the app's broker and result backend connections (reopened on next use)."""
         if self._transport is not None:
             self._transport.close()
+        if self._backend is not None:
+            self._backend.close()
 
     # -- tasks -----------------------------------------------------------------
 
@@ -272,7 +319,9 @@ class App:
                 an ``async def`` function (async tasks are not supported yet).
             DuplicateTask: Another function is registered under the same name.
         """
-        known = BASE_OPTIONS.union(*(m.task_options for m in self.middleware))
+        # Results is installed by the worker (when the app has a backend), not in
+        # app.middleware: its options are known all the same.
+        known = BASE_OPTIONS.union(Results.task_options, *(m.task_options for m in self.middleware))
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigurationError(
@@ -401,7 +450,7 @@ class App:
             hooks.after_publish_error(self, [message], exc)
             raise
         hooks.after_publish(self, [message])
-        return TaskHandle(message.id, message.task, message.queue)
+        return TaskHandle(message.id, message.task, message.queue, app=self)
 
     async def asend(
         self, message: Message, *, names: list[str] | None = None, delay: float | None = None
@@ -471,14 +520,14 @@ class App:
             hooks.after_publish_error(self, prepared, exc)
             raise
         failures = settle(self, prepared, results)
-        sent = _handles([m for m, r in zip(prepared, results, strict=True) if r is None])
+        sent = _handles(self, [m for m, r in zip(prepared, results, strict=True) if r is None])
         if failures:
             raise bulk_error(failures, len(prepared), sent) from next(iter(failures.values()))
         return sent
 
 
-def _handles(messages: list[Message]) -> list[TaskHandle]:
-    return [TaskHandle(m.id, m.task, m.queue) for m in messages]
+def _handles(app: App, messages: list[Message]) -> list[TaskHandle]:
+    return [TaskHandle(m.id, m.task, m.queue, app=app) for m in messages]
 
 
 def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:

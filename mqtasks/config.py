@@ -81,6 +81,14 @@ class Settings:
     log_format: LogFormat = "auto"
     #: Include task arguments in ``task.received`` log events (they may hold personal data).
     log_task_args: bool = False
+    #: Where task results go (``redis://``, ``postgresql://``, ``memory://``); ``None``:
+    #: no result backend, so ``get()`` raises and workers store nothing.
+    backend_url: str | None = None
+    #: What the result backend puts in front of its keys (Redis keys, PostgreSQL
+    #: rows), so that apps sharing a store keep apart; ``None``: the backend's default.
+    backend_key_prefix: str | None = None
+    #: Seconds a stored result is kept (from when it was stored).
+    result_expires: float = 86400.0
 
     def __post_init__(self) -> None:
         if self.max_message_size <= 0:
@@ -110,6 +118,8 @@ class Settings:
                 "delivery_limit must be a number of deliveries (at least 1), or 0 or None "
                 f"for no limit; not {self.delivery_limit!r}."
             )
+        if not self.result_expires > 0:
+            raise ConfigurationError("result_expires must be positive seconds.")
         if self.log_format not in ("auto", "console", "json"):
             raise ConfigurationError(
                 f"log_format must be 'auto', 'console' or 'json', not {self.log_format!r}."
@@ -163,12 +173,18 @@ class Settings:
         default = {f.name: f.default for f in dataclasses.fields(Settings)}[name]
         if name in ("prefetch", "delivery_limit"):
             return int
-        if name == "statsd_url":
+        if name in ("statsd_url", "backend_url", "backend_key_prefix"):
             return str
         return type(default)
 
     def __repr__(self) -> str:
-        return f"Settings(broker_url={mask_url(self.broker_url)!r}, default_queue={self.default_queue!r})"
+        backend = (
+            "" if self.backend_url is None else f", backend_url={mask_url(self.backend_url)!r}"
+        )
+        return (
+            f"Settings(broker_url={mask_url(self.broker_url)!r}{backend}, "
+            f"default_queue={self.default_queue!r})"
+        )
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})

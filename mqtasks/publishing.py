@@ -287,7 +287,7 @@ class Publishing:
         Called by :meth:`App.send <mqtasks.app.App.send>` after the checks.
         """
         confirmation = Confirmation()
-        handle = TaskHandle(message.id, message.task, message.queue, confirmation)
+        handle = TaskHandle(message.id, message.task, message.queue, confirmation, app=self.app)
         self.handles.append(handle)
         self._gathered.append(((message, (message.queue, envelope), delay), confirmation))
         in_flight = self._in_flight
@@ -380,7 +380,7 @@ class LoopBatcher:
             if future.done():  # the caller was cancelled; the message went all the same
                 continue
             if error is None:
-                future.set_result(TaskHandle(message.id, message.task, message.queue))
+                future.set_result(TaskHandle(message.id, message.task, message.queue, app=self.app))
             else:
                 future.set_exception(error)
 

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 import tenacity
 
 from .exceptions import ConfigurationError
+from .middleware.results import Results
 from .retry import RetryPolicy
 from .transport.base import broker_spec
 
 if TYPE_CHECKING:
     from .app import App
 
-__all__ = ["check_app", "check_prefetch", "max_backoff", "retry_schedule"]
+__all__ = ["check_app", "check_prefetch", "max_backoff", "result_problems", "retry_schedule"]
 
 #: kombu's Redis ``visibility_timeout`` when the transport options set none, in seconds.
 KOMBU_VISIBILITY_TIMEOUT = 3600.0
@@ -158,7 +159,9 @@ def check_app(
     * on ``redis+kombu://``, a ``visibility_timeout`` that is not a positive
       number, or not above the longest time the app says a task may still
       run: ``shutdown_timeout``, the grace a stopping worker gives running
-      tasks (tasks declare no run time of their own yet).
+      tasks (tasks declare no run time of their own yet);
+    * result options that are not booleans, and the ``Results`` middleware on
+      an app without a result backend (:func:`result_problems`).
 
     Args:
         app: The app.
@@ -227,8 +230,29 @@ def check_app(
                     "back at once, in a loop. Use redis://, which holds delays in Redis and has "
                     "no visibility timeout, or give the task max_retries=0 or retry_backoff=0."
                 )
+    problems.extend(result_problems(app))
     if problems:
         raise ConfigurationError("\n".join(problems))
+
+
+def result_problems(app: App) -> list[str]:
+    """Return what keeps results from working as configured: ``ignore_result`` or
+    ``track_started`` that is not a bool, or a :class:`~mqtasks.middleware.results.Results`
+    in ``app.middleware`` of an app without a result backend."""
+    problems = []
+    for task in sorted(app.tasks.values(), key=lambda t: t.name):
+        for option in ("ignore_result", "track_started"):
+            value = task.options.get(option, False)
+            if not isinstance(value, bool):
+                problems.append(
+                    f"Task {task.name!r}: {option} must be True or False, not {value!r}."
+                )
+    if not app.has_backend and any(isinstance(mw, Results) for mw in app.middleware):
+        problems.append(
+            "Results is in app.middleware, but the app has no result backend: "
+            "App(..., backend='redis://...') or MQTASKS_BACKEND_URL."
+        )
+    return problems
 
 
 def unenforced_limits(app: App, queues: Sequence[str]) -> list[str]:

@@ -17,28 +17,22 @@ import os
 import queue
 import threading
 import time
-import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
-from ._url import redact
+from ._url import mask_url, redact
 from .app import App
-from .deadletter import dead_letter_envelope, publish_dead_letter
-from .exceptions import (
-    ConfigurationError,
-    DecodeError,
-    MQTasksError,
-    Reject,
-    Retry,
-    SkipMessage,
-)
-from .message import Message, _current, _origin
+from .exceptions import BackendError, ConfigurationError, MQTasksError
+from .message import Message, _origin
 from .middleware.base import Runner
-from .middleware.retries import with_retries
-from .task import refuse_awaitable
+from .middleware.results import with_results
+from .middleware.retries import BROKER_DEATH_HEADERS, with_retries
+from .processing import ACK as _ACK
+from .processing import DROP as _DROP
+from .processing import REJECT as _REJECT
+from .processing import REQUEUE as _REQUEUE
+from .processing import current_job, dead_letter, job_or_none, log_fields, process
 from .transport.base import Consumer, Delivery
 from .validation import check_app, unenforced_limits
 
@@ -46,7 +40,6 @@ __all__ = ["Worker"]
 
 logger = structlog.get_logger("mqtasks.worker")
 
-_ACK, _REJECT, _REQUEUE, _DROP = "ack", "reject", "requeue", "drop"
 _STOP = None
 
 
@@ -136,6 +129,8 @@ class Worker:
             ConfigurationError: A queue configuration the broker cannot honour.
         """
         self._bind_hooks()
+        if self.app.has_backend:
+            self._check_backend()
         self._hooks.worker_boot(self)
         for i in range(self.concurrency):
             t = threading.Thread(target=self._work_main, name=f"mqtasks-worker-{i}", daemon=True)
@@ -158,9 +153,28 @@ class Worker:
         )
 
     def _bind_hooks(self) -> None:
-        # The app's middleware plus Retries, the decision on failures, whatever
-        # the app installs; bound again at start, as the app's list may change.
-        self._hooks = Runner(with_retries(self.app.middleware))
+        # The app's middleware; with a result backend, Results, which stores each
+        # outcome; and last Retries, the decision on failures, whatever the app
+        # installs. after_process hooks run in reverse: Retries decides, Results
+        # stores, then the app's middleware see it. Bound again at start, as the
+        # app's list may change.
+        stack = list(self.app.middleware)
+        if self.app.has_backend:
+            # The workflow middleware goes here, before Results (its after_process
+            # runs once the outcome is stored: see mqtasks.middleware.results.current_outcome).
+            stack = with_results(stack)
+        self._hooks = Runner(with_retries(stack))
+
+    def _check_backend(self) -> None:
+        """Configuration mistakes are caught at start-up: the result backend must answer."""
+        try:
+            self.app.backend.check()
+        except BackendError as exc:
+            url = mask_url(self.app.settings.backend_url or "")
+            raise BackendError(
+                f"The result backend {url} cannot be reached: {exc}. The worker stores "
+                "task results there: start it, or fix the backend URL (MQTASKS_BACKEND_URL)."
+            ) from exc
 
     def _broker_warnings(self) -> list[str]:
         try:
@@ -381,8 +395,8 @@ class Worker:
             # A fresh copy of the thread's context per message: what the
             # task or a middleware binds (structlog contextvars, the
             # OpenTelemetry context) ends with the message.
-            action: str = contextvars.copy_context().run(self._process, delivery)
-        except BaseException:  # pragma: no cover - _process handles task errors
+            action: str = contextvars.copy_context().run(process, self, delivery)
+        except BaseException:  # pragma: no cover - process() handles task errors
             logger.exception("worker.process_crashed", message_id=delivery.message_id)
             action = _REJECT
         finally:
@@ -390,52 +404,19 @@ class Worker:
                 self._running -= 1
         return action
 
-    def _reject(self, delivery: Delivery, message: Message | None, reason: str, detail: str) -> str:
-        """Bad input: log it, dead-letter it with its reason, never run or requeue it."""
-        logger.error("message.rejected", reason=reason, detail=detail, **_fields(delivery, message))
-        if self.collect_errors:
-            self.errors.append((message, DecodeError(reason, detail)))
-        self._hooks.after_reject(self, message, reason)
-        return self._dead_letter(delivery, message, reason, detail)
-
-    def _dead_letter(
-        self,
-        delivery: Delivery,
-        message: Message | None,
-        reason: str,
-        detail: str,
-        exc: BaseException | None = None,
-    ) -> str:
-        """Publish the original message to ``<queue>.dlq`` with the reason, confirmed.
-
-        Returns the settlement: ack once the dead-letter queue has it; requeue
-        if it could not be stored (a broker problem: the message must not be lost).
-        """
-        envelope = dead_letter_envelope(
-            delivery, message, reason=reason, detail=detail, exc=exc, worker=self._origin
-        )
-        try:
-            publish_dead_letter(self.app.transport, self.app.queue(delivery.queue), envelope)
-        except MQTasksError as error:
-            logger.error(
-                "message.dead_letter_failed",
-                **_fields(delivery, message),
-                reason=reason,
-                error=str(error),
-                note="requeued instead; nothing is lost",
-            )
-            return _REQUEUE
-        logger.warning("task.dead_lettered", **_fields(delivery, message), reason=reason)
-        self._hooks.after_dead_letter(self, message, reason)
-        return _ACK
-
-    # -- what the deciding middleware calls (Retries) ---------------------------------
+    # -- what the deciding middleware calls (Retries, Results) ------------------------
 
     @property
     def decided(self) -> bool:
         """Whether the message this thread processes is retried or dead-lettered already."""
-        job = _job.get()
+        job = job_or_none()
         return job is not None and job.action is not None
+
+    @property
+    def current_task_id(self) -> str | None:
+        """The id of the message this thread processes (also when it could not be decoded)."""
+        job = job_or_none()
+        return job.delivery.message_id if job is not None else None
 
     def retry(
         self, message: Message, retry: Message, delay: float, exception: BaseException
@@ -448,7 +429,7 @@ class Worker:
         Raises:
             ConfigurationError: The transport cannot hold a delay; nothing was published.
         """
-        job = _current_job()
+        job = current_job()
         try:
             envelope = retry.to_envelope(job.delivery.body)
             self.app.transport.publish(message.queue, envelope, delay=delay)
@@ -457,7 +438,7 @@ class Worker:
         except MQTasksError as error:
             logger.error(
                 "task.retry_failed",
-                **_fields(job.delivery, message),
+                **log_fields(job.delivery, message),
                 error=str(error),
                 note="requeued instead; nothing is lost",
             )
@@ -465,7 +446,7 @@ class Worker:
             return
         logger.info(
             "task.retried",
-            **_fields(job.delivery, message),
+            **log_fields(job.delivery, message),
             delay=round(delay, 3),
             error=redact(f"{type(exception).__name__}: {exception}")[:500],
         )
@@ -480,119 +461,45 @@ class Worker:
         For the deciding middleware's ``after_process``; if the dead-letter
         queue cannot be written, ``message`` is requeued instead.
         """
-        job = _current_job()
-        job.action = self._dead_letter(job.delivery, message, reason, detail, exception)
+        job = current_job()
+        job.action = dead_letter(self, job.delivery, message, reason, detail, exception)
 
-    # -- running one message ------------------------------------------------------------
+    def defer(self, message: Message, delay: float, reason: str) -> None:
+        """Publish ``message`` again as received (same attempt), held ``delay`` s; then ack it.
 
-    def _over_delivery_limit(self, delivery: Delivery) -> str | None:
-        """Dead-letter a message delivered more often than its queue allows, unrun."""
-        limit = self.delivery_limits.get(delivery.queue)
-        count = delivery.delivery_count
-        if limit is None or count is None or count <= limit:
-            return None
-        try:
-            message = Message.from_delivery(delivery, max_size=self.app.settings.max_message_size)
-        except DecodeError:
-            message = None
-        detail = (
-            f"delivered {count} times, over the queue's limit of {limit}: its worker "
-            "crashed, was killed or lost its connection each time (the task may be what "
-            "kills it); not run again"
-        )
-        return self._reject(delivery, message, "delivery_limit", detail)
+        For middleware that cannot let the message end now (the result backend
+        is down, another copy holds its lease): from ``after_process``, or from
+        ``before_process`` followed by ``raise SkipMessage``. The body goes as
+        received; if the broker refuses the publish (or cannot hold a delay),
+        ``message`` is requeued instead. The task runs again once the delay is
+        over, so it may run more than once.
 
-    def _process(self, delivery: Delivery) -> str:
-        app = self.app
-        over = self._over_delivery_limit(delivery)
-        if over is not None:
-            return over
+        Args:
+            message: The message being processed.
+            delay: Seconds the broker holds it.
+            reason: Why, for the log (``result_store_failed``...).
+        """
+        job = current_job()
+        headers = {
+            k: v for k, v in message.headers.items() if not k.startswith(BROKER_DEATH_HEADERS)
+        }
         try:
-            message = Message.from_delivery(delivery, max_size=app.settings.max_message_size)
-        except DecodeError as exc:
-            return self._reject(delivery, None, exc.reason, exc.detail)
-        task = app.tasks.get(message.task)
-        if task is None:
-            return self._reject(
-                delivery, message, "unknown_task", f"no task named {message.task!r}"
-            )
-        if message.is_expired():
-            return self._reject(delivery, message, "expired", f"expired at {message.expires_at}")
-        try:
-            task.check_arguments(message.args, message.kwargs)
-        except TypeError as exc:
-            return self._reject(delivery, message, "invalid_arguments", str(exc))
-        hooks = self._hooks
-        try:
-            hooks.before_process(self, message)
-        except SkipMessage:
-            return _ACK
-        result: Any = None
-        error: BaseException | None = None
-        refused: ConfigurationError | None = None
-        # Each message runs in a context of its own (see _work_main): no reset needed.
-        _current.set(message)
-        _job.set(job := _Job(delivery))
-        try:
-            result = task.fn(*message.args, **message.kwargs)
-            if result is not None and (refused := refuse_awaitable(result, message.task)):
-                error, result = refused, None
-        except BaseException as exc:
-            error = exc
-        if error is not None:
-            self._report(delivery, message, error)
-        if refused is not None:  # nothing can await it: never retried
-            job.action = self._dead_letter(
-                delivery, message, "async_unsupported", str(refused), refused
-            )
-        # The deciding middleware (Retries) comes last in the stack, so it
-        # retries or dead-letters before the others see the outcome.
-        hooks.after_process(self, message, result, error)
-        if error is None:
-            return _ACK
-        if job.action is None:  # the deciding hook failed (logged as middleware.hook_failed)
-            logger.error("task.undecided", **_fields(delivery, message), note="requeued")
-        return job.action or _REQUEUE
-
-    def _report(self, delivery: Delivery, message: Message, exc: BaseException) -> None:
-        """Log how the task ended, before the deciding middleware acts on it."""
-        if isinstance(exc, Reject):
-            logger.info("task.rejected", **_fields(delivery, message), reason=exc.reason)
-            self._hooks.after_reject(self, message, "rejected")
-        elif not isinstance(exc, Retry):
+            envelope = message.copy(headers=headers).to_envelope(job.delivery.body)
+            self.app.transport.publish(message.queue, envelope, delay=delay)
+        except MQTasksError as error:  # ConfigurationError too: no delays on this transport
             logger.error(
-                "task.failed",
-                **_fields(delivery, message),
-                error=redact(f"{type(exc).__name__}: {exc}"),
-                traceback=redact("".join(traceback.format_exception(exc)))[-8192:],
+                "task.defer_failed",
+                **log_fields(job.delivery, message),
+                reason=reason,
+                error=str(error),
+                note="requeued instead; nothing is lost",
             )
-            if self.collect_errors:
-                self.errors.append((message, exc))
-
-
-@dataclass(slots=True)
-class _Job:
-    """The delivery a worker thread runs, and its settlement once decided."""
-
-    delivery: Delivery
-    action: str | None = None
-
-
-#: The job of the message running in this context (one context per message).
-_job: contextvars.ContextVar[_Job | None] = contextvars.ContextVar("mqtasks_job", default=None)
-
-
-def _current_job() -> _Job:
-    if (job := _job.get()) is None:
-        raise RuntimeError("Worker.retry() and dead_letter() are for after_process hooks.")
-    return job
-
-
-def _fields(delivery: Delivery, message: Message | None) -> dict[str, Any]:
-    """The task fields of a log event about ``delivery`` (``message``: None if undecodable)."""
-    return {
-        "task_id": delivery.message_id,
-        "task_name": message.task if message else None,
-        "attempt": message.attempt if message else None,
-        "queue": delivery.queue,
-    }
+            job.action = _REQUEUE
+            return
+        logger.info(
+            "task.deferred",
+            **log_fields(job.delivery, message),
+            reason=reason,
+            delay=round(delay, 3),
+        )
+        job.action = _ACK

@@ -1,5 +1,5 @@
-"""Middleware: the hook interface and its runner, retries, the observability middleware
-and the default stack."""
+"""Middleware: the hook interface and its runner, retries, results, the observability
+middleware and the default stack."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .base import Middleware, overriding
 from .log_context import StructlogContext
 from .otel import OpenTelemetryTracing
+from .results import Results, current_outcome, with_results
 from .retries import Retries, with_retries
 from .statsd import StatsdMetrics
 
@@ -18,11 +19,14 @@ __all__ = [
     "DEFAULT_MIDDLEWARE",
     "Middleware",
     "OpenTelemetryTracing",
+    "Results",
     "Retries",
     "StatsdMetrics",
     "StructlogContext",
+    "current_outcome",
     "default_middleware",
     "overriding",
+    "with_results",
     "with_retries",
 ]
 
@@ -43,7 +47,8 @@ def default_middleware(settings: Settings) -> list[Middleware]:
     With the default settings: :class:`OpenTelemetryTracing` (recording once a
     tracer provider is set) and :class:`StructlogContext`; with ``statsd_url``
     set, also :class:`StatsdMetrics`. Every worker also runs :class:`Retries`,
-    whatever the stack (see :func:`with_retries`). Add your own on top with
+    whatever the stack (see :func:`with_retries`), and, when the app has a
+    result backend, :class:`Results` before it (see :func:`with_results`). Add your own on top with
     ``App(..., middleware=[*default_middleware(settings), Mine()])`` or
     ``app.middleware.append(Mine())``.
 

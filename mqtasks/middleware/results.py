@@ -1,0 +1,280 @@
+"""Results: the middleware that stores each task's outcome in the app's result backend.
+
+A worker of an app with a backend runs it just before
+:class:`~mqtasks.middleware.retries.Retries`, so its ``after_process`` runs
+once the retry or dead letter is decided, and before the message is
+acknowledged: a result is stored before the broker forgets the message. If
+the backend cannot take a final outcome, the message is deferred (published
+again, held by the broker for a short while) instead of being acknowledged
+with its result missing.
+
+The record format is :mod:`mqtasks.result`'s.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import random
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ..exceptions import BackendError, EncodeError, SkipMessage
+from ..result import (
+    DEAD_LETTERED,
+    FAILED,
+    RETRYING,
+    STARTED,
+    SUCCEEDED,
+    Outcome,
+    decode_outcome,
+    encode_outcome,
+)
+from .base import Middleware
+
+if TYPE_CHECKING:
+    from ..message import Message
+    from ..worker import Worker
+
+__all__ = ["Results", "current_outcome", "with_results"]
+
+logger = structlog.get_logger("mqtasks.results")
+
+
+@dataclass(slots=True)
+class _Processing:
+    """What Results learns about the message being processed, hook by hook."""
+
+    #: The dead-letter reason, once ``after_dead_letter`` has run.
+    reason: str | None = None
+
+
+_processing: contextvars.ContextVar[_Processing | None] = contextvars.ContextVar(
+    "mqtasks_results_processing", default=None
+)
+_outcome: contextvars.ContextVar[Outcome | None] = contextvars.ContextVar(
+    "mqtasks_results_outcome", default=None
+)
+
+
+def current_outcome() -> Outcome | None:
+    """Return the final outcome of the message being processed, once Results has stored it.
+
+    For middleware whose ``after_process`` runs after Results' (installed
+    before it in the stack), such as the workflow middleware. It is the
+    outcome the backend holds: when the message ran before and its first
+    outcome is stored already, that first one. With ``ignore_result`` it is
+    the outcome that was not stored. None when there is no final outcome (the
+    task is retried, the message requeued or deferred) or outside a message.
+    """
+    return _outcome.get()
+
+
+class Results(Middleware):
+    """Stores what became of each task in the app's result backend.
+
+    ``SUCCEEDED`` with the value when the task returns; ``DEAD_LETTERED``
+    with the reason and the exception once its message is in the dead-letter
+    queue (retries exhausted, :exc:`~mqtasks.exceptions.Reject`, bad input
+    whose id is known); ``RETRYING`` when the next attempt is scheduled;
+    ``STARTED`` before it runs, for tasks with ``track_started=True``. A value
+    JSON cannot carry, or larger than ``max_message_size``, is stored as
+    ``FAILED`` with an :exc:`~mqtasks.exceptions.EncodeError` (the task is not
+    retried: its value would never fit). Tasks with ``ignore_result=True``
+    store nothing.
+
+    The first final outcome stored for a task id wins: a message delivered
+    twice (after a worker crash) keeps the result of its first run.
+
+    Workers install it (between the app's middleware and
+    :class:`~mqtasks.middleware.retries.Retries`) when the app has a backend;
+    put an instance in ``app.middleware`` to choose its arguments.
+
+    Args:
+        defer_delay: Seconds a message whose result could not be stored is
+            held before it runs again; doubled for each failure in a row (with
+            jitter), up to ``max_defer_delay``.
+        max_defer_delay: The longest such hold, in seconds.
+    """
+
+    task_options = frozenset({"ignore_result", "track_started"})
+
+    def __init__(self, *, defer_delay: float = 1.0, max_defer_delay: float = 30.0) -> None:
+        if defer_delay <= 0 or max_defer_delay < defer_delay:
+            raise ValueError("defer_delay must be positive and at most max_defer_delay")
+        self.defer_delay = defer_delay
+        self.max_defer_delay = max_defer_delay
+        self._failures = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Results(defer_delay={self.defer_delay}, max_defer_delay={self.max_defer_delay})"
+
+    # -- hooks ---------------------------------------------------------------------
+
+    def before_process(self, worker: Worker, message: Message) -> None:
+        """Start following the message; store ``STARTED`` for tasks with ``track_started``."""
+        _processing.set(_Processing())
+        _outcome.set(None)
+        if _option(worker, message, "track_started") and not _option(
+            worker, message, "ignore_result"
+        ):
+            self._store_progress(worker, message, STARTED)
+
+    def after_retry(
+        self, worker: Worker, message: Message, delay: float, exception: BaseException
+    ) -> None:
+        """Store ``RETRYING`` with the exception that made the attempt fail."""
+        if not _option(worker, message, "ignore_result"):
+            self._store_progress(worker, message, RETRYING, exception)
+
+    def after_dead_letter(self, worker: Worker, message: Message | None, reason: str) -> None:
+        """Note the reason (stored by ``after_process``); for bad input, store ``DEAD_LETTERED``."""
+        processing = _processing.get()
+        if processing is not None and message is not None:
+            processing.reason = reason
+            return
+        # Refused before it ran (unknown task, undecodable, expired...): no
+        # after_process follows, so the outcome is stored here, if an id is known.
+        task_id = message.id if message is not None else worker.current_task_id
+        if not task_id or (message is not None and _option(worker, message, "ignore_result")):
+            return
+        app = worker.app
+        record = encode_outcome(
+            DEAD_LETTERED,
+            task=message.task if message is not None else None,
+            reason=reason,
+            max_size=app.settings.max_message_size,
+        )
+        try:
+            app.backend.store_result(
+                task_id, record, final=True, expires=app.settings.result_expires
+            )
+        except BackendError as exc:
+            # The message is in the dead-letter queue: a replay stores it again.
+            logger.error(
+                "result.store_failed",
+                task_id=task_id,
+                state=DEAD_LETTERED,
+                error=str(exc),
+                note="the message is in the dead-letter queue; replaying it stores a result",
+            )
+
+    def after_process(
+        self,
+        worker: Worker,
+        message: Message,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Store the final outcome (value or dead letter), before the message is acknowledged."""
+        processing = _processing.get()
+        if isinstance(exception, SkipMessage) or processing is None:
+            return
+        if exception is None:
+            state, reason = SUCCEEDED, None
+        elif processing.reason is not None:
+            state, reason = DEAD_LETTERED, processing.reason
+        else:
+            return  # retried, requeued or deferred: not over yet
+        app = worker.app
+        limit = app.settings.max_message_size
+        try:
+            record = encode_outcome(
+                state,
+                task=message.task,
+                value=result,
+                exception=exception,
+                reason=reason,
+                max_size=limit,
+            )
+        except EncodeError as error:
+            logger.error(
+                "result.unencodable",
+                task_id=message.id,
+                task_name=message.task,
+                error=str(error),
+                note="stored as FAILED with EncodeError; not retried",
+            )
+            record = encode_outcome(FAILED, task=message.task, exception=error, max_size=limit)
+        outcome = decode_outcome(record)
+        if _option(worker, message, "ignore_result"):
+            _outcome.set(outcome)
+            return
+        try:
+            written = app.backend.store_result(
+                message.id, record, final=True, expires=app.settings.result_expires
+            )
+            if not written:  # it ran before: the first outcome stands
+                stored = app.backend.get_result(message.id)
+                if stored is not None and stored[1]:
+                    outcome = decode_outcome(stored[0])
+        except BackendError as exc:
+            delay = self._next_delay()
+            logger.error(
+                "result.store_failed",
+                task_id=message.id,
+                task_name=message.task,
+                state=state,
+                error=str(exc),
+                delay=round(delay, 3),
+                note="deferred: the task runs again once the delay is over",
+            )
+            worker.defer(message, delay, "result_store_failed")
+            return
+        if self._failures:
+            with self._lock:
+                self._failures = 0
+        _outcome.set(outcome)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _store_progress(
+        self,
+        worker: Worker,
+        message: Message,
+        state: str,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Store a non-final outcome; a backend error is logged and the task goes on."""
+        app = worker.app
+        record = encode_outcome(
+            state, task=message.task, exception=exception, max_size=app.settings.max_message_size
+        )
+        try:
+            app.backend.store_result(
+                message.id, record, final=False, expires=app.settings.result_expires
+            )
+        except BackendError as exc:
+            logger.warning(
+                "result.store_failed",
+                task_id=message.id,
+                task_name=message.task,
+                state=state,
+                error=str(exc),
+            )
+
+    def _next_delay(self) -> float:
+        """The hold of a deferred message: doubled per failure in a row, with jitter."""
+        with self._lock:
+            failures = self._failures = self._failures + 1
+        delay = min(self.max_defer_delay, self.defer_delay * 2.0 ** min(failures - 1, 16))
+        jitter: float = random.uniform(0.75, 1.0)  # spreads the copies' returns
+        return delay * jitter
+
+
+def _option(worker: Worker, message: Message, name: str) -> bool:
+    """The task's ``name`` option (False for an unregistered task)."""
+    task = worker.app.tasks.get(message.task)
+    return bool(task.options.get(name, False)) if task is not None else False
+
+
+def with_results(middleware: list[Middleware]) -> list[Middleware]:
+    """Return ``middleware`` with :class:`Results` at the end, unless it has one already."""
+    stack = list(middleware)
+    if not any(isinstance(mw, Results) for mw in stack):
+        stack.append(Results())
+    return stack
