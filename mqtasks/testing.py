@@ -1,14 +1,23 @@
-"""Helpers for testing tasks: an app on ``memory://`` or on fakeredis, a worker in a
-thread, ``drain()``.
+"""Helpers for testing tasks: an app on ``memory://`` (with a ``memory://`` result
+backend) or on fakeredis, a worker in a thread, ``drain()``.
 
 Also a pytest plugin (registered as ``mqtasks``) providing the fixtures
-``mqtasks_app`` and ``mqtasks_worker``, and ``mqtasks_fake_redis_app`` and
-``mqtasks_fake_redis_worker`` for the real ``redis://`` transport on an
-in-process fakeredis server (``pip install 'mqtasks[testing]'``)::
+``mqtasks_app``, ``mqtasks_worker`` and ``mqtasks_start_worker``, and
+``mqtasks_fake_redis_app`` and ``mqtasks_fake_redis_worker`` for the real
+``redis://`` transport on an in-process fakeredis server
+(``pip install 'mqtasks[testing]'``)::
 
     def test_add(mqtasks_app, mqtasks_worker):
         add.delay(2, 3)
         drain(mqtasks_worker)        # re-raises the task's exception, if any
+
+    def test_result(mqtasks_app, mqtasks_start_worker):
+        @mqtasks_app.task
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        mqtasks_start_worker()       # after the tasks are registered
+        assert add.delay(2, 3).get(timeout=5) == 5
 
 fakeredis is imported here only, when a fakeredis app is asked for.
 """
@@ -18,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .app import App
@@ -38,9 +47,32 @@ FAKE_REDIS_URL = "redis://fakeredis/0"
 _FAKE_REDIS_POLL_INTERVAL = 0.02
 
 
+#: The result backend of :func:`memory_app`'s apps: in memory, one store per app.
+_MEMORY_BACKEND_URL = "memory://"
+
+
 def memory_app(name: str = "test", **overrides: Any) -> App:
-    """Return an app on its own, isolated ``memory://`` broker."""
+    """Return an app on its own, isolated ``memory://`` broker and ``memory://`` result backend.
+
+    A worker of the app stores results, so a test can wait for one, and
+    workflows (chain, group, chord) run as in production::
+
+        app = memory_app()
+
+        @app.task
+        def add(x: int, y: int) -> int:
+            return x + y
+
+        with running_worker(app):
+            assert add.delay(2, 3).get(timeout=5) == 5
+
+    Args:
+        name: The app's name.
+        overrides: :class:`~mqtasks.App` arguments or settings; ``backend=None``
+            for no result backend (unless ``MQTASKS_BACKEND_URL`` names one).
+    """
     overrides.setdefault("broker", "memory://")
+    overrides.setdefault("backend", _MEMORY_BACKEND_URL)
     return App(name, **overrides)
 
 
@@ -99,11 +131,14 @@ def _fake_connection_class(server: fakeredis.FakeServer | None) -> type[Any]:
 
 
 def reset(app: App) -> None:
-    """Empty the app's memory broker (no-op for other transports) and close its connections."""
+    """Empty the app's memory broker and memory result backend (no-op for others) and
+    close its connections."""
     transport = app._transport
     if transport is not None and transport.capabilities.in_process:
         transport.reset()
     app.close()
+    if app._backend is not None and (app.settings.backend_url or "").startswith("memory:"):
+        app._backend = None  # the next use makes an empty store
 
 
 @contextlib.contextmanager
@@ -172,7 +207,7 @@ else:
 
     @pytest.fixture
     def mqtasks_app() -> Iterator[App]:
-        """A fresh app on an isolated ``memory://`` broker, reset at teardown."""
+        """A fresh app on an isolated ``memory://`` broker and result backend, reset at teardown."""
         app = memory_app()
         yield app
         reset(app)
@@ -186,6 +221,29 @@ else:
         """
         with running_worker(mqtasks_app) as worker:
             yield worker
+
+    @pytest.fixture
+    def mqtasks_start_worker(mqtasks_app: App) -> Iterator[Callable[..., Worker]]:
+        """A function that starts a worker on ``mqtasks_app``; it is stopped after the test.
+
+        Call it once the test has registered its tasks (the worker consumes the
+        queues known when it starts); keyword arguments go to
+        :func:`running_worker`::
+
+            def test_add(mqtasks_app, mqtasks_start_worker):
+                @mqtasks_app.task
+                def add(x: int, y: int) -> int:
+                    return x + y
+
+                mqtasks_start_worker()
+                assert add.delay(2, 3).get(timeout=5) == 5
+        """
+        with contextlib.ExitStack() as stack:
+
+            def start(**options: Any) -> Worker:
+                return stack.enter_context(running_worker(mqtasks_app, **options))
+
+            yield start
 
     @pytest.fixture
     def mqtasks_fake_redis_app() -> Iterator[App]:
