@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from urllib.parse import unquote, urlsplit
-
-from kombu.utils.url import maybe_sanitize_url
+from urllib.parse import quote, unquote, urlparse, urlsplit
 
 __all__ = ["MASK", "MIN_SECRET_LENGTH", "mask_url", "redact", "remember_secret"]
 
@@ -30,8 +28,48 @@ def mask_url(url: str) -> str:
     ``redact`` instead, so it keeps its words.
     """
     if _SINGLE_URL.fullmatch(url):
-        url = maybe_sanitize_url(url, mask=MASK)
+        try:
+            url = _rebuild_masked(url)
+        except ValueError:  # a port that is not a number: the password is still masked below
+            pass
     return redact(url)
+
+
+def _rebuild_masked(url: str) -> str:
+    """Return ``url`` rebuilt from its parts with the password replaced by :data:`MASK`.
+
+    The URL is shown as kombu's ``sanitize_url`` shows it, and this is that
+    function's logic written out here rather than imported: importing
+    ``kombu.utils.url`` imports kombu (and through it ``importlib.metadata``,
+    billiard and multiprocessing) into every process that imports mqtasks,
+    a publisher or a ``redis://`` worker included, only to print a URL.
+    The query string is left out on purpose: it may carry a password too
+    (``redis://host/0?password=...``, ``postgresql://...?password=...``).
+
+    Raises:
+        ValueError: The port is not a number from 0 to 65535.
+    """
+    scheme = urlparse(url).scheme
+    # Parsed with HTTP semantics, so that any scheme has a host and a port.
+    parts = urlparse("http://" + url[len(scheme) + 3 :])
+    user = unquote(parts.username or "")
+    password = unquote(parts.password or "")
+    host = unquote(parts.hostname or "")
+    port = parts.port
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    shown = [f"{scheme}://"]
+    if user or password:
+        if user:
+            shown.append(quote(user, safe=""))
+        if password:
+            shown.append(":" + MASK)
+        shown.append("@")
+    if host:
+        shown.append(quote(host, safe=""))
+    if port:
+        shown.append(f":{port}")
+    shown.append("/" + unquote(path))
+    return "".join(shown)
 
 
 def remember_secret(url: str) -> None:
