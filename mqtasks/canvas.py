@@ -471,7 +471,7 @@ class Chain(Generic[R]):
         )
         return message, to_seconds(first.options.get("countdown")), ids
 
-    def delay(self, *args: Any, **kwargs: Any) -> TaskHandle:
+    def delay(self, *args: Any, **kwargs: Any) -> ChainHandle:
         """Send the chain; ``args`` and ``kwargs`` go to the first step.
 
         Returns:
@@ -489,7 +489,7 @@ class Chain(Generic[R]):
 
     def apply_async(
         self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None
-    ) -> TaskHandle:
+    ) -> ChainHandle:
         """Send the chain, ``args`` and ``kwargs`` going to the first step; see :meth:`delay`."""
         app = self.app
         _backend_of(app, "A chain")

@@ -420,20 +420,20 @@ class Workflow(Middleware):
         backend = app.backend
         ttl = app.settings.result_expires
         cid, size = chord["id"], chord["size"]
-        added, done = backend.add_member(chord_done_key(cid), message.id, ttl=ttl)
+        _, done = backend.add_member(chord_done_key(cid), message.id, ttl=ttl)
         if done < size:
             return
         claim = f"callback:{message.id}".encode()
         if not backend.set_if_absent(chord_fired_key(cid), claim, ttl):
-            # Claimed before: by this member in an earlier run that may have died
-            # before its publish was confirmed, or by another. Unless the publish
-            # is known to be confirmed, send it again with the same id: the
-            # callback runs once (its copies are deduplicated by id).
-            holder = backend.get(chord_fired_key(cid)) or b""
-            if holder.startswith(b"error:") or backend.get(chord_published_key(cid)) is not None:
+            # Claimed before. By another member (or a failed one): it publishes,
+            # and its message is not acknowledged before it has. By this member,
+            # in an earlier run that may have died before its publish was
+            # confirmed: unless the publish is known to be confirmed, send it
+            # again with the same id (the callback's copies are deduplicated by id).
+            if backend.get(chord_fired_key(cid)) != claim:
                 return
-            if holder != claim and added:
-                return  # the claimer completed the set after all; it publishes
+            if backend.get(chord_published_key(cid)) is not None:
+                return
         callback = chord["callback"]
         values = _member_values(backend, cid, size)
         if values is None:
