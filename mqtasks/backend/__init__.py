@@ -14,7 +14,6 @@ import importlib
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .._url import mask_url
 from ..exceptions import ConfigurationError
 from .base import Backend
 
@@ -73,8 +72,9 @@ def resolve(url: str, *, key_prefix: str = "mqtasks:", tls: TLSOptions | None = 
             the supported ones), or the URL or options cannot work.
     """
     if "://" not in url:
+        # Not quoted: without a scheme it is no URL that mask_url can find a password in.
         raise ConfigurationError(
-            f"Result backend URL {mask_url(url)!r} has no scheme; "
+            "The result backend URL has no scheme; "
             f"use one of {', '.join(s + '://' for s in SCHEMES)}."
         )
     scheme = urlsplit(url).scheme.lower()
