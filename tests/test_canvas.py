@@ -16,6 +16,7 @@ import pytest
 
 from mqtasks import App, ConfigurationError, Message, Middleware, TaskFailed
 from mqtasks.canvas import Chain, ChainHandle, Signature, chain, chord, group
+from mqtasks.exceptions import MiddlewareError
 from mqtasks.middleware.workflow import Workflow, chord_fired_key
 from mqtasks.task import Task
 from mqtasks.testing import drain, running_worker
@@ -57,6 +58,7 @@ class Flow:
     boom: Task[Any, int] = field(init=False)
     errback: Task[Any, None] = field(init=False)
     gated: Task[Any, int] = field(init=False)
+    short: Task[Any, int] = field(init=False)
 
     def __post_init__(self) -> None:
         app = self.app
@@ -93,7 +95,13 @@ class Flow:
             assert self.gate.wait(WAIT), "the test never opened the gate"
             return x
 
+        @app.task(name="wf.short", expires=0.2)
+        def short(x: int) -> int:
+            count("short")
+            return x
+
         self.add, self.tsum, self.boom, self.errback, self.gated = add, tsum, boom, errback, gated
+        self.short = short
 
 
 @pytest.fixture
@@ -168,6 +176,51 @@ def test_workflow_survives_a_worker_restart(flow: Flow) -> None:
     # Then another worker finishes the chain
     with running_worker(flow.app):
         assert handle.get(timeout=WAIT) == 10
+
+
+class RefuseOnce(Middleware):
+    """Vetoes the first publish of ``task``, as a broker that fails once would."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self.refused: list[str] = []
+
+    def before_publish(self, app: App, message: Message) -> Message:
+        if message.task == self.task and not self.refused:
+            self.refused.append(message.id)
+            raise MiddlewareError("the broker is away")
+        return message
+
+
+def test_step_whose_continuation_cannot_be_sent_is_deferred_not_lost(memory_flow: Flow) -> None:
+    # Given a chain whose second step's first publish fails
+    f = memory_flow
+    refuse = RefuseOnce("wf.tsum")
+    f.app.middleware.insert(0, refuse)
+    with running_worker(f.app):
+        handle = chain(f.add.s(1, 2), f.tsum.si([4, 5])).delay()
+        # Then the first step is deferred and handled again: the chain completes
+        assert handle.get(timeout=WAIT) == 9
+    assert refuse.refused == [handle.id]
+    # And the first step ran once: its stored value was used the second time
+    assert f.runs["add"] == 1 and f.runs["tsum"] == 1
+
+
+def test_chain_step_refused_unrun_fails_the_chain(memory_flow: Flow) -> None:
+    # Given a chain whose second step expires before the broker hands it over
+    f = memory_flow
+    workflow = chain(f.add.s(1, 2), f.short.s().set(countdown=0.5), f.add.s(1))
+    with running_worker(f.app) as worker:
+        handle = workflow.on_error(f.errback.s()).delay()
+        # Then the chain fails naming it, and its errback runs
+        with pytest.raises(TaskFailed) as failed:
+            handle.get(timeout=WAIT)
+        wait_for(lambda: f.errors, "the errback")
+        worker.errors.clear()
+    assert failed.value.task_id == handle.steps[1].id
+    assert failed.value.reason == "expired"
+    assert f.runs["short"] == 0 and f.runs["add"] == 1
+    assert f.errors[0][0] == handle.steps[1].id
 
 
 # -- groups ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ A ``workflow`` member is a JSON object with any of:
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 import uuid
@@ -33,7 +34,7 @@ import structlog
 
 from ..exceptions import MQTasksError, SkipMessage
 from ..message import MAX_NAME_LENGTH, Message, _origin
-from ..result import FAILED, SUCCEEDED, Outcome, decode_outcome, encode_outcome
+from ..result import DEAD_LETTERED, FAILED, SUCCEEDED, Outcome, decode_outcome, encode_outcome
 from .base import Middleware
 from .results import current_outcome
 
@@ -54,6 +55,11 @@ __all__ = [
 ]
 
 logger = structlog.get_logger("mqtasks.workflow")
+
+#: The id of the message whose before_process this middleware saw (one context per message).
+_seen: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "mqtasks_workflow_seen", default=None
+)
 
 #: Namespace of the ids of errbacks, derived from the failed task's id so that a
 #: step whose failure is handled twice sends the same errback message twice.
@@ -202,6 +208,7 @@ class Workflow(Middleware):
         workflow = message.workflow
         if not workflow:
             return
+        _seen.set(message.id)
         try:
             if workflow.get("dedupe"):
                 self._take_lease(worker, message)
@@ -238,6 +245,36 @@ class Workflow(Middleware):
                 self._defer(worker, message, "workflow_continuation_failed", exc)
         finally:
             self._release(message.id)
+
+    def after_dead_letter(self, worker: Worker, message: Message | None, reason: str) -> None:
+        """Fail the workflow of a step refused unrun (expired, unknown task, bad arguments).
+
+        A step that ran and was dead-lettered is continued by :meth:`after_process`.
+        """
+        if message is None or not message.workflow or _seen.get() == message.id:
+            return
+        stored = None
+        try:
+            stored = worker.app.backend.get_result(message.id)
+        except MQTasksError:
+            pass
+        if stored is not None and stored[1]:
+            outcome = decode_outcome(stored[0])
+        else:
+            outcome = Outcome(DEAD_LETTERED, task=message.task, reason=reason)
+        if outcome.state == SUCCEEDED:
+            return
+        try:
+            self._continue(worker, message, message.workflow, outcome)
+        except MQTasksError as exc:
+            logger.error(
+                "workflow.not_continued",
+                task_id=message.id,
+                task_name=message.task,
+                reason=reason,
+                error=str(exc),
+                note="the step is in the dead-letter queue; replaying it continues the workflow",
+            )
 
     # -- dedupe ---------------------------------------------------------------------------
 
