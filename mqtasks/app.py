@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, overload
 import structlog
 
 from . import dlq
-from .config import Settings, mask_url
+from .config import Settings, TLSOptions, mask_url
 from .exceptions import (
     ConfigurationError,
     DuplicateTask,
@@ -167,7 +167,11 @@ class App:
                         )
                     from .backend import resolve as resolve_backend
 
-                    options: dict[str, Any] = {"tls": s.tls}
+                    options: dict[str, Any] = {}
+                    if s.tls != TLSOptions():
+                        # Set TLS options apply to the backend too; the defaults leave
+                        # it to the URL (rediss:// verifies, postgresql:// as libpq does).
+                        options["tls"] = s.tls
                     if s.backend_key_prefix is not None:
                         options["key_prefix"] = s.backend_key_prefix
                     self._backend = resolve_backend(s.backend_url, **options)

@@ -242,7 +242,7 @@ def test_task_failed_after_retries_are_exhausted_with_reason_type_message_traceb
 ) -> None:
     seen: list[str] = []
 
-    @app.task(max_retries=2, retry_backoff=0)
+    @app.task(max_retries=2, retry_backoff=0.3)  # RETRYING is stored after the publish
     def flaky() -> None:
         message = current_message()
         assert message is not None
