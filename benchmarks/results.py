@@ -54,6 +54,8 @@ from .suite import (
     _interrupt,
     percentiles,
     publish_threads,
+    redis_commands,
+    tree_cpu_s,
     wait_count,
 )
 from .throughput import BROKERS, _sweep_redis, bounded, machine_info
@@ -432,6 +434,7 @@ def measure_throughput(
     ids: list[str] = []
     since = records.sizes()
     shim = SimpleNamespace(ctx=side.ctx, sender=lambda: side.sender(variant, ids))
+    cpu0, cmds0 = tree_cpu_s(worker.pid), redis_commands()
     t0, pub_s, errors = publish_threads(shim, n, opts.publishers, THROUGHPUT_BASE)  # type: ignore[arg-type]
     out: dict[str, Any] = {"problems": list(errors), "publish_per_s": n / pub_s if pub_s else None}
     status, _ = wait_count(
@@ -455,6 +458,11 @@ def measure_throughput(
             time.sleep(STORED_POLL)
         end = max(end, time.time())
     out["per_s"] = n / (end - t0)
+    cpu1, cmds1 = tree_cpu_s(worker.pid), redis_commands()
+    out["worker_cpu_us_per_task"] = (cpu1 - cpu0) / n * 1e6
+    if cmds0 is not None and cmds1 is not None:
+        # The whole server's count: the publishers', the worker's and the backend's.
+        out["redis_cmds_per_task"] = (cmds1 - cmds0) / n
     return out
 
 
@@ -486,7 +494,11 @@ def run_side(side: Side, rnd: int, log: Callable[[str], None]) -> dict[str, Any]
                 got = measure_throughput(side, variant, stores, records, worker)
                 problems.extend(got.pop("problems"))
                 out.setdefault("throughput", {})[variant] = got
-                log(f"{variant}: {got.get('per_s', 0):,.0f}/s")
+                log(
+                    f"{variant}: {got.get('per_s', 0):,.0f}/s, worker CPU "
+                    f"{got.get('worker_cpu_us_per_task', 0):,.0f} µs/task, Redis commands "
+                    f"{got.get('redis_cmds_per_task', 0):.1f}/task"
+                )
         if "chord" in phases:
             got, _ = side.chord(10, opts.get_timeout)
             if got != 10:
@@ -518,7 +530,7 @@ def summarise(rounds: list[dict[str, Any]], brokers: list[str]) -> dict[str, Any
     out: dict[str, Any] = {}
     for broker in brokers:
         mine = [r for r in rounds if r["broker"] == broker]
-        b: dict[str, Any] = {"latency_ms": {}, "throughput_per_s": {}, "chord_s": {}}
+        b: dict[str, Any] = {"latency_ms": {}, "throughput": {}, "chord_s": {}}
         for r in mine:
             for q in ("p50", "p99"):
                 if "latency_ms" in r:
@@ -527,13 +539,19 @@ def summarise(rounds: list[dict[str, Any]], brokers: list[str]) -> dict[str, Any
                     )
             for variant, got in r.get("throughput", {}).items():
                 if "per_s" in got:
-                    b["throughput_per_s"].setdefault(variant, []).append(got["per_s"])
+                    figures = b["throughput"].setdefault(variant, {})
+                    for key in ("per_s", "worker_cpu_us_per_task", "redis_cmds_per_task"):
+                        if got.get(key) is not None:
+                            figures.setdefault(key, []).append(got[key])
             if "chord_s" in r:
                 b["chord_s"].setdefault(r["system"], []).append(r["chord_s"])
         b["latency_ms"] = {
             s: {q: _median(v) for q, v in qs.items()} for s, qs in b["latency_ms"].items()
         }
-        b["throughput_per_s"] = {k: _median(v) for k, v in b["throughput_per_s"].items()}
+        b["throughput"] = {
+            variant: {k: _median(v) for k, v in figures.items()}
+            for variant, figures in b["throughput"].items()
+        }
         b["chord_s"] = {k: _median(v) for k, v in b["chord_s"].items()}
         out[broker] = b
     return out
@@ -555,7 +573,7 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, str, float | None, str, 
                 rows.append(
                     (broker, f"round trip {q}, mqtasks / {peer}", r, "<= 1", _met(r, 1.0, "le"))
                 )
-        tp = b["throughput_per_s"]
+        tp = {variant: got.get("per_s") for variant, got in b["throughput"].items()}
         with_r = tp.get("mqtasks, results")
         r = _ratio(with_r, tp.get("mqtasks, no backend"))
         rows.append((broker, "throughput, results / no backend", r, ">= 0.8", _met(r, 0.8, "ge")))
@@ -576,7 +594,11 @@ def _met(value: float | None, bound: float, how: str) -> bool | None:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+    """``value`` formatted by ``spec``, or n/a right-aligned to the width ``spec`` starts with."""
+    if value is not None:
+        return format(value, spec)
+    width = "".join(c for c in spec.split(".")[0] if c.isdigit())
+    return "n/a".rjust(int(width or 0))
 
 
 def table(summary: dict[str, Any], opts: argparse.Namespace) -> str:
@@ -595,10 +617,17 @@ def table(summary: dict[str, Any], opts: argparse.Namespace) -> str:
         f"throughput, {opts.tasks} tasks from {opts.publishers} publisher threads, "
         "end to end until every result is stored, tasks/s"
     )
-    lines.append(f"{'broker':7} {'variant':24} {'tasks/s':>9}")
+    lines.append(
+        f"{'broker':7} {'variant':24} {'tasks/s':>9} {'worker CPU µs/task':>19} "
+        f"{'Redis cmds/task':>16}"
+    )
     for broker, b in summary.items():
-        for variant, rate in b["throughput_per_s"].items():
-            lines.append(f"{broker:7} {variant:24} {_fmt(rate, '9,.0f')}")
+        for variant, got in b["throughput"].items():
+            lines.append(
+                f"{broker:7} {variant:24} {_fmt(got.get('per_s'), '9,.0f')} "
+                f"{_fmt(got.get('worker_cpu_us_per_task'), '19,.0f')} "
+                f"{_fmt(got.get('redis_cmds_per_task'), '16.1f')}"
+            )
     lines.append("")
     lines.append(f"chord of {opts.chord_size} no-op members, delay() until the callback's value, s")
     lines.append(f"{'broker':7} {'system':10} {'seconds':>8}")
