@@ -31,6 +31,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import structlog
+
 from .._url import mask_url, redact, remember_secret
 from ..exceptions import BackendError, ConfigurationError
 from ..transport.tls import TLSOptions
@@ -46,6 +48,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 __all__ = ["DEFAULT_TABLE_PREFIX", "PostgresBackend"]
+
+logger = structlog.get_logger("mqtasks.backend.postgres")
 
 #: Tables are named ``<prefix>results``, ``<prefix>kv``... unless told otherwise.
 DEFAULT_TABLE_PREFIX = "mqtasks_"
@@ -319,7 +323,11 @@ class PostgresBackend(Backend):
 
     def _wrote(self) -> None:
         if self.sweep_every > 0 and next(self._writes) % self.sweep_every == 0:
-            self.sweep()
+            # The write is committed: a failed sweep must not make it look failed.
+            try:
+                self.sweep()
+            except BackendError as exc:
+                logger.warning("backend.sweep_failed", error=str(exc))
 
     def sweep(self) -> None:
         """Delete a batch of expired rows of each table (rows a transaction holds are skipped)."""
