@@ -35,7 +35,7 @@ from redis.retry import Retry
 
 from .._url import mask_url, redact
 from ..exceptions import BackendError
-from ..transport.tls import TLSOptions
+from ..transport.tls import TLSOptions, tls_failure
 from .base import Backend
 
 if TYPE_CHECKING:
@@ -211,12 +211,20 @@ class RedisBackend(Backend):
         except BackendError:
             raise
         except (redis.RedisError, OSError) as exc:
-            raise BackendError(
-                redact(
+            refused = tls_failure(exc)
+            if refused is not None:
+                message = (
+                    f"{what}: the TLS certificate of the result backend at {mask_url(self.url)} "
+                    f"was refused ({refused}). Trust the CA that signed it with "
+                    "TLSOptions(ca_file=...) (MQTASKS_TLS_CA_FILE) and connect by a host name "
+                    "the certificate lists."
+                )
+            else:
+                message = (
                     f"{what}: the result backend at {mask_url(self.url)} failed "
                     f"({type(exc).__name__}: {exc})"
                 )
-            ) from exc
+            raise BackendError(redact(message)) from exc
 
     def check(self) -> None:
         """PING Redis.
