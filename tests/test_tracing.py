@@ -219,3 +219,39 @@ def test_dead_lettering_and_rejection_are_span_events(
     assert rejected.status.description == "rejected: bad order"
     assert [e.name for e in rejected.events] == ["mqtasks.reject", "mqtasks.dead_letter"]
     assert attr(rejected.events[1], "mqtasks.dead_letter.reason") == "rejected"
+
+
+def test_an_incoming_trace_context_reaches_what_the_task_publishes(
+    traced_app: App, exporter: InMemorySpanExporter
+) -> None:
+    app = traced_app
+    queue = app.settings.default_queue
+    trace_id, upstream = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+    @app.task(name="shop.notify")
+    def notify() -> None: ...
+
+    @app.task(name="shop.order")
+    def order() -> None:
+        notify.delay()
+
+    # Given a task sent with the trace context of a traced service upstream, no span current here
+    order.apply_async(headers={"traceparent": f"00-{trace_id}-{upstream}-01"})
+    # When a worker runs it, and the task publishes another task
+    with running_worker(app) as worker:
+        drain(worker)
+
+    publishes = {attr(s, "mqtasks.task.name"): s for s in spans_named(exporter, f"{queue} publish")}
+    runs = {attr(s, "mqtasks.task.name"): s for s in spans_named(exporter, f"{queue} process")}
+    # Then the publish is a child of the upstream span, and the run a child of the publish
+    assert publishes["shop.order"].parent is not None
+    assert f"{publishes['shop.order'].parent.span_id:016x}" == upstream
+    assert runs["shop.order"].parent is not None
+    assert runs["shop.order"].parent.span_id == publishes["shop.order"].context.span_id
+    # And what the task published is in the same trace, under the task's run
+    assert publishes["shop.notify"].parent is not None
+    assert publishes["shop.notify"].parent.span_id == runs["shop.order"].context.span_id
+    assert runs["shop.notify"].parent is not None
+    assert runs["shop.notify"].parent.span_id == publishes["shop.notify"].context.span_id
+    for span in [*publishes.values(), *runs.values()]:
+        assert f"{span.context.trace_id:032x}" == trace_id

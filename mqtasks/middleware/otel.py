@@ -9,22 +9,31 @@ it sends, belong to the caller's trace.
 
 Only the OpenTelemetry API is used: spans are recorded once the application
 sets a tracer provider (the SDK's, or a vendor's); until then the middleware
-does nothing.
+does nothing. Nor does it import the API until a provider can exist: one is set
+through ``opentelemetry.trace`` (by the application, an instrumentation or a
+distro), or named by ``OTEL_PYTHON_TRACER_PROVIDER``; in a process with
+neither, the API would be imported (with ``importlib.metadata``, for its
+propagators' entry points) into every worker process only to find no provider.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
-
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
-from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCode
 
 from ..exceptions import Reject, Retry, SkipMessage
 from .base import Middleware
 
 if TYPE_CHECKING:
+    # Bound at run time by _import_opentelemetry(), before the first span.
+    import opentelemetry.context as otel_context
+    import opentelemetry.propagate as propagate
+    import opentelemetry.trace
+    import opentelemetry.trace as trace
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
     from ..app import App
     from ..config import Settings
     from ..message import Message
@@ -37,6 +46,9 @@ INSTRUMENTATION_NAME = "mqtasks"
 
 #: Most (broker, queue, task, operation) whose shared span attributes are kept.
 _SHARED_CACHE_SIZE = 1024
+
+#: The environment variable that names a tracer provider to load (OpenTelemetry's).
+_PROVIDER_ENV = "OTEL_PYTHON_TRACER_PROVIDER"
 
 _SYSTEMS = {
     "amqp": "rabbitmq",
@@ -53,6 +65,24 @@ def messaging_system(broker_url: str) -> str:
     return _SYSTEMS.get(scheme, scheme)
 
 
+def _import_opentelemetry() -> None:
+    """Import the parts of the OpenTelemetry API this module uses into its namespace.
+
+    Called before the first span, so the hooks use them as module globals, at
+    no more cost than a top-level import; safe to call from several threads.
+    """
+    from opentelemetry import context, propagate, trace
+
+    globals().update(
+        otel_context=context,
+        propagate=propagate,
+        trace=trace,
+        SpanKind=trace.SpanKind,
+        Status=trace.Status,
+        StatusCode=trace.StatusCode,
+    )
+
+
 class OpenTelemetryTracing(Middleware):
     """Propagates trace context through messages and records publish and process spans.
 
@@ -65,10 +95,11 @@ class OpenTelemetryTracing(Middleware):
             looked up until one is set.
     """
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
-        self._tracer: trace.Tracer | None = (
-            None if tracer_provider is None else tracer_provider.get_tracer(INSTRUMENTATION_NAME)
-        )
+    def __init__(self, tracer_provider: opentelemetry.trace.TracerProvider | None = None) -> None:
+        self._tracer: trace.Tracer | None = None
+        if tracer_provider is not None:
+            _import_opentelemetry()
+            self._tracer = tracer_provider.get_tracer(INSTRUMENTATION_NAME)
         self._local = threading.local()
         self._shared: dict[tuple[str, str, str, str], dict[str, Any]] = {}
 
@@ -81,12 +112,15 @@ class OpenTelemetryTracing(Middleware):
         return "<OpenTelemetryTracing>"
 
     @property
-    def tracer(self) -> trace.Tracer | None:
+    def tracer(self) -> opentelemetry.trace.Tracer | None:
         """The tracer spans are made with; None while no tracer provider is set."""
         tracer = self._tracer
         if tracer is None:
+            if "opentelemetry.trace" not in sys.modules and _PROVIDER_ENV not in os.environ:
+                return None  # no provider can have been set: leave the API unimported
+            _import_opentelemetry()
             provider = trace.get_tracer_provider()
-            if isinstance(provider, ProxyTracerProvider):
+            if isinstance(provider, trace.ProxyTracerProvider):
                 return None  # nothing configured: stay out of the way, at no cost
             tracer = self._tracer = provider.get_tracer(INSTRUMENTATION_NAME)
         return tracer
