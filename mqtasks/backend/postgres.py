@@ -222,11 +222,18 @@ class PostgresBackend(Backend):
         self.channel = f"{table_prefix}results"
         rest = [(k, v) for k, v in query if k != "table_prefix"]
         self.conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
-        self._connect_kwargs: dict[str, Any] = {}
-        if not any(k == "connect_timeout" for k, _ in rest):
-            self._connect_kwargs["connect_timeout"] = max(2, math.ceil(connect_timeout))
-        if not any(k == "application_name" for k, _ in rest):
-            self._connect_kwargs["application_name"] = "mqtasks"
+        given = {k for k, _ in rest}
+        defaults: dict[str, Any] = {
+            "connect_timeout": max(2, math.ceil(connect_timeout)),
+            "application_name": "mqtasks",
+            # A server that stops answering (a black hole) breaks the connection
+            # within about 25 s instead of hanging the calls on it.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
+        self._connect_kwargs: dict[str, Any] = {k: v for k, v in defaults.items() if k not in given}
         if tls is not None:
             tls.check()
             self._connect_kwargs.update(_libpq_tls(tls))
