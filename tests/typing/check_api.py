@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import Any
+
 from typing_extensions import assert_type
 
-from mqtasks import App, Task, TaskHandle
+from mqtasks import App, Results, ResultTimeout, Task, TaskFailed, TaskHandle
+from mqtasks.backend import Backend
+from mqtasks.middleware.results import current_outcome
 from mqtasks.publishing import Publishing
+from mqtasks.result import Outcome
 
 app = App("typing")
 
@@ -40,3 +46,37 @@ async def send_from_asyncio() -> None:
     assert_type(await add.adelay(1, 2), TaskHandle)
     assert_type(await add.aapply_async((1, 2), countdown=5), TaskHandle)
     await add.adelay("x", 2)  # type: ignore[arg-type]  # checked as delay() is
+
+
+# Results: the handle reads what the worker stored in the app's backend.
+results_app = App("typing", backend="redis://localhost:6379/0", result_expires=3600.0)
+handle = add.delay(1, 2)
+assert_type(handle.get(), Any)
+assert_type(handle.get(timeout=5, propagate=False), Any)
+assert_type(handle.get(timedelta(seconds=5)), Any)
+assert_type(handle.state, str)
+assert_type(handle.ready(), bool)
+assert_type(handle.successful(), bool)
+assert_type(handle.failed(), bool)
+assert_type(handle.result, Any)
+assert_type(handle.outcome(), Outcome | None)
+assert_type(handle.forget(), None)
+assert_type(handle.task, str | None)
+assert_type(handle.queue, str | None)
+assert_type(results_app.handle("an-id"), TaskHandle)
+assert_type(results_app.backend, Backend)
+assert_type(results_app.has_backend, bool)
+assert_type(current_outcome(), Outcome | None)
+assert_type(Results(defer_delay=0.5), Results)
+handle.get(propagate="no")  # type: ignore[arg-type]  # a bool
+
+
+async def wait_from_asyncio() -> None:
+    assert_type(await handle.aget(timeout=5), Any)
+
+
+def read_failure(exc: TaskFailed, timeout: ResultTimeout) -> None:
+    assert_type(exc.reason, str | None)
+    assert_type(exc.exc_type, str | None)
+    assert_type(exc.traceback, str | None)
+    assert_type(timeout.timeout, float)
