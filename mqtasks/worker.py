@@ -5,8 +5,10 @@ them and keeps heartbeats going, because kombu channels are not thread-safe.
 Worker threads take deliveries from a local queue, run the task and post the
 outcome back to the I/O thread. The broker bounds the deliveries held at once
 (prefetch), and a message is acked only after its task has finished (or its
-next attempt or dead letter is stored): at-least-once. What becomes of a failed
-task is decided by middleware (:class:`~mqtasks.middleware.retries.Retries`).
+next attempt or dead letter is stored) and, with a result backend, its outcome
+is stored: at-least-once. What becomes of a failed task is decided by
+middleware (:class:`~mqtasks.middleware.retries.Retries`); the outcome is
+stored by :class:`~mqtasks.middleware.results.Results`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from mqtasks import (
     Reject,
     Results,
     ResultTimeout,
+    Settings,
     TaskFailed,
     TaskHandle,
     Worker,
@@ -128,6 +129,24 @@ def test_a_result_option_that_is_not_a_bool_is_refused(app: App) -> None:
 
     with pytest.raises(ConfigurationError, match="ignore_result must be True or False"):
         Worker(app)
+
+
+def test_result_settings_come_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "MQTASKS_BACKEND_URL": "redis://localhost:6379/3",
+            "MQTASKS_BACKEND_KEY_PREFIX": "shop:",
+            "MQTASKS_RESULT_EXPIRES": "60.5",
+        }
+    )
+    assert settings.backend_url == "redis://localhost:6379/3"
+    assert settings.backend_key_prefix == "shop:"
+    assert settings.result_expires == 60.5
+    defaults = Settings.from_env({})
+    assert (defaults.backend_url, defaults.result_expires) == (None, 86400.0)
+    # An explicit argument wins over the environment
+    app = App("x", broker="memory://", backend="memory://", settings=settings)
+    assert app.settings.backend_url == "memory://"
 
 
 def test_settings_validate_result_expires() -> None:
