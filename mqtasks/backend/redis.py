@@ -9,7 +9,8 @@ Keys, each behind the backend's ``key_prefix`` (``mqtasks:``):
 * ``<p>result:<task id>``: a string, one flag byte (``F`` final, ``N`` not) then
   the record. A final write is a script that writes only if the flag byte is
   not ``F`` already, then publishes the flagged record on the channel
-  ``<p>result:<task id>``, where :meth:`RedisBackend.wait_result` listens.
+  ``<p>db<n>:result:<task id>``, where :meth:`RedisBackend.wait_result` listens
+  (channels are shared by all the databases of a server; the ``n`` keeps them apart).
 * ``<p>key:<key>``: values, counters and sets of the coordination operations.
 * ``<p>lease:<name>``: a hash ``owner``, ``token``, expiring with the lease.
 * ``<p>lease-tokens``: the counter tokens are drawn from. One counter for all
@@ -31,10 +32,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
 
 from .._url import mask_url, redact
-from ..exceptions import BackendError
+from ..exceptions import BackendError, ConfigurationError
 from ..transport.tls import TLSOptions, tls_failure
 from .base import Backend
 
@@ -135,6 +137,13 @@ class RedisBackend(Backend):
         connect_timeout: float = 5.0,
     ) -> None:
         super().__init__(url, key_prefix=key_prefix, tls=tls)
+        try:
+            db = int(parse_url(url).get("db") or 0)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                redact(f"Bad result backend URL {mask_url(url)}: {exc}")
+            ) from exc
+        self._channels = f"{key_prefix}db{db}:result:"
         options = tls if tls is not None else TLSOptions()
         #: Whether the URL connects with TLS (``rediss://``).
         self.uses_tls = options.apply(url)
@@ -154,8 +163,12 @@ class RedisBackend(Backend):
     # -- keys ------------------------------------------------------------------------
 
     def result_key(self, task_id: str) -> str:
-        """The key (and pub/sub channel) of ``task_id``'s result."""
+        """The key of ``task_id``'s result."""
         return f"{self.key_prefix}result:{task_id}"
+
+    def result_channel(self, task_id: str) -> str:
+        """The pub/sub channel a final result of ``task_id`` is published on."""
+        return f"{self._channels}{task_id}"
 
     def key(self, key: str) -> str:
         """The Redis key of a coordination ``key`` (a value, counter or set)."""
@@ -249,9 +262,9 @@ class RedisBackend(Backend):
     def store_result(self, task_id: str, record: bytes, *, final: bool, expires: float) -> bool:
         """Write ``record`` unless a final one is stored (one script); a final write publishes."""
         flagged = (_FINAL if final else _NOT_FINAL) + bytes(record)
-        key = self.result_key(task_id)
+        key, channel = self.result_key(task_id), self.result_channel(task_id)
         with self._errors(f"store the result of {task_id}"):
-            written = self._script("store")(keys=[key], args=[flagged, _ms(expires), key])
+            written = self._script("store")(keys=[key], args=[flagged, _ms(expires), channel])
         return bool(written)
 
     def get_result(self, task_id: str) -> tuple[bytes, bool] | None:
@@ -282,7 +295,7 @@ class RedisBackend(Backend):
         found = self._final(task_id)
         if found is not None or timeout <= 0:
             return found
-        channel = self.result_key(task_id)
+        channel = self.result_channel(task_id)
         with self._errors(f"wait for the result of {task_id}"):
             pubsub = self.client().pubsub()
             try:

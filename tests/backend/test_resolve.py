@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 import pytest
+import redis
 
 from mqtasks import ConfigurationError
 from mqtasks.backend import SCHEMES, Backend, resolve
@@ -202,3 +204,27 @@ def test_key_prefixes_keep_apps_apart_in_one_store(kind: str) -> None:
             delete_keys(tag)
         else:
             drop_tables(tag)
+
+
+@pytest.mark.integration
+def test_a_result_stored_in_another_redis_database_does_not_wake_a_waiter() -> None:
+    """Pub/sub channels are shared by every database of a server; keys are not."""
+    require_broker("redis")
+    prefix = unique_name("backend") + ":"
+    here_url = REDIS_URL
+    there_url = REDIS_URL.rsplit("/", 1)[0] + "/10"
+    here, there = resolve(here_url, key_prefix=prefix), resolve(there_url, key_prefix=prefix)
+    timer = threading.Timer(0.1, there.store_result, ["t", b"x"], {"final": True, "expires": 60})
+    try:
+        timer.start()
+        assert here.wait_result("t", timeout=0.6) is None
+    finally:
+        timer.join()
+        here.close()
+        there.close()
+        for url in (here_url, there_url):
+            client = redis.Redis.from_url(url)
+            keys = list(client.scan_iter(match=prefix + "*"))
+            if keys:
+                client.delete(*keys)
+            client.close()
