@@ -248,11 +248,12 @@ class Signature(Generic[R]):
             on_error=[cls.from_dict(app, e) for e in data.get("on_error") or ()],
         )
 
-    def _wire(self, task_id: str) -> dict[str, Any]:
+    def _wire(self, task_id: str | None) -> dict[str, Any]:
         """The form a message carries for a later step: id, queue and priority resolved.
 
         The worker publishing the step then needs neither the task registered
-        nor its defaults.
+        nor its defaults. Errbacks get no id: the worker derives theirs from
+        the failed task's, so that a failure handled twice sends the same one.
         """
         data = self.to_dict()
         data["id"] = task_id
@@ -262,7 +263,7 @@ class Signature(Generic[R]):
             options["priority"] = self.task.priority
         if self.task.expires is not None:
             options.setdefault("expires", self.task.expires)
-        data["on_error"] = [e._wire(_new_id()) for e in self._on_error]
+        data["on_error"] = [e._wire(None) for e in self._on_error]
         return data
 
     # -- checks and messages --------------------------------------------------------
@@ -292,7 +293,7 @@ class Signature(Generic[R]):
         """The message of this signature's first (or only) call."""
         self._check(args, kwargs, what)
         if self._on_error:
-            workflow["on_error"] = [e._wire(_new_id()) for e in self._on_error]
+            workflow["on_error"] = [e._wire(None) for e in self._on_error]
         message = self.task.message(
             tuple(args),
             kwargs,
@@ -351,9 +352,7 @@ class Signature(Generic[R]):
             expires=expires,
         )
         if self._on_error:
-            message = message.copy(
-                workflow={"on_error": [e._wire(_new_id()) for e in self._on_error]}
-            )
+            message = message.copy(workflow={"on_error": [e._wire(None) for e in self._on_error]})
         if countdown is None and eta is None:
             countdown = self.options.get("countdown")
         return self.task.app.send(message, names=self.task._names, delay=_delay(countdown, eta))
@@ -644,7 +643,11 @@ class Group(Generic[R]):
         return self.apply_async()
 
     def apply_async(self) -> GroupHandle[R]:
-        """Send every member; see :meth:`delay`."""
+        """Send every member; see :meth:`delay`.
+
+        Raises:
+            ValueError: The group has no member.
+        """
         if not self.members:
             raise ValueError("The group has no member.")
         app = _one_app(self._signatures(), "group")

@@ -48,6 +48,7 @@ class Flow:
     """An app with a result backend, the workflow middleware, and tasks that count their runs."""
 
     app: App
+    lease_ttl: float = 3.0
     runs: Counter[str] = field(default_factory=Counter)
     errors: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     published: Published = field(default_factory=Published)
@@ -62,7 +63,7 @@ class Flow:
 
     def __post_init__(self) -> None:
         app = self.app
-        app.middleware.extend([self.published, Workflow(lease_ttl=3.0, defer_delay=0.2)])
+        app.middleware.extend([self.published, Workflow(lease_ttl=self.lease_ttl, defer_delay=0.2)])
 
         def count(name: str) -> None:
             with self.lock:
@@ -318,21 +319,49 @@ def _done(app: App, task_id: str) -> bool:
     return stored is not None and stored[1]
 
 
-def test_chord_callback_copies_never_run_twice(memory_flow: Flow) -> None:
-    # Given a callback message published twice while the first copy runs
-    f = memory_flow
+def test_chord_callback_copies_never_run_twice(make_app: Callable[..., App]) -> None:
+    # Given a callback running for longer than its run lease lasts (it is renewed)
+    f = Flow(make_app("memory://", backend="memory://"), lease_ttl=0.5)
     app = f.app
     with running_worker(app, concurrency=3) as worker:
         handle = chord([f.add.s(1, 1)], f.gated.s()).delay()
         wait_for(lambda: f.runs["gated"] == 1, "the callback to start")
-        callback = f.published.of("wf.gated")[0]
-        app.send(callback)
-        # Then the copy waits (deferred) while the first holds the lease
-        wait_for(lambda: len(f.published.of("wf.gated")) >= 1, "the copy")
+        # When a copy of the callback's message arrives meanwhile
+        received = worker.received
+        app.send(f.published.of("wf.gated")[0])
+        # Then the copy is deferred, again and again, for longer than the lease lasts
+        wait_for(lambda: worker.received >= received + 5, "the copy deferred 4 times")
         f.gate.set()
         assert handle.get(timeout=WAIT) == [2]
+        # And once the first is done, the copy is acknowledged without running
         drain(worker, WAIT, raise_errors=False)
     assert f.runs["gated"] == 1
+
+
+def test_step_whose_value_cannot_travel_fails_the_chain(make_app: Callable[..., App]) -> None:
+    # Given a chain whose first value, with the second step's arguments, is too large to send
+    f = Flow(make_app("memory://", backend="memory://", max_message_size=2048))
+
+    @f.app.task(name="wf.text")
+    def text(n: int) -> str:
+        return "y" * n
+
+    @f.app.task(name="wf.join")
+    def join(a: str, b: str) -> str:
+        return a + b
+
+    workflow = chain(text.s(1500), join.s("x" * 600), join.s("z")).on_error(f.errback.s())
+    with running_worker(f.app):
+        handle = workflow.delay()
+        # Then the chain fails naming the step that could not be sent, and its errback runs
+        with pytest.raises(TaskFailed) as failed:
+            handle.get(timeout=WAIT)
+        wait_for(lambda: f.errors, "the errback")
+    assert failed.value.task_id == handle.steps[1].id
+    assert failed.value.exc_type == "EncodeError"
+    assert handle.steps[0].get(timeout=1) == "y" * 1500
+    assert f.errors == [(handle.steps[1].id, f.errors[0][1])]
+    assert f.errors[0][1]["reason"] == "unsendable"
 
 
 def test_empty_chord_runs_its_callback_with_no_values(memory_flow: Flow) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextvars
 import json
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ..exceptions import MQTasksError, SkipMessage
+from ..exceptions import EncodeError, MQTasksError, SkipMessage
 from ..message import MAX_NAME_LENGTH, Message, _origin
 from ..result import DEAD_LETTERED, FAILED, SUCCEEDED, Outcome, decode_outcome, encode_outcome
 from .base import Middleware
@@ -158,6 +159,8 @@ def _workflow_error(workflow: Mapping[str, Any]) -> str | None:
             return "'chord.index' is not within the chord"
         if (problem := signature_error(chord.get("callback"))) is not None:
             return f"in 'chord.callback': {problem}"
+        if chord["callback"].get("id") != cid:
+            return "'chord.callback' does not have the chord's id"
     return None
 
 
@@ -187,16 +190,11 @@ class Workflow(Middleware):
         self._leases: dict[str, tuple[Backend, str]] = {}
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
-        self._stop = threading.Event()
 
     def __repr__(self) -> str:
         return f"Workflow(lease_ttl={self.lease_ttl}, defer_delay={self.defer_delay})"
 
     # -- hooks ------------------------------------------------------------------------
-
-    def worker_shutdown(self, worker: Worker) -> None:
-        """Stop renewing leases."""
-        self._stop.set()
 
     def before_process(self, worker: Worker, message: Message) -> None:
         """Skip a step that already succeeded (continuing its workflow), or a
@@ -243,6 +241,11 @@ class Workflow(Middleware):
                 self._continue(worker, message, workflow, outcome)
             except MQTasksError as exc:
                 self._defer(worker, message, "workflow_continuation_failed", exc)
+            except Exception as exc:
+                # A bug, not an outage: handling the message again would fail
+                # again. The dead letter keeps it; a replay continues the workflow.
+                logger.exception("workflow.continuation_crashed", task_id=message.id)
+                worker.dead_letter(message, "workflow_failed", f"{type(exc).__name__}: {exc}", exc)
         finally:
             self._release(message.id)
 
@@ -308,19 +311,23 @@ class Workflow(Middleware):
             logger.warning("workflow.lease_release_failed", task_id=task_id, error=str(exc))
 
     def _start_renewer(self) -> None:
+        # One thread renews every lease this middleware holds; it exits once none
+        # is held (setting _renewer back under the lock, so none is missed).
         with self._lock:
-            if self._renewer is not None and self._renewer.is_alive():
-                return
-            self._stop.clear()
-            self._renewer = threading.Thread(
-                target=self._renew_main, name="mqtasks-workflow-leases", daemon=True
-            )
-            self._renewer.start()
+            if self._renewer is None:
+                self._renewer = threading.Thread(
+                    target=self._renew_main, name="mqtasks-workflow-leases", daemon=True
+                )
+                self._renewer.start()
 
     def _renew_main(self) -> None:
-        while not self._stop.wait(self.lease_ttl / 3):
+        while True:
+            time.sleep(self.lease_ttl / 3)
             with self._lock:
                 held = list(self._leases.items())
+                if not held:
+                    self._renewer = None
+                    return
             for task_id, (backend, owner) in held:
                 try:
                     backend.renew_lease(run_lease_name(task_id), owner, self.lease_ttl)
@@ -378,9 +385,9 @@ class Workflow(Middleware):
         }
         failed_id = outcome.failed_task_id or message.id
         if steps:
-            self._fail_rest(app, message, steps, outcome, failed_id)
+            self._fail_rest(app, message.id, steps, outcome, failed_id)
         if chord is not None:
-            self._chord_member_failed(app, message, chord, outcome, failed_id, error)
+            self._chord_member_failed(app, message.id, chord, outcome, failed_id, error)
         self._errbacks(app, message.id, failed_id, workflow.get("on_error") or [], error)
 
     def _next_step(
@@ -400,7 +407,13 @@ class Workflow(Middleware):
             following["chain"] = rest
         if workflow.get("chord") is not None:
             following["chord"] = workflow["chord"]
-        _publish(app, step, args, following)
+        try:
+            _publish(app, step, args, following)
+        except EncodeError as exc:
+            # The value cannot travel with the step's arguments: the step can never
+            # be sent. It fails, with what follows it, as if it had run and failed.
+            self._unsendable(app, step, following, exc)
+            return
         logger.info(
             "workflow.step_sent",
             task_id=message.id,
@@ -409,10 +422,45 @@ class Workflow(Middleware):
             steps_left=len(rest),
         )
 
+    def _unsendable(
+        self,
+        app: App,
+        step: Mapping[str, Any],
+        workflow: Mapping[str, Any],
+        exc: EncodeError,
+    ) -> None:
+        """Fail a step that cannot be encoded: FAILED stored for it, its workflow failed."""
+        s = app.settings
+        step_id = step["id"]
+        logger.error(
+            "workflow.step_unsendable", task_id=step_id, task_name=step["task"], error=str(exc)
+        )
+        record = encode_outcome(
+            FAILED,
+            task=step["task"],
+            exception=exc,
+            reason="unsendable",
+            max_size=s.max_message_size,
+        )
+        app.backend.store_result(step_id, record, final=True, expires=s.result_expires)
+        outcome = decode_outcome(record)
+        error = {
+            "type": outcome.error_type,
+            "message": outcome.error_message,
+            "reason": "unsendable",
+        }
+        rest: list[dict[str, Any]] = list(workflow.get("chain") or [])
+        if rest:
+            self._fail_rest(app, step_id, rest, outcome, step_id)
+        chord = workflow.get("chord")
+        if chord is not None:
+            self._chord_member_failed(app, step_id, chord, outcome, step_id, error)
+        self._errbacks(app, step_id, step_id, step.get("on_error") or [], error)
+
     def _fail_rest(
         self,
         app: App,
-        message: Message,
+        task_id: str,
         steps: list[dict[str, Any]],
         outcome: Outcome,
         failed_id: str,
@@ -425,7 +473,7 @@ class Workflow(Middleware):
             backend.store_result(step["id"], record, final=True, expires=s.result_expires)
         logger.info(
             "workflow.chain_failed",
-            task_id=message.id,
+            task_id=task_id,
             failed_task_id=failed_id,
             steps_not_run=len(steps),
         )
@@ -479,7 +527,10 @@ class Workflow(Middleware):
         args = list(callback.get("args") or [])
         if not callback.get("immutable"):
             args.insert(0, values)
-        _publish(app, callback, args, {"dedupe": True})
+        try:
+            _publish(app, callback, args, {"dedupe": True})
+        except EncodeError as exc:
+            self._unsendable(app, callback, {}, exc)
         backend.put(chord_published_key(cid), b"1", ttl)
         logger.info(
             "workflow.chord_completed",
@@ -492,7 +543,7 @@ class Workflow(Middleware):
     def _chord_member_failed(
         self,
         app: App,
-        message: Message,
+        member_id: str,
         chord: Mapping[str, Any],
         outcome: Outcome,
         failed_id: str,
@@ -502,13 +553,16 @@ class Workflow(Middleware):
         backend = app.backend
         s = app.settings
         cid, callback = chord["id"], chord["callback"]
+        claim = f"error:{member_id}".encode()
+        if not backend.set_if_absent(chord_fired_key(cid), claim, s.result_expires):
+            # Claimed by another member (failed, or completing the chord), which
+            # handles it; or by this one in an earlier run: then finish its work.
+            if backend.get(chord_fired_key(cid)) != claim:
+                return
+            if backend.get(chord_published_key(cid)) is not None:
+                return
         record = _failure_record(callback["task"], outcome, failed_id, s.max_message_size)
         backend.store_result(cid, record, final=True, expires=s.result_expires)
-        claim = f"error:{message.id}".encode()
-        if not backend.set_if_absent(chord_fired_key(cid), claim, s.result_expires):
-            holder = backend.get(chord_fired_key(cid))
-            if holder != claim or backend.get(chord_published_key(cid)) is not None:
-                return  # failed (or completed) by another member: its errbacks are sent
         logger.info("workflow.chord_failed", chord_id=cid, failed_task_id=failed_id)
         self._errbacks(app, cid, failed_id, callback.get("on_error") or [], error)
         backend.put(chord_published_key(cid), b"1", s.result_expires)
