@@ -494,12 +494,14 @@ class Chain(Generic[R]):
         _backend_of(app, "A chain")
         message, countdown, ids = self._first(args or (), kwargs or {})
         first = self.steps[0]
-        app.send(message, names=first.task._names, delay=countdown)
+        sent = app.send(message, names=first.task._names, delay=countdown)
+        # Inside a publishing block the first step's confirm is pending: so is the chain's.
         return ChainHandle(
             ids[-1],
             self.steps[-1].name,
+            confirmation=sent.confirmation,
             app=app,
-            steps=tuple(app.handle(i) for i in ids),
+            steps=(sent, *(app.handle(i) for i in ids[1:])),
         )
 
 

@@ -167,6 +167,16 @@ def test_failing_chain_step_fails_the_chain_naming_it(flow: Flow) -> None:
     assert handle.steps[2].state == "FAILED"
 
 
+def test_chain_sent_in_a_publishing_block_is_pending_until_confirmed(memory_flow: Flow) -> None:
+    f = memory_flow
+    with f.app.publishing():
+        handle = chain(f.add.s(1, 2), f.add.s(3)).delay()
+        assert handle.pending and not handle.confirmed
+    assert handle.confirmed and handle.steps[0].confirmed
+    with running_worker(f.app):
+        assert handle.get(timeout=WAIT) == 6
+
+
 def test_workflow_survives_a_worker_restart(flow: Flow) -> None:
     # Given a chain whose second step is held by the broker for a while
     handle = chain(flow.add.s(1, 2), flow.add.s(3).set(countdown=1.5), flow.add.s(4)).delay()
