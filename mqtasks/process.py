@@ -118,6 +118,22 @@ def return_large_buffers_to_the_os() -> None:
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
+def _release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS, before forking (glibc's ``malloc_trim``).
+
+    Importing leaves free pages in the heap; each child forked afterwards gets
+    them in its resident set too, unused. A no-op where malloc is not glibc's.
+    """
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the C library this process runs on
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
 class StopSignals:
     """SIGTERM and SIGINT handling of a worker process; installed when created.
 
@@ -294,6 +310,7 @@ class Supervisor:
         # What is imported by now goes to the collector's permanent generation: a
         # collection in a child never writes to those objects' pages, so they stay shared.
         gc.freeze()
+        _release_free_heap()
         parent = os.getpid()
         # Blocked until the child has its own handlers: the supervisor's, copied
         # into the child, would signal the child's siblings.
