@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -83,24 +84,55 @@ def test_writes_sweep_now_and_then(make_postgres: Callable[..., PostgresBackend]
     assert rows(backend, "results") == 1
 
 
-def test_wait_result_closes_its_listening_connection(
+def listening(backend: PostgresBackend) -> list[int]:
+    """Server process ids of the connections LISTENing on ``backend``'s channel."""
+    with psycopg.connect(POSTGRES_URL) as conn:
+        found = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE query = %s",
+            [f'LISTEN "{backend.channel}"'],
+        ).fetchall()
+    return [int(row[0]) for row in found]
+
+
+def test_waiters_share_one_listening_connection(
     make_postgres: Callable[..., PostgresBackend],
 ) -> None:
+    # Given four calls waiting for four tasks
     backend = make_postgres()
-    for _ in range(3):
-        assert backend.wait_result("never", timeout=0.1) is None
+    ids = [f"t{i}" for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        waits = [pool.submit(backend.wait_result, task_id, 30) for task_id in ids]
+        wait_for(lambda: listening(backend), "a listening connection")
 
-    def listening() -> int:
+        # Then one connection listens for them all
+        assert len(listening(backend)) == 1
+
+        # and each is woken by its own result
+        for task_id in ids:
+            backend.store_result(task_id, task_id.encode(), final=True, expires=60)
+        assert [w.result(timeout=30) for w in waits] == [t.encode() for t in ids]
+
+    # Closed with the backend
+    backend.close()
+    wait_for(lambda: not listening(backend), "the listening connection to close", timeout=5)
+
+
+def test_a_waiter_reads_again_after_the_listening_connection_is_lost(
+    make_postgres: Callable[..., PostgresBackend],
+) -> None:
+    # Given a call waiting for a result
+    backend = make_postgres()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(backend.wait_result, "t", 30)
+        pids = wait_for(lambda: listening(backend), "a listening connection")
+
+        # When the server drops its listening connection, and the result is stored
         with psycopg.connect(POSTGRES_URL) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = %s",
-                [f'LISTEN "{backend.channel}"'],
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
+            conn.execute("SELECT pg_terminate_backend(%s)", [pids[0]])
+        backend.store_result("t", b"x", final=True, expires=60)
 
-    # A closed connection leaves pg_stat_activity as soon as its server process exits.
-    wait_for(lambda: listening() == 0, "the listening connections to close", timeout=5)
+        # Then the waiter gets it all the same
+        assert waiting.result(timeout=30) == b"x"
 
 
 def test_the_default_table_prefix_and_a_given_one() -> None:

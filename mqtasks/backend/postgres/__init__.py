@@ -33,10 +33,11 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import structlog
 
-from .._url import mask_url, redact, remember_secret
-from ..exceptions import BackendError, ConfigurationError
-from ..transport.tls import TLSOptions
-from .base import Backend
+from ..._url import mask_url, redact, remember_secret
+from ...exceptions import BackendError, ConfigurationError
+from ...transport.tls import TLSOptions
+from ..base import Backend
+from .listener import Listener
 
 try:
     import psycopg
@@ -166,8 +167,8 @@ def _libpq_tls(tls: TLSOptions) -> dict[str, str]:
 class PostgresBackend(Backend):
     """Results and coordination state in PostgreSQL tables; thread-safe (a connection pool).
 
-    :meth:`wait_result` LISTENs on a connection of its own for as long as it
-    waits, so each waiting call holds one server connection.
+    :meth:`wait_result` calls share one LISTEN connection (and its thread),
+    opened with the first of them and closed some seconds after the last.
 
     Args:
         url: ``postgresql://user[:password]@host:port/database``; the query may
@@ -247,6 +248,7 @@ class PostgresBackend(Backend):
         self._sql = {name: sql.SQL(text).format(**names) for name, text in _SQL.items()}
         self._lock = threading.Lock()
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._listener: Listener | None = None
         self._writes = itertools.count(1)
 
     # -- connections and tables ----------------------------------------------------
@@ -361,9 +363,12 @@ class PostgresBackend(Backend):
             conn.execute("SELECT 1")
 
     def close(self) -> None:
-        """Close the pool; a later call opens another."""
+        """Close the pool and the listening connection; a later call opens others."""
         with self._lock:
             pool, self._pool = self._pool, None
+            listener = self._listener
+        if listener is not None:
+            listener.close()
         if pool is not None:
             pool.close()
 
@@ -414,25 +419,33 @@ class PostgresBackend(Backend):
         return found[0] if found is not None and found[1] else None
 
     def wait_result(self, task_id: str, timeout: float) -> bytes | None:
-        """Read; if not final, LISTEN on a connection of its own, read again, wait for NOTIFY."""
+        """Read; if not final, wait for its NOTIFY on the shared listening connection.
+
+        The listener LISTENs before the second read, so a record committed
+        after that read is notified; a lost listening connection makes every
+        waiter read again once it is back.
+        """
         deadline = time.monotonic() + max(0.0, timeout)
         found = self._final(task_id)
         if found is not None or timeout <= 0:
             return found
-        key = self._id(task_id)
-        with self._errors(f"wait for the result of {task_id}"):
-            with self._connect(autocommit=True) as conn:
-                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                # Listening from here on: a result stored after this read is notified.
+        listener = self.listener()
+        with (
+            self._errors(f"wait for the result of {task_id}"),
+            listener.waiting(self._id(task_id)) as waiter,
+        ):
+            while listener.ready(waiter, deadline):
                 found = self._final(task_id)
-                while found is None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return None
-                    with contextlib.closing(conn.notifies(timeout=remaining)) as notifies:
-                        if any(n.payload == key for n in notifies):
-                            found = self._final(task_id)
-            return found
+                if found is not None or not listener.wait(waiter, deadline):
+                    return found
+            return None
+
+    def listener(self) -> Listener:
+        """The listening connection's keeper, shared by every :meth:`wait_result` call."""
+        with self._lock:
+            if self._listener is None:
+                self._listener = Listener(lambda: self._connect(autocommit=True), self.channel)
+            return self._listener
 
     def forget(self, task_id: str) -> None:
         """Delete the result of ``task_id``."""
