@@ -13,10 +13,11 @@ not trip over each other's ``CREATE TABLE``:
 * ``<t>members`` (key, member): the members of the sets.
 * ``<t>leases`` (name, owner, token, expires_at), tokens from ``<t>lease_tokens``.
 
-Times are the server's (``now()``), never a client's clock. An expired row
-reads as absent and is written over; every ``sweep_every`` writes a process
-deletes a bounded batch of expired rows. The psycopg extra installs the
-driver: ``pip install "mqtasks[postgres]"``.
+Waiting for a result (:mod:`.listener`): one LISTEN connection per backend,
+shared by the waiting calls of the process. Times are the server's (``now()``),
+never a client's clock. An expired row reads as absent and is written over;
+every ``sweep_every`` writes a process deletes a bounded batch of expired rows.
+The psycopg extra installs the driver: ``pip install "mqtasks[postgres]"``.
 """
 
 from __future__ import annotations
