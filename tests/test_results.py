@@ -520,3 +520,39 @@ def test_a_workflow_failure_names_the_failed_step() -> None:
     assert error is not None
     assert error.task_id == "step-1"
     assert "so last-step has no result" in str(error)
+
+
+# -- the testing helpers ------------------------------------------------------------------------
+
+
+def test_pytest_fixtures_wait_for_a_result_and_reset_the_backend(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        from mqtasks.testing import memory_app, reset, running_worker
+
+        def test_fixture(mqtasks_app, mqtasks_start_worker):
+            @mqtasks_app.task
+            def add(x: int, y: int) -> int:
+                return x + y
+
+            mqtasks_start_worker()
+            assert add.delay(2, 3).get(timeout=5) == 5
+
+        def test_memory_app_and_reset():
+            app = memory_app()
+
+            @app.task
+            def one() -> int:
+                return 1
+
+            handle = one.delay()
+            with running_worker(app):
+                assert handle.get(timeout=5) == 1
+            reset(app)
+            assert handle.state == "PENDING"
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
