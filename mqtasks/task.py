@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -62,6 +62,10 @@ class Confirmation:
         self.settled = True
 
 
+#: What a pickled TaskHandle leaves behind (see TaskHandle.__getstate__).
+_LOCAL = ("app", "confirmation")
+
+
 @dataclass(frozen=True)
 class TaskHandle:
     """What ``delay()`` returns: the id of a message the broker has confirmed, and its result.
@@ -96,6 +100,19 @@ class TaskHandle:
 
     def __str__(self) -> str:
         return self.id
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled handle (kept in a cache, sent to another process) carries its
+        # id, task and queue; the app (and its connections) and a publishing
+        # block's pending confirm stay here. Unpickled,
+        # it reads no result: make one with app.handle(handle.id) there.
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _LOCAL}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in _LOCAL:
+            object.__setattr__(self, name, None)
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
 
     @property
     def confirmed(self) -> bool:

@@ -4,6 +4,7 @@ at-least-once (first outcome wins), deferral, and the errors without a backend."
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -185,6 +186,18 @@ def test_app_handle_reads_the_result_by_id(app: App) -> None:
         assert handle.task is None and handle.queue is None
         assert handle.get(timeout=10) == 42
         assert str(handle) == task_id
+
+
+def test_a_pickled_handle_keeps_its_id_and_leaves_the_app_behind(app: App) -> None:
+    @app.task
+    def noop() -> None: ...
+
+    handle = noop.delay()
+    copy = pickle.loads(pickle.dumps(handle))
+    assert copy == handle and copy.id == handle.id and copy.task == handle.task
+    assert copy.app is None
+    with pytest.raises(ConfigurationError, match=r"app\.handle"):
+        copy.get(timeout=0.1)
 
 
 def test_get_times_out_with_result_timeout(app: App) -> None:
