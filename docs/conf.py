@@ -84,6 +84,8 @@ nitpick_ignore_regex = [
     (r"py:(class|exc|obj)", r"amqp\..+"),
     # redis-py clients the redis:// transport returns (redis.Redis).
     (r"py:(class|obj)", r"redis\..+"),
+    # psycopg connections and pool, which the postgresql:// result backend holds.
+    (r"py:(class|obj)", r"psycopg(_pool)?\..+"),
     # tenacity's call state, which retry backoff strategies receive.
     (r"py:(class|obj)", r"tenacity\..+"),
     # The fakeredis server that mqtasks.testing.fake_redis_app takes.

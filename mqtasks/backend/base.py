@@ -49,7 +49,7 @@ class Backend(abc.ABC):
             tls: TLS settings, for the stores reached over a network.
         """
         remember_secret(url)
-        #: The backend URL; print it only through :func:`mqtasks._url.mask_url`.
+        #: The backend URL; print it only through ``mask_url`` (its password masked).
         self.url = url
         #: Put in front of every key and task id this backend stores.
         self.key_prefix = key_prefix

@@ -1,6 +1,6 @@
 """``memory://``: the state backend in this process's memory, for tests and one-process apps.
 
-Dicts guarded by one :class:`threading.Condition`, which :meth:`MemoryBackend.wait_result`
+Dicts guarded by one ``threading.Condition``, which :meth:`MemoryBackend.wait_result`
 also waits on. Expiry is measured on the monotonic clock; expired entries read
 as absent and are dropped when touched or swept. Nothing crosses a process: a
 worker in another process (``--processes``, a second ``mqtasks worker``) sees
