@@ -237,8 +237,9 @@ def check_app(
 
 def result_problems(app: App) -> list[str]:
     """Return what keeps results from working as configured: ``ignore_result`` or
-    ``track_started`` that is not a bool, or a :class:`~mqtasks.middleware.results.Results`
-    in ``app.middleware`` of an app without a result backend."""
+    ``track_started`` that is not a bool, a backend URL that names no backend (or
+    options it refuses), or a :class:`~mqtasks.middleware.results.Results` in
+    ``app.middleware`` of an app without a result backend. Nothing is connected to."""
     problems = []
     for task in sorted(app.tasks.values(), key=lambda t: t.name):
         for option in ("ignore_result", "track_started"):
@@ -247,7 +248,12 @@ def result_problems(app: App) -> list[str]:
                 problems.append(
                     f"Task {task.name!r}: {option} must be True or False, not {value!r}."
                 )
-    if not app.has_backend and any(isinstance(mw, Results) for mw in app.middleware):
+    if app.has_backend:
+        try:
+            app.backend  # noqa: B018 - resolving the URL checks its scheme and options
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+    elif any(isinstance(mw, Results) for mw in app.middleware):
         problems.append(
             "Results is in app.middleware, but the app has no result backend: "
             "App(..., backend='redis://...') or MQTASKS_BACKEND_URL."

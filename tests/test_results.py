@@ -103,6 +103,19 @@ def test_worker_refuses_to_start_when_the_backend_is_unreachable(
     assert "s3cret" not in str(info.value)
 
 
+def test_a_backend_url_naming_no_backend_is_refused_at_worker_creation(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app("memory://", backend="redis2://:pw@localhost/0")
+
+    @app.task
+    def noop() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="Did you mean 'redis'") as info:
+        Worker(app)
+    assert "pw" not in str(info.value)
+
+
 def test_backend_url_password_is_masked_in_reprs() -> None:
     app = App("masked", broker="memory://", backend="redis://:hunter2@localhost:6379/0")
     assert "hunter2" not in repr(app)
