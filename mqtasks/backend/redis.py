@@ -102,6 +102,16 @@ return 0
 """
 
 
+_SCRIPTS = {
+    "store": _STORE_RESULT,
+    "add_member": _ADD_MEMBER,
+    "incr": _INCR,
+    "acquire": _ACQUIRE,
+    "renew": _RENEW,
+    "release": _RELEASE,
+}
+
+
 def _ms(seconds: float) -> int:
     """Seconds as whole milliseconds, at least 1 (Redis refuses a zero expiry)."""
     return max(1, math.ceil(seconds * 1000))
@@ -157,8 +167,7 @@ class RedisBackend(Backend):
         if self.uses_tls:
             self._pool_kwargs.update(options.redis_kwargs())
         self._lock = threading.Lock()
-        self._client: redis.Redis[bytes] | None = None
-        self._scripts: dict[str, Script] = {}
+        self._state: tuple[redis.Redis[bytes], dict[str, Script]] | None = None
 
     # -- keys ------------------------------------------------------------------------
 
@@ -187,34 +196,28 @@ class RedisBackend(Backend):
 
     def client(self) -> redis.Redis[bytes]:
         """The shared, thread-safe client (its pool is made on first use)."""
-        client = self._client
-        if client is None:
+        return self._connected()[0]
+
+    def _script(self, name: str) -> Script:
+        return self._connected()[1][name]
+
+    def _connected(self) -> tuple[redis.Redis[bytes], dict[str, Script]]:
+        """The client and its scripts, made together (one read: a close cannot split them)."""
+        state = self._state
+        if state is None:
             with self._lock:
-                if self._client is None:
+                if self._state is None:
                     try:
                         pool = redis.ConnectionPool.from_url(self.url, **self._pool_kwargs)
                     except ValueError as exc:
                         raise BackendError(
                             redact(f"Bad result backend URL {mask_url(self.url)}: {exc}")
                         ) from exc
-                    self._client = redis.Redis(connection_pool=pool)
-                    self._scripts = {
-                        name: self._client.register_script(source)
-                        for name, source in (
-                            ("store", _STORE_RESULT),
-                            ("add_member", _ADD_MEMBER),
-                            ("incr", _INCR),
-                            ("acquire", _ACQUIRE),
-                            ("renew", _RENEW),
-                            ("release", _RELEASE),
-                        )
-                    }
-                client = self._client
-        return client
-
-    def _script(self, name: str) -> Script:
-        self.client()
-        return self._scripts[name]
+                    client = redis.Redis(connection_pool=pool)
+                    scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+                    self._state = (client, scripts)
+                state = self._state
+        return state
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -251,11 +254,10 @@ class RedisBackend(Backend):
     def close(self) -> None:
         """Disconnect the pool; a later call connects again."""
         with self._lock:
-            client, self._client = self._client, None
-            self._scripts = {}
-        if client is not None:
-            client.connection_pool.disconnect()
-            client.close()
+            state, self._state = self._state, None
+        if state is not None:
+            state[0].connection_pool.disconnect()
+            state[0].close()
 
     # -- results ------------------------------------------------------------------------
 
