@@ -1,10 +1,12 @@
 """Workflows under faults: S16, chords under worker SIGKILL.
 
 Each chord has ten members (``rel.chord_member``, W-mix durations) and a
-callback (``rel.chord_callback``) that sums their values. The harness publishes
-the chords at a steady rate, SIGKILLs a worker three times while members run
-(the supervisor replaces it, as in S1), then calls every chord handle's
-``get()`` and reads the result backend back.
+callback (``rel.chord_callback``, 100-400 ms) that sums their values. The
+harness publishes the chords at a steady rate and SIGKILLs a worker three times
+while members run (the supervisor replaces it, as in S1): the first and third
+kills aim at a worker running a member, the second at one running a callback,
+so that a callback killed mid-run is redelivered. Then it calls every chord
+handle's ``get()`` and reads the result backend back.
 
 The ledger is written by the task bodies under logical keys (see
 :mod:`reliability.workflow_tasks`), so a callback copy the worker skips before
@@ -16,11 +18,14 @@ running it is not counted as a start. Pass criteria:
   handle's ``get()`` returned their sum;
 * nothing lost: every member executed at least once or was dead-lettered with
   a reason;
-* the backend holds exactly one final result per chord, SUCCEEDED with the sum.
+* the backend holds one final result per chord, SUCCEEDED with the sum, and
+  announced exactly one final write for it (counted from the store's own
+  notifications, outside the backend's API).
 
-Result backends: RabbitMQ quorum (RQ) with Redis (the shared server, a key
-prefix of the run's own), Redis (RD) with PostgreSQL (the shared server, a
-table prefix of the run's own); both are removed at the end.
+Result backends: RabbitMQ quorum (RQ) with Redis, Redis (RD) with PostgreSQL,
+both on the machine's shared servers (``RELIABILITY_BACKEND_REDIS_URL``,
+``RELIABILITY_BACKEND_POSTGRES_URL``) under a key or table prefix of the run's
+own, removed at the end.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mqtasks._url import mask_url
@@ -95,7 +101,7 @@ def plan_chords(run: Run, n: int) -> list[ChordPlan]:
         key = run.new_id()
         values = tuple(run.rng.randrange(1, 10**6) for _ in range(CHORD_SIZE))
         ms = tuple(wmix_ms(run.rng) for _ in range(CHORD_SIZE))
-        plans.append(ChordPlan(key, values, ms, round(run.rng.uniform(20, 200), 2)))
+        plans.append(ChordPlan(key, values, ms, round(run.rng.uniform(100, 400), 2)))
     return plans
 
 
@@ -395,28 +401,50 @@ def record_dead_letters(run: Run, ledger: LedgerWriter) -> dict[str, Any]:
     return {"entries": len(entries), "by_task": dict(per_task), "unreadable": unreadable}
 
 
-def running_tasks(run: Run) -> dict[int, Event]:
-    """The ``start`` line of what each live worker runs now (from the ledger)."""
-    alive = set(run.pool.pids().values())
-    last: dict[int, Event] = {}
-    for e in run.events():
-        if e.pid is not None and e.pid in alive and e.kind in ("start", "done"):
-            last[e.pid] = e
-    return {pid: e for pid, e in last.items() if e.kind == "start"}
+class LedgerTail:
+    """What each worker process runs now, from the new lines of the workers' ledger files.
+
+    Reads only what was appended since the last poll, so a poll takes
+    milliseconds however long the ledger grew: a kill aimed at a running task
+    lands while it still runs.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._offsets: dict[Path, int] = {}
+        self._last: dict[int, Event] = {}
+
+    def poll(self, alive: Collection[int]) -> dict[int, Event]:
+        """The ``start`` line of the task each process in ``alive`` runs now."""
+        for path in self.directory.glob("worker-*.jsonl"):
+            offset = self._offsets.get(path, 0)
+            with path.open("rb") as f:
+                f.seek(offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1  # whole lines only
+            self._offsets[path] = offset + end
+            for raw in data[:end].splitlines():
+                try:
+                    e = Event.from_line(raw)
+                except ValueError:
+                    continue
+                if e.pid is not None and e.kind in ("start", "done"):
+                    self._last[e.pid] = e
+        return {pid: e for pid, e in self._last.items() if pid in alive and e.kind == "start"}
 
 
-def kill_while_running(run: Run, task: str, wait: float = 10.0) -> dict[str, Any]:
+def kill_while_running(run: Run, tail: LedgerTail, task: str, wait: float = 10.0) -> dict[str, Any]:
     """SIGKILL a worker while it runs ``task``, waiting up to ``wait`` s for one.
 
     Falls back to a worker running a chord member, then to any worker.
     """
     deadline = time.monotonic() + wait
     while True:
-        running = running_tasks(run)
+        running = tail.poll(set(run.pool.pids().values()))
         wanted = {pid for pid, e in running.items() if e.info.get("task") == task}
         if wanted or time.monotonic() > deadline:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     if not wanted:
         wanted = {pid for pid, e in running.items() if e.info.get("task") == MEMBER}
     slot, pid = run.pool.signal(signal.SIGKILL, rng=run.rng, among=wanted or None)
@@ -428,6 +456,22 @@ def kill_while_running(run: Run, task: str, wait: float = 10.0) -> dict[str, Any
         at=time.time(),
         running=None if hit is None else {"task": hit.info.get("task"), "key": hit.id},
     )
+
+
+def kill_hits(run: Run, events: Sequence[Event]) -> None:
+    """Say of each kill whether the task it aimed at still ran (its ``done`` came
+    after the kill, if ever) or had just ended (ms before the kill)."""
+    for f in run.faults:
+        aim = f.get("running")
+        if not aim:
+            continue
+        ended = [
+            e.t for e in events if e.kind == "done" and e.id == aim["key"] and e.pid == f["pid"]
+        ]
+        early = [t for t in ended if t <= f["at"]]
+        aim["hit"] = (
+            "mid-run" if not early else f"ended {round((f['at'] - max(early)) * 1000)} ms before"
+        )
 
 
 @dataclass
@@ -491,6 +535,7 @@ def _s16(run: Run, store: StateStore, started: float) -> dict[str, Any]:
     members = n * CHORD_SIZE
     est = members * (WMIX_MEAN_S + 0.01) / run.workers
     store.start_watch()
+    tail = LedgerTail(run.ledger_dir)
     run.pool.start()
     time.sleep(1.5)
     publisher = ChordPublisher(run, plans, CHORD_RATE)
@@ -499,15 +544,18 @@ def _s16(run: Run, store: StateStore, started: float) -> dict[str, Any]:
     for i, t in enumerate(
         kill_instants(run, KILLS, 3.0, max(10.0, 0.7 * min(est, publish_s + est / 2)))
     ):
-        sleep_until(run, t)
+        # At least 2 s after the previous kill (the second one waits for a
+        # callback and may end past the third's instant): one fault at a time.
+        last = max((f["at"] for f in run.faults), default=0.0)
+        sleep_until(run, max(t, run.rel(last) + 2.0))
         # The second kill waits for a callback to run: a callback killed mid-run
         # is redelivered, the copy the chord's exactly-once machinery must handle.
         if i == 1:
-            kill_while_running(run, CALLBACK, wait=30.0)
+            kill_while_running(run, tail, CALLBACK, wait=30.0)
         else:
-            kill_while_running(run, MEMBER)
+            kill_while_running(run, tail, MEMBER)
     publisher.join()
-    get_deadline = time.time() + max(90.0, 3 * est)
+    get_deadline = time.time() + max(120.0, 3 * est)
     collect(publisher.calls, get_deadline)
     ok = run.wait_quiescent(max(60.0, est))
     run.check("quiescent", ok, ok, "queues empty, ledger quiet")
@@ -519,6 +567,7 @@ def _s16(run: Run, store: StateStore, started: float) -> dict[str, Any]:
     _judge(run, store, publisher, events)
     run.extra["publisher"] = publisher.summary()
     run.worker_recovery(events)
+    kill_hits(run, events)
     member_events = [e for e in events if e.info.get("task") != CALLBACK and ".m" in e.id]
     c = classify(member_events)
     run.standard_checks(c, dup_bound=None, dead=None)
