@@ -39,6 +39,7 @@ from .types import Seconds, to_seconds
 
 if TYPE_CHECKING:
     from .app import App
+    from .backend.base import Backend
     from .message import Message
     from .task import Task
 
@@ -62,9 +63,6 @@ R3 = TypeVar("R3")
 R4 = TypeVar("R4")
 R5 = TypeVar("R5")
 R6 = TypeVar("R6")
-
-#: Options a signature carries (:meth:`Signature.set`).
-OPTIONS = frozenset({"queue", "priority", "countdown"})
 
 
 class _Parent:
@@ -283,7 +281,6 @@ class Signature(Generic[R]):
 
     def _message(
         self,
-        app: App,
         task_id: str,
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
@@ -358,7 +355,7 @@ class Signature(Generic[R]):
         return self.task.app.send(message, names=self.task._names, delay=_delay(countdown, eta))
 
 
-def _backend_of(app: App, what: str) -> Any:
+def _backend_of(app: App, what: str) -> Backend:
     """The app's result backend; a ConfigurationError saying ``what`` needs one if none."""
     try:
         return app.backend
@@ -461,7 +458,6 @@ class Chain(Generic[R]):
             workflow["chain"] = [s._wire(i) for s, i in zip(steps[1:], ids[1:], strict=True)]
         first = steps[0]
         message = first._message(
-            self.app,
             ids[0],
             (*args, *first.args),
             {**first.kwargs, **kwargs},
@@ -621,7 +617,6 @@ class Group(Generic[R]):
             else:
                 task_id = member.id or _new_id()
                 message = member._message(
-                    member.task.app,
                     task_id,
                     member.args,
                     member.kwargs,
@@ -835,7 +830,7 @@ class Chord(Generic[R]):
         if size == 0:
             args = callback.args if callback.immutable else ([], *callback.args)
             message = callback._message(
-                app, cid, args, callback.kwargs, {"dedupe": True}, "The chord's callback"
+                cid, args, callback.kwargs, {"dedupe": True}, "The chord's callback"
             )
             app.send(message, names=callback.task._names)
             return _handle(app, cid)
