@@ -30,6 +30,7 @@ from .message import Message, _origin
 from .middleware.base import Runner
 from .middleware.results import with_results
 from .middleware.retries import BROKER_DEATH_HEADERS, with_retries
+from .middleware.workflow import with_workflow
 from .processing import ACK as _ACK
 from .processing import DROP as _DROP
 from .processing import REJECT as _REJECT
@@ -155,16 +156,16 @@ class Worker:
         )
 
     def _bind_hooks(self) -> None:
-        # The app's middleware; with a result backend, Results, which stores each
-        # outcome; and last Retries, the decision on failures, whatever the app
-        # installs. after_process hooks run in reverse: Retries decides, Results
-        # stores, then the app's middleware see it. Bound again at start, as the
-        # app's list may change.
+        # The app's middleware; with a result backend, Workflow, which continues
+        # chains and chords, and Results, which stores each outcome; and last
+        # Retries, the decision on failures, whatever the app installs.
+        # after_process hooks run in reverse: Retries decides, Results stores,
+        # Workflow continues from the stored outcome (current_outcome()), then
+        # the app's middleware see it. Bound again at start, as the app's list
+        # may change.
         stack = list(self.app.middleware)
         if self.app.has_backend:
-            # The workflow middleware goes here, before Results (its after_process
-            # runs once the outcome is stored: see mqtasks.middleware.results.current_outcome).
-            stack = with_results(stack)
+            stack = with_results(with_workflow(stack))
         self._hooks = Runner(with_retries(stack))
 
     def _check_backend(self) -> None:
