@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .app import App
+from .canvas import GroupHandle, Signature, chain, chord, group
 from .config import Settings
 from .exceptions import (
     BackendError,
@@ -48,6 +49,7 @@ __all__ = [
     "DecodeError",
     "DuplicateTask",
     "EncodeError",
+    "GroupHandle",
     "MQTasksError",
     "Message",
     "Middleware",
@@ -61,6 +63,7 @@ __all__ = [
     "Retry",
     "RetryPolicy",
     "Settings",
+    "Signature",
     "StatsdMetrics",
     "StructlogContext",
     "Task",
@@ -72,5 +75,8 @@ __all__ = [
     "Unroutable",
     "Worker",
     "__version__",
+    "chain",
+    "chord",
     "current_message",
+    "group",
 ]
