@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Chain",
+    "ChainGroup",
     "ChainHandle",
     "Chord",
     "Group",
@@ -203,8 +204,14 @@ class Signature(Generic[R]):
             raise TypeError(f"on_error() takes a signature (task.s(...)), not {errback!r}")
         return self._replace(on_error=(*self._on_error, errback))
 
-    def __or__(self, other: Signature[T]) -> Chain[T]:
-        """``a.s() | b.s()`` is ``chain(a.s(), b.s())``."""
+    @overload
+    def __or__(self, other: Signature[T]) -> Chain[T]: ...
+    @overload
+    def __or__(self, other: Group[T]) -> ChainGroup[T]: ...
+    def __or__(self, other: Signature[Any] | Group[Any]) -> Chain[Any] | ChainGroup[Any]:
+        """``a.s() | b.s()`` is ``chain(a.s(), b.s())``; ``a.s() | group(...)`` too."""
+        if isinstance(other, Group):
+            return ChainGroup((self,), other)
         return Chain((self, other))
 
     # -- the JSON form ------------------------------------------------------------
@@ -393,11 +400,12 @@ def _one_app(signatures: Iterable[Signature[Any]], what: str) -> App:
 def _signature(item: Any, what: str) -> Signature[Any]:
     if isinstance(item, Signature):
         return item
-    if isinstance(item, (Chain, Group, Chord)):
+    if isinstance(item, (Chain, ChainGroup, Group, Chord)):
+        kind = "chain ending in a group" if isinstance(item, ChainGroup) else type(item).__name__
         raise TypeError(
-            f"A {type(item).__name__.lower()} cannot be {what}. Supported: chains of "
-            "signatures, groups and chord headers of signatures or chains, and a "
-            "signature as a chord's callback."
+            f"A {kind.lower()} cannot be {what}. Supported: chains of "
+            "signatures (the last step may be a group of signatures), groups and chord "
+            "headers of signatures or chains, and a signature as a chord's callback."
         )
     raise TypeError(f"{what[0].upper()}{what[1:]} must be a signature (task.s(...)), not {item!r}")
 
@@ -422,8 +430,14 @@ class Chain(Generic[R]):
     def __repr__(self) -> str:
         return " | ".join(repr(s) for s in self.steps)
 
-    def __or__(self, other: Signature[T]) -> Chain[T]:
-        """``chain(...) | c.s()`` appends a step."""
+    @overload
+    def __or__(self, other: Signature[T]) -> Chain[T]: ...
+    @overload
+    def __or__(self, other: Group[T]) -> ChainGroup[T]: ...
+    def __or__(self, other: Signature[Any] | Group[Any]) -> Chain[Any] | ChainGroup[Any]:
+        """``chain(...) | c.s()`` appends a step; ``chain(...) | group(...)`` ends it in a group."""
+        if isinstance(other, Group):
+            return ChainGroup(self.steps, other)
         return Chain((*self.steps, other))
 
     @property
@@ -446,7 +460,8 @@ class Chain(Generic[R]):
     ) -> tuple[Message, float | None, list[str]]:
         """The first step's message (carrying the rest), its countdown, and every step's id.
 
-        ``extra`` goes into every step's workflow (a chord membership).
+        ``extra`` goes into every step's workflow (a chord membership, the group
+        a chain ends in).
         """
         steps = self.steps
         ids = [s.id or _new_id() for s in steps]
@@ -552,21 +567,104 @@ def chain(
     /,
 ) -> Chain[R6]: ...
 @overload
+def chain(s1: Signature[Any], g: Group[R2], /) -> ChainGroup[R2]: ...
+@overload
+def chain(s1: Signature[Any], s2: Signature[Any], g: Group[R3], /) -> ChainGroup[R3]: ...
+@overload
+def chain(
+    s1: Signature[Any], s2: Signature[Any], s3: Signature[Any], g: Group[R4], /
+) -> ChainGroup[R4]: ...
+@overload
 def chain(*steps: Signature[Any]) -> Chain[Any]: ...
-def chain(*steps: Signature[Any]) -> Chain[Any]:
+def chain(*steps: Signature[Any] | Group[Any]) -> Chain[Any] | ChainGroup[Any]:
     """Return a chain: the steps run one after another, each getting the previous value first.
 
     ::
 
         chain(add.s(1, 2), add.s(3), add.s(4)).delay().get()  # ((1 + 2) + 3) + 4 == 10
 
+    The last step may be a group of signatures: each member then gets the
+    previous value (a :class:`ChainGroup`, whose value is the members' list)::
+
+        chain(add.s(1, 2), group([add.s(10), add.s(20)])).delay().get()  # [13, 23]
+
     Raises:
         ValueError: No step.
-        TypeError: A step is not a signature (groups and chords are not
-            supported inside chains).
+        TypeError: A step is not a signature (a group is accepted as the last
+            step only; chords are not supported inside chains).
         ConfigurationError: The steps' tasks belong to two apps.
     """
-    return Chain(steps)
+    if steps and isinstance(steps[-1], Group):
+        return ChainGroup(steps[:-1], steps[-1])  # type: ignore[arg-type]  # checked there
+    return Chain(steps)  # type: ignore[arg-type]  # checked there
+
+
+class ChainGroup(Generic[R]):
+    """A chain whose last step is a group: every member gets the last signature's value.
+
+    Made by :func:`chain` (or ``a.s() | group(...)``). Its value is the list of
+    the members' values, in order; a member whose signature is immutable
+    (``si()``) does not get the value.
+    """
+
+    __slots__ = ("group", "head")
+
+    def __init__(self, head: Iterable[Signature[Any]], group: Group[R]) -> None:
+        #: The steps before the group.
+        self.head: Chain[Any] = Chain(head)
+        if not isinstance(group, Group) or not len(group):
+            raise TypeError("A chain can end in a group of at least one member.")
+        for m in group.members:
+            if not isinstance(m, Signature):
+                raise TypeError(
+                    "A group that ends a chain must hold signatures; a chain as its member "
+                    "is not supported."
+                )
+        #: The group the chain ends in.
+        self.group: Group[R] = group
+        _one_app([*self.head.steps, *group._signatures()], "chain")
+
+    def __repr__(self) -> str:
+        return f"{self.head!r} | {self.group!r}"
+
+    def on_error(self, errback: Signature[Any]) -> ChainGroup[R]:
+        """Return a copy whose steps and members all run ``errback`` if they fail for good."""
+        members = [m.on_error(errback) for m in self.group._signatures()]
+        return ChainGroup(self.head.on_error(errback).steps, Group(members))
+
+    def delay(self, *args: Any, **kwargs: Any) -> GroupHandle[R]:
+        """Send the chain; ``args`` and ``kwargs`` go to the first step.
+
+        Returns:
+            The group's handle (its :attr:`~GroupHandle.parent` is the last
+            signature step's): ``get()`` returns the members' values.
+
+        Raises:
+            TypeError: A step's or member's arguments do not fit its task (named
+                in the message); the previous value counts as one argument.
+            ConfigurationError: The app has no result backend.
+            EncodeError: An argument cannot be sent as JSON, or the message is too large.
+            PublishError: The first step was not enqueued.
+        """
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None
+    ) -> GroupHandle[R]:
+        """Send the chain, ``args`` and ``kwargs`` going to the first step; see :meth:`delay`."""
+        head = self.head
+        app = head.app
+        _backend_of(app, "A chain")
+        members: list[Signature[Any]] = self.group._signatures()
+        ids = [m.id or _new_id() for m in members]
+        for i, member in enumerate(members, start=1):
+            member_args = member.args if member.immutable else (_PARENT, *member.args)
+            member._check(member_args, member.kwargs, f"Member {i} of the group ending the chain,")
+        tail = {"group": [m._wire(i) for m, i in zip(members, ids, strict=True)]}
+        message, countdown, step_ids = head._first(args or (), kwargs or {}, tail)
+        sent = app.send(message, names=head.steps[0].task._names, delay=countdown)
+        parent: TaskHandle = sent if len(step_ids) == 1 else app.handle(step_ids[-1])
+        return GroupHandle(app, ids, parent=parent)
 
 
 class Group(Generic[R]):
@@ -687,12 +785,14 @@ class GroupHandle(Generic[R]):
         ids: The members' task ids (a chain member's: its last step's), in order.
     """
 
-    __slots__ = ("app", "ids")
+    __slots__ = ("app", "ids", "parent")
 
-    def __init__(self, app: App, ids: Sequence[str]) -> None:
+    def __init__(self, app: App, ids: Sequence[str], *, parent: TaskHandle | None = None) -> None:
         self.app = app
         #: The members' task ids, in order.
         self.ids: tuple[str, ...] = tuple(ids)
+        #: For a group that ends a chain, the handle of the step before it.
+        self.parent = parent
 
     def __repr__(self) -> str:
         return f"<GroupHandle of {len(self.ids)}>"

@@ -234,6 +234,31 @@ def test_chain_step_refused_unrun_fails_the_chain(memory_flow: Flow) -> None:
     assert f.errors[0][0] == handle.steps[1].id
 
 
+def test_chain_ending_in_a_group_sends_the_value_to_every_member(flow: Flow) -> None:
+    f = flow
+    members = group([f.add.s(10), f.add.s(20), f.add.si(5, 5)])
+    with running_worker(f.app):
+        handle = chain(f.add.s(1, 2), f.add.s(0), members).delay()
+        assert handle.get(timeout=WAIT) == [13, 23, 10]
+        assert handle.parent is not None and handle.parent.get(timeout=1) == 3
+        assert (f.add.s(2, 2) | group([f.add.s(1)])).delay().get(timeout=WAIT) == [5]
+
+
+def test_chain_ending_in_a_group_fails_every_member_when_a_step_fails(memory_flow: Flow) -> None:
+    f = memory_flow
+    workflow = chain(f.boom.s(1), group([f.add.s(1), f.add.s(2)])).on_error(f.errback.s())
+    with running_worker(f.app) as worker:
+        handle = workflow.delay()
+        with pytest.raises(TaskFailed) as failed:
+            handle.get(timeout=WAIT)
+        wait_for(lambda: f.errors, "the errback")
+        worker.errors.clear()
+    assert handle.parent is not None
+    assert failed.value.task_id == handle.parent.id
+    assert handle.states == ["FAILED", "FAILED"]
+    assert f.runs["add"] == 0 and f.runs["errback"] == 1
+
+
 # -- groups ----------------------------------------------------------------------------
 
 
@@ -454,7 +479,11 @@ def test_nestings_not_supported_are_refused_at_construction(memory_flow: Flow) -
     f = memory_flow
     members = group([f.add.s(1, 2)])
     with pytest.raises(TypeError, match="A group cannot be a step of a chain"):
-        chain(f.add.s(1, 2), members)  # type: ignore[call-overload]
+        chain(members, f.add.s(1, 2))  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="must hold signatures"):
+        chain(f.add.s(1, 2), group([chain(f.add.s(1), f.add.s(2))]))
+    with pytest.raises(TypeError, match="A chain ending in a group cannot be a member of a group"):
+        group([chain(f.add.s(1, 2), members)])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="A chord cannot be a member of a group"):
         group([chord([f.add.s(1, 2)], f.tsum.s())])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="iterable of signatures"):

@@ -13,6 +13,8 @@ A ``workflow`` member is a JSON object with any of:
 
 - ``"chain"``: the signatures (:meth:`Signature.to_dict()
   <mqtasks.canvas.Signature.to_dict>` form, ids assigned) of the steps after this one;
+- ``"group"``: the signatures (ids assigned) of the group the chain ends in,
+  each sent with the value of the chain's last signature step;
 - ``"chord"``: ``{"id", "size", "index", "callback"}`` for a chord member (the
   last step of a chain member carries it);
 - ``"on_error"``: signatures to send as ``errback(task_id, error)`` if this step fails for good;
@@ -140,6 +142,14 @@ def _workflow_error(workflow: Mapping[str, Any]) -> str | None:
             return f"in 'chain': {problem}"
         if not isinstance(step.get("id"), str):
             return "in 'chain': a step has no id"
+    members = workflow.get("group", [])
+    if not isinstance(members, list):
+        return "'group' is not an array"
+    for member in members:
+        if (problem := signature_error(member)) is not None:
+            return f"in 'group': {problem}"
+        if not isinstance(member.get("id"), str):
+            return "in 'group': a member has no id"
     errbacks = workflow.get("on_error", [])
     if not isinstance(errbacks, list):
         return "'on_error' is not an array"
@@ -210,7 +220,7 @@ class Workflow(Middleware):
         try:
             if workflow.get("dedupe"):
                 self._take_lease(worker, message)
-            elif "chain" in workflow or "chord" in workflow:
+            elif "chain" in workflow or "chord" in workflow or "group" in workflow:
                 self._continue_stored(worker, message, workflow)
         except SkipMessage:
             raise
@@ -371,10 +381,13 @@ class Workflow(Middleware):
             return
         app = worker.app
         steps: list[dict[str, Any]] = list(workflow.get("chain") or [])
+        members: list[dict[str, Any]] = list(workflow.get("group") or [])
         chord = workflow.get("chord")
         if outcome.state == SUCCEEDED:
             if steps:
                 self._next_step(app, message, workflow, steps, outcome.value)
+            elif members:
+                self._fan_out(app, message, members, outcome.value)
             elif chord is not None:
                 self._chord_member_done(app, message, chord)
             return
@@ -384,8 +397,8 @@ class Workflow(Middleware):
             "reason": outcome.reason,
         }
         failed_id = outcome.failed_task_id or message.id
-        if steps:
-            self._fail_rest(app, message.id, steps, outcome, failed_id)
+        if steps or members:
+            self._fail_rest(app, message.id, steps + members, outcome, failed_id)
         if chord is not None:
             self._chord_member_failed(app, message.id, chord, outcome, failed_id, error)
         self._errbacks(app, message.id, failed_id, workflow.get("on_error") or [], error)
@@ -405,8 +418,9 @@ class Workflow(Middleware):
         following: dict[str, Any] = {}
         if rest:
             following["chain"] = rest
-        if workflow.get("chord") is not None:
-            following["chord"] = workflow["chord"]
+        for key in ("chord", "group"):
+            if workflow.get(key):
+                following[key] = workflow[key]
         try:
             _publish(app, step, args, following)
         except EncodeError as exc:
@@ -421,6 +435,20 @@ class Workflow(Middleware):
             next_task_name=step["task"],
             steps_left=len(rest),
         )
+
+    def _fan_out(
+        self, app: App, message: Message, members: list[dict[str, Any]], value: Any
+    ) -> None:
+        """Send every member of the group a chain ends in, each with the chain's value."""
+        for member in members:
+            args = list(member.get("args") or [])
+            if not member.get("immutable"):
+                args.insert(0, value)
+            try:
+                _publish(app, member, args, {})
+            except EncodeError as exc:
+                self._unsendable(app, member, {}, exc)
+        logger.info("workflow.group_sent", task_id=message.id, members=len(members))
 
     def _unsendable(
         self,
@@ -449,7 +477,10 @@ class Workflow(Middleware):
             "message": outcome.error_message,
             "reason": "unsendable",
         }
-        rest: list[dict[str, Any]] = list(workflow.get("chain") or [])
+        rest: list[dict[str, Any]] = [
+            *(workflow.get("chain") or []),
+            *(workflow.get("group") or []),
+        ]
         if rest:
             self._fail_rest(app, step_id, rest, outcome, step_id)
         chord = workflow.get("chord")

@@ -9,6 +9,7 @@ from typing_extensions import assert_type
 from mqtasks import App, TaskHandle
 from mqtasks.canvas import (
     Chain,
+    ChainGroup,
     ChainHandle,
     Chord,
     Group,
@@ -58,7 +59,11 @@ assert_type(
 )
 assert_type(add.s(1, 2) | text.s(), Chain[str])
 assert_type(chain(add.s(1, 2), text.s()).delay(), ChainHandle)
-chain(add.s(1, 2), group([add.s(1, 2)]))  # type: ignore[call-overload]  # a group is not a step
+# A chain may end in a group: its value is the members' list.
+assert_type(chain(add.s(1, 2), group([text.s()])), ChainGroup[str])
+assert_type(chain(add.s(1, 2), add.s(3), group([text.s()])).delay(), GroupHandle[str])
+assert_type(add.s(1, 2) | group([text.s()]), ChainGroup[str])
+chain(group([add.s(1, 2)]), add.s(1))  # type: ignore[call-overload]  # only as the last step
 
 # A group's values are a list of its members' type.
 assert_type(group([add.s(1, 2), add.s(3, 4)]), Group[int])
