@@ -42,7 +42,7 @@ def _rebuild_masked(url: str) -> str:
     function's logic written out here rather than imported: importing
     ``kombu.utils.url`` imports kombu (and through it ``importlib.metadata``,
     billiard and multiprocessing) into every process that imports mqtasks,
-    a publisher or a ``redis://`` worker included, only to print a URL.
+    one that never uses a transport included, only to print a URL.
     The query string is left out on purpose: it may carry a password too
     (``redis://host/0?password=...``, ``postgresql://...?password=...``).
 

@@ -114,7 +114,7 @@ def test_a_provider_named_in_the_environment_traces_what_the_task_publishes() ->
 
 
 def test_importing_mqtasks_imports_neither_opentelemetry_nor_kombu() -> None:
-    """A publisher, or a ``redis://`` worker, need not hold what it never uses."""
+    """Only a transport needs kombu; only a tracer provider needs the OpenTelemetry API."""
     code = (
         "import sys, mqtasks; "
         "print(sorted(n for n in ('opentelemetry', 'kombu') if n in sys.modules))"
