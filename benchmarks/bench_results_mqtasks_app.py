@@ -7,7 +7,9 @@ benchmarks.bench_results_mqtasks_app -c 8``). Environment (set by ``benchmarks.r
   prefix, as in ``bench_mqtasks_app``), ``BENCH_RECORD_DIR`` (for ``bench.rnoop``);
 * ``BENCH_BACKEND_URL``: the result backend (``redis://127.0.0.1:6379/11``); empty: an app
   without a backend, which stores no result; ``BENCH_BACKEND_PREFIX``: the backend's key
-  prefix (``backend_key_prefix``), the run's own.
+  prefix (``backend_key_prefix``), the run's own;
+* ``BENCH_CLASSIC`` = ``1``: on RabbitMQ, a classic queue and no publisher confirms, as
+  Celery and Dramatiq have by default (for the round trip only: where the time goes).
 
 Everything else is mqtasks' defaults (quorum queues, acks after the task, confirms on).
 
@@ -28,7 +30,13 @@ from ._record import record
 
 
 def make_app(
-    url: str, queue: str, *, backend_url: str = "", backend_prefix: str = "", keyprefix: str = ""
+    url: str,
+    queue: str,
+    *,
+    backend_url: str = "",
+    backend_prefix: str = "",
+    keyprefix: str = "",
+    classic: bool = False,
 ) -> App:
     """Return the app of the benchmark tasks on ``queue``; results in ``backend_url`` if given."""
     options: dict[str, Any] = {}
@@ -37,6 +45,9 @@ def make_app(
     elif keyprefix and url.startswith("redis"):
         options["key_prefix"] = keyprefix.rstrip(":")  # mqtasks' own Redis transport
     extra: dict[str, Any] = {}
+    if classic and url.startswith("amqp"):
+        options["confirm_publish"] = False
+        extra["queue_type"] = "classic"
     if backend_url:
         extra["backend"] = backend_url
         if backend_prefix:
@@ -86,4 +97,5 @@ app = make_app(
     backend_url=os.environ.get("BENCH_BACKEND_URL", ""),
     backend_prefix=os.environ.get("BENCH_BACKEND_PREFIX", ""),
     keyprefix=os.environ.get("BENCH_KEYPREFIX", ""),
+    classic=os.environ.get("BENCH_CLASSIC", "0") == "1",
 )

@@ -86,6 +86,8 @@ class Side:
     name = ""
     #: Which phases the system takes part in.
     phases: tuple[str, ...] = ()
+    #: Whether it runs on RabbitMQ only.
+    amqp_only = False
     config = ""
 
     def __init__(self, broker: str, ctx: Context) -> None:
@@ -153,6 +155,8 @@ class MqtasksSide(Side):
     name = "mqtasks"
     phases = ("latency", "throughput", "chord")
     backend = True
+    #: On RabbitMQ, a classic queue and no publisher confirms (Celery's and Dramatiq's defaults).
+    classic = False
 
     @property
     def config(self) -> str:  # type: ignore[override]
@@ -176,6 +180,7 @@ class MqtasksSide(Side):
             backend_url=self.backend_url(),
             backend_prefix=self.backend_prefix,
             keyprefix=self.keyprefix,
+            classic=self.classic,
         )
         self.app.declare()
         if self.amqp:
@@ -200,6 +205,7 @@ class MqtasksSide(Side):
     def worker_env(self, record_dir: str) -> dict[str, str]:
         env = super().worker_env(record_dir)
         env["BENCH_BACKEND_URL"] = self.backend_url()
+        env["BENCH_CLASSIC"] = "1" if self.classic else "0"
         return env
 
     def probe(self) -> None:
@@ -251,6 +257,26 @@ class MqtasksNoBackendSide(MqtasksSide):
 
     def throughput_variants(self) -> list[tuple[str, bool]]:
         return [("mqtasks, no backend", False)]
+
+
+class MqtasksClassicSide(MqtasksSide):
+    """On RabbitMQ, a classic queue and no publisher confirms, as Celery's and Dramatiq's.
+
+    Round trips only: it shows how much of mqtasks' round trip is the confirm and the
+    quorum queue, which the other two do not have by default.
+    """
+
+    name = "mqtasks-classic"
+    phases = ("latency",)
+    amqp_only = True
+    classic = True
+
+    @property
+    def config(self) -> str:  # type: ignore[override]
+        return (
+            "mqtasks worker -c 8 (1 process, prefetch 16), acks late, classic queue, "
+            f"confirms OFF, backend {BACKEND_URL} (backend_key_prefix)"
+        )
 
 
 class CelerySide(Side):
@@ -398,7 +424,8 @@ class DramatiqSide(Side):
 
 
 SIDES: dict[str, type[Side]] = {
-    cls.name: cls for cls in (MqtasksSide, MqtasksNoBackendSide, CelerySide, DramatiqSide)
+    cls.name: cls
+    for cls in (MqtasksSide, MqtasksNoBackendSide, MqtasksClassicSide, CelerySide, DramatiqSide)
 }
 
 
@@ -604,13 +631,13 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(summary: dict[str, Any], opts: argparse.Namespace) -> str:
     lines: list[str] = []
     lines.append(f"round trip delay().get(), ms ({opts.samples} samples, median of rounds)")
-    lines.append(f"{'broker':7} {'system':10} {'p50':>8} {'p99':>8}")
+    lines.append(f"{'broker':7} {'system':16} {'p50':>8} {'p99':>8}")
     for broker, b in summary.items():
-        for system in ("mqtasks", "celery", "dramatiq"):
+        for system in ("mqtasks", "mqtasks-classic", "celery", "dramatiq"):
             got = b["latency_ms"].get(system)
             if got:
                 lines.append(
-                    f"{broker:7} {system:10} {_fmt(got['p50'], '8.2f')} {_fmt(got['p99'], '8.2f')}"
+                    f"{broker:7} {system:16} {_fmt(got['p50'], '8.2f')} {_fmt(got['p99'], '8.2f')}"
                 )
     lines.append("")
     lines.append(
@@ -738,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
                 # Rotate the order each round, so that drift does not favour a system.
                 k = rnd % len(opts.system_list)
                 for name in opts.system_list[k:] + opts.system_list[:k]:
+                    if broker != "amqp" and SIDES[name].amqp_only:
+                        continue
                     with _side(SIDES[name](broker, ctx)) as side:
                         configs.setdefault(broker, {})[name] = side.config
                         prefix = f"[r{rnd + 1} {broker} {name}]"
