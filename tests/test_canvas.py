@@ -6,6 +6,9 @@ local Redis, under a key prefix of the test's own (deleted afterwards).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,6 +24,7 @@ from mqtasks.middleware.workflow import Workflow, chord_fired_key
 from mqtasks.task import Task
 from mqtasks.testing import drain, running_worker
 from tests._helpers.brokers import REDIS_URL, unique_name
+from tests._helpers.cli import ROOT
 from tests._helpers.redis import delete_keys
 from tests._helpers.wait import wait_for
 
@@ -403,6 +407,41 @@ def test_empty_chord_runs_its_callback_with_no_values(memory_flow: Flow) -> None
     f = memory_flow
     with running_worker(f.app):
         assert chord([], f.tsum.s(5)).delay().get(timeout=WAIT) == 5
+
+
+def test_workers_continue_workflows_without_the_app_installing_workflow(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app("memory://", backend="memory://")
+
+    @app.task(name="plain.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="plain.total")
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    assert not any(isinstance(m, Workflow) for m in app.middleware)
+    with running_worker(app):
+        assert chain(add.s(1, 2), add.s(3)).delay().get(timeout=WAIT) == 6
+        assert chord([add.s(1, 1), add.s(2, 2)], total.s()).delay().get(timeout=WAIT) == 6
+
+
+def test_workflows_example_runs_on_the_embedded_broker() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MQTASKS_")}
+    result = subprocess.run(
+        [sys.executable, "examples/workflows.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "chain: 10" in result.stdout
+    assert "group: [0, 2, 4, 6, 8]" in result.stdout
+    assert "chord: 9900" in result.stdout
 
 
 # -- signatures ------------------------------------------------------------------------
