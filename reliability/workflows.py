@@ -413,6 +413,10 @@ class LedgerTail:
         self.directory = directory
         self._offsets: dict[Path, int] = {}
         self._last: dict[int, Event] = {}
+        self._members_done: dict[str, set[str]] = defaultdict(set)
+        #: ``done`` lines of members that were the last of their chord to finish, in
+        #: the order read: the worker that wrote one is publishing the callback.
+        self.completions: list[Event] = []
 
     def poll(self, alive: Collection[int]) -> dict[int, Event]:
         """The ``start`` line of the task each process in ``alive`` runs now."""
@@ -430,7 +434,17 @@ class LedgerTail:
                     continue
                 if e.pid is not None and e.kind in ("start", "done"):
                     self._last[e.pid] = e
+                if e.kind == "done" and e.info.get("task") == MEMBER:
+                    done = self._members_done[e.id.rsplit(".m", 1)[0]]
+                    if e.id not in done:
+                        done.add(e.id)
+                        if len(done) == CHORD_SIZE:
+                            self.completions.append(e)
         return {pid: e for pid, e in self._last.items() if pid in alive and e.kind == "start"}
+
+    def last(self, pid: int | None) -> Event | None:
+        """The last ``start`` or ``done`` line of process ``pid`` read so far."""
+        return None if pid is None else self._last.get(pid)
 
 
 def kill_while_running(run: Run, tail: LedgerTail, task: str, wait: float = 10.0) -> dict[str, Any]:
@@ -458,12 +472,46 @@ def kill_while_running(run: Run, tail: LedgerTail, task: str, wait: float = 10.0
     )
 
 
+def kill_in_continuation(run: Run, tail: LedgerTail, wait: float = 20.0) -> dict[str, Any]:
+    """SIGKILL the worker that just ran the last member of a chord, at once.
+
+    Its task body has returned; the worker is storing the outcome, counting
+    the member and publishing the callback, all before the ack. A kill there
+    redelivers the member, whose copy must publish the callback if it was not,
+    and never make it run twice if it was. Falls back to a worker running a
+    member after ``wait`` s.
+    """
+    seen = len(tail.completions)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        alive = set(run.pool.pids().values())
+        tail.poll(alive)
+        for e in tail.completions[seen:]:
+            # Still in that member's continuation: nothing started since its done.
+            if e.pid in alive and tail.last(e.pid) is e:
+                slot, pid = run.pool.signal(signal.SIGKILL, among={e.pid})
+                return run.fault(
+                    "SIGKILL",
+                    slot=slot,
+                    pid=pid,
+                    at=time.time(),
+                    running={"task": MEMBER, "key": e.id, "aim": "continuation"},
+                )
+        seen = len(tail.completions)
+        time.sleep(0.002)
+    return kill_while_running(run, tail, MEMBER)
+
+
 def kill_hits(run: Run, events: Sequence[Event]) -> None:
     """Say of each kill whether the task it aimed at still ran (its ``done`` came
     after the kill, if ever) or had just ended (ms before the kill)."""
     for f in run.faults:
         aim = f.get("running")
         if not aim:
+            continue
+        if aim.get("aim") == "continuation":
+            ended = [e.t for e in events if e.kind == "done" and e.id == aim["key"]]
+            aim["after_done_ms"] = round((f["at"] - min(ended)) * 1000, 1) if ended else None
             continue
         ended = [
             e.t for e in events if e.kind == "done" and e.id == aim["key"] and e.pid == f["pid"]
@@ -472,6 +520,56 @@ def kill_hits(run: Run, events: Sequence[Event]) -> None:
         aim["hit"] = (
             "mid-run" if not early else f"ended {round((f['at'] - max(early)) * 1000)} ms before"
         )
+
+
+#: Worker log events of the workflow machinery counted per run.
+WORKFLOW_EVENTS = (
+    "workflow.chord_completed",
+    "workflow.duplicate_skipped",
+    "workflow.step_done_before",
+    "workflow.deferred",
+    "task.deferred",
+    "task.defer_failed",
+    "workflow.continuation_crashed",
+    "workflow.chord_failed",
+    "workflow.invalid",
+)
+#: Of those, the ones no run without failing tasks or backend outages may log.
+WORKFLOW_ERRORS = (
+    "workflow.continuation_crashed",
+    "workflow.chord_failed",
+    "workflow.invalid",
+    "task.defer_failed",
+)
+
+
+def workflow_log_figures(run: Run) -> dict[str, Any]:
+    """What the workers logged of the chord machinery: events by name, deferrals by
+    reason, and how often each chord's callback was published."""
+    events: Counter[str] = Counter()
+    deferred: Counter[str] = Counter()
+    published: Counter[str] = Counter()
+    for path in sorted((run.dir / "logs").glob("worker-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.startswith("{") or '"event": "' not in line:
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            name = data.get("event")
+            if name not in WORKFLOW_EVENTS:
+                continue
+            events[name] += 1
+            if name in ("task.deferred", "workflow.deferred"):
+                deferred[str(data.get("reason"))] += 1
+            elif name == "workflow.chord_completed":
+                published[str(data.get("chord_id"))] += 1
+    return {
+        "events": dict(events),
+        "deferred_by_reason": dict(deferred),
+        "callback_publishes": published,
+    }
 
 
 @dataclass
@@ -548,12 +646,15 @@ def _s16(run: Run, store: StateStore, started: float) -> dict[str, Any]:
         # callback and may end past the third's instant): one fault at a time.
         last = max((f["at"] for f in run.faults), default=0.0)
         sleep_until(run, max(t, run.rel(last) + 2.0))
-        # The second kill waits for a callback to run: a callback killed mid-run
-        # is redelivered, the copy the chord's exactly-once machinery must handle.
-        if i == 1:
+        # A member mid-run; a callback mid-run (redelivered: the copy the chord's
+        # exactly-once machinery must handle); the member completing a chord,
+        # killed while it publishes the callback, before its ack.
+        if i == 0:
+            kill_while_running(run, tail, MEMBER)
+        elif i == 1:
             kill_while_running(run, tail, CALLBACK, wait=30.0)
         else:
-            kill_while_running(run, tail, MEMBER)
+            kill_in_continuation(run, tail)
     publisher.join()
     get_deadline = time.time() + max(120.0, 3 * est)
     collect(publisher.calls, get_deadline)
@@ -565,6 +666,16 @@ def _s16(run: Run, store: StateStore, started: float) -> dict[str, Any]:
     dead_ledger.close()
     events = run.events()
     _judge(run, store, publisher, events)
+    logged = workflow_log_figures(run)
+    publishes: Counter[str] = logged.pop("callback_publishes")
+    ids = [str(c.chord_id) for c in publisher.calls if c.chord_id is not None]
+    logged["callback_publishes"] = {
+        str(k): v for k, v in sorted(Counter(publishes.get(i, 0) for i in ids).items())
+    }
+    logged["callback_republished"] = [i for i in ids if publishes.get(i, 0) > 1][:SAMPLES]
+    run.extra["workflow_log"] = logged
+    errors = {k: v for k, v in logged["events"].items() if k in WORKFLOW_ERRORS}
+    run.check("workflow_errors_logged", not errors, errors, "none")
     run.extra["publisher"] = publisher.summary()
     run.worker_recovery(events)
     kill_hits(run, events)
