@@ -53,8 +53,6 @@ def make_app(
         if backend_prefix:
             extra["backend_key_prefix"] = backend_prefix
     app = App("bench", broker=url, default_queue=queue, transport_options=options, **extra)
-    if backend_url:
-        _continue_workflows(app)
 
     @app.task(name="bench.value")
     def value(x: Any) -> Any:
@@ -77,18 +75,6 @@ def make_app(
             return seq
 
     return app
-
-
-def _continue_workflows(app: App) -> None:
-    """Put the ``Workflow`` middleware at the end of the app's middleware.
-
-    Where the worker installs it itself for an app with a backend, it finds this one and
-    adds no other: the stack is the same (the app's middleware, Workflow, Results, Retries).
-    """
-    from mqtasks.middleware.workflow import Workflow
-
-    if not any(isinstance(mw, Workflow) for mw in app.middleware):
-        app.middleware.append(Workflow())
 
 
 app = make_app(
