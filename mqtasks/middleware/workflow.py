@@ -20,30 +20,41 @@ A ``workflow`` member is a JSON object with any of:
 - ``"on_error"``: signatures to send as ``errback(task_id, error)`` if this step fails for good;
 - ``"dedupe": true``: run at most one copy at a time, and none once an outcome
   is stored (chord callbacks, which a member may publish twice).
+
+Beside this module: the backend keys of that state
+(:mod:`~mqtasks.middleware.workflow_keys`), the checks of the ``workflow``
+member (:mod:`~mqtasks.middleware.workflow_schema`), the publishing of a step
+from its JSON form (:mod:`~mqtasks.middleware.workflow_steps`) and the run
+leases of ``dedupe`` messages (:mod:`~mqtasks.middleware.workflow_leases`).
 """
 
 from __future__ import annotations
 
 import contextvars
-import json
-import threading
-import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ..exceptions import EncodeError, MQTasksError, SkipMessage
-from ..message import MAX_NAME_LENGTH, Message, _origin
 from ..result import DEAD_LETTERED, FAILED, SUCCEEDED, Outcome, decode_outcome, encode_outcome
 from .base import Middleware
 from .results import current_outcome
+from .workflow_keys import (
+    chord_done_key,
+    chord_fired_key,
+    chord_ids_key,
+    chord_published_key,
+    run_lease_name,
+)
+from .workflow_leases import RunLeases
+from .workflow_schema import signature_error, workflow_error
+from .workflow_steps import failure_record, member_values, publish_step
 
 if TYPE_CHECKING:
     from ..app import App
-    from ..backend.base import Backend
+    from ..message import Message
     from ..worker import Worker
 
 __all__ = [
@@ -69,111 +80,6 @@ _seen: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _ERRBACK_IDS = uuid.UUID("6f0c2b8e-3c1f-4e53-9a55-8f4f5d6b9e21")
 
 
-def chord_ids_key(chord_id: str) -> str:
-    """Backend key of a chord's member ids, in header order (a JSON array)."""
-    return f"chord:{chord_id}:ids"
-
-
-def chord_done_key(chord_id: str) -> str:
-    """Backend key of the set of a chord's members that succeeded."""
-    return f"chord:{chord_id}:done"
-
-
-def chord_fired_key(chord_id: str) -> str:
-    """Backend key claimed by the member that publishes the callback (or the errbacks)."""
-    return f"chord:{chord_id}:fired"
-
-
-def chord_published_key(chord_id: str) -> str:
-    """Backend key set once the claimed publish is confirmed by the broker."""
-    return f"chord:{chord_id}:published"
-
-
-def run_lease_name(task_id: str) -> str:
-    """Lease held while a copy of a ``dedupe`` message runs."""
-    return f"run:{task_id}"
-
-
-def signature_error(data: Any) -> str | None:
-    """Return what is wrong with a signature's JSON form, or None if it is well formed."""
-    if not isinstance(data, Mapping):
-        return "a signature is not a JSON object"
-    task = data.get("task")
-    if not isinstance(task, str) or not 0 < len(task) <= MAX_NAME_LENGTH:
-        return "'task' is not a task name"
-    if not isinstance(data.get("args", []), list):
-        return "'args' is not an array"
-    if not isinstance(data.get("kwargs", {}), Mapping):
-        return "'kwargs' is not an object"
-    options = data.get("options") or {}
-    if not isinstance(options, Mapping):
-        return "'options' is not an object"
-    queue = options.get("queue")
-    if queue is not None and not isinstance(queue, str):
-        return "'options.queue' is not a string"
-    priority = options.get("priority")
-    if priority is not None and (
-        not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 255
-    ):
-        return "'options.priority' is not 0 to 255"
-    for key in ("countdown", "expires"):
-        value = options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"'options.{key}' is not a number"
-    task_id = data.get("id")
-    if task_id is not None and (not isinstance(task_id, str) or not 0 < len(task_id) <= 255):
-        return "'id' is not a task id"
-    errbacks = data.get("on_error") or []
-    if not isinstance(errbacks, list):
-        return "'on_error' is not an array"
-    for errback in errbacks:
-        if (problem := signature_error(errback)) is not None:
-            return f"in 'on_error': {problem}"
-    return None
-
-
-def _workflow_error(workflow: Mapping[str, Any]) -> str | None:
-    """What is wrong with a message's ``workflow`` member, or None."""
-    steps = workflow.get("chain", [])
-    if not isinstance(steps, list):
-        return "'chain' is not an array"
-    for step in steps:
-        if (problem := signature_error(step)) is not None:
-            return f"in 'chain': {problem}"
-        if not isinstance(step.get("id"), str):
-            return "in 'chain': a step has no id"
-    members = workflow.get("group", [])
-    if not isinstance(members, list):
-        return "'group' is not an array"
-    for member in members:
-        if (problem := signature_error(member)) is not None:
-            return f"in 'group': {problem}"
-        if not isinstance(member.get("id"), str):
-            return "in 'group': a member has no id"
-    errbacks = workflow.get("on_error", [])
-    if not isinstance(errbacks, list):
-        return "'on_error' is not an array"
-    for errback in errbacks:
-        if (problem := signature_error(errback)) is not None:
-            return f"in 'on_error': {problem}"
-    chord = workflow.get("chord")
-    if chord is not None:
-        if not isinstance(chord, Mapping):
-            return "'chord' is not an object"
-        cid, size, index = chord.get("id"), chord.get("size"), chord.get("index")
-        if not isinstance(cid, str) or not 0 < len(cid) <= 255:
-            return "'chord.id' is not a task id"
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            return "'chord.size' is not a positive integer"
-        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < size:
-            return "'chord.index' is not within the chord"
-        if (problem := signature_error(chord.get("callback"))) is not None:
-            return f"in 'chord.callback': {problem}"
-        if chord["callback"].get("id") != cid:
-            return "'chord.callback' does not have the chord's id"
-    return None
-
-
 class Workflow(Middleware):
     """Continues workflows: the next step of a chain, a chord's callback, errbacks.
 
@@ -197,9 +103,7 @@ class Workflow(Middleware):
             raise ValueError("lease_ttl and defer_delay must be positive seconds")
         self.lease_ttl = lease_ttl
         self.defer_delay = defer_delay
-        self._leases: dict[str, tuple[Backend, str]] = {}
-        self._lock = threading.Lock()
-        self._renewer: threading.Thread | None = None
+        self._leases = RunLeases(lease_ttl)
 
     def __repr__(self) -> str:
         return f"Workflow(lease_ttl={self.lease_ttl}, defer_delay={self.defer_delay})"
@@ -293,14 +197,9 @@ class Workflow(Middleware):
 
     def _take_lease(self, worker: Worker, message: Message) -> None:
         backend = worker.app.backend
-        owner = f"{_origin()}/{threading.get_ident()}"
-        name = run_lease_name(message.id)
-        if backend.acquire_lease(name, owner, self.lease_ttl) is None:
+        if not self._leases.acquire(backend, message.id):
             self._defer(worker, message, "workflow_running_elsewhere")
             raise SkipMessage("another copy of this task is running")
-        with self._lock:
-            self._leases[message.id] = (backend, owner)
-        self._start_renewer()
         # Read after the lease is held: a copy that finished before released it
         # only once its outcome was stored.
         stored = backend.get_result(message.id)
@@ -310,41 +209,7 @@ class Workflow(Middleware):
             raise SkipMessage("an outcome is stored for this task already")
 
     def _release(self, task_id: str) -> None:
-        with self._lock:
-            held = self._leases.pop(task_id, None)
-        if held is None:
-            return
-        backend, owner = held
-        try:
-            backend.release_lease(run_lease_name(task_id), owner)
-        except MQTasksError as exc:  # it lapses after lease_ttl
-            logger.warning("workflow.lease_release_failed", task_id=task_id, error=str(exc))
-
-    def _start_renewer(self) -> None:
-        # One thread renews every lease this middleware holds; it exits once none
-        # is held (setting _renewer back under the lock, so none is missed).
-        with self._lock:
-            if self._renewer is None:
-                self._renewer = threading.Thread(
-                    target=self._renew_main, name="mqtasks-workflow-leases", daemon=True
-                )
-                self._renewer.start()
-
-    def _renew_main(self) -> None:
-        while True:
-            time.sleep(self.lease_ttl / 3)
-            with self._lock:
-                held = list(self._leases.items())
-                if not held:
-                    self._renewer = None
-                    return
-            for task_id, (backend, owner) in held:
-                try:
-                    backend.renew_lease(run_lease_name(task_id), owner, self.lease_ttl)
-                except MQTasksError as exc:
-                    logger.warning("workflow.lease_renew_failed", task_id=task_id, error=str(exc))
-
-    # -- continuing ----------------------------------------------------------------------
+        self._leases.release(task_id)
 
     def _continue_stored(
         self, worker: Worker, message: Message, workflow: Mapping[str, Any]
@@ -369,7 +234,7 @@ class Workflow(Middleware):
         Raises:
             MQTasksError: A publish or the backend failed (the caller defers the message).
         """
-        problem = _workflow_error(workflow)
+        problem = workflow_error(workflow)
         if problem is not None:
             logger.error(
                 "workflow.invalid",
@@ -422,7 +287,7 @@ class Workflow(Middleware):
             if workflow.get(key):
                 following[key] = workflow[key]
         try:
-            _publish(app, step, args, following)
+            publish_step(app, step, args, following)
         except EncodeError as exc:
             # The value cannot travel with the step's arguments: the step can never
             # be sent. It fails, with what follows it, as if it had run and failed.
@@ -445,7 +310,7 @@ class Workflow(Middleware):
             if not member.get("immutable"):
                 args.insert(0, value)
             try:
-                _publish(app, member, args, {})
+                publish_step(app, member, args, {})
             except EncodeError as exc:
                 self._unsendable(app, member, {}, exc)
         logger.info("workflow.group_sent", task_id=message.id, members=len(members))
@@ -500,7 +365,7 @@ class Workflow(Middleware):
         backend = app.backend
         s = app.settings
         for step in steps:
-            record = _failure_record(step["task"], outcome, failed_id, s.max_message_size)
+            record = failure_record(step["task"], outcome, failed_id, s.max_message_size)
             backend.store_result(step["id"], record, final=True, expires=s.result_expires)
         logger.info(
             "workflow.chain_failed",
@@ -521,7 +386,7 @@ class Workflow(Middleware):
             # The same id each time this failure is handled: a duplicate is detectable.
             errback_id = str(uuid.uuid5(_ERRBACK_IDS, f"{task_id}/{i}"))
             args = [failed_id, dict(error), *(errback.get("args") or [])]
-            _publish(app, {**errback, "id": errback_id}, args, {})
+            publish_step(app, {**errback, "id": errback_id}, args, {})
             logger.info(
                 "workflow.errback_sent",
                 task_id=task_id,
@@ -551,7 +416,7 @@ class Workflow(Middleware):
             if backend.get(chord_published_key(cid)) is not None:
                 return
         callback = chord["callback"]
-        values = _member_values(backend, cid, size)
+        values = member_values(backend, cid, size)
         if values is None:
             self._chord_unreadable(app, message, chord)
             return
@@ -559,7 +424,7 @@ class Workflow(Middleware):
         if not callback.get("immutable"):
             args.insert(0, values)
         try:
-            _publish(app, callback, args, {"dedupe": True})
+            publish_step(app, callback, args, {"dedupe": True})
         except EncodeError as exc:
             self._unsendable(app, callback, {}, exc)
         backend.put(chord_published_key(cid), b"1", ttl)
@@ -592,7 +457,7 @@ class Workflow(Middleware):
                 return
             if backend.get(chord_published_key(cid)) is not None:
                 return
-        record = _failure_record(callback["task"], outcome, failed_id, s.max_message_size)
+        record = failure_record(callback["task"], outcome, failed_id, s.max_message_size)
         backend.store_result(cid, record, final=True, expires=s.result_expires)
         logger.info("workflow.chord_failed", chord_id=cid, failed_task_id=failed_id)
         self._errbacks(app, cid, failed_id, callback.get("on_error") or [], error)
@@ -611,7 +476,7 @@ class Workflow(Middleware):
             reason="chord_results_missing",
             error_message="a member's value is not in the result backend",
         )
-        record = _failure_record(callback["task"], outcome, message.id, s.max_message_size)
+        record = failure_record(callback["task"], outcome, message.id, s.max_message_size)
         backend.store_result(cid, record, final=True, expires=s.result_expires)
         logger.error(
             "workflow.chord_results_missing",
@@ -638,67 +503,6 @@ class Workflow(Middleware):
                 note="held by the broker, then handled again",
             )
         worker.defer(message, self.defer_delay, reason)
-
-
-def _member_values(backend: Backend, cid: str, size: int) -> list[Any] | None:
-    """The chord members' values in header order; None if one is not stored."""
-    raw = backend.get(chord_ids_key(cid))
-    if raw is None:
-        return None
-    ids = json.loads(raw)
-    if not isinstance(ids, list) or len(ids) != size:
-        return None
-    values: list[Any] = []
-    for stored in backend.get_results(ids):
-        if stored is None:
-            return None
-        outcome = decode_outcome(stored[0])
-        if outcome.state != SUCCEEDED:
-            return None
-        values.append(outcome.value)
-    return values
-
-
-def _failure_record(task: str, outcome: Outcome, failed_id: str, max_size: int) -> bytes:
-    """A FAILED record for a step that will not run because ``failed_id`` failed."""
-    record = outcome.to_dict()
-    record.update(state=FAILED, task=task, value=None, failed_task_id=failed_id)
-    data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
-    if len(data) > max_size:  # a long traceback: keep the error's type and message
-        data = encode_outcome(
-            FAILED, task=task, reason=outcome.reason, failed_task_id=failed_id, max_size=max_size
-        )
-    return data
-
-
-def _publish(
-    app: App, signature: Mapping[str, Any], args: list[Any], workflow: dict[str, Any]
-) -> None:
-    """Publish a step of a workflow from its JSON form, confirmed.
-
-    Raises:
-        PublishError: The broker did not take it.
-        EncodeError: Its arguments (a value a step returned) cannot be sent.
-    """
-    options = signature.get("options") or {}
-    errbacks = signature.get("on_error") or []
-    if errbacks and "on_error" not in workflow:
-        workflow = {**workflow, "on_error": errbacks}
-    expires = options.get("expires")
-    now = datetime.now(timezone.utc)
-    message = Message(
-        id=signature["id"],
-        task=signature["task"],
-        queue=options.get("queue") or app.settings.default_queue,
-        args=tuple(args),
-        kwargs=dict(signature.get("kwargs") or {}),
-        priority=options.get("priority"),
-        expires_at=None if expires is None else now + timedelta(seconds=expires),
-        workflow=workflow or None,
-    )
-    task = app.tasks.get(message.task)
-    countdown = options.get("countdown")
-    app.send(message, names=task._names if task else None, delay=countdown or None)
 
 
 def with_workflow(middleware: Sequence[Middleware]) -> list[Middleware]:
