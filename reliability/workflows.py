@@ -44,9 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mqtasks import TaskHandle, chord
 from mqtasks._url import mask_url
 from mqtasks.dlq import list_dead_letters
-from mqtasks.exceptions import MQTasksError
+from mqtasks.exceptions import MQTasksError, ResultTimeout, TaskFailed
+from mqtasks.result import decode_outcome
 
 from .harness import Harness
 from .ledger import Event, LedgerWriter, classify, percentile
@@ -254,7 +256,7 @@ class ChordCall:
     """What publishing one chord and waiting for it gave."""
 
     plan: ChordPlan
-    handle: Any = None
+    handle: TaskHandle | None = None
     chord_id: str | None = None
     publish_s: float | None = None
     publish_error: str | None = None
@@ -291,8 +293,6 @@ class ChordPublisher:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        from mqtasks.canvas import chord
-
         app = self.run.app
         member = app.tasks[MEMBER]
         callback = app.tasks[CALLBACK]
@@ -347,8 +347,6 @@ def _ms(seconds: float | None) -> float | None:
 
 def collect(calls: Sequence[ChordCall], deadline: float) -> None:
     """Call every handle's ``get()`` until ``deadline`` (epoch seconds); fill each call."""
-    from mqtasks.exceptions import ResultTimeout, TaskFailed
-
     for call in calls:
         if call.handle is None:
             continue
@@ -546,7 +544,12 @@ WORKFLOW_ERRORS = (
 
 def workflow_log_figures(run: Run) -> dict[str, Any]:
     """What the workers logged of the chord machinery: events by name, deferrals by
-    reason, and how often each chord's callback was published."""
+    reason, and how often each chord's callback was published.
+
+    Lower bounds: a worker writes its log lines from a buffer every 0.1 s, so
+    a SIGKILL loses the lines of its last moments (a chord completed just
+    before the kill shows 0 publishes).
+    """
     events: Counter[str] = Counter()
     deferred: Counter[str] = Counter()
     published: Counter[str] = Counter()
@@ -845,8 +848,6 @@ def _judge(run: Run, store: StateStore, publisher: ChordPublisher, events: list[
 
 def _check_backend(run: Run, store: StateStore, calls: Sequence[ChordCall]) -> None:
     """Read every chord's stored result through the backend and count the raw records."""
-    from mqtasks.result import decode_outcome
-
     ids = [str(c.chord_id) for c in calls]
     backend = run.app.backend
     stored = backend.get_results(ids)
