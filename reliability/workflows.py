@@ -39,7 +39,7 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,7 @@ from mqtasks import TaskHandle, chord
 from mqtasks._url import mask_url
 from mqtasks.dlq import list_dead_letters
 from mqtasks.exceptions import MQTasksError, ResultTimeout, TaskFailed
+from mqtasks.middleware.workflow import chord_fired_key
 from mqtasks.result import decode_outcome
 
 from .harness import Harness
@@ -471,31 +472,57 @@ def kill_while_running(run: Run, tail: LedgerTail, task: str, wait: float = 10.0
     )
 
 
-def kill_in_continuation(run: Run, tail: LedgerTail, wait: float = 20.0) -> dict[str, Any]:
-    """SIGKILL the worker that just ran the last member of a chord, at once.
+def kill_in_continuation(
+    run: Run, tail: LedgerTail, chord_ids: Mapping[str, str], wait: float = 20.0
+) -> dict[str, Any]:
+    """SIGKILL the worker that ran the last member of a chord once it has claimed
+    the chord's callback, before its ack.
 
-    Its task body has returned; the worker is storing the outcome, counting
-    the member and publishing the callback, all before the ack. A kill there
-    redelivers the member, whose copy must publish the callback if it was not,
-    and never make it run twice if it was. Falls back to a worker running a
-    member after ``wait`` s.
+    Its task body has returned; the worker stores the outcome, counts the
+    member, claims the callback (``chord_fired_key``), publishes it and only
+    then acks. The harness reads the claim through the backend and kills the
+    worker the moment it appears: in the window where the callback may be
+    published or not, and the redelivered member must publish it if it was
+    not, and never make it run twice if it was. Falls back to a worker running
+    a member after ``wait`` s.
+
+    Args:
+        chord_ids: Chord id (the callback's task id) by chord key.
     """
+    backend = run.app.backend
     seen = len(tail.completions)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         alive = set(run.pool.pids().values())
         tail.poll(alive)
         for e in tail.completions[seen:]:
+            cid = chord_ids.get(e.id.rsplit(".m", 1)[0])
             # Still in that member's continuation: nothing started since its done.
-            if e.pid in alive and tail.last(e.pid) is e:
-                slot, pid = run.pool.signal(signal.SIGKILL, among={e.pid})
-                return run.fault(
-                    "SIGKILL",
-                    slot=slot,
-                    pid=pid,
-                    at=time.time(),
-                    running={"task": MEMBER, "key": e.id, "aim": "continuation"},
-                )
+            if cid is None or e.pid not in alive or tail.last(e.pid) is not e:
+                continue
+            claimed = None
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until:
+                if backend.get(chord_fired_key(cid)) is not None:
+                    claimed = time.time()
+                    break
+            slot, pid = run.pool.signal(signal.SIGKILL, among={e.pid})
+            at = time.time()
+            return run.fault(
+                "SIGKILL",
+                slot=slot,
+                pid=pid,
+                at=at,
+                running={
+                    "task": MEMBER,
+                    "key": e.id,
+                    "aim": "continuation",
+                    "chord_id": cid,
+                    "claim_seen_ms_before": None
+                    if claimed is None
+                    else round((at - claimed) * 1000, 2),
+                },
+            )
         seen = len(tail.completions)
         time.sleep(0.002)
     return kill_while_running(run, tail, MEMBER)
@@ -511,6 +538,14 @@ def kill_hits(run: Run, events: Sequence[Event]) -> None:
         if aim.get("aim") == "continuation":
             ended = [e.t for e in events if e.kind == "done" and e.id == aim["key"]]
             aim["after_done_ms"] = round((f["at"] - min(ended)) * 1000, 1) if ended else None
+            # What became of the member and of its chord's callback after the kill.
+            chord_key = aim["key"].rsplit(".m", 1)[0]
+            later = [e for e in events if e.t > f["at"]]
+            aim["member_ran_again"] = any(e.kind == "start" and e.id == aim["key"] for e in later)
+            aim["callback_starts"] = sum(
+                1 for e in events if e.kind == "start" and e.id == chord_key
+            )
+            aim["callback_dones"] = sum(1 for e in events if e.kind == "done" and e.id == chord_key)
             continue
         ended = [
             e.t for e in events if e.kind == "done" and e.id == aim["key"] and e.pid == f["pid"]
@@ -661,7 +696,8 @@ def _s16(run: Run, store: StateStore, started: float) -> dict[str, Any]:
         if i == 0:
             kill_while_running(run, tail, MEMBER)
         elif i == 1:
-            kill_in_continuation(run, tail)
+            chord_ids = {c.plan.key: c.chord_id for c in publisher.calls if c.chord_id}
+            kill_in_continuation(run, tail, chord_ids)
         else:
             # Callbacks queue behind the members published before them: on a
             # backlog they run late, so this one may wait for the members to end.
