@@ -672,6 +672,12 @@ def _s16(run: Run, store: StateStore, started: float) -> dict[str, Any]:
     ]
     run.app.close()
     run.app = build_workflow_app(run.env)
+    try:
+        run.app.backend.check()
+    except MQTasksError as exc:
+        # Workers would exit at start, over and over, and every chord fail to send.
+        run.check("backend_reachable", False, f"{type(exc).__name__}: {exc}", "a round trip")
+        return run.result(classify([]), started=started)
     n = run.profile.n(1000)
     plans = plan_chords(run, n)
     members = n * CHORD_SIZE
