@@ -1,13 +1,15 @@
 """The chord scenario's judgement (S16): callback completions, values and dead members,
-read from ledger events as the task bodies write them."""
+read from ledger events as the task bodies write them; and the ledger tail its kills aim by."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-from reliability.ledger import Event
+from reliability.ledger import Event, LedgerWriter
 from reliability.workflow_tasks import CALLBACK, MEMBER, ledger_key, member_key
-from reliability.workflows import ChordPlan, chord_figures
+from reliability.workflows import CHORD_SIZE, ChordPlan, LedgerTail, chord_figures
 
 
 def plan(key: str, values: tuple[int, ...] = (1, 2, 3)) -> ChordPlan:
@@ -69,3 +71,27 @@ def test_ledger_key_of_dead_letters() -> None:
     assert ledger_key(CALLBACK, [[1, 2], "c1", 1.0]) == "c1"
     assert ledger_key(CALLBACK, [[1, 2]]) is None
     assert ledger_key(MEMBER, [7]) is None
+
+
+def test_ledger_tail_reads_new_lines_only_and_sees_the_member_completing_a_chord(
+    tmp_path: Path,
+) -> None:
+    w = LedgerWriter(tmp_path / "worker-1.jsonl", fsync=False)
+    pid = os.getpid()
+    tail = LedgerTail(tmp_path)
+    keys = [member_key("c1", i) for i in range(CHORD_SIZE)]
+    for key in keys[:-1]:
+        w.record("start", key, task=MEMBER)
+        w.record("done", key, task=MEMBER)
+    w.record("start", keys[-1], task=MEMBER)
+    running = tail.poll({pid})
+    assert running[pid].id == keys[-1]
+    assert tail.completions == []
+    assert tail.poll({pid + 1}) == {}  # a process no longer alive runs nothing
+    w.record("done", keys[-1], task=MEMBER)
+    w.record("done", keys[0], task=MEMBER)  # a member that ran twice counts once
+    assert tail.poll({pid}) == {}
+    assert [e.id for e in tail.completions] == [keys[-1]]
+    last = tail.last(pid)
+    assert last is not None and last.id == keys[0]
+    w.close()
