@@ -52,17 +52,13 @@ def make_results_broker(
         return x
 
     actor = dramatiq.actor(
-        bench_value,
-        actor_name="bench_value",
-        queue_name=queue,
-        broker=broker,
-        store_results=True,
-    )
+        actor_name="bench_value", queue_name=queue, broker=broker, store_results=True
+    )(bench_value)
 
     def bench_rnoop(seq: int, sent: float) -> None:
         record(seq, sent)
 
-    rnoop = dramatiq.actor(bench_rnoop, actor_name="bench_rnoop", queue_name=queue, broker=broker)
+    rnoop = dramatiq.actor(actor_name="bench_rnoop", queue_name=queue, broker=broker)(bench_rnoop)
     return broker, actor, rnoop, backend
 
 

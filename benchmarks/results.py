@@ -176,7 +176,7 @@ class Side:
 
 class MqtasksSide(Side):
     name = "mqtasks"
-    phases = ("latency", "throughput", "chord")
+    phases: tuple[str, ...] = ("latency", "throughput", "chord")
     backend = True
     #: On RabbitMQ, a classic queue and no publisher confirms (Celery's and Dramatiq's defaults).
     classic = False
@@ -706,7 +706,7 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     for broker, b in summary.items():
         per_round = [_ratios(fb) for fb in b["per_round"]]
         for i, ((name, wanted, bound, how), _) in enumerate(_ratios(b)):
-            values = [r[i][1] for r in per_round if r[i][1] is not None]
+            values: list[float] = [v for r in per_round if (v := r[i][1]) is not None]
             value = _median(values)
             rows.append(
                 {
