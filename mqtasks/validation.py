@@ -16,14 +16,14 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import tenacity
-
 from .exceptions import ConfigurationError
 from .middleware.results import Results
 from .retry import RetryPolicy
 from .transport.base import broker_spec
 
 if TYPE_CHECKING:
+    import tenacity
+
     from .app import App
 
 __all__ = ["check_app", "check_prefetch", "max_backoff", "result_problems", "retry_schedule"]
@@ -55,6 +55,9 @@ def retry_schedule(policy: RetryPolicy) -> float:
 
 
 def _upper(wait: Any, state: tenacity.RetryCallState) -> float:
+    # Imported here: only a schedule check needs it (see mqtasks/retry.py).
+    import tenacity
+
     n = state.attempt_number
     if isinstance(wait, tenacity.wait_random):
         return float(wait.wait_random_max)

@@ -97,6 +97,8 @@ def test_a_process_that_never_imports_opentelemetry_runs_tasks_without_it() -> N
     # so without one the middleware would add nothing (and adds nothing)
     assert "opentelemetry" not in seen["at_end"]  # type: ignore[operator]
     assert seen["child_traceparent"] is None
+    # Nor tenacity: no task failed, so no retry policy was asked for a delay
+    assert "tenacity" not in seen["at_end"]  # type: ignore[operator]
 
 
 def test_a_provider_named_in_the_environment_traces_what_the_task_publishes() -> None:
@@ -130,3 +132,34 @@ def test_importing_mqtasks_imports_neither_opentelemetry_nor_kombu() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def imported_after(code: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` a fresh interpreter has imported after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(sorted(n for n in {names!r} if n in sys.modules))"
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    found: list[str] = json.loads(proc.stdout.strip().replace("'", '"'))
+    return found
+
+
+def test_a_redis_transport_imports_neither_kombu_nor_py_amqp() -> None:
+    """redis:// speaks to Redis with redis-py; kombu is for the transports built on it."""
+    code = (
+        "from mqtasks.transport import resolve\n"
+        "from mqtasks.transport.redis import RedisTransport\n"
+        "assert isinstance(resolve('redis://127.0.0.1:1/0'), RedisTransport)"
+    )
+    assert imported_after(code, ("kombu", "amqp")) == []
+    # While the AMQP transport still gets its guards
+    amqp = "from mqtasks.transport.amqp import AmqpTransport"
+    assert imported_after(amqp, ("kombu", "amqp")) == ["amqp", "kombu"]
+

@@ -14,17 +14,19 @@
   rejected with reason ``invalid_headers``.
 
 JSON nesting is bounded by :func:`mqtasks.serialization.json_depth_exceeds`.
+
+kombu and py-amqp are imported when a guard that needs them is first used (the
+message classes are made on first access), not with this module: the
+``redis://`` transport uses only :func:`strip_compression`, and talks to Redis
+without kombu.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable
-from typing import Any
-
-from amqp.method_framing import frame_handler
-from kombu.transport import pyamqp
-from kombu.transport.virtual import base as virtual
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "REFUSED_HEADER",
@@ -57,20 +59,58 @@ def _refusal(headers: Any) -> str | None:
     return compressed
 
 
-class GuardedAmqpMessage(pyamqp.Message):
-    """py-amqp message whose compressed bodies are refused, not inflated."""
+if TYPE_CHECKING:
+    #: py-amqp message whose compressed bodies are refused, not inflated.
+    GuardedAmqpMessage: type[Any]
+    #: Virtual-transport (Redis, memory) message with the same guard.
+    GuardedVirtualMessage: type[Any]
 
-    def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
-        self.mqtasks_refused = _refusal(msg.properties.get("application_headers"))
-        super().__init__(msg, channel=channel, **kwargs)
+
+def _amqp_message() -> type[Any]:
+    from kombu.transport import pyamqp
+
+    class GuardedAmqpMessage(pyamqp.Message):  # type: ignore[misc]
+        """py-amqp message whose compressed bodies are refused, not inflated."""
+
+        def __init__(self, msg: Any, channel: Any = None, **kwargs: Any) -> None:
+            self.mqtasks_refused = _refusal(msg.properties.get("application_headers"))
+            super().__init__(msg, channel=channel, **kwargs)
+
+    return GuardedAmqpMessage
 
 
-class GuardedVirtualMessage(virtual.Message):
-    """Virtual-transport (Redis, memory) message with the same guard."""
+def _virtual_message() -> type[Any]:
+    from kombu.transport.virtual import base as virtual
 
-    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
-        self.mqtasks_refused = _refusal(payload.get("headers"))
-        super().__init__(payload, channel=channel, **kwargs)
+    class GuardedVirtualMessage(virtual.Message):  # type: ignore[misc]
+        """Virtual-transport (Redis, memory) message with the same guard."""
+
+        def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+            self.mqtasks_refused = _refusal(payload.get("headers"))
+            super().__init__(payload, channel=channel, **kwargs)
+
+    return GuardedVirtualMessage
+
+
+_MESSAGE_CLASSES: dict[str, Callable[[], type[Any]]] = {
+    "GuardedAmqpMessage": _amqp_message,
+    "GuardedVirtualMessage": _virtual_message,
+}
+_made = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    """Make a kombu message class on first access (importing kombu then), once."""
+    make = _MESSAGE_CLASSES.get(name)
+    if make is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _made:
+        cls = globals().get(name)
+        if cls is None:
+            cls = make()
+            cls.__qualname__ = name
+            globals()[name] = cls
+    return cls
 
 
 # -- AMQP header tables ------------------------------------------------------------
@@ -118,6 +158,8 @@ def guarded_frame_handler(
 
     Passed as ``frame_handler`` to py-amqp's ``Connection``.
     """
+    from amqp.method_framing import frame_handler
+
     on_frame = frame_handler(connection, callback)
 
     def guarded(frame: tuple[int, int, bytes]) -> Any:
