@@ -10,25 +10,35 @@ How the children start. Two designs were weighed: (a) a fork server, where the
 supervisor imports the app, connecting to nothing, and ``fork()``s each child,
 which then builds its worker and opens its own connections; (b) a supervisor
 that imports only the standard library and starts each child as a fresh
-interpreter. (a) is the one here. Its children share, copy-on-write, every page
-the supervisor filled before forking: the interpreter, mqtasks, kombu and the
-app's own modules, which are most of a worker's memory; under (b) each child
-imports all of them again into private pages, and only the supervisor gets
-smaller. Celery's prefork pool and ``gunicorn --preload`` do the same; Dramatiq
-forks from a parent that has not imported the app, so its children share less.
+interpreter. The first children start as in (a): they share, copy-on-write,
+every page the supervisor filled before forking: the interpreter, mqtasks,
+kombu and the app's own modules, which are most of a worker's memory; under (b)
+each child imports all of them again into private pages. Celery's prefork pool
+and ``gunicorn --preload`` do the same; Dramatiq forks from a parent that has
+not imported the app, so its children share less. Then the supervisor has no
+more use for what it imported, so it replaces itself (``os.execv``, same pid)
+by :mod:`mqtasks._supervise`, which imports only the standard library, as in
+(b): the children keep sharing their pages with each other, and the
+supervisor's own memory falls to that of a bare interpreter. A child that dies
+is replaced by a fresh interpreter (``python -m mqtasks worker ...
+--processes 1``), which loads the app itself: the supervisor no longer holds it
+to fork from.
+
 Forking is safe only from a process with one thread and no connection: before
 the first child, :func:`fork_blockers` looks for other threads (a StatsD flush
 thread, an OpenTelemetry batch span processor started at import) and connected
 sockets (an app that published at import); where it finds any, the children
 start as fresh interpreters instead, as in (b) but with the app loaded, and the
-supervisor logs why. The supervisor logs without a writer thread for the same
-reason (``background=False`` in :func:`mqtasks.logging.configure_logging`), and
+supervisor logs why (and it stays as it is while another thread runs). The
+supervisor logs without a writer thread for the same reason
+(``background=False`` in :func:`mqtasks.logging.configure_logging`), and
 freezes the collector's generations before forking so that a child's garbage
 collection does not copy the pages it shares. A child replaces the supervisor's
 signal handlers with :class:`StopSignals` before anything else (the stop signals
 are blocked across ``fork()`` until then), configures its own logging, builds
 its worker, connects, and exits through ``os._exit`` after the exit hooks, never
-returning into the supervisor's stack.
+returning into the supervisor's stack. The stop signals are blocked across the
+``execv`` too, until the new program has its handlers: none is lost.
 """
 
 from __future__ import annotations
@@ -40,16 +50,15 @@ import os
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import structlog
 
+from . import _supervise
 from . import logging as logs
 from ._url import redact
 from .config import mask_url
@@ -64,6 +73,7 @@ __all__ = [
     "RET_FORCED",
     "RET_OK",
     "RET_TIMEOUT",
+    "SUPERVISE_SCRIPT",
     "ChildMain",
     "StopSignals",
     "Supervisor",
@@ -241,71 +251,97 @@ def _connection_peers() -> list[str]:
 #: A forked child's work: given its stop-signal handlers, run a worker and return the exit code.
 ChildMain = Callable[[StopSignals], int]
 
-
-class _Forked:
-    """A child made by ``fork()``: the part of :class:`subprocess.Popen` the supervisor uses."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped by a poll this one interrupted (a signal handler's)
-                return self.returncode
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:  # not reaped yet, so the pid is still this child's
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
+#: The program the supervisor becomes once its first children are forked (see the module docstring).
+SUPERVISE_SCRIPT = _supervise.__file__
 
 
 class Supervisor:
     """Runs N worker processes, replaces those that die, and stops them on a signal.
 
+    Once the first children run, the supervisor replaces itself (``os.execv``,
+    same pid) by :mod:`mqtasks._supervise`, a program that imports only the
+    standard library, and leaves behind the memory of what it imported. It stays
+    in this process where that is not safe: while another thread runs.
+
     Args:
-        start: How a child starts: a function that a child forked from this
-            process runs (see :data:`ChildMain`), or the command line of a fresh
-            interpreter. Fork only from a process :func:`fork_blockers` finds safe.
+        command: The command line of a child started as a new interpreter: every
+            replacement of a child that died, and the first children too unless
+            ``fork`` is given. It runs with ``MQTASKS_WORKER_SLOT`` and
+            ``MQTASKS_SUPERVISOR_PID`` in its environment.
         processes: How many children to keep running.
         signals: Handlers installed before this supervisor's, while the app was
             loading: a signal they caught stops the supervisor before any child starts.
+        fork: What the first children run, forked from this process (see
+            :data:`ChildMain`). Fork only from a process :func:`fork_blockers` finds safe.
+        log_level: The lowest level of the supervisor's own events that is logged.
+        log_format: ``json``, ``console`` or ``auto``, as for
+            :func:`mqtasks.logging.configure_logging`.
     """
 
     def __init__(
         self,
-        start: ChildMain | list[str],
+        command: list[str],
         processes: int,
         signals: StopSignals | None = None,
+        *,
+        fork: ChildMain | None = None,
+        log_level: str = "info",
+        log_format: str = "auto",
     ) -> None:
-        self.start = start
-        self.processes = processes
+        self.fork = fork
         self.early = signals
-        self.children: dict[int, _Forked | subprocess.Popen[bytes]] = {}
-        self.stopping = False
-        self.signals = 0
-        self._restarts: list[float] = []
+        #: The supervision loop, its children and its log (see :mod:`mqtasks._supervise`).
+        self.supervision = _supervise.Supervision(
+            command, processes, _supervise.LogLines(log_level, log_format)
+        )
 
-    def _spawn(self, slot: int) -> None:
-        child: _Forked | subprocess.Popen[bytes]
-        if isinstance(self.start, list):
-            env = {
-                **os.environ,
-                "MQTASKS_WORKER_SLOT": str(slot),
-                "MQTASKS_SUPERVISOR_PID": str(os.getpid()),
-            }
-            child = subprocess.Popen(self.start, env=env)
-        else:
-            child = self._fork(slot, self.start)
-        self.children[slot] = child
-        logger.info("supervisor.child_started", slot=slot, pid=child.pid)
+    @property
+    def children(self) -> dict[int, int]:
+        """Running children: slot -> pid."""
+        return self.supervision.children
 
-    def _fork(self, slot: int, main: ChildMain) -> _Forked:
+    def run(self) -> int:
+        """Run until signalled; return the worst child exit code.
+
+        Where this process can replace itself, it does, and the exit code is
+        that of the program it became.
+        """
+        s = self.supervision
+        s.install()
+        if self.early is not None and self.early.count:
+            s.signals, s.stopping = self.early.count, True
+        if self.fork is not None:
+            for slot in range(s.processes):
+                if s.stopping:  # a child started now would never hear of the stop
+                    break
+                self._fork(slot, self.fork)
+        if not s.stopping:
+            self._hand_over()  # returns only where this process cannot replace itself
+        return s.run()
+
+    def _hand_over(self) -> None:
+        """Replace this process by the standard-library supervisor; return if it cannot."""
+        s = self.supervision
+        if threading.active_count() > 1 or not sys.executable:
+            # A stop signal delivered to another thread just before execv would be lost.
+            return
+        logs.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        argv = [sys.executable, "-I", "-S", SUPERVISE_SCRIPT]
+        # Blocked across execv: a signal that comes now stays pending until the
+        # new program has its handlers (Supervision.install unblocks them).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            if not s.stopping:  # (a handler that ran just before the block)
+                os.execv(sys.executable, [*argv, _supervise.handover_state(s), *s.command])
+        except OSError as exc:
+            s.log.warning("supervisor.handover_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _fork(self, slot: int, main: ChildMain) -> None:
         logs.flush()  # a line still buffered would be written by the child too
         # What is imported by now goes to the collector's permanent generation: a
         # collection in a child never writes to those objects' pages, so they stay shared.
@@ -313,21 +349,23 @@ class Supervisor:
         _release_free_heap()
         parent = os.getpid()
         # Blocked until the child has its own handlers: the supervisor's, copied
-        # into the child, would signal the child's siblings.
+        # into the child, would signal the child's siblings. And until the child
+        # is among the supervisor's children, whom a stop signal reaches.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
                 self._child(slot, parent, main, mask)
+            self.supervision.children[slot] = pid
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return _Forked(pid)
+        self.supervision.log.info("supervisor.child_started", slot=slot, pid=pid)
 
     def _child(self, slot: int, parent: int, main: ChildMain, mask: Iterable[int]) -> NoReturn:
         """Run ``main`` in a forked child and exit with its code; never returns."""
         code = RET_ERROR
         try:
-            self.children.clear()  # the siblings are not this process's to signal or reap
+            self.supervision.children.clear()  # the siblings are not this process's to signal
             os.environ["MQTASKS_WORKER_SLOT"] = str(slot)
             os.environ["MQTASKS_SUPERVISOR_PID"] = str(parent)
             signals = StopSignals()  # replaces the supervisor's handlers
@@ -347,62 +385,3 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(code)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        # Children ignore SIGINT; each signal here becomes one SIGTERM per child
-        # (first: drain, second: force), and a third one kills them.
-        self.signals += 1
-        self.stopping = True
-        sig = signal.SIGKILL if self.signals > 2 else signal.SIGTERM
-        for child in self.children.values():
-            if child.poll() is None:
-                child.send_signal(sig)
-
-    def run(self) -> int:
-        """Run until signalled; return the worst child exit code."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        if self.early is not None and self.early.count:
-            self.signals, self.stopping = self.early.count, True
-        for slot in range(self.processes):
-            if self.stopping:  # a child started now would never hear of the stop
-                break
-            self._spawn(slot)
-        codes: dict[int, int] = {}
-        while True:
-            for slot, child in list(self.children.items()):
-                code = child.poll()
-                if code is None:
-                    continue
-                if self.stopping:
-                    codes[slot] = code
-                    del self.children[slot]
-                    continue
-                logger.warning("supervisor.child_died", slot=slot, pid=child.pid, code=code)
-                self._restart_pause()
-                if self.stopping:  # a signal came during the pause: no replacement
-                    del self.children[slot]
-                    continue
-                self._spawn(slot)
-            if self.stopping and not self.children:
-                break
-            time.sleep(0.2)
-        return max((self._stop_code(c) for c in codes.values()), default=RET_OK)
-
-    def _stop_code(self, code: int) -> int:
-        """The exit code a stopped child stands for."""
-        if code == -signal.SIGTERM and self.signals == 1:
-            # Killed by our first SIGTERM before it installed its handler: it had
-            # not started consuming (the handler comes first), so it held nothing.
-            return RET_OK
-        # Any other death by a signal is not a clean stop.
-        return RET_FORCED if code < 0 else code
-
-    def _restart_pause(self) -> None:
-        # Back off when children die in a loop (a bad deploy), up to 10 s.
-        now = time.monotonic()
-        self._restarts = [t for t in self._restarts if now - t < 60] + [now]
-        pause = min(10.0, 0.1 * 2 ** max(0, len(self._restarts) - 2))
-        end = now + pause
-        while time.monotonic() < end and not self.stopping:
-            time.sleep(0.05)

@@ -59,7 +59,10 @@ class Record:
         if not self.path.exists():
             return []
         out = []
-        for line in self.path.read_text().splitlines():
+        text = self.path.read_text()
+        # A line being appended while this reads it may be seen in part: it is read next time
+        lines = text.splitlines(keepends=True)
+        for line in lines if text.endswith("\n") else lines[:-1]:
             event, tag, pid, _ = line.split()
             out.append((event, tag, int(pid)))
         return out

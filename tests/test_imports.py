@@ -6,6 +6,7 @@ fresh interpreter, so that what the test process imported does not count.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -163,3 +164,18 @@ def test_a_redis_transport_imports_neither_kombu_nor_py_amqp() -> None:
     amqp = "from mqtasks.transport.amqp import AmqpTransport"
     assert imported_after(amqp, ("kombu", "amqp")) == ["amqp", "kombu"]
 
+
+def test_the_supervise_program_imports_only_the_standard_library() -> None:
+    """It runs with ``-I -S``: nothing installed is on its path, mqtasks included."""
+    from mqtasks import _supervise
+
+    tree = ast.parse(Path(_supervise.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "a relative import would import the mqtasks package"
+            imported.add((node.module or "").split(".")[0])
+    assert imported, "no imports found"
+    assert imported - {"__future__"} <= set(sys.stdlib_module_names), imported

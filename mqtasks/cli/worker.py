@@ -66,7 +66,7 @@ Exit codes:
     default=1,
     show_default=True,
     help="Worker processes, forked from this one after it loads the app, each with its own "
-    "connection; dead ones are replaced.",
+    "connection; one that dies is replaced by a new interpreter.",
 )
 @click.option(
     "--prefetch",
@@ -150,10 +150,12 @@ def _supervise(
 ) -> int:
     """Run ``processes`` children under a supervisor; return its exit code.
 
-    Children are forked from this process, which has loaded the app, so that
-    they share its pages; where forking is unsafe (see
-    :func:`~mqtasks.process.fork_blockers`) they start as fresh interpreters.
+    The first children are forked from this process, which has loaded the app,
+    so that they share its pages; where forking is unsafe (see
+    :func:`~mqtasks.process.fork_blockers`) they start as fresh interpreters, as
+    every replacement of a child that died does.
     """
+    command = _child_argv([sys.executable, "-m", "mqtasks", *sys.argv[1:]])
     blockers = fork_blockers()
     if blockers:
         logger.warning(
@@ -163,8 +165,10 @@ def _supervise(
             "start threads and connections on first use or in a worker_boot hook, "
             "not while the app module imports",
         )
-        argv = [sys.executable, "-m", "mqtasks", *sys.argv[1:]]
-        return Supervisor(_child_argv(argv), processes, signals).run()
+        supervisor = Supervisor(
+            command, processes, signals, log_level=log_level, log_format=log_format
+        )
+        return supervisor.run()
 
     _preload(app)
 
@@ -177,7 +181,10 @@ def _supervise(
             return exc.exit_code
         return run_worker(w, child_signals)
 
-    return Supervisor(child, processes, signals).run()
+    supervisor = Supervisor(
+        command, processes, signals, fork=child, log_level=log_level, log_format=log_format
+    )
+    return supervisor.run()
 
 
 def _preload(app: App) -> None:
