@@ -10,7 +10,10 @@ worker processes of eight threads each. For each system, in one run:
    read from ``/proc/<pid>/smaps_rollup``;
 3. publish ``--tasks`` tasks with the system's own client and sample the tree every
    few milliseconds while they run: **peak** is the largest sum seen;
-4. **after**: the sums once every task has run.
+4. **after**: the sums once every task has run;
+5. with ``--replace`` (mqtasks only: Dramatiq stops when a child dies), SIGKILL one
+   child, wait until its replacement consumes, and sum again (**replaced**): the
+   supervisor starts a replacement as a new interpreter, whose pages are its own.
 
 PSS divides each shared page among the processes mapping it, so it is the tree's
 real share of the machine's memory; RSS counts a shared page once per process.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -91,8 +95,13 @@ def wait(cond: Callable[[], bool], timeout: float, what: str, proc: WorkerProces
         time.sleep(0.05)
 
 
-def measure(system: System, argv: list[str], tasks: int, run_dir: str) -> dict[str, float]:
-    """Start ``argv`` for ``system``, run ``tasks`` tasks through it, return its figures."""
+def measure(
+    system: System, argv: list[str], tasks: int, run_dir: str, replace: bool = False
+) -> dict[str, float]:
+    """Start ``argv`` for ``system``, run ``tasks`` tasks through it, return its figures.
+
+    With ``replace``, also the figures once a child killed afterwards has been replaced.
+    """
     record_dir = os.path.join(run_dir, system.name)
     os.makedirs(record_dir)
     records = Records(record_dir)
@@ -121,7 +130,16 @@ def measure(system: System, argv: list[str], tasks: int, run_dir: str) -> dict[s
             peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             time.sleep(SAMPLE)
         after_rss, after_pss, _ = tree_memory(proc.pid)
+        replaced: dict[str, float] = {}
+        if replace:
+            victim = max(p for p in tree(proc.pid) if p != proc.pid)
+            os.kill(victim, signal.SIGKILL)
+            wait(lambda: victim not in tree(proc.pid), 30, "the killed child to go", proc)
+            wait(lambda: consumers(system.queue) >= 2, 60, "the replacement to consume", proc)
+            time.sleep(1.0)
+            replaced["replaced_rss"], replaced["replaced_pss"], _ = tree_memory(proc.pid)
         return {
+            **replaced,
             "processes": n,
             "idle_rss": idle_rss,
             "idle_pss": idle_pss,
@@ -138,6 +156,11 @@ def measure(system: System, argv: list[str], tasks: int, run_dir: str) -> dict[s
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__)
     parser.add_argument("--tasks", type=int, default=500, help="tasks per system (500)")
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="then kill one mqtasks child and measure again once its replacement consumes",
+    )
     return parser.parse_args(argv)
 
 
@@ -153,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         ]  # fmt: skip
         results: dict[str, dict[str, float]] = {}
         try:
-            results["mqtasks"] = measure(mqtasks, mq_argv, opts.tasks, run_dir)
+            results["mqtasks"] = measure(mqtasks, mq_argv, opts.tasks, run_dir, opts.replace)
             results["dramatiq"] = measure(dramatiq, dramatiq.worker_argv(), opts.tasks, run_dir)
         finally:
             for proc in list(WorkerProcess.live):
@@ -169,6 +192,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:10}{cells}  {int(fig['processes'])}")
     ratio = "".join(f"{results['mqtasks'][k] / results['dramatiq'][k]:11.2f}" for k in keys)
     print(f"{'ratio':10}{ratio}")
+    if opts.replace:
+        fig = results["mqtasks"]
+        print(
+            f"mqtasks after one child was replaced: RSS {fig['replaced_rss']:.1f}, "
+            f"PSS {fig['replaced_pss']:.1f} (ratio to Dramatiq after: "
+            f"{fig['replaced_rss'] / results['dramatiq']['after_rss']:.2f}, "
+            f"{fig['replaced_pss'] / results['dramatiq']['after_pss']:.2f})"
+        )
     sys.stdout.flush()
 
 
