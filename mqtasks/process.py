@@ -17,7 +17,7 @@ each child imports all of them again into private pages. Celery's prefork pool
 and ``gunicorn --preload`` do the same; Dramatiq forks from a parent that has
 not imported the app, so its children share less. Then the supervisor has no
 more use for what it imported, so it replaces itself (``os.execv``, same pid)
-by :mod:`mqtasks._supervise`, which imports only the standard library, as in
+by ``mqtasks/_supervise.py``, which imports only the standard library, as in
 (b): the children keep sharing their pages with each other, and the
 supervisor's own memory falls to that of a bare interpreter. A child that dies
 is replaced by a fresh interpreter (``python -m mqtasks worker ...
@@ -259,7 +259,7 @@ class Supervisor:
     """Runs N worker processes, replaces those that die, and stops them on a signal.
 
     Once the first children run, the supervisor replaces itself (``os.execv``,
-    same pid) by :mod:`mqtasks._supervise`, a program that imports only the
+    same pid) by ``mqtasks/_supervise.py``, a program that imports only the
     standard library, and leaves behind the memory of what it imported. It stays
     in this process where that is not safe: while another thread runs.
 
@@ -290,7 +290,7 @@ class Supervisor:
     ) -> None:
         self.fork = fork
         self.early = signals
-        #: The supervision loop, its children and its log (see :mod:`mqtasks._supervise`).
+        #: The supervision loop, its children and its log (see ``mqtasks/_supervise.py``).
         self.supervision = _supervise.Supervision(
             command, processes, _supervise.LogLines(log_level, log_format)
         )
