@@ -13,14 +13,27 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from .._url import mask_url, remember_secret
 
 if TYPE_CHECKING:
     from ..transport.tls import TLSOptions
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "ResultWrite"]
+
+
+class ResultWrite(NamedTuple):
+    """One result to store: the arguments of :meth:`Backend.store_result`, for :meth:`Backend.store_results`."""
+
+    #: The task (message) id.
+    task_id: str
+    #: The encoded outcome.
+    record: bytes
+    #: Whether this is the task's last outcome.
+    final: bool
+    #: Seconds from now after which the record is gone.
+    expires: float
 
 
 class Backend(abc.ABC):
@@ -79,6 +92,23 @@ class Backend(abc.ABC):
             expires: Seconds from now after which the record is gone.
         """
 
+    def store_results(self, items: Sequence[ResultWrite]) -> list[bool]:
+        """Store several results; return, for each in order, whether it was written.
+
+        Each item is stored as :meth:`store_result` stores it (the first
+        final record wins). Implementations write them in one round trip
+        where the store allows: a worker stores the outcomes of tasks that
+        end together at once.
+
+        Raises:
+            BackendError: Not every item could be stored (some may have been:
+                storing one again is harmless, the first final record stays).
+        """
+        return [
+            self.store_result(item.task_id, item.record, final=item.final, expires=item.expires)
+            for item in items
+        ]
+
     @abc.abstractmethod
     def get_result(self, task_id: str) -> tuple[bytes, bool] | None:
         """Return ``(record, final)`` stored for ``task_id``, or None if there is none."""
@@ -94,9 +124,9 @@ class Backend(abc.ABC):
     def wait_result(self, task_id: str, timeout: float) -> bytes | None:
         """Return the final record of ``task_id`` once there is one; None after ``timeout`` s.
 
-        Waits on the store's notification (Redis pub/sub, PostgreSQL
-        LISTEN/NOTIFY), never by polling in a loop; returns at once if the
-        final record is already stored.
+        Waits on the store's notification (a blocking Redis command,
+        PostgreSQL LISTEN/NOTIFY), never by polling in a loop; returns at once
+        if the final record is already stored.
         """
 
     @abc.abstractmethod

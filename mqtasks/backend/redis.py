@@ -8,9 +8,16 @@ Keys, each behind the backend's ``key_prefix`` (``mqtasks:``):
 
 * ``<p>result:<task id>``: a string, one flag byte (``F`` final, ``N`` not) then
   the record. A final write is a script that writes only if the flag byte is
-  not ``F`` already, then publishes the flagged record on the channel
-  ``<p>db<n>:result:<task id>``, where :meth:`RedisBackend.wait_result` listens
-  (channels are shared by all the databases of a server; the ``n`` keeps them apart).
+  not ``F`` already, and then also
+* ``<p>done:<task id>``: a list holding the final record alone, with the same
+  expiry, made by the same script. :meth:`RedisBackend.wait_result` waits on it
+  with one blocking ``BLMOVE`` from the list to itself, which returns the
+  record and leaves it in place: every waiter wakes, a later wait returns at
+  once, and a wait costs one command whether the result is there or not.
+  The script also publishes the flagged record on the channel
+  ``<p>db<n>:result:<task id>`` for whoever watches final writes from outside
+  (channels are shared by all the databases of a server; the ``n`` keeps them
+  apart); the backend itself does not listen to it.
 * ``<p>key:<key>``: values, counters and sets of the coordination operations.
 * ``<p>lease:<name>``: a hash ``owner``, ``token``, expiring with the lease.
 * ``<p>lease-tokens``: the counter tokens are drawn from. One counter for all
@@ -18,17 +25,18 @@ Keys, each behind the backend's ``key_prefix`` (``mqtasks:``):
   for tokens to keep growing, and leases named after task ids are many.
 
 Redis Cluster: give a ``key_prefix`` with a hash tag (``{mqtasks}:``) so the
-lease scripts' two keys share a slot.
+two keys of the store and lease scripts share a slot.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -38,7 +46,7 @@ from redis.retry import Retry
 from .._url import mask_url, redact
 from ..exceptions import BackendError, ConfigurationError
 from ..transport.tls import TLSOptions, tls_failure
-from .base import Backend
+from .base import Backend, ResultWrite
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -48,13 +56,19 @@ __all__ = ["RedisBackend"]
 _FINAL = b"F"
 _NOT_FINAL = b"N"
 
-# KEYS[1] result key. ARGV[1] flag byte .. record, ARGV[2] expiry in ms, ARGV[3] channel.
-# The first final record wins: a stored one is never overwritten (GETRANGE reads
-# only its flag byte, not the record).
+# KEYS[1] result key, KEYS[2] done list. ARGV[1] flag byte .. record, ARGV[2] expiry
+# in ms, ARGV[3] channel. The first final record wins: a stored one is never
+# overwritten (GETRANGE reads only its flag byte, not the record). A final write
+# puts the record alone in the done list (waking the BLMOVEs blocked on it).
 _STORE_RESULT = """
 if redis.call('GETRANGE', KEYS[1], 0, 0) == 'F' then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if string.sub(ARGV[1], 1, 1) == 'F' then redis.call('PUBLISH', ARGV[3], ARGV[1]) end
+if string.sub(ARGV[1], 1, 1) == 'F' then
+  redis.call('DEL', KEYS[2])
+  redis.call('RPUSH', KEYS[2], string.sub(ARGV[1], 2))
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('PUBLISH', ARGV[3], ARGV[1])
+end
 return 1
 """
 
@@ -102,6 +116,9 @@ return 0
 """
 
 
+# What a pipeline calls the store script by (EVALSHA).
+_STORE_SHA = hashlib.sha1(_STORE_RESULT.encode()).hexdigest()
+
 _SCRIPTS = {
     "store": _STORE_RESULT,
     "add_member": _ADD_MEMBER,
@@ -131,7 +148,8 @@ class RedisBackend(Backend):
         key_prefix: Put in front of every key (and result channel).
         tls: For ``rediss://``: the CA, client certificate, and whether to
             verify (the default: certificate and host name checked).
-        socket_timeout: Seconds a command may take.
+        socket_timeout: Seconds a command may take (None: no limit). A longer
+            :meth:`wait_result` blocks in several commands, each shorter.
         connect_timeout: Seconds to wait for a connection.
     """
 
@@ -143,7 +161,7 @@ class RedisBackend(Backend):
         *,
         key_prefix: str = "mqtasks:",
         tls: TLSOptions | None = None,
-        socket_timeout: float = 10.0,
+        socket_timeout: float | None = 10.0,
         connect_timeout: float = 5.0,
     ) -> None:
         super().__init__(url, key_prefix=key_prefix, tls=tls)
@@ -154,6 +172,10 @@ class RedisBackend(Backend):
                 redact(f"Bad result backend URL {mask_url(url)}: {exc}")
             ) from exc
         self._channels = f"{key_prefix}db{db}:result:"
+        # A blocking command must return before the socket times out.
+        self._max_block = (
+            None if socket_timeout is None else max(socket_timeout / 2, socket_timeout - 1.0)
+        )
         options = tls if tls is not None else TLSOptions()
         #: Whether the URL connects with TLS (``rediss://``).
         self.uses_tls = options.apply(url)
@@ -175,8 +197,12 @@ class RedisBackend(Backend):
         """The key of ``task_id``'s result."""
         return f"{self.key_prefix}result:{task_id}"
 
+    def done_key(self, task_id: str) -> str:
+        """The list holding ``task_id``'s final record once there is one (what waiters block on)."""
+        return f"{self.key_prefix}done:{task_id}"
+
     def result_channel(self, task_id: str) -> str:
-        """The pub/sub channel a final result of ``task_id`` is published on."""
+        """The pub/sub channel a final result of ``task_id`` is announced on (for observers)."""
         return f"{self._channels}{task_id}"
 
     def key(self, key: str) -> str:
@@ -261,13 +287,53 @@ class RedisBackend(Backend):
 
     # -- results ------------------------------------------------------------------------
 
-    def store_result(self, task_id: str, record: bytes, *, final: bool, expires: float) -> bool:
-        """Write ``record`` unless a final one is stored (one script); a final write publishes."""
+    def _store_call(self, task_id: str, record: bytes, final: bool, expires: float) -> list[Any]:
+        """The store script's keys then arguments, for one result."""
         flagged = (_FINAL if final else _NOT_FINAL) + bytes(record)
-        key, channel = self.result_key(task_id), self.result_channel(task_id)
+        return [
+            self.result_key(task_id),
+            self.done_key(task_id),
+            flagged,
+            _ms(expires),
+            self.result_channel(task_id),
+        ]
+
+    def store_result(self, task_id: str, record: bytes, *, final: bool, expires: float) -> bool:
+        """Write ``record`` unless a final one is stored (one script); a final write wakes waiters."""
+        call = self._store_call(task_id, record, final, expires)
         with self._errors(f"store the result of {task_id}"):
-            written = self._script("store")(keys=[key], args=[flagged, _ms(expires), channel])
+            written = self._script("store")(keys=call[:2], args=call[2:])
         return bool(written)
+
+    def store_results(self, items: Sequence[ResultWrite]) -> list[bool]:
+        """Run the store script for each of ``items`` in one pipeline (one round trip).
+
+        The script is called by its digest; if Redis does not know it (after a
+        restart or ``SCRIPT FLUSH``), it is loaded and the calls it refused
+        run again (a refused call did not run).
+        """
+        if len(items) <= 1:
+            return super().store_results(items)
+        calls = [self._store_call(*item) for item in items]
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        with self._errors(f"store {len(items)} results"):
+            for attempt in range(2):
+                pipe: Any = self.client().pipeline(transaction=False)
+                for i in todo:
+                    pipe.execute_command("EVALSHA", _STORE_SHA, 2, *calls[i])
+                for i, reply in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+                    replies[i] = reply
+                todo = [i for i in todo if isinstance(replies[i], redis.exceptions.NoScriptError)]
+                if not todo:
+                    break
+                if attempt == 0:
+                    client: Any = self.client()
+                    client.script_load(_STORE_RESULT)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return [bool(reply) for reply in replies]
 
     def get_result(self, task_id: str) -> tuple[bytes, bool] | None:
         """GET the result of ``task_id``."""
@@ -282,50 +348,38 @@ class RedisBackend(Backend):
             raw = self.client().mget([self.result_key(t) for t in task_ids])
         return [_decode(r) for r in raw]
 
-    def _final(self, task_id: str) -> bytes | None:
-        found = self.get_result(task_id)
-        return found[0] if found is not None and found[1] else None
-
     def wait_result(self, task_id: str, timeout: float) -> bytes | None:
-        """GET; if not final, SUBSCRIBE to the task's channel, GET again, then wait.
+        """``BLMOVE`` the task's done list onto itself: one blocking command.
 
-        The second GET runs once Redis has confirmed the subscription, so a
-        final record stored between the first GET and the subscription is
-        seen either by the GET or as a message.
+        Moving the list's one element from its right end to its left end
+        returns it and leaves the list as it was, so every waiter blocked on
+        it wakes when the final record is stored, and a wait after that
+        returns at once. A wait longer than the socket's timeout blocks in
+        several commands; a zero timeout reads the list without blocking.
         """
+        key = self.done_key(task_id)
         deadline = time.monotonic() + max(0.0, timeout)
-        found = self._final(task_id)
-        if found is not None or timeout <= 0:
-            return found
-        channel = self.result_channel(task_id)
         with self._errors(f"wait for the result of {task_id}"):
-            pubsub = self.client().pubsub()
-            try:
-                pubsub.subscribe(channel)
-                while True:
-                    message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
-                    if message is not None and message["type"] == "subscribe":
-                        break
-                    if time.monotonic() >= deadline:
-                        return self._final(task_id)
-                found = self._final(task_id)
-                while found is None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return None
-                    message = pubsub.get_message(timeout=remaining)
-                    if message is not None and message["type"] == "message":
-                        data = message["data"]
-                        if data[:1] == _FINAL:
-                            found = bytes(data[1:])
-                return found
-            finally:
-                pubsub.close()
+            client = self.client()
+            remaining = timeout
+            if remaining <= 0:
+                stored = client.lindex(key, 0)
+                return None if stored is None else bytes(stored)
+            while remaining > 0:
+                block = remaining if self._max_block is None else min(remaining, self._max_block)
+                # Whole milliseconds, at least one: Redis reads a zero timeout as forever.
+                found = cast(
+                    "bytes | None", client.blmove(key, key, _ms(block) / 1000, "RIGHT", "LEFT")
+                )
+                if found is not None:
+                    return bytes(found)
+                remaining = deadline - time.monotonic()
+            return None
 
     def forget(self, task_id: str) -> None:
-        """DEL the result of ``task_id``."""
+        """DEL the result of ``task_id`` and its done list."""
         with self._errors(f"forget the result of {task_id}"):
-            self.client().delete(self.result_key(task_id))
+            self.client().delete(self.result_key(task_id), self.done_key(task_id))
 
     # -- coordination ----------------------------------------------------------------------
 

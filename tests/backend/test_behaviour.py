@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from mqtasks.backend import Backend
+from mqtasks.backend.base import ResultWrite
 from tests._helpers.wait import wait_for
 
 T = TypeVar("T")
@@ -77,6 +78,48 @@ def test_a_result_expires(backend: Backend) -> None:
     # Expired, it is absent: a new final record may be stored.
     assert backend.store_result("short", b"z", final=True, expires=60) is True
     assert backend.get_result("short") == (b"z", True)
+
+
+def test_store_results_stores_each_as_store_result_does(backend: Backend) -> None:
+    # Given a final record stored already, and a non-final one
+    backend.store_result("done", b"first", final=True, expires=60)
+    backend.store_result("running", b"started", final=False, expires=60)
+
+    # When a batch writes over both, twice over one new id, and a non-final record
+    written = backend.store_results(
+        [
+            ResultWrite("done", b"second", True, 60),
+            ResultWrite("running", b"finished", True, 60),
+            ResultWrite("new", b"a", True, 60),
+            ResultWrite("new", b"b", True, 60),
+            ResultWrite("retrying", b"r", False, 60),
+        ]
+    )
+
+    # Then each is written or not as on its own: the first final record wins
+    assert written == [False, True, True, False, True]
+    assert backend.get_results(["done", "running", "new", "retrying"]) == [
+        (b"first", True),
+        (b"finished", True),
+        (b"a", True),
+        (b"r", False),
+    ]
+    assert backend.store_results([]) == []
+
+
+def test_store_results_wakes_the_waiters_of_each(backend: Backend) -> None:
+    timer = threading.Timer(
+        0.3,
+        backend.store_results,
+        [[ResultWrite("a", b"1", True, 60), ResultWrite("b", b"2", True, 60)]],
+    )
+    timer.start()
+    try:
+        got = race([lambda: backend.wait_result("a", 30), lambda: backend.wait_result("b", 30)], 2)
+    finally:
+        timer.join()
+
+    assert got == [b"1", b"2"]
 
 
 def test_get_results_keeps_the_order_asked(backend: Backend) -> None:

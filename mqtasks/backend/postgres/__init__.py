@@ -37,7 +37,7 @@ import structlog
 from ..._url import mask_url, redact, remember_secret
 from ...exceptions import BackendError, ConfigurationError
 from ...transport.tls import TLSOptions
-from ..base import Backend
+from ..base import Backend, ResultWrite
 from .listener import Listener
 
 try:
@@ -396,6 +396,27 @@ class PostgresBackend(Backend):
             written = conn.execute(self._sql["store"], params).fetchone() is not None
             if written and final:
                 conn.execute(self._sql["notify"], [self.channel, key])
+        self._wrote()
+        return written
+
+    def store_results(self, items: Sequence[ResultWrite]) -> list[bool]:
+        """Upsert each of ``items`` as :meth:`store_result` does, in one transaction."""
+        if len(items) <= 1:
+            return super().store_results(items)
+        written: list[bool] = []
+        with self._transaction(f"store {len(items)} results") as conn:
+            for item in items:
+                key = self._id(item.task_id)
+                params = {
+                    "id": key,
+                    "record": bytes(item.record),
+                    "final": item.final,
+                    "ttl": item.expires,
+                }
+                done = conn.execute(self._sql["store"], params).fetchone() is not None
+                if done and item.final:
+                    conn.execute(self._sql["notify"], [self.channel, key])
+                written.append(done)
         self._wrote()
         return written
 
