@@ -44,6 +44,7 @@ __all__ = [
     "decode_outcome",
     "encode_outcome",
     "fetch_outcome",
+    "make_outcome",
     "wait_outcome",
 ]
 
@@ -87,8 +88,8 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan
 class Outcome:
     """A task's outcome as stored: its state and its value or error.
 
-    Built by :func:`decode_outcome`; ``at`` is when it was stored, in seconds
-    since the epoch.
+    Built by :func:`make_outcome` (and encoded with :meth:`encode`) or by
+    :func:`decode_outcome`; ``at`` is when it was made, in seconds since the epoch.
     """
 
     #: One of :data:`STATES`.
@@ -166,6 +167,19 @@ class Outcome:
         if error is not None:
             raise error
 
+    def encode(self, max_size: int) -> bytes:
+        """Return the JSON record a backend stores for this outcome.
+
+        Args:
+            max_size: Largest record with a value, in bytes (the app's ``max_message_size``).
+
+        Raises:
+            EncodeError: The value is not JSON (str, int, float, bool, None,
+                list, dict with str keys), nests too deep, or makes a record
+                over ``max_size``: the task's value cannot be stored.
+        """
+        return _encode(self, max_size)
+
     def to_dict(self) -> dict[str, Any]:
         """Return the outcome as the JSON document it is stored as."""
         error = None
@@ -202,6 +216,72 @@ def describe_exception(exception: BaseException) -> dict[str, str]:
     }
 
 
+def make_outcome(
+    state: str,
+    *,
+    task: str | None,
+    value: Any = None,
+    exception: BaseException | None = None,
+    reason: str | None = None,
+    failed_task_id: str | None = None,
+) -> Outcome:
+    """Return the outcome of a task, made now; :meth:`Outcome.encode` turns it into a record.
+
+    Its ``value`` is the object given (``SUCCEEDED`` only), not yet checked
+    for JSON: encoding does that.
+
+    Args:
+        state: One of :data:`STATES`.
+        task: The task's name.
+        value: What the task returned (``SUCCEEDED`` only).
+        exception: What the task raised, for a failure (or a retry).
+        reason: The dead-letter reason, for ``DEAD_LETTERED``.
+        failed_task_id: The workflow member or step that failed, when it is not this task.
+
+    Raises:
+        ValueError: ``state`` is not one of :data:`STATES`.
+    """
+    if state not in STATES:
+        raise ValueError(f"state must be one of {sorted(STATES)}, not {state!r}")
+    error = describe_exception(exception) if exception is not None else None
+    return Outcome(
+        state=state,
+        task=task,
+        value=value if state == SUCCEEDED else None,
+        at=time.time(),
+        reason=reason,
+        error_type=error["type"] if error else None,
+        error_message=error["message"] if error else None,
+        traceback=error["traceback"] if error else None,
+        failed_task_id=failed_task_id,
+    )
+
+
+def _encode(outcome: Outcome, max_size: int) -> bytes:
+    """The JSON record of ``outcome`` (:meth:`Outcome.encode`)."""
+    task, value = outcome.task, outcome.value
+    try:
+        data = _ENCODER.encode(outcome.to_dict()).encode()
+    except (TypeError, ValueError) as exc:
+        raise EncodeError(
+            f"The value task {task!r} returned cannot be stored as JSON "
+            f"({type(value).__name__}: {exc}). Return JSON types: str, int, float, bool, "
+            "None, list, dict with str keys."
+        ) from exc
+    if outcome.state == SUCCEEDED and len(data) > max_size:
+        raise EncodeError(
+            f"The value task {task!r} returned encodes to {len(data)} bytes, over the "
+            f"{max_size}-byte limit (max_message_size). Store the data elsewhere and return "
+            "its id or URL."
+        )
+    if json_depth_exceeds(data, MAX_VALUE_DEPTH):
+        raise EncodeError(
+            f"The value task {task!r} returned is nested more than {MAX_VALUE_DEPTH - 2} "
+            "levels deep. Flatten the data."
+        )
+    return data
+
+
 def encode_outcome(
     state: str,
     *,
@@ -213,6 +293,8 @@ def encode_outcome(
     max_size: int,
 ) -> bytes:
     """Encode an outcome as the JSON record a backend stores.
+
+    The same as ``make_outcome(...).encode(max_size)`` (:func:`make_outcome`).
 
     Args:
         state: One of :data:`STATES`.
@@ -229,38 +311,15 @@ def encode_outcome(
             ``max_size``: the task's value cannot be stored.
         ValueError: ``state`` is not one of :data:`STATES`.
     """
-    if state not in STATES:
-        raise ValueError(f"state must be one of {sorted(STATES)}, not {state!r}")
-    record: dict[str, Any] = {
-        "state": state,
-        "value": value if state == SUCCEEDED else None,
-        "task": task,
-        "at": time.time(),
-        "reason": reason,
-        "error": describe_exception(exception) if exception is not None else None,
-    }
-    if failed_task_id is not None:
-        record["failed_task_id"] = failed_task_id
-    try:
-        data = _ENCODER.encode(record).encode()
-    except (TypeError, ValueError) as exc:
-        raise EncodeError(
-            f"The value task {task!r} returned cannot be stored as JSON "
-            f"({type(value).__name__}: {exc}). Return JSON types: str, int, float, bool, "
-            "None, list, dict with str keys."
-        ) from exc
-    if state == SUCCEEDED and len(data) > max_size:
-        raise EncodeError(
-            f"The value task {task!r} returned encodes to {len(data)} bytes, over the "
-            f"{max_size}-byte limit (max_message_size). Store the data elsewhere and return "
-            "its id or URL."
-        )
-    if json_depth_exceeds(data, MAX_VALUE_DEPTH):
-        raise EncodeError(
-            f"The value task {task!r} returned is nested more than {MAX_VALUE_DEPTH - 2} "
-            "levels deep. Flatten the data."
-        )
-    return data
+    outcome = make_outcome(
+        state,
+        task=task,
+        value=value,
+        exception=exception,
+        reason=reason,
+        failed_task_id=failed_task_id,
+    )
+    return _encode(outcome, max_size)
 
 
 def decode_outcome(record: bytes) -> Outcome:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import pickle
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -27,8 +29,11 @@ from mqtasks import (
     Worker,
     current_message,
 )
+from mqtasks.backend.base import ResultWrite
+from mqtasks.backend.memory import MemoryBackend
+from mqtasks.backend.redis import RedisBackend
 from mqtasks.exceptions import SkipMessage
-from mqtasks.middleware.results import current_outcome
+from mqtasks.middleware.results import GroupCommit, current_outcome
 from mqtasks.result import (
     DEAD_LETTERED,
     FAILED,
@@ -41,6 +46,9 @@ from mqtasks.result import (
     encode_outcome,
 )
 from mqtasks.testing import drain, running_worker
+from reliability.proxy import TcpProxy
+from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
+from tests._helpers.redis import delete_keys
 from tests._helpers.servers import free_port
 
 
@@ -582,3 +590,107 @@ def test_pytest_fixtures_wait_for_a_result_and_reset_the_backend(
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+# -- group commit: results of threads that finish together, written together -----------------
+
+
+class _RecordingBackend(MemoryBackend):
+    """The memory backend, noting the size of each store_results call; the first is slow,
+    so that the other threads' results queue behind it."""
+
+    def __init__(self) -> None:
+        super().__init__("memory://")
+        self.batches: list[int] = []
+
+    def store_results(self, items: Sequence[ResultWrite]) -> list[bool]:
+        self.batches.append(len(items))
+        if len(self.batches) == 1:
+            time.sleep(0.3)
+        return super().store_results(items)
+
+
+def test_group_commit_writes_what_queued_during_a_write_in_one_call() -> None:
+    backend = _RecordingBackend()
+    commit = GroupCommit()
+    backend.store_result("ran-before", b"first", final=True, expires=60)
+    ids = [f"t{i}" for i in range(7)] + ["ran-before"]
+    barrier = threading.Barrier(len(ids))
+
+    def store(task_id: str) -> bool:
+        barrier.wait(10)
+        return commit.store(backend, ResultWrite(task_id, task_id.encode(), True, 60))
+
+    with ThreadPoolExecutor(len(ids)) as pool:
+        written = list(pool.map(store, ids, timeout=30))
+
+    # Each thread learns whether its own result was written
+    assert written == [True] * 7 + [False]
+    assert backend.get_results(ids) == [(i.encode(), True) for i in ids[:7]] + [(b"first", True)]
+    # and the results that queued while the first write was under way went together
+    assert sum(backend.batches) == len(ids)
+    assert len(backend.batches) <= 3 and max(backend.batches) >= 4, backend.batches
+
+
+def test_a_result_stored_alone_is_written_by_its_own_thread_at_once() -> None:
+    backend = _RecordingBackend()
+    commit = GroupCommit()
+    backend.batches.append(0)  # no slow first call
+
+    assert commit.store(backend, ResultWrite("t", b"x", True, 60)) is True
+    assert commit.store(backend, ResultWrite("t", b"y", True, 60)) is False
+    assert backend.batches == [0, 1, 1]
+    assert backend.get_result("t") == (b"x", True)
+
+
+@pytest.mark.integration
+def test_group_commit_gives_each_thread_of_a_failed_write_its_own_error() -> None:
+    require_broker("redis")
+    proxy = TcpProxy(6379)
+    prefix = unique_name("gc") + ":"
+    backend = RedisBackend(proxy.url_for(REDIS_URL), key_prefix=prefix, socket_timeout=0.5)
+    commit = GroupCommit()
+    try:
+        backend.check()
+        # Given a backend that stops answering while threads store results
+        proxy.blackhole()
+        barrier = threading.Barrier(5)
+
+        def store(i: int) -> BaseException | bool:
+            barrier.wait(10)
+            try:
+                return commit.store(backend, ResultWrite(f"t{i}", b"x", True, 60))
+            except BackendError as exc:
+                return exc
+
+        with ThreadPoolExecutor(5) as pool:
+            outcomes = list(pool.map(store, range(5), timeout=60))
+
+        # Then every thread gets a BackendError of its own, none a result
+        assert all(isinstance(o, BackendError) for o in outcomes), outcomes
+        assert len({id(o) for o in outcomes}) == 5
+        # And once the backend answers again, the next store is written
+        proxy.blackhole(False)
+        assert commit.store(backend, ResultWrite("t0", b"x", True, 60)) is True
+    finally:
+        backend.close()
+        proxy.close()
+        delete_keys(prefix)
+
+
+def test_ignore_result_does_not_encode_the_value(make_app: Callable[..., App]) -> None:
+    seer = _SeeOutcome()
+    app = make_app("memory://", backend="memory://", middleware=[seer], max_message_size=1024)
+
+    @app.task(ignore_result=True)
+    def big() -> str:
+        return "x" * 4096
+
+    handle = big.delay()
+    with running_worker(app) as worker:
+        drain(worker)
+
+    # Nothing stored, so no limit applies: the workflow middleware sees the value
+    outcome = seer.outcomes[0]
+    assert outcome is not None and outcome.state == SUCCEEDED and outcome.value == "x" * 4096
+    assert handle.state == PENDING

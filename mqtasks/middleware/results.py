@@ -8,6 +8,11 @@ the backend cannot take a final outcome, the message is deferred (published
 again, held by the broker for a short while) instead of being acknowledged
 with its result missing.
 
+Worker threads whose tasks end while another thread is writing results hand
+theirs to the next write: one thread writes everything waiting in one call
+(:meth:`~mqtasks.backend.base.Backend.store_results`, one round trip on Redis),
+and each thread acknowledges its own message once its own result is written.
+
 The record format is :mod:`mqtasks.result`'s.
 """
 
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from ..backend.base import ResultWrite
 from ..exceptions import BackendError, EncodeError, SkipMessage
 from ..result import (
     DEAD_LETTERED,
@@ -30,11 +36,12 @@ from ..result import (
     SUCCEEDED,
     Outcome,
     decode_outcome,
-    encode_outcome,
+    make_outcome,
 )
 from .base import Middleware
 
 if TYPE_CHECKING:
+    from ..backend.base import Backend
     from ..message import Message
     from ..worker import Worker
 
@@ -59,6 +66,85 @@ _outcome: contextvars.ContextVar[Outcome | None] = contextvars.ContextVar(
 )
 
 
+class _Pending:
+    """One thread's result, waiting in a :class:`GroupCommit` queue."""
+
+    __slots__ = ("error", "item", "lead", "ready", "written")
+
+    def __init__(self, item: ResultWrite) -> None:
+        self.item = item
+        #: Held until the result is written (or the thread is to write the next batch).
+        self.ready = threading.Lock()
+        self.ready.acquire()
+        self.lead = False
+        self.written = False
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """Writes the results of threads that finish together in one backend call.
+
+    A thread with a result to store queues it. If no write is under way, it
+    writes everything queued (its own result among it) in one
+    :meth:`~mqtasks.backend.base.Backend.store_results` call; otherwise it
+    waits. The writer then wakes the threads whose results it wrote, and, if
+    more results were queued meanwhile, the first of their threads, which
+    writes those. No thread of its own: a result stored alone is written by
+    the thread that made it, with no hand-off, and no thread's result waits
+    for more than the write under way and its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._writing = False
+
+    def store(self, backend: Backend, item: ResultWrite) -> bool:
+        """Store ``item`` (with whatever else is queued); return whether it was written.
+
+        Raises:
+            BackendError: The write that held ``item`` failed.
+        """
+        pending = _Pending(item)
+        with self._lock:
+            self._queue.append(pending)
+            lead = not self._writing
+            self._writing = True
+        if not lead:
+            pending.ready.acquire()  # released once written, or to write the next batch
+        if lead or pending.lead:
+            self._write(backend)
+        if pending.error is not None:
+            error = pending.error
+            if isinstance(error, BackendError):
+                raise BackendError(str(error)) from error  # each thread its own exception
+            raise error
+        return pending.written
+
+    def _write(self, backend: Backend) -> None:
+        """Write the queue in one call; wake its threads, and the next writer if any."""
+        with self._lock:
+            batch, self._queue = self._queue, []
+        try:
+            written = backend.store_results([p.item for p in batch])
+            for p, done in zip(batch, written, strict=True):
+                p.written = done
+        except BaseException as exc:
+            for p in batch:
+                p.error = exc
+        finally:
+            with self._lock:
+                successor = self._queue[0] if self._queue else None
+                if successor is None:
+                    self._writing = False
+                else:
+                    successor.lead = True
+            for p in batch:
+                p.ready.release()
+            if successor is not None:
+                successor.ready.release()
+
+
 def current_outcome() -> Outcome | None:
     """Return the final outcome of the message being processed, once Results has stored it.
 
@@ -66,7 +152,7 @@ def current_outcome() -> Outcome | None:
     before it in the stack), such as the workflow middleware. It is the
     outcome the backend holds: when the message ran before and its first
     outcome is stored already, that first one. With ``ignore_result`` it is
-    the outcome that was not stored. None when there is no final outcome (the
+    the outcome that was not stored (not encoded either). None when there is no final outcome (the
     task is retried, the message requeued or deferred) or outside a message.
     """
     return _outcome.get()
@@ -108,6 +194,7 @@ class Results(Middleware):
         self.max_defer_delay = max_defer_delay
         self._failures = 0
         self._lock = threading.Lock()
+        self._commit = GroupCommit()
 
     def __repr__(self) -> str:
         return f"Results(defer_delay={self.defer_delay}, max_defer_delay={self.max_defer_delay})"
@@ -142,15 +229,13 @@ class Results(Middleware):
         if not task_id or (message is not None and _option(worker, message, "ignore_result")):
             return
         app = worker.app
-        record = encode_outcome(
-            DEAD_LETTERED,
-            task=message.task if message is not None else None,
-            reason=reason,
-            max_size=app.settings.max_message_size,
+        outcome = make_outcome(
+            DEAD_LETTERED, task=message.task if message is not None else None, reason=reason
         )
+        record = outcome.encode(app.settings.max_message_size)
         try:
-            app.backend.store_result(
-                task_id, record, final=True, expires=app.settings.result_expires
+            self._commit.store(
+                app.backend, ResultWrite(task_id, record, True, app.settings.result_expires)
             )
         except BackendError as exc:
             # The message is in the dead-letter queue: a replay stores it again.
@@ -181,16 +266,15 @@ class Results(Middleware):
         else:
             return  # retried, requeued or deferred: not over yet
         app = worker.app
+        outcome = make_outcome(
+            state, task=message.task, value=result, exception=exception, reason=reason
+        )
+        if _option(worker, message, "ignore_result"):
+            _outcome.set(outcome)
+            return
         limit = app.settings.max_message_size
         try:
-            record = encode_outcome(
-                state,
-                task=message.task,
-                value=result,
-                exception=exception,
-                reason=reason,
-                max_size=limit,
-            )
+            record = outcome.encode(limit)
         except EncodeError as error:
             logger.error(
                 "result.unencodable",
@@ -199,14 +283,11 @@ class Results(Middleware):
                 error=str(error),
                 note="stored as FAILED with EncodeError; not retried",
             )
-            record = encode_outcome(FAILED, task=message.task, exception=error, max_size=limit)
-        outcome = decode_outcome(record)
-        if _option(worker, message, "ignore_result"):
-            _outcome.set(outcome)
-            return
+            outcome = make_outcome(FAILED, task=message.task, exception=error)
+            record = outcome.encode(limit)
         try:
-            written = app.backend.store_result(
-                message.id, record, final=True, expires=app.settings.result_expires
+            written = self._commit.store(
+                app.backend, ResultWrite(message.id, record, True, app.settings.result_expires)
             )
             if not written:  # it ran before: the first outcome stands
                 stored = app.backend.get_result(message.id)
@@ -241,12 +322,12 @@ class Results(Middleware):
     ) -> None:
         """Store a non-final outcome; a backend error is logged and the task goes on."""
         app = worker.app
-        record = encode_outcome(
-            state, task=message.task, exception=exception, max_size=app.settings.max_message_size
+        record = make_outcome(state, task=message.task, exception=exception).encode(
+            app.settings.max_message_size
         )
         try:
-            app.backend.store_result(
-                message.id, record, final=False, expires=app.settings.result_expires
+            self._commit.store(
+                app.backend, ResultWrite(message.id, record, False, app.settings.result_expires)
             )
         except BackendError as exc:
             logger.warning(
