@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._url import mask_url, remember_secret
-from ..exceptions import ConfigurationError, PublishError
+from ..exceptions import ConfigurationError, PublishError, Unroutable
 from .envelope import Envelope
 from .queue import (
     DLQ_SUFFIX,
@@ -68,6 +68,9 @@ class Capabilities:
             ``visibility_timeout`` transport option to another consumer, although
             its worker may be alive and running it (kombu's Redis transport);
             otherwise the broker waits for the worker's connection or liveness.
+        exchanges: Routes by topic exchange: :meth:`Transport.bind` and
+            :meth:`Transport.emit` (events) work; otherwise they raise
+            ConfigurationError.
     """
 
     delays: bool = False
@@ -80,6 +83,7 @@ class Capabilities:
     dead_letter_browse: bool = False
     in_process: bool = False
     visibility_timeout: bool = False
+    exchanges: bool = False
 
 
 @dataclass(frozen=True)
@@ -420,6 +424,95 @@ class Transport:
             else:
                 results.append(None)
         return results
+
+    # -- topic exchanges (events) ----------------------------------------------
+
+    def require_exchanges(self) -> None:
+        """Refuse topic routing on a transport without it.
+
+        Raises:
+            ConfigurationError: :attr:`Capabilities.exchanges` is False.
+        """
+        if not self.capabilities.exchanges:
+            raise ConfigurationError(
+                f"{self.schemes[0]}:// cannot route events: use amqp://, redis:// or memory://."
+            )
+
+    @staticmethod
+    def unroutable_event(exchange: str, routing_key: str, envelope: Envelope) -> Unroutable:
+        """The error of a mandatory :meth:`emit` that no binding matched."""
+        return Unroutable(
+            f"Message {envelope.message_id} was NOT published: no queue is bound to exchange "
+            f"{exchange!r} with a pattern matching {routing_key!r}. Start a subscriber (or "
+            "declare its bindings) first, or emit with mandatory=False.",
+            task_id=envelope.message_id,
+        )
+
+    def bind(self, exchange: str, pattern: str, spec: QueueSpec) -> None:
+        """Bind queue ``spec`` to topic exchange ``exchange`` under ``pattern`` (idempotent).
+
+        Declares the durable topic exchange, the queue and its dead-letter queue
+        (as :meth:`declare` does) and one binding: messages emitted to
+        ``exchange`` with a routing key that ``pattern`` matches (AMQP topic
+        syntax, :mod:`mqtasks.transport.topic`) reach the queue.
+
+        Raises:
+            ValueError: ``pattern`` is not a usable pattern (``check_pattern``).
+            ConfigurationError: The transport cannot route events.
+            ConnectionFailed: The broker is unreachable.
+            TransportError: The broker refused a declaration.
+        """
+        self.require_exchanges()
+        raise NotImplementedError
+
+    def unbind(self, exchange: str, pattern: str, queue: str) -> None:
+        """Remove the binding of ``queue`` to ``exchange`` under ``pattern`` (absent: nothing).
+
+        Raises:
+            ConfigurationError: The transport cannot route events.
+            ConnectionFailed: The broker is unreachable.
+        """
+        self.require_exchanges()
+        raise NotImplementedError
+
+    def bindings(self, exchange: str) -> list[tuple[str, str]]:
+        """Return the ``(pattern, queue)`` bindings of ``exchange``, sorted.
+
+        Raises:
+            ConfigurationError: The transport cannot route events.
+            ConnectionFailed: The broker is unreachable.
+        """
+        self.require_exchanges()
+        raise NotImplementedError
+
+    def emit(
+        self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = True
+    ) -> int:
+        """Publish ``envelope`` once to topic exchange ``exchange`` under ``routing_key``.
+
+        Every queue bound with a pattern that matches the key gets one copy,
+        whatever number of its patterns match. Returns once the broker has it,
+        as :meth:`publish` does (confirmed where the broker confirms).
+
+        Args:
+            exchange: The topic exchange.
+            routing_key: The key bindings are matched against (``order.created``).
+            envelope: What to send.
+            mandatory: Raise :class:`~mqtasks.exceptions.Unroutable` when no
+                binding matches; False: the message is dropped quietly.
+
+        Returns:
+            How many queues got it, where the broker tells (-1 where it does not).
+
+        Raises:
+            ValueError: ``routing_key`` is not a usable key (``check_key``).
+            ConfigurationError: The transport cannot route events.
+            Unroutable: ``mandatory`` and no binding matches.
+            PublishError: The message was not published (``PublishNacked``, an
+                outage outlasting the retries).
+        """
+        self.require_exchanges()
+        raise NotImplementedError
 
     # -- consuming ---------------------------------------------------------
 

@@ -8,6 +8,11 @@ messages, and :meth:`MemoryTransport.reset` empties it.
 kombu's memory queues are first in, first out (its channel takes no notice of
 a message's priority); this module's queues hand out higher priorities first,
 as ``redis://`` does, so that code tested here orders its tasks as on a broker.
+
+Topic exchanges (events) are a table of bindings kept by the transport, the
+broker here: :meth:`MemoryTransport.emit` matches the routing key with
+:func:`~mqtasks.transport.topic.topic_matches` and puts one copy in each
+matching queue.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ._guard import GuardedVirtualMessage
 from .base import DLQ_SUFFIX, Capabilities, QueueSpec, QueueStats
 from .envelope import Envelope
 from .kombu import KombuTransport
+from .topic import check_exchange, check_key, check_pattern, topic_matches
 
 __all__ = ["MemoryTransport"]
 
@@ -134,7 +140,12 @@ class MemoryTransport(KombuTransport):
 
     schemes: ClassVar[tuple[str, ...]] = ("memory",)
     capabilities = Capabilities(
-        delays=True, priorities=True, max_priority=True, delivery_count=True, in_process=True
+        delays=True,
+        priorities=True,
+        max_priority=True,
+        delivery_count=True,
+        in_process=True,
+        exchanges=True,
     )
 
     def __init__(self, url: str, **kwargs: Any) -> None:
@@ -146,6 +157,8 @@ class MemoryTransport(KombuTransport):
         self._scheduler: threading.Thread | None = None
         self._channels: weakref.WeakSet[Any] = weakref.WeakSet()
         self._max_priorities: dict[str, int] = {}
+        #: Topic exchange -> its bindings, ``(pattern, queue)`` pairs.
+        self._exchanges: dict[str, set[tuple[str, str]]] = {}
         channel = type(
             "MemoryChannel",
             (_CountingChannel, _TrackedChannel, _PriorityChannel),
@@ -189,6 +202,47 @@ class MemoryTransport(KombuTransport):
                 )
                 self._scheduler.start()
             self._due_ready.notify()
+
+    # -- topic exchanges (events) ----------------------------------------------
+
+    def bind(self, exchange: str, pattern: str, spec: QueueSpec) -> None:
+        """Declare ``spec`` (and its dead-letter queue) and bind it under ``pattern``."""
+        check_exchange(exchange)
+        check_pattern(pattern)
+        self.declare([spec])
+        with self._lock:
+            self._exchanges.setdefault(exchange, set()).add((pattern, spec.name))
+
+    def unbind(self, exchange: str, pattern: str, queue: str) -> None:
+        """Remove one binding (an absent one: nothing)."""
+        with self._lock:
+            self._exchanges.get(exchange, set()).discard((pattern, queue))
+
+    def bindings(self, exchange: str) -> list[tuple[str, str]]:
+        """Return the ``(pattern, queue)`` bindings of ``exchange``, sorted."""
+        with self._lock:
+            return sorted(self._exchanges.get(exchange, ()))
+
+    def emit(
+        self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = True
+    ) -> int:
+        """Put one copy in every queue bound with a matching pattern; return how many.
+
+        Raises:
+            Unroutable: ``mandatory`` and no binding matches.
+        """
+        check_exchange(exchange)
+        check_key(routing_key)
+        with self._lock:
+            bound = list(self._exchanges.get(exchange, ()))
+        queues = sorted({q for pattern, q in bound if topic_matches(pattern, routing_key)})
+        if not queues:
+            if mandatory:
+                raise self.unroutable_event(exchange, routing_key, envelope)
+            return 0
+        for queue in queues:
+            super().publish(queue, envelope)
+        return len(queues)
 
     def _schedule(self) -> None:
         while True:
@@ -290,5 +344,7 @@ class MemoryTransport(KombuTransport):
         self._queues.clear()
         self._declared.clear()
         self._max_priorities.clear()
+        with self._lock:
+            self._exchanges.clear()
         with self._due_ready:
             self._due.clear()

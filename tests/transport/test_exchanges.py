@@ -1,0 +1,196 @@
+"""Topic exchanges (events) on every transport that routes them: memory, the local
+RabbitMQ and the local Redis. Bindings, fan-out to each matching queue once,
+``*`` and ``#``, unroutable events, unbinding, and a consumer receiving what
+was emitted; ``redis+kombu://`` refuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from mqtasks import ConfigurationError, QueueSpec, Unroutable
+from mqtasks.transport import Transport, resolve
+from mqtasks.transport.base import DLQ_SUFFIX, Delivery
+from mqtasks.transport.envelope import Envelope
+from tests._helpers.brokers import require_broker, unique_name
+from tests._helpers.wait import wait_for
+
+KINDS = ["memory"]
+
+
+def delete_exchange(transport: Transport, exchange: str) -> None:
+    """Remove what a test declared for ``exchange`` beyond its queues."""
+    for pattern, queue in transport.bindings(exchange):
+        transport.unbind(exchange, pattern, queue)
+
+
+class Events:
+    """A transport and the exchange and queues of one test, all deleted at the end."""
+
+    def __init__(self, url: str) -> None:
+        self.transport = resolve(url, publish_timeout=5.0)
+        self.exchange = unique_name("ex").replace("-", ".")
+        self.queues: list[str] = []
+
+    def queue(self, label: str, **options: Any) -> QueueSpec:
+        spec = QueueSpec(unique_name(label), **options)
+        self.queues.append(spec.name)
+        return spec
+
+    def counts(self) -> dict[str, int]:
+        return self.transport.message_counts([QueueSpec(q) for q in self.queues])
+
+    def close(self) -> None:
+        try:
+            delete_exchange(self.transport, self.exchange)
+            names = self.queues + [q + DLQ_SUFFIX for q in self.queues]
+            self.transport.delete([QueueSpec(n) for n in names])
+        finally:
+            self.transport.close()
+
+
+@pytest.fixture(params=KINDS)
+def events(request: pytest.FixtureRequest) -> Iterator[Events]:
+    """A transport of each kind that routes events, with a run-unique exchange."""
+    made = Events(require_broker(request.param))
+    yield made
+    made.close()
+
+
+def envelope(n: int, **kwargs: Any) -> Envelope:
+    return Envelope(body=b'{"n":%d}' % n, message_id=f"ev-{unique_name('m')}-{n}", **kwargs)
+
+
+def receive(transport: Transport, spec: QueueSpec, count: int) -> list[Delivery]:
+    """Consume ``count`` deliveries of ``spec`` with the transport's own consumer; ack them."""
+    got: list[Delivery] = []
+    consumer = transport.consumer([spec], prefetch=10)
+    consumer.start(got.append)
+    try:
+        wait_for(
+            lambda: consumer.drain(0.05) or len(got) >= count,
+            lambda: f"{count} deliveries; got {len(got)}",
+            10.0,
+            interval=0,
+        )
+        for delivery in got:
+            consumer.ack(delivery)
+        consumer.drain(0.05)
+    finally:
+        consumer.close()
+    return got
+
+
+def test_a_key_matching_two_bindings_reaches_each_queue_once(events: Events) -> None:
+    t, ex = events.transport, events.exchange
+    orders, audit, other = events.queue("orders"), events.queue("audit"), events.queue("other")
+    t.bind(ex, "order.*", orders)
+    t.bind(ex, "order.created", audit)
+    t.bind(ex, "#.created", audit)  # a second match of the same queue: still one copy
+    t.bind(ex, "invoice.#", other)
+    # When an event matches orders once and audit twice
+    got = t.emit(ex, "order.created", envelope(1))
+    # Then each of the two queues holds it once, the third none
+    assert got in (2, -1)
+    assert events.counts() == {orders.name: 1, audit.name: 1, other.name: 0}
+
+
+def test_star_is_one_word_and_hash_any_number(events: Events) -> None:
+    t, ex = events.transport, events.exchange
+    star, hash_ = events.queue("star"), events.queue("hash")
+    t.bind(ex, "order.*", star)
+    t.bind(ex, "order.#", hash_)
+    for key in ("order", "order.created", "order.created.eu"):
+        t.emit(ex, key, envelope(0))
+    assert events.counts() == {star.name: 1, hash_.name: 3}
+
+
+def test_no_matching_binding_raises_unroutable_or_drops_when_not_mandatory(
+    events: Events,
+) -> None:
+    t, ex = events.transport, events.exchange
+    spec = events.queue("orders")
+    t.bind(ex, "order.*", spec)
+    sent = envelope(1)
+    with pytest.raises(Unroutable, match="NOT published") as info:
+        t.emit(ex, "invoice.paid", sent)
+    assert info.value.task_id == sent.message_id
+    assert t.emit(ex, "invoice.paid", envelope(2), mandatory=False) in (0, -1)
+    assert events.counts() == {spec.name: 0}
+
+
+def test_unbind_stops_delivery_and_bindings_lists_what_is_bound(events: Events) -> None:
+    t, ex = events.transport, events.exchange
+    a, b = events.queue("a"), events.queue("b")
+    t.bind(ex, "x.#", a)
+    t.bind(ex, "x.*", b)
+    t.bind(ex, "x.*", b)  # idempotent
+    assert t.bindings(ex) == [("x.#", a.name), ("x.*", b.name)]
+    t.unbind(ex, "x.*", b.name)
+    t.unbind(ex, "x.*", b.name)  # absent: nothing
+    assert t.bindings(ex) == [("x.#", a.name)]
+    t.emit(ex, "x.y", envelope(1))
+    assert events.counts() == {a.name: 1, b.name: 0}
+
+
+def test_a_consumer_receives_the_emitted_envelope_with_headers_intact(events: Events) -> None:
+    t, ex = events.transport, events.exchange
+    spec = events.queue("sub")
+    t.bind(ex, "user.signed_up", spec)
+    headers = {"mqtasks-event": "user.signed_up", "mqtasks-task": "user.signed_up", "n": 3}
+    sent = envelope(7, headers=headers)
+    t.emit(ex, "user.signed_up", sent)
+    (delivery,) = receive(t, spec, 1)
+    assert delivery.body == sent.body
+    assert delivery.message_id == sent.message_id
+    assert dict(delivery.headers) == headers
+    assert delivery.content_type == sent.content_type
+
+
+def test_priorities_are_respected_like_publish(events: Events) -> None:
+    t, ex = events.transport, events.exchange
+    spec = events.queue("prio", queue_type="classic", max_priority=9)
+    t.bind(ex, "job", spec)
+    for p in (None, 1, 9, 5):
+        t.emit(ex, "job", envelope(p or 0, priority=p))
+    got = receive(t, spec, 4)
+    assert [d.body for d in got] == [b'{"n":9}', b'{"n":5}', b'{"n":1}', b'{"n":0}']
+
+
+def test_bad_patterns_keys_and_exchanges_are_refused(events: Events) -> None:
+    t, ex = events.transport, events.exchange
+    spec = events.queue("q")
+    with pytest.raises(ValueError, match="empty word"):
+        t.bind(ex, "a..b", spec)
+    with pytest.raises(ValueError, match="Exchange name"):
+        t.bind("", "a", spec)
+    with pytest.raises(ValueError, match="control character"):
+        t.emit(ex, "a\nb", envelope(1))
+
+
+@pytest.mark.integration
+def test_redis_kombu_refuses_events_naming_the_schemes_that_route_them() -> None:
+    url = require_broker("redis").replace("redis://", "redis+kombu://", 1)
+    t = resolve(url)
+    try:
+        assert t.capabilities.exchanges is False
+        for call in (
+            lambda: t.bind("ev", "a.*", QueueSpec("q")),
+            lambda: t.unbind("ev", "a.*", "q"),
+            lambda: t.bindings("ev"),
+            lambda: t.emit("ev", "a.b", envelope(1)),
+        ):
+            with pytest.raises(ConfigurationError, match=r"amqp://, redis:// or memory://"):
+                call()
+    finally:
+        t.close()
+
+
+def test_memory_reset_forgets_bindings() -> None:
+    t = resolve("memory://")
+    t.bind("ev", "a.*", QueueSpec("q"))
+    t.reset()
+    assert t.bindings("ev") == []
