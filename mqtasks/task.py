@@ -10,11 +10,15 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+import structlog
+
 from .exceptions import ConfigurationError
 from .message import Message
 from .result import PENDING, SUCCEEDED, Outcome, fetch_outcome, wait_outcome
 from .retry import RetryPolicy
+from .serialization import encode_body
 from .types import Seconds, to_seconds
+from .unique import Claim, argument_key, claim, explicit_key, release
 
 if TYPE_CHECKING:
     from .app import App
@@ -22,6 +26,8 @@ if TYPE_CHECKING:
     from .canvas import Signature
 
 __all__ = ["Confirmation", "Task", "TaskHandle", "refuse_awaitable"]
+
+logger = structlog.get_logger("mqtasks.task")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -37,8 +43,16 @@ BASE_OPTIONS = frozenset(
         "retry_backoff",
         "retry_on",
         "dont_retry_on",
+        # At most one message per call within this window (see mqtasks.unique).
+        "unique_for",
+        # Run once per task id: read by the Idempotency middleware, which workers
+        # install when the app has a result backend.
+        "idempotent",
     }
 )
+
+#: Where to set a result backend, for the errors of options that need one.
+_BACKEND_HINT = "App(..., backend='redis://...') or MQTASKS_BACKEND_URL"
 
 
 class Confirmation:
@@ -48,18 +62,33 @@ class Confirmation:
     it with the broker's answer, once, from the thread that opened the block.
     """
 
-    __slots__ = ("error", "settled")
+    __slots__ = ("_callbacks", "error", "settled")
 
     def __init__(self) -> None:
         #: Whether the broker's answer is in.
         self.settled = False
         #: Why the message was not enqueued; None while pending or once confirmed.
         self.error: BaseException | None = None
+        self._callbacks: list[Callable[[BaseException | None], None]] = []
 
     def settle(self, error: BaseException | None) -> None:
         """Record the broker's answer: None when it confirmed the message."""
         self.error = error
         self.settled = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(error)
+
+    def on_settle(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(error)`` with the broker's answer once it is in (now if it is).
+
+        The callback runs in the thread that settles (the one that opened the
+        block) and must not raise.
+        """
+        if self.settled:
+            callback(self.error)
+        else:
+            self._callbacks.append(callback)
 
 
 #: What a pickled TaskHandle leaves behind (see TaskHandle.__getstate__).
@@ -97,6 +126,8 @@ class TaskHandle:
     confirmation: Confirmation | None = field(default=None, repr=False, compare=False)
     #: The app whose result backend holds the task's result.
     app: App | None = field(default=None, repr=False, compare=False)
+    #: True for the handle of an earlier message a unique call found (nothing was published).
+    duplicate: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         return self.id
@@ -321,7 +352,9 @@ class Task(Generic[P, R]):
 
     Raises:
         ConfigurationError: ``fn`` is an ``async def`` function (or an async
-            generator function): the worker cannot run those yet.
+            generator function): the worker cannot run those yet; or
+            ``unique_for`` or ``idempotent=True`` on an app with no result
+            backend URL (they keep their keys there).
     """
 
     def __init__(
@@ -351,6 +384,22 @@ class Task(Generic[P, R]):
             retry_on=self.options.pop("retry_on", None),
             dont_retry_on=self.options.pop("dont_retry_on", None),
         )
+        #: Seconds a call's key (its name and arguments) holds, during which the same
+        #: call publishes nothing (see :mod:`mqtasks.unique`); None: every call publishes.
+        self.unique_for: float | None = to_seconds(self.options.pop("unique_for", None))
+        if self.unique_for is not None and not self.unique_for > 0:
+            raise ConfigurationError(
+                f"Task {name!r}: unique_for must be positive seconds, not {self.unique_for!r}."
+            )
+        for option, given in (
+            ("unique_for", self.unique_for is not None),
+            ("idempotent=True", bool(self.options.get("idempotent"))),
+        ):
+            if given and not app.has_backend:
+                raise ConfigurationError(
+                    f"Task {name!r} sets {option}, which keeps its keys in the result "
+                    f"backend, and app {app.name!r} has none: {_BACKEND_HINT}."
+                )
         self.signature = inspect.signature(fn)
         self._names = [
             p.name
@@ -415,6 +464,7 @@ class Task(Generic[P, R]):
         expires: Seconds | datetime | None = None,
         countdown: Seconds | None = None,
         eta: datetime | None = None,
+        idempotency_key: str | None = None,
     ) -> TaskHandle:
         """Send the call with options; return once the broker has confirmed it.
 
@@ -431,6 +481,10 @@ class Task(Generic[P, R]):
                 rejects the task instead of running it.
             countdown: Seconds the broker holds the message before a worker gets it.
             eta: An aware datetime before which no worker gets it (instead of ``countdown``).
+            idempotency_key: Publish nothing if a call of this task with the same key
+                was published within the window (the task's ``unique_for``, else the
+                app's ``result_expires``); the handle of that call is returned instead
+                (:attr:`TaskHandle.duplicate`). Needs a result backend.
 
         Returns:
             The message's handle; pending inside a publishing block (as for :meth:`delay`).
@@ -438,7 +492,10 @@ class Task(Generic[P, R]):
         Raises:
             TypeError: The arguments do not fit the function's signature.
             EncodeError: An argument cannot be sent as JSON, or the message is too large.
-            PublishError: The message was not enqueued.
+            PublishError: The message was not enqueued (its uniqueness key is given back).
+            ConfigurationError: ``idempotency_key`` on an app with no result backend.
+            BackendError: The result backend cannot be reached to claim the key
+                (nothing was published).
         """
         delay = _delay(countdown, eta)
         message = self.message(
@@ -450,7 +507,24 @@ class Task(Generic[P, R]):
             task_id=task_id,
             expires=expires,
         )
-        return self.app.send(message, names=self._names, delay=delay)
+        unique = self._claim_for(message, idempotency_key)
+        if unique is None:
+            return self.app.send(message, names=self._names, delay=delay)
+        backend = self.app.backend
+        holder = claim(backend, unique, message.id)
+        if holder is not None:
+            return self._duplicate(unique, holder)
+        try:
+            handle = self.app.send(message, names=self._names, delay=delay)
+        except Exception:
+            release(backend, unique, message.id)
+            raise
+        confirmation = handle.confirmation
+        if confirmation is not None:  # in a publishing block: its answer comes later
+            confirmation.on_settle(
+                lambda error: release(backend, unique, message.id) if error is not None else None
+            )
+        return handle
 
     async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
         """Send the call from asyncio code; return once the broker has confirmed it.
@@ -478,13 +552,19 @@ class Task(Generic[P, R]):
         expires: Seconds | datetime | None = None,
         countdown: Seconds | None = None,
         eta: datetime | None = None,
+        idempotency_key: str | None = None,
     ) -> TaskHandle:
         """:meth:`apply_async` for asyncio code, pipelined as :meth:`adelay` is.
+
+        The uniqueness key (``idempotency_key``, ``unique_for``) is claimed in
+        a thread, so the event loop keeps running.
 
         Raises:
             TypeError: The arguments do not fit the function's signature.
             EncodeError: An argument cannot be sent as JSON, or the message is too large.
-            PublishError: The message was not enqueued.
+            PublishError: The message was not enqueued (its uniqueness key is given back).
+            ConfigurationError: ``idempotency_key`` on an app with no result backend.
+            BackendError: The result backend cannot be reached to claim the key.
         """
         delay = _delay(countdown, eta)
         message = self.message(
@@ -496,7 +576,61 @@ class Task(Generic[P, R]):
             task_id=task_id,
             expires=expires,
         )
-        return await self.app.asend(message, names=self._names, delay=delay)
+        unique = self._claim_for(message, idempotency_key)
+        if unique is None:
+            return await self.app.asend(message, names=self._names, delay=delay)
+        backend = self.app.backend
+        holder = await asyncio.to_thread(claim, backend, unique, message.id)
+        if holder is not None:
+            return self._duplicate(unique, holder)
+        try:
+            return await self.app.asend(message, names=self._names, delay=delay)
+        except Exception:
+            # Not on cancellation: the batched publish goes on without its caller.
+            await asyncio.to_thread(release, backend, unique, message.id)
+            raise
+
+    def _claim_for(self, message: Message, idempotency_key: str | None) -> Claim | None:
+        """Return the uniqueness key ``message`` must claim before it is published, if any.
+
+        The message is encoded first, so a call that cannot be sent claims nothing.
+
+        Raises:
+            ConfigurationError: ``idempotency_key`` and the app has no result backend.
+            EncodeError: The message cannot be encoded.
+        """
+        if idempotency_key is None and self.unique_for is None:
+            return None
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise TypeError(
+                    f"idempotency_key must be a non-empty string, not {idempotency_key!r}"
+                )
+            if not self.app.has_backend:
+                raise ConfigurationError(
+                    f"apply_async(idempotency_key=...) of task {self.name!r} keeps the key "
+                    f"in the result backend, and app {self.app.name!r} has none: {_BACKEND_HINT}."
+                )
+        encode_body(
+            message.args,
+            dict(message.kwargs),
+            max_size=self.app.settings.max_message_size,
+            names=self._names,
+            task=self.name,
+        )
+        if idempotency_key is not None:
+            key = explicit_key(self.name, idempotency_key)
+            ttl = self.unique_for or self.app.settings.result_expires
+        else:
+            key = argument_key(self.name, self.signature, message.args, message.kwargs)
+            assert self.unique_for is not None
+            ttl = self.unique_for
+        return Claim(key, ttl)
+
+    def _duplicate(self, unique: Claim, holder: str) -> TaskHandle:
+        """The handle of the message that holds ``unique``; nothing is published."""
+        logger.info("task.duplicate_publish", task_name=self.name, key=unique.key, task_id=holder)
+        return TaskHandle(holder, self.name, app=self.app, duplicate=True)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
         """Return a signature of this task: a call to send later, alone or in a workflow.
@@ -522,7 +656,11 @@ class Task(Generic[P, R]):
             options: As for :meth:`apply_async` (``queue``, ``priority``, ``expires``, ...).
 
         Raises:
-            TypeError: An item does not fit the function's signature (nothing sent).
+            TypeError: An item does not fit the function's signature (nothing sent);
+                or ``idempotency_key`` is given (keys are per call).
+            ConfigurationError: The task has ``unique_for``: send each call with
+                :meth:`apply_async` (inside ``with app.publishing():`` to pipeline
+                the confirms), which claims its key.
             EncodeError: An item cannot be sent as JSON (nothing sent).
             BulkPublishError: Some calls were not enqueued.
         """
@@ -535,6 +673,18 @@ class Task(Generic[P, R]):
         """
         if "task_id" in options:
             raise TypeError("starmap() gives every call its own id; task_id is not accepted")
+        if "idempotency_key" in options:
+            raise TypeError(
+                "map() and starmap() take no idempotency_key (one key would cover every "
+                "call): call apply_async(..., idempotency_key=...) per item, inside "
+                "`with app.publishing():` to pipeline the confirms."
+            )
+        if self.unique_for is not None:
+            raise ConfigurationError(
+                f"Task {self.name!r} has unique_for, and map() and starmap() publish without "
+                "claiming each call's key: call apply_async() per item, inside "
+                "`with app.publishing():` to pipeline the confirms."
+            )
         messages = [self.message(tuple(args), None, **options) for args in items]
         return self.app.send_many(messages)
 

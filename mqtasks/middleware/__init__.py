@@ -1,11 +1,12 @@
-"""Middleware: the hook interface and its runner, retries, results, the observability
-middleware and the default stack."""
+"""Middleware: the hook interface and its runner, retries, results, idempotency, the
+observability middleware and the default stack."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from .base import Middleware, overriding
+from .idempotency import Idempotency, with_idempotency
 from .log_context import StructlogContext
 from .otel import OpenTelemetryTracing
 from .results import Results, current_outcome, with_results
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MIDDLEWARE",
+    "Idempotency",
     "Middleware",
     "OpenTelemetryTracing",
     "Results",
@@ -26,6 +28,7 @@ __all__ = [
     "current_outcome",
     "default_middleware",
     "overriding",
+    "with_idempotency",
     "with_results",
     "with_retries",
 ]
