@@ -182,16 +182,41 @@ class KombuTransport(Transport):
         delay: float | None = None,
     ) -> None:
         """Publish through a pooled producer (see :meth:`Transport.publish <mqtasks.transport.base.Transport.publish>`)."""
+        exchange, routing_key = self.route(queue, delay)
+        returned = self._publish_pooled(exchange, routing_key, envelope, timeout, repr(queue))
+        if returned is not None:
+            self._raise_returned(queue, envelope, returned)
+
+    def _publish_pooled(
+        self,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope,
+        timeout: float | None,
+        where: str,
+        mandatory: bool | None = None,
+    ) -> tuple[Any, str] | None:
+        """Publish through a pooled producer; return the broker's return, if it sent one.
+
+        Args:
+            where: The destination as error messages name it.
+            mandatory: Ask the broker to return the message when nothing is
+                bound; by default where the broker confirms.
+
+        Raises:
+            PublishError: Not published (``PublishNacked`` for a broker's nack).
+        """
         timeout = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        exchange, routing_key = self.route(queue, delay)
         pool = self._pool()
         try:
             nacked: Exception | None = None
             with pool.acquire(block=True, timeout=timeout) as producer:
                 self._local.returned = None
                 try:
-                    self._publish(producer, exchange, routing_key, envelope, deadline)
+                    self._publish(
+                        producer, exchange, routing_key, envelope, deadline, mandatory=mandatory
+                    )
                 except Exception as exc:
                     if not caused_by(exc, "MessageNacked"):
                         # Returned to the pool after an error, the connection would be
@@ -203,7 +228,7 @@ class KombuTransport(Transport):
                     # A nack leaves the connection as good as before; raised inside
                     # this block, kombu would close it and the next publish open another.
                     nacked = exc
-                returned = self._local.returned
+                returned: tuple[Any, str] | None = self._local.returned
             if nacked is not None:
                 raise nacked
         except PublishError:
@@ -212,18 +237,17 @@ class KombuTransport(Transport):
             if caused_by(exc, "MessageNacked"):  # py-amqp: a basic.nack for our message
                 raise PublishNacked(
                     f"Task {envelope.message_id} was NOT enqueued: the broker refused it on "
-                    f"{queue!r} (a full queue with overflow=reject-publish, or a broker alarm).",
+                    f"{where} (a full queue with overflow=reject-publish, or a broker alarm).",
                     task_id=envelope.message_id,
                 ) from exc
             raise PublishError(
                 redact(
-                    f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
+                    f"Task {envelope.message_id} was NOT enqueued on {where}: "
                     f"{type(exc).__name__}: {exc} (broker {mask_url(self.url)})"
                 ),
                 task_id=envelope.message_id,
             ) from exc
-        if returned is not None:
-            self._raise_returned(queue, envelope, returned)
+        return returned
 
     def route(self, queue: str, delay: float | None) -> tuple[str, str]:
         """Return ``(exchange, routing_key)`` that reaches ``queue`` after ``delay`` seconds.
@@ -245,6 +269,8 @@ class KombuTransport(Transport):
         routing_key: str,
         envelope: Envelope,
         deadline: float,
+        *,
+        mandatory: bool | None = None,
     ) -> None:
         remaining = max(0.05, deadline - time.monotonic())
         policy = {
@@ -264,7 +290,7 @@ class KombuTransport(Transport):
             message_id=envelope.message_id,
             priority=envelope.priority,
             delivery_mode=2,
-            mandatory=self.capabilities.confirms,
+            mandatory=self.capabilities.confirms if mandatory is None else mandatory,
             retry=True,
             retry_policy=policy,
             timeout=remaining,

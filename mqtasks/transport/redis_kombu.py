@@ -66,7 +66,14 @@ class RedisKombuTransport(KombuTransport):
         return options
 
     def _publish(
-        self, producer: Any, exchange: str, routing_key: str, envelope: Envelope, deadline: float
+        self,
+        producer: Any,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope,
+        deadline: float,
+        *,
+        mandatory: bool | None = None,
     ) -> None:
         # kombu's Redis transport serves priority 0 first and 9 last, the reverse
         # of RabbitMQ, and files a message without priority under 0 (first of
@@ -74,7 +81,7 @@ class RedisKombuTransport(KombuTransport):
         # order: higher runs first; no priority counts as the lowest.
         priority = envelope.priority or 0
         envelope = dataclasses.replace(envelope, priority=9 - min(priority, 9))
-        super()._publish(producer, exchange, routing_key, envelope, deadline)
+        super()._publish(producer, exchange, routing_key, envelope, deadline, mandatory=mandatory)
 
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         # A Redis queue is a list that vanishes when empty, so a passive declare

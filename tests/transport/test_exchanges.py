@@ -6,6 +6,7 @@ was emitted; ``redis+kombu://`` refuses.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,16 +16,40 @@ from mqtasks import ConfigurationError, QueueSpec, Unroutable
 from mqtasks.transport import Transport, resolve
 from mqtasks.transport.base import DLQ_SUFFIX, Delivery
 from mqtasks.transport.envelope import Envelope
+from mqtasks.transport.kombu import KombuTransport
+from mqtasks.transport.redis import RedisTransport
+from mqtasks.transport.redis.exchanges import exchange_key
 from tests._helpers.brokers import require_broker, unique_name
 from tests._helpers.wait import wait_for
 
-KINDS = ["memory"]
+KINDS = [
+    "memory",
+    pytest.param("amqp", marks=pytest.mark.integration),
+    pytest.param("redis", marks=pytest.mark.integration),
+]
 
 
 def delete_exchange(transport: Transport, exchange: str) -> None:
     """Remove what a test declared for ``exchange`` beyond its queues."""
     for pattern, queue in transport.bindings(exchange):
         transport.unbind(exchange, pattern, queue)
+    if isinstance(transport, KombuTransport) and not transport.capabilities.in_process:
+        with transport.connection() as conn:
+            conn.default_channel.exchange_delete(exchange)
+    if isinstance(transport, RedisTransport):
+        transport.publisher().delete(exchange_key(transport, exchange))
+
+
+def rabbitmqctl(*args: str) -> list[list[str]]:
+    """Rows of ``rabbitmqctl <args>`` on the local RabbitMQ node (tab-separated)."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "--no-table-headers", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return [line.split("\t") for line in out.splitlines() if line]
 
 
 class Events:
@@ -194,3 +219,34 @@ def test_memory_reset_forgets_bindings() -> None:
     t.bind("ev", "a.*", QueueSpec("q"))
     t.reset()
     assert t.bindings("ev") == []
+
+
+def exchange_bindings(exchange: str) -> list[tuple[str, str]]:
+    """``(pattern, queue)`` bindings of ``exchange`` as RabbitMQ lists them, sorted."""
+    rows = rabbitmqctl("list_bindings", "source_name", "destination_name", "routing_key")
+    return sorted((row[2], row[1]) for row in rows if row[0] == exchange)
+
+
+@pytest.mark.integration
+def test_rabbitmq_holds_a_durable_topic_exchange_and_the_bindings(amqp_url: str) -> None:
+    events = Events(amqp_url)
+    ex = events.exchange
+    try:
+        t = events.transport
+        a, b = events.queue("a"), events.queue("b")
+        t.bind(ex, "order.*", a)
+        t.bind(ex, "#", b)
+        exchanges = {
+            row[0]: row[1:] for row in rabbitmqctl("list_exchanges", "name", "type", "durable")
+        }
+        assert exchanges[ex] == ["topic", "true"]
+        assert exchange_bindings(ex) == [("#", b.name), ("order.*", a.name)]
+        # The queue is declared as declare() declares it: a quorum queue with its dead letters
+        queues = {row[0]: row[1:] for row in rabbitmqctl("list_queues", "name", "type", "durable")}
+        assert queues[a.name] == ["quorum", "true"]
+        assert a.name + DLQ_SUFFIX in queues
+        t.unbind(ex, "order.*", a.name)
+        assert exchange_bindings(ex) == [("#", b.name)]
+    finally:
+        events.close()
+    assert ex not in [row[0] for row in rabbitmqctl("list_exchanges", "name")]

@@ -3,7 +3,8 @@
 :class:`AmqpTransport` (``amqp://``) and :class:`AmqpsTransport` (``amqps://``)
 publish and declare; the rest of the package holds their parts: the frames
 written by hand (:mod:`~mqtasks.transport.amqp.wire`), publisher confirms
-(:mod:`~mqtasks.transport.amqp.confirms`), the consumer
+(:mod:`~mqtasks.transport.amqp.confirms`), topic exchanges for events
+(:mod:`~mqtasks.transport.amqp.exchanges`), the consumer
 (:mod:`~mqtasks.transport.amqp.consumer`, with
 :mod:`~mqtasks.transport.amqp.delivery_count`) and what is declared beside the
 queues (:mod:`~mqtasks.transport.amqp.topology`).
@@ -12,6 +13,7 @@ queues (:mod:`~mqtasks.transport.amqp.topology`).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -27,7 +29,7 @@ from .._guard import GuardedAmqpMessage, guarded_frame_handler
 from ..base import Capabilities, Consumer, QueueSpec, QueueStats
 from ..envelope import Envelope
 from ..kombu import KombuTransport, deadline_errback
-from . import topology
+from . import exchanges, topology
 from .confirms import (
     Confirm,
     Confirms,
@@ -88,6 +90,7 @@ class AmqpTransport(KombuTransport):
         max_length=True,
         message_ttl=True,
         confirms=True,
+        exchanges=True,
     )
 
     def connection_options(self) -> dict[str, Any]:
@@ -101,11 +104,51 @@ class AmqpTransport(KombuTransport):
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self._pipeline = _ConfirmPipeline(self)
+        #: Topic exchanges declared through this transport (declared again after close).
+        self.exchanges_declared: set[str] = set()
+        #: Exchange -> ``(pattern, queue)`` bindings made (and not unbound) through this transport.
+        self.bound: dict[str, set[tuple[str, str]]] = {}
+        self.bound_lock = threading.Lock()
 
     def close(self) -> None:
         """Close the shared confirming connection and the pooled ones."""
         self._pipeline.close()
+        self.exchanges_declared.clear()
         super().close()
+
+    # -- topic exchanges (events) ----------------------------------------------
+
+    def bind(self, exchange: str, pattern: str, spec: QueueSpec) -> None:
+        """Declare the durable topic exchange and ``spec`` (with its dead-letter
+        queue, as :meth:`declare` does), then ``queue.bind`` it under ``pattern``."""
+        exchanges.bind(self, exchange, pattern, spec)
+
+    def unbind(self, exchange: str, pattern: str, queue: str) -> None:
+        """``queue.unbind``; a queue or exchange that does not exist has no binding."""
+        exchanges.unbind(self, exchange, pattern, queue)
+
+    def bindings(self, exchange: str) -> list[tuple[str, str]]:
+        """Return the bindings of ``exchange`` made through this transport, sorted.
+
+        AMQP 0-9-1 has no method that lists bindings (only the management
+        plugin's HTTP API or ``rabbitmqctl list_bindings`` do), so these are the
+        ones this transport object bound and did not unbind, not every binding
+        the broker holds.
+        """
+        with self.bound_lock:
+            return sorted(self.bound.get(exchange, ()))
+
+    def emit(
+        self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = True
+    ) -> int:
+        """``basic.publish`` to the topic exchange on the confirming channel; return -1
+        (RabbitMQ does not tell how many queues got it).
+
+        Raises:
+            Unroutable: ``mandatory`` and the broker returned it (no binding matches).
+            PublishError: Not confirmed (``PublishNacked`` for a nack).
+        """
+        return exchanges.emit(self, exchange, routing_key, envelope, mandatory)
 
     def publish(
         self,
@@ -123,18 +166,43 @@ class AmqpTransport(KombuTransport):
         one connection. Without confirms, and over TLS (whose decrypted bytes
         ``select()`` cannot see), publishing goes through the pool.
         """
+        exchange, routing_key = self.route(queue, delay)
+        returned = self._send(exchange, routing_key, envelope, timeout, repr(queue))
+        if returned is not None:
+            self._raise_returned(queue, envelope, returned)
+
+    def _send(
+        self,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope,
+        timeout: float | None,
+        where: str,
+        mandatory: bool = True,
+    ) -> tuple[Any, str] | None:
+        """Publish and wait for the confirm; return the broker's return, if it sent one.
+
+        Args:
+            where: The destination as error messages name it.
+            mandatory: Ask the broker to return the message when nothing is bound.
+
+        Raises:
+            PublishError: Not confirmed (``PublishNacked`` for a nack).
+        """
         if self.uses_tls or not self.connection_options().get("confirm_publish"):
-            super().publish(queue, envelope, timeout=timeout, delay=delay)
-            return
+            return self._publish_pooled(
+                exchange, routing_key, envelope, timeout, where, mandatory=mandatory
+            )
         timeout = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        exchange, routing_key = self.route(queue, delay)
         properties = serialize_properties(envelope, dict(envelope.headers))
         pipeline = self._pipeline
         failures = 0
         while True:
             try:
-                waiter = pipeline.send(exchange, routing_key, envelope, properties, deadline)
+                waiter = pipeline.send(
+                    exchange, routing_key, envelope, properties, deadline, mandatory
+                )
             except PublishError:
                 raise
             except _ConnectFailed as exc:  # kombu's reconnect loop ran its course
@@ -152,19 +220,20 @@ class AmqpTransport(KombuTransport):
             if failures > self.publish_retries or time.monotonic() >= deadline:
                 raise PublishError(
                     redact(
-                        f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
+                        f"Task {envelope.message_id} was NOT enqueued on {where}: "
                         f"{type(error).__name__}: {error} (broker {mask_url(self.url)})"
                     ),
                     task_id=envelope.message_id,
                 ) from error
         if waiter.returned is not None:
-            self._raise_returned(queue, envelope, waiter.returned)
+            return waiter.returned
         if waiter.outcome == "nack":
             raise PublishNacked(
                 f"Task {envelope.message_id} was NOT enqueued: the broker refused it on "
-                f"{queue!r} (a full queue with overflow=reject-publish, or a broker alarm).",
+                f"{where} (a full queue with overflow=reject-publish, or a broker alarm).",
                 task_id=envelope.message_id,
             )
+        return None
 
     def consumer(self, specs: Sequence[QueueSpec], *, prefetch: int) -> Consumer:
         return AmqpConsumer(self, specs, prefetch=prefetch)
@@ -277,6 +346,8 @@ class AmqpTransport(KombuTransport):
         routing_key: str,
         envelope: Envelope,
         deadline: float,
+        *,
+        mandatory: bool | None = None,
     ) -> None:
         """Send one message on the pooled producer's channel and, with confirms
         on, wait for its own confirm.
@@ -303,7 +374,7 @@ class AmqpTransport(KombuTransport):
             if confirm and confirms is None and channel._confirm_selected:
                 # Put in confirm mode by someone else: its tags are not ours to count.
                 super(AmqpTransport, self)._publish(
-                    producer, exchange, routing_key, envelope, deadline
+                    producer, exchange, routing_key, envelope, deadline, mandatory=mandatory
                 )
                 return
             frames: _PublishFrames | None = getattr(channel, "mqtasks_frames", None)
@@ -315,7 +386,7 @@ class AmqpTransport(KombuTransport):
             if sock.gettimeout() != self.publish_timeout:
                 sock.settimeout(self.publish_timeout)  # bounds a write the broker does not read
             if not confirm:
-                frames.add(exchange, routing_key, properties, body)
+                frames.add(exchange, routing_key, properties, body, mandatory)
                 frames.flush()
                 return
             if confirms is None:
@@ -323,7 +394,7 @@ class AmqpTransport(KombuTransport):
                 confirms.select(channel)
             sent = Confirm()
             confirms.add(sent)
-            frames.add(exchange, routing_key, properties, body)
+            frames.add(exchange, routing_key, properties, body, mandatory)
             frames.flush()
             self._await_confirm(channel.connection, sent, envelope, deadline)
             if sent.outcome == "nack":

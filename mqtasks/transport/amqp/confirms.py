@@ -323,6 +323,7 @@ class _ConfirmPipeline:
         envelope: Envelope,
         properties: bytes,
         deadline: float,
+        mandatory: bool = True,
     ) -> _Waiter:
         """Write one message with the next delivery tag; return its waiter.
 
@@ -347,7 +348,7 @@ class _ConfirmPipeline:
             waiter = _Waiter(envelope.message_id, self._amqp)
             confirms.add(waiter)
             try:
-                frames.add(exchange, routing_key, properties, envelope.body)
+                frames.add(exchange, routing_key, properties, envelope.body, mandatory)
                 frames.flush()
             except BaseException as exc:
                 self._give_up(waiter.connection, exc)

@@ -227,18 +227,31 @@ class _PublishFrames:
         self.connection = channel.connection
         self.mandatory = mandatory
         self.buffer = bytearray()
-        self._methods: dict[tuple[str, str], bytes] = {}
+        self._methods: dict[tuple[str, str, bool], bytes] = {}
 
-    def add(self, exchange: str, routing_key: str, properties: bytes, body: bytes) -> None:
-        """Append the frames of a message (``properties``: see :func:`serialize_properties`)."""
+    def add(
+        self,
+        exchange: str,
+        routing_key: str,
+        properties: bytes,
+        body: bytes,
+        mandatory: bool | None = None,
+    ) -> None:
+        """Append the frames of a message (``properties``: see :func:`serialize_properties`).
+
+        Args:
+            mandatory: The method's ``mandatory`` flag; the channel's by default.
+        """
         pack, channel, buffer = _FRAME_HEADER.pack, self.channel_id, self.buffer
-        method = self._methods.get((exchange, routing_key))
+        if mandatory is None:
+            mandatory = self.mandatory
+        method = self._methods.get((exchange, routing_key, mandatory))
         if method is None:
             args = _BASIC_PUBLISH + amqp_dumps(
-                "Bssbb", (0, exchange, routing_key, self.mandatory, False)
+                "Bssbb", (0, exchange, routing_key, mandatory, False)
             )
             method = pack(1, channel, len(args)) + args + _FRAME_END_BYTE
-            self._methods[(exchange, routing_key)] = method
+            self._methods[(exchange, routing_key, mandatory)] = method
         header = _CONTENT_HEADER.pack(60, 0, len(body)) + properties
         buffer += method
         buffer += pack(2, channel, len(header))

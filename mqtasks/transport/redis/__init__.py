@@ -20,6 +20,8 @@ touches a single slot:
 * ``{p}:consumers``: hash consumer id -> JSON list of its source queue keys.
 * ``{p}:delayed:<queue>``: sorted set of elements held for a delay, scored by
   their due time (ms since the epoch on Redis' clock).
+* ``{p}:x:<exchange>``: the bindings of a topic exchange (events), emitted to
+  by one script (:mod:`~mqtasks.transport.redis.exchanges`).
 
 Fetching: one Lua call settles the acks/rejects/requeues collected since the last
 call and moves up to the free prefetch window (LMOVE per message) into the
@@ -92,9 +94,9 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -116,7 +118,7 @@ from ..base import (
 )
 from ..envelope import Envelope
 from ..errors import translate_errors
-from . import queues
+from . import exchanges, queues
 from .checks import redis_warnings
 from .consumer import CONNECTION_ERRORS, RedisConsumer
 from .element import MAX_LEVEL, RedisDelivery, encode_element, priority_level
@@ -125,6 +127,8 @@ from .scripts import DELAY, PUBLISH
 __all__ = ["RedisConsumer", "RedisDelivery", "RedisTransport", "encode_element"]
 
 logger = structlog.get_logger("mqtasks.transport.redis")
+
+T = TypeVar("T")
 
 _PIPELINE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, redis.RedisError)
 
@@ -175,6 +179,7 @@ class RedisTransport(Transport):
         max_priority=True,
         delivery_count=True,
         dead_letter_browse=True,
+        exchanges=True,
     )
 
     def __init__(self, url: str, **options: Any) -> None:
@@ -418,15 +423,41 @@ class RedisTransport(Transport):
                 have, if the reply was lost: publish again with the same id), or
                 ``delay`` is not a finite number.
         """
-        timeout = self.publish_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
         element, level = self._encode(queue, envelope)
         delay_ms = self._delay_ms(queue, envelope, delay)
+        self.run_publish(
+            lambda client: self._send(client, queue, element, level, delay_ms),
+            envelope,
+            repr(queue),
+            timeout,
+        )
+
+    def run_publish(
+        self,
+        send: Callable[[redis.Redis[bytes]], T],
+        envelope: Envelope,
+        where: str,
+        timeout: float | None = None,
+    ) -> T:
+        """Run ``send`` on the publishing client, again after a lost connection, within ``timeout``.
+
+        Args:
+            send: One publishing command (or script call) and its reply.
+            envelope: The message sent, for errors.
+            where: Its destination as error messages name it.
+            timeout: Seconds in all; ``publish_timeout`` by default.
+
+        Raises:
+            PublishError: Redis did not take it within ``timeout`` (it may still
+                have, if the reply was lost) or refused it (a wrong key type,
+                out of memory under ``noeviction``, ACLs).
+        """
+        timeout = self.publish_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         backoff = 0.05
         for attempt in range(self.publish_retries + 1):
             try:
-                self._send(self.publisher(), queue, element, level, delay_ms)
-                return
+                return send(self.publisher())
             except CONNECTION_ERRORS as exc:
                 last: BaseException = exc
                 if attempt == self.publish_retries or time.monotonic() + backoff >= deadline:
@@ -438,7 +469,7 @@ class RedisTransport(Transport):
                 break
         raise PublishError(
             redact(
-                f"Task {envelope.message_id} was NOT enqueued on {queue!r}: "
+                f"Task {envelope.message_id} was NOT enqueued on {where}: "
                 f"{type(last).__name__}: {last} (broker {mask_url(self.url)})"
             ),
             task_id=envelope.message_id,
@@ -548,6 +579,34 @@ class RedisTransport(Transport):
                 f"JSON values on this transport ({exc}).",
                 task_id=envelope.message_id,
             ) from exc
+
+    # -- topic exchanges (events) ----------------------------------------------
+
+    def bind(self, exchange: str, pattern: str, spec: QueueSpec) -> None:
+        """Check ``spec`` as :meth:`declare` does and store the binding in Redis
+        (with the queue's ``max_priority``, which emits respect)."""
+        exchanges.bind(self, exchange, pattern, spec)
+
+    def unbind(self, exchange: str, pattern: str, queue: str) -> None:
+        """Remove the binding from Redis (an absent one: nothing)."""
+        exchanges.unbind(self, exchange, pattern, queue)
+
+    def bindings(self, exchange: str) -> list[tuple[str, str]]:
+        """Return the ``(pattern, queue)`` bindings Redis holds for ``exchange``, sorted."""
+        return exchanges.bindings(self, exchange)
+
+    def emit(
+        self, exchange: str, routing_key: str, envelope: Envelope, *, mandatory: bool = True
+    ) -> int:
+        """Push ``envelope`` into every matching queue in one atomic script; return how many.
+
+        One ``EVALSHA`` from the client; see :func:`~mqtasks.transport.redis.exchanges.emit`.
+
+        Raises:
+            Unroutable: ``mandatory`` and no binding matches.
+            PublishError: Redis refused (nothing was pushed) or did not answer in time.
+        """
+        return exchanges.emit(self, exchange, routing_key, envelope, mandatory)
 
     # -- reading queues without a consumer -------------------------------------
 

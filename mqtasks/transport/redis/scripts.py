@@ -8,7 +8,7 @@ cluster as long as every key shares the transport's hash tag.
 
 from __future__ import annotations
 
-__all__ = ["BEAT", "DELAY", "PROMOTE", "PUBLISH", "RESTORE", "SETTLE_FETCH"]
+__all__ = ["BEAT", "DELAY", "EMIT", "PROMOTE", "PUBLISH", "RESTORE", "SETTLE_FETCH", "TOPIC"]
 
 # Priority levels, for the scripts that route a message to its level. A queue's
 # own list (its "base" key) holds level 0; level k (1 to 9) is ``base .. '#' .. k``
@@ -235,5 +235,106 @@ PUBLISH = (
     + """
 redis.call('LPUSH', KEYS[2], ARGV[1])
 wake(KEYS[1])
+"""
+)
+
+# AMQP topic matching, as mqtasks.transport.topic.topic_matches does it (and
+# tested against it): words split on '.', a key "" has none; in a pattern '*' is
+# exactly one word and '#' zero or more. matches() walks the pattern's states
+# over the key's words (the states reached so far, '#' letting a state pass
+# without a word), so no pattern backtracks.
+TOPIC = """
+local function words(s)
+  local out = {}
+  if s == '' then return out end
+  local start = 1
+  while true do
+    local dot = string.find(s, '.', start, true)
+    if not dot then
+      out[#out + 1] = string.sub(s, start)
+      return out
+    end
+    out[#out + 1] = string.sub(s, start, dot - 1)
+    start = dot + 1
+  end
+end
+local function closure(states, p)
+  for i = 1, #p do
+    if states[i] and p[i] == '#' then states[i + 1] = true end
+  end
+  return states
+end
+local function matches(p, k)
+  local size = #p
+  local states = closure({[1] = true}, p)
+  for j = 1, #k do
+    local following, any = {}, false
+    for i = 1, size do
+      if states[i] then
+        local w = p[i]
+        if w == '#' then
+          following[i] = true
+          any = true
+        elseif w == '*' or w == k[j] then
+          following[i + 1] = true
+          any = true
+        end
+      end
+    end
+    if not any then return false end
+    states = closure(following, p)
+  end
+  return states[size + 1] == true
+end
+"""
+
+# Emit to a topic exchange: read its bindings (a hash, field "<queue> <pattern>",
+# value the queue's max_priority or ''), match the routing key and LPUSH the
+# element into each matching queue once, at its priority level as a publish
+# would (capped at the queue's max_priority, written into the element as its
+# level "l"), then wake the queues of levels above 0 (see LEVELS). All or none:
+# a push Redis refuses (a key of another type, out of memory) undoes the pushes
+# before it (LPOP of each: nothing else runs meanwhile) and fails the call.
+# Returns how many queues got it.
+# KEYS: the bindings hash. ARGV: routing key, the message's level (0 to 9),
+# element (no "l"), prefix of queue keys.
+EMIT = (
+    _LEVELS
+    + TOPIC
+    + """
+local key, base_level, element, qprefix = words(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local all = redis.call('HGETALL', KEYS[1])
+local seen, targets = {}, {}
+for i = 1, #all, 2 do
+  local field = all[i]
+  local sp = string.find(field, ' ', 1, true)
+  if sp then
+    local queue = string.sub(field, 1, sp - 1)
+    if not seen[queue] and matches(words(string.sub(field, sp + 1)), key) then
+      seen[queue] = true
+      targets[#targets + 1] = {queue, tonumber(all[i + 1])}
+    end
+  end
+end
+local pushed, woken = {}, {}
+for _, t in ipairs(targets) do
+  local base, lvl, m = qprefix .. t[1], base_level, element
+  if t[2] and lvl > t[2] then
+    lvl = t[2]
+    local nl = string.find(element, '\\n', 1, true)
+    m = string.sub(element, 1, nl - 2) .. ',"l":' .. lvl .. string.sub(element, nl - 1)
+  end
+  local target = base
+  if lvl > 0 then target = base .. '#' .. lvl end
+  local reply = redis.pcall('LPUSH', target, m)
+  if type(reply) == 'table' and reply.err then
+    for _, done in ipairs(pushed) do redis.call('LPOP', done) end
+    return redis.error_reply('queue ' .. t[1] .. ': ' .. reply.err)
+  end
+  pushed[#pushed + 1] = target
+  if lvl > 0 then woken[#woken + 1] = base end
+end
+for _, base in ipairs(woken) do pcall(wake, base) end
+return #pushed
 """
 )
