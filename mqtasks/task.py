@@ -622,7 +622,8 @@ class Task(Generic[P, R]):
             key = explicit_key(self.name, idempotency_key)
             ttl = self.unique_for or self.app.settings.result_expires
         else:
-            key = argument_key(self.name, self.signature, message.args, message.kwargs)
+            bound = self.signature.bind(*message.args, **message.kwargs)
+            key = argument_key(self.name, bound.arguments)
             assert self.unique_for is not None
             ttl = self.unique_for
         return Claim(key, ttl)

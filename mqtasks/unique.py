@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +23,6 @@ import structlog
 from .exceptions import BackendError, EncodeError
 
 if TYPE_CHECKING:
-    import inspect
-
     from .backend.base import Backend
 
 __all__ = ["KEY_PREFIX", "Claim", "argument_key", "claim", "explicit_key", "release"]
@@ -44,25 +42,21 @@ def _digest(parts: list[Any]) -> str:
     return hashlib.sha256(_CANONICAL.encode(parts).encode()).hexdigest()
 
 
-def argument_key(
-    task: str,
-    signature: inspect.Signature,
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
-) -> str:
+def argument_key(task: str, arguments: Mapping[str, Any]) -> str:
     """Return the key hash of a call of ``task`` for ``unique_for``: its name and arguments.
 
-    The arguments are bound to the parameter names first, so ``add(1, 2)`` and
-    ``add(x=1, y=2)`` make the same key; defaults are not filled in, so
-    ``add(1)`` and ``add(1, 2)`` (with ``y=2`` the default) make different ones.
+    Args:
+        task: The task name.
+        arguments: The call's arguments bound to the parameter names
+            (``Signature.bind(...).arguments``), so that ``add(1, 2)`` and
+            ``add(x=1, y=2)`` make the same key; with no defaults filled in,
+            ``add(1)`` and ``add(1, 2)`` (``y=2`` the default) make different ones.
 
     Raises:
-        TypeError: The arguments do not fit ``signature``.
         EncodeError: An argument JSON cannot carry.
     """
-    bound = signature.bind(*args, **kwargs)
     try:
-        return _digest(["call", task, bound.arguments])
+        return _digest(["call", task, arguments])
     except (TypeError, ValueError) as exc:
         raise EncodeError(f"Arguments of task {task!r} cannot be sent as JSON: {exc}") from exc
 

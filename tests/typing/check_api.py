@@ -9,6 +9,7 @@ from typing_extensions import assert_type
 
 from mqtasks import App, Results, ResultTimeout, Task, TaskFailed, TaskHandle
 from mqtasks.backend import Backend
+from mqtasks.middleware import Idempotency, Middleware, with_idempotency
 from mqtasks.middleware.results import current_outcome
 from mqtasks.publishing import Publishing
 from mqtasks.result import Outcome
@@ -80,3 +81,20 @@ def read_failure(exc: TaskFailed, timeout: ResultTimeout) -> None:
     assert_type(exc.exc_type, str | None)
     assert_type(exc.traceback, str | None)
     assert_type(timeout.timeout, float)
+
+
+# Unique tasks and idempotent consumers.
+@results_app.task(unique_for=timedelta(hours=1), idempotent=True)
+def rebuild(day: str) -> None: ...
+
+
+assert_type(rebuild.unique_for, float | None)
+assert_type(add.apply_async((1, 2), idempotency_key="charge-42"), TaskHandle)
+assert_type(add.apply_async((1, 2), idempotency_key="charge-42").duplicate, bool)
+add.apply_async((1, 2), idempotency_key=42)  # type: ignore[arg-type]  # a string
+assert_type(Idempotency(defer_delay=0.5), Idempotency)
+assert_type(with_idempotency([Idempotency()]), list[Middleware])
+
+
+async def send_unique_from_asyncio() -> None:
+    assert_type(await add.aapply_async((1, 2), idempotency_key="k"), TaskHandle)
