@@ -1,16 +1,25 @@
-"""App: settings, the task registry, middleware, the (lazy) transport and result backend."""
+"""App: settings, the task and subscriber registries, middleware, the (lazy) transport and
+result backend."""
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import structlog
 
 from . import dlq
 from .config import Settings, TLSOptions, mask_url
+from .events import (
+    EventHandle,
+    Subscription,
+    Subscriptions,
+    check_binding_pattern,
+    check_subscriber,
+)
+from .events import emit as emit_event
 from .exceptions import (
     ConfigurationError,
     DuplicateTask,
@@ -97,8 +106,13 @@ class App:
             settings = settings.replace(broker_url=broker, backend_url=backend, **overrides)
         #: The app's settings.
         self.settings: Settings = settings
-        #: Registered tasks by name.
+        #: Registered tasks by name (subscribers included).
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: Event subscribers (``@app.on``), one per queue: iterate for
+        #: :class:`~mqtasks.events.Subscription` objects, ``(pattern, queue, task)``.
+        self.subscriptions = Subscriptions()
+        #: Subscriptions whose bindings this app has declared (see :meth:`emit`).
+        self._bound: set[Subscription] = set()
         #: Queue configurations by name.
         self.queues: dict[str, QueueSpec] = {}
         for spec in queues:
@@ -234,6 +248,38 @@ class App:
         """Declare queues on the broker (all task queues by default)."""
         self.transport.declare([self.queue(q) for q in (queues or self.task_queues())])
 
+    def declare_events(self, queues: Sequence[str] | None = None) -> list[Subscription]:
+        """Declare the events exchange, and the queue and binding of each subscriber.
+
+        Args:
+            queues: Only the subscribers of these queues; every subscriber when None.
+
+        Returns:
+            The subscriptions whose bindings were declared, in registration order.
+
+        Raises:
+            ConfigurationError: The transport cannot route events.
+            ConnectionFailed: The broker cannot be reached.
+            TransportError: The broker refused a declaration.
+        """
+        wanted = None if queues is None else set(queues)
+        chosen = [s for s in self.subscriptions if wanted is None or s.queue in wanted]
+        exchange = self.settings.events_exchange
+        for sub in chosen:
+            self.transport.bind(exchange, sub.pattern, self.queue(sub.queue))
+            self._bound.add(sub)
+        return chosen
+
+    def _declare_own_events(self) -> None:
+        """Declare the bindings of this app's subscribers not declared yet (by this app).
+
+        An event emitted before any worker of a subscriber started still
+        reaches its queue, as ``delay()`` declares its task's queue.
+        """
+        if len(self._bound) < len(self.subscriptions):
+            pending = [s.queue for s in self.subscriptions if s not in self._bound]
+            self.declare_events(pending)
+
     # -- dead letters --------------------------------------------------------------
 
     def dead_letters(
@@ -358,6 +404,114 @@ class App:
         if fn is not None:
             return register(fn)
         return register
+
+    def on(
+        self,
+        pattern: str,
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        priority: int | None = None,
+        expires: Seconds | None = None,
+        **task_options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as the subscriber of events matching ``pattern``.
+
+        ::
+
+            @app.on("order.*")
+            def audit(payload: dict) -> None: ...
+
+            app.emit("order.created", {"id": 42})  # audit runs once, on a worker
+
+        The subscriber is a task with a queue of its own, bound to the events
+        exchange with ``pattern``: every subscriber whose pattern matches gets
+        each event once; workers sharing its queue share its events. Retries,
+        dead letters and middleware apply as to any task. It takes one
+        argument, the event payload, and stores no result (``ignore_result``).
+
+        Args:
+            pattern: AMQP topic pattern: words separated by ``.``, ``*`` exactly
+                one word, ``#`` zero or more words (``order.*``, ``order.#``).
+            queue: Its queue; ``"<app name>.<function name>"`` by default.
+            name: Task name; ``module.qualname`` of the function by default.
+            priority: Default message priority of its retries.
+            expires: Seconds after emitting past which an event is not run.
+            task_options: Task options (``max_retries``, ``retry_backoff``,
+                middleware options), as for :meth:`task`.
+
+        Raises:
+            ConfigurationError: A bad pattern, a function that cannot take one
+                argument, a queue with another subscriber already (both named),
+                ``ignore_result=False``, or an option no middleware understands.
+            DuplicateTask: Another function is registered under the same task name.
+        """
+        check_binding_pattern(pattern)
+        if task_options.get("ignore_result", True) is not True:
+            raise ConfigurationError(
+                f"Subscribers of {pattern!r} store no result (ignore_result=True): an event "
+                "has one outcome per subscriber, all under the event's id."
+            )
+        task_options["ignore_result"] = True
+
+        def register(fn: Callable[P, R]) -> Task[P, R]:
+            check_subscriber(fn, pattern)
+            sub_queue = queue or f"{self.name}.{getattr(fn, '__name__', 'subscriber')}"
+            existing = self.subscriptions.for_queue(sub_queue)
+            if (
+                existing is not None
+                and existing.pattern == pattern
+                and (existing.task.fn is fn or _same_function(existing.task.fn, fn))
+            ):
+                return existing.task  # type: ignore[return-value]  # module imported twice
+            self.subscriptions.check_free(sub_queue, fn)
+            task: Task[P, R] = self.task(
+                name=name, queue=sub_queue, priority=priority, expires=expires, **task_options
+            )(fn)
+            self.subscriptions.add(Subscription(pattern, sub_queue, task))
+            return task
+
+        return register
+
+    def emit(
+        self,
+        event: str,
+        payload: Any = None,
+        *,
+        mandatory: bool = True,
+        headers: Mapping[str, Any] | None = None,
+        event_id: str | None = None,
+    ) -> EventHandle:
+        """Publish an event: every subscriber whose pattern matches ``event`` runs it once.
+
+        Returns once the broker has confirmed it, as ``delay()`` does; the
+        publish middleware runs (traces, metrics, logs). Inside a
+        :meth:`publishing` block it is published at once all the same. The
+        bindings of this app's own subscribers are declared first (once), so
+        an event sent before their workers start waits in their queues.
+
+        Args:
+            event: The event name, the routing key: words separated by ``.``
+                (``order.created``).
+            payload: The subscribers' argument (a JSON value).
+            mandatory: Raise :class:`~mqtasks.exceptions.Unroutable` when no
+                subscriber queue is bound for ``event``; False drops it quietly.
+            headers: Extra headers, passed through to the subscribers.
+            event_id: The message id; a new UUID by default.
+
+        Returns:
+            The event's handle: its id, and how many queues got it where the broker says.
+
+        Raises:
+            ValueError: A bad event name, or a reserved (``mqtasks-``) header.
+            EncodeError: A payload JSON cannot carry, or over ``max_message_size``.
+            Unroutable: ``mandatory`` and no queue is bound for ``event``.
+            PublishError: The broker did not take the event.
+            ConfigurationError: The transport cannot route events (``redis+kombu://``).
+        """
+        return emit_event(
+            self, event, payload, mandatory=mandatory, headers=headers, event_id=event_id
+        )
 
     def _default_name(self, fn: Callable[..., Any]) -> str:
         module = getattr(fn, "__module__", None) or self.name

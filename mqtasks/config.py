@@ -12,6 +12,7 @@ from typing import Any, Literal
 from ._url import mask_url
 from .exceptions import ConfigurationError
 from .transport.tls import TLSOptions
+from .transport.topic import check_key
 
 __all__ = ["DEFAULT_BROKER_URL", "LogFormat", "QueueType", "Settings", "TLSOptions", "mask_url"]
 
@@ -89,6 +90,9 @@ class Settings:
     backend_key_prefix: str | None = None
     #: Seconds a stored result is kept (from when it was stored).
     result_expires: float = 86400.0
+    #: The topic exchange ``app.emit()`` publishes events to and ``@app.on`` binds
+    #: subscriber queues on (declared durable where it is first used).
+    events_exchange: str = "mqtasks.events"
 
     def __post_init__(self) -> None:
         if self.max_message_size <= 0:
@@ -120,6 +124,12 @@ class Settings:
             )
         if not self.result_expires > 0:
             raise ConfigurationError("result_expires must be positive seconds.")
+        if not isinstance(self.events_exchange, str) or not self.events_exchange:
+            raise ConfigurationError("events_exchange must be a non-empty exchange name.")
+        try:
+            check_key(self.events_exchange)
+        except ValueError as exc:
+            raise ConfigurationError(f"events_exchange: {exc}") from None
         if self.log_format not in ("auto", "console", "json"):
             raise ConfigurationError(
                 f"log_format must be 'auto', 'console' or 'json', not {self.log_format!r}."

@@ -19,6 +19,7 @@ import structlog
 
 from ._url import redact
 from .deadletter import dead_letter_envelope, publish_dead_letter
+from .events import HEADER_EVENT, event_of
 from .exceptions import ConfigurationError, DecodeError, MQTasksError, Reject, Retry, SkipMessage
 from .message import Message, _current
 from .task import refuse_awaitable
@@ -101,9 +102,23 @@ def process(worker: Worker, delivery: Delivery) -> str:
         message = Message.from_delivery(delivery, max_size=app.settings.max_message_size)
     except DecodeError as exc:
         return reject(worker, delivery, None, exc.reason, exc.detail)
-    task = app.tasks.get(message.task)
-    if task is None:
-        return reject(worker, delivery, message, "unknown_task", f"no task named {message.task!r}")
+    if HEADER_EVENT in delivery.headers:
+        # An event runs with the subscriber of the queue it came from, whatever its name.
+        event = event_of(delivery.headers)
+        if event is None:
+            return reject(worker, delivery, message, "invalid_headers", f"invalid {HEADER_EVENT}")
+        subscription = app.subscriptions.for_queue(delivery.queue)
+        if subscription is None:
+            detail = f"event {event!r}: no subscriber of queue {delivery.queue!r} in this app"
+            return reject(worker, delivery, message, "unknown_subscriber", detail)
+        task = subscription.task
+        message = message.copy(task=task.name, headers={**message.headers, HEADER_EVENT: event})
+    else:
+        found = app.tasks.get(message.task)
+        if found is None:
+            detail = f"no task named {message.task!r}"
+            return reject(worker, delivery, message, "unknown_task", detail)
+        task = found
     if message.is_expired():
         return reject(worker, delivery, message, "expired", f"expired at {message.expires_at}")
     try:

@@ -164,7 +164,9 @@ def check_app(
       run: ``shutdown_timeout``, the grace a stopping worker gives running
       tasks (tasks declare no run time of their own yet);
     * result options that are not booleans, and the ``Results`` middleware on
-      an app without a result backend (:func:`result_problems`).
+      an app without a result backend (:func:`result_problems`);
+    * event subscribers (``@app.on``) on a transport that cannot route events
+      (``redis+kombu://``): their queues would never get an event.
 
     Args:
         app: The app.
@@ -234,6 +236,15 @@ def check_app(
                     "no visibility timeout, or give the task max_retries=0 or retry_backoff=0."
                 )
     problems.extend(result_problems(app))
+    if transport is not None and not transport.capabilities.exchanges:
+        subscribed = [s for s in app.subscriptions if s.queue in names]
+        if subscribed:
+            listed = ", ".join(f"{s.pattern!r} on {s.queue!r}" for s in subscribed)
+            problems.append(
+                f"{transport.schemes[0]}:// cannot route events, but this worker's queues "
+                f"have subscribers ({listed}) that would never get one. Use amqp://, "
+                "redis:// or memory://, or leave these queues to a worker on one of them."
+            )
     if problems:
         raise ConfigurationError("\n".join(problems))
 

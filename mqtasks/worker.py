@@ -25,6 +25,7 @@ import structlog
 
 from ._url import mask_url, redact
 from .app import App
+from .events import wire_message
 from .exceptions import BackendError, ConfigurationError, MQTasksError
 from .message import Message, _origin
 from .middleware.base import Runner
@@ -86,6 +87,8 @@ class Worker:
             prefetch=self.prefetch,
             shutdown_timeout=self.shutdown_timeout,
         )
+        #: The subscriptions whose queues it consumes (bound at :meth:`start`).
+        self.subscriptions = [s for s in app.subscriptions if s.queue in self.queues]
         #: Most deliveries per queue before a message is dead-lettered unrun (None: no limit).
         self.delivery_limits = {q: app.delivery_limit(q) for q in self.queues}
         self.collect_errors = collect_errors
@@ -125,7 +128,8 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------
 
     def start(self, *, timeout: float | None = 30.0) -> None:
-        """Connect, declare the queues and start consuming in background threads.
+        """Connect, declare the queues (and the bindings of the subscribers among
+        them) and start consuming in background threads.
 
         Raises:
             ConnectionFailed: The broker cannot be reached.
@@ -134,6 +138,8 @@ class Worker:
         self._bind_hooks()
         if self.app.has_backend:
             self._check_backend()
+        # Bindings before consuming: an event emitted once this worker runs reaches its queue.
+        self.subscriptions = self.app.declare_events(self.queues)
         self._hooks.worker_boot(self)
         for i in range(self.concurrency):
             t = threading.Thread(target=self._work_main, name=f"mqtasks-worker-{i}", daemon=True)
@@ -150,6 +156,11 @@ class Worker:
         logger.info(
             "worker.started",
             queues=self.queues,
+            **(
+                {"subscriptions": [(s.pattern, s.queue) for s in self.subscriptions]}
+                if self.subscriptions
+                else {}
+            ),
             concurrency=self.concurrency,
             prefetch=self.prefetch,
             broker=repr(self.app.transport),
@@ -434,7 +445,7 @@ class Worker:
         """
         job = current_job()
         try:
-            envelope = retry.to_envelope(job.delivery.body)
+            envelope = wire_message(retry).to_envelope(job.delivery.body)
             self.app.transport.publish(message.queue, envelope, delay=delay)
         except ConfigurationError:
             raise
@@ -487,7 +498,7 @@ class Worker:
             k: v for k, v in message.headers.items() if not k.startswith(BROKER_DEATH_HEADERS)
         }
         try:
-            envelope = message.copy(headers=headers).to_envelope(job.delivery.body)
+            envelope = wire_message(message.copy(headers=headers)).to_envelope(job.delivery.body)
             self.app.transport.publish(message.queue, envelope, delay=delay)
         except MQTasksError as error:  # ConfigurationError too: no delays on this transport
             logger.error(
