@@ -6,21 +6,29 @@ was emitted; ``redis+kombu://`` refuses.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from mqtasks import ConfigurationError, QueueSpec, Unroutable
+from mqtasks import ConfigurationError, PublishError, QueueSpec, Unroutable
 from mqtasks.transport import Transport, resolve
 from mqtasks.transport.base import DLQ_SUFFIX, Delivery
 from mqtasks.transport.envelope import Envelope
 from mqtasks.transport.kombu import KombuTransport
 from mqtasks.transport.redis import RedisTransport
+from mqtasks.transport.redis.element import encode_element, priority_level
 from mqtasks.transport.redis.exchanges import exchange_key
+from mqtasks.transport.redis.scripts import TOPIC
+from mqtasks.transport.topic import check_pattern, topic_matches
 from tests._helpers.brokers import require_broker, unique_name
+from tests._helpers.servers import start_redis, stop
 from tests._helpers.wait import wait_for
+from tests.transport.test_topic import CASES
 
 KINDS = [
     "memory",
@@ -94,9 +102,14 @@ def receive(transport: Transport, spec: QueueSpec, count: int) -> list[Delivery]
     got: list[Delivery] = []
     consumer = transport.consumer([spec], prefetch=10)
     consumer.start(got.append)
+
+    def arrived() -> bool:
+        consumer.drain(0.05)
+        return len(got) >= count
+
     try:
         wait_for(
-            lambda: consumer.drain(0.05) or len(got) >= count,
+            arrived,
             lambda: f"{count} deliveries; got {len(got)}",
             10.0,
             interval=0,
@@ -250,3 +263,173 @@ def test_rabbitmq_holds_a_durable_topic_exchange_and_the_bindings(amqp_url: str)
     finally:
         events.close()
     assert ex not in [row[0] for row in rabbitmqctl("list_exchanges", "name")]
+
+
+# -- redis:// ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_events(redis_url: str) -> Iterator[Events]:
+    """The local Redis with a run-unique exchange; its keys deleted at the end."""
+    made = Events(redis_url)
+    yield made
+    made.close()
+
+
+def redis_client(events: Events) -> redis.Redis[bytes]:
+    transport = events.transport
+    assert isinstance(transport, RedisTransport)
+    return transport.publisher()
+
+
+def _lua_matches(client: redis.Redis[bytes], pattern: str, keys: list[str]) -> list[bool]:
+    """The Redis Lua matcher's verdict on ``pattern`` against each of ``keys``."""
+    driver = (
+        TOPIC
+        + """
+local p, out = words(ARGV[1]), {}
+for i = 2, #ARGV do out[#out + 1] = matches(p, words(ARGV[i])) and 1 or 0 end
+return out
+"""
+    )
+    replies = client.eval(driver, 0, pattern, *keys)  # type: ignore[no-untyped-call]
+    return [bool(r) for r in replies]
+
+
+def test_the_lua_matcher_agrees_with_topic_matches(redis_events: Events) -> None:
+    """On the table of cases, then on every small pattern and key (run in the real Redis)."""
+    client = redis_client(redis_events)
+    for pattern, key, expected in CASES:
+        assert _lua_matches(client, pattern, [key]) == [expected], (pattern, key)
+    keys = [""] + [
+        ".".join(ws) for n in range(1, 5) for ws in itertools.product(["a", "b", ""], repeat=n)
+    ]
+    checked = 0
+    for n in range(1, 5):
+        for ws in itertools.product(["a", "b", "*", "#"], repeat=n):
+            pattern = ".".join(ws)
+            verdicts = [topic_matches(pattern, key) for key in keys]
+            assert _lua_matches(client, pattern, keys) == verdicts, pattern
+            checked += len(keys)
+    assert checked > 10_000
+
+
+def test_the_emit_script_routes_as_topic_matches_does(redis_events: Events) -> None:
+    """End to end through bind and emit: one queue per pattern, a key per case."""
+    t, ex = redis_events.transport, redis_events.exchange
+    patterns = sorted({p for p, _, _ in CASES if " " not in p and "*" not in p.replace(".*", "")})
+    specs = {}
+    for pattern in patterns:
+        try:
+            check_pattern(pattern)
+        except ValueError:
+            continue
+        specs[pattern] = redis_events.queue("m")
+        t.bind(ex, pattern, specs[pattern])
+    for key in sorted({k for _, k, _ in CASES}):
+        t.purge(list(specs.values()))
+        expected = sorted(s.name for p, s in specs.items() if topic_matches(p, key))
+        got = t.emit(ex, key, envelope(1), mandatory=False)
+        counts = t.message_counts(list(specs.values()))
+        assert got == len(expected), key
+        assert sorted(q for q, n in counts.items() if n) == expected, key
+
+
+def test_emit_pushes_into_all_matching_queues_or_none(redis_events: Events) -> None:
+    t, ex = redis_events.transport, redis_events.exchange
+    assert isinstance(t, RedisTransport)
+    a, broken, c = redis_events.queue("a"), redis_events.queue("broken"), redis_events.queue("c")
+    for spec in (a, broken, c):
+        t.bind(ex, "order.#", spec)
+    # Given one of three matching queues is a key of another type
+    redis_client(redis_events).set(t.queue_key(broken.name), "not a list")
+    # When an event is emitted to all three
+    with pytest.raises(PublishError, match="WRONGTYPE") as info:
+        t.emit(ex, "order.created", envelope(1))
+    # Then it fails, and no queue holds it: the pushes before the failure were undone
+    assert broken.name in str(info.value)
+    redis_client(redis_events).delete(t.queue_key(broken.name))
+    assert redis_events.counts() == {a.name: 0, broken.name: 0, c.name: 0}
+    # And once the key is a list again, all three get the next one
+    assert t.emit(ex, "order.created", envelope(2)) == 3
+    assert redis_events.counts() == {a.name: 1, broken.name: 1, c.name: 1}
+
+
+def test_a_priority_emit_fails_whole_when_a_level_list_is_broken(redis_events: Events) -> None:
+    t, ex = redis_events.transport, redis_events.exchange
+    assert isinstance(t, RedisTransport)
+    a, b = redis_events.queue("a"), redis_events.queue("b")
+    t.bind(ex, "#", a)
+    t.bind(ex, "#", b)
+    redis_client(redis_events).set(t.level_key(b.name, 4), "x")
+    with pytest.raises(PublishError, match="WRONGTYPE"):
+        t.emit(ex, "k", envelope(1, priority=4))
+    redis_client(redis_events).delete(t.level_key(b.name, 4))
+    assert redis_events.counts() == {a.name: 0, b.name: 0}
+
+
+def take_ready(client: redis.Redis[bytes], t: RedisTransport, queue: str) -> list[bytes]:
+    """Remove and return every element of ``queue``'s ready lists (any priority level)."""
+    pipe = client.pipeline(transaction=True)
+    for key in t.ready_keys(queue):
+        pipe.lrange(key, 0, -1)
+    pipe.delete(*t.ready_keys(queue))
+    return [e for found in pipe.execute()[:-1] for e in found]
+
+
+def test_emitted_elements_are_those_publish_writes(redis_events: Events) -> None:
+    """Same bytes as publish: consumers, dead letters and status read them unchanged;
+    a queue's max_priority lowers the level as a publish's would."""
+    t, ex = redis_events.transport, redis_events.exchange
+    assert isinstance(t, RedisTransport)
+    plain, capped = redis_events.queue("plain"), redis_events.queue("capped", max_priority=3)
+    t.bind(ex, "#", plain)
+    t.bind(ex, "#", capped)
+    client = redis_client(redis_events)
+    for sent in (
+        envelope(1, headers={"mqtasks-event": "x", "k": [1, {"a": None}]}),
+        envelope(2, priority=7),
+    ):
+        t.emit(ex, "x", sent)
+        for spec in (plain, capped):
+            level = priority_level(sent.priority, spec.max_priority)
+            emitted = take_ready(client, t, spec.name)
+            t.publish(spec.name, sent)
+            published = take_ready(client, t, spec.name)
+            assert emitted == published == [encode_element(sent, level)]
+    assert redis_events.counts() == {plain.name: 0, capped.name: 0}
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The port of a redis-server of this module's own (its command statistics are ours)."""
+    proc, port = start_redis(Path(tmp_path_factory.mktemp("redis")))
+    yield port
+    stop(proc)
+
+
+@pytest.mark.integration
+def test_an_emit_is_one_command_from_the_client(private_redis: int) -> None:
+    """``INFO commandstats`` counts the client's EVALSHA and, apart, what the script ran."""
+    t = resolve(f"redis://127.0.0.1:{private_redis}/0")
+    assert isinstance(t, RedisTransport)
+    probe: redis.Redis[bytes] = redis.Redis(port=private_redis)
+    try:
+        specs = [QueueSpec(f"sub{i}") for i in range(3)]
+        for spec in specs:
+            t.bind("events", "order.*", spec)
+        t.bind("events", "invoice.#", QueueSpec("other"))
+        t.emit("events", "order.created", envelope(0))  # loads the script once
+        probe.config_resetstat()
+        for n in range(10):
+            assert t.emit("events", "order.created", envelope(n)) == 3
+        stats = probe.info("commandstats")
+        calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+        calls = {k: v for k, v in calls.items() if k != "info" and not k.startswith("config")}
+        # Client: one EVALSHA per emit. Redis, inside it: HGETALL, then an LPUSH per subscriber.
+        assert calls == {"evalsha": 10, "hgetall": 10, "lpush": 30}
+        assert sum(calls.values()) / 10 <= 2 + len(specs)
+    finally:
+        probe.flushall()
+        probe.close()
+        t.close()
