@@ -12,8 +12,7 @@ import os
 import threading
 from typing import Any
 
-from mqtasks import App, Unroutable
-from mqtasks.events import current_event
+from mqtasks import App, Unroutable, current_event
 
 app = App("shop", broker=os.environ.get("MQTASKS_BROKER_URL", "memory://"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .app import App
 from .canvas import GroupHandle, Signature, chain, chord, group
 from .config import Settings
+from .events import EventHandle, Subscription, current_event
 from .exceptions import (
     BackendError,
     BulkPublishError,
@@ -49,6 +50,7 @@ __all__ = [
     "DecodeError",
     "DuplicateTask",
     "EncodeError",
+    "EventHandle",
     "GroupHandle",
     "MQTasksError",
     "Message",
@@ -66,6 +68,7 @@ __all__ = [
     "Signature",
     "StatsdMetrics",
     "StructlogContext",
+    "Subscription",
     "Task",
     "TaskFailed",
     "TaskHandle",
@@ -77,6 +80,7 @@ __all__ = [
     "__version__",
     "chain",
     "chord",
+    "current_event",
     "current_message",
     "group",
 ]

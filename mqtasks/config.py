@@ -12,7 +12,7 @@ from typing import Any, Literal
 from ._url import mask_url
 from .exceptions import ConfigurationError
 from .transport.tls import TLSOptions
-from .transport.topic import check_key
+from .transport.topic import check_exchange
 
 __all__ = ["DEFAULT_BROKER_URL", "LogFormat", "QueueType", "Settings", "TLSOptions", "mask_url"]
 
@@ -124,10 +124,8 @@ class Settings:
             )
         if not self.result_expires > 0:
             raise ConfigurationError("result_expires must be positive seconds.")
-        if not isinstance(self.events_exchange, str) or not self.events_exchange:
-            raise ConfigurationError("events_exchange must be a non-empty exchange name.")
         try:
-            check_key(self.events_exchange)
+            check_exchange(self.events_exchange)
         except ValueError as exc:
             raise ConfigurationError(f"events_exchange: {exc}") from None
         if self.log_format not in ("auto", "console", "json"):

@@ -14,24 +14,41 @@ from mqtasks.config import Settings
 from mqtasks.events import HEADER_EVENT, EventHandle, build_message, current_event
 from mqtasks.message import Message
 from mqtasks.testing import drain, memory_app, reset, running_worker
+from mqtasks.transport.base import Transport
+from mqtasks.transport.kombu import KombuTransport
+from mqtasks.transport.redis import RedisTransport
+from mqtasks.transport.redis.exchanges import exchange_key
 from tests._helpers.brokers import require_broker, unique_name
 from tests._helpers.cli import MQTASKS, clean_env, run
 
 # -- fixtures ------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory"])
+BROKERS = [
+    "memory",
+    pytest.param("amqp", marks=pytest.mark.integration),
+    pytest.param("redis", marks=pytest.mark.integration),
+]
+
+
+def delete_exchange(transport: Transport, exchange: str) -> None:
+    """Remove the bindings of ``exchange`` and the exchange itself (its queues go with the app)."""
+    for pattern, queue in transport.bindings(exchange):
+        transport.unbind(exchange, pattern, queue)
+    if isinstance(transport, KombuTransport) and not transport.capabilities.in_process:
+        with transport.connection() as conn:
+            conn.default_channel.exchange_delete(exchange)
+    if isinstance(transport, RedisTransport):
+        transport.publisher().delete(exchange_key(transport, exchange))
+
+
+@pytest.fixture(params=BROKERS)
 def ev_app(request: pytest.FixtureRequest, make_app: Callable[..., App]) -> Iterator[App]:
-    """An app on each broker with events, its own events exchange; bindings removed after."""
+    """An app on each broker with events and an exchange of its own, deleted after the test."""
     url = require_broker(request.param)
     app = make_app(url, events_exchange=unique_name("x"), backend=None)
     yield app
-    exchange = app.settings.events_exchange
-    try:
-        for pattern, queue in app.transport.bindings(exchange):
-            app.transport.unbind(exchange, pattern, queue)
-    except Exception:  # best effort: the test may have broken the connection on purpose
-        pass
+    delete_exchange(app.transport, app.settings.events_exchange)
 
 
 @pytest.fixture
