@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,14 @@ from typing import Any
 import pytest
 import redis
 
-from mqtasks import ConfigurationError, PublishError, QueueSpec, Unroutable
+from mqtasks import (
+    ConfigurationError,
+    ConnectionFailed,
+    PublishError,
+    PublishNacked,
+    QueueSpec,
+    Unroutable,
+)
 from mqtasks.transport import Transport, resolve
 from mqtasks.transport.base import DLQ_SUFFIX, Delivery
 from mqtasks.transport.envelope import Envelope
@@ -432,4 +440,38 @@ def test_an_emit_is_one_command_from_the_client(private_redis: int) -> None:
     finally:
         probe.flushall()
         probe.close()
+        t.close()
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_rabbitmq_nacks_an_emit_into_a_full_queue(amqp_url: str) -> None:
+    events = Events(amqp_url)
+    try:
+        t, ex = events.transport, events.exchange
+        full = events.queue("full", queue_type="classic", max_length=1)
+        t.bind(ex, "job.#", full)
+        t.emit(ex, "job.a", envelope(1))
+        with pytest.raises(PublishNacked, match="NOT enqueued"):
+            t.emit(ex, "job.a", envelope(2))
+        assert events.counts() == {full.name: 1}
+    finally:
+        events.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "url", ["amqp://guest:pw-Zq81x@127.0.0.1:1//", "redis://:pw-Zq81x@127.0.0.1:1/0"]
+)
+def test_emit_during_an_outage_fails_in_bounded_time_with_a_transport_error(url: str) -> None:
+    t = resolve(url, publish_retries=1, publish_timeout=2, connect_timeout=1)
+    started = time.monotonic()
+    try:
+        with pytest.raises((PublishError, ConnectionFailed)) as info:
+            t.emit("events", "a.b", envelope(1))
+        assert time.monotonic() - started < 15
+        assert "pw-Zq81x" not in str(info.value)
+    finally:
         t.close()
