@@ -443,7 +443,8 @@ class App:
         Raises:
             ConfigurationError: A bad pattern, a function that cannot take one
                 argument, a queue with another subscriber already (both named),
-                ``ignore_result=False``, or an option no middleware understands.
+                ``ignore_result=False``, ``idempotent`` or ``unique_for`` (keyed by
+                the id every subscriber shares), or an option no middleware understands.
             DuplicateTask: Another function is registered under the same task name.
         """
         check_binding_pattern(pattern)
@@ -453,6 +454,14 @@ class App:
                 "has one outcome per subscriber, all under the event's id."
             )
         task_options["ignore_result"] = True
+        for option in ("idempotent", "unique_for"):
+            if task_options.get(option):
+                raise ConfigurationError(
+                    f"Subscribers of {pattern!r} cannot be {option}: every subscriber of an "
+                    "event gets it under the event's id, so keys of that id alone would let "
+                    "one subscriber's run stand for the others'. Make the subscriber itself "
+                    "idempotent (current_message().id is stable across its retries)."
+                )
 
         def register(fn: Callable[P, R]) -> Task[P, R]:
             check_subscriber(fn, pattern)

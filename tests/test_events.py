@@ -14,7 +14,7 @@ from mqtasks.config import Settings
 from mqtasks.events import HEADER_EVENT, EventHandle, build_message, current_event
 from mqtasks.message import Message
 from mqtasks.testing import drain, memory_app, reset, running_worker
-from mqtasks.transport.base import Transport
+from mqtasks.transport.base import DLQ_SUFFIX, QueueSpec, Transport
 from mqtasks.transport.kombu import KombuTransport
 from mqtasks.transport.redis import RedisTransport
 from mqtasks.transport.redis.exchanges import exchange_key
@@ -306,6 +306,17 @@ def test_subscribers_store_no_result_and_an_event_has_none_to_get(mem_app: App) 
         handle.get(timeout=1)
 
 
+@pytest.mark.parametrize("option", [{"idempotent": True}, {"unique_for": 60}])
+def test_subscribers_refuse_options_keyed_by_the_shared_event_id(
+    mem_app: App, option: dict[str, Any]
+) -> None:
+    """Every subscriber gets an event under one id: a key of that id would skip the others."""
+    with pytest.raises(ConfigurationError, match="event's id"):
+
+        @mem_app.on("order.*", **option)
+        def audit(payload: Any) -> None: ...
+
+
 def test_subscriber_defaults_and_registry(mem_app: App) -> None:
     @mem_app.on("order.*", max_retries=5)
     def audit(payload: Any) -> None: ...
@@ -396,3 +407,42 @@ def test_declare_fails_on_a_transport_without_exchanges(tmp_path: Path) -> None:
     done = run([MQTASKS, "declare", "-A", "declare_app"], env=env)
     assert done.returncode == 1
     assert "secret" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("amqp", marks=pytest.mark.integration),
+        pytest.param("redis", marks=pytest.mark.integration),
+    ],
+)
+def test_declare_binds_on_the_broker_before_any_worker_starts(
+    kind: str, tmp_path: Path, make_app: Callable[..., App]
+) -> None:
+    url = require_broker(kind)
+    exchange, queue = unique_name("x"), unique_name("declared")
+    (tmp_path / "declare_app.py").write_text(
+        "from mqtasks import App\n\napp = App('shop')\n\n\n"
+        f"@app.on('order.*', queue={queue!r})\ndef audit(payload): ...\n"
+    )
+    env = clean_env(
+        PYTHONPATH=str(tmp_path), MQTASKS_BROKER_URL=url, MQTASKS_EVENTS_EXCHANGE=exchange
+    )
+    publisher = make_app(url, events_exchange=exchange, backend=None)  # knows no subscriber
+    specs = [QueueSpec(queue), QueueSpec(queue + DLQ_SUFFIX)]
+    try:
+        # Given `mqtasks declare` ran, and no worker of the subscriber has started
+        done = run([MQTASKS, "declare", "-A", "declare_app"], env=env)
+        assert done.returncode == 0, done.stderr
+        assert ["binding", "order.*", "->", queue, "subscriber", "declare_app.audit"] in [
+            line.split() for line in done.stdout.splitlines()
+        ]
+        # When another app emits a matching event, it is routed and waits in the queue
+        publisher.emit("order.created", {"id": 1})
+        assert publisher.transport.message_counts(specs[:1]) == {queue: 1}
+        # An event no binding matches is still refused
+        with pytest.raises(Unroutable):
+            publisher.emit("invoice.created", {"id": 1})
+    finally:
+        delete_exchange(publisher.transport, exchange)
+        publisher.transport.delete(specs)
