@@ -32,9 +32,11 @@ from mqtasks.transport.redis import RedisTransport
 from mqtasks.transport.redis.element import encode_element, priority_level
 from mqtasks.transport.redis.exchanges import exchange_key
 from mqtasks.transport.redis.scripts import TOPIC
+from mqtasks.transport.tls import TLSOptions
 from mqtasks.transport.topic import check_pattern, topic_matches
+from reliability.pki import make_pki
 from tests._helpers.brokers import require_broker, unique_name
-from tests._helpers.servers import start_redis, stop
+from tests._helpers.servers import start_rabbitmq_tls, start_redis, stop
 from tests._helpers.wait import wait_for
 from tests.transport.test_topic import CASES
 
@@ -71,8 +73,9 @@ def rabbitmqctl(*args: str) -> list[list[str]]:
 class Events:
     """A transport and the exchange and queues of one test, all deleted at the end."""
 
-    def __init__(self, url: str) -> None:
-        self.transport = resolve(url, publish_timeout=5.0)
+    def __init__(self, url: str, **tls: Any) -> None:
+        options: dict[str, Any] = {"tls": TLSOptions(**tls)} if tls else {}
+        self.transport = resolve(url, publish_timeout=5.0, **options)
         self.exchange = unique_name("ex").replace("-", ".")
         self.queues: list[str] = []
 
@@ -475,3 +478,33 @@ def test_emit_during_an_outage_fails_in_bounded_time_with_a_transport_error(url:
         assert "pw-Zq81x" not in str(info.value)
     finally:
         t.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_amqps_emits_through_the_pooled_path_with_the_same_outcomes(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Over TLS a publish goes through the producer pool, not the shared confirming
+    channel: an emit there is confirmed, returned when unroutable, and received."""
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    proc, tls_port, _ = start_rabbitmq_tls(tmp_path_factory.mktemp("rabbit"), pki)
+    try:
+        events = Events(f"amqps://guest:guest@localhost:{tls_port}//", ca_file=str(pki.ca))
+        try:
+            t, ex = events.transport, events.exchange
+            assert t.uses_tls
+            a, b = events.queue("a"), events.queue("b")
+            t.bind(ex, "order.*", a)
+            t.bind(ex, "#.created", b)
+            assert t.emit(ex, "order.created", envelope(1, headers={"k": "v"})) == -1
+            with pytest.raises(Unroutable):
+                t.emit(ex, "invoice.paid", envelope(2))
+            assert t.emit(ex, "invoice.paid", envelope(3), mandatory=False) == -1
+            assert events.counts() == {a.name: 1, b.name: 1}
+            (delivery,) = receive(t, a, 1)
+            assert dict(delivery.headers) == {"k": "v"}
+        finally:
+            events.close()
+    finally:
+        stop(proc)
