@@ -298,6 +298,50 @@ def test_an_idempotent_task_that_fails_is_not_recorded_and_its_retry_runs(app: A
     assert app.backend.get(done_key("flaky-1")) == b"1"
 
 
+@pytest.mark.integration
+def test_an_idempotent_task_is_deferred_while_the_backend_is_down(
+    tmp_path: Path, make_app: Callable[..., App]
+) -> None:
+    """Neither run unchecked nor acknowledged: deferred until the backend answers."""
+    proc, port = start_redis(tmp_path)
+    procs = [proc]
+    try:
+        app = make_app(
+            "memory://",
+            backend=f"redis://127.0.0.1:{port}/0",
+            middleware=[Idempotency(defer_delay=0.1, max_defer_delay=0.3)],
+        )
+        runs: list[int] = []
+
+        @app.task(idempotent=True)
+        def charge(order: int) -> None:
+            runs.append(order)
+
+        with structlog.testing.capture_logs() as logs, running_worker(app, concurrency=1) as w:
+            # Given a worker that started with its backend up, then the backend stops
+            stop(procs[0])
+            charge.apply_async((1,), task_id="charge-down-1")
+            # Then the task is not run but deferred, again and again
+            wait_for(
+                lambda: len(events(logs, "task.idempotency_failed")) >= 2,
+                "the message to be deferred twice",
+            )
+            assert runs == []
+            assert events(logs, "task.idempotency_failed")[0]["reason"] == "done_check_failed"
+            # When the backend is back, it runs once, and a second copy is skipped
+            procs.append(start_redis(tmp_path, port=port)[0])
+            wait_for(lambda: runs == [1], "the deferred task to run")
+            drain(w)
+            charge.apply_async((1,), task_id="charge-down-1")
+            drain(w)
+        assert runs == [1]
+        assert events(logs, "task.duplicate_skipped")
+        app.close()
+    finally:
+        for p in procs:
+            stop(p)
+
+
 def test_an_idempotent_task_runs_once_with_the_workers_default_stack(app: App) -> None:
     """The worker installs Idempotency itself when the app has a result backend."""
     runs: list[int] = []
