@@ -119,8 +119,9 @@ class AmqpTransport(KombuTransport):
     # -- topic exchanges (events) ----------------------------------------------
 
     def bind(self, exchange: str, pattern: str, spec: QueueSpec) -> None:
-        """Declare the durable topic exchange and ``spec`` (with its dead-letter
-        queue, as :meth:`declare` does), then ``queue.bind`` it under ``pattern``."""
+        """Declare the durable topic exchange and ``spec`` (with its dead-letter queue,
+        as :meth:`~mqtasks.transport.kombu.KombuTransport.declare` does), then
+        ``queue.bind`` it under ``pattern``."""
         exchanges.bind(self, exchange, pattern, spec)
 
     def unbind(self, exchange: str, pattern: str, queue: str) -> None:

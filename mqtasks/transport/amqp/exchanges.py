@@ -1,7 +1,7 @@
 """Topic exchanges on RabbitMQ (events): declaring them, binding queues, emitting.
 
 Each events exchange is a durable ``topic`` exchange; a subscriber's queue is
-declared as :meth:`~mqtasks.transport.amqp.AmqpTransport.declare` declares any
+declared as :meth:`~mqtasks.transport.kombu.KombuTransport.declare` declares any
 queue (its dead-letter queue, its queue type) and bound with ``queue.bind``.
 RabbitMQ matches routing keys itself. An emit is one ``basic.publish`` to the
 exchange on the confirming channel every publish uses, so it is confirmed, and

@@ -3,7 +3,7 @@
 An exchange is the hash ``{p}:x:<exchange>``: one field ``"<queue> <pattern>"``
 per binding (queue names have no spaces), its value the queue's
 ``max_priority`` or empty. Emitting is one ``EVALSHA`` of
-:data:`~mqtasks.transport.redis.scripts.EMIT`: Redis reads the hash, matches the
+``EMIT`` (:mod:`~mqtasks.transport.redis.scripts`): Redis reads the hash, matches the
 routing key against each pattern (the Lua twin of
 :func:`~mqtasks.transport.topic.topic_matches`), and LPUSHes the element into
 each matching queue once, at the priority level a publish would use, all in one
