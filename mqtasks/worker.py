@@ -29,6 +29,7 @@ from .events import wire_message
 from .exceptions import BackendError, ConfigurationError, MQTasksError
 from .message import Message, _origin
 from .middleware.base import Runner
+from .middleware.idempotency import with_idempotency
 from .middleware.results import with_results
 from .middleware.retries import BROKER_DEATH_HEADERS, with_retries
 from .middleware.workflow import with_workflow
@@ -167,16 +168,17 @@ class Worker:
         )
 
     def _bind_hooks(self) -> None:
-        # The app's middleware; with a result backend, Workflow, which continues
-        # chains and chords, and Results, which stores each outcome; and last
-        # Retries, the decision on failures, whatever the app installs.
-        # after_process hooks run in reverse: Retries decides, Results stores,
-        # Workflow continues from the stored outcome (current_outcome()), then
-        # the app's middleware see it. Bound again at start, as the app's list
-        # may change.
+        # The app's middleware; with a result backend, Idempotency (run-once
+        # tasks), Workflow, which continues chains and chords, and Results,
+        # which stores each outcome; and last Retries, the decision on failures,
+        # whatever the app installs. after_process hooks run in reverse: Retries
+        # decides, Results stores, Workflow continues from the stored outcome
+        # (current_outcome()), Idempotency records the id as done only then,
+        # and the app's middleware see it. Bound again at start, as the app's
+        # list may change.
         stack = list(self.app.middleware)
         if self.app.has_backend:
-            stack = with_results(with_workflow(stack))
+            stack = with_results(with_workflow(with_idempotency(stack)))
         self._hooks = Runner(with_retries(stack))
 
     def _check_backend(self) -> None:
