@@ -508,3 +508,19 @@ def test_amqps_emits_through_the_pooled_path_with_the_same_outcomes(
             events.close()
     finally:
         stop(proc)
+
+
+@pytest.mark.integration
+def test_rebinding_a_queue_with_another_max_priority_caps_every_binding_of_it(
+    redis_events: Events,
+) -> None:
+    t, ex = redis_events.transport, redis_events.exchange
+    assert isinstance(t, RedisTransport)
+    spec = redis_events.queue("capped", max_priority=8)
+    t.bind(ex, "a.#", spec)
+    t.bind(ex, "b.#", QueueSpec(spec.name, max_priority=2))
+    client = redis_client(redis_events)
+    # An emit matching the first pattern only is capped at the queue's new max_priority
+    sent = envelope(1, priority=7)
+    assert t.emit(ex, "a.x", sent) == 1
+    assert take_ready(client, t, spec.name) == [encode_element(sent, 2)]

@@ -36,15 +36,22 @@ def exchange_key(transport: RedisTransport, exchange: str) -> str:
 
 
 def bind(transport: RedisTransport, exchange: str, pattern: str, spec: QueueSpec) -> None:
-    """Check ``spec`` (as ``declare`` does) and store the binding with its ``max_priority``."""
+    """Check ``spec`` (as ``declare`` does) and store the binding with its ``max_priority``.
+
+    The queue's other bindings on ``exchange`` take the same ``max_priority``,
+    so that an emit caps its priority alike whichever pattern matched.
+    """
     check_exchange(exchange)
     check_pattern(pattern)
     transport.declare([spec])
+    key = exchange_key(transport, exchange)
     value = "" if spec.max_priority is None else str(spec.max_priority)
+    mine = f"{spec.name} ".encode()
     with translate_errors(transport.url, f"bind {spec.name!r} to {exchange!r}"):
-        transport.publisher().hset(
-            exchange_key(transport, exchange), f"{spec.name} {pattern}", value
-        )
+        client = transport.publisher()
+        fields: dict[str | bytes, str] = {f: value for f in client.hkeys(key) if f.startswith(mine)}
+        fields[f"{spec.name} {pattern}"] = value
+        client.hset(key, mapping=fields)
 
 
 def unbind(transport: RedisTransport, exchange: str, pattern: str, queue: str) -> None:
