@@ -24,6 +24,7 @@ from mqtasks import (
     QueueSpec,
     Unroutable,
 )
+from mqtasks.testing import fake_redis_app
 from mqtasks.transport import Transport, resolve
 from mqtasks.transport.base import DLQ_SUFFIX, Delivery
 from mqtasks.transport.envelope import Envelope
@@ -524,3 +525,23 @@ def test_rebinding_a_queue_with_another_max_priority_caps_every_binding_of_it(
     sent = envelope(1, priority=7)
     assert t.emit(ex, "a.x", sent) == 1
     assert take_ready(client, t, spec.name) == [encode_element(sent, 2)]
+
+
+def test_fake_redis_routes_events_as_redis_does() -> None:
+    """``mqtasks.testing.fake_redis_app`` runs the same script on fakeredis."""
+    app = fake_redis_app("t")
+    t = app.transport
+    try:
+        t.bind("ev", "a.*", QueueSpec("q1"))
+        t.bind("ev", "#", QueueSpec("q2"))
+        assert t.emit("ev", "a.b", envelope(1)) == 2
+        assert t.emit("ev", "c", envelope(2)) == 1
+        with pytest.raises(Unroutable):
+            t.emit("other", "a.b", envelope(3))
+        assert isinstance(t, RedisTransport)
+        t.publisher().set(t.queue_key("q2"), "x")
+        with pytest.raises(PublishError, match="queue q2: WRONGTYPE"):
+            t.emit("ev", "a.b", envelope(4))
+        assert t.message_counts([QueueSpec("q1")]) == {"q1": 1}
+    finally:
+        app.close()

@@ -329,7 +329,7 @@ for _, t in ipairs(targets) do
   local reply = redis.pcall('LPUSH', target, m)
   if type(reply) == 'table' and reply.err then
     for _, done in ipairs(pushed) do redis.call('LPOP', done) end
-    return redis.error_reply('queue ' .. t[1] .. ': ' .. reply.err)
+    return redis.error_reply('queue ' .. t[1] .. ': ' .. tostring(reply.err))
   end
   pushed[#pushed + 1] = target
   if lvl > 0 then woken[#woken + 1] = base end
