@@ -545,3 +545,28 @@ def test_fake_redis_routes_events_as_redis_does() -> None:
         assert t.message_counts([QueueSpec("q1")]) == {"q1": 1}
     finally:
         app.close()
+
+
+@pytest.mark.integration
+def test_an_emit_to_a_full_redis_fails_and_stores_nothing(private_redis: int) -> None:
+    """Under ``noeviction`` a Redis past ``maxmemory`` refuses the first push; the
+    script then pushes nothing and the emit raises PublishError."""
+    t = resolve(f"redis://127.0.0.1:{private_redis}/1")
+    assert isinstance(t, RedisTransport)
+    probe: redis.Redis[bytes] = redis.Redis(port=private_redis, db=1)
+    try:
+        specs = [QueueSpec("a"), QueueSpec("b")]
+        for spec in specs:
+            t.bind("events", "#", spec)
+        probe.config_set("maxmemory-policy", "noeviction")
+        probe.config_set("maxmemory", 1)
+        with pytest.raises(PublishError, match="OOM"):
+            t.emit("events", "x", envelope(1))
+        probe.config_set("maxmemory", 0)
+        assert t.message_counts(specs) == {"a": 0, "b": 0}
+        assert t.emit("events", "x", envelope(2)) == 2
+    finally:
+        probe.config_set("maxmemory", 0)
+        probe.flushall()
+        probe.close()
+        t.close()
