@@ -3,6 +3,7 @@ result backend."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -520,6 +521,29 @@ class App:
         """
         return emit_event(
             self, event, payload, mandatory=mandatory, headers=headers, event_id=event_id
+        )
+
+    async def aemit(
+        self,
+        event: str,
+        payload: Any = None,
+        *,
+        mandatory: bool = True,
+        headers: Mapping[str, Any] | None = None,
+        event_id: str | None = None,
+    ) -> EventHandle:
+        """:meth:`emit` for asyncio code: the publish and its confirm run in a thread,
+        the event loop keeps running.
+
+        Raises:
+            ValueError: A bad event name, or a reserved (``mqtasks-``) header.
+            EncodeError: A payload JSON cannot carry, or over ``max_message_size``.
+            Unroutable: ``mandatory`` and no queue is bound for ``event``.
+            PublishError: The broker did not take the event.
+            ConfigurationError: The transport cannot route events.
+        """
+        return await asyncio.to_thread(
+            self.emit, event, payload, mandatory=mandatory, headers=headers, event_id=event_id
         )
 
     def _default_name(self, fn: Callable[..., Any]) -> str:

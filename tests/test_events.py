@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,6 +162,25 @@ def test_emit_with_no_subscriber_is_unroutable_unless_not_mandatory(ev_app: App)
     assert ev_app.transport.message_counts([ev_app.queue(orders.queue)]) == {orders.queue: 0}
 
 
+def test_aemit_publishes_from_asyncio_code(mem_app: App) -> None:
+    got: list[Any] = []
+
+    @mem_app.on("order.*")
+    def orders(payload: Any) -> None:
+        got.append(payload)
+
+    async def main() -> list[EventHandle]:
+        return list(await asyncio.gather(*(mem_app.aemit("order.created", i) for i in range(3))))
+
+    with running_worker(mem_app) as worker:
+        handles = asyncio.run(main())
+        drain(worker)
+    assert sorted(got) == [0, 1, 2]
+    assert len({h.id for h in handles}) == 3
+    with pytest.raises(Unroutable):
+        asyncio.run(mem_app.aemit("nobody.listens", 1))
+
+
 # -- failures -----------------------------------------------------------------------------
 
 
@@ -203,6 +223,29 @@ def test_a_failing_subscriber_retries_and_dead_letters_in_its_own_queue(ev_app: 
         drain(worker)
     assert attempts == [1, 2, 1]
     assert ok == [{"id": 7}]
+
+
+def test_subscribers_store_nothing_under_the_event_id_with_a_result_backend() -> None:
+    app = memory_app()  # with a memory:// result backend
+    ran: list[str] = []
+
+    @app.on("order.*")
+    def fine(payload: Any) -> None:
+        ran.append("fine")
+
+    @app.on("order.#", max_retries=1, retry_backoff=0)
+    def broken(payload: Any) -> None:
+        raise RuntimeError("down")
+
+    try:
+        with running_worker(app) as worker:
+            handle = app.emit("order.created", 1)
+            drain(worker, raise_errors=False)
+        assert ran == ["fine"]
+        assert [d.reason for d in app.dead_letters(broken.queue)] == ["max_retries_exceeded"]
+        assert app.handle(handle.id).outcome() is None
+    finally:
+        reset(app)
 
 
 def test_an_event_on_a_queue_without_subscriber_is_dead_lettered(ev_app: App) -> None:
