@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +22,8 @@ from mqtasks.transport.kombu import KombuTransport
 from mqtasks.transport.redis import RedisTransport
 from mqtasks.transport.redis.exchanges import exchange_key
 from tests._helpers.brokers import require_broker, unique_name
-from tests._helpers.cli import MQTASKS, clean_env, run
+from tests._helpers.cli import MQTASKS, PYTHON, CliWorker, clean_env, run
+from tests._helpers.wait import WAIT, wait_for
 
 # -- fixtures ------------------------------------------------------------------------
 
@@ -487,5 +490,93 @@ def test_declare_binds_on_the_broker_before_any_worker_starts(
         with pytest.raises(Unroutable):
             publisher.emit("invoice.created", {"id": 1})
     finally:
+        delete_exchange(publisher.transport, exchange)
+        publisher.transport.delete(specs)
+
+
+_WORKER_APP = """
+import os
+
+from mqtasks import App, current_event
+
+app = App("shop")
+
+
+def record(line):
+    with open(os.environ["EVENTS_OUT"], "a") as out:
+        out.write(line + "\\n")
+
+
+@app.on("order.*", queue=os.environ["EVENTS_Q1"])
+def audit(payload):
+    record(f"audit {current_event()} {payload}")
+
+
+@app.on("order.created", queue=os.environ["EVENTS_Q2"])
+def stock(payload):
+    record(f"stock {current_event()} {payload}")
+"""
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("amqp", marks=pytest.mark.integration),
+        pytest.param("redis", marks=pytest.mark.integration),
+    ],
+)
+def test_a_worker_process_binds_at_start_and_runs_each_subscriber(
+    kind: str, tmp_path: Path, make_app: Callable[..., App]
+) -> None:
+    url = require_broker(kind)
+    exchange, q1, q2 = unique_name("x"), unique_name("audit"), unique_name("stock")
+    (tmp_path / "events_worker_app.py").write_text(_WORKER_APP)
+    out = tmp_path / "out.txt"
+    env = clean_env(
+        PYTHONPATH=str(tmp_path),
+        MQTASKS_BROKER_URL=url,
+        MQTASKS_EVENTS_EXCHANGE=exchange,
+        EVENTS_OUT=str(out),
+        EVENTS_Q1=q1,
+        EVENTS_Q2=q2,
+    )
+    publisher = make_app(url, events_exchange=exchange, backend=None)  # knows no subscriber
+    specs = [QueueSpec(n) for q in (q1, q2) for n in (q, q + DLQ_SUFFIX)]
+    with open(tmp_path / "err", "ab") as err:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "mqtasks", "worker", "-A", "events_worker_app", "--log-format", "json"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    worker = CliWorker(proc, tmp_path / "err", tmp_path / "err")
+    try:
+        # Given a worker process started on an exchange nobody declared before
+        [started] = worker.wait_log("worker.started")
+        assert sorted(map(tuple, started["subscriptions"])) == [
+            ("order.*", q1),
+            ("order.created", q2),
+        ]
+        # When another app emits two events
+        publisher.emit("order.created", 1)
+        publisher.emit("order.paid", 2)
+
+        # Then each matching subscriber ran each once
+        def lines() -> list[str] | None:
+            found = out.read_text().splitlines() if out.exists() else []
+            return sorted(found) if len(found) >= 3 else None
+
+        assert wait_for(lines, "three subscriber runs", WAIT) == [
+            "audit order.created 1",
+            "audit order.paid 2",
+            "stock order.created 1",
+        ]
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+    finally:
+        worker.kill()
         delete_exchange(publisher.transport, exchange)
         publisher.transport.delete(specs)
