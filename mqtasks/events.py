@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "current_event",
     "emit",
     "event_of",
+    "stale_bindings",
     "wire_message",
 ]
 
@@ -207,6 +208,26 @@ class EventHandle:
             "runs it as a task of its own queue, and subscribers store no result. To wait "
             "for work an event starts, have its subscriber send a task and wait for that."
         )
+
+
+def stale_bindings(app: App, subscriptions: Iterable[Subscription]) -> list[tuple[str, str]]:
+    """Return the bindings of the events exchange on these subscribers' queues that none of
+    them declares: patterns left by an earlier version of a subscriber, which still route
+    events to its queue.
+
+    Only what :meth:`Transport.bindings() <mqtasks.transport.base.Transport.bindings>`
+    lists is seen: every binding on ``redis://`` and ``memory://``; on RabbitMQ, which
+    cannot list bindings over AMQP, only those this process made (so none is reported).
+
+    Raises:
+        ConfigurationError: The transport cannot route events.
+        ConnectionFailed: The broker cannot be reached.
+    """
+    subs = list(subscriptions)
+    queues = {s.queue for s in subs}
+    wanted = {(s.pattern, s.queue) for s in subs}
+    bound = app.transport.bindings(app.settings.events_exchange)
+    return [(p, q) for p, q in bound if q in queues and (p, q) not in wanted]
 
 
 def event_of(headers: Mapping[str, Any]) -> str | None:

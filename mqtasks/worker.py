@@ -25,7 +25,7 @@ import structlog
 
 from ._url import mask_url, redact
 from .app import App
-from .events import wire_message
+from .events import stale_bindings, wire_message
 from .exceptions import BackendError, ConfigurationError, MQTasksError
 from .message import Message, _origin
 from .middleware.base import Runner
@@ -154,6 +154,7 @@ class Worker:
             raise self._startup_error
         for warning in self._broker_warnings():
             logger.warning("broker.unsafe_config", detail=warning)
+        self._warn_stale_bindings()
         logger.info(
             "worker.started",
             queues=self.queues,
@@ -191,6 +192,26 @@ class Worker:
                 f"The result backend {url} cannot be reached: {exc}. The worker stores "
                 "task results there: start it, or fix the backend URL (MQTASKS_BACKEND_URL)."
             ) from exc
+
+    def _warn_stale_bindings(self) -> None:
+        """Say which bindings route events to this worker's subscriber queues although no
+        subscriber declares them (an old pattern): their events run all the same."""
+        if not self.subscriptions:
+            return
+        try:
+            stale = stale_bindings(self.app, self.subscriptions)
+        except Exception as exc:  # a check must never stop a worker
+            logger.warning("events.bindings_unchecked", error=type(exc).__name__)
+            return
+        for pattern, name in stale:
+            subscription = self.app.subscriptions.for_queue(name)
+            logger.warning(
+                "events.stale_binding",
+                pattern=pattern,
+                queue=name,
+                subscriber=subscription.task.name if subscription else None,
+                note="its events reach the queue and run; unbind it if it is no longer wanted",
+            )
 
     def _broker_warnings(self) -> list[str]:
         try:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from mqtasks import App, ConfigurationError, Middleware, Unroutable, Worker
 from mqtasks.config import Settings
@@ -477,12 +478,17 @@ def test_declare_binds_on_the_broker_before_any_worker_starts(
     publisher = make_app(url, events_exchange=exchange, backend=None)  # knows no subscriber
     specs = [QueueSpec(queue), QueueSpec(queue + DLQ_SUFFIX)]
     try:
-        # Given `mqtasks declare` ran, and no worker of the subscriber has started
+        # Given an old binding of the queue, `mqtasks declare` ran, and no worker has started
+        publisher.transport.bind(exchange, "order.old.#", specs[0])
         done = run([MQTASKS, "declare", "-A", "declare_app"], env=env)
         assert done.returncode == 0, done.stderr
-        assert ["binding", "order.*", "->", queue, "subscriber", "declare_app.audit"] in [
-            line.split() for line in done.stdout.splitlines()
-        ]
+        lines = [line.split() for line in done.stdout.splitlines()]
+        assert ["binding", "order.*", "->", queue, "subscriber", "declare_app.audit"] in lines
+        # (listed where the broker can list bindings: not RabbitMQ, over AMQP)
+        stale = ["stale", "order.old.#", "->", queue, "bound,", "but", "no", "subscriber"]
+        assert [line[:8] for line in lines if line[0] == "stale"] == (
+            [stale] if kind == "redis" else []
+        )
         # When another app emits a matching event, it is routed and waits in the queue
         publisher.emit("order.created", {"id": 1})
         assert publisher.transport.message_counts(specs[:1]) == {queue: 1}
@@ -580,3 +586,47 @@ def test_a_worker_process_binds_at_start_and_runs_each_subscriber(
         worker.kill()
         delete_exchange(publisher.transport, exchange)
         publisher.transport.delete(specs)
+
+
+def test_the_events_example_runs_on_memory() -> None:
+    done = run([PYTHON, "examples/events.py"], env=clean_env())
+    assert done.returncode == 0, done.stderr
+    printed = [line for line in done.stdout.splitlines() if not line[:4].isdigit()]  # no logs
+    assert sorted(printed) == [
+        "audit: user.signed_up {'name': 'ada'}",
+        "email: order 42 order.created",
+        "email: order 42 order.paid",
+        "invoice.paid: no subscriber is bound for it",
+        "stock: reserve 3 for order 42",
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind", ["memory", pytest.param("redis", marks=pytest.mark.integration)]
+)  # RabbitMQ cannot list bindings over AMQP: nothing to report there
+def test_a_binding_no_subscriber_declares_is_reported(
+    kind: str, tmp_path: Path, make_app: Callable[..., App]
+) -> None:
+    app = make_app(require_broker(kind), events_exchange=unique_name("x"), backend=None)
+    exchange, queue = app.settings.events_exchange, unique_name("audit")
+    ran: list[str | None] = []
+    try:
+        # Given an earlier version of the subscriber bound its queue with another pattern
+        app.transport.bind(exchange, "order.old", app.queue(queue))
+
+        @app.on("order.new", queue=queue)
+        def audit(payload: Any) -> None:
+            ran.append(current_event())
+
+        # When a worker starts, it says so, and the old binding still routes its events
+        with structlog.testing.capture_logs() as logs, running_worker(app) as worker:
+            app.emit("order.old", 1)
+            app.emit("order.new", 2)
+            drain(worker)
+        stale = [e for e in logs if e["event"] == "events.stale_binding"]
+        assert [(e["pattern"], e["queue"], e["subscriber"]) for e in stale] == [
+            ("order.old", queue, audit.name)
+        ]
+        assert sorted(ran, key=str) == ["order.new", "order.old"]
+    finally:
+        delete_exchange(app.transport, exchange)

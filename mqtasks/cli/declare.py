@@ -11,6 +11,7 @@ import click
 
 from .._url import redact
 from ..config import mask_url
+from ..events import stale_bindings
 from ..exceptions import MQTasksError
 from ..transport.base import DLQ_SUFFIX
 from . import app_option, cli, load_app, table
@@ -29,6 +30,9 @@ Declared (each idempotently: what exists already is left as it is):
     each with its dead-letter queue (QUEUE.dlq);
   - the events exchange (MQTASKS_EVENTS_EXCHANGE, a durable topic exchange)
     and one binding per subscriber (@app.on), when the app has subscribers.
+  Listed as "stale": other bindings on the subscribers' queues (an old
+  pattern, still routing its events there), where the broker can list them
+  (redis://; RabbitMQ cannot over AMQP). Nothing is removed.
 
 \b
 Exit codes:
@@ -50,6 +54,7 @@ def declare(app_path: str) -> None:
             app.transport.require_exchanges()  # before anything is declared
         app.declare(queues)
         subscriptions = app.declare_events()
+        stale = stale_bindings(app, subscriptions) if subscriptions else []
     except MQTasksError as exc:
         broker = mask_url(app.settings.broker_url)
         raise click.ClickException(f"{redact(str(exc))} (broker {broker})") from exc
@@ -63,5 +68,9 @@ def declare(app_path: str) -> None:
         rows += [
             ["binding", f"{s.pattern} -> {s.queue}", f"subscriber {s.task.name}"]
             for s in subscriptions
+        ]
+        rows += [
+            ["stale", f"{pattern} -> {queue}", "bound, but no subscriber declares it"]
+            for pattern, queue in stale
         ]
     click.echo(table(rows, ["KIND", "NAME", "DETAIL"]))
