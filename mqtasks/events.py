@@ -31,6 +31,8 @@ __all__ = [
     "EventHandle",
     "Subscription",
     "Subscriptions",
+    "build_message",
+    "check_binding_pattern",
     "check_event_name",
     "check_subscriber",
     "current_event",
