@@ -7,7 +7,7 @@ from typing import Any
 
 from typing_extensions import assert_type
 
-from mqtasks import App, Results, ResultTimeout, Task, TaskFailed, TaskHandle
+from mqtasks import App, EventHandle, Results, ResultTimeout, Task, TaskFailed, TaskHandle
 from mqtasks.backend import Backend
 from mqtasks.middleware import Idempotency, Middleware, with_idempotency
 from mqtasks.middleware.results import current_outcome
@@ -98,3 +98,19 @@ assert_type(with_idempotency([Idempotency()]), list[Middleware])
 
 async def send_unique_from_asyncio() -> None:
     assert_type(await add.aapply_async((1, 2), idempotency_key="k"), TaskHandle)
+
+
+# Events: subscribers are tasks of one argument, emit returns an EventHandle.
+@app.on("order.*")
+def audit(event: dict[str, Any]) -> None: ...
+
+
+assert_type(audit.delay({"id": 7}), TaskHandle)
+audit.delay({"id": 7}, 8)  # type: ignore[call-arg]  # a subscriber takes one payload
+assert_type(app.emit("order.created", {"id": 7}), EventHandle)
+assert_type(app.emit("order.created", {"id": 7}, mandatory=False).routed, int | None)
+app.emit(7, {"id": 7})  # type: ignore[arg-type]  # an event name is a string
+
+
+async def emit_from_asyncio() -> None:
+    assert_type(await app.aemit("order.created", {"id": 7}), EventHandle)
