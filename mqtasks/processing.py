@@ -112,7 +112,12 @@ def process(worker: Worker, delivery: Delivery) -> str:
             detail = f"event {event!r}: no subscriber of queue {delivery.queue!r} in this app"
             return reject(worker, delivery, message, "unknown_subscriber", detail)
         task = subscription.task
-        message = message.copy(task=task.name, headers={**message.headers, HEADER_EVENT: event})
+        # The subscriber's priority (an event is emitted without one) goes with
+        # its retries, as a task's own priority goes with its messages.
+        priority = task.priority if task.priority is not None else message.priority
+        message = message.copy(
+            task=task.name, priority=priority, headers={**message.headers, HEADER_EVENT: event}
+        )
     else:
         found = app.tasks.get(message.task)
         if found is None:

@@ -229,6 +229,25 @@ def test_a_failing_subscriber_retries_and_dead_letters_in_its_own_queue(ev_app: 
     assert ok == [{"id": 7}]
 
 
+def test_a_subscribers_priority_goes_with_the_event_and_its_retries(mem_app: App) -> None:
+    seen: list[int | None] = []
+
+    @mem_app.on("stock.*", priority=7, max_retries=1, retry_backoff=0)
+    def restock(payload: Any) -> None:
+        from mqtasks import current_message
+
+        message = current_message()
+        assert message is not None
+        seen.append(message.priority)
+        if message.attempt == 1:
+            raise RuntimeError("warehouse busy")
+
+    with running_worker(mem_app) as worker:
+        mem_app.emit("stock.low", {"sku": 1})
+        drain(worker, raise_errors=False)
+    assert seen == [7, 7]
+
+
 def test_subscribers_store_nothing_under_the_event_id_with_a_result_backend() -> None:
     app = memory_app()  # with a memory:// result backend
     ran: list[str] = []
