@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import struct
 import time
+from typing import Any
 
-__all__ = ["RECORD", "read_records", "record"]
+__all__ = ["RECORD", "add_result_tasks", "read_records", "record", "results_app_env"]
 
 #: seq (int64), sent (float64, publisher's time.time()), start (float64, task's time.time()).
 RECORD = struct.Struct("<qdd")
@@ -68,3 +69,42 @@ def read_records(
         usable = len(data) - len(data) % size
         out.extend(RECORD.iter_unpack(data[:usable]))
     return out
+
+
+def add_result_tasks(app: Any) -> None:
+    """Register the result benchmark's tasks on ``app`` (Celery or mqtasks: ``app.task(name=)``).
+
+    ``bench.value(x) -> x`` (round trips, chord members), ``bench.tally(values) ->
+    len(values)`` (chord callback) and ``bench.rnoop(seq, sent) -> seq``, which records its
+    start like the suite's no-op and returns a small value.
+    """
+
+    @app.task(name="bench.value")  # type: ignore[untyped-decorator]
+    def value(x: Any) -> Any:
+        return x
+
+    @app.task(name="bench.tally")  # type: ignore[untyped-decorator]
+    def tally(values: list[Any]) -> int:
+        return len(values)
+
+    @app.task(name="bench.rnoop")  # type: ignore[untyped-decorator]
+    def rnoop(seq: int, sent: float) -> int:
+        record(seq, sent)
+        return seq
+
+
+def results_app_env(backend_url: str, backend_prefix: str) -> dict[str, str]:
+    """A result benchmark app's settings from the environment (set by ``benchmarks.results``).
+
+    ``url``, ``queue``, ``backend_url``, ``backend_prefix`` and ``keyprefix``, from
+    ``BENCH_BROKER_URL``, ``BENCH_QUEUE``, ``BENCH_BACKEND_URL``, ``BENCH_BACKEND_PREFIX``
+    and ``BENCH_KEYPREFIX``; ``backend_url`` and ``backend_prefix`` are the defaults of the two.
+    """
+    env = os.environ
+    return {
+        "url": env.get("BENCH_BROKER_URL", "memory://"),
+        "queue": env.get("BENCH_QUEUE", "bench"),
+        "backend_url": env.get("BENCH_BACKEND_URL", backend_url),
+        "backend_prefix": env.get("BENCH_BACKEND_PREFIX", backend_prefix),
+        "keyprefix": env.get("BENCH_KEYPREFIX", ""),
+    }

@@ -22,11 +22,10 @@ start like the suite's no-op (``benchmarks/_record.py``) and returns a small val
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from celery import Celery
 
-from ._record import record
+from ._record import add_result_tasks, results_app_env
 from .bench_celery_app import make_app as make_plain_app
 
 
@@ -50,27 +49,12 @@ def make_app(
         result_expires=3600,
     )
 
-    @app.task(name="bench.value")
-    def value(x: Any) -> Any:
-        return x
-
-    @app.task(name="bench.tally")
-    def tally(values: list[Any]) -> int:
-        return len(values)
-
-    @app.task(name="bench.rnoop")
-    def rnoop(seq: int, sent: float) -> int:
-        record(seq, sent)
-        return seq
+    add_result_tasks(app)
 
     return app
 
 
 app = make_app(
-    os.environ.get("BENCH_BROKER_URL", "memory://"),
-    os.environ.get("BENCH_QUEUE", "bench"),
-    backend_url=os.environ.get("BENCH_BACKEND_URL", "cache+memory://"),
-    backend_prefix=os.environ.get("BENCH_BACKEND_PREFIX", "bench-results:"),
-    keyprefix=os.environ.get("BENCH_KEYPREFIX", ""),
+    **results_app_env("cache+memory://", "bench-results:"),
     prefetch_multiplier=int(os.environ.get("BENCH_PREFETCH_MULTIPLIER", "8")),
 )

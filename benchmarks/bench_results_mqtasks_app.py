@@ -26,7 +26,7 @@ from typing import Any
 
 from mqtasks import App
 
-from ._record import record
+from ._record import add_result_tasks, record, results_app_env
 
 
 def make_app(
@@ -54,18 +54,7 @@ def make_app(
             extra["backend_key_prefix"] = backend_prefix
     app = App("bench", broker=url, default_queue=queue, transport_options=options, **extra)
 
-    @app.task(name="bench.value")
-    def value(x: Any) -> Any:
-        return x
-
-    @app.task(name="bench.tally")
-    def tally(values: list[Any]) -> int:
-        return len(values)
-
-    @app.task(name="bench.rnoop")
-    def rnoop(seq: int, sent: float) -> int:
-        record(seq, sent)
-        return seq
+    add_result_tasks(app)
 
     if backend_url:
 
@@ -78,10 +67,6 @@ def make_app(
 
 
 app = make_app(
-    os.environ.get("BENCH_BROKER_URL", "memory://"),
-    os.environ.get("BENCH_QUEUE", "bench"),
-    backend_url=os.environ.get("BENCH_BACKEND_URL", ""),
-    backend_prefix=os.environ.get("BENCH_BACKEND_PREFIX", ""),
-    keyprefix=os.environ.get("BENCH_KEYPREFIX", ""),
+    **results_app_env("", ""),
     classic=os.environ.get("BENCH_CLASSIC", "0") == "1",
 )

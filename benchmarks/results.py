@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import logging
 import os
 import random
@@ -54,12 +53,15 @@ from .suite import (
     _bin,
     _cleanup_amqp,
     percentiles,
+    print_configs,
     publish_threads,
     redis_commands,
+    run_header,
     tree_cpu_s,
     wait_count,
+    write_json,
 )
-from .throughput import BROKERS, _sweep_redis, bounded, machine_info
+from .throughput import BROKERS, _sweep_redis, bounded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Where every system stores its results: a database of its own on the local Redis.
@@ -88,6 +90,16 @@ def check_stop() -> None:
     """Raise KeyboardInterrupt once a stop was asked for."""
     if STOP.is_set():
         raise KeyboardInterrupt("stop requested")
+
+
+def _id_sender(delay: Callable[..., Any], ids: list[str]) -> tuple[Sender, Callable[[], None]]:
+    """A sender that publishes with ``delay`` and keeps each task's id in ``ids``."""
+    append = ids.append
+
+    def send(seq: int, sent: float) -> None:
+        append(delay(seq, sent).id)
+
+    return send, lambda: None
 
 
 class SideError(Exception):
@@ -241,13 +253,9 @@ class MqtasksSide(Side):
         return [("mqtasks, results", True), ("mqtasks, ignore_result", False)]
 
     def sender(self, variant: str, ids: list[str]) -> tuple[Sender, Callable[[], None]]:
-        delay = self.task("bench.rnoop_ignored" if "ignore" in variant else "bench.rnoop").delay
-        append = ids.append
-
-        def send(seq: int, sent: float) -> None:
-            append(delay(seq, sent).id)
-
-        return send, lambda: None
+        return _id_sender(
+            self.task("bench.rnoop_ignored" if "ignore" in variant else "bench.rnoop").delay, ids
+        )
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         backend = self.app.backend
@@ -371,13 +379,7 @@ class CelerySide(Side):
         return [("celery, results", True)]
 
     def sender(self, variant: str, ids: list[str]) -> tuple[Sender, Callable[[], None]]:
-        delay = self.app.tasks["bench.rnoop"].delay
-        append = ids.append
-
-        def send(seq: int, sent: float) -> None:
-            append(delay(seq, sent).id)
-
-        return send, lambda: None
+        return _id_sender(self.app.tasks["bench.rnoop"].delay, ids)
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         backend = self.app.backend
@@ -853,18 +855,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = os.path.join(HERE, "results", f"run-{run_id}")
     os.makedirs(run_dir, exist_ok=True)
     ctx = Context(run_id, run_dir, opts)
-    info = machine_info()
-    from importlib import metadata
-
-    for dist in ("celery", "dramatiq"):
-        with contextlib.suppress(Exception):
-            info[dist] = metadata.version(dist)
-    header = (
-        f"mqtasks {info['mqtasks']} (commit {info['commit']}) | celery {info.get('celery')} | "
-        f"dramatiq {info.get('dramatiq')} | kombu {info['kombu']} | Python {info['python']} | "
-        f"RabbitMQ {info.get('rabbitmq', '?')} | Redis {info.get('redis_server', '?')} | "
-        f"nproc {info['nproc']} | load at start {info['loadavg']}"
-    )
+    info, header = run_header(("celery", "dramatiq"))
     print(header)
     print(
         f"run {run_id}: {opts.samples} round trips, {opts.tasks} tasks from {opts.publishers} "
@@ -919,9 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{header}\nwall time {wall / 60:.1f} min\n")
     print(table(summary, opts))
     print("\nConfigurations:")
-    for broker, cs in configs.items():
-        for name, text in cs.items():
-            print(f"  {broker} {name}: {text}")
+    print_configs(configs)
     if opts.json:
         doc = {
             "run_id": run_id,
@@ -933,10 +922,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": targets(summary),
             "rounds": rounds,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-        with open(opts.json, "w") as fh:
-            json.dump(doc, fh, indent=2)
-        print(f"wrote {opts.json}")
+        write_json(opts.json, doc)
     if opts.keep or status or any(r["problems"] for r in rounds):
         print(f"records and worker logs kept in {run_dir}")
     else:

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -1401,6 +1401,38 @@ def _systems(broker: str, names: list[str], ctx: Context) -> Iterator[list[Syste
                 print(f"warning: closing {s.name} on {broker}: {exc!r}", file=sys.stderr)
 
 
+def run_header(peers: Sequence[str]) -> tuple[dict[str, Any], str]:
+    """The machine's description with the peers' versions added, and the one-line header."""
+    from importlib import metadata
+
+    info = machine_info()
+    for dist in peers:
+        with contextlib.suppress(Exception):
+            info[dist] = metadata.version(dist)
+    header = (
+        f"mqtasks {info['mqtasks']} (commit {info['commit']}) | celery {info.get('celery')} | "
+        f"dramatiq {info.get('dramatiq')} | kombu {info['kombu']} | Python {info['python']} | "
+        f"RabbitMQ {info.get('rabbitmq', '?')} | Redis {info.get('redis_server', '?')} | "
+        f"nproc {info['nproc']} | load at start {info['loadavg']}"
+    )
+    return info, header
+
+
+def print_configs(configs: dict[str, dict[str, str]]) -> None:
+    """Print each broker's and system's configuration line, as the summary's footnote."""
+    for broker, cs in configs.items():
+        for name, text in cs.items():
+            print(f"  {broker} {name}: {text}")
+
+
+def write_json(path: str, doc: dict[str, Any]) -> None:
+    """Write a run's document to ``path`` (its folder made if missing) and say so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=2)
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     # The publishers log as an application would in production, warnings and above, as
@@ -1411,18 +1443,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = os.path.join(HERE, "results", f"run-{run_id}")
     os.makedirs(run_dir, exist_ok=True)
     ctx = Context(run_id, run_dir, opts)
-    info = machine_info()
-    for dist in ("celery", "dramatiq", "pika"):
-        with contextlib.suppress(Exception):
-            from importlib import metadata
-
-            info[dist] = metadata.version(dist)
-    header = (
-        f"mqtasks {info['mqtasks']} (commit {info['commit']}) | celery {info.get('celery')} | "
-        f"dramatiq {info.get('dramatiq')} | kombu {info['kombu']} | Python {info['python']} | "
-        f"RabbitMQ {info.get('rabbitmq', '?')} | Redis {info.get('redis_server', '?')} | "
-        f"nproc {info['nproc']} | load at start {info['loadavg']}"
-    )
+    info, header = run_header(("celery", "dramatiq", "pika"))
     print(header)
     print(
         f"run {run_id}: {opts.tasks} tasks, {opts.repeat} round(s), {opts.publishers} pipeline "
@@ -1492,9 +1513,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print("Configurations:")
-    for broker, cs in configs.items():
-        for name, text in cs.items():
-            print(f"  {broker} {name}: {text}")
+    print_configs(configs)
     if opts.json:
         doc = {
             "run_id": run_id,
@@ -1505,10 +1524,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "rounds": rounds,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-        with open(opts.json, "w") as fh:
-            json.dump(doc, fh, indent=2)
-        print(f"wrote {opts.json}")
+        write_json(opts.json, doc)
     if opts.markdown:
         os.makedirs(os.path.dirname(os.path.abspath(opts.markdown)), exist_ok=True)
         with open(opts.markdown, "w") as fh:
