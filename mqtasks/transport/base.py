@@ -2,7 +2,7 @@
 
 A :class:`Transport` publishes :class:`~mqtasks.transport.envelope.Envelope`
 objects to queues declared from :class:`~mqtasks.transport.queue.QueueSpec` and hands a worker
-:class:`Delivery` objects through a :class:`Consumer`. It knows nothing of tasks
+:class:`~mqtasks.transport.delivery.Delivery` objects through a :class:`Consumer`. It knows nothing of tasks
 or the app, and this module names no broker client: what a transport can do is
 told by its :class:`Capabilities`, which the layers above ask instead of
 checking which class they hold.
@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from .._url import mask_url, remember_secret
 from ..exceptions import ConfigurationError, PublishError, Unroutable
+from .delivery import Delivery, StoredMessage, Taken
 from .envelope import Envelope
 from .queue import (
     DLQ_SUFFIX,
@@ -84,87 +85,6 @@ class Capabilities:
     in_process: bool = False
     visibility_timeout: bool = False
     exchanges: bool = False
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    """A message read from a queue without a consumer (dead-letter tooling).
-
-    Attributes:
-        body: The body bytes as stored.
-        message_id: The message id, if it had one.
-        headers: Its headers.
-        content_type: Its content type.
-        content_encoding: Its content encoding.
-    """
-
-    body: bytes
-    message_id: str | None
-    headers: Mapping[str, Any]
-    content_type: str | None = None
-    content_encoding: str | None = None
-
-
-#: A taken message and the function that removes it from its queue for good.
-Taken = tuple[StoredMessage, Callable[[], None]]
-
-
-class Delivery:
-    """A received message, owned by the consumer that delivered it.
-
-    Settle it exactly once through :meth:`Consumer.ack`, :meth:`Consumer.reject`
-    or :meth:`Consumer.requeue`. Transports subclass it to keep what they need
-    for settling (a kombu message, a Redis list element).
-    """
-
-    __slots__ = (
-        "body",
-        "content_encoding",
-        "content_type",
-        "delivery_count",
-        "generation",
-        "headers",
-        "message_id",
-        "priority",
-        "queue",
-        "received_at",
-        "redelivered",
-        "refused",
-    )
-
-    def __init__(
-        self,
-        body: bytes,
-        queue: str,
-        generation: int,
-        *,
-        headers: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        content_type: str | None = None,
-        content_encoding: str | None = None,
-        priority: int | None = None,
-        redelivered: bool = False,
-        delivery_count: int | None = None,
-        refused: str | None = None,
-    ) -> None:
-        self.body = body
-        self.headers: Mapping[str, Any] = headers if headers is not None else {}
-        self.message_id = message_id
-        self.content_type = content_type
-        self.content_encoding = content_encoding
-        self.priority = priority
-        self.redelivered = redelivered
-        self.queue = queue
-        self.generation = generation
-        self.received_at = time.time()
-        #: Set by the transport when it refused to read the body (the reason).
-        self.refused = refused
-        #: Deliveries of this message so far, this one included, as the broker
-        #: counted them; None when the broker does not count.
-        self.delivery_count = delivery_count
-
-    def __repr__(self) -> str:
-        return f"<Delivery {self.message_id} from {self.queue!r}>"
 
 
 class Consumer:
