@@ -117,7 +117,6 @@ from ..base import (
     Transport,
 )
 from ..envelope import Envelope
-from ..errors import translate_errors
 from . import exchanges, queues
 from .checks import redis_warnings
 from .consumer import CONNECTION_ERRORS, RedisConsumer
@@ -140,11 +139,6 @@ _OPTIONS = (
     "delay_poll_interval",
     "connection_class",
 )
-
-
-def _sum_levels(replies: Iterator[Any]) -> int:
-    """Sum the next LLEN replies of a queue's ready lists (see ``_count_ready``)."""
-    return sum(int(next(replies)) for _ in range(MAX_LEVEL + 1))
 
 
 class RedisTransport(Transport):
@@ -340,31 +334,17 @@ class RedisTransport(Transport):
             return 0  # dead letters stay in one list, read oldest first (browse, take)
         return priority_level(priority, self._max_priority.get(queue))
 
-    def _count_ready(self, pipe: Any, queue: str) -> None:
-        """Add an LLEN of each of ``queue``'s ready lists to ``pipe``."""
-        for key in self.ready_keys(queue):
-            pipe.llen(key)
-
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         """Return the number of ready messages per queue, all priority levels
         together (an absent queue is empty).
 
         Messages held for a delay are not ready: see :meth:`delayed_counts`.
         """
-        with translate_errors(self.url, "count messages"):
-            pipe = self.publisher().pipeline(transaction=False)
-            for spec in specs:
-                self._count_ready(pipe, spec.name)
-            replies = iter(pipe.execute())
-        return {s.name: _sum_levels(replies) for s in specs}
+        return queues.message_counts(self, specs)
 
     def delayed_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         """Return, per queue, how many messages Redis holds for a delay (due or not)."""
-        with translate_errors(self.url, "count delayed messages"):
-            pipe = self.publisher().pipeline(transaction=False)
-            for spec in specs:
-                pipe.zcard(self.delayed_key(spec.name))
-            return {s.name: int(n) for s, n in zip(specs, pipe.execute(), strict=True)}
+        return queues.delayed_counts(self, specs)
 
     def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
         """Read each queue's lists, delayed set, dead-letter list, in-flight lists
@@ -374,28 +354,12 @@ class RedisTransport(Transport):
     def purge(self, specs: Sequence[QueueSpec]) -> int:
         """Remove all ready (of every priority) and delayed messages from the
         queues; return how many."""
-        with translate_errors(self.url, "purge"):
-            pipe = self.publisher().pipeline(transaction=True)
-            for spec in specs:
-                self._count_ready(pipe, spec.name)
-                pipe.zcard(self.delayed_key(spec.name))
-                pipe.delete(*self.ready_keys(spec.name), self.delayed_key(spec.name))
-            replies = iter(pipe.execute())
-            removed = 0
-            for _ in specs:
-                removed += _sum_levels(replies) + int(next(replies))
-                next(replies)  # the DEL's count of keys
-            return removed
+        return queues.purge(self, specs)
 
     def delete(self, specs: Sequence[QueueSpec]) -> None:
         """Delete queues (their ready messages of every priority and delayed ones;
         in-flight ones return to a new list)."""
-        if not specs:
-            return
-        keys = [k for s in specs for k in (*self.ready_keys(s.name), self.delayed_key(s.name))]
-        with translate_errors(self.url, "delete queues"):
-            self.publisher().delete(*keys)
-        self._declared.difference_update(s.name for s in specs)
+        queues.delete(self, specs)
 
     # -- publishing --------------------------------------------------------
 

@@ -1,7 +1,7 @@
-"""Reading ``redis://`` queues without a consumer: queue statistics, and the
-browsing and taking that dead-letter tooling uses. Functions of a
-:class:`~mqtasks.transport.redis.RedisTransport`, kept apart from its
-publishing and topology."""
+"""Working on ``redis://`` queues without a consumer: counting, statistics,
+purging and deleting, and the browsing and taking that dead-letter tooling
+uses. Functions of a :class:`~mqtasks.transport.redis.RedisTransport`, kept
+apart from its publishing and topology."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..base import DLQ_SUFFIX, QueueSpec, QueueStats, StoredMessage, Taken
 from ..errors import translate_errors
@@ -18,7 +18,76 @@ from .element import MAX_LEVEL, RedisDelivery
 if TYPE_CHECKING:
     from . import RedisTransport
 
-__all__ = ["browse", "queue_stats", "stored", "take"]
+__all__ = [
+    "browse",
+    "count_ready",
+    "delayed_counts",
+    "delete",
+    "message_counts",
+    "purge",
+    "queue_stats",
+    "stored",
+    "take",
+]
+
+
+def count_ready(t: RedisTransport, pipe: Any, queue: str) -> None:
+    """Add an LLEN of each of ``queue``'s ready lists to ``pipe``."""
+    for key in t.ready_keys(queue):
+        pipe.llen(key)
+
+
+def _sum_levels(replies: Iterator[Any]) -> int:
+    """Sum the next LLEN replies of a queue's ready lists (see :func:`count_ready`)."""
+    return sum(int(next(replies)) for _ in range(MAX_LEVEL + 1))
+
+
+def message_counts(t: RedisTransport, specs: Sequence[QueueSpec]) -> dict[str, int]:
+    """Return the number of ready messages per queue, all priority levels
+    together (an absent queue is empty)."""
+    with translate_errors(t.url, "count messages"):
+        pipe = t.publisher().pipeline(transaction=False)
+        for spec in specs:
+            count_ready(t, pipe, spec.name)
+        replies = iter(pipe.execute())
+    return {s.name: _sum_levels(replies) for s in specs}
+
+
+def delayed_counts(t: RedisTransport, specs: Sequence[QueueSpec]) -> dict[str, int]:
+    """Return, per queue, how many messages Redis holds for a delay (due or not)."""
+    with translate_errors(t.url, "count delayed messages"):
+        pipe = t.publisher().pipeline(transaction=False)
+        for spec in specs:
+            pipe.zcard(t.delayed_key(spec.name))
+        return {s.name: int(n) for s, n in zip(specs, pipe.execute(), strict=True)}
+
+
+def purge(t: RedisTransport, specs: Sequence[QueueSpec]) -> int:
+    """Remove all ready (of every priority) and delayed messages from the
+    queues in one transaction; return how many."""
+    with translate_errors(t.url, "purge"):
+        pipe = t.publisher().pipeline(transaction=True)
+        for spec in specs:
+            count_ready(t, pipe, spec.name)
+            pipe.zcard(t.delayed_key(spec.name))
+            pipe.delete(*t.ready_keys(spec.name), t.delayed_key(spec.name))
+        replies = iter(pipe.execute())
+        removed = 0
+        for _ in specs:
+            removed += _sum_levels(replies) + int(next(replies))
+            next(replies)  # the DEL's count of keys
+        return removed
+
+
+def delete(t: RedisTransport, specs: Sequence[QueueSpec]) -> None:
+    """Delete queues: their ready lists of every priority and delayed sets
+    (in-flight messages return to a new list); forget their declaration."""
+    if not specs:
+        return
+    keys = [k for s in specs for k in (*t.ready_keys(s.name), t.delayed_key(s.name))]
+    with translate_errors(t.url, "delete queues"):
+        t.publisher().delete(*keys)
+    t._declared.difference_update(s.name for s in specs)
 
 
 def queue_stats(t: RedisTransport, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
@@ -56,7 +125,7 @@ def queue_stats(t: RedisTransport, specs: Sequence[QueueSpec]) -> dict[str, Queu
         for cid, _, i in in_flight:
             pipe.llen(t.processing_key(cid, i))
         for spec in specs:
-            t._count_ready(pipe, spec.name)
+            count_ready(t, pipe, spec.name)
             pipe.zcard(t.delayed_key(spec.name))
             pipe.llen(t.queue_key(spec.name + DLQ_SUFFIX))  # dead letters: level 0
         replies = iter(pipe.execute())
