@@ -9,38 +9,17 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
-import structlog
-
 from . import dlq
+from . import events as _events
+from . import publishing as _publishing
 from .config import Settings, TLSOptions, mask_url
-from .events import (
-    EventHandle,
-    Subscription,
-    Subscriptions,
-    check_binding_pattern,
-    check_subscriber,
-)
-from .events import emit as emit_event
-from .exceptions import (
-    ConfigurationError,
-    DuplicateTask,
-    PublishError,
-    TaskNotRegistered,
-    TransportError,
-)
+from .events import EventHandle, Subscription, Subscriptions, same_function
+from .exceptions import ConfigurationError, DuplicateTask, TaskNotRegistered
 from .message import Message
 from .middleware import Middleware, default_middleware
 from .middleware.base import Runner
 from .middleware.results import Results
-from .publishing import (
-    Item,
-    Publishing,
-    bulk_error,
-    current_block,
-    loop_batcher,
-    publish_encoded,
-    settle,
-)
+from .publishing import Publishing
 from .retry import RetryPolicy
 from .status import QueueStatus, queue_status
 from .task import BASE_OPTIONS, P, R, Task, TaskHandle
@@ -53,8 +32,6 @@ if TYPE_CHECKING:
     from .backend.base import Backend
     from .publishing import LoopBatcher
     from .transport import Envelope
-
-logger = structlog.get_logger("mqtasks.app")
 
 __all__ = ["App"]
 
@@ -263,13 +240,7 @@ class App:
             ConnectionFailed: The broker cannot be reached.
             TransportError: The broker refused a declaration.
         """
-        wanted = None if queues is None else set(queues)
-        chosen = [s for s in self.subscriptions if wanted is None or s.queue in wanted]
-        exchange = self.settings.events_exchange
-        for sub in chosen:
-            self.transport.bind(exchange, sub.pattern, self.queue(sub.queue))
-            self._bound.add(sub)
-        return chosen
+        return _events.declare_events(self, queues)
 
     def _declare_own_events(self) -> None:
         """Declare the bindings of this app's subscribers not declared yet (by this app).
@@ -277,9 +248,7 @@ class App:
         An event emitted before any worker of a subscriber started still
         reaches its queue, as ``delay()`` declares its task's queue.
         """
-        if len(self._bound) < len(self.subscriptions):
-            pending = [s.queue for s in self.subscriptions if s not in self._bound]
-            self.declare_events(pending)
+        _events.declare_own_events(self)
 
     # -- dead letters --------------------------------------------------------------
 
@@ -384,7 +353,7 @@ class App:
             task_name = name or self._default_name(func)
             existing = self.tasks.get(task_name)
             if existing is not None and existing.fn is not func:
-                if _same_function(existing.fn, func):
+                if same_function(existing.fn, func):
                     return existing  # type: ignore[return-value]  # module imported twice
                 raise DuplicateTask(
                     f"Task name {task_name!r} is already registered to {existing.fn!r}; "
@@ -448,40 +417,15 @@ class App:
                 the id every subscriber shares), or an option no middleware understands.
             DuplicateTask: Another function is registered under the same task name.
         """
-        check_binding_pattern(pattern)
-        if task_options.get("ignore_result", True) is not True:
-            raise ConfigurationError(
-                f"Subscribers of {pattern!r} store no result (ignore_result=True): an event "
-                "has one outcome per subscriber, all under the event's id."
-            )
-        task_options["ignore_result"] = True
-        for option in ("idempotent", "unique_for"):
-            if task_options.get(option):
-                raise ConfigurationError(
-                    f"Subscribers of {pattern!r} cannot be {option}: every subscriber of an "
-                    "event gets it under the event's id, so keys of that id alone would let "
-                    "one subscriber's run stand for the others'. Make the subscriber itself "
-                    "idempotent (current_message().id is stable across its retries)."
-                )
-
-        def register(fn: Callable[P, R]) -> Task[P, R]:
-            check_subscriber(fn, pattern)
-            sub_queue = queue or f"{self.name}.{getattr(fn, '__name__', 'subscriber')}"
-            existing = self.subscriptions.for_queue(sub_queue)
-            if (
-                existing is not None
-                and existing.pattern == pattern
-                and (existing.task.fn is fn or _same_function(existing.task.fn, fn))
-            ):
-                return existing.task  # type: ignore[return-value]  # module imported twice
-            self.subscriptions.check_free(sub_queue, fn)
-            task: Task[P, R] = self.task(
-                name=name, queue=sub_queue, priority=priority, expires=expires, **task_options
-            )(fn)
-            self.subscriptions.add(Subscription(pattern, sub_queue, task))
-            return task
-
-        return register
+        return _events.subscribe(
+            self,
+            pattern,
+            queue=queue,
+            name=name,
+            priority=priority,
+            expires=expires,
+            task_options=task_options,
+        )
 
     def emit(
         self,
@@ -519,7 +463,7 @@ class App:
             PublishError: The broker did not take the event.
             ConfigurationError: The transport cannot route events (``redis+kombu://``).
         """
-        return emit_event(
+        return _events.emit(
             self, event, payload, mandatory=mandatory, headers=headers, event_id=event_id
         )
 
@@ -618,30 +562,7 @@ class App:
             EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
             PublishError: The broker did not take the message.
         """
-        message, envelope = self._prepare(message, names)
-        block = current_block(self)
-        # A delay the broker cannot hold raises at the call, below, as outside a block.
-        if block is not None and (not delay or self.transport.capabilities.delays):
-            return block.add(message, envelope, delay)
-        hooks = self._hooks
-        try:
-            transport = self.transport
-            try:
-                transport.declare([self.queue(message.queue)])
-            except TransportError as exc:
-                raise PublishError(
-                    f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
-                    task_id=message.id,
-                ) from exc
-            if delay:
-                transport.publish(message.queue, envelope, delay=delay)
-            else:
-                transport.publish(message.queue, envelope)
-        except BaseException as exc:
-            hooks.after_publish_error(self, [message], exc)
-            raise
-        hooks.after_publish(self, [message])
-        return TaskHandle(message.id, message.task, message.queue, app=self)
+        return _publishing.send(self, message, names=names, delay=delay)
 
     async def asend(
         self, message: Message, *, names: list[str] | None = None, delay: float | None = None
@@ -655,28 +576,15 @@ class App:
             EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
             PublishError: The broker did not take the message.
         """
-        message, envelope = self._prepare(message, names)
-        return await loop_batcher(self).send(message, envelope, delay)
+        return await _publishing.asend(self, message, names=names, delay=delay)
 
     def _prepare(self, message: Message, names: list[str] | None) -> tuple[Message, Envelope]:
         """Run ``before_publish`` and encode; on an error, run ``after_publish_error`` and raise."""
-        hooks = self._hooks
-        message = hooks.before_publish(self, message)
-        try:
-            envelope = message.encode(max_size=self.settings.max_message_size, names=names)
-            if message.priority is not None and message.queue not in self._priority_checked:
-                self._check_priority(message.queue)
-        except BaseException as exc:
-            hooks.after_publish_error(self, [message], exc)
-            raise
-        return message, envelope
+        return _publishing.prepare(self, message, names)
 
     def _check_priority(self, queue: str) -> None:
         """Say once per queue when the broker would ignore the priorities sent to it."""
-        self._priority_checked.add(queue)
-        reason = self.transport.priority_ignored(self.queue(queue))
-        if reason is not None:
-            logger.warning("publish.priority_ignored", queue=queue, reason=reason)
+        _publishing.check_priority(self, queue)
 
     def send_many(self, messages: Iterable[Message]) -> list[TaskHandle]:
         """Publish many messages at once, with the broker's confirms pipelined.
@@ -689,43 +597,4 @@ class App:
             BulkPublishError: Some messages were not enqueued; ``.sent`` and
                 ``.failed`` say which.
         """
-        hooks = self._hooks
-        prepared: list[Message] = []
-        try:
-            for message in messages:
-                prepared.append(hooks.before_publish(self, message))
-            limit = self.settings.max_message_size
-            items: list[Item] = []
-            for message in prepared:
-                task = self.tasks.get(message.task)
-                names = task._names if task is not None else None
-                envelope = message.encode(max_size=limit, names=names)
-                items.append((message, (message.queue, envelope), None))
-            if not items:
-                return []
-            for queue in {m.queue for m in prepared if m.priority is not None}:
-                if queue not in self._priority_checked:
-                    self._check_priority(queue)
-            results = publish_encoded(self, items)
-        except BaseException as exc:
-            hooks.after_publish_error(self, prepared, exc)
-            raise
-        failures = settle(self, prepared, results)
-        sent = _handles(self, [m for m, r in zip(prepared, results, strict=True) if r is None])
-        if failures:
-            raise bulk_error(failures, len(prepared), sent) from next(iter(failures.values()))
-        return sent
-
-
-def _handles(app: App, messages: list[Message]) -> list[TaskHandle]:
-    return [TaskHandle(m.id, m.task, m.queue, app=app) for m in messages]
-
-
-def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
-    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
-    return (
-        code_a is not None
-        and code_b is not None
-        and code_a.co_filename == code_b.co_filename
-        and code_a.co_firstlineno == code_b.co_firstlineno
-    )
+        return _publishing.send_many(self, messages)

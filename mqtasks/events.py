@@ -7,14 +7,16 @@ subscriber (``@app.on("order.*")``) is a :class:`~mqtasks.task.Task` with a
 queue of its own, so retries, dead letters, middleware, traces, metrics and
 logs apply to it unchanged. A worker runs an event with the subscriber of the
 queue it came from, not by its name: this module holds the registry
-(:class:`Subscriptions`), the emit path (:func:`emit`) and the handle it returns.
+(:class:`Subscriptions`), the registration behind ``@app.on`` (:func:`subscribe`),
+the declaration of the bindings (:func:`declare_events`), the emit path
+(:func:`emit`) and the handle it returns.
 """
 
 from __future__ import annotations
 
 import inspect
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,8 @@ from .transport.topic import check_key, check_pattern
 
 if TYPE_CHECKING:
     from .app import App
-    from .task import Task
+    from .task import P, R, Task
+    from .types import Seconds
 
 __all__ = [
     "HEADER_EVENT",
@@ -36,9 +39,13 @@ __all__ = [
     "check_event_name",
     "check_subscriber",
     "current_event",
+    "declare_events",
+    "declare_own_events",
     "emit",
     "event_of",
+    "same_function",
     "stale_bindings",
+    "subscribe",
     "wire_message",
 ]
 
@@ -337,3 +344,99 @@ def emit(
         raise
     hooks.after_publish(app, [message])
     return EventHandle(message.id, event, exchange, routed if routed >= 0 else None)
+
+
+# -- App's subscribers (App.on, App.declare_events delegate here) ---------------------
+
+
+def subscribe(
+    app: App,
+    pattern: str,
+    *,
+    queue: str | None,
+    name: str | None,
+    priority: int | None,
+    expires: Seconds | None,
+    task_options: dict[str, Any],
+) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """Return the decorator registering a function as ``app``'s subscriber of ``pattern``;
+    see :meth:`App.on <mqtasks.app.App.on>`.
+
+    Raises:
+        ConfigurationError: A bad pattern, a function that cannot take one
+            argument, a queue with another subscriber already (both named),
+            ``ignore_result=False``, ``idempotent`` or ``unique_for``, or an
+            option no middleware understands.
+        DuplicateTask: Another function is registered under the same task name.
+    """
+    check_binding_pattern(pattern)
+    if task_options.get("ignore_result", True) is not True:
+        raise ConfigurationError(
+            f"Subscribers of {pattern!r} store no result (ignore_result=True): an event "
+            "has one outcome per subscriber, all under the event's id."
+        )
+    task_options["ignore_result"] = True
+    for option in ("idempotent", "unique_for"):
+        if task_options.get(option):
+            raise ConfigurationError(
+                f"Subscribers of {pattern!r} cannot be {option}: every subscriber of an "
+                "event gets it under the event's id, so keys of that id alone would let "
+                "one subscriber's run stand for the others'. Make the subscriber itself "
+                "idempotent (current_message().id is stable across its retries)."
+            )
+
+    def register(fn: Callable[P, R]) -> Task[P, R]:
+        check_subscriber(fn, pattern)
+        sub_queue = queue or f"{app.name}.{getattr(fn, '__name__', 'subscriber')}"
+        existing = app.subscriptions.for_queue(sub_queue)
+        if (
+            existing is not None
+            and existing.pattern == pattern
+            and (existing.task.fn is fn or same_function(existing.task.fn, fn))
+        ):
+            return existing.task  # type: ignore[return-value]  # module imported twice
+        app.subscriptions.check_free(sub_queue, fn)
+        task: Task[P, R] = app.task(
+            name=name, queue=sub_queue, priority=priority, expires=expires, **task_options
+        )(fn)
+        app.subscriptions.add(Subscription(pattern, sub_queue, task))
+        return task
+
+    return register
+
+
+def same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    """Whether ``a`` and ``b`` are one function defined twice, by a module imported twice
+    (``__main__`` and its import name): the same file and first line."""
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return (
+        code_a is not None
+        and code_b is not None
+        and code_a.co_filename == code_b.co_filename
+        and code_a.co_firstlineno == code_b.co_firstlineno
+    )
+
+
+def declare_events(app: App, queues: Sequence[str] | None = None) -> list[Subscription]:
+    """Declare the events exchange, and the queue and binding of each subscriber of ``app``;
+    see :meth:`App.declare_events <mqtasks.app.App.declare_events>`.
+
+    Raises:
+        ConfigurationError: The transport cannot route events.
+        ConnectionFailed: The broker cannot be reached.
+        TransportError: The broker refused a declaration.
+    """
+    wanted = None if queues is None else set(queues)
+    chosen = [s for s in app.subscriptions if wanted is None or s.queue in wanted]
+    exchange = app.settings.events_exchange
+    for sub in chosen:
+        app.transport.bind(exchange, sub.pattern, app.queue(sub.queue))
+        app._bound.add(sub)
+    return chosen
+
+
+def declare_own_events(app: App) -> None:
+    """Declare the bindings of ``app``'s subscribers not declared yet (by ``app``)."""
+    if len(app._bound) < len(app.subscriptions):
+        pending = [s.queue for s in app.subscriptions if s not in app._bound]
+        app.declare_events(pending)

@@ -42,6 +42,10 @@ few tasks, can choose to wait once for many confirms instead:
   thread (``asyncio.to_thread``); each call gets its own handle or its own
   ``PublishError``. A lone call waits for no timer: it is published on the
   loop's next iteration.
+
+The publish path of ``App.send()``, ``App.asend()`` and ``App.send_many()``
+lives here too (:func:`send`, :func:`asend`, :func:`send_many`): the app's
+methods call these functions.
 """
 
 from __future__ import annotations
@@ -51,10 +55,12 @@ import contextvars
 import inspect
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from .exceptions import BulkPublishError, PublishError, TransportError
 from .message import Message
@@ -70,12 +76,20 @@ __all__ = [
     "Item",
     "LoopBatcher",
     "Publishing",
+    "asend",
     "bulk_error",
+    "check_priority",
     "current_block",
     "loop_batcher",
+    "prepare",
     "publish_encoded",
+    "send",
+    "send_many",
     "settle",
 ]
+
+# The name App's publishing always logged under.
+logger = structlog.get_logger("mqtasks.app")
 
 #: Messages a block gathers at most before it hands them over, when the
 #: transport declares no ``confirm_window`` of its own.
@@ -398,3 +412,118 @@ def loop_batcher(app: App) -> LoopBatcher:
         # Only the loop's own thread gets here for this loop, so no lock is needed.
         batcher = batchers[loop] = LoopBatcher(app)
     return batcher
+
+
+# -- App's publishing (App.send, App.asend, App.send_many delegate here) -------------
+
+
+def send(
+    app: App, message: Message, *, names: list[str] | None = None, delay: float | None = None
+) -> TaskHandle:
+    """Encode and publish ``message`` for ``app``, running the publish middleware;
+    see :meth:`App.send <mqtasks.app.App.send>`.
+
+    Raises:
+        EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
+        PublishError: The broker did not take the message.
+    """
+    message, envelope = prepare(app, message, names)
+    block = current_block(app)
+    # A delay the broker cannot hold raises at the call, below, as outside a block.
+    if block is not None and (not delay or app.transport.capabilities.delays):
+        return block.add(message, envelope, delay)
+    hooks = app._hooks
+    try:
+        transport = app.transport
+        try:
+            transport.declare([app.queue(message.queue)])
+        except TransportError as exc:
+            raise PublishError(
+                f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
+                task_id=message.id,
+            ) from exc
+        if delay:
+            transport.publish(message.queue, envelope, delay=delay)
+        else:
+            transport.publish(message.queue, envelope)
+    except BaseException as exc:
+        hooks.after_publish_error(app, [message], exc)
+        raise
+    hooks.after_publish(app, [message])
+    return TaskHandle(message.id, message.task, message.queue, app=app)
+
+
+async def asend(
+    app: App, message: Message, *, names: list[str] | None = None, delay: float | None = None
+) -> TaskHandle:
+    """:func:`send` for asyncio code; see :meth:`App.asend <mqtasks.app.App.asend>`.
+
+    Raises:
+        EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
+        PublishError: The broker did not take the message.
+    """
+    message, envelope = prepare(app, message, names)
+    return await loop_batcher(app).send(message, envelope, delay)
+
+
+def prepare(app: App, message: Message, names: list[str] | None) -> tuple[Message, Envelope]:
+    """Run ``before_publish`` and encode; on an error, run ``after_publish_error`` and raise."""
+    hooks = app._hooks
+    message = hooks.before_publish(app, message)
+    try:
+        envelope = message.encode(max_size=app.settings.max_message_size, names=names)
+        if message.priority is not None and message.queue not in app._priority_checked:
+            check_priority(app, message.queue)
+    except BaseException as exc:
+        hooks.after_publish_error(app, [message], exc)
+        raise
+    return message, envelope
+
+
+def check_priority(app: App, queue: str) -> None:
+    """Say once per queue when the broker would ignore the priorities sent to it."""
+    app._priority_checked.add(queue)
+    reason = app.transport.priority_ignored(app.queue(queue))
+    if reason is not None:
+        logger.warning("publish.priority_ignored", queue=queue, reason=reason)
+
+
+def send_many(app: App, messages: Iterable[Message]) -> list[TaskHandle]:
+    """Publish many messages at once, with the broker's confirms pipelined;
+    see :meth:`App.send_many <mqtasks.app.App.send_many>`.
+
+    Raises:
+        EncodeError: A message cannot be encoded; nothing was published.
+        BulkPublishError: Some messages were not enqueued; ``.sent`` and
+            ``.failed`` say which.
+    """
+    hooks = app._hooks
+    prepared: list[Message] = []
+    try:
+        for message in messages:
+            prepared.append(hooks.before_publish(app, message))
+        limit = app.settings.max_message_size
+        items: list[Item] = []
+        for message in prepared:
+            task = app.tasks.get(message.task)
+            names = task._names if task is not None else None
+            envelope = message.encode(max_size=limit, names=names)
+            items.append((message, (message.queue, envelope), None))
+        if not items:
+            return []
+        for queue in {m.queue for m in prepared if m.priority is not None}:
+            if queue not in app._priority_checked:
+                check_priority(app, queue)
+        results = publish_encoded(app, items)
+    except BaseException as exc:
+        hooks.after_publish_error(app, prepared, exc)
+        raise
+    failures = settle(app, prepared, results)
+    sent = [
+        TaskHandle(m.id, m.task, m.queue, app=app)
+        for m, r in zip(prepared, results, strict=True)
+        if r is None
+    ]
+    if failures:
+        raise bulk_error(failures, len(prepared), sent) from next(iter(failures.values()))
+    return sent
