@@ -52,6 +52,9 @@ from .suite import (
     WorkerProcess,
     _bin,
     _cleanup_amqp,
+    add_worker_options,
+    close_mqtasks_app,
+    mqtasks_worker_argv,
     percentiles,
     print_configs,
     publish_threads,
@@ -225,17 +228,10 @@ class MqtasksSide(Side):
         return self.app.tasks[name]
 
     def close(self) -> None:
-        app = getattr(self, "app", None)
-        if app is not None:
-            with contextlib.suppress(Exception):
-                bounded(lambda: app.transport.delete([app.queue(self.queue)]), 30, "delete")
-            bounded(app.close, 30, "app.close")
+        close_mqtasks_app(getattr(self, "app", None), self.queue)
 
     def worker_argv(self) -> list[str]:
-        return [
-            sys.executable, "-m", "mqtasks", "worker", "-A", "benchmarks.bench_results_mqtasks_app",
-            "-c", "8", "--log-level", "warning", "--log-format", "console",
-        ]  # fmt: skip
+        return mqtasks_worker_argv("benchmarks.bench_results_mqtasks_app")
 
     def worker_env(self, record_dir: str) -> dict[str, str]:
         env = super().worker_env(record_dir)
@@ -812,10 +808,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per phase (120)")
     p.add_argument("--get-timeout", type=float, default=10.0, help="seconds per get() (10)")
-    p.add_argument("--stall", type=float, default=20.0, help="seconds without progress = stall")
-    p.add_argument("--startup", type=float, default=60.0, help="seconds for a worker to start")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
-    p.add_argument("--keep", action="store_true", help="keep the record files and worker logs")
+    add_worker_options(p)
     opts = p.parse_args(argv)
     opts.broker_list = [b.strip() for b in opts.brokers.split(",") if b.strip()]
     opts.phase_list = [s.strip() for s in opts.phases.split(",") if s.strip()]

@@ -232,6 +232,30 @@ class Context:
     amqp_exchanges: set[str] = field(default_factory=set)
 
 
+def close_mqtasks_app(app: Any, queue: str) -> None:
+    """Delete ``queue`` through an mqtasks ``app``'s transport, then close the app (if any)."""
+    if app is not None:
+        with contextlib.suppress(Exception):
+            bounded(lambda: app.transport.delete([app.queue(queue)]), 30, "delete")
+        bounded(app.close, 30, "app.close")
+
+
+def mqtasks_worker_argv(module: str) -> list[str]:
+    """The mqtasks worker's command line for the app in ``module`` (8 threads, warnings)."""
+    return [
+        sys.executable, "-m", "mqtasks", "worker", "-A", module,
+        "-c", "8", "--log-level", "warning", "--log-format", "console",
+    ]  # fmt: skip
+
+
+def add_worker_options(p: argparse.ArgumentParser) -> None:
+    """Add the options on the workers' lives: --stall, --startup, --grace and --keep."""
+    p.add_argument("--stall", type=float, default=20.0, help="seconds without progress = stall")
+    p.add_argument("--startup", type=float, default=60.0, help="seconds for a worker to start")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument("--keep", action="store_true", help="keep the record files and worker logs")
+
+
 class System:
     """One system under test on one broker: how to publish, and how to start its worker."""
 
@@ -380,17 +404,10 @@ class MqtasksSystem(System):
             bounded(lambda: self.app.transport.purge([self.app.queue(self.queue)]), 30, "purge")
 
     def close(self) -> None:
-        app = getattr(self, "app", None)
-        if app is not None:
-            with contextlib.suppress(Exception):
-                bounded(lambda: app.transport.delete([app.queue(self.queue)]), 30, "delete")
-            bounded(app.close, 30, "app.close")
+        close_mqtasks_app(getattr(self, "app", None), self.queue)
 
     def worker_argv(self) -> list[str]:
-        return [
-            sys.executable, "-m", "mqtasks", "worker", "-A", "benchmarks.bench_mqtasks_app",
-            "-c", "8", "--log-level", "warning", "--log-format", "console",
-        ]  # fmt: skip
+        return mqtasks_worker_argv("benchmarks.bench_mqtasks_app")
 
     def worker_env(self, record_dir: str) -> dict[str, str]:
         env = super().worker_env(record_dir)
@@ -1339,10 +1356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the tables as markdown")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per phase (120)")
-    p.add_argument("--stall", type=float, default=20.0, help="seconds without progress = stall")
-    p.add_argument("--startup", type=float, default=60.0, help="seconds for a worker to start")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
-    p.add_argument("--keep", action="store_true", help="keep the record files and worker logs")
+    add_worker_options(p)
     opts = p.parse_args(argv)
     opts.broker_list = [b.strip() for b in opts.brokers.split(",") if b.strip()]
     opts.system_list = [s.strip() for s in opts.systems.split(",") if s.strip()]
