@@ -3,6 +3,8 @@ and the runner that calls them in order."""
 
 from __future__ import annotations
 
+import random
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
     from ..message import Message
     from ..worker import Worker
 
-__all__ = ["Middleware", "Runner", "call_hook", "overriding"]
+__all__ = ["DeferBackoff", "Middleware", "Runner", "call_hook", "ensure", "overriding"]
 
 logger = structlog.get_logger("mqtasks.middleware")
 
@@ -156,6 +158,56 @@ def call_hook(hook: Callable[..., Any], *args: Any, default: Any = None, **kwarg
         logger.exception("middleware.hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
         return default
     return default if result is None and default is not None else result
+
+
+def ensure(middleware: Sequence[Middleware], cls: type[Middleware]) -> list[Middleware]:
+    """Return ``middleware`` with a new ``cls()`` at the end, unless it has a ``cls`` already.
+
+    The stack is copied: ``middleware`` itself is never changed.
+    """
+    stack = list(middleware)
+    if not any(isinstance(mw, cls) for mw in stack):
+        stack.append(cls())
+    return stack
+
+
+class DeferBackoff:
+    """The hold of a message deferred after a backend failure, for a middleware.
+
+    Each failure in a row doubles the hold, from ``defer_delay`` up to
+    ``max_defer_delay``, times a jitter in [0.75, 1.0] that spreads the
+    deferred copies' returns; :meth:`reset` (on a success) starts it over.
+    Thread-safe: one instance serves every worker thread.
+
+    Args:
+        defer_delay: The first hold, in seconds.
+        max_defer_delay: The longest hold, in seconds.
+
+    Raises:
+        ValueError: ``defer_delay`` is not positive or exceeds ``max_defer_delay``.
+    """
+
+    def __init__(self, defer_delay: float, max_defer_delay: float) -> None:
+        if defer_delay <= 0 or max_defer_delay < defer_delay:
+            raise ValueError("defer_delay must be positive and at most max_defer_delay")
+        self.defer_delay = defer_delay
+        self.max_defer_delay = max_defer_delay
+        self._failures = 0
+        self._lock = threading.Lock()
+
+    def next_delay(self) -> float:
+        """Count one more failure in a row and return the hold it calls for, in seconds."""
+        with self._lock:
+            failures = self._failures = self._failures + 1
+        delay = min(self.max_defer_delay, self.defer_delay * 2.0 ** min(failures - 1, 16))
+        jitter: float = random.uniform(0.75, 1.0)
+        return delay * jitter
+
+    def reset(self) -> None:
+        """End the run of failures: the next hold is ``defer_delay`` again."""
+        if self._failures:
+            with self._lock:
+                self._failures = 0
 
 
 class Runner:

@@ -14,14 +14,12 @@ unrecorded: that delivery runs again. Side effects must still be idempotent
 
 from __future__ import annotations
 
-import random
-import threading
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ..exceptions import BackendError, SkipMessage
-from .base import Middleware
+from .base import DeferBackoff, Middleware, ensure
 
 if TYPE_CHECKING:
     from ..message import Message
@@ -64,12 +62,9 @@ class Idempotency(Middleware):
     task_options = frozenset({"idempotent"})
 
     def __init__(self, *, defer_delay: float = 1.0, max_defer_delay: float = 30.0) -> None:
-        if defer_delay <= 0 or max_defer_delay < defer_delay:
-            raise ValueError("defer_delay must be positive and at most max_defer_delay")
+        self._backoff = DeferBackoff(defer_delay, max_defer_delay)
         self.defer_delay = defer_delay
         self.max_defer_delay = max_defer_delay
-        self._failures = 0
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -119,15 +114,10 @@ class Idempotency(Middleware):
         except BackendError as exc:
             self._defer(worker, message, "done_record_failed", exc)
             return
-        if self._failures:
-            with self._lock:
-                self._failures = 0
+        self._backoff.reset()
 
     def _defer(self, worker: Worker, message: Message, reason: str, exc: BackendError) -> None:
-        with self._lock:
-            failures = self._failures = self._failures + 1
-        delay = min(self.max_defer_delay, self.defer_delay * 2.0 ** min(failures - 1, 16))
-        delay *= random.uniform(0.75, 1.0)  # spreads the copies' returns
+        delay = self._backoff.next_delay()
         logger.error(
             "task.idempotency_failed",
             task_id=message.id,
@@ -153,7 +143,4 @@ def with_idempotency(middleware: list[Middleware]) -> list[Middleware]:
     :class:`~mqtasks.middleware.results.Results` and
     :class:`~mqtasks.middleware.retries.Retries`.
     """
-    stack = list(middleware)
-    if not any(isinstance(mw, Idempotency) for mw in stack):
-        stack.append(Idempotency())
-    return stack
+    return ensure(middleware, Idempotency)

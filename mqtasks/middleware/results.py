@@ -19,7 +19,6 @@ The record format is :mod:`mqtasks.result`'s.
 from __future__ import annotations
 
 import contextvars
-import random
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,7 @@ from ..result import (
     decode_outcome,
     make_outcome,
 )
-from .base import Middleware
+from .base import DeferBackoff, Middleware, ensure
 
 if TYPE_CHECKING:
     from ..backend.base import Backend
@@ -188,12 +187,9 @@ class Results(Middleware):
     task_options = frozenset({"ignore_result", "track_started"})
 
     def __init__(self, *, defer_delay: float = 1.0, max_defer_delay: float = 30.0) -> None:
-        if defer_delay <= 0 or max_defer_delay < defer_delay:
-            raise ValueError("defer_delay must be positive and at most max_defer_delay")
+        self._backoff = DeferBackoff(defer_delay, max_defer_delay)
         self.defer_delay = defer_delay
         self.max_defer_delay = max_defer_delay
-        self._failures = 0
-        self._lock = threading.Lock()
         self._commit = GroupCommit()
 
     def __repr__(self) -> str:
@@ -294,7 +290,7 @@ class Results(Middleware):
                 if stored is not None and stored[1]:
                     outcome = decode_outcome(stored[0])
         except BackendError as exc:
-            delay = self._next_delay()
+            delay = self._backoff.next_delay()
             logger.error(
                 "result.store_failed",
                 task_id=message.id,
@@ -306,9 +302,7 @@ class Results(Middleware):
             )
             worker.defer(message, delay, "result_store_failed")
             return
-        if self._failures:
-            with self._lock:
-                self._failures = 0
+        self._backoff.reset()
         _outcome.set(outcome)
 
     # -- helpers -----------------------------------------------------------------------
@@ -338,14 +332,6 @@ class Results(Middleware):
                 error=str(exc),
             )
 
-    def _next_delay(self) -> float:
-        """The hold of a deferred message: doubled per failure in a row, with jitter."""
-        with self._lock:
-            failures = self._failures = self._failures + 1
-        delay = min(self.max_defer_delay, self.defer_delay * 2.0 ** min(failures - 1, 16))
-        jitter: float = random.uniform(0.75, 1.0)  # spreads the copies' returns
-        return delay * jitter
-
 
 def _option(worker: Worker, message: Message, name: str) -> bool:
     """The task's ``name`` option (False for an unregistered task)."""
@@ -355,7 +341,4 @@ def _option(worker: Worker, message: Message, name: str) -> bool:
 
 def with_results(middleware: list[Middleware]) -> list[Middleware]:
     """Return ``middleware`` with :class:`Results` at the end, unless it has one already."""
-    stack = list(middleware)
-    if not any(isinstance(mw, Results) for mw in stack):
-        stack.append(Results())
-    return stack
+    return ensure(middleware, Results)

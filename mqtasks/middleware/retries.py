@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError, Reject, Retry, SkipMessage
-from .base import Middleware
+from .base import Middleware, ensure
 
 if TYPE_CHECKING:
     from ..message import Message
@@ -127,7 +127,4 @@ def with_retries(middleware: Sequence[Middleware]) -> list[Middleware]:
     A worker runs this stack: whatever middleware an app installs (``[]``
     included), failed tasks are retried or dead-lettered, never acked as done.
     """
-    stack = list(middleware)
-    if not any(isinstance(mw, Retries) for mw in stack):
-        stack.append(Retries())
-    return stack
+    return ensure(middleware, Retries)

@@ -39,7 +39,7 @@ import structlog
 
 from ..exceptions import EncodeError, MQTasksError, SkipMessage
 from ..result import DEAD_LETTERED, FAILED, SUCCEEDED, Outcome, decode_outcome, encode_outcome
-from .base import Middleware
+from .base import Middleware, ensure
 from .results import current_outcome
 from .workflow_keys import (
     chord_done_key,
@@ -513,7 +513,4 @@ def with_workflow(middleware: Sequence[Middleware]) -> list[Middleware]:
     :class:`~mqtasks.middleware.retries.Retries`: so Workflow's
     ``after_process`` runs once the outcome is decided and stored.
     """
-    stack = list(middleware)
-    if not any(isinstance(mw, Workflow) for mw in stack):
-        stack.append(Workflow())
-    return stack
+    return ensure(middleware, Workflow)
