@@ -142,6 +142,8 @@ _REEXPORTING_PACKAGES = ("mqtasks", "mqtasks.transport", "mqtasks.middleware")
 _EXTRA_ALIASES = {
     "mqtasks.app.P": "mqtasks.task.P",
     "mqtasks.app.R": "mqtasks.task.R",
+    "mqtasks.task.Confirmation": "mqtasks.handle.Confirmation",
+    "mqtasks.task.TaskHandle": "mqtasks.handle.TaskHandle",
 }
 
 

@@ -35,7 +35,7 @@ def _handle(app: App, task_id: str) -> TaskHandle:
 class ChainHandle(TaskHandle):
     """What a chain's ``delay()`` returns: the last step's handle, which reaches the others.
 
-    Its :meth:`~mqtasks.task.TaskHandle.get` is the chain's value; a failed
+    Its :meth:`~mqtasks.handle.TaskHandle.get` is the chain's value; a failed
     step makes it raise :exc:`~mqtasks.exceptions.TaskFailed` naming that step.
     """
 
