@@ -72,6 +72,8 @@ class Capabilities:
         exchanges: Routes by topic exchange: :meth:`Transport.bind` and
             :meth:`Transport.emit` (events) work; otherwise they raise
             ConfigurationError.
+        single_active_consumer: Honours ``QueueSpec.single_active_consumer``
+            (one consumer of a queue at a time, the others on standby).
     """
 
     delays: bool = False
@@ -85,6 +87,7 @@ class Capabilities:
     in_process: bool = False
     visibility_timeout: bool = False
     exchanges: bool = False
+    single_active_consumer: bool = False
 
 
 class Consumer:
@@ -255,6 +258,12 @@ class Transport:
                 f"Queue {spec.name!r}: max_length and message_ttl need a broker that enforces "
                 f"them (RabbitMQ); {scheme}:// does not. Remove them from the queue "
                 "config or use amqp://."
+            )
+        if spec.single_active_consumer and not caps.single_active_consumer:
+            raise ConfigurationError(
+                f"Queue {spec.name!r}: {scheme}:// has no single-active-consumer queues; "
+                "remove single_active_consumer from the queue config (ordered tasks keep "
+                "one consumer per partition with leases on this broker) or use amqp://."
             )
         return {}
 

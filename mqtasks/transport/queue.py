@@ -49,6 +49,12 @@ class QueueSpec:
             broker dead-letters it itself if no worker does) and, by the worker,
             RabbitMQ classic queues; ``redis+kombu://`` refuses an explicit
             limit with a ConfigurationError.
+        single_active_consumer: Deliver to one consumer at a time, the others
+            waiting to take over (RabbitMQ's ``x-single-active-consumer``):
+            ordered tasks' partition queues. Brokers without it
+            (``Capabilities.single_active_consumer`` False) refuse it with a
+            ConfigurationError; on them, the worker's partition leases keep one
+            consumer per partition.
     """
 
     name: str
@@ -58,6 +64,7 @@ class QueueSpec:
     max_length: int | None = None
     overflow: Overflow = "reject-publish"
     delivery_limit: int | None = None
+    single_active_consumer: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:

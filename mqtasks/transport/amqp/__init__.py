@@ -91,6 +91,7 @@ class AmqpTransport(KombuTransport):
         message_ttl=True,
         confirms=True,
         exchanges=True,
+        single_active_consumer=True,
     )
 
     def connection_options(self) -> dict[str, Any]:

@@ -176,6 +176,8 @@ def queue_arguments(spec: QueueSpec, default_type: str) -> dict[str, Any]:
     if spec.max_length is not None:
         args["x-max-length"] = spec.max_length
         args["x-overflow"] = spec.overflow
+    if spec.single_active_consumer:
+        args["x-single-active-consumer"] = True
     return args
 
 
