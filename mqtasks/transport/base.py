@@ -161,6 +161,52 @@ class Consumer:
         """Hand the message back to the broker for another consumer."""
         raise NotImplementedError
 
+    def requeue_ordered(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries of one queue so they come again in this order, first.
+
+        ``deliveries`` come from the same queue, oldest first; they are
+        delivered again in the given order, ahead of that queue's other ready
+        messages. The base implementation requeues them one by one in order,
+        right for brokers that hand requeued messages out in the order they
+        were returned (or at their original place); consumers whose broker
+        puts each requeued message at the head override it.
+        """
+        for delivery in deliveries:
+            self.requeue(delivery)
+
+    def add_queue(self, spec: QueueSpec) -> None:
+        """Start consuming one more queue, declared as :meth:`start` declares queues.
+
+        Its deliveries go to the same callback; :attr:`prefetch` still bounds
+        the deliveries held over all queues. Adding a queue already consumed
+        does nothing. Called only from the thread that drains the consumer;
+        after a reconnect the consumer consumes its current queues.
+
+        Raises:
+            ConfigurationError: The transport cannot change its queues while consuming.
+            ConnectionFailed: The broker cannot be reached.
+        """
+        raise self._fixed_queues()
+
+    def remove_queue(self, name: str) -> None:
+        """Stop receiving from queue ``name``; an unknown queue: nothing.
+
+        Deliveries already held from it stay settleable (ack, reject and
+        requeue work); nothing is requeued. After a reconnect the queue is
+        not consumed again. Called only from the thread that drains the consumer.
+
+        Raises:
+            ConfigurationError: The transport cannot change its queues while consuming.
+        """
+        raise self._fixed_queues()
+
+    def _fixed_queues(self) -> ConfigurationError:
+        scheme = self.transport.schemes[0] if self.transport.schemes else "this transport"
+        return ConfigurationError(
+            f"{scheme}:// cannot change its queues while consuming (add_queue/remove_queue): "
+            "use amqp://, redis:// or memory:// for ordered tasks' partitions."
+        )
+
     def cancel(self) -> None:
         """Stop receiving new deliveries; held ones stay settleable."""
         self._cancelled = True

@@ -33,12 +33,14 @@ from kombu.transport import memory as kombu_memory
 from kombu.transport.virtual import BrokerState
 
 from ._guard import GuardedVirtualMessage
-from .base import DLQ_SUFFIX, Capabilities, QueueSpec, QueueStats
+from .base import DLQ_SUFFIX, Capabilities, Consumer, Delivery, QueueSpec, QueueStats
 from .envelope import Envelope
+from .errors import translate_errors
 from .kombu import KombuTransport
+from .kombu_consumer import KombuConsumer
 from .topic import check_exchange, check_key, check_pattern, topic_matches
 
-__all__ = ["MemoryTransport"]
+__all__ = ["MemoryConsumer", "MemoryTransport"]
 
 
 class _TrackedChannel(kombu_memory.Channel):  # type: ignore[misc]
@@ -72,8 +74,19 @@ class _CountingChannel(kombu_memory.Channel):  # type: ignore[misc]
         props[RETURNS_PROPERTY] = int(props.get(RETURNS_PROPERTY, 0)) + 1
         super()._restore(message)
 
+    #: Set by :meth:`MemoryConsumer.requeue_ordered` while it hands messages back:
+    #: a requeue then goes to the head of its queue instead of the end.
+    restore_to_head = False
+
     def _restore_at_beginning(self, message: Any) -> None:
-        kombu_memory.Channel._restore(self, message)
+        if not self.restore_to_head:
+            kombu_memory.Channel._restore(self, message)
+            return
+        payload = message.serializable()
+        payload["redelivered"] = True
+        info = message.delivery_info
+        for queue in self._lookup(info["exchange"], info["routing_key"]):
+            self._queue_for(queue).put_head(payload)
 
 
 #: Highest priority level kept apart, as on ``redis://`` and kombu's virtual
@@ -91,6 +104,7 @@ class _PriorityQueue(queue_module.Queue):  # type: ignore[type-arg]
         self.name = name
         self.max_priorities = max_priorities  # the transport's, filled as queues are declared
         self.order = itertools.count()
+        self.head_order = itertools.count(-1, -1)  # put_head: before every other message
         super().__init__()
 
     def _init(self, maxsize: int) -> None:
@@ -99,11 +113,20 @@ class _PriorityQueue(queue_module.Queue):  # type: ignore[type-arg]
     def _qsize(self) -> int:
         return len(self.queue)
 
-    def _put(self, item: Any) -> None:
+    def _level(self, item: Any) -> int:
         priority = (item.get("properties") or {}).get("priority") or 0
         cap = self.max_priorities.get(self.name, MAX_LEVEL)
-        level = max(0, min(int(priority), cap, MAX_LEVEL))
-        heapq.heappush(self.queue, (-level, next(self.order), item))
+        return max(0, min(int(priority), cap, MAX_LEVEL))
+
+    def _put(self, item: Any) -> None:
+        heapq.heappush(self.queue, (-self._level(item), next(self.order), item))
+
+    def put_head(self, item: Any) -> None:
+        """Put ``item`` ahead of every message of its level (a requeue in order)."""
+        with self.not_empty:
+            heapq.heappush(self.queue, (-self._level(item), next(self.head_order), item))
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
 
     def _get(self) -> Any:
         return heapq.heappop(self.queue)[2]
@@ -132,6 +155,51 @@ def _copied(read: Any) -> Any:
         except RuntimeError:  # "changed size during iteration"
             continue
     return read()
+
+
+class MemoryConsumer(KombuConsumer):
+    """A memory consumer that can change its queues while consuming and requeue in order.
+
+    kombu's virtual channel counts the prefetch window per channel, over all
+    its consumers, so the queues added to the one channel share the bound.
+    """
+
+    def add_queue(self, spec: QueueSpec) -> None:
+        """Declare ``spec`` and start consuming it on the live channel (consumed already: nothing)."""
+        if any(s.name == spec.name for s in self.specs):
+            return
+        self.transport.declare([spec])
+        self.specs.append(spec)  # a reconnect consumes the current list
+        consumer = self._consumer
+        if consumer is None:
+            return
+        with translate_errors(self.transport.url, "add queue"):
+            consumer.add_queue(self.transport.kombu_queue(spec)).declare()
+            consumer.consume()
+        self._tags = {tag: name for name, tag in consumer._active_tags.items()}
+
+    def remove_queue(self, name: str) -> None:
+        """Stop consuming ``name``; held deliveries of it stay settleable."""
+        self.specs = [s for s in self.specs if s.name != name]
+        if self._consumer is not None:
+            self._consumer.cancel_by_queue(name)
+
+    def requeue_ordered(self, deliveries: Sequence[Delivery]) -> None:
+        """Put the deliveries back at the head of their queue, in the given order.
+
+        A plain requeue joins the end of the queue here; a head requeue puts
+        each before all the others, so they go back newest first.
+        """
+        for delivery in reversed(deliveries):
+            channel = getattr(getattr(delivery, "raw", None), "channel", None)
+            if channel is None:
+                self.requeue(delivery)
+                continue
+            channel.restore_to_head = True
+            try:
+                self.requeue(delivery)
+            finally:
+                channel.restore_to_head = False
 
 
 class MemoryTransport(KombuTransport):
@@ -267,6 +335,10 @@ class MemoryTransport(KombuTransport):
         with self._due_ready:
             names = [q for _, _, q, _ in self._due]
         return {s.name: names.count(s.name) for s in specs}
+
+    def consumer(self, specs: Sequence[QueueSpec], *, prefetch: int) -> Consumer:
+        """Return a consumer of ``specs`` that can add and remove queues while consuming."""
+        return MemoryConsumer(self, specs, prefetch=prefetch)
 
     def connection(self, *, heartbeat: float = 0) -> kombu.Connection:
         # kombu warns about memory:// URLs without a host; the host means nothing here.
