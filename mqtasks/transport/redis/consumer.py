@@ -71,6 +71,11 @@ class RedisConsumer(Consumer):
     Consuming several queues, a BLMOVE waits on each; if more answer at once
     than the prefetch window has room for, the extras go straight back to the
     head of their queue undelivered, so deliveries never exceed ``prefetch``.
+
+    Queues added while consuming get the next source index; a removed queue
+    keeps its index (and its processing list, registered for the sweeps) while
+    the consumer id lives, so a held delivery of it stays settleable and the
+    index is never given to another queue (a queue added again takes its old one).
     """
 
     wakeable: ClassVar[bool] = True
@@ -82,13 +87,15 @@ class RedisConsumer(Consumer):
         self.rt = transport
         self.consumer_id = ""
         self._client: redis.Redis[bytes] | None = None
+        #: The queues consumed now.
         self._sources = [
             _Source(i, s.name, transport.queue_key(s.name)) for i, s in enumerate(specs)
         ]
-        self._sources_json = json.dumps([s.key for s in self._sources])
-        self._promote_keys = [transport.delayed_key(s.name) for s in specs] + [
-            s.key for s in self._sources
-        ]
+        #: Every source of this consumer id, by index: removed ones too.
+        self._known = list(self._sources)
+        self._sources_json = ""
+        self._promote_keys: list[str] = []
+        self._sources_changed()
         self._next_promote = 0.0
         self._held: dict[int, RedisDelivery] = {}
         self._pending: list[tuple[str, str, str, bytes]] = []  # action, proc, source, element
@@ -101,6 +108,14 @@ class RedisConsumer(Consumer):
         self._beat_script: Any = None
         self._restore: Any = None
         self._promote: Any = None
+
+    def _sources_changed(self) -> None:
+        # The registry lists every known source, so that a sweep or a close
+        # restores the processing lists of removed queues as well.
+        self._sources_json = json.dumps([s.key for s in self._known])
+        self._promote_keys = [self.rt.delayed_key(s.queue) for s in self._sources] + [
+            s.key for s in self._sources
+        ]
 
     # -- connection --------------------------------------------------------
 
@@ -140,8 +155,13 @@ class RedisConsumer(Consumer):
                 old = self.consumer_id
                 self._restore(keys=[self.rt.registry_key], args=[self.rt.key_prefix, old, "1"])
                 self._new_consumer_id()
-                self._beat(strict=False)
                 self._held.clear()
+                # Nothing is held under the new id: removed queues' indexes go.
+                self._known = list(self._sources)
+                for i, source in enumerate(self._known):
+                    source.index = i
+                self._sources_changed()
+                self._beat(strict=False)
                 self.generation += 1
                 logger.warning("redis.consumer_restored_while_away", consumer=old)
             else:
@@ -192,16 +212,17 @@ class RedisConsumer(Consumer):
                 consumers=[c.decode(errors="replace") for c in out[1:]],
             )
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, only: _Source | None = None) -> None:
         """Return to their queues the messages recorded for us that we never got
-        (a fetch whose reply was lost with the connection)."""
+        (a fetch whose reply was lost with the connection), of ``only`` or of every source."""
         assert self._client is not None
         self._flush_settlements()
         pipe = self._client.pipeline(transaction=False)
-        for source in self._sources:
+        sources = self._known if only is None else [only]
+        for source in sources:
             pipe.lrange(self.proc_key(source), 0, -1)
         held = Counter((d.proc_key, d.element) for d in self._held.values())
-        for source, elements in zip(self._sources, pipe.execute(), strict=True):
+        for source, elements in zip(sources, pipe.execute(), strict=True):
             proc = self.proc_key(source)
             for element in elements:  # newest first: the oldest ends up first in line
                 if held[(proc, element)]:
@@ -432,6 +453,68 @@ class RedisConsumer(Consumer):
     def requeue(self, delivery: Delivery) -> bool:
         """Put the message back at the head of its queue, marked redelivered."""
         return self._settle_later(delivery, "q")
+
+    def requeue_ordered(self, deliveries: Sequence[Delivery]) -> None:
+        """Put the deliveries back at the head of their queue, in the given order.
+
+        Each requeue goes to the head, ahead of the one before: newest first, so
+        the oldest ends first in line (the settlements run in this order, in one
+        script with the next fetch).
+        """
+        for delivery in reversed(deliveries):
+            self.requeue(delivery)
+
+    # -- changing queues ---------------------------------------------------
+
+    def add_queue(self, spec: QueueSpec) -> None:
+        """Start taking from ``spec`` too (consumed already: nothing).
+
+        The consumer's registration lists the new processing list before the
+        first fetch from it, so a sweep restores what it holds if the consumer dies.
+
+        Raises:
+            ConfigurationError: Redis cannot honour an option of ``spec``.
+        """
+        if any(s.queue == spec.name for s in self._sources):
+            return
+        self.rt.declare([spec])
+        self.specs.append(spec)
+        source = next((s for s in self._known if s.queue == spec.name), None)
+        if source is None:
+            source = _Source(len(self._known), spec.name, self.rt.queue_key(spec.name))
+            self._known.append(source)
+        self._sources.append(source)
+        self._sources_changed()
+        self._next_promote = 0.0
+        if self._client is None:
+            return  # the next connect registers it
+        try:
+            if not self._beat(strict=True):
+                raise redis.ConnectionError("consumer registration was swept")
+        except CONNECTION_ERRORS as exc:
+            self._lost(exc)
+
+    def remove_queue(self, name: str) -> None:
+        """Stop taking from queue ``name``; held deliveries of it stay settleable.
+
+        A BLMOVE waiting on the queue is cut (its connection killed), and a
+        message it moved for us meanwhile goes back to the head of the queue.
+        """
+        self.specs = [s for s in self.specs if s.name != name]
+        source = next((s for s in self._sources if s.queue == name), None)
+        if source is None:
+            return
+        self._sources.remove(source)
+        self._sources_changed()
+        blocked = source.blocked_since is not None
+        self._drop_blocking(source)
+        if self._client is None or not blocked:
+            return  # a reconnect reconciles every known processing list
+        try:
+            self._kill_dead_connections()
+            self._reconcile(source)
+        except CONNECTION_ERRORS as exc:
+            self._lost(exc)
 
     def cancel(self) -> None:
         """Stop fetching; messages moved for us but not delivered go back to their queues."""
