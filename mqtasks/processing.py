@@ -211,7 +211,10 @@ def dead_letter(
         delivery, message, reason=reason, detail=detail, exc=exc, worker=worker._origin
     )
     try:
-        publish_dead_letter(app.transport, app.queue(delivery.queue), envelope)
+        # A broadcast queue's dead letters go to its task queue's dead-letter queue.
+        publish_dead_letter(
+            app.transport, app.queue(worker.broadcast.home(delivery.queue)), envelope
+        )
     except MQTasksError as error:
         logger.error(
             "message.dead_letter_failed",

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import structlog
 
+from .broadcast import broadcast_option, refuse_in_workflow
+from .broadcast import send as broadcast_send
 from .exceptions import ConfigurationError
 from .handle import Confirmation, TaskHandle
 from .message import Message
@@ -42,6 +44,8 @@ BASE_OPTIONS = frozenset(
         "retry_backoff",
         "retry_on",
         "dont_retry_on",
+        # Every running worker of the queue runs each call (see mqtasks.broadcast).
+        "broadcast",
         # At most one message per call within this window (see mqtasks.unique).
         "unique_for",
         # Run once per task id: read by the Idempotency middleware, which workers
@@ -179,6 +183,8 @@ class Task(Generic[P, R]):
                     f"Task {name!r} sets {option}, which keeps its keys in the result "
                     f"backend, and app {app.name!r} has none: {_BACKEND_HINT}."
                 )
+        #: Whether every running worker of its queue runs each call (:mod:`mqtasks.broadcast`).
+        self.broadcast: bool = broadcast_option(self)
         self.signature = inspect.signature(fn)
         self._names = [
             p.name
@@ -287,6 +293,10 @@ class Task(Generic[P, R]):
             task_id=task_id,
             expires=expires,
         )
+        if self.broadcast:
+            return broadcast_send(
+                self, message, delay=delay, idempotency_key=idempotency_key, queue=queue
+            )
         unique = self._claim_for(message, idempotency_key)
         if unique is None:
             return self.app.send(message, names=self._names, delay=delay)
@@ -356,6 +366,15 @@ class Task(Generic[P, R]):
             task_id=task_id,
             expires=expires,
         )
+        if self.broadcast:
+            return await asyncio.to_thread(
+                broadcast_send,
+                self,
+                message,
+                delay=delay,
+                idempotency_key=idempotency_key,
+                queue=queue,
+            )
         unique = self._claim_for(message, idempotency_key)
         if unique is None:
             return await self.app.asend(message, names=self._names, delay=delay)
@@ -421,12 +440,14 @@ class Task(Generic[P, R]):
         """
         from .canvas import Signature
 
+        refuse_in_workflow(self)
         return Signature(self, args, kwargs)
 
     def si(self, *args: Any, **kwargs: Any) -> Signature[R]:
         """Return an immutable signature: in a chain, it ignores the previous step's result."""
         from .canvas import Signature
 
+        refuse_in_workflow(self)
         return Signature(self, args, kwargs, immutable=True)
 
     def map(self, items: Iterable[Any], **options: Any) -> list[TaskHandle]:
@@ -452,6 +473,7 @@ class Task(Generic[P, R]):
 
         See :meth:`map`.
         """
+        refuse_in_workflow(self)
         if "task_id" in options:
             raise TypeError("starmap() gives every call its own id; task_id is not accepted")
         if "idempotency_key" in options:

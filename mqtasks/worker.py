@@ -25,6 +25,7 @@ import structlog
 
 from ._url import mask_url, redact
 from .app import App
+from .broadcast import WorkerBroadcast
 from .events import stale_bindings, wire_message
 from .exceptions import BackendError, ConfigurationError, MQTasksError
 from .message import Message, _origin
@@ -92,6 +93,8 @@ class Worker:
         self.subscriptions = [s for s in app.subscriptions if s.queue in self.queues]
         #: Most deliveries per queue before a message is dead-lettered unrun (None: no limit).
         self.delivery_limits = {q: app.delivery_limit(q) for q in self.queues}
+        #: This worker's queues of broadcast tasks (bound at :meth:`start`, removed at :meth:`stop`).
+        self.broadcast = WorkerBroadcast(self)
         self.collect_errors = collect_errors
         #: ``(message or None, exception)`` pairs, when ``collect_errors`` is on.
         self.errors: list[tuple[Message | None, BaseException]] = []
@@ -141,6 +144,7 @@ class Worker:
             self._check_backend()
         # Bindings before consuming: an event emitted once this worker runs reaches its queue.
         self.subscriptions = self.app.declare_events(self.queues)
+        self.broadcast.start()  # bound before consumed: a call sent once it runs reaches it
         self._hooks.worker_boot(self)
         for i in range(self.concurrency):
             t = threading.Thread(target=self._work_main, name=f"mqtasks-worker-{i}", daemon=True)
@@ -151,6 +155,7 @@ class Worker:
         self._ready.wait(timeout)
         if self._startup_error is not None:
             self._stop_threads()
+            self.broadcast.stop()
             raise self._startup_error
         for warning in self._broker_warnings():
             logger.warning("broker.unsafe_config", detail=warning)
@@ -241,6 +246,7 @@ class Worker:
         self._wake()
         self._done.wait()
         self._stop_threads()
+        self.broadcast.stop()
         if self.clean_exit:  # every thread has exited: nobody writes to the pipe any more
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -274,7 +280,7 @@ class Worker:
 
     def _io_main(self) -> None:
         try:
-            specs = [self.app.queue(q) for q in self.queues]
+            specs = [self.app.queue(q) for q in self.queues] + self.broadcast.specs
             self._consumer = self.app.transport.consumer(specs, prefetch=self.prefetch)
             self._consumer.start(self._on_delivery)
             self._generation = self._consumer.generation

@@ -74,6 +74,8 @@ class Capabilities:
             ConfigurationError.
         single_active_consumer: Honours ``QueueSpec.single_active_consumer``
             (one consumer of a queue at a time, the others on standby).
+        expiring_queues: Honours ``QueueSpec.expires`` and ``durable=False``: the
+            broker drops a queue once nobody uses it (broadcast tasks' queues).
     """
 
     delays: bool = False
@@ -88,6 +90,7 @@ class Capabilities:
     visibility_timeout: bool = False
     exchanges: bool = False
     single_active_consumer: bool = False
+    expiring_queues: bool = False
 
 
 class Consumer:
@@ -310,6 +313,11 @@ class Transport:
                 f"Queue {spec.name!r}: {scheme}:// has no single-active-consumer queues; "
                 "remove single_active_consumer from the queue config (ordered tasks keep "
                 "one consumer per partition with leases on this broker) or use amqp://."
+            )
+        if (spec.expires is not None or not spec.durable) and not caps.expiring_queues:
+            raise ConfigurationError(
+                f"Queue {spec.name!r}: {scheme}:// cannot drop a queue nobody uses, so it "
+                "cannot honour expires or durable=False; use amqp://, redis:// or memory://."
             )
         return {}
 

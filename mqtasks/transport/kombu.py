@@ -137,7 +137,7 @@ class KombuTransport(Transport):
             spec.name,
             exchange=kombu.Exchange(""),
             routing_key=spec.name,
-            durable=True,
+            durable=spec.durable,
             auto_delete=False,
             queue_arguments=self.queue_arguments(spec) or None,
             max_priority=None,
@@ -154,7 +154,12 @@ class KombuTransport(Transport):
         todo = [s for s in specs if s.name not in self._declared]
         if not todo:
             return
-        dead = [dead_letter_spec(s) for s in todo if not s.name.endswith(DLQ_SUFFIX)]
+        # A queue naming another's dead-letter queue (QueueSpec.dead_letter_queue) has none.
+        dead = [
+            dead_letter_spec(s)
+            for s in todo
+            if not s.name.endswith(DLQ_SUFFIX) and s.dead_letter_queue is None
+        ]
         queues = [self.kombu_queue(s) for s in [*todo, *dead]]
         with translate_errors(self.url, "declare queues"), self.connection() as conn:
             conn.ensure_connection(max_retries=self.publish_retries, timeout=self.publish_timeout)

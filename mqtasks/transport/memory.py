@@ -214,6 +214,7 @@ class MemoryTransport(KombuTransport):
         delivery_count=True,
         in_process=True,
         exchanges=True,
+        expiring_queues=True,
     )
 
     def __init__(self, url: str, **kwargs: Any) -> None:
@@ -227,6 +228,8 @@ class MemoryTransport(KombuTransport):
         self._max_priorities: dict[str, int] = {}
         #: Topic exchange -> its bindings, ``(pattern, queue)`` pairs.
         self._exchanges: dict[str, set[tuple[str, str]]] = {}
+        #: Queue declared with ``expires`` -> when its bindings stop being live (monotonic).
+        self._live_until: dict[str, float] = {}
         channel = type(
             "MemoryChannel",
             (_CountingChannel, _TrackedChannel, _PriorityChannel),
@@ -280,6 +283,8 @@ class MemoryTransport(KombuTransport):
         self.declare([spec])
         with self._lock:
             self._exchanges.setdefault(exchange, set()).add((pattern, spec.name))
+            if spec.expires is not None:  # live until then, unless bound again
+                self._live_until[spec.name] = time.monotonic() + spec.expires
 
     def unbind(self, exchange: str, pattern: str, queue: str) -> None:
         """Remove one binding (an absent one: nothing)."""
@@ -302,7 +307,10 @@ class MemoryTransport(KombuTransport):
         check_exchange(exchange)
         check_key(routing_key)
         with self._lock:
+            stale = self._drop_stale()
             bound = list(self._exchanges.get(exchange, ()))
+        for name in stale:
+            self._queues.pop(name, None)
         queues = sorted({q for pattern, q in bound if topic_matches(pattern, routing_key)})
         if not queues:
             if mandatory:
@@ -311,6 +319,19 @@ class MemoryTransport(KombuTransport):
         for queue in queues:
             super().publish(queue, envelope)
         return len(queues)
+
+    def _drop_stale(self) -> list[str]:
+        """Unbind the queues declared with ``expires`` not bound again in time; return them.
+
+        Called with the lock held.
+        """
+        now = time.monotonic()
+        stale = [q for q, until in self._live_until.items() if until <= now]
+        for name in stale:
+            del self._live_until[name]
+            for bindings in self._exchanges.values():
+                bindings.difference_update({b for b in bindings if b[1] == name})
+        return stale
 
     def _schedule(self) -> None:
         while True:
@@ -418,5 +439,6 @@ class MemoryTransport(KombuTransport):
         self._max_priorities.clear()
         with self._lock:
             self._exchanges.clear()
+            self._live_until.clear()
         with self._due_ready:
             self._due.clear()

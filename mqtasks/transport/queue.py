@@ -55,6 +55,20 @@ class QueueSpec:
             (``Capabilities.single_active_consumer`` False) refuse it with a
             ConfigurationError; on them, the worker's partition leases keep one
             consumer per partition.
+        durable: Whether the queue survives a broker restart (RabbitMQ). A
+            non-durable queue is a classic one (``queue_type='classic'``):
+            RabbitMQ quorum queues are always durable.
+        expires: Seconds the broker keeps the queue once nobody uses it, then
+            deletes it with its messages: a queue of one worker (broadcast tasks)
+            that goes away with its worker. RabbitMQ: ``x-expires`` (unused: no
+            consumer). ``redis://`` and ``memory://``, which keep no consumer
+            registry: seconds its bindings to an exchange stay live after the last
+            ``bind()`` of them; an emit skips a binding no longer live and removes
+            it with the queue. Brokers without it (``Capabilities.expiring_queues``
+            False) refuse it with a ConfigurationError.
+        dead_letter_queue: The dead-letter queue that takes this queue's dead
+            letters (``<other queue>.dlq``), instead of a ``<name>.dlq`` of its
+            own, which is then not declared. None: its own.
     """
 
     name: str
@@ -65,6 +79,9 @@ class QueueSpec:
     overflow: Overflow = "reject-publish"
     delivery_limit: int | None = None
     single_active_consumer: bool = False
+    durable: bool = True
+    expires: float | None = None
+    dead_letter_queue: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
@@ -94,6 +111,38 @@ class QueueSpec:
             raise ConfigurationError(
                 f"Queue {self.name!r}: overflow must be 'drop-head' or 'reject-publish'."
             )
+        if not isinstance(self.durable, bool):
+            raise ConfigurationError(f"Queue {self.name!r}: durable must be True or False.")
+        if not self.durable and self.queue_type == "quorum":
+            raise ConfigurationError(
+                f"Queue {self.name!r}: quorum queues are always durable; a non-durable "
+                "queue needs queue_type='classic'."
+            )
+        if self.expires is not None and (
+            isinstance(self.expires, bool)
+            or not isinstance(self.expires, (int, float))
+            or not self.expires > 0
+        ):
+            raise ConfigurationError(
+                f"Queue {self.name!r}: expires must be positive seconds, not {self.expires!r}."
+            )
+        dead = self.dead_letter_queue
+        if dead is not None and (
+            not isinstance(dead, str)
+            or not dead.endswith(DLQ_SUFFIX)
+            or len(dead) == len(DLQ_SUFFIX)
+            or self.name.endswith(DLQ_SUFFIX)
+        ):
+            raise ConfigurationError(
+                f"Queue {self.name!r}: dead_letter_queue must name another queue's "
+                f"dead-letter queue ('<queue>{DLQ_SUFFIX}'), not {dead!r}; a dead-letter "
+                "queue has none."
+            )
+
+    @property
+    def dead_letter_name(self) -> str:
+        """The dead-letter queue this queue's dead letters go to."""
+        return self.dead_letter_queue or self.name + DLQ_SUFFIX
 
 
 def broker_spec(spec: QueueSpec) -> QueueSpec:

@@ -92,6 +92,7 @@ class AmqpTransport(KombuTransport):
         confirms=True,
         exchanges=True,
         single_active_consumer=True,
+        expiring_queues=True,
     )
 
     def connection_options(self) -> dict[str, Any]:

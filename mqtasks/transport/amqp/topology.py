@@ -126,9 +126,10 @@ def bind_queues(channel: Any, specs: Sequence[QueueSpec]) -> None:
     for spec in specs:
         if spec.name.endswith(DLQ_SUFFIX):
             continue
-        channel.queue_bind(
-            queue=spec.name + DLQ_SUFFIX, exchange=DEAD_LETTER_EXCHANGE, routing_key=spec.name
-        )
+        if spec.dead_letter_queue is None:  # else that queue's own binding routes them
+            channel.queue_bind(
+                queue=spec.name + DLQ_SUFFIX, exchange=DEAD_LETTER_EXCHANGE, routing_key=spec.name
+            )
         channel.queue_bind(
             queue=spec.name,
             exchange=DELAY_DELIVERY_EXCHANGE,
@@ -152,12 +153,21 @@ def queue_arguments(spec: QueueSpec, default_type: str) -> dict[str, Any]:
         # What the broker drops itself (TTL, overflow, delivery limit) lands
         # in the queue's dead-letter queue, with the broker's x-death reason.
         args["x-dead-letter-exchange"] = DEAD_LETTER_EXCHANGE
-        args["x-dead-letter-routing-key"] = spec.name
+        # The dead-letter exchange routes by the name of the queue whose .dlq takes them.
+        args["x-dead-letter-routing-key"] = spec.dead_letter_name[: -len(DLQ_SUFFIX)]
         if queue_type == "quorum" and (
             spec.max_length is None or spec.overflow == "reject-publish"
         ):
             args["x-dead-letter-strategy"] = "at-least-once"
             args["x-overflow"] = "reject-publish"
+    if queue_type == "quorum" and not spec.durable:
+        raise ConfigurationError(
+            f"Queue {spec.name!r}: RabbitMQ quorum queues are always durable; declare a "
+            "non-durable queue with QueueSpec(..., queue_type='classic')."
+        )
+    if spec.expires is not None:
+        # Deleted by RabbitMQ once it has had no consumer (and no declare) this long.
+        args["x-expires"] = max(1, int(spec.expires * 1000))
     if queue_type == "quorum":
         args["x-queue-type"] = "quorum"
         if spec.max_priority is not None:

@@ -174,6 +174,7 @@ class RedisTransport(Transport):
         delivery_count=True,
         dead_letter_browse=True,
         exchanges=True,
+        expiring_queues=True,
     )
 
     def __init__(self, url: str, **options: Any) -> None:

@@ -2,7 +2,11 @@
 
 An exchange is the hash ``{p}:x:<exchange>``: one field ``"<queue> <pattern>"``
 per binding (queue names have no spaces), its value the queue's
-``max_priority`` or empty. Emitting is one ``EVALSHA`` of
+``max_priority`` or empty, followed by ``;live`` for a queue declared with
+``expires`` (a worker's broadcast queue): such a binding is live while the
+key ``{p}:qlive:<queue>`` exists, which each :func:`bind` sets again for
+``expires`` seconds; an emit skips a binding no longer live and removes it,
+with the queue's lists. Emitting is one ``EVALSHA`` of
 ``EMIT`` (:mod:`~mqtasks.transport.redis.scripts`): Redis reads the hash, matches the
 routing key against each pattern (the Lua twin of
 :func:`~mqtasks.transport.topic.topic_matches`), and LPUSHes the element into
@@ -27,12 +31,17 @@ from .scripts import EMIT
 if TYPE_CHECKING:
     from . import RedisTransport
 
-__all__ = ["bind", "bindings", "emit", "exchange_key", "unbind"]
+__all__ = ["bind", "bindings", "emit", "exchange_key", "live_key", "unbind"]
 
 
 def exchange_key(transport: RedisTransport, exchange: str) -> str:
     """The hash of ``exchange``'s bindings."""
     return f"{transport.key_prefix}:x:{exchange}"
+
+
+def live_key(transport: RedisTransport, queue: str) -> str:
+    """The key whose presence keeps the bindings of ``queue`` (declared with ``expires``) live."""
+    return f"{transport.key_prefix}:qlive:{queue}"
 
 
 def bind(transport: RedisTransport, exchange: str, pattern: str, spec: QueueSpec) -> None:
@@ -46,11 +55,15 @@ def bind(transport: RedisTransport, exchange: str, pattern: str, spec: QueueSpec
     transport.declare([spec])
     key = exchange_key(transport, exchange)
     value = "" if spec.max_priority is None else str(spec.max_priority)
+    if spec.expires is not None:
+        value += ";live"
     mine = f"{spec.name} ".encode()
     with translate_errors(transport.url, f"bind {spec.name!r} to {exchange!r}"):
         client = transport.publisher()
         fields: dict[str | bytes, str] = {f: value for f in client.hkeys(key) if f.startswith(mine)}
         fields[f"{spec.name} {pattern}"] = value
+        if spec.expires is not None:  # live first: an emit never sees it bound and stale
+            client.set(live_key(transport, spec.name), b"1", px=max(1, int(spec.expires * 1000)))
         client.hset(key, mapping=fields)
 
 
@@ -109,6 +122,7 @@ def emit(
         priority_level(envelope.priority),
         element,
         transport.queue_key(""),
+        live_key(transport, ""),
     ]
     count = int(
         transport.run_publish(

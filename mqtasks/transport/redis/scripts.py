@@ -289,31 +289,52 @@ end
 """
 
 # Emit to a topic exchange: read its bindings (a hash, field "<queue> <pattern>",
-# value the queue's max_priority or ''), match the routing key and LPUSH the
+# value the queue's max_priority or '', followed by ';live' for a queue declared
+# with expires), match the routing key and LPUSH the
 # element into each matching queue once, at its priority level as a publish
 # would (capped at the queue's max_priority, written into the element as its
 # level "l"), then wake the queues of levels above 0 (see LEVELS). All or none:
 # a push Redis refuses (a key of another type, out of memory) undoes the pushes
 # before it (LPOP of each: nothing else runs meanwhile) and fails the call.
+# A ';live' queue whose liveness key (prefix .. queue) has expired (its worker
+# is gone) gets nothing: its bindings are removed and its lists deleted.
 # Returns how many queues got it.
 # KEYS: the bindings hash. ARGV: routing key, the message's level (0 to 9),
-# element (no "l"), prefix of queue keys.
+# element (no "l"), prefix of queue keys, prefix of queue liveness keys.
 EMIT = (
     _LEVELS
     + TOPIC
     + """
 local key, base_level, element, qprefix = words(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local lprefix = ARGV[5]
 local all = redis.call('HGETALL', KEYS[1])
-local seen, targets = {}, {}
+local seen, targets, stale = {}, {}, {}
 for i = 1, #all, 2 do
-  local field = all[i]
+  local field, value = all[i], all[i + 1]
   local sp = string.find(field, ' ', 1, true)
   if sp then
     local queue = string.sub(field, 1, sp - 1)
-    if not seen[queue] and matches(words(string.sub(field, sp + 1)), key) then
-      seen[queue] = true
-      targets[#targets + 1] = {queue, tonumber(all[i + 1])}
+    local semi = string.find(value, ';', 1, true)
+    if semi then
+      if stale[queue] == nil then
+        stale[queue] = redis.call('EXISTS', lprefix .. queue) == 0
+      end
+      if stale[queue] then
+        redis.call('HDEL', KEYS[1], field)
+      end
+      value = string.sub(value, 1, semi - 1)
     end
+    if not stale[queue] and not seen[queue] and matches(words(string.sub(field, sp + 1)), key) then
+      seen[queue] = true
+      targets[#targets + 1] = {queue, tonumber(value)}
+    end
+  end
+end
+for queue, gone in pairs(stale) do
+  if gone then
+    local base = qprefix .. queue
+    redis.call('DEL', base, base .. '#1', base .. '#2', base .. '#3', base .. '#4',
+      base .. '#5', base .. '#6', base .. '#7', base .. '#8', base .. '#9')
   end
 end
 local pushed, woken = {}, {}
