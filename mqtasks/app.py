@@ -19,6 +19,7 @@ from .message import Message
 from .middleware import Middleware, default_middleware
 from .middleware.base import Runner
 from .middleware.results import Results
+from .ordering.queues import partition_spec
 from .publishing import Publishing
 from .retry import RetryPolicy
 from .status import QueueStatus, queue_status
@@ -181,9 +182,10 @@ class App:
         self.queues[spec.name] = spec
 
     def queue(self, name: str) -> QueueSpec:
-        """Return the configuration of queue ``name`` (the defaults if not configured)."""
+        """Return the configuration of queue ``name`` (the defaults if not configured);
+        a partition of ordered tasks' queue gets that queue's (:mod:`mqtasks.ordering`)."""
         spec = self.queues.get(name)
-        return spec if spec is not None else QueueSpec(name)
+        return spec if spec is not None else partition_spec(self, name) or QueueSpec(name)
 
     def delivery_limit(self, name: str) -> int | None:
         """Return the most deliveries a message of queue ``name`` gets; None: no limit.

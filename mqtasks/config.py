@@ -93,8 +93,25 @@ class Settings:
     #: The topic exchange ``app.emit()`` publishes events to and ``@app.on`` binds
     #: subscriber queues on (declared durable where it is first used).
     events_exchange: str = "mqtasks.events"
+    #: Ordered tasks: seconds a worker's lease on a partition lasts unless renewed
+    #: (renewed every third of it); a crashed worker's partitions move after it.
+    ordering_lease_ttl: float = 10.0
+    #: Ordered tasks: seconds a worker waits for a key's missing sequence numbers
+    #: before it skips them and runs the next one it has.
+    ordering_gap_timeout: float = 5.0
+    #: Ordered tasks: seconds a key's sequence counter and halt mark are kept in the backend.
+    ordering_state_ttl: float = 30 * 86400.0
 
     def __post_init__(self) -> None:
+        if not (
+            self.ordering_lease_ttl > 0
+            and self.ordering_gap_timeout >= 0
+            and self.ordering_state_ttl > 0
+        ):
+            raise ConfigurationError(
+                "ordering_lease_ttl and ordering_state_ttl must be positive seconds, "
+                "ordering_gap_timeout zero or more."
+            )
         if self.max_message_size <= 0:
             raise ConfigurationError("max_message_size must be a positive number of bytes.")
         if self.publish_timeout <= 0:

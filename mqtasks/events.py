@@ -376,6 +376,12 @@ def subscribe(
             "has one outcome per subscriber, all under the event's id."
         )
     task_options["ignore_result"] = True
+    if task_options.get("ordering_key") is not None:
+        raise ConfigurationError(
+            f"Subscribers of {pattern!r} cannot take ordering_key: events are emitted to "
+            "every subscriber queue at once, not through a key's partition. Have the "
+            "subscriber call an ordered task (@app.task(ordering_key=...)) instead."
+        )
     for option in ("idempotent", "unique_for"):
         if task_options.get(option):
             raise ConfigurationError(

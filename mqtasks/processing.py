@@ -22,6 +22,9 @@ from .deadletter import dead_letter_envelope, publish_dead_letter
 from .events import HEADER_EVENT, event_of
 from .exceptions import ConfigurationError, DecodeError, MQTasksError, Reject, Retry, SkipMessage
 from .message import Message, _current
+from .ordering.gate import after_dead_letter as after_ordered_dead_letter
+from .ordering.gate import gate
+from .ordering.queues import base_queue
 from .task import refuse_awaitable
 from .transport.base import Delivery
 
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACK",
     "DROP",
+    "HOLD",
     "REJECT",
     "REQUEUE",
     "Job",
@@ -46,6 +50,8 @@ logger = structlog.get_logger("mqtasks.worker")
 
 #: Settlements of a delivery.
 ACK, REJECT, REQUEUE, DROP = "ack", "reject", "requeue", "drop"
+#: Not a settlement: an ordered delivery stays unacked and runs again after a delay.
+HOLD = "hold"
 
 
 @dataclass(slots=True)
@@ -54,6 +60,9 @@ class Job:
 
     delivery: Delivery
     action: str | None = None
+    #: Whether the delivery is in a key lane of ordered tasks: a retry or
+    #: deferral then waits in place (:data:`HOLD`) instead of being republished.
+    in_lane: bool = False
 
 
 #: The job of the message running in this context (one context per message).
@@ -124,6 +133,15 @@ def process(worker: Worker, delivery: Delivery) -> str:
             detail = f"no task named {message.task!r}"
             return reject(worker, delivery, message, "unknown_task", detail)
         task = found
+    ordered = worker._ordering
+    if ordered is not None or task.ordering is not None:
+        gated = gate(app, ordered, delivery, message, task)
+        job.in_lane = gated.in_lane
+        if gated.action == "dead_letter":
+            return dead_letter(worker, delivery, gated.message, gated.reason, gated.detail)
+        if gated.action != "run":
+            return ACK if gated.action == "done" else REQUEUE
+        message = gated.message
     if message.is_expired():
         return reject(worker, delivery, message, "expired", f"expired at {message.expires_at}")
     try:
@@ -212,9 +230,9 @@ def dead_letter(
     )
     try:
         # A broadcast queue's dead letters go to its task queue's dead-letter queue.
-        publish_dead_letter(
-            app.transport, app.queue(worker.broadcast.home(delivery.queue)), envelope
-        )
+        # And a partition's (ordered tasks) to its base queue's.
+        home = worker.broadcast.home(delivery.queue)
+        publish_dead_letter(app.transport, app.queue(base_queue(app, home) or home), envelope)
     except MQTasksError as error:
         logger.error(
             "message.dead_letter_failed",
@@ -225,6 +243,7 @@ def dead_letter(
         )
         return REQUEUE
     logger.warning("task.dead_lettered", **log_fields(delivery, message), reason=reason)
+    after_ordered_dead_letter(app, delivery, message, reason)
     worker._hooks.after_dead_letter(worker, message, reason)
     return ACK
 

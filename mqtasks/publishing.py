@@ -64,6 +64,7 @@ import structlog
 
 from .exceptions import BulkPublishError, PublishError, TransportError
 from .message import Message
+from .ordering.publish import is_ordered, route
 from .task import Confirmation, TaskHandle
 
 if TYPE_CHECKING:
@@ -426,8 +427,9 @@ def send(
     Raises:
         EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
         PublishError: The broker did not take the message.
+        ConfigurationError: A delay or priority given to an ordered task.
     """
-    message, envelope = prepare(app, message, names)
+    message, envelope = prepare(app, route(app, message, delay), names)
     block = current_block(app)
     # A delay the broker cannot hold raises at the call, below, as outside a block.
     if block is not None and (not delay or app.transport.capabilities.delays):
@@ -462,6 +464,9 @@ async def asend(
         EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
         PublishError: The broker did not take the message.
     """
+    # The key's sequence number comes from the backend: in a thread, as unique keys are.
+    if is_ordered(app, message):
+        message = await asyncio.to_thread(route, app, message, delay)
     message, envelope = prepare(app, message, names)
     return await loop_batcher(app).send(message, envelope, delay)
 
@@ -499,6 +504,7 @@ def send_many(app: App, messages: Iterable[Message]) -> list[TaskHandle]:
     """
     hooks = app._hooks
     prepared: list[Message] = []
+    messages = [route(app, message) for message in messages]
     try:
         for message in messages:
             prepared.append(hooks.before_publish(app, message))

@@ -16,6 +16,8 @@ from .broadcast import send as broadcast_send
 from .exceptions import ConfigurationError
 from .handle import Confirmation, TaskHandle
 from .message import Message
+from .ordering.options import OPTIONS as ORDERING_OPTIONS
+from .ordering.options import Ordering, ordering_of
 from .retry import RetryPolicy
 from .serialization import encode_body
 from .types import Seconds, to_seconds
@@ -51,6 +53,8 @@ BASE_OPTIONS = frozenset(
         # Run once per task id: read by the Idempotency middleware, which workers
         # install when the app has a result backend.
         "idempotent",
+        # Ordered processing by key (see mqtasks.ordering).
+        *ORDERING_OPTIONS,
     }
 )
 
@@ -186,6 +190,16 @@ class Task(Generic[P, R]):
         #: Whether every running worker of its queue runs each call (:mod:`mqtasks.broadcast`).
         self.broadcast: bool = broadcast_option(self)
         self.signature = inspect.signature(fn)
+        #: How calls are ordered by key (``ordering_key``), or None.
+        self.ordering: Ordering | None = ordering_of(
+            name,
+            queue,
+            self.signature,
+            self.options,
+            priority=priority,
+            has_backend=app.has_backend,
+            others=app.tasks.values(),
+        )
         self._names = [
             p.name
             for p in self.signature.parameters.values()

@@ -34,11 +34,13 @@ from .middleware.idempotency import with_idempotency
 from .middleware.results import with_results
 from .middleware.retries import BROKER_DEATH_HEADERS, with_retries
 from .middleware.workflow import with_workflow
+from .ordering.runtime import OrderedDeliveries, check_consumer, ordered_deliveries
 from .processing import ACK as _ACK
 from .processing import DROP as _DROP
+from .processing import HOLD as _HOLD
 from .processing import REJECT as _REJECT
 from .processing import REQUEUE as _REQUEUE
-from .processing import current_job, dead_letter, job_or_none, log_fields, process
+from .processing import Job, current_job, dead_letter, job_or_none, log_fields, process
 from .transport.base import Consumer, Delivery
 from .validation import check_app, unenforced_limits
 
@@ -116,6 +118,8 @@ class Worker:
         self._lock = threading.Lock()
         self._outstanding = self._running = self._window = self._generation = 0
         self._consumer: Consumer | None = None
+        #: Partitions, key lanes and holds of ordered tasks (set up with the consumer).
+        self._ordering: OrderedDeliveries | None = None
         self._threads: list[threading.Thread] = []
         self._io_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -282,8 +286,17 @@ class Worker:
         try:
             specs = [self.app.queue(q) for q in self.queues] + self.broadcast.specs
             self._consumer = self.app.transport.consumer(specs, prefetch=self.prefetch)
+            check_consumer(self.app, self.queues, self._consumer)
             self._consumer.start(self._on_delivery)
             self._generation = self._consumer.generation
+            self._ordering = ordered_deliveries(
+                self.app,
+                self.queues,
+                self._consumer,
+                dispatch=self._work.put,
+                counted=lambda delivery: self._count_settled(delivery, _REQUEUE),
+                wake=self._wake,
+            )
         except BaseException as exc:
             self._startup_error = exc
             self._ready.set()
@@ -294,13 +307,15 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 self._flush()
+                if self._ordering is not None:
+                    self._ordering.poll()  # ownership changes; holds and gaps now due
                 if consumer.wakeable:
                     # Sleeps until a delivery, a settlement or a stop arrives. A
                     # settlement posted before the flag was raised is seen here,
                     # one posted after it writes to the pipe (see _work_main).
                     self._io_sleeping = True
                     idle = self._settlements.empty() and not self._stopping.is_set()
-                    consumer.wait(0.5 if idle else 0.0, self._wake_r)
+                    consumer.wait(self._pause(0.5) if idle else 0.0, self._wake_r)
                     self._io_sleeping = False
                     self._clear_wake()
                 elif self._window >= self.prefetch:
@@ -309,10 +324,12 @@ class Worker:
                         self._settle(*self._settlements.get(timeout=0.5))
                     consumer.heartbeat_check()
                 else:
-                    consumer.drain(timeout=0.02 if self._window else 0.5)
+                    consumer.drain(timeout=0.02 if self._window else self._pause(0.5))
                 if consumer.generation != self._generation:
                     self._generation = consumer.generation
                     self._window = 0  # the broker took back the old connection's messages
+                    if self._ordering is not None:
+                        self._ordering.reset()
             self._shutdown(consumer)
         except BaseException:  # pragma: no cover - a bug; keep the process honest
             logger.exception("worker.io_crashed")
@@ -330,10 +347,18 @@ class Worker:
             while len(os.read(self._wake_r, 4096)) == 4096:
                 pass
 
+    def _pause(self, longest: float) -> float:
+        """Seconds the I/O thread may sleep: ``longest``, or until a held retry is due."""
+        due = self._ordering.next_due() if self._ordering is not None else None
+        return longest if due is None else min(longest, due)
+
     def _on_delivery(self, delivery: Delivery) -> None:
         self._outstanding += 1
         self.received += 1
         self._window += 1
+        ordering = self._ordering
+        if ordering is not None and ordering.arrive(delivery, stopping=self._stopping.is_set()):
+            return  # a partition's: its key lane dispatches it
         if self._stopping.is_set():
             self._settle(delivery, _REQUEUE)
             return
@@ -343,6 +368,14 @@ class Worker:
         # I/O thread only: it alone touches the connection and these counters.
         consumer = self._consumer
         assert consumer is not None
+        ordering = self._ordering
+        if ordering is not None and action in (_HOLD, _REQUEUE) and ordering.tracks(delivery):
+            # Held in place (unacked, run again later), or handed back with its key's others.
+            if action == _HOLD and not self._stopping.is_set():
+                ordering.hold(delivery)
+            else:
+                ordering.requeue(delivery)
+            return
         if action == _ACK:
             consumer.ack(delivery)
         elif action == _REJECT:
@@ -357,6 +390,8 @@ class Worker:
         if action != _DROP:
             self.settled += 1
         self._outstanding -= 1
+        if self._ordering is not None:
+            self._ordering.settled(delivery)  # the next of its key may run
 
     def _flush(self) -> None:
         get = self._settlements.get_nowait
@@ -382,6 +417,8 @@ class Worker:
             while True:
                 if (delivery := self._work.get_nowait()) is not None:
                     self._settle(delivery, _REQUEUE)
+        if self._ordering is not None:
+            self._ordering.shutdown()  # the rest of the key lanes, in order, retries held included
         deadline = time.monotonic() + self._grace
         while time.monotonic() < deadline:
             self._flush()
@@ -402,6 +439,8 @@ class Worker:
                 note="unacked messages go back to the broker",
             )
         consumer.close()
+        if self._ordering is not None:
+            self._ordering.close()  # leases released once nothing of theirs is held
 
     # -- worker threads -------------------------------------------------------------
 
@@ -469,10 +508,23 @@ class Worker:
         For the deciding middleware's ``after_process`` (:class:`~mqtasks.middleware.retries.Retries`).
         The body goes as received; if the broker refuses it, ``message`` is requeued instead.
 
+        A message of an ordered task waits in place instead: unacked, run again as
+        ``retry`` after ``delay`` s, its key's later tasks waiting behind it.
+
         Raises:
             ConfigurationError: The transport cannot hold a delay; nothing was published.
         """
         job = current_job()
+        if self._hold(job, retry, delay):
+            logger.info(
+                "task.retried",
+                **log_fields(job.delivery, message),
+                delay=round(delay, 3),
+                held_in_place=True,
+                error=redact(f"{type(exception).__name__}: {exception}")[:500],
+            )
+            self._hooks.after_retry(self, message, delay, exception)
+            return
         try:
             envelope = wire_message(retry).to_envelope(job.delivery.body)
             self.app.transport.publish(message.queue, envelope, delay=delay)
@@ -495,6 +547,14 @@ class Worker:
         )
         self._hooks.after_retry(self, message, delay, exception)
         job.action = _ACK
+
+    def _hold(self, job: Job, attempt: Message, delay: float) -> bool:
+        """Hold an ordered delivery in place to run as ``attempt`` after ``delay`` s, if it is one."""
+        if not job.in_lane or self._ordering is None:
+            return False
+        self._ordering.hold_request(job.delivery, delay, attempt)
+        job.action = _HOLD
+        return True
 
     def dead_letter(
         self, message: Message, reason: str, detail: str, exception: BaseException | None = None
@@ -521,8 +581,19 @@ class Worker:
             message: The message being processed.
             delay: Seconds the broker holds it.
             reason: Why, for the log (``result_store_failed``...).
+
+        A message of an ordered task waits in place instead (see :meth:`retry`).
         """
         job = current_job()
+        if self._hold(job, message, delay):
+            logger.info(
+                "task.deferred",
+                **log_fields(job.delivery, message),
+                reason=reason,
+                delay=round(delay, 3),
+                held_in_place=True,
+            )
+            return
         headers = {
             k: v for k, v in message.headers.items() if not k.startswith(BROKER_DEATH_HEADERS)
         }

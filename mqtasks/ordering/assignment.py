@@ -1,0 +1,219 @@
+"""Partition ownership: which worker consumes which partitions of a queue, through backend leases.
+
+Each worker serving a queue with ordered tasks joins the queue's members
+(``ordering:members:<queue>``, alive while its key ``ordering:member:<queue>:<id>``
+is refreshed), takes its fair share ``ceil(partitions / live members)`` and
+holds one lease per partition it owns (``ordering:part:<queue>:<i>``,
+renewed every third of the lease time). Owning too many, it asks the I/O
+thread to give the extras up gracefully and releases their leases once told
+they are drained; owning too few, it takes free ones, those with
+``i % members == its rank`` first. A lease it fails to renew is lost: the
+I/O thread stops consuming that partition at once (``ordering.lease_lost``).
+
+:class:`Assignment` runs in a thread of its own and talks to the backend
+alone; it tells the I/O thread what changes through ``post``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+
+from ..exceptions import BackendError
+from .keys import lease_name, member_key, members_key, partition_name
+
+if TYPE_CHECKING:
+    from ..backend.base import Backend
+
+__all__ = ["Assignment", "Change", "member_id"]
+
+logger = structlog.get_logger("mqtasks.ordering")
+
+#: What the I/O thread is told: ``add`` (consume it), ``release`` (give it up
+#: gracefully, then call :meth:`Assignment.released`), ``lost`` (stop at once).
+Change = tuple[Literal["add", "release", "lost"], str]
+
+#: Seconds the members set is kept after it was created (stale members are
+#: ignored through their liveness keys; the set is recreated by the next refresh).
+MEMBERS_TTL = 3600.0
+
+
+def member_id() -> str:
+    """Return a new member id: ``host:pid:uuid8``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Assignment:
+    """Keeps this worker's fair share of the partitions of its ordered queues.
+
+    Args:
+        backend: Where members and leases are kept.
+        queues: Partition count by base queue.
+        lease_ttl: Seconds a lease lasts unless renewed.
+        post: Called (from this object's thread) with each change for the I/O thread.
+        member: This worker's member id; a new one by default.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        queues: Mapping[str, int],
+        *,
+        lease_ttl: float,
+        post: Callable[[Change], None],
+        member: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.queues = dict(queues)
+        self.lease_ttl = lease_ttl
+        self.member = member or member_id()
+        self._post = post
+        #: Owned partitions: (queue, index) -> monotonic time of the last renewal.
+        self.owned: dict[tuple[str, int], float] = {}
+        self._releasing: set[tuple[str, int]] = set()
+        self._released: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._names = {
+            partition_name(q, i, n): (q, i) for q, n in self.queues.items() for i in range(n)
+        }
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Run the first round now (so partitions are consumed at once), then in a thread."""
+        self.cycle()
+        self._thread = threading.Thread(target=self._main, name="mqtasks-ordering", daemon=True)
+        self._thread.start()
+
+    def released(self, name: str) -> None:
+        """The I/O thread has drained partition queue ``name``: release its lease (any thread)."""
+        self._released.put(name)
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop the thread, release every lease and leave the members (at shutdown)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.lease_ttl)
+        for q, i in list(self.owned):
+            try:
+                self.backend.release_lease(lease_name(q, i), self.member)
+            except BackendError as exc:
+                logger.warning("ordering.release_failed", queue=q, partition=i, error=str(exc))
+        self.owned.clear()
+        for q in self.queues:
+            try:
+                self.backend.delete(member_key(q, self.member))
+            except BackendError:
+                pass  # it expires on its own
+
+    def _main(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.lease_ttl / 3)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.cycle()
+
+    def cycle(self) -> None:
+        """One round: release what was drained, refresh membership, renew, rebalance."""
+        try:
+            while True:
+                try:
+                    name = self._released.get_nowait()
+                except queue.Empty:
+                    break
+                part = self._names.get(name)
+                if part is not None and part in self.owned:
+                    self.backend.release_lease(lease_name(*part), self.member)
+                    del self.owned[part]
+                    self._releasing.discard(part)
+                    logger.info("ordering.partition_released", queue=part[0], partition=name)
+            for q, count in self.queues.items():
+                self._balance(q, count)
+        except BackendError as exc:
+            logger.warning("ordering.backend_failed", error=str(exc))
+            self._expire(time.monotonic())
+        except Exception:  # a bug must not kill the thread that renews the leases
+            logger.exception("ordering.assignment_crashed")
+            self._expire(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        """Give up the partitions whose leases may have run out while the backend failed."""
+        for part, renewed in list(self.owned.items()):
+            if now - renewed > self.lease_ttl * 0.8:
+                self._lose(part)
+
+    def _lose(self, part: tuple[str, int]) -> None:
+        del self.owned[part]
+        self._releasing.discard(part)
+        name = partition_name(part[0], part[1], self.queues[part[0]])
+        logger.error(
+            "ordering.lease_lost",
+            queue=part[0],
+            partition=name,
+            member=self.member,
+            note="stopped consuming it; another worker takes it over",
+        )
+        self._post(("lost", name))
+
+    def _live_members(self, q: str) -> list[str]:
+        backend, ttl = self.backend, self.lease_ttl
+        backend.put(member_key(q, self.member), b"1", ttl)
+        backend.add_member(members_key(q), self.member, ttl=MEMBERS_TTL)
+        members = backend.members(members_key(q))
+        live = {m for m in members if m == self.member or backend.get(member_key(q, m))}
+        live.add(self.member)
+        return sorted(live)
+
+    def _balance(self, q: str, count: int) -> None:
+        backend, me, ttl = self.backend, self.member, self.lease_ttl
+        live = self._live_members(q)
+        n, rank = len(live), live.index(me)
+        share = math.ceil(count / n)
+        now = time.monotonic()
+        mine = [p for p in self.owned if p[0] == q]
+        for part in mine:
+            if backend.renew_lease(lease_name(*part), me, ttl):
+                self.owned[part] = now
+            else:
+                self._lose(part)
+        active = sorted(p for p in self.owned if p[0] == q and p not in self._releasing)
+        owned = sum(1 for p in self.owned if p[0] == q)
+        if len(active) > share:
+            # Give up first those another member prefers (i % members != my rank).
+            extras = sorted(active, key=lambda p: (p[1] % n == rank, p[1]))[: len(active) - share]
+            for part in extras:
+                self._releasing.add(part)
+                name = partition_name(q, part[1], count)
+                logger.info("ordering.partition_releasing", queue=q, partition=name, share=share)
+                self._post(("release", name))
+        elif owned < share:
+            need = share - owned
+            candidates = sorted(
+                (i for i in range(count) if (q, i) not in self.owned),
+                key=lambda i: (i % n != rank, i),
+            )
+            for i in candidates:
+                if need <= 0:
+                    break
+                name = lease_name(q, i)
+                if backend.lease_holder(name) is not None:
+                    continue
+                if backend.acquire_lease(name, me, ttl) is None:
+                    continue
+                self.owned[(q, i)] = now
+                need -= 1
+                partition = partition_name(q, i, count)
+                logger.info("ordering.partition_taken", queue=q, partition=partition, share=share)
+                self._post(("add", partition))
