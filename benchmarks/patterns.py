@@ -5,7 +5,8 @@ Three measurements, each set against its plain counterpart in the same run and r
 1. **emit** (both brokers): one thread calls ``app.emit("bench.x", payload)`` N times,
    three subscribers (three queues) matching it, against ``one.delay(payload)`` of a
    one-queue task; every call returns once the broker has the message (confirmed). No
-   worker runs. The two loops alternate their order from round to round.
+   worker runs. The two loops take turns, ``--block`` calls at a time, so that the
+   machine's load changing during the run hits both alike.
 2. **commands** (Redis): the Redis commands one ``emit()`` to three subscribers costs,
    and one ``delay()``: the server's ``MONITOR`` stream during N calls, counting the
    commands of this process's connections and those the server ran inside their
@@ -134,21 +135,31 @@ def run_emit(broker: str, ctx: Context, rnd: int, log: Callable[[str], None]) ->
             "delay": lambda i: delay({"seq": i}),
             "emit": lambda i: emit(EVENT, {"seq": i}),
         }
-        order = ["delay", "emit"] if rnd % 2 == 0 else ["emit", "delay"]
         specs = [app.queue(q) for q in queues]
-        for which in order:
-            bounded(lambda: app.transport.purge(specs), 30, "purge")
-            call = calls[which]
-            deadline = time.monotonic() + opts.timeout
-            n = opts.events
-            done = 0
-            t0 = time.perf_counter()
-            for done in range(1, n + 1):
-                call(done)
-                if not done & 255 and time.monotonic() > deadline:
-                    out["problems"].append(f"{which} timed out at {done}/{n}")
+        bounded(lambda: app.transport.purge(specs), 30, "purge")
+        # The two loops take turns, --block calls at a time (the first turn alternating
+        # from round to round), so that a change in the machine's load between them
+        # hits both alike; each side's rate is its calls over the sum of its turns.
+        n, block = opts.events, opts.block
+        spent = {"delay": 0.0, "emit": 0.0}
+        done = {"delay": 0, "emit": 0}
+        deadline = time.monotonic() + opts.timeout
+        turns = ["delay", "emit"] if rnd % 2 == 0 else ["emit", "delay"]
+        while min(done.values()) < n and not out["problems"]:
+            for which in turns:
+                call, first = calls[which], done[which]
+                count = min(block, n - first)
+                t0 = time.perf_counter()
+                for i in range(first, first + count):
+                    call(i)
+                spent[which] += time.perf_counter() - t0
+                done[which] += count
+                if time.monotonic() > deadline:
+                    out["problems"].append(f"timed out at {done[which]}/{n} {which}() calls")
                     break
-            out[f"{which}_per_s"] = done / (time.perf_counter() - t0)
+        for which in turns:
+            if spent[which] > 0:
+                out[f"{which}_per_s"] = done[which] / spent[which]
         counts = app.transport.message_counts(specs)
         out["queued_last"] = {q: counts.get(q) for q in queues}
         bounded(lambda: app.transport.purge(specs), 30, "purge")
@@ -494,6 +505,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--repeat", type=int, default=2, help="rounds; medians reported (2)")
     p.add_argument("--events", type=int, default=3000, help="emit()/delay() calls timed (3000)")
+    p.add_argument("--block", type=int, default=250, help="calls per turn of a side (250)")
     p.add_argument("--count-events", type=int, default=200, help="calls counted (200)")
     p.add_argument("--ordered-tasks", type=int, default=5000, help="tasks drained (5000)")
     p.add_argument("--keys", type=int, default=200, help="ordering keys (200)")
@@ -510,7 +522,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad += [s for s in opts.phase_list if s not in PHASES]
     if bad:
         p.error(f"unknown broker(s)/phase(s) {bad}")
-    counts = (opts.repeat, opts.events, opts.count_events, opts.ordered_tasks, opts.keys)
+    counts = (
+        opts.repeat,
+        opts.events,
+        opts.block,
+        opts.count_events,
+        opts.ordered_tasks,
+        opts.keys,
+    )
     if min(*counts, opts.processes, opts.publishers) < 1 or not 1 <= opts.partitions <= 1024:
         p.error("counts must be at least 1, --partitions 1..1024")
     for url in [*BROKERS.values(), BACKEND_URL]:
