@@ -35,6 +35,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -369,6 +370,13 @@ def run_ordered(
         )
     finally:
         if worker is not None:
+            # SIGTERM to the supervisor alone, which stops its processes (releasing their
+            # partition leases); a SIGTERM to the whole group would reach each process
+            # twice, which it takes as a forced exit.
+            with contextlib.suppress(OSError):
+                os.kill(worker.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(opts.grace)
             out["worker_exit"] = worker.stop(grace=opts.grace)
             if problems:
                 out["worker_log_tail"] = worker.tail()
