@@ -21,6 +21,7 @@ from mqtasks.broadcast import (
 )
 from mqtasks.exceptions import Reject, Retry
 from mqtasks.message import current_message
+from mqtasks.task import BASE_OPTIONS
 from mqtasks.transport.amqp import AmqpTransport
 from mqtasks.transport.base import Capabilities
 from mqtasks.transport.queue import DLQ_SUFFIX, QueueSpec
@@ -358,7 +359,7 @@ def test_options_refused_with_broadcast(mem_app: App, options: dict[str, Any]) -
 
 
 def test_ordering_key_refused_with_broadcast(mem_app: App) -> None:
-    if "ordering_key" not in __import__("mqtasks.task").task.BASE_OPTIONS:
+    if "ordering_key" not in BASE_OPTIONS:
         pytest.skip("no ordered tasks in this version")
     with pytest.raises(ConfigurationError):
 
