@@ -273,6 +273,25 @@ def test_a_dead_workers_queue_stops_receiving(bc_app: App, workers: Callable[...
     assert not queue_exists(bc_app, dead.name)
 
 
+def test_a_running_worker_keeps_its_queue_live_past_its_expiry(
+    bc_app: App, workers: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker binds again every third of the expiry, so it keeps getting calls."""
+    monkeypatch.setattr("mqtasks.broadcast.QUEUE_EXPIRES", 0.6)
+    runs = Runs()
+
+    @bc_app.task(broadcast=True, name=unique_name("reload"))
+    def reload(n: int) -> None:
+        runs.add(n)
+
+    worker = workers(bc_app)
+    assert worker.broadcast.specs[0].expires == 0.6
+    time.sleep(1.5)  # past two expiries
+    reload.delay(1)
+    wait_for(lambda: len(runs) >= 1, "the run")
+    assert runs.by_queue() == {own_queue(worker): [1]}
+
+
 # -- retries and dead letters -------------------------------------------------------------
 
 
