@@ -28,6 +28,7 @@ from mqtasks.transport.queue import DLQ_SUFFIX, QueueSpec
 from mqtasks.transport.redis import RedisTransport
 from mqtasks.transport.redis.exchanges import live_key
 from tests._helpers.brokers import require_broker, unique_name
+from tests._helpers.cli import PYTHON
 from tests._helpers.wait import wait_for
 
 BROKERS = [
@@ -290,6 +291,65 @@ def test_a_running_worker_keeps_its_queue_live_past_its_expiry(
     reload.delay(1)
     wait_for(lambda: len(runs) >= 1, "the run")
     assert runs.by_queue() == {own_queue(worker): [1]}
+
+
+#: A worker process that binds its broadcast queue, expiring after 1 s, and runs until killed.
+KILLED_WORKER = """
+import sys, threading
+import mqtasks.broadcast
+from mqtasks import App, Worker
+
+mqtasks.broadcast.QUEUE_EXPIRES = 1.0
+url, queue, name = sys.argv[1:4]
+app = App("t", broker=url, default_queue=queue)
+app.task(broadcast=True, name=name)(lambda: None)
+Worker(app, concurrency=1).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("broker", ["amqp", "redis"])
+def test_a_killed_workers_queue_stops_receiving(broker: str, make_app: Callable[..., App]) -> None:
+    """A worker killed with SIGKILL cleans nothing up: the broker drops its queue all the same."""
+    app = make_app(require_broker(broker), backend=None)
+
+    @app.task(broadcast=True, name=unique_name("reload"))
+    def reload() -> None: ...
+
+    # Given a worker in another process, bound and consuming
+    process = subprocess.Popen(
+        [PYTHON, "-c", KILLED_WORKER, app.settings.broker_url, reload.queue, reload.name],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # its logs first
+            if line.strip() == "ready":
+                break
+        assert process.poll() is None, "the worker process exited"
+        reload.delay()
+        # When it is killed
+        process.kill()
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+    # Then, once its queue expired, nothing is bound for the task any more
+    def unroutable() -> bool:
+        try:
+            reload.delay()
+        except Unroutable:
+            return True
+        return False
+
+    wait_for(unroutable, "the killed worker's queue to stop receiving", interval=0.5)
 
 
 # -- retries and dead letters -------------------------------------------------------------
