@@ -104,13 +104,19 @@ class KombuConsumer(Consumer):
             self._consumer = kombu.Consumer(
                 channel, queues=queues, no_ack=False, auto_declare=False
             )
-            self._consumer.qos(prefetch_count=self.prefetch)
-            self._consumer.on_message = self._receive
-            self._consumer.consume()
+            # Deliveries may arrive while consuming starts (a synchronous qos or
+            # consume): they belong to the new connection.
+            self.generation += 1
+            self._consume(self._consumer)
             self._tags = {tag: name for name, tag in self._consumer._active_tags.items()}
         self._conn = conn
-        self.generation += 1
         self._cancelled = False
+
+    def _consume(self, consumer: kombu.Consumer) -> None:
+        """Set the prefetch window and start consuming every queue of ``consumer``."""
+        consumer.qos(prefetch_count=self.prefetch)
+        consumer.on_message = self._receive
+        consumer.consume()
 
     def _log_connect_error(self, exc: BaseException, interval: float) -> None:
         logger.warning(

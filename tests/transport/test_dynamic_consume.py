@@ -117,9 +117,9 @@ def broker_of(kind: str) -> Iterator[Broker]:
         made.close()
 
 
-KINDS = ["memory", "redis"]
+KINDS = ["memory", "redis", "amqp-quorum", "amqp-classic"]
 #: Kinds whose connection the broker can cut.
-RECONNECTING = ["redis"]
+RECONNECTING = ["redis", "amqp-quorum"]
 
 
 @pytest.fixture(params=KINDS)
@@ -191,7 +191,7 @@ def test_a_held_delivery_of_a_removed_queue_can_be_requeued_and_rejected(broker:
     broker.transport.declare([spec, other])
     broker.publish(spec, "x0")
     broker.publish(spec, "x1")
-    inbox = broker.consumer([spec, other], prefetch=2)
+    inbox = broker.consumer([spec, other], prefetch=4)
     inbox.take(2)
     inbox.consumer.remove_queue(spec.name)
     # When the held deliveries are settled after the removal
@@ -222,6 +222,33 @@ def test_prefetch_bounds_the_deliveries_held_over_added_queues(broker: Broker) -
     inbox.take(4)
     inbox.settle_round(20)
     assert len(inbox.got) == 4
+    inbox.consumer.close()
+
+
+def test_a_queue_added_to_a_full_window_waits_for_room(broker: Broker) -> None:
+    a, b = broker.spec("full"), broker.spec("late")
+    broker.transport.declare([a])
+    for n in range(4):
+        broker.publish(a, f"a{n}")
+    inbox = broker.consumer([a], prefetch=2)
+    inbox.take(2)
+    # When a queue is added while the window is full
+    inbox.consumer.add_queue(b)
+    for n in range(2):
+        broker.publish(b, f"b{n}")
+    inbox.settle_round()
+    assert len(inbox.got) == 2
+    # Then, settling one at a time, never more than two are held, and all arrive
+    acked = 0
+    while acked < 6:
+        assert len(inbox.got) - acked <= 2, inbox.labels()
+        inbox.consumer.ack(inbox.got[acked])
+        acked += 1
+        if acked < 6:
+            inbox.take(min(6, acked + 1))
+    inbox.settle_round()
+    assert len(inbox.got) == 6
+    assert sorted(inbox.labels()) == ["a0", "a1", "a2", "a3", "b0", "b1"]
     inbox.consumer.close()
 
 
@@ -279,12 +306,20 @@ def test_redis_kombu_refuses_to_change_its_queues_while_consuming() -> None:
     transport.close()
 
 
-@pytest.mark.parametrize("queue_type", ["quorum"])
+@pytest.mark.parametrize(
+    ("queue_type", "delivery_limit"),
+    [
+        ("quorum", None),
+        # A classic queue's redeliveries are counted by republishing them to the
+        # back of the queue (amqp/delivery_count.py); uncounted, they keep their places.
+        ("classic", 0),
+    ],
+)
 def test_single_active_consumer_delivers_to_one_and_hands_over_in_order(
-    queue_type: QueueType,
+    queue_type: QueueType, delivery_limit: int | None
 ) -> None:
     with broker_of(f"amqp-{queue_type}") as broker:
-        spec = broker.spec("sac", single_active_consumer=True)
+        spec = broker.spec("sac", single_active_consumer=True, delivery_limit=delivery_limit)
         broker.transport.declare([spec])
         active = broker.consumer([spec], prefetch=2)
         active.settle_round(3)

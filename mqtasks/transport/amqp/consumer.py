@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import select
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from ..base import Delivery
+import structlog
+
+from ..base import Delivery, QueueSpec
 from ..kombu_consumer import KombuConsumer
 from .delivery_count import RedeliveryCounter, counted_returns
+from .prefetch import split_prefetch
 from .wire import READ_SIZE, read_available, write_ack
 
 __all__ = ["AmqpConsumer"]
+
+logger = structlog.get_logger("mqtasks.transport")
+
+#: Most message ids remembered as handed back in order (those another consumer got are never seen).
+_HANDED_BACK_KEPT = 10_000
 
 
 def _ack(raw: Any) -> None:
@@ -42,6 +51,13 @@ class AmqpConsumer(KombuConsumer):
     splits the frames itself (:func:`~mqtasks.transport.amqp.wire.split_frames`):
     py-amqp reads each frame with three ``recv()`` calls (header, payload, end
     octet), where one call per wake-up serves every message that arrived.
+
+    Each queue has its own RabbitMQ consumer with a share of the prefetch
+    window (:mod:`~mqtasks.transport.amqp.prefetch`). When the queues change,
+    a consumer whose share shrank is cancelled and subscribed again with the
+    new share once the deliveries still held under its old tag leave room:
+    the shares of live consumers plus what cancelled ones still hold never
+    exceed the bound.
     """
 
     wakeable: ClassVar[bool] = True
@@ -52,8 +68,20 @@ class AmqpConsumer(KombuConsumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: Delivery tags received on the current channel and not settled yet.
-        self._unsettled: set[int] = set()
+        #: Delivery tags received on the current channel and not settled yet,
+        #: with the consumer tag each came through.
+        self._unsettled: dict[int, str] = {}
+        #: Queue -> (consumer tag, window) of the live RabbitMQ consumers.
+        self._windows: dict[str, tuple[str, int]] = {}
+        #: A queue waits for room in the window, or for its share to change.
+        self._replan = False
+        #: Delivery tags handed back by requeue_ordered, returned at the next reconnect.
+        self._parked: set[int] = set()
+        self._parked_queues: set[str] = set()
+        #: Ids of messages of counted queues handed back in order: they come
+        #: back flagged redelivered, and pass uncounted (a copy would go to the
+        #: back of the queue).
+        self._handed_back: dict[str, None] = {}
         self._next_heartbeat = 0.0
         # Classic queues only flag a redelivery; their deliveries are counted here.
         default = self.transport.queue_type
@@ -63,11 +91,18 @@ class AmqpConsumer(KombuConsumer):
 
     def start(self, on_delivery: Callable[[Delivery], None]) -> None:
         self._hand_on = on_delivery
-        super().start(self._count if self._counter.queues else on_delivery)
+        # Through the counter always: a classic queue may be added later.
+        super().start(self._count)
 
     def _count(self, delivery: Delivery) -> None:
         assert self._hand_on is not None
-        if self._counter.receive(delivery):
+        handed_back = delivery.redelivered and delivery.message_id in self._handed_back
+        if handed_back:
+            del self._handed_back[delivery.message_id]  # type: ignore[arg-type]
+            delivery.redelivered = False  # counted as the first delivery it was
+        counted = self._counter.receive(delivery)
+        delivery.redelivered |= handed_back
+        if counted:
             self._hand_on(delivery)
 
     def _recount(self) -> None:
@@ -94,11 +129,13 @@ class AmqpConsumer(KombuConsumer):
             self._hand_on(delivery)
 
     def _receive(self, raw: Any) -> None:
-        self._unsettled.add(raw.delivery_tag)
+        self._unsettled[raw.delivery_tag] = raw.delivery_info.get("consumer_tag") or ""
         super()._receive(raw)
 
     def _connect(self, max_retries: int | None) -> None:
-        self._unsettled = set()
+        self._unsettled = {}
+        self._parked = set()
+        self._parked_queues = set()
         self._counter.pending.clear()
         super()._connect(max_retries)
         sock = self._socket()
@@ -110,7 +147,7 @@ class AmqpConsumer(KombuConsumer):
     def _settle(self, delivery: Any, action: Any) -> bool:
         settled = super()._settle(delivery, action)
         if settled:
-            self._unsettled.discard(delivery.raw.delivery_tag)
+            self._unsettled.pop(delivery.raw.delivery_tag, None)
         return settled
 
     def ack(self, delivery: Any) -> bool:
@@ -146,9 +183,143 @@ class AmqpConsumer(KombuConsumer):
             if super()._settle(covered[0], ack_multiple):
                 for d in covered:
                     d.raw._state = "ACK"  # kombu's bookkeeping, as Message.ack() does
-                    self._unsettled.discard(d.raw.delivery_tag)
+                    self._unsettled.pop(d.raw.delivery_tag, None)
         for delivery in rest:
             self.ack(delivery)
+
+    # -- the queues consumed and their windows --------------------------------
+
+    def _consume(self, consumer: Any) -> None:
+        consumer.on_message = self._receive
+        self._windows = {}
+        self._plan(consumer)
+
+    def _plan(self, consumer: Any = None) -> None:
+        """Cancel the consumers of removed queues and of queues over their share;
+        subscribe every queue without one whose share fits in the window."""
+        consumer = consumer or self._consumer
+        if consumer is None or self._cancelled:
+            return
+        shares = split_prefetch(self.prefetch, [s.name for s in self.specs])
+        bound = max(self.prefetch, len(shares))
+        held = Counter(self._unsettled.values())
+        for name, (_, window) in list(self._windows.items()):
+            share = shares.get(name)
+            if share is None or window > share:
+                consumer.cancel_by_queue(name)
+                del self._windows[name]
+        live = {tag for tag, _ in self._windows.values()}
+        committed = sum(w for _, w in self._windows.values())
+        committed += sum(n for tag, n in held.items() if tag not in live)
+        for name, (tag, window) in list(self._windows.items()):
+            # A window too small grows when nothing is held under it and the
+            # larger one fits, so that the queue never pauses for it.
+            share = shares[name]
+            if window < share and not held[tag] and committed - window + share <= bound:
+                consumer.cancel_by_queue(name)
+                del self._windows[name]
+                committed -= window
+        specs = {s.name: s for s in self.specs}
+        self._replan = bool(self._parked)
+        for name, share in shares.items():
+            if name in self._parked_queues:
+                continue  # subscribed again once its parked deliveries are back
+            if name in self._windows:
+                self._replan |= self._windows[name][1] != share
+                continue
+            if committed + share > bound:
+                self._replan = True  # after settlements make room
+                continue
+            queue = consumer.add_queue(self.transport.kombu_queue(specs[name]))
+            consumer.qos(prefetch_count=share)  # applies to consumers started from now on
+            # kombu's consume() would start every queue registered at once, with one window.
+            tag = consumer._basic_consume(queue, no_ack=False, nowait=False)
+            self._tags[tag] = name
+            self._windows[name] = (tag, share)
+            committed += share
+
+    def _replan_now(self) -> None:
+        if not self._replan or self._conn is None:
+            return
+        if self._parked and self._hand_back_parked():
+            return
+        try:
+            self._plan()
+        except self.connection_errors as exc:
+            self._lost(exc)
+
+    def add_queue(self, spec: QueueSpec) -> None:
+        """Declare ``spec`` and consume it too, with a share of the prefetch window.
+
+        Raises:
+            ConfigurationError: RabbitMQ cannot honour an option of ``spec``.
+            TransportError: RabbitMQ refused the declaration.
+        """
+        if any(s.name == spec.name for s in self.specs):
+            return
+        self.transport.declare([spec])
+        self.specs.append(spec)  # a reconnect consumes the current list
+        counted = RedeliveryCounter(self.transport, [spec]).queues
+        if (spec.queue_type or self.transport.queue_type) == "classic" and counted:
+            self._counter.queues = self._counter.queues | counted
+        consumer = self._consumer
+        if consumer is None:
+            return
+        try:
+            self.transport.kombu_queue(spec).bind(consumer.channel).declare()
+            self._plan()
+        except self.connection_errors as exc:
+            self._lost(exc)
+
+    def remove_queue(self, name: str) -> None:
+        """Cancel the queue's consumer; deliveries held of it stay settleable."""
+        if not any(s.name == name for s in self.specs):
+            return
+        self.specs = [s for s in self.specs if s.name != name]
+        self._replan = True
+        self._replan_now()
+
+    def requeue_ordered(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand the deliveries back so they come again in order, before their queue's others.
+
+        RabbitMQ puts a message rejected with requeue on a quorum queue behind
+        the ready ones, and a consumer given room by a requeue may be sent the
+        next ready message first; but a channel that closes returns what it
+        holds ahead of the queue's other messages, in delivery order (classic
+        queues: in their places). So the queue's consumer is cancelled and
+        the deliveries are kept until nothing else is held on the channel; the
+        consumer then reconnects, which returns them, and consumes again. While
+        the consumer is cancelled (stopping), they go back at :meth:`close`.
+        """
+        live = [d for d in deliveries if d.generation == self.generation]
+        consumer = self._consumer
+        if not live or consumer is None:
+            return  # the broker has them back, in their places
+        try:
+            for name in {d.queue for d in live} & self._windows.keys():
+                consumer.cancel_by_queue(name)
+                del self._windows[name]
+        except self.connection_errors as exc:
+            self._lost(exc)
+            return
+        for d in live:
+            self._parked.add(d.raw.delivery_tag)  # type: ignore[attr-defined]
+            self._parked_queues.add(d.queue)
+            if d.queue in self._counter.queues and d.message_id:
+                self._handed_back[d.message_id] = None
+        while len(self._handed_back) > _HANDED_BACK_KEPT:
+            del self._handed_back[next(iter(self._handed_back))]
+        self._replan = True
+        self._replan_now()
+
+    def _hand_back_parked(self) -> bool:
+        """Reconnect to return the parked deliveries once nothing else is held; True if done."""
+        if self._cancelled or self._counter.pending or self._parked != self._unsettled.keys():
+            return False
+        logger.info("amqp.handed_back_in_order", messages=len(self._parked))
+        self._drop()
+        self._reconnect()
+        return True
 
     def _socket(self) -> Any:
         conn = self._conn
@@ -158,6 +329,7 @@ class AmqpConsumer(KombuConsumer):
             return None
 
     def wait(self, timeout: float, wake_fd: int) -> None:
+        self._replan_now()
         conn = self._conn
         sock = self._socket()
         if conn is None or sock is None:
@@ -189,6 +361,7 @@ class AmqpConsumer(KombuConsumer):
         self.heartbeat_check()
 
     def drain(self, timeout: float) -> None:
+        self._replan_now()
         super().drain(timeout)
         if self._counter.pending:
             self._recount()
