@@ -252,6 +252,9 @@ def test_a_dead_workers_queue_stops_receiving(bc_app: App, workers: Callable[...
     dead = worker_queue(bc_app.queue(reload.queue), "deadbeef0000", expires=0.5)
     bc_app.transport.bind(BROADCAST_EXCHANGE, reload.name, dead)
     transport = bc_app.transport
+    # and left a retry held for a delay
+    retry = reload.message((0,)).encode(max_size=bc_app.settings.max_message_size)
+    transport.publish(dead.name, retry, delay=60)
     if isinstance(transport, RedisTransport):
         wait_for(lambda: not transport.publisher().exists(live_key(transport, dead.name)), "expiry")
     elif rabbitmq(bc_app):
@@ -272,6 +275,8 @@ def test_a_dead_workers_queue_stops_receiving(bc_app: App, workers: Callable[...
         assert dead.name not in bound_queues(bc_app)
         assert transport.message_counts([dead]).get(dead.name, 0) == 0
     assert not queue_exists(bc_app, dead.name)
+    if isinstance(transport, RedisTransport):
+        assert not transport.publisher().exists(transport.delayed_key(dead.name))
 
 
 def test_a_running_worker_keeps_its_queue_live_past_its_expiry(

@@ -6,7 +6,7 @@ per binding (queue names have no spaces), its value the queue's
 ``expires`` (a worker's broadcast queue): such a binding is live while the
 key ``{p}:qlive:<queue>`` exists, which each :func:`bind` sets again for
 ``expires`` seconds; an emit skips a binding no longer live and removes it,
-with the queue's lists. Emitting is one ``EVALSHA`` of
+with the queue's lists and delayed set. Emitting is one ``EVALSHA`` of
 ``EMIT`` (:mod:`~mqtasks.transport.redis.scripts`): Redis reads the hash, matches the
 routing key against each pattern (the Lua twin of
 :func:`~mqtasks.transport.topic.topic_matches`), and LPUSHes the element into
@@ -123,6 +123,7 @@ def emit(
         element,
         transport.queue_key(""),
         live_key(transport, ""),
+        transport.delayed_key(""),
     ]
     count = int(
         transport.run_publish(

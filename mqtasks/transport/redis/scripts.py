@@ -297,16 +297,17 @@ end
 # a push Redis refuses (a key of another type, out of memory) undoes the pushes
 # before it (LPOP of each: nothing else runs meanwhile) and fails the call.
 # A ';live' queue whose liveness key (prefix .. queue) has expired (its worker
-# is gone) gets nothing: its bindings are removed and its lists deleted.
+# is gone) gets nothing: its bindings are removed, its lists and delayed set deleted.
 # Returns how many queues got it.
 # KEYS: the bindings hash. ARGV: routing key, the message's level (0 to 9),
-# element (no "l"), prefix of queue keys, prefix of queue liveness keys.
+# element (no "l"), prefix of queue keys, prefix of queue liveness keys, prefix
+# of delayed sets.
 EMIT = (
     _LEVELS
     + TOPIC
     + """
 local key, base_level, element, qprefix = words(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local lprefix = ARGV[5]
+local lprefix, dprefix = ARGV[5], ARGV[6]
 local all = redis.call('HGETALL', KEYS[1])
 local seen, targets, stale = {}, {}, {}
 for i = 1, #all, 2 do
@@ -334,7 +335,7 @@ for queue, gone in pairs(stale) do
   if gone then
     local base = qprefix .. queue
     redis.call('DEL', base, base .. '#1', base .. '#2', base .. '#3', base .. '#4',
-      base .. '#5', base .. '#6', base .. '#7', base .. '#8', base .. '#9')
+      base .. '#5', base .. '#6', base .. '#7', base .. '#8', base .. '#9', dprefix .. queue)
   end
 end
 local pushed, woken = {}, {}
