@@ -488,6 +488,17 @@ def test_redis_kombu_refuses_broadcast_tasks(make_app: Callable[..., App]) -> No
         require_broadcast(Capabilities(exchanges=True), "redis+kombu")
 
 
+def test_a_worker_refuses_to_start_on_a_broker_that_cannot_broadcast(
+    mem_app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @mem_app.task(broadcast=True, name=unique_name("reload"))
+    def reload() -> None: ...
+
+    monkeypatch.setattr(mem_app.transport, "capabilities", Capabilities(exchanges=True))
+    with pytest.raises(ConfigurationError, match="cannot run broadcast tasks"):
+        Worker(mem_app)
+
+
 @pytest.mark.parametrize(
     "options",
     [
