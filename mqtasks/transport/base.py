@@ -167,12 +167,9 @@ class Consumer:
     def requeue_ordered(self, deliveries: Sequence[Delivery]) -> None:
         """Hand back deliveries of one queue so they come again in this order, first.
 
-        ``deliveries`` come from the same queue, oldest first; they are
-        delivered again in the given order, ahead of that queue's other ready
-        messages. The base implementation requeues them one by one in order,
-        right for brokers that hand requeued messages out in the order they
-        were returned (or at their original place); consumers whose broker
-        puts each requeued message at the head override it.
+        ``deliveries`` come from one queue, oldest first. The base requeues
+        them one by one in order; consumers whose broker requeues otherwise
+        (each to the head, or behind the ready messages) override it.
         """
         for delivery in deliveries:
             self.requeue(delivery)
@@ -181,9 +178,8 @@ class Consumer:
         """Start consuming one more queue, declared as :meth:`start` declares queues.
 
         Its deliveries go to the same callback; :attr:`prefetch` still bounds
-        the deliveries held over all queues. Adding a queue already consumed
-        does nothing. Called only from the thread that drains the consumer;
-        after a reconnect the consumer consumes its current queues.
+        the deliveries held over all queues; a queue consumed already: nothing.
+        A reconnect consumes the current queues.
 
         Raises:
             ConfigurationError: The transport cannot change its queues while consuming.
@@ -194,9 +190,8 @@ class Consumer:
     def remove_queue(self, name: str) -> None:
         """Stop receiving from queue ``name``; an unknown queue: nothing.
 
-        Deliveries already held from it stay settleable (ack, reject and
-        requeue work); nothing is requeued. After a reconnect the queue is
-        not consumed again. Called only from the thread that drains the consumer.
+        Deliveries held from it stay settleable; nothing is requeued. A
+        reconnect does not consume it again.
 
         Raises:
             ConfigurationError: The transport cannot change its queues while consuming.
