@@ -311,6 +311,13 @@ class AmqpConsumer(KombuConsumer):
             del self._handed_back[next(iter(self._handed_back))]
         self._replan = True
         self._replan_now()
+        if self._parked and not self._cancelled:
+            logger.info(
+                "amqp.hand_back_deferred",
+                messages=len(self._parked),
+                others_held=len(self._unsettled) - len(self._parked),
+                note="returned in order once the other deliveries held are settled",
+            )
 
     def _hand_back_parked(self) -> bool:
         """Reconnect to return the parked deliveries once nothing else is held; True if done."""
