@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from ._record import RECORD
 from ._redis_commands import Monitor, commandstats, count_commands, own_ports
 from .bench_patterns_app import EVENT, SUBSCRIBERS, emit_queues, make_emit_app, make_keyed_app
 from .suite import (
@@ -264,6 +265,26 @@ def _prefill(
     return time.perf_counter() - t0, errors
 
 
+def _per_process(record_dir: str, base: int, t0: float) -> list[dict[str, float]]:
+    """Per worker process (record file): its tasks, and its first and last start after ``t0``."""
+    out = []
+    for name in sorted(os.listdir(record_dir)):
+        if name.endswith(".rec"):
+            with open(os.path.join(record_dir, name), "rb") as fh:
+                data = fh.read()
+            data = data[: len(data) - len(data) % RECORD.size]
+            mine = [start for seq, _, start in RECORD.iter_unpack(data) if seq >= base]
+            if mine:
+                out.append(
+                    {
+                        "tasks": len(mine),
+                        "first_s": round(min(mine) - t0, 3),
+                        "last_s": round(max(mine) - t0, 3),
+                    }
+                )
+    return sorted(out, key=lambda p: -p["tasks"])
+
+
 def _order_check(recs: list[tuple[int, float, float]], keys: int, base: int) -> dict[str, int]:
     """Tasks that started before an earlier task (by seq) of their key, and duplicates."""
     by_key: dict[int, list[tuple[int, float]]] = defaultdict(list)
@@ -363,6 +384,7 @@ def run_ordered(
         if recs:
             out["worker_cpu_us_per_task"] = (cpu1 - cpu0) / len(recs) * 1e6
         out.update(_order_check(recs, opts.keys, base))
+        out["per_process"] = _per_process(record_dir, base, starts[0] if starts else 0.0)
         log(
             f"prefill {out.get('prefill_per_s') or 0:,.0f}/s; drain {out.get('drain_per_s', 0):,.0f}"
             f"/s ({status}); worker CPU {out.get('worker_cpu_us_per_task', 0):,.0f} µs/task; "
@@ -470,7 +492,7 @@ def table(rounds: list[dict[str, Any]], opts: argparse.Namespace) -> str:
         )
         lines.append(
             f"{'broker':7} {'round':>5} {'variant':8} {'prefill/s':>10} {'drain/s':>9} "
-            f"{'CPU µs/task':>12} {'early':>6} {'dup':>4}"
+            f"{'CPU µs/task':>12} {'early':>6} {'dup':>4}  per process: tasks (first-last start, s)"
         )
         for r in keyed:
             lines.append(
@@ -478,7 +500,11 @@ def table(rounds: list[dict[str, Any]], opts: argparse.Namespace) -> str:
                 f"{r.get('prefill_per_s') or 0:10,.0f} {r.get('drain_per_s', 0):9,.0f} "
                 f"{r.get('worker_cpu_us_per_task', 0):12,.0f} "
                 f"{r.get('started_before_an_earlier_one', '-')!s:>6} "
-                f"{r.get('duplicates', '-')!s:>4}"
+                f"{r.get('duplicates', '-')!s:>4}  "
+                + ", ".join(
+                    f"{p['tasks']} ({p['first_s']:.2f}-{p['last_s']:.2f})"
+                    for p in r.get("per_process", [])
+                )
             )
         lines.append(
             "  early: tasks that started before a task of their key published earlier "
