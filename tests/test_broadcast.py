@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 import time
@@ -423,6 +424,25 @@ def test_the_handle_has_no_result(mem_app: App, workers: Callable[..., Worker]) 
     with pytest.raises(ConfigurationError, match="broadcast task"):
         handle.get(timeout=1)
     assert reload.options["ignore_result"] is True
+
+
+def test_adelay_broadcasts_too(mem_app: App, workers: Callable[..., Worker]) -> None:
+    runs = Runs()
+
+    @mem_app.task(broadcast=True, name=unique_name("reload"))
+    def reload(n: int) -> None:
+        runs.add(n)
+
+    first, second = workers(mem_app), workers(mem_app)
+    handle = asyncio.run(reload.adelay(3))
+    assert isinstance(handle, BroadcastHandle) and handle.routed == 2
+    wait_for(lambda: len(runs) >= 2, "two runs")
+    assert runs.by_queue() == {own_queue(first): [3], own_queue(second): [3]}
+    wait_for(lambda: first.idle and second.idle, "both workers idle")
+    first.stop()
+    second.stop()
+    with pytest.raises(Unroutable):
+        asyncio.run(reload.adelay(4))
 
 
 @pytest.mark.parametrize(
