@@ -1,4 +1,4 @@
-"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S16.
+"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S18.
 
 Each scenario function takes the :class:`~reliability.harness.Harness` and a
 broker profile and returns one JSON-able result per run, with its figures,
@@ -19,8 +19,10 @@ from .bounded import s11
 from .broker_faults import s3, s4, s5, s6
 from .controls import n1, n2, n3
 from .delays import s10, s10b, s10c
+from .events import s17
 from .harness import Harness
 from .load import s0, s12
+from .ordering import s18
 from .parity import s15
 from .poison.scenario import s7
 from .profiles import BrokerProfile
@@ -74,5 +76,14 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("S14", "credential redaction", ("RQ", "RD"), s14),
         Scenario("S15", "memory:// parity", ("MEM",), s15),
         Scenario("S16", "chords under worker SIGKILL", ("RQ", "RD"), s16),
+        Scenario(
+            "S17", "events to 3 subscriber groups through a worker SIGKILL", ("RQ", "RD"), s17
+        ),
+        Scenario(
+            "S18",
+            "ordered tasks by key through worker SIGKILLs and a connection cut",
+            ("RQ", "RD"),
+            s18,
+        ),
     ]
 }
