@@ -30,6 +30,7 @@ from mqtasks.transport.redis import RedisTransport
 from mqtasks.transport.redis.exchanges import live_key
 from tests._helpers.brokers import require_broker, unique_name
 from tests._helpers.cli import PYTHON
+from tests._helpers.faults import close_amqp_connections
 from tests._helpers.wait import wait_for
 
 BROKERS = [
@@ -294,6 +295,31 @@ def test_a_running_worker_keeps_its_queue_live_past_its_expiry(
     worker = workers(bc_app)
     assert worker.broadcast.specs[0].expires == 0.6
     time.sleep(1.5)  # past two expiries
+    reload.delay(1)
+    wait_for(lambda: len(runs) >= 1, "the run")
+    assert runs.by_queue() == {own_queue(worker): [1]}
+
+
+@pytest.mark.integration
+def test_a_worker_that_reconnects_keeps_its_queue_and_binding(
+    amqp_url: str, make_app: Callable[..., App], workers: Callable[..., Worker]
+) -> None:
+    """RabbitMQ: the queue outlives a lost connection (it is not exclusive nor auto-deleted)."""
+    app = make_app(amqp_url, backend=None)
+    runs = Runs()
+
+    @app.task(broadcast=True, name=unique_name("reload"))
+    def reload(n: int) -> None:
+        runs.add(n)
+
+    worker = workers(app)
+    consumer = worker._consumer
+    assert consumer is not None
+    generation = consumer.generation
+    # When RabbitMQ closes every connection of this process
+    assert close_amqp_connections() >= 1
+    wait_for(lambda: consumer.generation > generation, "the worker to reconnect")
+    # Then a call still reaches it, through the same queue
     reload.delay(1)
     wait_for(lambda: len(runs) >= 1, "the run")
     assert runs.by_queue() == {own_queue(worker): [1]}
