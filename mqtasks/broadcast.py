@@ -36,6 +36,7 @@ import structlog
 from .exceptions import ConfigurationError, PublishError, TransportError, Unroutable
 from .handle import TaskHandle
 from .message import Message
+from .transport.base import Capabilities
 from .transport.queue import DLQ_SUFFIX, QueueSpec
 from .transport.topic import check_pattern
 from .types import Seconds
@@ -46,12 +47,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BROADCAST_EXCHANGE",
+    "INFIX",
     "QUEUE_EXPIRES",
     "BroadcastHandle",
     "WorkerBroadcast",
     "broadcast_option",
     "queue_name",
     "refuse_in_workflow",
+    "require_broadcast",
     "send",
     "worker_queue",
 ]
@@ -140,7 +143,7 @@ def broadcast_option(task: Task[Any, Any]) -> bool:
     return True
 
 
-def require_broadcast(capabilities: Any, scheme: str) -> None:
+def require_broadcast(capabilities: Capabilities, scheme: str) -> None:
     """Refuse broadcast tasks on a broker that cannot route them or drop a dead worker's queue.
 
     Raises:
