@@ -492,13 +492,15 @@ def table(rounds: list[dict[str, Any]], opts: argparse.Namespace) -> str:
         )
         lines.append(
             f"{'broker':7} {'round':>5} {'variant':8} {'prefill/s':>10} {'drain/s':>9} "
-            f"{'CPU µs/task':>12} {'early':>6} {'dup':>4}  per process: tasks (first-last start, s)"
+            f"{'CPU µs/task':>12} {'ran':>6} {'early':>6} {'dup':>4}  "
+            "per process: tasks (first-last start, s)"
         )
         for r in keyed:
             lines.append(
                 f"{r['broker']:7} {r['round'] + 1:>5} {r['phase']:8} "
                 f"{r.get('prefill_per_s') or 0:10,.0f} {r.get('drain_per_s', 0):9,.0f} "
                 f"{r.get('worker_cpu_us_per_task', 0):12,.0f} "
+                f"{r.get('ran', '-')!s:>6} "
                 f"{r.get('started_before_an_earlier_one', '-')!s:>6} "
                 f"{r.get('duplicates', '-')!s:>4}  "
                 + ", ".join(
@@ -507,8 +509,9 @@ def table(rounds: list[dict[str, Any]], opts: argparse.Namespace) -> str:
                 )
             )
         lines.append(
-            "  early: tasks that started before a task of their key published earlier "
-            "(plain tasks have no order to keep)"
+            "  ran: of the tasks published (a task dead-lettered, by the ordering's "
+            "sequence checks for one, is missing); early: tasks that started before a task "
+            "of their key published earlier (plain tasks have no order to keep)"
         )
         lines.append("")
     lines.append("targets: ratios within each round, their median")
