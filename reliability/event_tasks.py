@@ -15,16 +15,14 @@ a group that never ran an event shows as that id ``lost``.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from mqtasks import App
-from mqtasks.transport import QueueSpec
 
-from .tasks import DEFAULT_QUEUE
+from .app_env import app_options, lazy_app, queue_spec, run_queue
 from .workflow_tasks import _Ledger
 
 __all__ = ["EVENT", "GROUPS", "PATTERNS", "build_events_app", "group_key", "group_queue"]
@@ -56,24 +54,15 @@ def payload_key(payload: Any) -> str | None:
 def build_events_app(environ: dict[str, str] | None = None) -> App:
     """Build the events scenario's app from ``environ`` (``os.environ`` by default)."""
     env = dict(os.environ if environ is None else environ)
-    queue = env.get("RELIABILITY_QUEUE") or DEFAULT_QUEUE
-    limit = env.get("RELIABILITY_DELIVERY_LIMIT")
-    options = json.loads(env.get("RELIABILITY_TRANSPORT_OPTIONS") or "{}")
-    delivery_limit = int(limit) if limit else None
-    specs = [QueueSpec(queue, delivery_limit=delivery_limit)] + [
-        QueueSpec(group_queue(queue, g), delivery_limit=delivery_limit) for g in range(GROUPS)
-    ]
+    queue = run_queue(env)
     rel = App(
         "reliability-events",
-        broker=env.get("MQTASKS_BROKER_URL"),
-        queue_type=env.get("MQTASKS_QUEUE_TYPE"),
-        publish_timeout=float(env.get("MQTASKS_PUBLISH_TIMEOUT") or 10.0),
-        heartbeat=float(env.get("MQTASKS_HEARTBEAT") or 10.0),
         events_exchange=env.get("MQTASKS_EVENTS_EXCHANGE"),
-        default_queue=queue,
-        queues=specs,
+        queues=[
+            queue_spec(env, q) for q in (queue, *(group_queue(queue, g) for g in range(GROUPS)))
+        ],
         middleware=[],
-        transport_options=options,
+        **app_options(env),
     )
     ledger = _Ledger(env.get("RELIABILITY_LEDGER_DIR"))
     for group, pattern in enumerate(PATTERNS):
@@ -97,15 +86,5 @@ def _subscriber(ledger: _Ledger, group: int) -> Callable[[dict[str, Any]], None]
     return subscriber
 
 
-_app: App | None = None
-
-
-def __getattr__(name: str) -> Any:
-    """``app``, the app ``-A reliability.event_tasks`` loads: built on first use
-    (the registry imports this module for its names and builds nothing)."""
-    global _app
-    if name == "app":
-        if _app is None:
-            _app = build_events_app()
-        return _app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: ``app``, the app ``-A`` loads, built on first use.
+__getattr__ = lazy_app(__name__, build_events_app)

@@ -37,11 +37,12 @@ import kombu
 from mqtasks.dlq import list_dead_letters
 from mqtasks.exceptions import MQTasksError
 
+from .app_env import use_app
 from .event_tasks import EVENT, GROUPS, build_events_app, group_key, group_queue, payload_key
 from .harness import Harness
 from .ledger import Classification, Event, LedgerWriter, classify, percentile
 from .profiles import BrokerProfile
-from .quiescence import unacked_holders, wait_quiescent
+from .quiescence import wait_quiescent
 from .steps import kill_instants, sleep_until
 from .workflows import LedgerTail
 
@@ -50,7 +51,15 @@ if TYPE_CHECKING:
 
     from .run import Run
 
-__all__ = ["EventPlan", "group_figures", "s17", "wait_started"]
+__all__ = [
+    "EventPlan",
+    "PublisherThread",
+    "check_restarts",
+    "group_figures",
+    "kill_running",
+    "s17",
+    "wait_started",
+]
 
 #: Events emitted per second.
 EVENT_RATE = 200.0
@@ -91,34 +100,57 @@ def event_ms(rng: random.Random) -> float:
 EVENT_MEAN_S = 0.0094
 
 
-class EventPublisher:
-    """Emits events at a steady rate from a thread; ``intent``, then ``confirmed``
-    or ``failed``, for each of an event's group ids."""
+class PublisherThread:
+    """A publisher thread of a run: its ledger file, the latencies and errors it saw.
 
-    def __init__(self, run: Run, plans: Sequence[EventPlan], rate: float) -> None:
+    Args:
+        run: The run.
+        name: Names the thread and the ledger file (``<name>.jsonl``).
+        rate: Calls per second.
+    """
+
+    def __init__(self, run: Run, name: str, rate: float) -> None:
         self.run = run
-        self.plans = plans
         self.rate = rate
-        self.ledger = LedgerWriter(run.ledger_dir / "publisher.jsonl")
+        self.ledger = LedgerWriter(run.ledger_dir / f"{name}.jsonl")
         self.latencies: list[float] = []
         self.errors: Counter[str] = Counter()
+        #: Texts of the errors raised (searched for the broker's password).
         self.texts: set[str] = set()
-        self.emitted = 0
         self.stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="rel-events", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"rel-{name}", daemon=True)
 
     def start(self) -> None:
-        """Start emitting."""
+        """Start publishing."""
         self._thread.start()
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the last event (or ``timeout``)."""
+        """Wait for the last call (or ``timeout``)."""
         self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        """Whether it is still emitting."""
+        """Whether it is still publishing."""
         return self._thread.is_alive()
+
+    def failed(self, exc: BaseException) -> None:
+        """Count an error the publisher's call raised."""
+        self.errors[type(exc).__name__] += 1
+        if len(self.texts) < 100:
+            self.texts.add(f"{exc} {exc!r}")
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class EventPublisher(PublisherThread):
+    """Emits events at a steady rate from a thread; ``intent``, then ``confirmed``
+    or ``failed``, for each of an event's group ids."""
+
+    def __init__(self, run: Run, plans: Sequence[EventPlan], rate: float) -> None:
+        super().__init__(run, "publisher", rate)
+        self.plans = plans
+        self.emitted = 0
 
     def _loop(self) -> None:
         t0 = time.monotonic()
@@ -139,9 +171,7 @@ class EventPublisher:
         try:
             self.run.app.emit(EVENT, {"key": plan.key, "ms": plan.ms}, event_id=plan.key)
         except MQTasksError as exc:
-            self.errors[type(exc).__name__] += 1
-            if len(self.texts) < 100:
-                self.texts.add(f"{exc} {exc!r}")
+            self.failed(exc)
             for i in plan.ids:
                 self.ledger.record("failed", i, error=type(exc).__name__)
             return
@@ -261,7 +291,7 @@ def kill_running(run: Run, tail: LedgerTail, wait: float = 10.0) -> dict[str, An
         slot=slot,
         pid=pid,
         at=time.time(),
-        running=None if hit is None else {"key": hit.id, "group": hit.info.get("group")},
+        running=None if hit is None else {"key": hit.id, **hit.info},
     )
 
 
@@ -278,14 +308,8 @@ def s17(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
 
 
 def _s17(run: Run, started: float) -> dict[str, Any]:
-    exchange = f"{run.queue}.events"
-    run.env["MQTASKS_EVENTS_EXCHANGE"] = exchange
-    run.pool.env["MQTASKS_EVENTS_EXCHANGE"] = exchange
-    run.pool.argv = [
-        "reliability.event_tasks" if a == "reliability.tasks" else a for a in run.pool.argv
-    ]
-    run.app.close()
-    run.app = build_events_app(run.env)
+    exchange = {"MQTASKS_EVENTS_EXCHANGE": f"{run.queue}.events"}
+    use_app(run, "reliability.event_tasks", build_events_app, exchange)
     n = EVENTS
     plans = [EventPlan(run.new_id(), event_ms(run.rng)) for _ in range(n)]
     run.extra["events"] = n
@@ -301,11 +325,7 @@ def _s17(run: Run, started: float) -> dict[str, Any]:
         sleep_until(run, t)
         kill_running(run, tail)
     publisher.join()
-    ok = wait_quiescent(run, max(120.0, 4 * est + 60), publishing=lambda: publisher.alive)
-    run.check("quiescent", ok, ok, "queues empty, ledger quiet")
-    if not ok:
-        run.extra["unacked_holders"] = unacked_holders(run)
-        run.extra["worker_pids"] = run.pool.pids()
+    wait_quiescent(run, max(120.0, 4 * est + 60))
     dead_ledger = LedgerWriter(run.ledger_dir / "dead.jsonl")
     run.extra["dlq"] = record_group_dead_letters(run, dead_ledger)
     dead_ledger.close()
@@ -341,17 +361,22 @@ def _judge(
         worst,
         f"<= {limit:.0f} s per kill",
     )
-    restarts = [e for e in run.pool.exits if e.restarted_at is not None]
-    run.check(
-        "supervisor_restart_s",
-        len(restarts) >= KILLS
-        and all(e.restarted_at is not None and e.restarted_at - e.t <= 1.0 for e in restarts),
-        len(restarts),
-        f"{KILLS} killed worker replaced within 1 s",
-    )
+    check_restarts(run, KILLS)
     if publisher.texts and run.password:
         shown = sum(t.count(run.password) for t in publisher.texts)
         run.check("password_never_shown_by_emit", shown == 0, shown, "0")
+
+
+def check_restarts(run: Run, kills: int) -> None:
+    """Check that the supervisor replaced each of the ``kills`` killed workers within 1 s."""
+    restarts = [e for e in run.pool.exits if e.restarted_at is not None]
+    run.check(
+        "supervisor_restart_s",
+        len(restarts) >= kills
+        and all(e.restarted_at is not None and e.restarted_at - e.t <= 1.0 for e in restarts),
+        len(restarts),
+        f"{kills} killed workers, each replaced within 1 s",
+    )
 
 
 def _drop_topology(run: Run) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -42,12 +41,13 @@ from typing import TYPE_CHECKING, Any
 from mqtasks.dlq import list_dead_letters
 from mqtasks.exceptions import MQTasksError
 
-from .events import event_ms, kill_running, wait_started
+from .app_env import use_app
+from .events import PublisherThread, check_restarts, event_ms, kill_running, wait_started
 from .harness import Harness
 from .ledger import Event, LedgerWriter, classify, percentile
 from .ordering_tasks import ORDERED, PARTITIONS, build_ordering_app
 from .profiles import BrokerProfile
-from .quiescence import depths, unacked_holders, wait_quiescent
+from .quiescence import depths, wait_quiescent
 from .steps import kill_instants, sleep_until
 from .workflow_tasks import ledger_key
 from .workflows import LedgerTail, StateStore
@@ -94,34 +94,14 @@ def plan_jobs(run: Run, n: int) -> list[list[OrderedJob]]:
     return plans
 
 
-class OrderedPublisher:
+class OrderedPublisher(PublisherThread):
     """Publishes one thread's jobs at ``rate``; ``intent`` (with key and sequence
     number), then ``confirmed``, or ``failed`` for each try that raised."""
 
     def __init__(self, run: Run, index: int, jobs: Sequence[OrderedJob], rate: float) -> None:
-        self.run = run
+        super().__init__(run, f"publisher-{index}", rate)
         self.jobs = jobs
-        self.rate = rate
-        self.ledger = LedgerWriter(run.ledger_dir / f"publisher-{index}.jsonl")
-        self.latencies: list[float] = []
-        self.errors: Counter[str] = Counter()
-        self.texts: set[str] = set()
         self.gave_up = 0
-        self.stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"rel-ordered-{index}", daemon=True)
-
-    def start(self) -> None:
-        """Start publishing."""
-        self._thread.start()
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait for the last job (or ``timeout``)."""
-        self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        """Whether it is still publishing."""
-        return self._thread.is_alive()
 
     def _loop(self) -> None:
         task = self.run.app.tasks[ORDERED]
@@ -139,9 +119,7 @@ class OrderedPublisher:
                             (job.task_id, job.key, job.seq, job.ms), task_id=job.task_id
                         )
                     except MQTasksError as exc:
-                        self.errors[type(exc).__name__] += 1
-                        if len(self.texts) < 100:
-                            self.texts.add(f"{exc} {exc!r}")
+                        self.failed(exc)
                         self.ledger.record(
                             "failed", job.task_id, error=type(exc).__name__, attempt=attempt
                         )
@@ -309,13 +287,7 @@ def s18(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
 
 
 def _s18(run: Run, store: StateStore, started: float) -> dict[str, Any]:
-    run.env.update(store.env())
-    run.pool.env.update(store.env())
-    run.pool.argv = [
-        "reliability.ordering_tasks" if a == "reliability.tasks" else a for a in run.pool.argv
-    ]
-    run.app.close()
-    run.app = build_ordering_app(run.env)
+    use_app(run, "reliability.ordering_tasks", build_ordering_app, store.env())
     try:
         run.app.backend.check()
     except MQTasksError as exc:
@@ -346,15 +318,7 @@ def _s18(run: Run, store: StateStore, started: float) -> dict[str, Any]:
             f["cut"] = run.proxy.cut()
     for p in publishers:
         p.join()
-
-    def publishing() -> bool:
-        return any(p.alive for p in publishers)
-
-    ok = wait_quiescent(run, max(180.0, 2 * publish_s + 120), publishing=publishing)
-    run.check("quiescent", ok, ok, "queues empty, ledger quiet")
-    if not ok:
-        run.extra["unacked_holders"] = unacked_holders(run)
-        run.extra["worker_pids"] = run.pool.pids()
+    wait_quiescent(run, max(180.0, 2 * publish_s + 120))
     dead_ledger = LedgerWriter(run.ledger_dir / "dead.jsonl")
     run.extra["dlq"] = record_dead_letters(run, dead_ledger)
     dead_ledger.close()
@@ -387,15 +351,7 @@ def _s18(run: Run, store: StateStore, started: float) -> dict[str, Any]:
     if texts and run.password:
         shown = sum(t.count(run.password) for t in texts)
         run.check("password_never_shown_by_publish", shown == 0, shown, "0")
-    kills = sum(1 for k in FAULTS if k == "SIGKILL")
-    restarts = [e for e in run.pool.exits if e.restarted_at is not None]
-    run.check(
-        "supervisor_restart_s",
-        len(restarts) >= kills
-        and all(e.restarted_at is not None and e.restarted_at - e.t <= 1.0 for e in restarts),
-        len(restarts),
-        f"{kills} killed workers, each replaced within 1 s",
-    )
+    check_restarts(run, sum(1 for k in FAULTS if k == "SIGKILL"))
     return run.result(c, started=started)
 
 

@@ -14,15 +14,12 @@ whether a task started before an earlier one had finished.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from typing import Any
 
 from mqtasks import App
-from mqtasks.transport import QueueSpec
 
-from .tasks import DEFAULT_QUEUE
+from .app_env import app_options, lazy_app, queue_spec, run_queue
 from .workflow_tasks import _Ledger
 
 __all__ = ["ORDERED", "PARTITIONS", "build_ordering_app"]
@@ -36,24 +33,11 @@ PARTITIONS = 16
 def build_ordering_app(environ: dict[str, str] | None = None) -> App:
     """Build the ordering scenario's app from ``environ`` (``os.environ`` by default)."""
     env = dict(os.environ if environ is None else environ)
-    queue = env.get("RELIABILITY_QUEUE") or DEFAULT_QUEUE
-    limit = env.get("RELIABILITY_DELIVERY_LIMIT")
-    options = json.loads(env.get("RELIABILITY_TRANSPORT_OPTIONS") or "{}")
-    spec = QueueSpec(queue, delivery_limit=int(limit) if limit else None)
-    backend: dict[str, Any] = {"backend": env.get("MQTASKS_BACKEND_URL")}
-    if env.get("MQTASKS_BACKEND_KEY_PREFIX"):
-        backend["backend_key_prefix"] = env["MQTASKS_BACKEND_KEY_PREFIX"]
     rel = App(
         "reliability-ordering",
-        broker=env.get("MQTASKS_BROKER_URL"),
-        queue_type=env.get("MQTASKS_QUEUE_TYPE"),
-        publish_timeout=float(env.get("MQTASKS_PUBLISH_TIMEOUT") or 10.0),
-        heartbeat=float(env.get("MQTASKS_HEARTBEAT") or 10.0),
-        default_queue=queue,
-        queues=[spec],
+        queues=[queue_spec(env, run_queue(env))],
         middleware=None,
-        transport_options=options,
-        **backend,
+        **app_options(env),
     )
     ledger = _Ledger(env.get("RELIABILITY_LEDGER_DIR"))
 
@@ -68,15 +52,5 @@ def build_ordering_app(environ: dict[str, str] | None = None) -> App:
     return rel
 
 
-_app: App | None = None
-
-
-def __getattr__(name: str) -> Any:
-    """``app``, the app ``-A reliability.ordering_tasks`` loads: built on first use
-    (the registry imports this module for its names and builds nothing)."""
-    global _app
-    if name == "app":
-        if _app is None:
-            _app = build_ordering_app()
-        return _app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: ``app``, the app ``-A`` loads, built on first use.
+__getattr__ = lazy_app(__name__, build_ordering_app)

@@ -5,14 +5,13 @@ run's one work queue. Events (S17) land in a queue per subscriber group and
 ordered tasks (S18) in a queue per partition; :func:`wait_quiescent` applies the
 same rule to every queue whose name starts with the run's queue: nothing ready,
 delayed or unacked, and the ledger and the dead-letter queues unchanged for the
-profile's quiet seconds.
+profile's quiet seconds. :func:`unacked_holders` says who holds what is left
+when a run never gets there.
 """
 
 from __future__ import annotations
 
 import subprocess
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -59,47 +58,20 @@ def depths(run: Run) -> dict[str, int]:
     return {"ready": ready, "delayed": delayed, "unacked": unacked, "dead": dead}
 
 
-def wait_quiescent(
-    run: Run,
-    timeout: float,
-    *,
-    quiet: float | None = None,
-    publishing: Callable[[], bool] | None = None,
-) -> bool:
-    """Wait until the run's queues are empty, nothing is unacked, and the ledger and
-    dead-letter queues stay unchanged for ``quiet`` seconds; False after ``timeout``.
+def wait_quiescent(run: Run, timeout: float, *, quiet: float | None = None) -> bool:
+    """:meth:`Run.wait_quiescent <reliability.run.Run.wait_quiescent>` over every queue
+    of the run (:func:`depths`), once its publishers have finished; False after ``timeout``.
 
-    Args:
-        run: The run.
-        timeout: Seconds it may take.
-        quiet: Quiet seconds (None: the profile's).
-        publishing: Says whether a publisher is still sending (then it waits).
+    Recorded as the check ``quiescent``; a run that never gets there also records who
+    holds the messages left unacknowledged (``unacked_holders``) and the worker pids.
     """
-    quiet = run.profile.quiet_s if quiet is None else quiet
-    deadline = time.monotonic() + timeout
-    last: tuple[int, int] | None = None
-    since = time.monotonic()
-    d: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        if publishing is not None and publishing():
-            time.sleep(1.0)
-            continue
-        try:
-            d = depths(run)
-        except Exception as exc:  # the broker may be restarting
-            run.notes.append(f"depth check failed: {type(exc).__name__}")
-            time.sleep(1.0)
-            continue
-        state = (run.ledger_size(), d["dead"])
-        busy = d["ready"] or d["delayed"] or d["unacked"]
-        if busy or state != last:
-            last = state
-            since = time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return True
-        time.sleep(1.0 if not run.is_redis else 0.5)
-    run.notes.append(f"not quiescent after {timeout:.0f} s: {d}")
-    return False
+    run.depths = lambda: depths(run)  # type: ignore[method-assign]
+    ok = run.wait_quiescent(timeout, quiet=quiet)
+    run.check("quiescent", ok, ok, f"queues empty, ledger quiet within {timeout:.0f} s")
+    if not ok:
+        run.extra["unacked_holders"] = unacked_holders(run)
+        run.extra["worker_pids"] = run.pool.pids()
+    return ok
 
 
 def unacked_holders(run: Run) -> list[dict[str, object]]:
