@@ -55,7 +55,7 @@ from .workflows import LedgerTail, StateStore
 if TYPE_CHECKING:
     from .run import Run
 
-__all__ = ["OrderFigures", "OrderedJob", "order_figures", "s18"]
+__all__ = ["OrderFigures", "OrderedJob", "dead_never_executed", "order_figures", "s18"]
 
 #: Keys, publisher threads, worker processes and their threads.
 KEYS = 200
@@ -254,6 +254,39 @@ def record_dead_letters(run: Run, ledger: LedgerWriter) -> dict[str, Any]:
     return {"entries": len(entries), "by_reason": dict(reasons)}
 
 
+def dead_never_executed(events: Sequence[Event]) -> dict[str, list[dict[str, Any]]]:
+    """Dead-lettered tasks that never finished a run, by reason, with key and sequence
+    number: confirmed work that only a replay of the dead-letter queue would do."""
+    done = {e.id for e in events if e.kind == "done"}
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    seen: set[str] = set()
+    for e in events:
+        if e.kind == "dead" and e.id not in done and e.id not in seen:
+            seen.add(e.id)
+            out[str(e.info.get("reason"))].append(
+                {"id": e.id, "key": e.info.get("order_key"), "seq": e.info.get("seq")}
+            )
+    return dict(out)
+
+
+def in_flight_outcomes(run: Run, events: Sequence[Event]) -> None:
+    """Say of each SIGKILL what became of the tasks the killed process had started and
+    not finished: ran again, or dead-lettered (with the reason), or neither."""
+    dead = {e.id: str(e.info.get("reason")) for e in events if e.kind == "dead"}
+    for f in run.faults:
+        delays = f.get("redelivery_s")
+        if f["kind"] != "SIGKILL" or not isinstance(delays, dict):
+            continue
+        f["in_flight_outcome"] = dict(
+            Counter(
+                "ran again"
+                if delay is not None
+                else (f"dead-lettered: {dead[i]}" if i in dead else "neither")
+                for i, delay in delays.items()
+            )
+        )
+
+
 def ordering_log_figures(run: Run) -> dict[str, int]:
     """Worker log events of the ordering machinery and of the connection, by name
     (lower bounds: a SIGKILL loses a worker's last buffered lines)."""
@@ -329,6 +362,10 @@ def _s18(run: Run, store: StateStore, started: float) -> dict[str, Any]:
     run.extra["publisher"] = publisher_summary(publishers)
     run.extra["ordering_log"] = ordering_log_figures(run)
     run.worker_recovery(events)
+    in_flight_outcomes(run, events)
+    never = dead_never_executed(events)
+    run.extra["dead_never_executed"] = {k: len(v) for k, v in never.items()}
+    run.extra["dead_never_executed_samples"] = {k: v[:SAMPLES] for k, v in never.items()}
     for f in run.faults:
         if f["kind"] == "proxy RST":
             f["recovery_s"] = run.first_done_after(events, f["at"])

@@ -4,7 +4,7 @@ of its key has finished its first run; checked on fabricated ledgers, in order a
 from __future__ import annotations
 
 from reliability.ledger import Event
-from reliability.ordering import order_figures
+from reliability.ordering import dead_never_executed, order_figures
 
 
 def intent(task_id: str, key: str, seq: int) -> Event:
@@ -96,3 +96,14 @@ def test_a_task_that_never_finished_does_not_hold_the_key_and_is_listed() -> Non
     f = order_figures(events)
     assert f.violations == []
     assert f.unfinished == {"a": [1]}
+
+
+def test_dead_letters_of_tasks_that_never_finished_are_listed_by_reason() -> None:
+    dead = {"order_key": "a", "seq": 1, "reason": "sequence_gap"}
+    events = [
+        *run("a-0", 1.0, 1.5),
+        Event("dead", "a-0", 2.0, info={**dead, "seq": 0}),  # a late copy of a task that ran
+        Event("dead", "a-1", 2.1, info=dead),
+        Event("dead", "a-1", 2.2, info=dead),  # listed once
+    ]
+    assert dead_never_executed(events) == {"sequence_gap": [{"id": "a-1", "key": "a", "seq": 1}]}
