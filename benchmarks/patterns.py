@@ -358,6 +358,7 @@ def run_ordered(
             env.pop(name, None)
         argv = mqtasks_worker_argv("benchmarks.bench_patterns_app")
         argv += ["-p", str(opts.processes)]
+        argv[argv.index("--log-level") + 1] = opts.worker_log_level
         started = time.time()
         worker = WorkerProcess(
             argv, env, os.path.join(ctx.run_dir, f"{broker}-{variant}-r{rnd}.log")
@@ -549,6 +550,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=16, help="partitions of the queue (16)")
     p.add_argument("--processes", type=int, default=2, help="worker processes (2)")
     p.add_argument("--publishers", type=int, default=8, help="prefill publisher threads (8)")
+    p.add_argument(
+        "--worker-log-level",
+        default="warning",
+        choices=["debug", "info", "warning"],
+        help="the ordered benchmark's worker log level (warning); its log is kept with --keep",
+    )
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per phase (180)")
     add_worker_options(p)
