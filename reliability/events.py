@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +44,7 @@ from .ledger import Classification, Event, LedgerWriter, classify, percentile
 from .profiles import BrokerProfile
 from .quiescence import wait_quiescent
 from .steps import kill_instants, sleep_until
-from .workflows import LedgerTail
+from .workflows import LedgerTail, kill_hits
 
 if TYPE_CHECKING:
     import random
@@ -276,15 +276,26 @@ def wait_started(run: Run, count: int, timeout: float = 60.0) -> float:
     return took
 
 
-def kill_running(run: Run, tail: LedgerTail, wait: float = 10.0) -> dict[str, Any]:
-    """SIGKILL a worker while it runs a subscriber (any worker after ``wait`` s)."""
+#: Tasks at least this long (ms) are the kills' preferred targets: one of a few
+#: milliseconds is often over before the signal lands.
+LONG_MS = 20.0
+
+
+def kill_running(
+    run: Run, tail: LedgerTail, ms: Mapping[str, float], wait: float = 10.0
+) -> dict[str, Any]:
+    """SIGKILL a worker while it runs a task of at least :data:`LONG_MS` (by ``ms``, the
+    duration of each ledger id), waiting up to ``wait`` s for one; else one running any
+    task, else any worker. :func:`~reliability.workflows.kill_hits` says afterwards
+    whether the task still ran when the signal landed."""
     deadline = time.monotonic() + wait
     while True:
         running = tail.poll(set(run.pool.pids().values()))
-        if running or time.monotonic() > deadline:
+        long = {pid for pid, e in running.items() if ms.get(e.id, 0.0) >= LONG_MS}
+        if long or time.monotonic() > deadline:
             break
-        time.sleep(0.005)
-    slot, pid = run.pool.signal(signal.SIGKILL, rng=run.rng, among=set(running) or None)
+        time.sleep(0.002)
+    slot, pid = run.pool.signal(signal.SIGKILL, rng=run.rng, among=long or set(running) or None)
     hit = running.get(pid)
     return run.fault(
         "SIGKILL",
@@ -321,9 +332,10 @@ def _s17(run: Run, started: float) -> dict[str, Any]:
     wait_started(run, WORKERS)
     publisher = EventPublisher(run, plans, EVENT_RATE)
     publisher.start()
+    ms = {i: p.ms for p in plans for i in p.ids}
     for t in kill_instants(run, KILLS, 3.0, max(4.0, 0.7 * publish_s)):
         sleep_until(run, t)
-        kill_running(run, tail)
+        kill_running(run, tail, ms)
     publisher.join()
     wait_quiescent(run, max(120.0, 4 * est + 60))
     dead_ledger = LedgerWriter(run.ledger_dir / "dead.jsonl")
@@ -336,6 +348,7 @@ def _s17(run: Run, started: float) -> dict[str, Any]:
     run.extra["by_group"] = group_figures(events)
     run.extra["publisher"] = publisher.summary()
     run.worker_recovery(events)
+    kill_hits(run, events)
     _judge(run, c, publisher, run.extra["by_group"])
     return run.result(c, started=started)
 

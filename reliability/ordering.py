@@ -50,7 +50,7 @@ from .profiles import BrokerProfile
 from .quiescence import depths, wait_quiescent
 from .steps import kill_instants, sleep_until
 from .workflow_tasks import ledger_key
-from .workflows import LedgerTail, StateStore
+from .workflows import LedgerTail, StateStore, kill_hits
 
 if TYPE_CHECKING:
     from .run import Run
@@ -332,6 +332,7 @@ def _s18(run: Run, store: StateStore, started: float) -> dict[str, Any]:
     run.extra.update(tasks=total, keys=KEYS, threads=THREADS, partitions=PARTITIONS)
     publish_s = total / RATE
     tail = LedgerTail(run.ledger_dir)
+    ms = {j.task_id: j.ms for p in plans for j in p}
     run.pool.start()
     wait_started(run, WORKERS)
     publishers = [OrderedPublisher(run, i, p, RATE / THREADS) for i, p in enumerate(plans)]
@@ -344,7 +345,7 @@ def _s18(run: Run, store: StateStore, started: float) -> dict[str, Any]:
         last = max((f["at"] for f in run.faults), default=0.0)
         sleep_until(run, max(t, run.rel(last) + 2.0))
         if kind == "SIGKILL":
-            kill_running(run, tail)
+            kill_running(run, tail, ms)
         else:
             assert run.proxy is not None
             f = run.fault("proxy RST", at=time.time())
@@ -362,6 +363,7 @@ def _s18(run: Run, store: StateStore, started: float) -> dict[str, Any]:
     run.extra["publisher"] = publisher_summary(publishers)
     run.extra["ordering_log"] = ordering_log_figures(run)
     run.worker_recovery(events)
+    kill_hits(run, events)
     in_flight_outcomes(run, events)
     never = dead_never_executed(events)
     run.extra["dead_never_executed"] = {k: len(v) for k, v in never.items()}
