@@ -385,7 +385,14 @@ def run_ordered(
         if recs:
             out["worker_cpu_us_per_task"] = (cpu1 - cpu0) / len(recs) * 1e6
         out.update(_order_check(recs, opts.keys, base))
-        out["per_process"] = _per_process(record_dir, base, starts[0] if starts else 0.0)
+        out["per_process"] = procs = _per_process(record_dir, base, starts[0] if starts else 0.0)
+        if len(procs) == opts.processes > 1:
+            # The rate while every process was running tasks: the drain without the
+            # start, when the partitions are still being shared out.
+            lo = starts[0] + max(p["first_s"] for p in procs)
+            hi = starts[0] + min(p["last_s"] for p in procs)
+            if hi - lo >= 0.5:
+                out["all_busy_per_s"] = sum(lo <= t <= hi for t in starts) / (hi - lo)
         log(
             f"prefill {out.get('prefill_per_s') or 0:,.0f}/s; drain {out.get('drain_per_s', 0):,.0f}"
             f"/s ({status}); worker CPU {out.get('worker_cpu_us_per_task', 0):,.0f} µs/task; "
@@ -445,6 +452,13 @@ def summarise(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
         values = [v for d in by_round.values() if (v := _ratio(d.get("ordered"), d.get("plain")))]
         if values:
             row(broker, "ordered / plain, drain tasks/s", ">= 0.5", 0.5, "ge", values)
+        busy: dict[int, dict[str, float]] = defaultdict(dict)
+        for r in rounds:
+            if r["broker"] == broker and "all_busy_per_s" in r:
+                busy[r["round"]][r["phase"]] = r["all_busy_per_s"]
+        values = [v for d in busy.values() if (v := _ratio(d.get("ordered"), d.get("plain")))]
+        if values:
+            row(broker, "the same, while every process ran", "(info)", None, "", values)
     cmds = [r for r in rounds if r["phase"] == "commands"]
     values = [r["emit_commands_per_call"] for r in cmds if "emit_commands_per_call" in r]
     if values:
@@ -493,6 +507,7 @@ def table(rounds: list[dict[str, Any]], opts: argparse.Namespace) -> str:
         )
         lines.append(
             f"{'broker':7} {'round':>5} {'variant':8} {'prefill/s':>10} {'drain/s':>9} "
+            f"{'all busy':>9} "
             f"{'CPU µs/task':>12} {'ran':>6} {'early':>6} {'dup':>4}  "
             "per process: tasks (first-last start, s)"
         )
@@ -500,6 +515,7 @@ def table(rounds: list[dict[str, Any]], opts: argparse.Namespace) -> str:
             lines.append(
                 f"{r['broker']:7} {r['round'] + 1:>5} {r['phase']:8} "
                 f"{r.get('prefill_per_s') or 0:10,.0f} {r.get('drain_per_s', 0):9,.0f} "
+                f"{r.get('all_busy_per_s', 0):9,.0f} "
                 f"{r.get('worker_cpu_us_per_task', 0):12,.0f} "
                 f"{r.get('ran', '-')!s:>6} "
                 f"{r.get('started_before_an_earlier_one', '-')!s:>6} "
@@ -509,6 +525,10 @@ def table(rounds: list[dict[str, Any]], opts: argparse.Namespace) -> str:
                     for p in r.get("per_process", [])
                 )
             )
+        lines.append(
+            "  all busy: tasks/s while every worker process was running tasks (0: they "
+            "did not overlap for 0.5 s)"
+        )
         lines.append(
             "  ran: of the tasks published (a task dead-lettered, by the ordering's "
             "sequence checks for one, is missing); early: tasks that started before a task "
