@@ -194,7 +194,7 @@ class Task(Generic[P, R]):
         self.ordering: Ordering | None = ordering_of(
             name,
             queue,
-            self.signature,
+            fn,
             self.options,
             priority=priority,
             has_backend=app.has_backend,

@@ -336,6 +336,8 @@ class Worker:
             self.clean_exit = False
             consumer.close()
         finally:
+            if self._ordering is not None:
+                self._ordering.close()  # leases released once nothing of theirs is held
             self._done.set()
 
     def _wake(self) -> None:
@@ -439,8 +441,6 @@ class Worker:
                 note="unacked messages go back to the broker",
             )
         consumer.close()
-        if self._ordering is not None:
-            self._ordering.close()  # leases released once nothing of theirs is held
 
     # -- worker threads -------------------------------------------------------------
 
@@ -515,19 +515,10 @@ class Worker:
             ConfigurationError: The transport cannot hold a delay; nothing was published.
         """
         job = current_job()
-        if self._hold(job, retry, delay):
-            logger.info(
-                "task.retried",
-                **log_fields(job.delivery, message),
-                delay=round(delay, 3),
-                held_in_place=True,
-                error=redact(f"{type(exception).__name__}: {exception}")[:500],
-            )
-            self._hooks.after_retry(self, message, delay, exception)
-            return
         try:
-            envelope = wire_message(retry).to_envelope(job.delivery.body)
-            self.app.transport.publish(message.queue, envelope, delay=delay)
+            if not self._hold(job, retry, delay):
+                envelope = wire_message(retry).to_envelope(job.delivery.body)
+                self.app.transport.publish(message.queue, envelope, delay=delay)
         except ConfigurationError:
             raise
         except MQTasksError as error:
@@ -543,13 +534,14 @@ class Worker:
             "task.retried",
             **log_fields(job.delivery, message),
             delay=round(delay, 3),
+            **({"held_in_place": True} if job.action == _HOLD else {}),
             error=redact(f"{type(exception).__name__}: {exception}")[:500],
         )
         self._hooks.after_retry(self, message, delay, exception)
-        job.action = _ACK
+        job.action = _HOLD if job.action == _HOLD else _ACK
 
     def _hold(self, job: Job, attempt: Message, delay: float) -> bool:
-        """Hold an ordered delivery in place to run as ``attempt`` after ``delay`` s, if it is one."""
+        """Hold an ordered delivery in place (unacked) to run as ``attempt`` after ``delay`` s."""
         if not job.in_lane or self._ordering is None:
             return False
         self._ordering.hold_request(job.delivery, delay, attempt)
@@ -585,21 +577,13 @@ class Worker:
         A message of an ordered task waits in place instead (see :meth:`retry`).
         """
         job = current_job()
-        if self._hold(job, message, delay):
-            logger.info(
-                "task.deferred",
-                **log_fields(job.delivery, message),
-                reason=reason,
-                delay=round(delay, 3),
-                held_in_place=True,
-            )
-            return
         headers = {
             k: v for k, v in message.headers.items() if not k.startswith(BROKER_DEATH_HEADERS)
         }
         try:
-            envelope = wire_message(message.copy(headers=headers)).to_envelope(job.delivery.body)
-            self.app.transport.publish(message.queue, envelope, delay=delay)
+            if not self._hold(job, message, delay):
+                wire = wire_message(message.copy(headers=headers)).to_envelope(job.delivery.body)
+                self.app.transport.publish(message.queue, wire, delay=delay)
         except MQTasksError as error:  # ConfigurationError too: no delays on this transport
             logger.error(
                 "task.defer_failed",
@@ -615,5 +599,6 @@ class Worker:
             **log_fields(job.delivery, message),
             reason=reason,
             delay=round(delay, 3),
+            **({"held_in_place": True} if job.action == _HOLD else {}),
         )
-        job.action = _ACK
+        job.action = _HOLD if job.action == _HOLD else _ACK

@@ -86,6 +86,8 @@ class Assignment:
         }
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # Held by a round and by stop(): no lease is taken once stop() has released them.
+        self._cycling = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -105,6 +107,10 @@ class Assignment:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=self.lease_ttl)
+        with self._cycling:
+            self._leave()
+
+    def _leave(self) -> None:
         for q, i in list(self.owned):
             try:
                 self.backend.release_lease(lease_name(q, i), self.member)
@@ -127,6 +133,11 @@ class Assignment:
 
     def cycle(self) -> None:
         """One round: release what was drained, refresh membership, renew, rebalance."""
+        with self._cycling:
+            if not self._stop.is_set():
+                self._cycle()
+
+    def _cycle(self) -> None:
         try:
             while True:
                 try:

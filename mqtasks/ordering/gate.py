@@ -1,6 +1,6 @@
 """What a worker thread checks before it runs a message of an ordered task.
 
-:func:`gate` tells :func:`mqtasks.processing.process` whether to run the
+:func:`gate` tells the worker thread's ``process()`` whether to run the
 message (as which attempt), dead-letter it (a late sequence number, a halted
 key) or take it as done because it was sent on through its partition (it
 arrived on its base queue). :func:`after_dead_letter` halts the key of a

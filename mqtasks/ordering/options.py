@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,16 +42,14 @@ class Ordering:
         """Whether a dead letter halts its key."""
         return self.on_dead_letter == "halt"
 
-    def okey(self, signature: inspect.Signature, args: Any, kwargs: Mapping[str, Any]) -> str:
-        """Return the key digest of a call (its arguments bound to ``signature``).
+    def okey(self, arguments: Mapping[str, Any]) -> str:
+        """Return the key digest of a call, from its arguments bound to the parameter
+        names (defaults applied).
 
         Raises:
-            TypeError: The arguments do not fit the signature.
             EncodeError: The key's value cannot be encoded as JSON.
         """
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return key_digest(bound.arguments[self.key])
+        return key_digest(arguments[self.key])
 
     def partition(self, queue: str, okey: str) -> str:
         """Return the partition queue of key digest ``okey`` on ``queue``."""
@@ -61,7 +59,7 @@ class Ordering:
 def ordering_of(
     name: str,
     queue: str,
-    signature: inspect.Signature,
+    fn: Callable[..., Any],
     options: MutableMapping[str, Any],
     *,
     priority: int | None,
@@ -73,7 +71,7 @@ def ordering_of(
     Args:
         name: The task's name, for messages.
         queue: The task's queue.
-        signature: The function's signature.
+        fn: The task's function.
         options: The task's options; the ordering ones are removed.
         priority: The task's default priority.
         has_backend: Whether the app has a result backend.
@@ -93,6 +91,7 @@ def ordering_of(
             )
         return None
     where = f"Task {name!r}"
+    signature = inspect.signature(fn)
     if not isinstance(key, str) or key not in signature.parameters:
         raise ConfigurationError(
             f"{where}: ordering_key={key!r} must name a parameter of the function "

@@ -74,7 +74,9 @@ def route(app: App, message: Message, delay: float | None = None) -> Message:
 def _numbered(app: App, task: Task[Any, Any], message: Message) -> Message:
     ordering = task.ordering
     assert ordering is not None
-    okey = ordering.okey(task.signature, message.args, message.kwargs)
+    bound = task.signature.bind(*message.args, **message.kwargs)
+    bound.apply_defaults()
+    okey = ordering.okey(bound.arguments)
     seq = app.backend.incr(sequence_key(task.queue, okey), ttl=app.settings.ordering_state_ttl)
     headers = {**message.headers, HEADER_OKEY: okey, HEADER_OSEQ: seq}
     return message.copy(queue=ordering.partition(task.queue, okey), headers=headers)

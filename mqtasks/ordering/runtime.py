@@ -77,7 +77,7 @@ def ordered_deliveries(
     wake: Callable[[], None],
 ) -> OrderedDeliveries | None:
     """Return the ordered-delivery machinery of a worker on ``queues``, started (its first
-    partitions consumed); None if none of them carries ordered tasks.
+    leases taken); None if none of them carries ordered tasks.
 
     Raises:
         BackendError: The backend cannot be reached for the first leases.
@@ -133,9 +133,12 @@ class OrderedDeliveries:
         )
 
     def start(self) -> None:
-        """Take a first share of partitions and start consuming them."""
+        """Take a first share of partitions; the I/O thread's first :meth:`poll` consumes them.
+
+        Not consumed here: a consumer may deliver from within ``add_queue``, and
+        the worker routes deliveries here only once this object is its own.
+        """
         self.assignment.start()
-        self.poll()
 
     def post(self, change: Change) -> None:
         """Take an ownership change from the assignment thread (any thread)."""
