@@ -153,6 +153,33 @@ def test_requeue_ordered_redelivers_in_order_ahead_of_later_messages(broker: Bro
     assert broker.transport.message_counts([spec]) == {spec.name: 0}
 
 
+def test_requeue_ordered_of_an_added_queue_does_not_wait_for_other_queues(
+    broker: Broker,
+) -> None:
+    """A partition's hand-back comes back at once while deliveries of other queues are held."""
+    base, part = broker.spec("base"), broker.spec("part")
+    broker.transport.declare([base])
+    broker.publish(base, "b0")
+    inbox = broker.consumer([base], prefetch=10)
+    inbox.take(1)
+    inbox.consumer.add_queue(part)
+    for n in range(4):
+        broker.publish(part, f"p{n}")
+    inbox.take(5)
+    # When three of the added queue's are handed back while b0 stays held
+    inbox.consumer.requeue_ordered(inbox.got[2:5])
+    assert inbox.consumer.ack(inbox.got[1])
+    broker.publish(part, "p4")
+    # Then they come again in order, before a message published after them
+    inbox.take(9)
+    assert inbox.labels(5) == ["p1", "p2", "p3", "p4"]
+    inbox.consumer.ack_many(inbox.got[5:])
+    assert inbox.consumer.ack(inbox.got[0])
+    inbox.settle_round(3)
+    inbox.consumer.close()
+    assert broker.transport.message_counts([base, part]) == {base.name: 0, part.name: 0}
+
+
 def test_an_added_queue_is_consumed_and_a_removed_one_stops(broker: Broker) -> None:
     first, added = broker.spec("a"), broker.spec("b")
     broker.transport.declare([first])

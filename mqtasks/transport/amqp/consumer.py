@@ -9,12 +9,15 @@ counts the deliveries of classic queues (see
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import select
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import kombu
 import structlog
 
 from ..base import Delivery, QueueSpec
@@ -27,8 +30,16 @@ __all__ = ["AmqpConsumer"]
 
 logger = structlog.get_logger("mqtasks.transport")
 
+#: Numbers making the consumer tags of added queues' channels unique.
+_SIDE_TAGS = itertools.count(1)
+
 #: Most message ids remembered as handed back in order (those another consumer got are never seen).
 _HANDED_BACK_KEPT = 10_000
+
+
+def _key(raw: Any) -> tuple[int, int]:
+    """A delivery's key among those held: its channel and delivery tag."""
+    return raw.channel.channel_id, raw.delivery_tag
 
 
 def _ack(raw: Any) -> None:
@@ -54,10 +65,11 @@ class AmqpConsumer(KombuConsumer):
 
     Each queue has its own RabbitMQ consumer with a share of the prefetch
     window (:mod:`~mqtasks.transport.amqp.prefetch`). When the queues change,
-    a consumer whose share shrank is cancelled and subscribed again with the
-    new share once the deliveries still held under its old tag leave room:
-    the shares of live consumers plus what cancelled ones still hold never
-    exceed the bound.
+    a consumer whose share shrank is cancelled and subscribed again with its
+    share less what its old tag still holds: the windows of live consumers
+    plus what cancelled ones hold never exceed the bound. Queues added while
+    consuming get a channel each, so that one can be closed to hand back its
+    deliveries in order (:meth:`requeue_ordered`) without touching the others.
     """
 
     wakeable: ClassVar[bool] = True
@@ -68,15 +80,19 @@ class AmqpConsumer(KombuConsumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: Delivery tags received on the current channel and not settled yet,
-        #: with the consumer tag each came through.
-        self._unsettled: dict[int, str] = {}
+        #: Deliveries received on the current connection and not settled yet, by
+        #: (channel, delivery tag), with the consumer tag each came through.
+        self._unsettled: dict[tuple[int, int], str] = {}
         #: Queue -> (consumer tag, window) of the live RabbitMQ consumers.
         self._windows: dict[str, tuple[str, int]] = {}
         #: A queue waits for room in the window, or for its share to change.
         self._replan = False
-        #: Delivery tags handed back by requeue_ordered, returned at the next reconnect.
-        self._parked: set[int] = set()
+        #: The queues consumed on the main channel: those the consumer started with.
+        self._static = frozenset(s.name for s in self.specs)
+        #: Queue added -> its kombu consumer, on a channel of its own.
+        self._side: dict[str, Any] = {}
+        #: Deliveries handed back by requeue_ordered, returned when their channel closes.
+        self._parked: set[tuple[int, int]] = set()
         self._parked_queues: set[str] = set()
         #: Ids of messages of counted queues handed back in order: they come
         #: back flagged redelivered, and pass uncounted (a copy would go to the
@@ -129,13 +145,14 @@ class AmqpConsumer(KombuConsumer):
             self._hand_on(delivery)
 
     def _receive(self, raw: Any) -> None:
-        self._unsettled[raw.delivery_tag] = raw.delivery_info.get("consumer_tag") or ""
+        self._unsettled[_key(raw)] = raw.delivery_info.get("consumer_tag") or ""
         super()._receive(raw)
 
     def _connect(self, max_retries: int | None) -> None:
         self._unsettled = {}
         self._parked = set()
         self._parked_queues = set()
+        self._side = {}
         self._counter.pending.clear()
         super()._connect(max_retries)
         sock = self._socket()
@@ -145,9 +162,17 @@ class AmqpConsumer(KombuConsumer):
             sock.settimeout(max(2 * self.transport.heartbeat, 10.0))
 
     def _settle(self, delivery: Any, action: Any) -> bool:
+        key = _key(delivery.raw)
+        if delivery.generation == self.generation and key not in self._unsettled:
+            return False  # settled already, or returned with its queue's channel
         settled = super()._settle(delivery, action)
         if settled:
-            self._unsettled.pop(delivery.raw.delivery_tag, None)
+            self._unsettled.pop(key, None)
+            if key[0] != self._main_channel_id():
+                try:
+                    self._close_idle_sides()
+                except self.connection_errors as exc:
+                    self._lost(exc)
         return settled
 
     def ack(self, delivery: Any) -> bool:
@@ -160,19 +185,25 @@ class AmqpConsumer(KombuConsumer):
         py-amqp has no ack coalescing of its own; under load this turns a frame
         (and a system call) per message into one per batch.
         """
-        live = [d for d in deliveries if d.generation == self.generation]
+        main = self._main_channel_id()
+        live = [
+            d
+            for d in deliveries
+            if d.generation == self.generation
+            and _key(d.raw) in self._unsettled
+            and d.raw.channel.channel_id == main
+        ]
         if len(live) < 2 or self._conn is None:
             super().ack_many(deliveries)
             return
         tags = sorted(d.raw.delivery_tag for d in live)
         batch = set(tags)
-        lowest_other = min((t for t in self._unsettled if t not in batch), default=None)
+        lowest_other = min(
+            (t for c, t in self._unsettled if c == main and t not in batch), default=None
+        )
         upto = max((t for t in tags if lowest_other is None or t < lowest_other), default=None)
-        rest = [
-            d
-            for d in deliveries
-            if d.generation != self.generation or upto is None or d.raw.delivery_tag > upto
-        ]
+        covered_ids = {id(d) for d in live if upto is not None and d.raw.delivery_tag <= upto}
+        rest = [d for d in deliveries if id(d) not in covered_ids]
         if upto is not None:
             covered = [d for d in live if d.raw.delivery_tag <= upto]
             channel = covered[0].raw.channel
@@ -183,7 +214,7 @@ class AmqpConsumer(KombuConsumer):
             if super()._settle(covered[0], ack_multiple):
                 for d in covered:
                     d.raw._state = "ACK"  # kombu's bookkeeping, as Message.ack() does
-                    self._unsettled.pop(d.raw.delivery_tag, None)
+                    self._unsettled.pop(_key(d.raw), None)
         for delivery in rest:
             self.ack(delivery)
 
@@ -197,8 +228,8 @@ class AmqpConsumer(KombuConsumer):
     def _plan(self, consumer: Any = None) -> None:
         """Cancel the consumers of removed queues and of queues over their share;
         subscribe every queue without one whose share fits in the window."""
-        consumer = consumer or self._consumer
-        if consumer is None or self._cancelled:
+        main = consumer or self._consumer
+        if main is None or self._cancelled:
             return
         shares = split_prefetch(self.prefetch, [s.name for s in self.specs])
         bound = max(self.prefetch, len(shares))
@@ -206,17 +237,21 @@ class AmqpConsumer(KombuConsumer):
         for name, (_, window) in list(self._windows.items()):
             share = shares.get(name)
             if share is None or window > share:
-                consumer.cancel_by_queue(name)
+                self._consumer_of(name, main).cancel_by_queue(name)
                 del self._windows[name]
         live = {tag for tag, _ in self._windows.values()}
-        committed = sum(w for _, w in self._windows.values())
-        committed += sum(n for tag, n in held.items() if tag not in live)
+        # What cancelled consumers still hold, by queue: it counts against the queue's share.
+        retired: Counter[str] = Counter()
+        for tag, n in held.items():
+            if tag not in live:
+                retired[self._tags.get(tag, "")] += n
+        committed = sum(w for _, w in self._windows.values()) + sum(retired.values())
         for name, (tag, window) in list(self._windows.items()):
             # A window too small grows when nothing is held under it and the
             # larger one fits, so that the queue never pauses for it.
             share = shares[name]
             if window < share and not held[tag] and committed - window + share <= bound:
-                consumer.cancel_by_queue(name)
+                self._consumer_of(name, main).cancel_by_queue(name)
                 del self._windows[name]
                 committed -= window
         specs = {s.name: s for s in self.specs}
@@ -227,23 +262,77 @@ class AmqpConsumer(KombuConsumer):
             if name in self._windows:
                 self._replan |= self._windows[name][1] != share
                 continue
-            if committed + share > bound:
-                self._replan = True  # after settlements make room
+            window = share - retired[name]
+            if window < 1 or committed + window > bound:
+                self._replan = True  # once settlements make room
                 continue
-            queue = consumer.add_queue(self.transport.kombu_queue(specs[name]))
-            consumer.qos(prefetch_count=share)  # applies to consumers started from now on
+            if name not in self._static and self._conn is None:
+                self._replan = True  # its channel is opened once the connect is done
+                continue
+            target = self._consumer_of(name, main, create=True)
+            queue = target.add_queue(self.transport.kombu_queue(specs[name]))
+            target.qos(prefetch_count=window)  # applies to consumers started from now on
             # kombu's consume() would start every queue registered at once, with one window.
-            tag = consumer._basic_consume(queue, no_ack=False, nowait=False)
+            tag = target._basic_consume(queue, no_ack=False, nowait=False)
             self._tags[tag] = name
-            self._windows[name] = (tag, share)
-            committed += share
+            self._windows[name] = (tag, window)
+            committed += window
+
+    def _consumer_of(self, name: str, main: Any, *, create: bool = False) -> Any:
+        """The kombu consumer of queue ``name``: the main one for the queues the
+        consumer started with, one on a channel of its own for each queue added."""
+        if name in self._static:
+            return main
+        side = self._side.get(name)
+        if side is None and create:
+            assert self._conn is not None
+            side = kombu.Consumer(
+                self._conn.channel(),
+                queues=[],
+                no_ack=False,
+                auto_declare=False,
+                tag_prefix=f"{name}.{next(_SIDE_TAGS)}.",
+            )
+            side.on_message = self._receive
+            self._side[name] = side
+        return side if side is not None else main
+
+    def _close_idle_sides(self) -> None:
+        """Close the channel of an added queue once it holds only parked deliveries
+        (RabbitMQ returns them ahead of the queue's others, in order), or nothing
+        while its queue is no longer consumed."""
+        consumed = {s.name for s in self.specs}
+        for name, side in list(self._side.items()):
+            channel_id = side.channel.channel_id
+            keys = [k for k in self._unsettled if k[0] == channel_id]
+            parked = [k for k in keys if k in self._parked]
+            if len(parked) != len(keys) or not (parked or name not in consumed):
+                continue
+            if name in self._windows:
+                side.cancel_by_queue(name)
+                del self._windows[name]
+            side.channel.close()
+            del self._side[name]
+            for key in keys:
+                self._unsettled.pop(key, None)
+                self._parked.discard(key)
+            self._parked_queues.discard(name)
+            self._replan = True
+
+    def cancel(self) -> None:
+        """Stop receiving new deliveries on every channel; held ones stay settleable."""
+        super().cancel()
+        for side in self._side.values():
+            with contextlib.suppress(Exception):
+                side.cancel()
 
     def _replan_now(self) -> None:
         if not self._replan or self._conn is None:
             return
-        if self._parked and self._hand_back_parked():
-            return
         try:
+            self._close_idle_sides()
+            if self._parked and self._hand_back_parked():
+                return
             self._plan()
         except self.connection_errors as exc:
             self._lost(exc)
@@ -286,10 +375,12 @@ class AmqpConsumer(KombuConsumer):
         the ready ones, and a consumer given room by a requeue may be sent the
         next ready message first; but a channel that closes returns what it
         holds ahead of the queue's other messages, in delivery order (classic
-        queues: in their places). So the queue's consumer is cancelled and
-        the deliveries are kept until nothing else is held on the channel; the
-        consumer then reconnects, which returns them, and consumes again. While
-        the consumer is cancelled (stopping), they go back at :meth:`close`.
+        queues: in their places). So the queue's consumer is cancelled and the
+        deliveries are kept until nothing else is held on their channel, which
+        is then closed: an added queue's own channel (its consumer subscribes
+        again on a new one), or for the queues the consumer started with, the
+        connection (a reconnect). While the consumer is cancelled (stopping),
+        they go back at :meth:`close`.
         """
         live = [d for d in deliveries if d.generation == self.generation]
         consumer = self._consumer
@@ -297,13 +388,13 @@ class AmqpConsumer(KombuConsumer):
             return  # the broker has them back, in their places
         try:
             for name in {d.queue for d in live} & self._windows.keys():
-                consumer.cancel_by_queue(name)
+                self._consumer_of(name, consumer).cancel_by_queue(name)
                 del self._windows[name]
         except self.connection_errors as exc:
             self._lost(exc)
             return
         for d in live:
-            self._parked.add(d.raw.delivery_tag)  # type: ignore[attr-defined]
+            self._parked.add(_key(d.raw))  # type: ignore[attr-defined]
             self._parked_queues.add(d.queue)
             if d.queue in self._counter.queues and d.message_id:
                 self._handed_back[d.message_id] = None
@@ -320,13 +411,24 @@ class AmqpConsumer(KombuConsumer):
             )
 
     def _hand_back_parked(self) -> bool:
-        """Reconnect to return the parked deliveries once nothing else is held; True if done."""
-        if self._cancelled or self._counter.pending or self._parked != self._unsettled.keys():
+        """Reconnect to return the parked deliveries of the main channel once nothing
+        else is held; True if done."""
+        main = self._main_channel_id()
+        if (
+            self._cancelled
+            or self._counter.pending
+            or not any(k[0] == main for k in self._parked)
+            or self._parked != self._unsettled.keys()
+        ):
             return False
         logger.info("amqp.handed_back_in_order", messages=len(self._parked))
         self._drop()
         self._reconnect()
         return True
+
+    def _main_channel_id(self) -> int | None:
+        consumer = self._consumer
+        return consumer.channel.channel_id if consumer is not None else None
 
     def _socket(self) -> Any:
         conn = self._conn
