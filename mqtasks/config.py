@@ -101,16 +101,21 @@ class Settings:
     ordering_gap_timeout: float = 5.0
     #: Ordered tasks: seconds a key's sequence counter and halt mark are kept in the backend.
     ordering_state_ttl: float = 30 * 86400.0
+    #: Ordered tasks: seconds a worker waits before it consumes a partition taken from a
+    #: worker that did not give it up (crashed, cut off), so that the messages that worker
+    #: held come back first (Redis restores them after its liveness timeout and sweep).
+    ordering_takeover_delay: float = 15.0
 
     def __post_init__(self) -> None:
         if not (
             self.ordering_lease_ttl > 0
             and self.ordering_gap_timeout >= 0
+            and self.ordering_takeover_delay >= 0
             and self.ordering_state_ttl > 0
         ):
             raise ConfigurationError(
                 "ordering_lease_ttl and ordering_state_ttl must be positive seconds, "
-                "ordering_gap_timeout zero or more."
+                "ordering_gap_timeout and ordering_takeover_delay zero or more."
             )
         if self.max_message_size <= 0:
             raise ConfigurationError("max_message_size must be a positive number of bytes.")

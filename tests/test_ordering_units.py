@@ -3,6 +3,7 @@ the key lanes' sequencing, and partition ownership on the memory:// backend."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -112,12 +113,12 @@ def test_the_missing_number_arriving_in_time_closes_the_gap() -> None:
     assert ids(lanes.settled(two, 2.5)) == [("k1-3", None)]
 
 
-def test_number_one_starts_a_key_afresh() -> None:
+def test_a_number_below_the_last_one_run_is_late_even_number_one() -> None:
     lanes = Lanes(gap_timeout=5.0)
-    nine = delivery(9)
-    arrive(lanes, nine)
-    lanes.settled(nine, 0.0)
-    assert arrive(lanes, delivery(1)) == [("k1-1", None)]  # the backend counter was recreated
+    two = delivery(2)
+    arrive(lanes, two)  # the baseline, after a takeover
+    lanes.settled(two, 0.0)
+    assert arrive(lanes, delivery(1)) == [("k1-1", SEQUENCE_GAP)]
 
 
 def test_a_held_delivery_keeps_its_key_until_its_time() -> None:
@@ -176,7 +177,9 @@ class Posted:
 
 
 def assignment(backend: Any, queue: str, posted: Posted, member: str) -> Assignment:
-    return Assignment(backend, {queue: 4}, lease_ttl=5.0, post=posted, member=member)
+    return Assignment(
+        backend, {queue: 4}, lease_ttl=5.0, post=posted, member=member, takeover_delay=30.0
+    )
 
 
 def test_workers_share_partitions_fairly_and_an_extra_is_released_only_once_drained() -> None:
@@ -220,3 +223,32 @@ def test_a_lease_another_worker_took_is_lost() -> None:
         alone.cycle()
     assert posted.of("lost") == [partition_name(queue, 0, 1)]
     assert [e["event"] for e in logs if e["event"] == "ordering.lease_lost"]
+
+
+def test_a_partition_taken_over_from_a_worker_that_died_is_consumed_after_the_delay() -> None:
+    backend = resolve_backend("memory://")
+    queue = unique_name("ledger")
+    dead_posted, posted = Posted(), Posted()
+    dead = Assignment(backend, {queue: 1}, lease_ttl=5.0, post=dead_posted, member="dead")
+    dead.cycle()
+    assert dead_posted.of("add") == [partition_name(queue, 0, 1)]
+    # Given its owner died: its lease runs out, and it never gave the partition back
+    backend.release_lease(lease_name(queue, 0), "dead")
+    heir = Assignment(
+        backend, {queue: 1}, lease_ttl=5.0, post=posted, member="heir", takeover_delay=0.2
+    )
+    with structlog.testing.capture_logs() as logs:
+        heir.cycle()
+    # Then the heir holds it, but consumes it only after the takeover delay
+    assert len(heir.owned) == 1 and posted.of("add") == []
+    assert [e for e in logs if e["event"] == "ordering.takeover_wait"]
+    time.sleep(0.25)
+    heir.cycle()
+    assert posted.of("add") == [partition_name(queue, 0, 1)]
+    # And a partition given back in good order is consumed at once by the next owner
+    heir.stop()
+    again = Posted()
+    Assignment(
+        backend, {queue: 1}, lease_ttl=5.0, post=again, member="next", takeover_delay=30.0
+    ).cycle()
+    assert again.of("add") == [partition_name(queue, 0, 1)]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from ..exceptions import BackendError
-from .keys import lease_name, member_key, members_key, partition_name
+from .keys import lease_name, member_key, members_key, owner_key, partition_name
 
 if TYPE_CHECKING:
     from ..backend.base import Backend
@@ -61,6 +61,9 @@ class Assignment:
         lease_ttl: Seconds a lease lasts unless renewed.
         post: Called (from this object's thread) with each change for the I/O thread.
         member: This worker's member id; a new one by default.
+        takeover_delay: Seconds to wait before consuming a partition whose last owner
+            did not give it up in good order (its unacked messages come back first).
+        state_ttl: Seconds the owner of a partition is remembered.
     """
 
     def __init__(
@@ -71,12 +74,18 @@ class Assignment:
         lease_ttl: float,
         post: Callable[[Change], None],
         member: str | None = None,
+        takeover_delay: float = 0.0,
+        state_ttl: float = 86400.0,
     ) -> None:
         self.backend = backend
         self.queues = dict(queues)
         self.lease_ttl = lease_ttl
         self.member = member or member_id()
+        self.takeover_delay = takeover_delay
+        self.state_ttl = state_ttl
         self._post = post
+        #: Partitions taken over from a worker that died: consumed from this monotonic time.
+        self._waiting: dict[tuple[str, int], float] = {}
         #: Owned partitions: (queue, index) -> monotonic time of the last renewal.
         self.owned: dict[tuple[str, int], float] = {}
         self._releasing: set[tuple[str, int]] = set()
@@ -110,10 +119,18 @@ class Assignment:
         with self._cycling:
             self._leave()
 
+    def _give_back(self, part: tuple[str, int]) -> None:
+        """Release a partition in good order: its next owner need not wait."""
+        self.backend.delete(owner_key(*part))
+        self.backend.release_lease(lease_name(*part), self.member)
+
     def _leave(self) -> None:
         for q, i in list(self.owned):
             try:
-                self.backend.release_lease(lease_name(q, i), self.member)
+                if (q, i) in self._waiting:  # never consumed: the wait passes on
+                    self.backend.release_lease(lease_name(q, i), self.member)
+                else:
+                    self._give_back((q, i))
             except BackendError as exc:
                 logger.warning("ordering.release_failed", queue=q, partition=i, error=str(exc))
         self.owned.clear()
@@ -146,12 +163,13 @@ class Assignment:
                     break
                 part = self._names.get(name)
                 if part is not None and part in self.owned:
-                    self.backend.release_lease(lease_name(*part), self.member)
+                    self._give_back(part)
                     del self.owned[part]
                     self._releasing.discard(part)
                     logger.info("ordering.partition_released", queue=part[0], partition=name)
             for q, count in self.queues.items():
                 self._balance(q, count)
+            self._post_waited(time.monotonic())
         except BackendError as exc:
             logger.warning("ordering.backend_failed", error=str(exc))
             self._expire(time.monotonic())
@@ -165,9 +183,19 @@ class Assignment:
             if now - renewed > self.lease_ttl * 0.8:
                 self._lose(part)
 
+    def _post_waited(self, now: float) -> None:
+        for part, when in list(self._waiting.items()):
+            if part not in self.owned:
+                del self._waiting[part]
+            elif when <= now:
+                del self._waiting[part]
+                self._post(("add", partition_name(part[0], part[1], self.queues[part[0]])))
+
     def _lose(self, part: tuple[str, int]) -> None:
         del self.owned[part]
         self._releasing.discard(part)
+        if self._waiting.pop(part, None) is not None:
+            return  # never consumed: nothing to stop
         name = partition_name(part[0], part[1], self.queues[part[0]])
         logger.error(
             "ordering.lease_lost",
@@ -225,6 +253,26 @@ class Assignment:
                     continue
                 self.owned[(q, i)] = now
                 need -= 1
-                partition = partition_name(q, i, count)
-                logger.info("ordering.partition_taken", queue=q, partition=partition, share=share)
-                self._post(("add", partition))
+                self._take(q, i, count, share, now)
+
+    def _take(self, q: str, i: int, count: int, share: int, now: float) -> None:
+        """Consume a partition just leased, at once unless its last owner left it in disorder."""
+        partition = partition_name(q, i, count)
+        key = owner_key(q, i)
+        last = self.backend.get(key)
+        self.backend.put(key, self.member.encode(), self.state_ttl)
+        if last is not None and last.decode() != self.member and self.takeover_delay > 0:
+            # It died or was cut off holding messages of this partition: a transport
+            # hands them back only after a while (Redis: its liveness timeout), and
+            # they must be consumed before the later ones.
+            self._waiting[(q, i)] = now + self.takeover_delay
+            logger.warning(
+                "ordering.takeover_wait",
+                queue=q,
+                partition=partition,
+                previous=last.decode(),
+                delay=self.takeover_delay,
+            )
+            return
+        logger.info("ordering.partition_taken", queue=q, partition=partition, share=share)
+        self._post(("add", partition))

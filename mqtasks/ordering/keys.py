@@ -26,6 +26,7 @@ __all__ = [
     "lease_name",
     "member_key",
     "members_key",
+    "owner_key",
     "parse_partition",
     "partition_index",
     "partition_name",
@@ -118,6 +119,12 @@ def members_key(queue: str) -> str:
 def member_key(queue: str, member: str) -> str:
     """The backend key whose presence says that ``member`` is alive."""
     return f"ordering:member:{queue}:{member}"
+
+
+def owner_key(queue: str, index: int) -> str:
+    """The backend key naming the member that consumes a partition (deleted when it gives
+    the partition up in good order)."""
+    return f"ordering:owner:{queue}:{index}"
 
 
 def lease_name(queue: str, index: int) -> str:

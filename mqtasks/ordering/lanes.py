@@ -11,8 +11,7 @@ the baseline (nothing is known after a takeover); then ``last + 1`` runs,
 a larger number waits up to ``gap_timeout`` for the missing ones (then they
 are skipped and logged), and a number at or below the last one run arrived
 too late and is dead-lettered (``sequence_gap``), never run out of order.
-Number 1 always starts afresh: the backend's counter of the key was created
-anew (it had expired).
+The number of a key idle for :data:`IDLE_FORGET` is forgotten (a new baseline).
 """
 
 from __future__ import annotations
@@ -103,7 +102,7 @@ class Lanes:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
-        if lane.last is not None and seq <= lane.last and seq != 1:
+        if lane.last is not None and seq <= lane.last:
             self._log_late(delivery, okey, seq, lane.last)
             return [(delivery, SEQUENCE_GAP)]
         arrival = next(self._arrivals)
@@ -222,13 +221,13 @@ class Lanes:
         while lane.active is None and lane.waiting:
             seq, _, delivery = lane.waiting[0]
             last = lane.last
-            if last is not None and seq != 1 and seq <= last:
+            if last is not None and seq <= last:
                 heapq.heappop(lane.waiting)
                 del self._of[id(delivery)]
                 self._log_late(delivery, key[1], seq, last)
                 out.append((delivery, SEQUENCE_GAP))
                 continue
-            if last is not None and seq != 1 and seq > last + 1:
+            if last is not None and seq > last + 1:
                 if lane.gap_since is None:
                     lane.gap_since = now
                 if now - lane.gap_since < self.gap_timeout:

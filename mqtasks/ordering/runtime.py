@@ -128,8 +128,14 @@ class OrderedDeliveries:
         self._verdicts: dict[int, str] = {}
         #: Next attempt (or deferral) of each delivery held in place, by identity.
         self._resume: dict[int, tuple[float, Message]] = {}
+        settings = app.settings
         self.assignment = Assignment(
-            app.backend, queues, lease_ttl=app.settings.ordering_lease_ttl, post=self.post
+            app.backend,
+            queues,
+            lease_ttl=settings.ordering_lease_ttl,
+            post=self.post,
+            takeover_delay=settings.ordering_takeover_delay,
+            state_ttl=settings.ordering_state_ttl,
         )
 
     def start(self) -> None:
