@@ -14,10 +14,7 @@ from typing import Any
 from ..exceptions import EncodeError
 
 __all__ = [
-    "DEFAULT_GAP_TIMEOUT",
-    "DEFAULT_LEASE_TTL",
     "DEFAULT_PARTITIONS",
-    "DEFAULT_STATE_TTL",
     "HEADER_OKEY",
     "HEADER_OSEQ",
     "MAX_PARTITIONS",
@@ -42,12 +39,6 @@ HEADER_OSEQ = "mqtasks-oseq"
 DEFAULT_PARTITIONS = 16
 #: Most partitions a queue may have.
 MAX_PARTITIONS = 1024
-#: Seconds a worker's hold on a partition lasts unless renewed (every third of it).
-DEFAULT_LEASE_TTL = 10.0
-#: Seconds a worker waits for missing sequence numbers of a key before it skips them.
-DEFAULT_GAP_TIMEOUT = 5.0
-#: Seconds a key's sequence counter and halt mark are kept in the backend.
-DEFAULT_STATE_TTL = 30 * 86400.0
 
 # sort_keys: {"a": 1, "b": 2} and {"b": 2, "a": 1} are one key.
 _CANONICAL = json.JSONEncoder(

@@ -30,7 +30,7 @@ from .keys import HEADER_OKEY, HEADER_OSEQ
 if TYPE_CHECKING:
     from ..transport.base import Delivery
 
-__all__ = ["SEQUENCE_GAP", "Dispatch", "Lanes", "lane_of"]
+__all__ = ["IDLE_FORGET", "SEQUENCE_GAP", "Dispatch", "Lanes", "lane_of"]
 
 logger = structlog.get_logger("mqtasks.ordering")
 
