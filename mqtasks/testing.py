@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .app import App
 from .exceptions import ConfigurationError
+from .ordering.queues import partitions_of
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -172,7 +173,9 @@ def drain(worker: Worker, timeout: float = 10.0, *, raise_errors: bool = True) -
         Exception: The first error a task raised, when ``raise_errors`` is set.
     """
     app = worker.app
-    specs = [app.queue(q) for q in worker.queues]
+    # With the partition queues of ordered tasks, which the worker consumes as it owns them.
+    names = [*worker.queues, *partitions_of(app, worker.queues)]
+    specs = [app.queue(q) for q in names]
     deadline = time.monotonic() + timeout
     stable, last = 0, -1
     while True:

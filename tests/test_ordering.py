@@ -16,6 +16,7 @@ from mqtasks import App
 from mqtasks.exceptions import ConfigurationError
 from mqtasks.ordering import HEADER_OSEQ
 from mqtasks.ordering.publish import route
+from mqtasks.testing import drain, running_worker
 from mqtasks.worker import Worker
 from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
 from tests._helpers.wait import wait_for
@@ -497,3 +498,11 @@ def test_a_worker_on_redis_kombu_refuses_ordered_tasks(make_app: Callable[..., A
     worker = Worker(app, concurrency=1)
     with pytest.raises(ConfigurationError, match="add_queue"):
         worker.start()
+
+
+def test_drain_waits_for_the_partitions_too(ordered_app: App) -> None:
+    app = ordered_app
+    log = backlog(app, unique_name("ledger"), keys=3, calls=10, partitions=4, pause=0.0)
+    with running_worker(app, concurrency=2) as worker:
+        drain(worker)
+        assert len(log) == 30

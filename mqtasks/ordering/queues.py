@@ -12,14 +12,16 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING
 
-from .keys import parse_partition
+from .keys import parse_partition, partition_name
 from .options import ordered_queues
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ..app import App
     from ..transport.base import QueueSpec
 
-__all__ = ["base_queue", "partition_spec"]
+__all__ = ["base_queue", "partition_spec", "partitions_of"]
 
 _MAYBE = re.compile(r"\.p[0-9]+$")
 
@@ -50,3 +52,13 @@ def base_queue(app: App, name: str) -> str | None:
     """Return the base queue of partition queue ``name``, or None if it is not a partition."""
     found = _partition_of(app, name)
     return found[0] if found is not None else None
+
+
+def partitions_of(app: App, queues: Sequence[str]) -> list[str]:
+    """Return the partition queues of those of ``queues`` that carry ordered tasks."""
+    return [
+        partition_name(q, i, n)
+        for q, n in ordered_queues(app.tasks.values()).items()
+        if q in queues
+        for i in range(n)
+    ]

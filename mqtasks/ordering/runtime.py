@@ -81,11 +81,14 @@ def ordered_deliveries(
 
     Raises:
         BackendError: The backend cannot be reached for the first leases.
+        TransportError: The partition queues cannot be declared.
     """
     found = _ordered(app, queues)
     if not found:
         return None
     ordered = OrderedDeliveries(app, found, consumer, dispatch=dispatch, counted=counted, wake=wake)
+    # Every partition exists from now on (counted by status and drain(), even unowned).
+    app.transport.declare([app.queue(name) for name in sorted(ordered.partitions)])
     ordered.start()
     return ordered
 
@@ -123,7 +126,8 @@ class OrderedDeliveries:
         self.consumed: set[str] = set()
         #: Partitions being given up: waiting for their running deliveries to settle.
         self.draining: set[str] = set()
-        self._partitions = {partition_name(q, i, n) for q, n in queues.items() for i in range(n)}
+        #: Every partition queue of the worker's ordered queues.
+        self.partitions = {partition_name(q, i, n) for q, n in queues.items() for i in range(n)}
         #: Dead-letter reasons of dispatched deliveries that must not run, by identity.
         self._verdicts: dict[int, str] = {}
         #: Next attempt (or deferral) of each delivery held in place, by identity.
@@ -158,7 +162,7 @@ class OrderedDeliveries:
 
         Deliveries without valid ordering headers run as they come.
         """
-        if delivery.queue not in self._partitions:
+        if delivery.queue not in self.partitions:
             return False
         found = lane_of(delivery)
         if found is None:
