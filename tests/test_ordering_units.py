@@ -252,3 +252,14 @@ def test_a_partition_taken_over_from_a_worker_that_died_is_consumed_after_the_de
         backend, {queue: 1}, lease_ttl=5.0, post=again, member="next", takeover_delay=30.0
     ).cycle()
     assert again.of("add") == [partition_name(queue, 0, 1)]
+
+
+def test_a_frozen_queue_dispatches_nothing_until_thawed() -> None:
+    lanes = Lanes(gap_timeout=5.0)
+    one, two = delivery(1), delivery(2)
+    arrive(lanes, one)
+    lanes.frozen.add("ledger.p0")  # being given up: what runs finishes, nothing starts
+    assert arrive(lanes, two) == []
+    assert ids(lanes.settled(one, 0.0)) == []
+    assert lanes.running(["ledger.p0"]) == 0
+    assert ids(lanes.thaw("ledger.p0", 0.0)) == [("k1-2", None)]

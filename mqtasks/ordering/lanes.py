@@ -87,6 +87,8 @@ class Lanes:
         self._of: dict[int, tuple[LaneKey, int]] = {}
         self._arrivals = itertools.count()
         self._last_sweep = time.monotonic()
+        #: Queues being given up: nothing more of them is dispatched (held ones stay held).
+        self.frozen: set[str] = set()
 
     def __len__(self) -> int:
         """Deliveries held in lanes (running, held or waiting)."""
@@ -161,6 +163,8 @@ class Lanes:
         """Return held deliveries whose time has come, and lanes whose gap timed out."""
         ready: list[Dispatch] = []
         for key, lane in list(self._lanes.items()):
+            if key[0] in self.frozen:
+                continue
             if lane.active is not None and lane.hold_until is not None:
                 if lane.hold_until <= now:
                     lane.hold_until = None
@@ -170,6 +174,15 @@ class Lanes:
         if now - self._last_sweep > 60.0:
             self._sweep(now)
         return ready
+
+    def thaw(self, queue: str, now: float) -> list[Dispatch]:
+        """Dispatch from ``queue`` again (it was frozen); return what may run now."""
+        self.frozen.discard(queue)
+        out: list[Dispatch] = []
+        for key, lane in list(self._lanes.items()):
+            if key[0] == queue:
+                out.extend(self._advance(key, lane, now))
+        return out
 
     def next_due(self) -> float | None:
         """When :meth:`due` has something next (monotonic), or None."""
@@ -218,7 +231,7 @@ class Lanes:
 
     def _advance(self, key: LaneKey, lane: _Lane, now: float) -> list[Dispatch]:
         out: list[Dispatch] = []
-        while lane.active is None and lane.waiting:
+        while lane.active is None and lane.waiting and key[0] not in self.frozen:
             seq, _, delivery = lane.waiting[0]
             last = lane.last
             if last is not None and seq <= last:

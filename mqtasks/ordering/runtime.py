@@ -168,7 +168,10 @@ class OrderedDeliveries:
         if found is None:
             self._dispatch(delivery)
             return True
-        if stopping:  # arrived after the hand-back of the others: back at once
+        if stopping or (
+            delivery.queue not in self.consumed and delivery.queue not in self.draining
+        ):
+            # Arrived after the hand-back of the others (stopping, a lost lease): back at once.
             self.hand_back([delivery])
             return True
         self._run(self.lanes.arrive(delivery, found[0], found[1], time.monotonic()))
@@ -241,6 +244,8 @@ class OrderedDeliveries:
         self._run(self.lanes.due(time.monotonic()))
         for name in list(self.draining):
             if not self.lanes.running([name]):
+                self.hand_back(self.lanes.take(name))
+                self.lanes.frozen.discard(name)
                 self.draining.discard(name)
                 self.assignment.released(name)
 
@@ -265,13 +270,14 @@ class OrderedDeliveries:
             return
         if name in self.draining:  # taken again before it was drained: keep it
             self.draining.discard(name)
+            self._run(self.lanes.thaw(name, time.monotonic()))
+        self.consumed.add(name)  # first: a consumer may deliver from within add_queue
         try:
             self.consumer.add_queue(self.app.queue(name))
         except MQTasksError as exc:
             logger.error("ordering.add_failed", partition=name, error=str(exc))
+            self.consumed.discard(name)
             self.assignment.released(name)
-            return
-        self.consumed.add(name)
 
     def _give_up(self, name: str, *, lost: bool) -> None:
         if name in self.consumed:
@@ -280,9 +286,14 @@ class OrderedDeliveries:
             except MQTasksError as exc:
                 logger.warning("ordering.remove_failed", partition=name, error=str(exc))
             self.consumed.discard(name)
-        self.hand_back(self.lanes.take(name))
-        if not lost:
-            self.draining.add(name)
+        if lost:  # another worker may consume it already: hand back what is not running now
+            self.hand_back(self.lanes.take(name))
+            return
+        # Given up in good order: nothing more of it runs here; once what runs has
+        # finished, what waits (and what still arrives meanwhile) goes back in one go,
+        # in order, then the lease (poll()).
+        self.lanes.frozen.add(name)
+        self.draining.add(name)
 
     def _run(self, out: list[Dispatch]) -> None:
         for delivery, reason in out:
