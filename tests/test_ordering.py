@@ -351,16 +351,29 @@ def test_a_second_worker_takes_partitions_over_without_breaking_order(
             all(log.of(a) == list(range(len(log.of(a)))) for a in range(6))
             and app_is_drained(app, queue, 4, workers)
         ),
-        lambda: f"order kept: {[log.of(a)[:20] for a in range(6)]}",
+        lambda: (
+            f"order kept and drained: {[anomalies(log.of(a)) for a in range(6)]}, owned "
+            f"{[sorted(owned(w)) for w in workers]}, idle {[w.idle for w in workers]}, ready "
+            f"{partition_counts(app, queue, 4)}"
+        ),
         timeout=30,
     )
 
 
-def app_is_drained(app: App, queue: str, partitions: int, workers: list[Worker]) -> bool:
+def anomalies(runs: list[Any]) -> list[tuple[int, Any, Any]]:
+    """Where ``runs`` is not 0, 1, 2...: (index, expected, found)."""
+    return [(i, i, n) for i, n in enumerate(runs) if n != i][:5]
+
+
+def partition_counts(app: App, queue: str, partitions: int) -> dict[str, int]:
     from mqtasks.ordering import partition_name
 
     specs = [app.queue(partition_name(queue, i, partitions)) for i in range(partitions)]
-    counts = app.transport.message_counts(specs)
+    return app.transport.message_counts(specs)
+
+
+def app_is_drained(app: App, queue: str, partitions: int, workers: list[Worker]) -> bool:
+    counts = partition_counts(app, queue, partitions)
     return sum(counts.values()) == 0 and all(w.idle for w in workers)
 
 
