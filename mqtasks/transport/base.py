@@ -347,6 +347,17 @@ class Transport:
         """Forget the declaration cache (after a queue was deleted behind our back)."""
         self._declared.clear()
 
+    @property
+    def recovery_time(self) -> float:
+        """Seconds at most until the broker hands back what a killed consumer held.
+
+        0 where the broker sees the consumer's connection close (RabbitMQ,
+        ``memory://``); ``redis://`` waits for its liveness key to expire.
+        Ordered tasks keep partition leases longer than this, so that a
+        partition's new owner finds its dead predecessor's messages back first.
+        """
+        return 0.0
+
     def check_broker(self) -> list[str]:
         """Return warnings about broker settings that weaken mqtasks' guarantees.
 

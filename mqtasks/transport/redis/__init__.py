@@ -297,6 +297,11 @@ class RedisTransport(Transport):
             publisher.close()
             publisher.connection_pool.disconnect()
 
+    @property
+    def recovery_time(self) -> float:
+        """The liveness TTL: a silent consumer's messages are restored once it expires."""
+        return self.liveness_ttl
+
     def check_broker(self) -> list[str]:
         """Warn when Redis would lose or evict acknowledged tasks."""
         view = SimpleNamespace(default_channel=SimpleNamespace(client=self.publisher()))

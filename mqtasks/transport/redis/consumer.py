@@ -491,6 +491,12 @@ class RedisConsumer(Consumer):
         try:
             if not self._beat(strict=True):
                 raise redis.ConnectionError("consumer registration was swept")
+            # A queue taken over from a consumer that died (an ordered task's
+            # partition whose lease expired) gets what that consumer held back at
+            # its head, in order, before the first fetch from it: once the lease
+            # outlasts the liveness key (Transport.recovery_time), the sweep finds
+            # the dead consumer expired.
+            self._sweep()
         except CONNECTION_ERRORS as exc:
             self._lost(exc)
 
