@@ -177,7 +177,7 @@ class Consumer:
     def add_queue(self, spec: QueueSpec) -> None:
         """Start consuming one more queue, declared as :meth:`start` declares queues.
 
-        Its deliveries go to the same callback; :attr:`prefetch` still bounds
+        Its deliveries go to the same callback; ``prefetch`` still bounds
         the deliveries held over all queues; a queue consumed already: nothing.
         A reconnect consumes the current queues.
 

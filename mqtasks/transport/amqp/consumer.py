@@ -64,7 +64,7 @@ class AmqpConsumer(KombuConsumer):
     octet), where one call per wake-up serves every message that arrived.
 
     Each queue has its own RabbitMQ consumer with a share of the prefetch
-    window (:mod:`~mqtasks.transport.amqp.prefetch`). When the queues change,
+    window (``mqtasks.transport.amqp.prefetch``). When the queues change,
     a consumer whose share shrank is cancelled and subscribed again with its
     share less what its old tag still holds: the windows of live consumers
     plus what cancelled ones hold never exceed the bound. Queues added while
@@ -380,7 +380,7 @@ class AmqpConsumer(KombuConsumer):
         is then closed: an added queue's own channel (its consumer subscribes
         again on a new one), or for the queues the consumer started with, the
         connection (a reconnect). While the consumer is cancelled (stopping),
-        they go back at :meth:`close`.
+        they go back at ``close()``.
         """
         live = [d for d in deliveries if d.generation == self.generation]
         consumer = self._consumer
