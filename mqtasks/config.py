@@ -103,14 +103,30 @@ class Settings:
     ordering_state_ttl: float = 30 * 86400.0
     #: Ordered tasks: seconds a worker waits before it consumes a partition taken from a
     #: worker that did not give it up (crashed, cut off), so that the messages that worker
-    #: held come back first (Redis restores them after its liveness timeout and sweep).
-    ordering_takeover_delay: float = 15.0
+    #: held come back first. ``None``: the broker's own recovery time (Redis restores a
+    #: dead consumer's messages after its liveness timeout and sweep; RabbitMQ at once).
+    ordering_takeover_delay: float | None = None
+    #: Seconds a task may run before :exc:`~mqtasks.SoftTimeLimitExceeded` is raised in
+    #: it, for tasks that set no ``soft_time_limit``; ``None``: no limit.
+    soft_time_limit: float | None = None
+    #: Seconds a task may run before the worker stops it and dead-letters its message
+    #: (reason ``time_limit``), for tasks that set no ``time_limit``; ``None``: no limit.
+    time_limit: float | None = None
+    #: Threads past their hard time limit (which Python cannot stop) a worker process
+    #: tolerates; past it, the process finishes its other tasks and exits, and its
+    #: supervisor starts a fresh one.
+    max_abandoned_threads: int = 4
+    #: ``async def`` tasks: seconds a task may hold the worker's event loop (for
+    #: example with ``time.sleep``) before a ``task.loop_blocked`` warning names it.
+    loop_block_threshold: float = 0.5
+    #: Seconds a revocation is kept (a revoked task arriving later is still not run).
+    revoke_expires: float = 86400.0
 
     def __post_init__(self) -> None:
         if not (
             self.ordering_lease_ttl > 0
             and self.ordering_gap_timeout >= 0
-            and self.ordering_takeover_delay >= 0
+            and (self.ordering_takeover_delay is None or self.ordering_takeover_delay >= 0)
             and self.ordering_state_ttl > 0
         ):
             raise ConfigurationError(
@@ -146,6 +162,26 @@ class Settings:
             )
         if not self.result_expires > 0:
             raise ConfigurationError("result_expires must be positive seconds.")
+        if not self.revoke_expires > 0:
+            raise ConfigurationError("revoke_expires must be positive seconds.")
+        for name in ("soft_time_limit", "time_limit"):
+            limit = getattr(self, name)
+            if limit is not None and not limit > 0:
+                raise ConfigurationError(f"{name} must be positive seconds, or None for no limit.")
+        if (
+            self.soft_time_limit is not None
+            and self.time_limit is not None
+            and self.soft_time_limit > self.time_limit
+        ):
+            raise ConfigurationError(
+                f"soft_time_limit ({self.soft_time_limit:g} s) is above time_limit "
+                f"({self.time_limit:g} s): the task would be stopped before it is warned. "
+                "Set the soft limit below the hard one."
+            )
+        if self.max_abandoned_threads < 0:
+            raise ConfigurationError("max_abandoned_threads cannot be negative.")
+        if not self.loop_block_threshold > 0:
+            raise ConfigurationError("loop_block_threshold must be positive seconds.")
         try:
             check_exchange(self.events_exchange)
         except ValueError as exc:
@@ -203,6 +239,8 @@ class Settings:
         default = {f.name: f.default for f in dataclasses.fields(Settings)}[name]
         if name in ("prefetch", "delivery_limit"):
             return int
+        if name in ("ordering_takeover_delay", "soft_time_limit", "time_limit"):
+            return float
         if name in ("statsd_url", "backend_url", "backend_key_prefix"):
             return str
         return type(default)

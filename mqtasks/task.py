@@ -55,6 +55,10 @@ BASE_OPTIONS = frozenset(
         "idempotent",
         # Ordered processing by key (see mqtasks.ordering).
         *ORDERING_OPTIONS,
+        # Seconds before SoftTimeLimitExceeded is raised in the task, and before
+        # the worker stops it and dead-letters it (see mqtasks.execution).
+        "soft_time_limit",
+        "time_limit",
     }
 )
 

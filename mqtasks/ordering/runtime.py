@@ -138,7 +138,11 @@ class OrderedDeliveries:
             queues,
             lease_ttl=settings.ordering_lease_ttl,
             post=self.post,
-            takeover_delay=settings.ordering_takeover_delay,
+            takeover_delay=(
+                app.transport.recovery_time
+                if settings.ordering_takeover_delay is None
+                else settings.ordering_takeover_delay
+            ),
             state_ttl=settings.ordering_state_ttl,
         )
 
