@@ -37,6 +37,7 @@ __all__ = [
     "RET_ERROR",
     "RET_FORCED",
     "RET_OK",
+    "RET_RECYCLE",
     "RET_TIMEOUT",
     "STOP_SIGNALS",
     "LogLines",
@@ -53,6 +54,9 @@ RET_ERROR = 1
 RET_TIMEOUT = 3
 #: Exit code: a second signal forced an immediate exit.
 RET_FORCED = 4
+#: Exit code: the worker asked to be replaced by a fresh process (threads past their
+#: hard time limit piled up); a supervisor starts the replacement at once.
+RET_RECYCLE = 5
 
 #: The signals that stop a worker.
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -280,6 +284,11 @@ class Supervision:
                         continue
                     if self.stopping:
                         codes[slot] = code
+                        continue
+                    if code == RET_RECYCLE:
+                        # Asked for: not a crash, so no pause and no crash-loop count.
+                        self.log.info("supervisor.child_recycled", slot=slot, pid=pid)
+                        self.spawn(slot)
                         continue
                     self.log.warning("supervisor.child_died", slot=slot, pid=pid, code=code)
                 elif self.stopping:
