@@ -3,7 +3,7 @@
 ``@app.task(broadcast=True)`` is for work every worker must do itself
 (invalidating a local cache, reloading configuration). A call is not put in
 the task's queue: it is published once to the exchange
-:data:`BROADCAST_EXCHANGE` under the task's name, and the broker copies it
+``Settings.broadcast_exchange`` (:data:`BROADCAST_EXCHANGE` by default) under the task's name, and the broker copies it
 into one queue per worker, ``<queue>.bcast.<worker id>``, which each worker
 serving ``<queue>`` declares and binds at start, before it consumes, and
 unbinds and deletes at stop. That queue belongs to its worker alone: on
@@ -62,7 +62,7 @@ __all__ = [
 logger = structlog.get_logger("mqtasks.broadcast")
 
 #: The exchange broadcast calls are published to, routed by task name.
-BROADCAST_EXCHANGE = "mqtasks.broadcast"
+BROADCAST_EXCHANGE = "mqtasks.broadcast"  # the default of Settings.broadcast_exchange
 
 #: Seconds a worker's broadcast queue outlives its worker: RabbitMQ deletes it
 #: once it has had no consumer this long (``x-expires``); on ``redis://`` and
@@ -205,7 +205,7 @@ def send(
     idempotency_key: str | None,
     queue: str | None,
 ) -> BroadcastHandle:
-    """Publish a broadcast call once to :data:`BROADCAST_EXCHANGE`; return once the broker has it.
+    """Publish a broadcast call once to the broadcast exchange; return once the broker has it.
 
     The publish middleware runs as for ``delay()``.
 
@@ -233,7 +233,7 @@ def send(
     app = task.app
     message, envelope = app._prepare(message, task._names)
     try:
-        routed = app.transport.emit(BROADCAST_EXCHANGE, task.name, envelope, mandatory=True)
+        routed = app.transport.emit(app.settings.broadcast_exchange, task.name, envelope, mandatory=True)
     except BaseException as exc:
         error = _not_published(task, message, exc)
         app._hooks.after_publish_error(app, [message], error)
@@ -333,7 +333,7 @@ class WorkerBroadcast:
     def _bind_all(self) -> None:
         transport = self.app.transport
         for pattern, spec in self._bindings():
-            transport.bind(BROADCAST_EXCHANGE, pattern, spec)
+            transport.bind(self.app.settings.broadcast_exchange, pattern, spec)
 
     def _keep(self) -> None:
         interval = min(s.expires or QUEUE_EXPIRES for s in self.specs) / 3
@@ -359,7 +359,7 @@ class WorkerBroadcast:
         transport = self.app.transport
         try:
             for pattern, spec in self._bindings():
-                transport.unbind(BROADCAST_EXCHANGE, pattern, spec.name)
+                transport.unbind(self.app.settings.broadcast_exchange, pattern, spec.name)
             transport.delete(self.specs)
         except Exception as exc:
             logger.warning(

@@ -93,6 +93,9 @@ class Settings:
     #: The topic exchange ``app.emit()`` publishes events to and ``@app.on`` binds
     #: subscriber queues on (declared durable where it is first used).
     events_exchange: str = "mqtasks.events"
+    #: The exchange broadcast tasks (``@app.task(broadcast=True)``) are published to and
+    #: each worker's broadcast queue is bound on; apps that share one share their calls.
+    broadcast_exchange: str = "mqtasks.broadcast"
     #: Ordered tasks: seconds a worker's lease on a partition lasts unless renewed
     #: (renewed every third of it); a crashed worker's partitions move after it.
     ordering_lease_ttl: float = 10.0
@@ -182,10 +185,17 @@ class Settings:
             raise ConfigurationError("max_abandoned_threads cannot be negative.")
         if not self.loop_block_threshold > 0:
             raise ConfigurationError("loop_block_threshold must be positive seconds.")
-        try:
-            check_exchange(self.events_exchange)
-        except ValueError as exc:
-            raise ConfigurationError(f"events_exchange: {exc}") from None
+        for name in ("events_exchange", "broadcast_exchange"):
+            try:
+                check_exchange(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigurationError(f"{name}: {exc}") from None
+        if self.events_exchange == self.broadcast_exchange:
+            raise ConfigurationError(
+                f"events_exchange and broadcast_exchange are both {self.events_exchange!r}: "
+                "events use a topic exchange and broadcast calls a fanout by task name, so "
+                "they need an exchange each. Give them different names."
+            )
         if self.log_format not in ("auto", "console", "json"):
             raise ConfigurationError(
                 f"log_format must be 'auto', 'console' or 'json', not {self.log_format!r}."

@@ -143,6 +143,37 @@ def test_every_worker_runs_each_call_once(bc_app: App, workers: Callable[..., Wo
     assert bc_app.transport.message_counts([bc_app.queue(reload.queue)])[reload.queue] == 0
 
 
+@pytest.mark.parametrize("broker", ["memory", pytest.param("redis", marks=pytest.mark.integration)])
+def test_the_broadcast_exchange_setting_is_used(
+    broker: str, make_app: Callable[..., App], workers: Callable[..., Worker]
+) -> None:
+    exchange = unique_name("bx")
+    app = make_app(require_broker(broker), backend=None, broadcast_exchange=exchange)
+    runs = Runs()
+
+    @app.task(broadcast=True, name=unique_name("reload"))
+    def reload(n: int) -> None:
+        runs.add(n)
+
+    worker = workers(app)
+    try:
+        assert {q for _, q in app.transport.bindings(exchange)} == {own_queue(worker)}
+        assert not app.transport.bindings(BROADCAST_EXCHANGE) or own_queue(worker) not in {
+            q for _, q in app.transport.bindings(BROADCAST_EXCHANGE)
+        }
+        reload.delay(7)
+        wait_for(lambda: len(runs) >= 1, "the call ran")
+        assert runs.by_queue() == {own_queue(worker): [7]}
+    finally:
+        worker.stop(timeout=5)
+    assert app.transport.bindings(exchange) == []
+
+
+def test_the_two_exchanges_must_differ() -> None:
+    with pytest.raises(ConfigurationError, match="exchange each"):
+        App("t", broker="memory://", events_exchange="x.same", broadcast_exchange="x.same")
+
+
 def test_a_worker_started_later_does_not_get_earlier_calls(
     bc_app: App, workers: Callable[..., Worker]
 ) -> None:
