@@ -233,7 +233,9 @@ def send(
     app = task.app
     message, envelope = app._prepare(message, task._names)
     try:
-        routed = app.transport.emit(app.settings.broadcast_exchange, task.name, envelope, mandatory=True)
+        routed = app.transport.emit(
+            app.settings.broadcast_exchange, task.name, envelope, mandatory=True
+        )
     except BaseException as exc:
         error = _not_published(task, message, exc)
         app._hooks.after_publish_error(app, [message], error)
