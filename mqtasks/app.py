@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, overload
 from . import dlq
 from . import events as _events
 from . import publishing as _publishing
+from . import queues as _queues
 from .config import Settings, TLSOptions, mask_url
 from .events import EventHandle, Subscription, Subscriptions, same_function
 from .exceptions import ConfigurationError, DuplicateTask, TaskNotRegistered
@@ -19,13 +20,11 @@ from .message import Message
 from .middleware import Middleware, default_middleware
 from .middleware.base import Runner
 from .middleware.results import Results
-from .ordering.queues import partition_spec
 from .publishing import Publishing
 from .retry import RetryPolicy
 from .status import QueueStatus, queue_status
 from .task import BASE_OPTIONS, P, R, Task, TaskHandle
 from .transport import QueueSpec, Transport, resolve
-from .transport.base import DLQ_SUFFIX
 from .types import Seconds
 from .validation import check_app
 
@@ -184,8 +183,7 @@ class App:
     def queue(self, name: str) -> QueueSpec:
         """Return the configuration of queue ``name`` (the defaults if not configured);
         a partition of ordered tasks' queue gets that queue's (:mod:`mqtasks.ordering`)."""
-        spec = self.queues.get(name)
-        return spec if spec is not None else partition_spec(self, name) or QueueSpec(name)
+        return _queues.queue_spec(self, name)
 
     def delivery_limit(self, name: str) -> int | None:
         """Return the most deliveries a message of queue ``name`` gets; None: no limit.
@@ -194,13 +192,7 @@ class App:
         :attr:`Settings.delivery_limit <mqtasks.config.Settings.delivery_limit>`.
         Dead-letter queues have none.
         """
-        if name.endswith(DLQ_SUFFIX):
-            return None
-        spec = self.queues.get(name)
-        limit = spec.delivery_limit if spec is not None else None
-        if limit is None:
-            limit = self.settings.delivery_limit
-        return limit or None
+        return _queues.delivery_limit(self, name)
 
     def check(
         self,
@@ -221,8 +213,7 @@ class App:
 
     def task_queues(self) -> list[str]:
         """Return the names of all queues that registered tasks publish to."""
-        names = dict.fromkeys(t.queue for t in self.tasks.values())
-        return list(names) or [self.settings.default_queue]
+        return _queues.task_queues(self)
 
     def declare(self, queues: Sequence[str] | None = None) -> None:
         """Declare queues on the broker (all task queues by default)."""
