@@ -39,6 +39,7 @@ from ...exceptions import BackendError, ConfigurationError
 from ...transport.tls import TLSOptions
 from ..base import Backend, ResultWrite
 from .listener import Listener
+from .schema import EXPIRING, SQL, TABLES
 
 try:
     import psycopg
@@ -56,101 +57,6 @@ logger = structlog.get_logger("mqtasks.backend.postgres")
 #: Tables are named ``<prefix>results``, ``<prefix>kv``... unless told otherwise.
 DEFAULT_TABLE_PREFIX = "mqtasks_"
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,39}")
-
-_TABLES = {
-    "results": """CREATE TABLE IF NOT EXISTS {t} (
-        task_id text PRIMARY KEY, record bytea NOT NULL, final boolean NOT NULL,
-        expires_at timestamptz NOT NULL)""",
-    "kv": """CREATE TABLE IF NOT EXISTS {t} (
-        key text PRIMARY KEY, value bytea, num bigint, expires_at timestamptz NOT NULL)""",
-    "members": """CREATE TABLE IF NOT EXISTS {t} (
-        key text NOT NULL, member text NOT NULL, PRIMARY KEY (key, member))""",
-    "leases": """CREATE TABLE IF NOT EXISTS {t} (
-        name text PRIMARY KEY, owner text NOT NULL, token bigint NOT NULL,
-        expires_at timestamptz NOT NULL)""",
-}
-#: Tables swept for expired rows get an index on ``expires_at``.
-_EXPIRING = ("results", "kv", "leases")
-
-_EXPIRES = "now() + make_interval(secs => %(ttl)s)"
-
-_SQL = {
-    "store": f"""INSERT INTO {{results}} AS r (task_id, record, final, expires_at)
-        VALUES (%(id)s, %(record)s, %(final)s, {_EXPIRES})
-        ON CONFLICT (task_id) DO UPDATE SET record = EXCLUDED.record, final = EXCLUDED.final,
-            expires_at = EXCLUDED.expires_at
-        WHERE NOT r.final OR r.expires_at <= now()
-        RETURNING 1""",
-    "notify": "SELECT pg_notify(%s, %s)",
-    "get_result": """SELECT record, final FROM {results}
-        WHERE task_id = %s AND expires_at > now()""",
-    "get_results": """SELECT task_id, record, final FROM {results}
-        WHERE task_id = ANY(%s) AND expires_at > now()""",
-    "forget": "DELETE FROM {results} WHERE task_id = %s",
-    "set_if_absent": f"""INSERT INTO {{kv}} AS t (key, value, expires_at)
-        VALUES (%(key)s, %(value)s, {_EXPIRES})
-        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, num = NULL,
-            expires_at = EXCLUDED.expires_at
-        WHERE t.expires_at <= now()
-        RETURNING 1""",
-    "get": "SELECT value, num FROM {kv} WHERE key = %s AND expires_at > now()",
-    "put": f"""INSERT INTO {{kv}} AS t (key, value, expires_at)
-        VALUES (%(key)s, %(value)s, {_EXPIRES})
-        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, num = NULL,
-            expires_at = EXCLUDED.expires_at""",
-    "delete_key": "DELETE FROM {kv} WHERE key = %s",
-    "delete_members": "DELETE FROM {members} WHERE key = %s",
-    "incr": f"""INSERT INTO {{kv}} AS t (key, num, expires_at)
-        VALUES (%(key)s, %(amount)s, {_EXPIRES})
-        ON CONFLICT (key) DO UPDATE SET
-            num = CASE WHEN t.expires_at <= now() THEN EXCLUDED.num
-                       ELSE coalesce(t.num, 0) + EXCLUDED.num END,
-            value = NULL,
-            expires_at = CASE WHEN t.expires_at <= now() THEN EXCLUDED.expires_at
-                              ELSE t.expires_at END
-        RETURNING num""",
-    # The set's row in kv is locked by this upsert until the transaction ends, so
-    # the adds to one set run one after the other and each sees the size it made.
-    "lock_set": f"""INSERT INTO {{kv}} AS t (key, num, expires_at)
-        VALUES (%(key)s, 0, {_EXPIRES})
-        ON CONFLICT (key) DO UPDATE SET
-            num = CASE WHEN t.expires_at <= now() THEN 0 ELSE coalesce(t.num, 0) END,
-            value = NULL,
-            expires_at = CASE WHEN t.expires_at <= now() THEN EXCLUDED.expires_at
-                              ELSE t.expires_at END
-        RETURNING num""",
-    "add_member": """INSERT INTO {members} (key, member) VALUES (%s, %s)
-        ON CONFLICT DO NOTHING""",
-    "count_member": "UPDATE {kv} SET num = num + 1 WHERE key = %s RETURNING num",
-    "members": """SELECT m.member FROM {members} m JOIN {kv} k ON k.key = m.key
-        WHERE m.key = %s AND k.expires_at > now()""",
-    "acquire": f"""INSERT INTO {{leases}} AS l (name, owner, token, expires_at)
-        VALUES (%(name)s, %(owner)s, nextval({{seq}}), {_EXPIRES})
-        ON CONFLICT (name) DO UPDATE SET
-            owner = EXCLUDED.owner,
-            token = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > now() THEN l.token
-                         ELSE EXCLUDED.token END,
-            expires_at = EXCLUDED.expires_at
-        WHERE l.owner = EXCLUDED.owner OR l.expires_at <= now()
-        RETURNING token""",
-    "renew": f"""UPDATE {{leases}} SET expires_at = {_EXPIRES}
-        WHERE name = %(name)s AND owner = %(owner)s AND expires_at > now()
-        RETURNING 1""",
-    "release": "DELETE FROM {leases} WHERE name = %s AND owner = %s",
-    "holder": "SELECT owner, token FROM {leases} WHERE name = %s AND expires_at > now()",
-    "sweep_results": """DELETE FROM {results} WHERE task_id IN (
-        SELECT task_id FROM {results} WHERE expires_at <= now()
-        LIMIT %(limit)s FOR UPDATE SKIP LOCKED)""",
-    "sweep_kv": """WITH gone AS (
-            DELETE FROM {kv} WHERE key IN (
-                SELECT key FROM {kv} WHERE expires_at <= now()
-                LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-            RETURNING key)
-        DELETE FROM {members} WHERE key IN (SELECT key FROM gone)""",
-    "sweep_leases": """DELETE FROM {leases} WHERE name IN (
-        SELECT name FROM {leases} WHERE expires_at <= now()
-        LIMIT %(limit)s FOR UPDATE SKIP LOCKED)""",
-}
 
 
 def _libpq_tls(tls: TLSOptions) -> dict[str, str]:
@@ -242,11 +148,11 @@ class PostgresBackend(Backend):
         self.pool_size = pool_size
         self.pool_timeout = pool_timeout
         self.sweep_every = sweep_every
-        self._tables = {name: f"{table_prefix}{name}" for name in _TABLES}
+        self._tables = {name: f"{table_prefix}{name}" for name in TABLES}
         self._sequence = f"{table_prefix}lease_tokens"
         names: dict[str, sql.Composable] = {k: sql.Identifier(v) for k, v in self._tables.items()}
         names["seq"] = sql.Literal(self._sequence)
-        self._sql = {name: sql.SQL(text).format(**names) for name, text in _SQL.items()}
+        self._sql = {name: sql.SQL(text).format(**names) for name, text in SQL.items()}
         self._lock = threading.Lock()
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._listener: Listener | None = None
@@ -276,11 +182,11 @@ class PostgresBackend(Backend):
         """Create what is missing, in ``conn``'s transaction, under the advisory lock."""
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"mqtasks:{self.channel}"])
         done: list[str] = []
-        for name, ddl in _TABLES.items():
+        for name, ddl in TABLES.items():
             table = self._tables[name]
             statement = sql.SQL(ddl).format(t=sql.Identifier(table))
             done.append(self._create_one(conn, "table", table, statement))
-            if name in _EXPIRING:
+            if name in EXPIRING:
                 index = f"{table}_expires_at"
                 statement = sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (expires_at)").format(
                     i=sql.Identifier(index), t=sql.Identifier(table)

@@ -1,0 +1,108 @@
+"""The PostgreSQL backend's tables and statements, named by their role.
+
+:class:`~mqtasks.backend.postgres.PostgresBackend` formats each statement with
+the identifiers of its own tables (``{results}``, ``{kv}``...), named from its
+``table_prefix``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EXPIRING", "SQL", "TABLES"]
+
+#: Each table's ``CREATE TABLE IF NOT EXISTS``; ``{t}`` is the table's name.
+TABLES = {
+    "results": """CREATE TABLE IF NOT EXISTS {t} (
+        task_id text PRIMARY KEY, record bytea NOT NULL, final boolean NOT NULL,
+        expires_at timestamptz NOT NULL)""",
+    "kv": """CREATE TABLE IF NOT EXISTS {t} (
+        key text PRIMARY KEY, value bytea, num bigint, expires_at timestamptz NOT NULL)""",
+    "members": """CREATE TABLE IF NOT EXISTS {t} (
+        key text NOT NULL, member text NOT NULL, PRIMARY KEY (key, member))""",
+    "leases": """CREATE TABLE IF NOT EXISTS {t} (
+        name text PRIMARY KEY, owner text NOT NULL, token bigint NOT NULL,
+        expires_at timestamptz NOT NULL)""",
+}
+#: Tables swept for expired rows get an index on ``expires_at``.
+EXPIRING = ("results", "kv", "leases")
+
+#: The SQL expression of an expiry ``ttl`` seconds from now (the server's clock).
+EXPIRES = "now() + make_interval(secs => %(ttl)s)"
+
+#: Every statement by role; ``{results}``, ``{kv}``... stand for the table names.
+SQL = {
+    "store": f"""INSERT INTO {{results}} AS r (task_id, record, final, expires_at)
+        VALUES (%(id)s, %(record)s, %(final)s, {EXPIRES})
+        ON CONFLICT (task_id) DO UPDATE SET record = EXCLUDED.record, final = EXCLUDED.final,
+            expires_at = EXCLUDED.expires_at
+        WHERE NOT r.final OR r.expires_at <= now()
+        RETURNING 1""",
+    "notify": "SELECT pg_notify(%s, %s)",
+    "get_result": """SELECT record, final FROM {results}
+        WHERE task_id = %s AND expires_at > now()""",
+    "get_results": """SELECT task_id, record, final FROM {results}
+        WHERE task_id = ANY(%s) AND expires_at > now()""",
+    "forget": "DELETE FROM {results} WHERE task_id = %s",
+    "set_if_absent": f"""INSERT INTO {{kv}} AS t (key, value, expires_at)
+        VALUES (%(key)s, %(value)s, {EXPIRES})
+        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, num = NULL,
+            expires_at = EXCLUDED.expires_at
+        WHERE t.expires_at <= now()
+        RETURNING 1""",
+    "get": "SELECT value, num FROM {kv} WHERE key = %s AND expires_at > now()",
+    "put": f"""INSERT INTO {{kv}} AS t (key, value, expires_at)
+        VALUES (%(key)s, %(value)s, {EXPIRES})
+        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, num = NULL,
+            expires_at = EXCLUDED.expires_at""",
+    "delete_key": "DELETE FROM {kv} WHERE key = %s",
+    "delete_members": "DELETE FROM {members} WHERE key = %s",
+    "incr": f"""INSERT INTO {{kv}} AS t (key, num, expires_at)
+        VALUES (%(key)s, %(amount)s, {EXPIRES})
+        ON CONFLICT (key) DO UPDATE SET
+            num = CASE WHEN t.expires_at <= now() THEN EXCLUDED.num
+                       ELSE coalesce(t.num, 0) + EXCLUDED.num END,
+            value = NULL,
+            expires_at = CASE WHEN t.expires_at <= now() THEN EXCLUDED.expires_at
+                              ELSE t.expires_at END
+        RETURNING num""",
+    # The set's row in kv is locked by this upsert until the transaction ends, so
+    # the adds to one set run one after the other and each sees the size it made.
+    "lock_set": f"""INSERT INTO {{kv}} AS t (key, num, expires_at)
+        VALUES (%(key)s, 0, {EXPIRES})
+        ON CONFLICT (key) DO UPDATE SET
+            num = CASE WHEN t.expires_at <= now() THEN 0 ELSE coalesce(t.num, 0) END,
+            value = NULL,
+            expires_at = CASE WHEN t.expires_at <= now() THEN EXCLUDED.expires_at
+                              ELSE t.expires_at END
+        RETURNING num""",
+    "add_member": """INSERT INTO {members} (key, member) VALUES (%s, %s)
+        ON CONFLICT DO NOTHING""",
+    "count_member": "UPDATE {kv} SET num = num + 1 WHERE key = %s RETURNING num",
+    "members": """SELECT m.member FROM {members} m JOIN {kv} k ON k.key = m.key
+        WHERE m.key = %s AND k.expires_at > now()""",
+    "acquire": f"""INSERT INTO {{leases}} AS l (name, owner, token, expires_at)
+        VALUES (%(name)s, %(owner)s, nextval({{seq}}), {EXPIRES})
+        ON CONFLICT (name) DO UPDATE SET
+            owner = EXCLUDED.owner,
+            token = CASE WHEN l.owner = EXCLUDED.owner AND l.expires_at > now() THEN l.token
+                         ELSE EXCLUDED.token END,
+            expires_at = EXCLUDED.expires_at
+        WHERE l.owner = EXCLUDED.owner OR l.expires_at <= now()
+        RETURNING token""",
+    "renew": f"""UPDATE {{leases}} SET expires_at = {EXPIRES}
+        WHERE name = %(name)s AND owner = %(owner)s AND expires_at > now()
+        RETURNING 1""",
+    "release": "DELETE FROM {leases} WHERE name = %s AND owner = %s",
+    "holder": "SELECT owner, token FROM {leases} WHERE name = %s AND expires_at > now()",
+    "sweep_results": """DELETE FROM {results} WHERE task_id IN (
+        SELECT task_id FROM {results} WHERE expires_at <= now()
+        LIMIT %(limit)s FOR UPDATE SKIP LOCKED)""",
+    "sweep_kv": """WITH gone AS (
+            DELETE FROM {kv} WHERE key IN (
+                SELECT key FROM {kv} WHERE expires_at <= now()
+                LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+            RETURNING key)
+        DELETE FROM {members} WHERE key IN (SELECT key FROM gone)""",
+    "sweep_leases": """DELETE FROM {leases} WHERE name IN (
+        SELECT name FROM {leases} WHERE expires_at <= now()
+        LIMIT %(limit)s FOR UPDATE SKIP LOCKED)""",
+}
