@@ -19,6 +19,7 @@ from mqtasks.ordering.publish import route
 from mqtasks.testing import drain, running_worker
 from mqtasks.worker import Worker
 from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
+from tests._helpers.redis import scan_pattern
 from tests._helpers.wait import wait_for
 
 #: The Redis result backend of the real brokers' tests: a database of its own.
@@ -40,9 +41,14 @@ def ordered_app(broker_url: str, make_app: Callable[..., App]) -> Iterator[App]:
     app = make_app(broker_url, backend=BACKEND_URL, backend_key_prefix=prefix, **FAST)
     yield app
     app.close()
+    delete_backend_keys(prefix)
+
+
+def delete_backend_keys(prefix: str) -> None:
+    """Delete the keys under ``prefix`` of the tests' Redis result backend."""
     client = redis.Redis.from_url(BACKEND_URL)
     try:
-        keys = list(client.scan_iter(match=prefix + "*"))
+        keys = list(client.scan_iter(match=scan_pattern(prefix) + "*"))
         if keys:
             client.delete(*keys)
     finally:
@@ -519,3 +525,64 @@ def test_drain_waits_for_the_partitions_too(ordered_app: App) -> None:
     with running_worker(app, concurrency=2) as worker:
         drain(worker)
         assert len(log) == 30
+
+
+# -- takeover from a killed worker ------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_redis_takeover_without_delay_sweeps_the_killed_consumers_messages_back_first(
+    make_app: Callable[..., App], workers: list[Worker]
+) -> None:
+    """ordering_takeover_delay=0 on redis://: the new owner's add_queue sweeps the dead
+    consumer's messages back to the partition's head before its first fetch."""
+    from mqtasks.ordering.keys import lease_name, owner_key
+    from mqtasks.transport import RedisTransport
+    from tests._helpers.redis import Inbox, key_prefix
+
+    with key_prefix("takeover") as prefix:
+        # The periodic sweep is far off: only the sweep of add_queue can restore in time.
+        options = {"key_prefix": prefix, "liveness_ttl": 1.0, "sweep_interval": 600.0}
+        app = make_app(
+            require_broker("redis"),
+            backend=BACKEND_URL,
+            backend_key_prefix=prefix + ":",
+            transport_options=options,
+            ordering_lease_ttl=2.0,
+            ordering_gap_timeout=0.5,
+            ordering_takeover_delay=0.0,
+        )
+        assert isinstance(app.transport, RedisTransport)
+        queue, log = unique_name("ledger"), Log()
+
+        @app.task(queue=queue, ordering_key="account", partitions=1)
+        def post(account: int, n: int) -> None:
+            log.add(account, n)
+
+        partition = f"{queue}.p0"
+        try:
+            app.transport.declare([app.queue(partition), app.queue(queue)])
+            for n in range(4):
+                post.delay(1, n)
+            # Given a worker that took the partition and its four messages, then was killed:
+            # its lease runs on until it expires, its messages sit in its processing list.
+            app.backend.acquire_lease(lease_name(queue, 0), "dead:1:worker", 2.0)
+            app.backend.put(owner_key(queue, 0), b"dead:1:worker", 60.0)
+            dead = Inbox(app.transport, [partition], prefetch=8)
+            dead.pump(lambda: len(dead.got) == 4)
+            dead.consumer._drop()  # its sockets close; no ack, no close: as SIGKILL leaves it
+            for n in range(4, 8):
+                post.delay(1, n)
+            # When a worker takes the partition over once the lease expired, without delay
+            workers.append(started(app))
+            # Then the killed worker's four run first, in order, and nothing is dead-lettered
+            wait_for(lambda: len(log) >= 4, lambda: f"4 runs: {log.runs}")
+            assert log.of(1)[:4] == [0, 1, 2, 3]
+            wait_for(lambda: len(log) >= 8, lambda: f"8 runs: {log.runs}")
+            assert log.of(1) == list(range(8))
+            assert dead_letters(app, queue) == []
+        finally:
+            for worker in workers:
+                worker.stop()
+            workers.clear()
+            delete_backend_keys(prefix)
