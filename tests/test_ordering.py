@@ -16,10 +16,12 @@ from mqtasks import App
 from mqtasks.exceptions import ConfigurationError
 from mqtasks.ordering import HEADER_OSEQ
 from mqtasks.ordering.publish import route
+from mqtasks.ordering.queues import partitions_of
 from mqtasks.testing import drain, running_worker
+from mqtasks.transport.base import DLQ_SUFFIX
 from mqtasks.worker import Worker
 from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
-from tests._helpers.redis import scan_pattern
+from tests._helpers.redis import delete_keys, scan_pattern
 from tests._helpers.wait import wait_for
 
 #: The Redis result backend of the real brokers' tests: a database of its own.
@@ -30,18 +32,68 @@ FAST = {"ordering_lease_ttl": 1.5, "ordering_gap_timeout": 0.5}
 
 
 @pytest.fixture
-def ordered_app(broker_url: str, make_app: Callable[..., App]) -> Iterator[App]:
-    """An app on each broker in turn with a result backend (memory://, or Redis
-    under a key prefix of its own, deleted after)."""
-    if broker_url.startswith("memory"):
-        yield make_app(broker_url, backend="memory://", **FAST)
-        return
-    require_broker("redis")
-    prefix = unique_name("ordering") + ":"
-    app = make_app(broker_url, backend=BACKEND_URL, backend_key_prefix=prefix, **FAST)
-    yield app
-    app.close()
-    delete_backend_keys(prefix)
+def workers() -> Iterator[list[Worker]]:
+    """Workers a test starts; stopped at teardown."""
+    made: list[Worker] = []
+    yield made
+    for worker in made:
+        worker.stop()
+
+
+@pytest.fixture
+def ordered_apps(
+    make_app: Callable[..., App], workers: list[Worker]
+) -> Iterator[Callable[..., App]]:
+    """A factory of apps for ordered tasks, with a result backend (memory:// on
+    memory://, else Redis under a key prefix of its own).
+
+    At teardown, once the test's workers stopped, every queue of the apps' tasks
+    is deleted with its partition queues and their dead-letter queues, and the
+    backend's keys: the partitions are declared by the workers, beyond what
+    ``make_app`` knows to delete.
+    """
+    made: list[tuple[App, str | None]] = []
+
+    def make(url: str, **overrides: Any) -> App:
+        if url.startswith("memory"):
+            app = make_app(url, **{"backend": "memory://", **FAST, **overrides})
+            made.append((app, None))
+            return app
+        require_broker("redis")
+        prefix = overrides.pop("backend_key_prefix", None) or unique_name("ordering") + ":"
+        app = make_app(
+            url, **{"backend": BACKEND_URL, "backend_key_prefix": prefix, **FAST, **overrides}
+        )
+        made.append((app, prefix))
+        return app
+
+    yield make
+    for worker in workers:
+        worker.stop()
+    workers.clear()
+    for app, prefix in made:
+        if prefix is None:
+            continue
+        delete_ordered_queues(app)
+        app.close()
+        delete_backend_keys(prefix)
+        broker_prefix = app.settings.transport_options.get("key_prefix")
+        if broker_prefix is not None:  # the redis:// transport's own keys
+            delete_keys(str(broker_prefix))
+
+
+def delete_ordered_queues(app: App) -> None:
+    """Delete the queues of ``app``'s tasks, their partition queues and their ``.dlq``."""
+    queues = app.task_queues()
+    names = {*queues, *partitions_of(app, queues)}
+    names |= {name + DLQ_SUFFIX for name in names}
+    app.transport.delete([app.queue(name) for name in sorted(names)])
+
+
+@pytest.fixture
+def ordered_app(broker_url: str, ordered_apps: Callable[..., App]) -> App:
+    """An app on each broker in turn, from :func:`ordered_apps`."""
+    return ordered_apps(broker_url)
 
 
 def delete_backend_keys(prefix: str) -> None:
@@ -81,15 +133,6 @@ def started(app: App, **options: Any) -> Worker:
     worker = Worker(app, collect_errors=True, **options)
     worker.start()
     return worker
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    """Workers a test starts; stopped at teardown."""
-    made: list[Worker] = []
-    yield made
-    for worker in made:
-        worker.stop()
 
 
 def owned(worker: Worker) -> set[str]:
@@ -405,10 +448,9 @@ def test_a_stopped_worker_hands_its_partitions_back_and_another_continues_in_ord
 
 @pytest.mark.integration
 def test_partition_queues_are_single_active_consumer_on_rabbitmq(
-    make_app: Callable[..., App], workers: list[Worker]
+    ordered_apps: Callable[..., App], workers: list[Worker]
 ) -> None:
-    url = require_broker("amqp")
-    app = make_app(url, backend="memory://", **FAST)
+    app = ordered_apps(require_broker("amqp"))
     queue = unique_name("ledger")
 
     @app.task(queue=queue, ordering_key="account", partitions=2)
@@ -532,57 +574,48 @@ def test_drain_waits_for_the_partitions_too(ordered_app: App) -> None:
 
 @pytest.mark.integration
 def test_redis_takeover_without_delay_sweeps_the_killed_consumers_messages_back_first(
-    make_app: Callable[..., App], workers: list[Worker]
+    ordered_apps: Callable[..., App], workers: list[Worker]
 ) -> None:
     """ordering_takeover_delay=0 on redis://: the new owner's add_queue sweeps the dead
     consumer's messages back to the partition's head before its first fetch."""
     from mqtasks.ordering.keys import lease_name, owner_key
     from mqtasks.transport import RedisTransport
-    from tests._helpers.redis import Inbox, key_prefix
+    from tests._helpers.redis import Inbox
 
-    with key_prefix("takeover") as prefix:
-        # The periodic sweep is far off: only the sweep of add_queue can restore in time.
-        options = {"key_prefix": prefix, "liveness_ttl": 1.0, "sweep_interval": 600.0}
-        app = make_app(
-            require_broker("redis"),
-            backend=BACKEND_URL,
-            backend_key_prefix=prefix + ":",
-            transport_options=options,
-            ordering_lease_ttl=2.0,
-            ordering_gap_timeout=0.5,
-            ordering_takeover_delay=0.0,
-        )
-        assert isinstance(app.transport, RedisTransport)
-        queue, log = unique_name("ledger"), Log()
+    # The periodic sweep is far off: only the sweep of add_queue can restore in time.
+    prefix = "{" + unique_name("takeover") + "}"
+    options = {"key_prefix": prefix, "liveness_ttl": 1.0, "sweep_interval": 600.0}
+    app = ordered_apps(
+        require_broker("redis"),
+        transport_options=options,
+        ordering_lease_ttl=2.0,
+        ordering_takeover_delay=0.0,
+    )
+    assert isinstance(app.transport, RedisTransport)
+    queue, log = unique_name("ledger"), Log()
 
-        @app.task(queue=queue, ordering_key="account", partitions=1)
-        def post(account: int, n: int) -> None:
-            log.add(account, n)
+    @app.task(queue=queue, ordering_key="account", partitions=1)
+    def post(account: int, n: int) -> None:
+        log.add(account, n)
 
-        partition = f"{queue}.p0"
-        try:
-            app.transport.declare([app.queue(partition), app.queue(queue)])
-            for n in range(4):
-                post.delay(1, n)
-            # Given a worker that took the partition and its four messages, then was killed:
-            # its lease runs on until it expires, its messages sit in its processing list.
-            app.backend.acquire_lease(lease_name(queue, 0), "dead:1:worker", 2.0)
-            app.backend.put(owner_key(queue, 0), b"dead:1:worker", 60.0)
-            dead = Inbox(app.transport, [partition], prefetch=8)
-            dead.pump(lambda: len(dead.got) == 4)
-            dead.consumer._drop()  # its sockets close; no ack, no close: as SIGKILL leaves it
-            for n in range(4, 8):
-                post.delay(1, n)
-            # When a worker takes the partition over once the lease expired, without delay
-            workers.append(started(app))
-            # Then the killed worker's four run first, in order, and nothing is dead-lettered
-            wait_for(lambda: len(log) >= 4, lambda: f"4 runs: {log.runs}")
-            assert log.of(1)[:4] == [0, 1, 2, 3]
-            wait_for(lambda: len(log) >= 8, lambda: f"8 runs: {log.runs}")
-            assert log.of(1) == list(range(8))
-            assert dead_letters(app, queue) == []
-        finally:
-            for worker in workers:
-                worker.stop()
-            workers.clear()
-            delete_backend_keys(prefix)
+    partition = f"{queue}.p0"
+    app.transport.declare([app.queue(partition), app.queue(queue)])
+    for n in range(4):
+        post.delay(1, n)
+    # Given a worker that took the partition and its four messages, then was killed:
+    # its lease runs on until it expires, its messages sit in its processing list.
+    app.backend.acquire_lease(lease_name(queue, 0), "dead:1:worker", 2.0)
+    app.backend.put(owner_key(queue, 0), b"dead:1:worker", 60.0)
+    dead = Inbox(app.transport, [partition], prefetch=8)
+    dead.pump(lambda: len(dead.got) == 4)
+    dead.consumer._drop()  # its sockets close; no ack, no close: as SIGKILL leaves it
+    for n in range(4, 8):
+        post.delay(1, n)
+    # When a worker takes the partition over once the lease expired, without delay
+    workers.append(started(app))
+    # Then the killed worker's four run first, in order, and nothing is dead-lettered
+    wait_for(lambda: len(log) >= 4, lambda: f"4 runs: {log.runs}")
+    assert log.of(1)[:4] == [0, 1, 2, 3]
+    wait_for(lambda: len(log) >= 8, lambda: f"8 runs: {log.runs}")
+    assert log.of(1) == list(range(8))
+    assert dead_letters(app, queue) == []
