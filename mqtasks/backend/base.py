@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol
 
 from .._url import mask_url, remember_secret
 
 if TYPE_CHECKING:
     from ..transport.tls import TLSOptions
 
-__all__ = ["Backend", "ResultWrite"]
+__all__ = ["Backend", "ResultWrite", "Revocation", "RevocationListener", "Watch"]
 
 
 class ResultWrite(NamedTuple):
@@ -34,6 +34,38 @@ class ResultWrite(NamedTuple):
     final: bool
     #: Seconds from now after which the record is gone.
     expires: float
+
+
+class Revocation(NamedTuple):
+    """A revoked task id, as a backend lists it (:meth:`Backend.revocations`) and announces it."""
+
+    #: The task (message) id.
+    task_id: str
+    #: Whether a worker running the task is to stop it.
+    terminate: bool
+    #: Seconds from now (when read) the revocation is kept.
+    expires: float
+
+
+class RevocationListener(Protocol):
+    """What :meth:`Backend.watch_revocations` tells of revocations, from the watch's thread."""
+
+    def on_revocation(self, revocation: Revocation) -> None:
+        """A revocation was added (or renewed) in the store."""
+
+    def on_revocation_removed(self, task_id: str) -> None:
+        """The revocation of ``task_id`` was removed."""
+
+    def on_watch_connected(self) -> None:
+        """The watch is listening (again): what was announced before may have been
+        missed, so read :meth:`Backend.revocations` now."""
+
+
+class Watch(Protocol):
+    """A running :meth:`Backend.watch_revocations`."""
+
+    def close(self) -> None:
+        """Stop listening; no callback runs once this returns."""
 
 
 class Backend(abc.ABC):
@@ -199,6 +231,37 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def lease_holder(self, name: str) -> tuple[str, int] | None:
         """Return ``(owner, token)`` of the live holder of ``name``, or None."""
+
+    # -- revocations -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_revocation(self, task_id: str, *, terminate: bool, ttl: float) -> None:
+        """Keep ``task_id`` revoked for ``ttl`` s and announce it to every watcher.
+
+        A second revocation of the same id replaces the first (its expiry and
+        ``terminate``). Announced within a second on the store's push
+        channel (Redis pub/sub, PostgreSQL NOTIFY) to every
+        :meth:`watch_revocations`, in any process.
+        """
+
+    @abc.abstractmethod
+    def remove_revocation(self, task_id: str) -> None:
+        """Forget the revocation of ``task_id`` (if any) and announce it to every watcher."""
+
+    @abc.abstractmethod
+    def revocations(self) -> list[Revocation]:
+        """Return the live revocations (expired ones are left out), in no order."""
+
+    @abc.abstractmethod
+    def watch_revocations(self, listener: RevocationListener) -> Watch:
+        """Call ``listener`` for each revocation announced from now on, until closed.
+
+        The listener runs in a thread of the watch (memory: in the revoking
+        thread); :meth:`RevocationListener.on_watch_connected` is called each
+        time it starts listening, also after a lost connection (then it
+        reconnects by itself, with backoff), so the listener reads
+        :meth:`revocations` again and misses nothing.
+        """
 
     # -- lifecycle ---------------------------------------------------------------------
 

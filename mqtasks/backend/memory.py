@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from .base import Backend
+from .base import Backend, Revocation, RevocationListener, Watch
 
 if TYPE_CHECKING:
     from ..transport.tls import TLSOptions
@@ -70,6 +70,9 @@ class MemoryBackend(Backend):
         self._leases: dict[str, _Lease] = {}
         self._tokens = itertools.count(1)
         self._writes = 0
+        #: Revoked task id -> (terminate, expires_at).
+        self._revoked: dict[str, tuple[bool, float]] = {}
+        self._watchers: list[RevocationListener] = []
 
     # -- helpers (called with the lock held) ---------------------------------------
 
@@ -251,5 +254,60 @@ class MemoryBackend(Backend):
             lease = self._lease(name, time.monotonic())
             return None if lease is None else (lease.owner, lease.token)
 
+    # -- revocations ------------------------------------------------------------------------
+
+    def add_revocation(self, task_id: str, *, terminate: bool, ttl: float) -> None:
+        """Keep ``task_id`` revoked; tell the watchers in this thread, once stored."""
+        with self._cond:
+            now = time.monotonic()
+            self._revoked[task_id] = (terminate, now + ttl)
+            for key in [k for k, (_, at) in self._revoked.items() if at <= now]:
+                del self._revoked[key]
+            watchers = list(self._watchers)
+        for watcher in watchers:
+            watcher.on_revocation(Revocation(task_id, terminate, ttl))
+
+    def remove_revocation(self, task_id: str) -> None:
+        """Forget the revocation of ``task_id``; tell the watchers in this thread."""
+        with self._cond:
+            self._revoked.pop(task_id, None)
+            watchers = list(self._watchers)
+        for watcher in watchers:
+            watcher.on_revocation_removed(task_id)
+
+    def revocations(self) -> list[Revocation]:
+        """Return the live revocations."""
+        with self._cond:
+            now = time.monotonic()
+            return [
+                Revocation(task_id, terminate, at - now)
+                for task_id, (terminate, at) in self._revoked.items()
+                if at > now
+            ]
+
+    def watch_revocations(self, listener: RevocationListener) -> Watch:
+        """Call ``listener`` from each revoking thread until the watch is closed."""
+        with self._cond:
+            self._watchers.append(listener)
+        listener.on_watch_connected()
+        return _MemoryWatch(self, listener)
+
+    def _unwatch(self, listener: RevocationListener) -> None:
+        with self._cond:
+            if listener in self._watchers:
+                self._watchers.remove(listener)
+
     def close(self) -> None:
         """Nothing to close; the state stays (it is the store)."""
+
+
+class _MemoryWatch:
+    """A :meth:`MemoryBackend.watch_revocations`: closing it unregisters its listener."""
+
+    def __init__(self, backend: MemoryBackend, listener: RevocationListener) -> None:
+        self._backend = backend
+        self._listener = listener
+
+    def close(self) -> None:
+        """Stop telling the listener."""
+        self._backend._unwatch(self._listener)

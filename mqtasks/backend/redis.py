@@ -20,6 +20,11 @@ Keys, each behind the backend's ``key_prefix`` (``mqtasks:``):
   apart); the backend itself does not listen to it.
 * ``<p>key:<key>``: values, counters and sets of the coordination operations.
 * ``<p>lease:<name>``: a hash ``owner``, ``token``, expiring with the lease.
+* ``<p>revoked`` and ``<p>revoked:terminate``: sorted sets of the revoked task
+  ids (those to stop where running), scored by their expiry in milliseconds
+  on the server's clock; expired members are dropped by the next write or
+  listing. Each revocation (and removal) is published on the channel
+  ``<p>db<n>:revoked`` (``mqtasks.backend.redis_pubsub`` listens to it).
 * ``<p>lease-tokens``: the counter tokens are drawn from. One counter for all
   leases, never expiring: a per-lease counter would have to outlive its lease
   for tokens to keep growing, and leases named after task ids are many.
@@ -46,7 +51,9 @@ from redis.retry import Retry
 from .._url import mask_url, redact
 from ..exceptions import BackendError, ConfigurationError
 from ..transport.tls import TLSOptions, tls_failure
-from .base import Backend, ResultWrite
+from .base import Backend, ResultWrite, Revocation, RevocationListener, Watch
+from .redis_pubsub import listen_pubsub
+from .watch import WatchThread, encode_notice
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
@@ -116,6 +123,45 @@ return 0
 """
 
 
+# The server's clock in ms, and the expired revocations dropped (KEYS[1], KEYS[2]).
+_NOW_SWEPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+"""
+
+# KEYS[1] revoked, KEYS[2] revoked:terminate. ARGV[1] task id, ARGV[2] ttl in ms,
+# ARGV[3] '1' to terminate, ARGV[4] channel, ARGV[5] notice. A set expires with
+# its last member (every revocation is kept as long, so the newest is the last).
+_REVOKE = (
+    _NOW_SWEPT
+    + """
+local expires = now + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], expires, ARGV[1])
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[2], expires, ARGV[1])
+else
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+for _, key in ipairs(KEYS) do
+  if redis.call('PTTL', key) < tonumber(ARGV[2]) and redis.call('EXISTS', key) == 1 then
+    redis.call('PEXPIRE', key, ARGV[2])
+  end
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+)
+
+# KEYS[1] revoked, KEYS[2] revoked:terminate: {now, {id, expiry...}, {terminating ids}}.
+_REVOCATIONS = (
+    _NOW_SWEPT
+    + """
+return {now, redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), redis.call('ZRANGE', KEYS[2], 0, -1)}
+"""
+)
+
 # What a pipeline calls the store script by (EVALSHA).
 _STORE_SHA = hashlib.sha1(_STORE_RESULT.encode()).hexdigest()
 
@@ -125,6 +171,8 @@ _SCRIPTS = {
     "acquire": _ACQUIRE,
     "renew": _RENEW,
     "release": _RELEASE,
+    "revoke": _REVOKE,
+    "revocations": _REVOCATIONS,
 }
 
 
@@ -171,6 +219,8 @@ class RedisBackend(Backend):
                 redact(f"Bad result backend URL {mask_url(url)}: {exc}")
             ) from exc
         self._channels = f"{key_prefix}db{db}:result:"
+        #: The pub/sub channel revocations are announced on.
+        self.revocation_channel = f"{key_prefix}db{db}:revoked"
         # A blocking command must return before the socket times out.
         self._max_block = (
             None if socket_timeout is None else max(socket_timeout / 2, socket_timeout - 1.0)
@@ -211,6 +261,11 @@ class RedisBackend(Backend):
     def lease_key(self, name: str) -> str:
         """The hash of the lease ``name``."""
         return f"{self.key_prefix}lease:{name}"
+
+    @property
+    def revocation_keys(self) -> list[str]:
+        """The sorted sets of the revoked task ids, and of those to stop where running."""
+        return [f"{self.key_prefix}revoked", f"{self.key_prefix}revoked:terminate"]
 
     @property
     def token_key(self) -> str:
@@ -471,3 +526,37 @@ class RedisBackend(Backend):
         if owner is None or token is None:
             return None
         return owner.decode(), int(token)
+
+    # -- revocations --------------------------------------------------------------------------
+
+    def add_revocation(self, task_id: str, *, terminate: bool, ttl: float) -> None:
+        """ZADD to the revoked set(s) and PUBLISH the notice (one script)."""
+        notice = encode_notice(task_id, terminate=terminate, ttl=ttl)
+        args = [task_id, _ms(ttl), "1" if terminate else "0", self.revocation_channel, notice]
+        with self._errors(f"revoke {task_id}"):
+            self._script("revoke")(keys=self.revocation_keys, args=args)
+
+    def remove_revocation(self, task_id: str) -> None:
+        """ZREM from both sets and PUBLISH the removal (one transaction)."""
+        with self._errors(f"remove the revocation of {task_id}"):
+            pipe = self.client().pipeline(transaction=True)
+            for key in self.revocation_keys:
+                pipe.zrem(key, task_id)
+            pipe.publish(self.revocation_channel, encode_notice(task_id))
+            pipe.execute()
+
+    def revocations(self) -> list[Revocation]:
+        """Drop the expired members and read the rest (one script), with the server's time."""
+        with self._errors("read the revocations"):
+            now, scored, terminating = self._script("revocations")(keys=self.revocation_keys)
+        stop = {bytes(m).decode() for m in terminating}
+        found = []
+        for i in range(0, len(scored), 2):
+            task_id = bytes(scored[i]).decode()
+            found.append(Revocation(task_id, task_id in stop, (float(scored[i + 1]) - now) / 1000))
+        return found
+
+    def watch_revocations(self, listener: RevocationListener) -> Watch:
+        """SUBSCRIBE to the revocation channel in a thread of its own (a connection of its own)."""
+        listen = listen_pubsub(self.client, self.revocation_channel)
+        return WatchThread(f"mqtasks-revocations-{self.key_prefix}", listen, listener)

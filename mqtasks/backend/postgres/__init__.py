@@ -12,6 +12,9 @@ not trip over each other's ``CREATE TABLE``:
   row of each set, which also counts its members.
 * ``<t>members`` (key, member): the members of the sets.
 * ``<t>leases`` (name, owner, token, expires_at), tokens from ``<t>lease_tokens``.
+* ``<t>revocations`` (task_id, terminate, expires_at): each revocation (and
+  removal) is also a ``NOTIFY <t>revocations`` in its transaction, which
+  :meth:`PostgresBackend.watch_revocations` LISTENs to.
 
 Waiting for a result (:mod:`.listener`): one LISTEN connection per backend,
 shared by the waiting calls of the process. Times are the server's (``now()``),
@@ -37,8 +40,9 @@ import structlog
 from ..._url import mask_url, redact, remember_secret
 from ...exceptions import BackendError, ConfigurationError
 from ...transport.tls import TLSOptions
-from ..base import Backend, ResultWrite
-from .listener import Listener
+from ..base import Backend, ResultWrite, Revocation, RevocationListener, Watch
+from ..watch import WatchThread, encode_notice
+from .listener import Listener, listen_notifies
 from .schema import EXPIRING, SQL, TABLES
 
 try:
@@ -128,6 +132,8 @@ class PostgresBackend(Backend):
         self.table_prefix = table_prefix
         #: The NOTIFY channel final results are announced on.
         self.channel = f"{table_prefix}results"
+        #: The NOTIFY channel revocations are announced on.
+        self.revocation_channel = f"{table_prefix}revocations"
         rest = [(k, v) for k, v in query if k != "table_prefix"]
         self.conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
         given = {k for k, _ in rest}
@@ -248,7 +254,7 @@ class PostgresBackend(Backend):
     def sweep(self) -> None:
         """Delete a batch of expired rows of each table (rows a transaction holds are skipped)."""
         with self._transaction("delete expired rows") as conn:
-            for name in ("sweep_results", "sweep_kv", "sweep_leases"):
+            for name in ("sweep_results", "sweep_kv", "sweep_leases", "sweep_revocations"):
                 conn.execute(self._sql[name], {"limit": self.sweep_batch})
 
     def migrate(self) -> list[str]:
@@ -476,3 +482,36 @@ class PostgresBackend(Backend):
         with self._transaction(f"read the lease {name!r}") as conn:
             row = conn.execute(self._sql["holder"], [self._key(name)]).fetchone()
         return None if row is None else (str(row[0]), int(row[1]))
+
+    # -- revocations -------------------------------------------------------------------------
+
+    def add_revocation(self, task_id: str, *, terminate: bool, ttl: float) -> None:
+        """Upsert the revocation and NOTIFY it, in one transaction."""
+        key = self._id(task_id)
+        params = {"id": key, "terminate": terminate, "ttl": ttl}
+        notice = encode_notice(key, terminate=terminate, ttl=ttl)
+        with self._transaction(f"revoke {task_id}") as conn:
+            conn.execute(self._sql["revoke"], params)
+            conn.execute(self._sql["notify"], [self.revocation_channel, notice])
+        self._wrote()
+
+    def remove_revocation(self, task_id: str) -> None:
+        """Delete the revocation and NOTIFY the removal, in one transaction."""
+        key = self._id(task_id)
+        with self._transaction(f"remove the revocation of {task_id}") as conn:
+            conn.execute(self._sql["unrevoke"], [key])
+            conn.execute(self._sql["notify"], [self.revocation_channel, encode_notice(key)])
+
+    def revocations(self) -> list[Revocation]:
+        """Read this backend's live revocations (its ``key_prefix``)."""
+        prefix = self.key_prefix
+        with self._transaction("read the revocations") as conn:
+            rows = conn.execute(self._sql["revocations"], [prefix]).fetchall()
+        return [Revocation(str(r[0])[len(prefix) :], bool(r[1]), float(r[2])) for r in rows]
+
+    def watch_revocations(self, listener: RevocationListener) -> Watch:
+        """LISTEN for revocations on a connection (and in a thread) of its own."""
+        listen = listen_notifies(
+            lambda: self._connect(autocommit=True), self.revocation_channel, self.key_prefix
+        )
+        return WatchThread(f"mqtasks-revocations-{self.table_prefix}", listen, listener)

@@ -24,7 +24,10 @@ import psycopg
 import structlog
 from psycopg import sql
 
-__all__ = ["Listener", "Waiter"]
+from ..base import RevocationListener
+from ..watch import POLL, Listen, decode_notice
+
+__all__ = ["Listener", "Waiter", "listen_notifies"]
 
 logger = structlog.get_logger("mqtasks.backend.postgres")
 
@@ -181,3 +184,29 @@ class Listener:
                 self._listening = False
                 self._thread = None
                 self._wake_all()
+
+
+def listen_notifies(
+    connect: Callable[[], psycopg.Connection[Any]], channel: str, prefix: str
+) -> Listen:
+    """Return the listen function of a revocation watch thread (``mqtasks.backend.watch``).
+
+    Unlike the result waiters' :class:`Listener`, one connection per watch, kept
+    as long as the watch runs (a worker's lifetime).
+
+    Args:
+        connect: Opens an autocommit connection (the backend's parameters).
+        channel: The channel revocations are notified on.
+        prefix: The backend's key prefix: notices of other apps' ids are ignored.
+    """
+
+    def listen(stopping: threading.Event, listener: RevocationListener) -> None:
+        with closing(connect()) as conn:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            listener.on_watch_connected()
+            while not stopping.is_set():
+                with closing(conn.notifies(timeout=POLL)) as notifies:
+                    for notify in notifies:
+                        decode_notice(notify.payload, listener, prefix)
+
+    return listen

@@ -21,9 +21,11 @@ TABLES = {
     "leases": """CREATE TABLE IF NOT EXISTS {t} (
         name text PRIMARY KEY, owner text NOT NULL, token bigint NOT NULL,
         expires_at timestamptz NOT NULL)""",
+    "revocations": """CREATE TABLE IF NOT EXISTS {t} (
+        task_id text PRIMARY KEY, terminate boolean NOT NULL, expires_at timestamptz NOT NULL)""",
 }
 #: Tables swept for expired rows get an index on ``expires_at``.
-EXPIRING = ("results", "kv", "leases")
+EXPIRING = ("results", "kv", "leases", "revocations")
 
 #: The SQL expression of an expiry ``ttl`` seconds from now (the server's clock).
 EXPIRES = "now() + make_interval(secs => %(ttl)s)"
@@ -93,6 +95,16 @@ SQL = {
         RETURNING 1""",
     "release": "DELETE FROM {leases} WHERE name = %s AND owner = %s",
     "holder": "SELECT owner, token FROM {leases} WHERE name = %s AND expires_at > now()",
+    "revoke": f"""INSERT INTO {{revocations}} AS r (task_id, terminate, expires_at)
+        VALUES (%(id)s, %(terminate)s, {EXPIRES})
+        ON CONFLICT (task_id) DO UPDATE SET terminate = EXCLUDED.terminate,
+            expires_at = EXCLUDED.expires_at""",
+    "unrevoke": "DELETE FROM {revocations} WHERE task_id = %s",
+    "revocations": """SELECT task_id, terminate, extract(epoch FROM expires_at - now())
+        FROM {revocations} WHERE starts_with(task_id, %s) AND expires_at > now()""",
+    "sweep_revocations": """DELETE FROM {revocations} WHERE task_id IN (
+        SELECT task_id FROM {revocations} WHERE expires_at <= now()
+        LIMIT %(limit)s FOR UPDATE SKIP LOCKED)""",
     "sweep_results": """DELETE FROM {results} WHERE task_id IN (
         SELECT task_id FROM {results} WHERE expires_at <= now()
         LIMIT %(limit)s FOR UPDATE SKIP LOCKED)""",
