@@ -19,7 +19,10 @@
     ├── TaskError
     │   ├── TaskNotRegistered
     │   ├── DuplicateTask
-    │   └── TaskFailed              a result: the task ended failed or dead-lettered
+    │   ├── TaskFailed              a result: the task ended failed or dead-lettered
+    │   ├── SoftTimeLimitExceeded   raised inside a task past its soft time limit
+    │   └── TaskTerminated          the worker stopped a running task (revoked, ...)
+    │       └── TimeLimitExceeded   ... because it ran past its hard time limit
     ├── ResultTimeout(TimeoutError) no result within the time given to get()
     ├── MiddlewareError
     │   └── SkipMessage             the only way a middleware vetoes
@@ -52,10 +55,13 @@ __all__ = [
     "Retry",
     "SerializationError",
     "SkipMessage",
+    "SoftTimeLimitExceeded",
     "TaskControl",
     "TaskError",
     "TaskFailed",
     "TaskNotRegistered",
+    "TaskTerminated",
+    "TimeLimitExceeded",
     "TransportError",
     "UnknownTransport",
     "Unroutable",
@@ -215,6 +221,49 @@ class TaskFailed(TaskError):
         self.exc_message = exc_message
         self.traceback = traceback
         super().__init__(message)
+
+
+class SoftTimeLimitExceeded(TaskError):
+    """Raised inside a task that runs past its ``soft_time_limit``, so it can clean up.
+
+    In a thread it arrives as an asynchronous exception (at the next Python
+    line the task runs, never inside a blocking C call such as ``time.sleep``);
+    an ``async def`` task is cancelled instead (it sees ``CancelledError``) and
+    the worker reports this exception. Uncaught, it is a failure like any other:
+    retried as the task's retry policy says.
+    """
+
+    def __init__(self, message: str = "soft time limit exceeded") -> None:
+        super().__init__(message)
+
+
+class TaskTerminated(TaskError):
+    """The worker stopped a running task; its message is dead-lettered with ``reason``.
+
+    Attributes:
+        reason: The dead-letter reason (``revoked`` for a terminated revoke).
+    """
+
+    reason: str = "terminated"
+
+    def __init__(
+        self, message: str = "terminated by the worker", *, reason: str | None = None
+    ) -> None:
+        if reason is not None:
+            self.reason = reason
+        super().__init__(message)
+
+
+class TimeLimitExceeded(TaskTerminated):
+    """A task ran past its hard ``time_limit``: the worker stopped it and
+    dead-lettered its message with reason ``time_limit``."""
+
+    reason: str = "time_limit"
+
+    def __init__(
+        self, message: str = "hard time limit exceeded", *, reason: str | None = None
+    ) -> None:
+        super().__init__(message, reason=reason)
 
 
 class BackendError(MQTasksError):

@@ -20,7 +20,7 @@ import structlog
 from ._url import redact
 from .deadletter import dead_letter_envelope, publish_dead_letter
 from .events import HEADER_EVENT, event_of
-from .exceptions import ConfigurationError, DecodeError, MQTasksError, Reject, Retry, SkipMessage
+from .exceptions import DecodeError, MQTasksError, Reject, Retry, SkipMessage, TaskTerminated
 from .message import Message, _current
 from .ordering.gate import after_dead_letter as after_ordered_dead_letter
 from .ordering.gate import gate
@@ -32,12 +32,14 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 __all__ = [
+    "ABANDONED",
     "ACK",
     "DROP",
     "HOLD",
     "REJECT",
     "REQUEUE",
     "Job",
+    "conclude",
     "current_job",
     "dead_letter",
     "job_or_none",
@@ -52,6 +54,8 @@ logger = structlog.get_logger("mqtasks.worker")
 ACK, REJECT, REQUEUE, DROP = "ack", "reject", "requeue", "drop"
 #: Not a settlement: an ordered delivery stays unacked and runs again after a delay.
 HOLD = "hold"
+#: Not a settlement: the worker gave up the thread running it and settled it already.
+ABANDONED = "abandoned"
 
 
 @dataclass(slots=True)
@@ -100,7 +104,11 @@ def log_fields(delivery: Delivery, message: Message | None) -> dict[str, Any]:
 
 
 def process(worker: Worker, delivery: Delivery) -> str:
-    """Run ``delivery`` (worker thread, in a context of its own); return its settlement."""
+    """Run ``delivery`` (worker thread, in a context of its own); return its settlement.
+
+    :data:`ABANDONED` when the worker gave the task up (past its hard time
+    limit, or terminated) and settled the message itself.
+    """
     job = Job(delivery)
     _job.set(job)
     app = worker.app
@@ -148,31 +156,51 @@ def process(worker: Worker, delivery: Delivery) -> str:
         task.check_arguments(message.args, message.kwargs)
     except TypeError as exc:
         return reject(worker, delivery, message, "invalid_arguments", str(exc))
+    # -- the revocation check (the lead wires worker.revocations) --------------------
+    revocations = worker.revocations
+    if revocations is not None and revocations.is_revoked(message.id):
+        return dead_letter(worker, delivery, message, "revoked", "revoked before it ran")
+    # ---------------------------------------------------------------------------------
     hooks = worker._hooks
     try:
         hooks.before_process(worker, message)
     except SkipMessage:
         return job.action or ACK  # a hook that deferred the message decided already
-    result: Any = None
-    error: BaseException | None = None
-    refused: ConfigurationError | None = None
     _current.set(message)
-    try:
-        result = task.fn(*message.args, **message.kwargs)
-        if result is not None and (refused := refuse_awaitable(result, message.task)):
-            error, result = refused, None
-    except BaseException as exc:
-        error = exc
+    result, error, abandoned = worker._execution.execute(job, message, task)
+    if abandoned:  # stopped past its hard limit: the worker settled it meanwhile
+        return ABANDONED
+    return conclude(worker, delivery, message, result, error)
+
+
+def conclude(
+    worker: Worker,
+    delivery: Delivery,
+    message: Message,
+    result: Any,
+    error: BaseException | None,
+) -> str:
+    """Report how the task ended, run the ``after_process`` hooks; return the settlement.
+
+    Runs in the message's context: on its worker thread, or, for a thread the
+    worker gave up, on the watchdog's, in a copy of the context the task started in.
+    """
+    job = current_job()
+    refused = refuse_awaitable(result, message.task) if result is not None else None
+    if refused is not None:
+        error, result = refused, None
     if error is not None:
         _report(worker, delivery, message, error)
-    if refused is not None:  # nothing can await it: never retried
+    if refused is not None:  # nothing can iterate over it: never retried
         job.action = dead_letter(
             worker, delivery, message, "async_unsupported", str(refused), refused
         )
+    elif isinstance(error, TaskTerminated):  # its hard time limit, or Worker.terminate()
+        job.action = dead_letter(worker, delivery, message, error.reason, str(error), error)
     # The deciding middleware (Retries) comes last in the stack, so it retries
     # or dead-letters before the others (Results) see the outcome; a decision
     # taken by then (a retry, a dead letter, a deferral) is the settlement.
-    hooks.after_process(worker, message, result, error)
+    worker._hooks.after_process(worker, message, result, error)
     if job.action is not None:
         return job.action
     if error is None:

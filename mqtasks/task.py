@@ -26,6 +26,7 @@ from .unique import Claim, argument_key, claim, explicit_key, release
 if TYPE_CHECKING:
     from .app import App
     from .canvas import Signature
+    from .config import Settings
 
 # Confirmation and TaskHandle are defined in mqtasks.handle and still importable from here.
 __all__ = ["Confirmation", "Task", "TaskHandle", "refuse_awaitable"]
@@ -88,50 +89,71 @@ def _expires_at(expires: Seconds | datetime | None) -> datetime | None:
     return datetime.now(timezone.utc) + timedelta(seconds=seconds)
 
 
-def _refuse_async(fn: Callable[..., Any], name: str) -> None:
-    """Refuse a function whose call makes a coroutine or an async generator.
-
-    The worker calls task functions and would never await what they return, so
-    the message would be acknowledged with the task's body never run.
+def _is_coroutine_function(fn: Callable[..., Any], name: str) -> bool:
+    """Whether calling ``fn`` makes a coroutine (an ``async def`` function or object).
 
     Raises:
         ConfigurationError: ``fn`` (or, for a callable object, its ``__call__``)
-            is an ``async def`` function or an async generator function.
+            is an async generator function: it yields many values, and a task
+            returns one; nothing would consume it.
     """
     for candidate in (fn, type(fn).__call__):
-        if inspect.iscoroutinefunction(candidate):
-            kind = "an async def function"
-        elif inspect.isasyncgenfunction(candidate):
-            kind = "an async generator function"
-        else:
-            continue
+        if inspect.isasyncgenfunction(candidate):
+            raise ConfigurationError(
+                f"Task {name!r} is an async generator function: a task returns one value, "
+                "and nothing would iterate over what it yields. Make it an async def "
+                "function that returns a value (collect the items into a list)."
+            )
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _time_limits(
+    name: str, options: dict[str, Any], settings: Settings
+) -> tuple[float | None, float | None]:
+    """The task's (soft, hard) time limits in seconds: its options, else the app's defaults.
+
+    Raises:
+        ConfigurationError: A limit that is not positive seconds, or a soft limit above
+            the hard one.
+    """
+    limits: list[float | None] = []
+    for option in ("soft_time_limit", "time_limit"):
+        given = options.pop(option, None)
+        try:
+            seconds = to_seconds(given)
+        except (TypeError, ValueError):
+            seconds = -1.0
+        if given is not None and (seconds is None or isinstance(given, bool) or not seconds > 0):
+            raise ConfigurationError(
+                f"Task {name!r}: {option} must be positive seconds (or a timedelta), not {given!r}."
+            )
+        limits.append(seconds if given is not None else getattr(settings, option))
+    soft, hard = limits
+    if soft is not None and hard is not None and soft > hard:
         raise ConfigurationError(
-            f"Task {name!r} is {kind}: async tasks are not supported yet (a worker "
-            "would never await it, and its body would never run). Register a plain "
-            "function that runs it to completion instead, for example "
-            "`def task(...): return asyncio.run(coroutine_function(...))`."
+            f"Task {name!r}: soft_time_limit ({soft:g} s) is above time_limit ({hard:g} s) "
+            "(the task's options or the app's defaults): it would be stopped before it is "
+            "warned. Set the soft limit below the hard one."
         )
+    return soft, hard
 
 
 def refuse_awaitable(result: Any, task: str) -> ConfigurationError | None:
-    """Return the error a task call means when it returned what only an event loop can run.
+    """Return the error a task call means when it returned an async generator.
 
-    A coroutine (or generator-based one) is closed, so that it does not warn
-    "never awaited" later; the task's body has not run. Any other result: None.
+    (A coroutine or other awaitable is run on the worker's event loop.) Any
+    other result: None.
 
     Args:
         result: What the task function returned.
         task: The task's name, for the message.
     """
-    if not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
+    if not inspect.isasyncgen(result):
         return None
-    if inspect.iscoroutine(result) or inspect.isgenerator(result):
-        result.close()
     return ConfigurationError(
-        f"Task {task!r} returned {type(result).__name__!r}, which only an event loop can "
-        "run: async tasks are not supported yet, and the task's body did not run. Make "
-        "it a plain function that runs the coroutine to completion, for example with "
-        "asyncio.run(...)."
+        f"Task {task!r} returned {type(result).__name__!r}, an async generator: a task "
+        "returns one value, and nothing would iterate over it; its body did not run. "
+        "Make it an async def function that returns a value."
     )
 
 
@@ -141,9 +163,13 @@ class Task(Generic[P, R]):
     Call it to run it here; :meth:`delay` or :meth:`apply_async` to have a worker
     run it. Created by :meth:`~mqtasks.app.App.task`, not directly.
 
+    An ``async def`` function is a coroutine task: a worker runs it on its event
+    loop (see :mod:`mqtasks.execution`); :meth:`delay` stays synchronous, and
+    :meth:`adelay` publishes from asyncio code.
+
     Raises:
-        ConfigurationError: ``fn`` is an ``async def`` function (or an async
-            generator function): the worker cannot run those yet; or
+        ConfigurationError: ``fn`` is an async generator function; a time limit
+            that is not positive seconds, or a soft one above the hard one; or
             ``unique_for`` or ``idempotent=True`` on an app with no result
             backend URL (they keep their keys there).
     """
@@ -159,7 +185,8 @@ class Task(Generic[P, R]):
         expires: Seconds | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
-        _refuse_async(fn, name)
+        #: Whether calling the function makes a coroutine, run on the worker's event loop.
+        self.is_async: bool = _is_coroutine_function(fn, name)
         self.fn = fn
         self.app = app
         self.name = name
@@ -191,6 +218,10 @@ class Task(Generic[P, R]):
                     f"Task {name!r} sets {option}, which keeps its keys in the result "
                     f"backend, and app {app.name!r} has none: {_BACKEND_HINT}."
                 )
+        #: Seconds a run may take before :exc:`~mqtasks.exceptions.SoftTimeLimitExceeded`
+        #: is raised in it, and before the worker stops it and dead-letters its message
+        #: (reason ``time_limit``); None: no limit. The task's options, else the app's settings.
+        self.soft_time_limit, self.time_limit = _time_limits(name, self.options, app.settings)
         #: Whether every running worker of its queue runs each call (:mod:`mqtasks.broadcast`).
         self.broadcast: bool = broadcast_option(self)
         self.signature = inspect.signature(fn)

@@ -19,28 +19,33 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import structlog
 
-from ._url import mask_url, redact
+from ._url import mask_url
 from .app import App
 from .broadcast import WorkerBroadcast
-from .events import stale_bindings, wire_message
-from .exceptions import BackendError, ConfigurationError, MQTasksError
+from .events import stale_bindings
+from .exceptions import BackendError, ConfigurationError
+from .execution import decisions as _decisions
+from .execution.pool import ThreadPool
+from .execution.running import Execution
 from .message import Message, _origin
 from .middleware.base import Runner
 from .middleware.idempotency import with_idempotency
 from .middleware.results import with_results
-from .middleware.retries import BROKER_DEATH_HEADERS, with_retries
+from .middleware.retries import with_retries
 from .middleware.workflow import with_workflow
 from .ordering.runtime import OrderedDeliveries, check_consumer, ordered_deliveries
+from .processing import ABANDONED as _ABANDONED
 from .processing import ACK as _ACK
 from .processing import DROP as _DROP
 from .processing import HOLD as _HOLD
 from .processing import REJECT as _REJECT
 from .processing import REQUEUE as _REQUEUE
-from .processing import Job, current_job, dead_letter, job_or_none, log_fields, process
+from .processing import current_job, dead_letter, job_or_none, process
 from .transport.base import Consumer, Delivery
 from .validation import check_app, unenforced_limits
 
@@ -48,7 +53,12 @@ __all__ = ["Worker"]
 
 logger = structlog.get_logger("mqtasks.worker")
 
-_STOP = None
+
+class Revocations(Protocol):
+    """What the worker asks before it runs a message (see :attr:`Worker.revocations`)."""
+
+    def is_revoked(self, task_id: str) -> bool:
+        """Whether the task ``task_id`` was revoked."""
 
 
 class Worker:
@@ -78,6 +88,8 @@ class Worker:
         self.app = app
         self.queues = list(queues or app.task_queues())
         self.concurrency = concurrency or s.concurrency
+        # A prefetch given follows no resize(); the default, 2 x concurrency, does.
+        self._prefetch_given = bool(prefetch or s.prefetch)
         self.prefetch = prefetch or s.prefetch or 2 * self.concurrency
         self.shutdown_timeout = s.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         if self.concurrency < 1:
@@ -120,7 +132,17 @@ class Worker:
         self._consumer: Consumer | None = None
         #: Partitions, key lanes and holds of ordered tasks (set up with the consumer).
         self._ordering: OrderedDeliveries | None = None
-        self._threads: list[threading.Thread] = []
+        #: The worker threads.
+        self._pool = ThreadPool(self._work, self._outcome, self._post)
+        #: The running tasks, their time limits and the event loop of coroutine tasks.
+        self._execution = Execution(self)
+        #: Set when this process should be replaced (threads past their hard time limit
+        #: pile up, see ``max_abandoned_threads``); :attr:`recycle_reason` says why.
+        self.recycle = threading.Event()
+        self.recycle_reason: str | None = None
+        #: Revoked task ids, asked before each message runs (None: no revocations).
+        self.revocations: Revocations | None = None
+        self._io_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._io_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ready = threading.Event()
@@ -150,10 +172,9 @@ class Worker:
         self.subscriptions = self.app.declare_events(self.queues)
         self.broadcast.start()  # bound before consumed: a call sent once it runs reaches it
         self._hooks.worker_boot(self)
-        for i in range(self.concurrency):
-            t = threading.Thread(target=self._work_main, name=f"mqtasks-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        if any(task.is_async for task in self.app.tasks.values()):
+            self._execution.loop()
+        self._pool.start(self.concurrency)
         self._io_thread = threading.Thread(target=self._io_main, name="mqtasks-io", daemon=True)
         self._io_thread.start()
         self._ready.wait(timeout)
@@ -250,6 +271,7 @@ class Worker:
         self._wake()
         self._done.wait()
         self._stop_threads()
+        self._execution.stop()
         self.broadcast.stop()
         if self.clean_exit:  # every thread has exited: nobody writes to the pipe any more
             os.close(self._wake_r)
@@ -259,12 +281,7 @@ class Worker:
         return self.clean_exit
 
     def _stop_threads(self) -> None:
-        for _ in self._threads:
-            self._work.put(_STOP)
-        if self.clean_exit:
-            for t in self._threads:
-                t.join(timeout=1.0)
-        self._threads = []
+        self._pool.stop(join=self.clean_exit)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the worker has stopped; return whether it has."""
@@ -277,8 +294,49 @@ class Worker:
 
     @property
     def running(self) -> int:
-        """Tasks executing right now."""
+        """Tasks executing right now (busy slots)."""
         return self._running
+
+    busy = running
+
+    def terminate(self, task_id: str, *, reason: str = "revoked") -> bool:
+        """Stop task ``task_id`` if it runs here, as its hard time limit would.
+
+        Its message is dead-lettered with ``reason`` and acked (see
+        :mod:`mqtasks.execution.running` for what stopping a thread means).
+
+        Returns:
+            False if it is not running in this worker.
+        """
+        return self._execution.terminate(task_id, reason)
+
+    def resize(self, concurrency: int) -> None:
+        """Run ``concurrency`` worker threads from now on (at least 1); thread-safe.
+
+        Threads beyond it exit after their current task. Prefetch follows
+        (2 x concurrency) unless it was given, where the transport can change it.
+        """
+        concurrency = max(1, int(concurrency))
+        with self._lock:
+            current, self.concurrency = self.concurrency, concurrency
+            if current == concurrency:
+                return
+            if not self._prefetch_given:
+                self.prefetch = 2 * concurrency
+        if self._io_thread is not None:
+            self._pool.resize(current, concurrency)
+            if not self._prefetch_given:
+                self._io_calls.put(self._apply_prefetch)
+                self._wake()
+        logger.info(
+            "worker.resized", concurrency=concurrency, previous=current, prefetch=self.prefetch
+        )
+
+    def _apply_prefetch(self) -> None:
+        consumer = self._consumer
+        set_prefetch = getattr(consumer, "set_prefetch", None)
+        if set_prefetch is not None:
+            set_prefetch(self.prefetch)
 
     # -- the I/O thread -----------------------------------------------------------
 
@@ -307,6 +365,8 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 self._flush()
+                while not self._io_calls.empty():
+                    self._io_calls.get_nowait()()
                 if self._ordering is not None:
                     self._ordering.poll()  # ownership changes; holds and gaps now due
                 if consumer.wakeable:
@@ -444,24 +504,13 @@ class Worker:
 
     # -- worker threads -------------------------------------------------------------
 
-    def _work_main(self) -> None:
-        get, put, wake = self._work.get, self._settlements.put, self._wake
-
-        def post(item: tuple[Delivery, str]) -> None:
-            put(item)
-            # Read after the put: an I/O thread that raised the flag before it
-            # checks the queue either sees the item or is woken here.
-            if self._io_sleeping:
-                wake()
-
-        while True:
-            delivery = get()
-            if delivery is None:
-                return
-            post((delivery, self._outcome(delivery)))
-            # Not kept while this thread waits for the next one: a settled
-            # message's body (and the transport's copy of it) may be large.
-            del delivery
+    def _post(self, item: tuple[Delivery, str]) -> None:
+        """Hand a settlement to the I/O thread (from a worker thread or the watchdog)."""
+        self._settlements.put(item)
+        # Read after the put: an I/O thread that raised the flag before it
+        # checks the queue either sees the item or is woken here.
+        if self._io_sleeping:
+            self._wake()
 
     def _outcome(self, delivery: Delivery) -> str:
         """Run ``delivery`` (worker thread); return its settlement."""
@@ -473,17 +522,18 @@ class Worker:
             return _REQUEUE
         with self._lock:
             self._running += 1
+        action = _REJECT
         try:
             # A fresh copy of the thread's context per message: what the
             # task or a middleware binds (structlog contextvars, the
             # OpenTelemetry context) ends with the message.
-            action: str = contextvars.copy_context().run(process, self, delivery)
+            action = contextvars.copy_context().run(process, self, delivery)
         except BaseException:  # pragma: no cover - process() handles task errors
             logger.exception("worker.process_crashed", message_id=delivery.message_id)
-            action = _REJECT
         finally:
-            with self._lock:
-                self._running -= 1
+            if action != _ABANDONED:  # else counted off when it was given up
+                with self._lock:
+                    self._running -= 1
         return action
 
     # -- what the deciding middleware calls (Retries, Results) ------------------------
@@ -514,39 +564,7 @@ class Worker:
         Raises:
             ConfigurationError: The transport cannot hold a delay; nothing was published.
         """
-        job = current_job()
-        try:
-            if not self._hold(job, retry, delay):
-                envelope = wire_message(retry).to_envelope(job.delivery.body)
-                self.app.transport.publish(message.queue, envelope, delay=delay)
-        except ConfigurationError:
-            raise
-        except MQTasksError as error:
-            logger.error(
-                "task.retry_failed",
-                **log_fields(job.delivery, message),
-                error=str(error),
-                note="requeued instead; nothing is lost",
-            )
-            job.action = _REQUEUE
-            return
-        logger.info(
-            "task.retried",
-            **log_fields(job.delivery, message),
-            delay=round(delay, 3),
-            **({"held_in_place": True} if job.action == _HOLD else {}),
-            error=redact(f"{type(exception).__name__}: {exception}")[:500],
-        )
-        self._hooks.after_retry(self, message, delay, exception)
-        job.action = _HOLD if job.action == _HOLD else _ACK
-
-    def _hold(self, job: Job, attempt: Message, delay: float) -> bool:
-        """Hold an ordered delivery in place (unacked) to run as ``attempt`` after ``delay`` s."""
-        if not job.in_lane or self._ordering is None:
-            return False
-        self._ordering.hold_request(job.delivery, delay, attempt)
-        job.action = _HOLD
-        return True
+        _decisions.retry(self, message, retry, delay, exception)
 
     def dead_letter(
         self, message: Message, reason: str, detail: str, exception: BaseException | None = None
@@ -576,29 +594,4 @@ class Worker:
 
         A message of an ordered task waits in place instead (see :meth:`retry`).
         """
-        job = current_job()
-        headers = {
-            k: v for k, v in message.headers.items() if not k.startswith(BROKER_DEATH_HEADERS)
-        }
-        try:
-            if not self._hold(job, message, delay):
-                wire = wire_message(message.copy(headers=headers)).to_envelope(job.delivery.body)
-                self.app.transport.publish(message.queue, wire, delay=delay)
-        except MQTasksError as error:  # ConfigurationError too: no delays on this transport
-            logger.error(
-                "task.defer_failed",
-                **log_fields(job.delivery, message),
-                reason=reason,
-                error=str(error),
-                note="requeued instead; nothing is lost",
-            )
-            job.action = _REQUEUE
-            return
-        logger.info(
-            "task.deferred",
-            **log_fields(job.delivery, message),
-            reason=reason,
-            delay=round(delay, 3),
-            **({"held_in_place": True} if job.action == _HOLD else {}),
-        )
-        job.action = _HOLD if job.action == _HOLD else _ACK
+        _decisions.defer(self, message, delay, reason)

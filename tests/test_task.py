@@ -200,27 +200,21 @@ class AsyncCallable:
         return n
 
 
-@pytest.mark.parametrize(
-    "fn", [fetch, stream, AsyncCallable()], ids=["coroutine", "asyncgen", "object"]
-)
-def test_an_async_task_is_refused_at_decoration(app: App, fn: Callable[..., Any]) -> None:
-    """The worker would never await it: the message would be acked with nothing run."""
-    with pytest.raises(
-        ConfigurationError, match=r"async tasks are not supported yet.*asyncio\.run"
-    ):
-        app.task(fn)
-    with pytest.raises(ConfigurationError, match="async tasks are not supported yet"):
-        app.task(name="fetch", queue="io")(fn)
+@pytest.mark.parametrize("fn", [fetch, AsyncCallable()], ids=["coroutine", "object"])
+def test_an_async_def_function_or_object_is_a_coroutine_task(
+    app: App, fn: Callable[..., Any]
+) -> None:
+    """The worker runs it on its event loop (tests/test_async.py)."""
+    task = app.task(name="fetch", queue="io")(fn)
+    assert task.is_async and app.tasks == {"fetch": task}
+
+
+def test_a_plain_function_is_not_a_coroutine_task(app: App) -> None:
+    assert not app.task(name="plain")(lambda: None).is_async
+
+
+def test_an_async_generator_is_refused_at_decoration(app: App) -> None:
+    """A task returns one value: nothing would iterate over what it yields."""
+    with pytest.raises(ConfigurationError, match="is an async generator function"):
+        app.task(stream)
     assert app.tasks == {}
-
-
-def test_an_async_def_under_the_decorator_is_refused(app: App) -> None:
-    with pytest.raises(ConfigurationError, match="is an async def function"):
-
-        @app.task
-        async def one() -> None: ...
-
-    with pytest.raises(ConfigurationError, match="is an async def function"):
-
-        @app.task(max_retries=2)
-        async def two() -> None: ...

@@ -1,0 +1,320 @@
+"""The tasks running in a worker: where their bodies run (a worker thread, or the
+event loop for coroutines), their time limits, and stopping one from outside.
+
+:func:`~mqtasks.processing.process` brackets the call of a task's function
+with :meth:`Execution.execute`; everything else (middleware, retries, dead
+letters, results) stays on the worker thread, the same for every kind of task.
+
+Stopping a task (its hard time limit, or :meth:`Worker.terminate()
+<mqtasks.worker.Worker.terminate>`): a coroutine is cancelled, and its worker
+thread, which waits for it, returns at once and dead-letters the message. A
+thread cannot be killed: an asynchronous exception is raised in it as a last
+attempt, and whatever it does, the worker settles its message from the
+watchdog (dead-letter, then ack), forgets whatever the thread returns later,
+and starts a thread in its place. Threads that go on running (blocked in C,
+or catching the exception) are counted; past ``max_abandoned_threads`` the
+worker asks to be replaced (:attr:`Worker.recycle <mqtasks.worker.Worker.recycle>`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import inspect
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ..exceptions import SoftTimeLimitExceeded, TaskTerminated, TimeLimitExceeded
+from ..processing import conclude
+from .loop import EventLoopThread
+from .timelimit import CHECK, HARD, SOFT, Watchdog, clear_async_exception, raise_in_thread
+
+if TYPE_CHECKING:
+    from ..message import Message
+    from ..processing import Job
+    from ..task import Task
+    from ..worker import Worker
+
+__all__ = ["Execution", "Running"]
+
+logger = structlog.get_logger("mqtasks.worker")
+
+#: Seconds after a thread is given up before it counts as still running (the
+#: asynchronous exception stops a Python loop well within that).
+_ABANDON_GRACE = 1.0
+
+
+class Running:
+    """A task running in this worker, from just before its function is called to its end."""
+
+    __slots__ = (
+        "abandoned",
+        "atask",
+        "context",
+        "finished",
+        "future",
+        "hit",
+        "job",
+        "loop",
+        "message",
+        "soft_sent",
+        "thread",
+        "thread_id",
+    )
+
+    def __init__(self, job: Job, message: Message, is_async: bool) -> None:
+        self.job = job
+        self.message = message
+        self.thread = threading.current_thread()
+        self.thread_id = threading.get_ident()
+        #: The context the task started in (its middleware's state), for settling it elsewhere.
+        self.context = contextvars.copy_context()
+        #: A coroutine's outcome, which the worker thread waits for.
+        self.future: concurrent.futures.Future[Any] | None = (
+            concurrent.futures.Future() if is_async else None
+        )
+        self.atask: asyncio.Task[Any] | None = None
+        self.loop: EventLoopThread | None = None
+        self.soft_sent = False
+        #: Why the worker stopped it (hard limit, terminate), once it has.
+        self.hit: TaskTerminated | None = None
+        self.finished = False
+        #: Its thread was given up: its message is settled, what it returns is ignored.
+        self.abandoned = False
+
+
+def _supervised() -> bool:
+    """Whether this process is a child of ``mqtasks worker --processes``."""
+    return bool(os.environ.get("MQTASKS_SUPERVISOR_PID"))
+
+
+class Execution:
+    """The running tasks of one worker, its watchdog and its event loop."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._lock = worker._lock
+        self._running: dict[str, Running] = {}
+        self._watchdog: Watchdog | None = None
+        self._loop: EventLoopThread | None = None
+        # A supervised child is replaced at once, and cheaply (its supervisor forks
+        # or starts a fresh one, with no crash-loop pause): a thread it cannot stop
+        # is one too many there. A lone worker process tolerates a few, as its
+        # replacement is up to an outside process manager.
+        settings = worker.app.settings
+        #: Threads past their hard limit that may go on running before :attr:`Worker.recycle` is set.
+        self.max_abandoned = 0 if _supervised() else settings.max_abandoned_threads
+        self._block_threshold = settings.loop_block_threshold
+
+    # -- the worker thread's side ------------------------------------------------------
+
+    def execute(
+        self, job: Job, message: Message, task: Task[Any, Any]
+    ) -> tuple[Any, BaseException | None, bool]:
+        """Run ``task``'s function on ``message``'s arguments here (a coroutine: on the loop).
+
+        Returns:
+            ``(result, error, abandoned)``: abandoned when the worker gave the task
+            up while it ran; its message is settled already, and this thread must
+            take no more work.
+        """
+        entry = Running(job, message, task.is_async)
+        self._running[message.id] = entry
+        soft, hard = task.soft_time_limit, task.time_limit
+        if soft is not None or hard is not None:
+            watchdog = self._watchdog or self._start_watchdog()
+            now = time.monotonic()
+            if soft is not None:
+                watchdog.schedule(now + soft, SOFT, entry)
+            if hard is not None:
+                watchdog.schedule(now + hard, HARD, entry)
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            try:
+                result = task.fn(*message.args, **message.kwargs)
+                if entry.future is not None or inspect.isawaitable(result):
+                    result = self._await(entry, result, f"{task.name}[{message.id}]")
+            except BaseException as exc:
+                error = exc
+            abandoned = self._end(entry)
+        except (SoftTimeLimitExceeded, TaskTerminated) as late:  # raised as the task ended
+            if error is None and result is None:
+                error = late
+            abandoned = self._end(entry)
+        return result, error, abandoned
+
+    def _end(self, entry: Running) -> bool:
+        """Mark ``entry`` ended, so no exception is raised in its thread any more."""
+        while True:
+            try:
+                with self._lock:
+                    entry.finished = True
+                    if self._running.get(entry.message.id) is entry:
+                        del self._running[entry.message.id]
+                    if entry.future is None and (entry.soft_sent or entry.hit is not None):
+                        clear_async_exception(entry.thread_id)  # one that has not arrived yet
+                    return entry.abandoned
+            except (SoftTimeLimitExceeded, TaskTerminated):
+                continue
+
+    def _await(self, entry: Running, awaitable: Any, name: str) -> Any:
+        """Run ``awaitable`` on the event loop; wait for and return its outcome."""
+        if entry.future is None:  # a plain function that returned a coroutine
+            with self._lock:
+                entry.future = concurrent.futures.Future()
+        future = entry.future
+        coro = awaitable if inspect.iscoroutine(awaitable) else _wrap(awaitable)
+        loop = entry.loop = self.loop()
+
+        def started(atask: asyncio.Task[Any]) -> bool:
+            with self._lock:
+                entry.atask = atask
+                return not (entry.soft_sent or entry.hit is not None)
+
+        def done(atask: asyncio.Task[Any]) -> None:
+            try:
+                if atask.cancelled():
+                    future.set_exception(
+                        entry.hit
+                        or (
+                            SoftTimeLimitExceeded() if entry.soft_sent else asyncio.CancelledError()
+                        )
+                    )
+                elif (exc := atask.exception()) is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(atask.result())
+            except concurrent.futures.InvalidStateError:  # stopped by the worker already
+                pass
+
+        loop.submit(coro, name=name, done=done, started=started)
+        return future.result()
+
+    def loop(self) -> EventLoopThread:
+        """The worker's event loop, started on first use."""
+        loop = self._loop
+        if loop is None:
+            with self._lock:
+                if self._loop is None:
+                    self._loop = EventLoopThread(self._block_threshold)
+                loop = self._loop
+        return loop
+
+    # -- stopping tasks ----------------------------------------------------------------
+
+    def terminate(self, task_id: str, reason: str) -> bool:
+        """Stop the task running as ``task_id`` and dead-letter it with ``reason``."""
+        entry = self._running.get(task_id)
+        if entry is None:
+            return False
+        return self._stop(
+            entry, TaskTerminated(f"terminated by the worker: {reason}", reason=reason)
+        )
+
+    def _start_watchdog(self) -> Watchdog:
+        with self._lock:
+            if self._watchdog is None:
+                self._watchdog = Watchdog(self._fire, lambda entry: not entry.finished)
+            return self._watchdog
+
+    def _fire(self, kind: str, entry: Any) -> None:
+        if kind == SOFT:
+            self._soft(entry)
+        elif kind == HARD:
+            task = self.worker.app.tasks.get(entry.message.task)
+            limit = f" ({task.time_limit:g} s)" if task is not None and task.time_limit else ""
+            self._stop(entry, TimeLimitExceeded(f"ran past its hard time limit{limit}"))
+        elif kind == CHECK:
+            self._check_abandoned()
+
+    def _soft(self, entry: Running) -> None:
+        with self._lock:
+            if entry.finished or entry.hit is not None:
+                return
+            entry.soft_sent = True
+            if entry.future is None:
+                raise_in_thread(entry.thread_id, SoftTimeLimitExceeded)
+            elif entry.atask is not None and entry.loop is not None:
+                entry.loop.call(entry.atask.cancel)
+        logger.warning("task.soft_time_limit", **_fields(entry))
+
+    def _stop(self, entry: Running, error: TaskTerminated) -> bool:
+        """Stop ``entry``'s task (see the module docstring); False if it had ended."""
+        worker = self.worker
+        with self._lock:
+            if entry.finished or entry.hit is not None:
+                return False
+            entry.hit = error
+            future = entry.future
+            if future is None:
+                entry.abandoned = True
+                raise_in_thread(entry.thread_id, type(error))
+                worker._running -= 1
+                if self._running.get(entry.message.id) is entry:
+                    del self._running[entry.message.id]
+                worker._pool.abandon(entry.thread)
+            elif entry.atask is not None and entry.loop is not None:
+                entry.loop.call(entry.atask.cancel)
+        logger.warning(
+            "task.stopped",
+            **_fields(entry),
+            reason=error.reason,
+            mode="thread" if future is None else "coroutine",
+        )
+        if future is not None:
+            # Its worker thread returns now and dead-letters the message itself.
+            try:
+                future.set_exception(error)
+            except concurrent.futures.InvalidStateError:
+                pass
+        else:
+            # The worker thread's own ending, run here in a copy of its context.
+            delivery = entry.job.delivery
+            action = entry.context.run(conclude, worker, delivery, entry.message, None, error)
+            worker._post((delivery, action))
+        watchdog = self._watchdog or self._start_watchdog()
+        watchdog.schedule(time.monotonic() + _ABANDON_GRACE, CHECK, entry)
+        return True
+
+    def _check_abandoned(self) -> None:
+        """Count the given-up threads still running; past the bound, ask to be replaced."""
+        worker = self.worker
+        loop = self._loop
+        if loop is not None and loop.blocked:
+            # A coroutine past its hard limit that does not let the loop run: the
+            # loop is given up like a thread, and a new one runs the next coroutines.
+            with self._lock:
+                if self._loop is loop:
+                    self._loop = None
+                    worker._pool.abandoned.append(loop.thread)
+        alive = worker._pool.abandoned_alive()
+        if alive > self.max_abandoned and not worker.recycle.is_set():
+            worker.recycle_reason = (
+                f"{alive} thread(s) past their hard time limit still run "
+                f"(max_abandoned_threads={self.max_abandoned})"
+            )
+            logger.warning("worker.recycle", reason=worker.recycle_reason, abandoned=alive)
+            worker.recycle.set()
+
+    def stop(self) -> None:
+        """Stop the watchdog and the event loop (the worker has stopped)."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        if self._loop is not None and not self._loop.blocked:
+            self._loop.stop()
+
+
+async def _wrap(awaitable: Any) -> Any:
+    """A coroutine awaiting ``awaitable`` (an object with ``__await__``)."""
+    return await awaitable
+
+
+def _fields(entry: Running) -> dict[str, Any]:
+    message = entry.message
+    return {"task_id": message.id, "task_name": message.task, "attempt": message.attempt}
