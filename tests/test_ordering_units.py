@@ -24,6 +24,7 @@ from mqtasks.ordering.keys import (
 from mqtasks.ordering.lanes import SEQUENCE_GAP, Lanes
 from mqtasks.transport.base import Delivery
 from tests._helpers.brokers import unique_name
+from tests._helpers.wait import wait_for
 
 # -- keys ---------------------------------------------------------------------------------
 
@@ -252,6 +253,54 @@ def test_a_partition_taken_over_from_a_worker_that_died_is_consumed_after_the_de
         backend, {queue: 1}, lease_ttl=5.0, post=again, member="next", takeover_delay=30.0
     ).cycle()
     assert again.of("add") == [partition_name(queue, 0, 1)]
+
+
+def test_workers_started_together_each_take_their_share_after_the_settle_window() -> None:
+    backend = resolve_backend("memory://")
+    queue = unique_name("ledger")
+    posted = [Posted(), Posted()]
+    made = [
+        Assignment(backend, {queue: 4}, lease_ttl=60.0, post=p, member=m, settle=0.5)
+        for p, m in zip(posted, "ab", strict=True)
+    ]
+    try:
+        # Given two workers started one after the other, within the settle window
+        for a in made:
+            a.start()
+        # Then each takes two partitions, and neither took more to give back
+        wait_for(lambda: [len(p.of("add")) for p in posted] == [2, 2], lambda: str(posted))
+        assert posted[0].of("release") == posted[1].of("release") == []
+        assert not set(posted[0].of("add")) & set(posted[1].of("add"))
+    finally:
+        for a in made:
+            a.stop()
+
+
+def test_a_joining_worker_gets_its_share_before_the_next_round() -> None:
+    """Joining and giving back bump the queue's epoch: the others rebalance at once, not at
+    their next round (30 s here, beyond the wait)."""
+    backend = resolve_backend("memory://")
+    queue = unique_name("ledger")
+    first_posted, second_posted = Posted(), Posted()
+    first = Assignment(backend, {queue: 4}, lease_ttl=90.0, post=first_posted, settle=0.0)
+    second = Assignment(backend, {queue: 4}, lease_ttl=90.0, post=second_posted, settle=0.0)
+    try:
+        first.start()
+        wait_for(lambda: len(first_posted.of("add")) == 4, "the first to take every partition")
+        # When a second worker joins, the first gives up two
+        second.start()
+        wait_for(lambda: len(first_posted.of("release")) == 2, "the first to release two")
+        # Then, once they are drained, the second takes them
+        for name in first_posted.of("release"):
+            first.released(name)
+        wait_for(lambda: len(second_posted.of("add")) == 2, "the second's share")
+        assert set(second_posted.of("add")) == set(first_posted.of("release"))
+        # And when the first leaves, the second takes its partitions too
+        first.stop()
+        wait_for(lambda: len(second_posted.of("add")) == 4, "the second to take them all")
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_a_frozen_queue_dispatches_nothing_until_thawed() -> None:

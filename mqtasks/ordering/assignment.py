@@ -10,6 +10,14 @@ they are drained; owning too few, it takes free ones, those with
 ``i % members == its rank`` first. A lease it fails to renew is lost: the
 I/O thread stops consuming that partition at once (``ordering.lease_lost``).
 
+A worker joins first and takes partitions only after a short settle window
+(:data:`SETTLE`), so that workers started together (the processes of one
+``mqtasks worker -p N``) each take their fair share from the start instead of
+the first taking everything and handing half back. Joining, leaving and
+giving a partition back bump the queue's epoch (``ordering:epoch:<queue>``);
+every worker reads it every :data:`POLL` seconds and rebalances at once when
+it moved, rather than at its next round.
+
 :class:`Assignment` runs in a thread of its own and talks to the backend
 alone; it tells the I/O thread what changes through ``post``.
 """
@@ -29,7 +37,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from ..exceptions import BackendError
-from .keys import lease_name, member_key, members_key, owner_key, partition_name
+from .keys import epoch_key, lease_name, member_key, members_key, owner_key, partition_name
 
 if TYPE_CHECKING:
     from ..backend.base import Backend
@@ -45,6 +53,13 @@ Change = tuple[Literal["add", "release", "lost"], str]
 #: Seconds the members set is kept after it was created (stale members are
 #: ignored through their liveness keys; the set is recreated by the next refresh).
 MEMBERS_TTL = 3600.0
+
+#: Seconds a worker waits after joining before it takes partitions (at most a quarter of
+#: the lease time), for the other workers starting with it to join too.
+SETTLE = 1.0
+
+#: Seconds between two reads of the epochs (at most a sixth of the lease time).
+POLL = 0.25
 
 
 def member_id() -> str:
@@ -64,6 +79,8 @@ class Assignment:
         takeover_delay: Seconds to wait before consuming a partition whose last owner
             did not give it up in good order (its unacked messages come back first).
         state_ttl: Seconds the owner of a partition is remembered.
+        settle: Seconds between joining and the first round; :data:`SETTLE` (at most a
+            quarter of ``lease_ttl``) by default.
     """
 
     def __init__(
@@ -76,6 +93,7 @@ class Assignment:
         member: str | None = None,
         takeover_delay: float = 0.0,
         state_ttl: float = 86400.0,
+        settle: float | None = None,
     ) -> None:
         self.backend = backend
         self.queues = dict(queues)
@@ -83,7 +101,11 @@ class Assignment:
         self.member = member or member_id()
         self.takeover_delay = takeover_delay
         self.state_ttl = state_ttl
+        self.settle = min(SETTLE, lease_ttl / 4) if settle is None else settle
+        self._poll = min(POLL, lease_ttl / 6)
         self._post = post
+        #: The epoch of each queue as last read (None: not read yet, or unset).
+        self._epochs: dict[str, int | None] = {}
         #: Partitions taken over from a worker that died: consumed from this monotonic time.
         self._waiting: dict[tuple[str, int], float] = {}
         #: Owned partitions: (queue, index) -> monotonic time of the last renewal.
@@ -100,8 +122,14 @@ class Assignment:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Run the first round now (so partitions are consumed at once), then in a thread."""
-        self.cycle()
+        """Join the members now; take partitions in a thread, after the settle window.
+
+        Raises:
+            BackendError: The backend cannot be reached.
+        """
+        for q in self.queues:
+            self._register(q)
+            self._epochs[q] = self._bump(q)
         self._thread = threading.Thread(target=self._main, name="mqtasks-ordering", daemon=True)
         self._thread.start()
 
@@ -137,16 +165,40 @@ class Assignment:
         for q in self.queues:
             try:
                 self.backend.delete(member_key(q, self.member))
+                self._bump(q)
             except BackendError:
                 pass  # it expires on its own
 
+    def _bump(self, q: str) -> int:
+        """Tell the other workers of ``q`` to rebalance now; return the new epoch."""
+        return self.backend.incr(epoch_key(q), ttl=MEMBERS_TTL)
+
+    def _moved(self) -> bool:
+        """Whether the epoch of a queue moved since it was last read (and note the new one)."""
+        moved = False
+        for q in self.queues:
+            try:
+                raw = self.backend.get(epoch_key(q))
+            except BackendError:
+                return False  # the next round says so, and expires what it must
+            epoch = None if raw is None else int(raw)
+            if epoch != self._epochs.get(q):
+                self._epochs[q] = epoch
+                moved = True
+        return moved
+
     def _main(self) -> None:
+        if self._stop.wait(self.settle):
+            return
+        period = self.lease_ttl / 3
+        due = 0.0  # the first round at once
         while not self._stop.is_set():
-            self._wake.wait(self.lease_ttl / 3)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            self.cycle()
+            now = time.monotonic()
+            if self._wake.is_set() or now >= due or self._moved():
+                self._wake.clear()
+                self.cycle()
+                due = time.monotonic() + period
+            self._wake.wait(max(0.0, min(self._poll, due - time.monotonic())))
 
     def cycle(self) -> None:
         """One round: release what was drained, refresh membership, renew, rebalance."""
@@ -156,6 +208,7 @@ class Assignment:
 
     def _cycle(self) -> None:
         try:
+            given: set[str] = set()
             while True:
                 try:
                     name = self._released.get_nowait()
@@ -166,7 +219,10 @@ class Assignment:
                     self._give_back(part)
                     del self.owned[part]
                     self._releasing.discard(part)
+                    given.add(part[0])
                     logger.info("ordering.partition_released", queue=part[0], partition=name)
+            for q in given:  # the worker waiting for them takes them now
+                self._bump(q)
             for q, count in self.queues.items():
                 self._balance(q, count)
             self._post_waited(time.monotonic())
@@ -206,10 +262,13 @@ class Assignment:
         )
         self._post(("lost", name))
 
+    def _register(self, q: str) -> None:
+        self.backend.put(member_key(q, self.member), b"1", self.lease_ttl)
+        self.backend.add_member(members_key(q), self.member, ttl=MEMBERS_TTL)
+
     def _live_members(self, q: str) -> list[str]:
-        backend, ttl = self.backend, self.lease_ttl
-        backend.put(member_key(q, self.member), b"1", ttl)
-        backend.add_member(members_key(q), self.member, ttl=MEMBERS_TTL)
+        backend = self.backend
+        self._register(q)
         members = backend.members(members_key(q))
         live = {m for m in members if m == self.member or backend.get(member_key(q, m))}
         live.add(self.member)

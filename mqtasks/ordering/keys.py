@@ -107,6 +107,12 @@ def members_key(queue: str) -> str:
     return f"ordering:members:{queue}"
 
 
+def epoch_key(queue: str) -> str:
+    """The backend counter bumped when a worker joins or leaves a queue's members, or gives
+    a partition back: the others look at it often and rebalance at once when it moved."""
+    return f"ordering:epoch:{queue}"
+
+
 def member_key(queue: str, member: str) -> str:
     """The backend key whose presence says that ``member`` is alive."""
     return f"ordering:member:{queue}:{member}"

@@ -76,8 +76,9 @@ def ordered_deliveries(
     counted: Callable[[Delivery], None],
     wake: Callable[[], None],
 ) -> OrderedDeliveries | None:
-    """Return the ordered-delivery machinery of a worker on ``queues``, started (its first
-    leases taken); None if none of them carries ordered tasks.
+    """Return the ordered-delivery machinery of a worker on ``queues``, started (joined to
+    the partitions' members; it takes its share after a settle window); None if none of
+    them carries ordered tasks.
 
     Raises:
         BackendError: The backend cannot be reached for the first leases.
@@ -147,7 +148,8 @@ class OrderedDeliveries:
         )
 
     def start(self) -> None:
-        """Take a first share of partitions; the I/O thread's first :meth:`poll` consumes them.
+        """Join the partitions' members; the share taken after the settle window is
+        consumed by the I/O thread's :meth:`poll`.
 
         Not consumed here: a consumer may deliver from within ``add_queue``, and
         the worker routes deliveries here only once this object is its own.
