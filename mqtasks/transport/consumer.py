@@ -102,6 +102,27 @@ class Consumer:
         for delivery in deliveries:
             self.requeue(delivery)
 
+    def set_prefetch(self, prefetch: int) -> None:
+        """Change the most unacknowledged deliveries held at once, while consuming.
+
+        Raised, more deliveries come at once; lowered, none comes until fewer
+        than the new bound are held (nothing held is handed back). A reconnect
+        keeps the new bound. Runs on the thread that drains the consumer, as
+        every method does.
+
+        Raises:
+            ValueError: ``prefetch`` is below 1.
+        """
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, not {prefetch}.")
+        if prefetch != self.prefetch:
+            self.prefetch = prefetch
+            self._prefetch_changed()
+
+    def _prefetch_changed(self) -> None:
+        """Apply the new :attr:`prefetch` to the broker; consumers that read it at
+        each fetch need nothing more (the base)."""
+
     def add_queue(self, spec: QueueSpec) -> None:
         """Start consuming one more queue, declared as :meth:`start` declares queues.
 

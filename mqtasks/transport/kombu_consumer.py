@@ -118,6 +118,17 @@ class KombuConsumer(Consumer):
         consumer.on_message = self._receive
         consumer.consume()
 
+    def _prefetch_changed(self) -> None:
+        """Set the new window on the channel: kombu's virtual channels (``memory://``,
+        ``redis+kombu://``) check it at each delivery."""
+        consumer = self._consumer
+        if consumer is None:
+            return  # the reconnect sets it
+        try:
+            consumer.qos(prefetch_count=self.prefetch)
+        except self.connection_errors as exc:
+            self._lost(exc)
+
     def _log_connect_error(self, exc: BaseException, interval: float) -> None:
         logger.warning(
             "broker.connect_failed",

@@ -42,6 +42,11 @@ def _key(raw: Any) -> tuple[int, int]:
     return raw.channel.channel_id, raw.delivery_tag
 
 
+def _total(windows: Sequence[tuple[str, int]]) -> int:
+    """The prefetch window of a queue's consumers together."""
+    return sum(window for _, window in windows)
+
+
 def _ack(raw: Any) -> None:
     """Acknowledge a received kombu message as ``Message.ack()`` does, with :func:`write_ack`."""
     if raw.acknowledged:
@@ -83,8 +88,8 @@ class AmqpConsumer(KombuConsumer):
         #: Deliveries received on the current connection and not settled yet, by
         #: (channel, delivery tag), with the consumer tag each came through.
         self._unsettled: dict[tuple[int, int], str] = {}
-        #: Queue -> (consumer tag, window) of the live RabbitMQ consumers.
-        self._windows: dict[str, tuple[str, int]] = {}
+        #: Queue -> (consumer tag, window) of its live RabbitMQ consumers, kombu's own first.
+        self._windows: dict[str, list[tuple[str, int]]] = {}
         #: A queue waits for room in the window, or for its share to change.
         self._replan = False
         #: The queues consumed on the main channel: those the consumer started with.
@@ -227,42 +232,49 @@ class AmqpConsumer(KombuConsumer):
 
     def _plan(self, consumer: Any = None) -> None:
         """Cancel the consumers of removed queues and of queues over their share;
-        subscribe every queue without one whose share fits in the window."""
+        subscribe every queue whose share fits in the window, and give a queue
+        under its share (the prefetch grew) one more consumer for the difference."""
         main = consumer or self._consumer
         if main is None or self._cancelled:
             return
         shares = split_prefetch(self.prefetch, [s.name for s in self.specs])
         bound = max(self.prefetch, len(shares))
         held = Counter(self._unsettled.values())
-        for name, (_, window) in list(self._windows.items()):
+        for name, windows in list(self._windows.items()):
             share = shares.get(name)
-            if share is None or window > share:
-                self._consumer_of(name, main).cancel_by_queue(name)
-                del self._windows[name]
-        live = {tag for tag, _ in self._windows.values()}
+            if share is None or _total(windows) > share:
+                self._cancel_queue(name, main)
+        live = {tag for windows in self._windows.values() for tag, _ in windows}
         # What cancelled consumers still hold, by queue: it counts against the queue's share.
         retired: Counter[str] = Counter()
         for tag, n in held.items():
             if tag not in live:
                 retired[self._tags.get(tag, "")] += n
-        committed = sum(w for _, w in self._windows.values()) + sum(retired.values())
-        for name, (tag, window) in list(self._windows.items()):
-            # A window too small grows when nothing is held under it and the
-            # larger one fits, so that the queue never pauses for it.
-            share = shares[name]
-            if window < share and not held[tag] and committed - window + share <= bound:
-                self._consumer_of(name, main).cancel_by_queue(name)
-                del self._windows[name]
-                committed -= window
+        committed = sum(_total(w) for w in self._windows.values()) + sum(retired.values())
+        for name, windows in list(self._windows.items()):
+            # Consumers that hold nothing are merged into one with the whole share
+            # (after growing, or a window too small), when it fits.
+            total = _total(windows)
+            mergeable = (len(windows) > 1 or total < shares[name]) and not any(
+                held[tag] for tag, _ in windows
+            )
+            if mergeable and committed - total + shares[name] <= bound:
+                self._cancel_queue(name, main)
+                committed -= total
         specs = {s.name: s for s in self.specs}
         self._replan = bool(self._parked)
         for name, share in shares.items():
             if name in self._parked_queues:
                 continue  # subscribed again once its parked deliveries are back
-            if name in self._windows:
-                self._replan |= self._windows[name][1] != share
+            windows = self._windows.get(name, [])
+            if not windows:
+                window = share - retired[name]
+            elif _total(windows) == share:
                 continue
-            window = share - retired[name]
+            else:
+                # Grown: one consumer more for the difference, once what the queue's
+                # cancelled consumers hold is settled (so the windows do not splinter).
+                window = 0 if retired[name] else share - _total(windows)
             if window < 1 or committed + window > bound:
                 self._replan = True  # once settlements make room
                 continue
@@ -270,13 +282,35 @@ class AmqpConsumer(KombuConsumer):
                 self._replan = True  # its channel is opened once the connect is done
                 continue
             target = self._consumer_of(name, main, create=True)
-            queue = target.add_queue(self.transport.kombu_queue(specs[name]))
             target.qos(prefetch_count=window)  # applies to consumers started from now on
-            # kombu's consume() would start every queue registered at once, with one window.
-            tag = target._basic_consume(queue, no_ack=False, nowait=False)
+            if windows:
+                # One more RabbitMQ consumer of the queue: kombu keeps one per queue.
+                tag = f"{name}.more.{next(_SIDE_TAGS)}"
+                target._queues[name].consume(
+                    tag, target._receive_callback, no_ack=False, nowait=False
+                )
+            else:
+                queue = target.add_queue(self.transport.kombu_queue(specs[name]))
+                # kombu's consume() would start every queue registered at once, with one window.
+                tag = target._basic_consume(queue, no_ack=False, nowait=False)
             self._tags[tag] = name
-            self._windows[name] = (tag, window)
+            self._windows[name] = [*windows, (tag, window)]
             committed += window
+            self._replan |= _total(self._windows[name]) < share  # grows as the rest settles
+
+    def _cancel_queue(self, name: str, main: Any) -> None:
+        """Cancel every RabbitMQ consumer of queue ``name``; what they hold stays settleable."""
+        target = self._consumer_of(name, main)
+        for tag, _ in self._windows.pop(name, [])[1:]:
+            target.channel.basic_cancel(tag)
+        target.cancel_by_queue(name)
+
+    def _prefetch_changed(self) -> None:
+        """Split the new bound over the queues: a queue whose share shrank has its
+        consumers cancelled and subscribed again once what they hold fits (RabbitMQ
+        keeps a consumer's window for its life); one whose share grew gets a consumer more."""
+        self._replan = True
+        self._replan_now()
 
     def _consumer_of(self, name: str, main: Any, *, create: bool = False) -> Any:
         """The kombu consumer of queue ``name``: the main one for the queues the
@@ -309,8 +343,7 @@ class AmqpConsumer(KombuConsumer):
             if len(parked) != len(keys) or not (parked or name not in consumed):
                 continue
             if name in self._windows:
-                side.cancel_by_queue(name)
-                del self._windows[name]
+                self._cancel_queue(name, side)
             side.channel.close()
             del self._side[name]
             for key in keys:
@@ -321,6 +354,12 @@ class AmqpConsumer(KombuConsumer):
 
     def cancel(self) -> None:
         """Stop receiving new deliveries on every channel; held ones stay settleable."""
+        consumer = self._consumer
+        if consumer is not None:
+            for name, windows in self._windows.items():  # kombu's cancel() knows its own only
+                for tag, _ in windows[1:]:
+                    with contextlib.suppress(Exception):
+                        self._consumer_of(name, consumer).channel.basic_cancel(tag)
         super().cancel()
         for side in self._side.values():
             with contextlib.suppress(Exception):
@@ -388,8 +427,7 @@ class AmqpConsumer(KombuConsumer):
             return  # the broker has them back, in their places
         try:
             for name in {d.queue for d in live} & self._windows.keys():
-                self._consumer_of(name, consumer).cancel_by_queue(name)
-                del self._windows[name]
+                self._cancel_queue(name, consumer)
         except self.connection_errors as exc:
             self._lost(exc)
             return
