@@ -508,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(run_dir, exist_ok=True)
     ctx = Context(run_id, run_dir, opts)
     info, _ = run_header(("taskiq", "taskiq-redis", "arq"))
+    # A run from a `git archive` of a commit (no .git there) names it in BENCH_COMMIT.
+    info["commit"] = info.get("commit") or os.environ.get("BENCH_COMMIT")
     header = (
         f"mqtasks {info['mqtasks']} (commit {info['commit']}) | taskiq {info.get('taskiq')} | "
         f"taskiq-redis {info.get('taskiq-redis')} | arq {info.get('arq')} | kombu "
