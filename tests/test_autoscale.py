@@ -1,0 +1,150 @@
+"""Autoscaling: the policy, and a worker's threads following a backlog on every broker.
+
+A backlog of tasks that hold their thread (until the test lets them go) makes
+the worker grow to MAX, never above, with its prefetch window following; once
+they are done and the worker idles, it shrinks one thread per idle period to
+MIN, never below; every change is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import structlog
+
+from mqtasks import App
+from mqtasks._scaling import BOUNDS, GROW, IDLE, ScalePolicy
+from mqtasks.execution.autoscale import Autoscaler
+from mqtasks.testing import running_worker
+from tests._helpers.wait import wait_for
+
+# -- the policy -------------------------------------------------------------------
+
+
+def test_grows_to_what_the_backlog_asks_for_within_max() -> None:
+    policy = ScalePolicy(2, 8)
+    assert policy.decide(2, busy=2, waiting=3, now=0) == (5, GROW)
+    assert policy.decide(5, busy=5, waiting=100, now=1) == (8, GROW)
+    assert policy.decide(8, busy=8, waiting=100, now=2) is None
+
+
+def test_does_not_grow_while_a_slot_is_free_or_nothing_waits() -> None:
+    policy = ScalePolicy(1, 8)
+    assert policy.decide(4, busy=3, waiting=50, now=0) is None
+    assert policy.decide(4, busy=4, waiting=0, now=1) is None
+
+
+def test_shrinks_one_unit_per_idle_period_down_to_min() -> None:
+    policy = ScalePolicy(2, 8, idle=10)
+    assert policy.decide(4, busy=1, waiting=0, now=0) is None  # the idle period starts
+    assert policy.decide(4, busy=3, waiting=0, now=9) is None
+    assert policy.decide(4, busy=0, waiting=0, now=10) == (3, IDLE)
+    assert policy.decide(3, busy=0, waiting=0, now=15) is None
+    assert policy.decide(3, busy=0, waiting=0, now=20) == (2, IDLE)
+    assert policy.decide(2, busy=0, waiting=0, now=100) is None
+
+
+def test_work_waiting_or_every_slot_busy_restarts_the_idle_period() -> None:
+    policy = ScalePolicy(1, 8, idle=10)
+    policy.decide(4, busy=0, waiting=0, now=0)
+    policy.decide(4, busy=4, waiting=0, now=5)  # every slot used once: not idle
+    assert policy.decide(4, busy=0, waiting=0, now=12) is None
+    policy.decide(4, busy=0, waiting=1, now=13)
+    assert policy.decide(4, busy=0, waiting=0, now=20) is None
+    assert policy.decide(4, busy=0, waiting=0, now=30) == (3, IDLE)
+
+
+def test_process_units_grow_by_the_backlog_over_their_threads() -> None:
+    policy = ScalePolicy(1, 6, idle=1, unit=4)
+    assert policy.decide(2, busy=8, waiting=9, now=0) == (5, GROW)
+    # A whole child's threads to spare before one goes
+    assert policy.decide(2, busy=5, waiting=0, now=1) is None
+    assert policy.decide(2, busy=5, waiting=0, now=3) is None
+    assert policy.decide(2, busy=4, waiting=0, now=4) is None
+    assert policy.decide(2, busy=4, waiting=0, now=5) == (1, IDLE)
+
+
+def test_a_size_outside_the_bounds_is_corrected() -> None:
+    assert ScalePolicy(2, 4).decide(8, busy=0, waiting=0, now=0) == (4, BOUNDS)
+    assert ScalePolicy(2, 4).decide(1, busy=1, waiting=9, now=0) == (2, BOUNDS)
+
+
+@pytest.mark.parametrize(("minimum", "maximum"), [(0, 4), (3, 2), (-1, -1)])
+def test_impossible_bounds_are_refused(minimum: int, maximum: int) -> None:
+    with pytest.raises(ValueError, match="1 <= MIN <= MAX"):
+        ScalePolicy(minimum, maximum)
+
+
+# -- a worker on each broker -----------------------------------------------------------
+
+
+def _autoscaled(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "worker.autoscaled"]
+
+
+def test_worker_grows_under_a_backlog_and_shrinks_when_idle(
+    broker_url: str, make_app: Callable[..., App]
+) -> None:
+    app = make_app(broker_url)
+    gate = threading.Event()
+    started: list[int] = []
+
+    @app.task
+    def slow(n: int) -> None:
+        started.append(n)
+        gate.wait(60)
+
+    # Given a worker of 1 thread that may grow to 4, and 20 tasks that hold their thread
+    with structlog.testing.capture_logs() as logs, running_worker(app, concurrency=1) as worker:
+        scaler = Autoscaler(worker, 1, 4, idle=0.3, interval=0.1)
+        scaler.start()
+        try:
+            for n in range(20):
+                slow.delay(n)
+
+            # Then it grows to 4, with a prefetch window of 8
+            wait_for(lambda: worker.concurrency == 4, "growth to 4 threads", 30)
+            wait_for(lambda: len(started) == 4, "4 tasks running at once", 30)
+            consumer = worker._consumer
+            assert consumer is not None
+            wait_for(lambda: consumer.prefetch == 8, "prefetch 8", 10)
+            assert worker.prefetch == 8
+            # And not above 4 while the backlog stays (a few readings more)
+            readings = scaler.interval * 5
+            assert not gate.wait(readings)
+            assert worker.concurrency == 4 and len(started) == 4
+
+            # When the tasks are let go and the queue runs dry
+            gate.set()
+            wait_for(lambda: len(started) == 20, "all 20 tasks started", 30)
+
+            # Then it shrinks to 1, one thread per idle period, prefetch following
+            wait_for(lambda: worker.concurrency == 1, "shrinking to 1 thread", 30)
+            wait_for(lambda: consumer.prefetch == 2, "prefetch 2", 10)
+        finally:
+            scaler.stop()
+    changes = _autoscaled(logs)
+    assert [c["reason"] for c in changes][:1] == [GROW]
+    assert all(1 <= c["concurrency"] <= 4 for c in changes)
+    grown = [c for c in changes if c["reason"] == GROW]
+    assert grown[0]["previous"] == 1 and grown[0]["busy"] == 1 and grown[0]["waiting"] > 0
+    shrunk = [(c["previous"], c["concurrency"]) for c in changes if c["reason"] == IDLE]
+    assert shrunk == [(4, 3), (3, 2), (2, 1)]
+    assert all(c["idle_s"] >= 0.3 for c in changes if c["reason"] == IDLE)
+
+
+def test_a_worker_outside_the_bounds_is_brought_within_them_at_start(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app()
+    with structlog.testing.capture_logs() as logs, running_worker(app, concurrency=8) as worker:
+        scaler = Autoscaler(worker, 2, 4, idle=60)
+        scaler.start()
+        scaler.stop()
+        assert worker.concurrency == 4
+    assert [(c["previous"], c["concurrency"], c["reason"]) for c in _autoscaled(logs)] == [
+        (8, 4, BOUNDS)
+    ]
