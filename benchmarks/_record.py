@@ -12,16 +12,35 @@ one ``struct.pack`` and one ``write(2)`` per task: a few microseconds, the same 
 system, and no broker, socket or lock involved. Threads of a process share the file
 descriptor; a single small ``O_APPEND`` write is not interleaved with another on Linux.
 The suite counts finished tasks by the files' sizes and reads the records afterwards.
+
+The benchmark scripts also share here how they record a measurement (:func:`measure`:
+timed, its problems logged, a failure kept as a problem) and how they print their
+targets (:func:`target_row`, :func:`target_lines`).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RECORD", "add_result_tasks", "read_records", "record", "results_app_env"]
+__all__ = [
+    "RECORD",
+    "Log",
+    "add_result_tasks",
+    "measure",
+    "read_records",
+    "record",
+    "results_app_env",
+    "target_lines",
+    "target_row",
+]
+
+#: How a measurement reports progress: one line, printed under its round's prefix.
+Log = Callable[[str], None]
 
 #: seq (int64), sent (float64, publisher's time.time()), start (float64, task's time.time()).
 RECORD = struct.Struct("<qdd")
@@ -108,3 +127,71 @@ def results_app_env(backend_url: str, backend_prefix: str) -> dict[str, str]:
         "backend_prefix": env.get("BENCH_BACKEND_PREFIX", backend_prefix),
         "keyprefix": env.get("BENCH_KEYPREFIX", ""),
     }
+
+
+def measure(
+    rounds: list[dict[str, Any]],
+    rnd: int,
+    broker: str,
+    name: str,
+    run: Callable[[Log], dict[str, Any]],
+    *,
+    kind: str = "system",
+) -> dict[str, Any]:
+    """Run one measurement: ``run(log)``, its lines prefixed ``[r<round> <broker> <name>]``.
+
+    Its seconds are added to the result, which is appended to ``rounds``, and its
+    problems are printed. An exception from ``run`` is the measurement's problem, not
+    the run's: the result is then ``{"broker", kind: name, "round", "problems"}``.
+    """
+    prefix = f"[r{rnd + 1} {broker} {name}]"
+
+    def log(msg: str) -> None:
+        print(f"  {prefix} {msg}", flush=True)
+
+    t = time.monotonic()
+    try:
+        result = run(log)
+    except Exception as exc:  # one measurement's failure is not the run's
+        result = {"broker": broker, kind: name, "round": rnd, "problems": [f"failed: {exc!r}"]}
+    result["seconds"] = round(time.monotonic() - t, 1)
+    rounds.append(result)
+    for problem in result["problems"]:
+        log(f"PROBLEM: {problem}")
+    return result
+
+
+def target_row(
+    broker: str, ratio: str, values: list[float], target: str, bound: float | None, how: str
+) -> dict[str, Any]:
+    """One row of a targets table: a ratio's value in each round, their median, and whether
+    it meets ``bound`` (``how``: ``ge`` at least, ``le`` at most; None: for information)."""
+    value = statistics.median(values) if values else None
+    met = None
+    if bound is not None and value is not None:
+        met = value <= bound if how == "le" else value >= bound
+    return {
+        "broker": broker,
+        "ratio": ratio,
+        "measured": value,
+        "rounds": values,
+        "target": target,
+        "met": met,
+    }
+
+
+def target_lines(rows: list[dict[str, Any]], width: int = 38) -> list[str]:
+    """The targets table of ``rows`` (:func:`target_row`), under its heading."""
+    lines = [
+        "targets: ratios within each round, their median",
+        f"{'broker':7} {'ratio':{width}} {'median':>8}  {'target':8} {'met':4} rounds",
+    ]
+    for row in rows:
+        met, value = row["met"], row["measured"]
+        mark = "-" if met is None else ("yes" if met else "NO")
+        median = "n/a".rjust(8) if value is None else f"{value:8.2f}"
+        each = " ".join(f"{v:.2f}" for v in row["rounds"])
+        lines.append(
+            f"{row['broker']:7} {row['ratio']:{width}} {median}  {row['target']:8} {mark:4} {each}"
+        )
+    return lines
