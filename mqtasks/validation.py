@@ -26,10 +26,22 @@ if TYPE_CHECKING:
 
     from .app import App
 
-__all__ = ["check_app", "check_prefetch", "max_backoff", "result_problems", "retry_schedule"]
+__all__ = [
+    "check_app",
+    "check_prefetch",
+    "max_backoff",
+    "result_problems",
+    "retry_schedule",
+    "time_limit_problems",
+]
 
 #: kombu's Redis ``visibility_timeout`` when the transport options set none, in seconds.
 KOMBU_VISIBILITY_TIMEOUT = 3600.0
+
+#: RabbitMQ's ``consumer_timeout`` by default (30 minutes, since 3.8.15), in seconds.
+#: Reading the broker's value needs the management API; a broker configured
+#: otherwise is declared with the ``consumer_timeout`` transport option.
+RABBITMQ_CONSUMER_TIMEOUT = 1800.0
 
 
 def max_backoff(policy: RetryPolicy, attempt: int) -> float:
@@ -162,7 +174,10 @@ def check_app(
     * on ``redis+kombu://``, a ``visibility_timeout`` that is not a positive
       number, or not above the longest time the app says a task may still
       run: ``shutdown_timeout``, the grace a stopping worker gives running
-      tasks (tasks declare no run time of their own yet);
+      tasks;
+    * a task's ``soft_time_limit`` above its ``time_limit``, or a ``time_limit``
+      above the time the broker lets a message stay unacknowledged
+      (:func:`time_limit_problems`);
     * result options that are not booleans, and the ``Results`` middleware on
       an app without a result backend (:func:`result_problems`);
     * event subscribers (``@app.on``) on a transport that cannot route events
@@ -236,6 +251,8 @@ def check_app(
                     "no visibility timeout, or give the task max_retries=0 or retry_backoff=0."
                 )
     problems.extend(result_problems(app))
+    if transport is not None:
+        problems.extend(time_limit_problems(app, names, transport.schemes[0]))
     if transport is not None and not transport.capabilities.exchanges:
         subscribed = [s for s in app.subscriptions if s.queue in names]
         if subscribed:
@@ -247,6 +264,65 @@ def check_app(
             )
     if problems:
         raise ConfigurationError("\n".join(problems))
+
+
+def time_limit_problems(app: App, queues: Sequence[str], scheme: str) -> list[str]:
+    """Return what is wrong with the time limits of the tasks on ``queues``.
+
+    A soft limit above the hard one (the task would be stopped before it is
+    warned); a hard limit above the time the broker lets a message stay
+    unacknowledged: kombu's Redis ``visibility_timeout`` (``redis+kombu://``
+    hands the message to another worker while the task still runs) or
+    RabbitMQ's ``consumer_timeout`` (the broker closes the channel, and the
+    message is delivered again). RabbitMQ's value is not read from the broker:
+    its default (:data:`RABBITMQ_CONSUMER_TIMEOUT`) is assumed unless the
+    ``consumer_timeout`` transport option says what the broker was set to.
+
+    Args:
+        app: The app.
+        queues: The queues a worker consumes.
+        scheme: The transport's URL scheme.
+    """
+    options = app.settings.transport_options
+    held: tuple[str, object, str] | None = None
+    if app.transport.capabilities.visibility_timeout:
+        held = (
+            "visibility_timeout",
+            options.get("visibility_timeout", KOMBU_VISIBILITY_TIMEOUT),
+            f"{scheme}:// hands a message unacknowledged for that long to another worker, "
+            "so the task would run twice at once. Raise the visibility_timeout transport "
+            "option above the time limit, or lower time_limit",
+        )
+    elif scheme.startswith("amqp"):
+        held = (
+            "consumer_timeout",
+            options.get("consumer_timeout", RABBITMQ_CONSUMER_TIMEOUT),
+            "RabbitMQ closes the channel of a consumer that holds a message for that long, "
+            "and every message the worker holds is delivered again. Lower time_limit, or "
+            "raise consumer_timeout on the broker (rabbitmq.conf, or the queue's "
+            "x-consumer-timeout argument) and say so with the consumer_timeout transport "
+            f"option (the broker's value is not read; {RABBITMQ_CONSUMER_TIMEOUT:g} s, "
+            "RabbitMQ's default, is assumed)",
+        )
+    problems = []
+    for task in sorted(app.tasks.values(), key=lambda t: t.name):
+        if task.queue not in queues:
+            continue
+        soft, hard = task.soft_time_limit, task.time_limit
+        if soft is not None and hard is not None and soft > hard:
+            problems.append(
+                f"Task {task.name!r}: soft_time_limit ({soft:g} s) is above time_limit "
+                f"({hard:g} s): it would be stopped before it is warned. Set the soft "
+                "limit below the hard one."
+            )
+        seconds = _seconds(held[1]) if held is not None else None
+        if held is not None and hard is not None and seconds is not None and hard > seconds:
+            name, _, consequence = held
+            problems.append(
+                f"Queue {task.queue!r}, task {task.name!r}: time_limit is {hard:g} s, above "
+                f"the broker's {name} ({seconds:g} s): {consequence}."
+            )
+    return problems
 
 
 def result_problems(app: App) -> list[str]:

@@ -1,0 +1,140 @@
+"""``async def`` tasks: run on the worker's event loop, with the sync tasks' middleware,
+retries, dead letters and results; ``adelay()`` from asyncio code; a blocked loop is named."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import structlog
+
+from mqtasks import App, TaskFailed, current_message
+from mqtasks.testing import drain, running_worker
+from tests._helpers.wait import wait_for
+
+
+@pytest.fixture
+def results_app(broker_url: str, make_app: Callable[..., App]) -> App:
+    """An app on each broker in turn, with a result backend."""
+    return make_app(broker_url, backend="memory://")
+
+
+def test_an_async_task_runs_on_the_loop_and_its_result_is_stored(results_app: App) -> None:
+    app = results_app
+    seen: dict[str, Any] = {}
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        await asyncio.sleep(0)
+        seen["thread"] = threading.current_thread().name
+        seen["asyncio_task"] = asyncio.current_task().get_name()  # type: ignore[union-attr]
+        message = current_message()
+        seen["message_id"] = message.id if message is not None else None
+        return x + y
+
+    @app.task
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    with running_worker(app):
+        handle = add.delay(2, 3)
+        assert handle.get(timeout=10) == 5
+        assert mul.delay(2, 3).get(timeout=10) == 6  # sync and async share the worker
+    assert seen["thread"] == "mqtasks-event-loop"
+    # The message's context (what middleware bound) is the coroutine's.
+    assert seen["message_id"] == handle.id
+    assert seen["asyncio_task"] == f"{add.name}[{handle.id}]"
+
+
+def test_a_failing_async_task_is_retried_then_dead_lettered_like_a_sync_one(
+    results_app: App,
+) -> None:
+    app = results_app
+    attempts: list[int] = []
+
+    @app.task(max_retries=1, retry_backoff=0)
+    async def flaky() -> None:
+        message = current_message()
+        attempts.append(message.attempt if message is not None else 0)
+        raise ValueError("boom")
+
+    with running_worker(app) as worker:
+        handle = flaky.delay()
+        with pytest.raises(TaskFailed) as failed:
+            handle.get(timeout=15)
+        drain(worker, raise_errors=False)
+    assert attempts == [1, 2]
+    assert (failed.value.reason, failed.value.exc_type) == ("max_retries_exceeded", "ValueError")
+    [entry] = app.dead_letters()
+    assert (entry.id, entry.reason) == (handle.id, "max_retries_exceeded")
+
+
+def test_concurrency_bounds_the_coroutines_running_at_once(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    running = 0
+    most = 0
+    release = asyncio.Event()
+    lock = threading.Lock()
+
+    @app.task
+    async def wait() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+        finally:
+            with lock:
+                running -= 1
+
+    with running_worker(app, concurrency=2, prefetch=8) as worker:
+        for _ in range(6):
+            wait.delay()
+        wait_for(lambda: worker.running == 2, "two coroutines running")
+        assert most == 2
+        release.set()
+        drain(worker)
+    assert most == 2
+
+
+def test_adelay_publishes_from_asyncio_code(make_app: Callable[..., App]) -> None:
+    app = make_app(backend="memory://")
+
+    @app.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async def caller() -> list[int]:
+        handles = await asyncio.gather(double.adelay(1), double.adelay(2))
+        return [await asyncio.to_thread(h.get, timeout=10) for h in handles]
+
+    with running_worker(app):
+        assert asyncio.run(caller()) == [2, 4]
+
+
+def test_a_coroutine_that_blocks_the_loop_is_named_in_a_warning(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app(loop_block_threshold=0.1)
+
+    @app.task
+    async def sleepy() -> None:
+        time.sleep(0.6)  # blocks the loop: the mistake being detected
+
+    with structlog.testing.capture_logs() as logs, running_worker(app) as worker:
+        handle = sleepy.delay()
+        drain(worker)
+        wait_for(
+            lambda: any(e["event"] == "task.loop_unblocked" for e in logs),
+            "the end of the episode",
+        )
+    blocked = [e for e in logs if e["event"] == "task.loop_blocked"]
+    assert len(blocked) == 1  # once per episode
+    assert blocked[0]["asyncio_task"] == f"{sleepy.name}[{handle.id}]"
+    assert blocked[0]["log_level"] == "warning" and blocked[0]["blocked_for"] >= 0.1
