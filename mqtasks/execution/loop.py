@@ -17,8 +17,11 @@ once, with the name of the asyncio task running then.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import contextvars
+import itertools
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -26,9 +29,42 @@ from typing import Any
 
 import structlog
 
-__all__ = ["EventLoopThread"]
+__all__ = ["EventLoopThread", "Outcome"]
 
 logger = structlog.get_logger("mqtasks.worker")
+
+
+class Outcome:
+    """A coroutine's outcome, handed to the worker thread waiting for it.
+
+    Set once, by the loop (the coroutine ended) or by the watchdog (the task
+    was stopped): the first one wins. Lighter than a ``concurrent.futures.Future``
+    (a lock, no condition), as every coroutine task makes one.
+    """
+
+    __slots__ = ("_first", "_ready", "error", "value")
+
+    def __init__(self) -> None:
+        self._ready = _thread.allocate_lock()
+        self._ready.acquire()
+        self._first = itertools.count().__next__  # atomic: 0 for the first caller only
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def set(self, value: Any, error: BaseException | None = None) -> bool:
+        """Set the outcome, unless it is set already; return whether it was."""
+        if self._first():
+            return False
+        self.value, self.error = value, error
+        self._ready.release()
+        return True
+
+    def wait(self) -> Any:
+        """Wait for the outcome; return the value or raise the error."""
+        self._ready.acquire()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class EventLoopThread:
@@ -77,24 +113,27 @@ class EventLoopThread:
         coro: Coroutine[Any, Any, Any],
         *,
         name: str,
+        context: contextvars.Context,
         done: Callable[[asyncio.Task[Any]], None],
         started: Callable[[asyncio.Task[Any]], bool],
     ) -> None:
-        """Run ``coro`` as an asyncio task named ``name`` in a copy of this thread's context.
+        """Run ``coro`` as an asyncio task named ``name`` in ``context``.
 
         Args:
-            coro: The coroutine; closed unrun if ``started`` refuses it.
+            coro: The coroutine; cancelled before it runs if ``started`` refuses it.
             name: The asyncio task's name.
+            context: A context no other thread runs in (a copy of the submitter's).
             done: Called in the loop once the task is done.
             started: Called in the loop with the new task before it first runs;
                 returns False if it must not run (it is cancelled then).
         """
-        context = contextvars.copy_context()
+        loop = self.loop
 
         def start() -> None:
-            # Created inside the context: the task runs in a copy of it (create_task's
-            # own context argument is new in Python 3.11).
-            task = context.run(self.loop.create_task, coro, name=name)
+            if sys.version_info >= (3, 11):
+                task = loop.create_task(coro, name=name, context=context)
+            else:  # created inside the context, the task runs in a copy of it
+                task = context.run(loop.create_task, coro, name=name)
             if not started(task):
                 task.cancel()
             task.add_done_callback(done)

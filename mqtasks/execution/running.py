@@ -19,7 +19,6 @@ worker asks to be replaced (:attr:`Worker.recycle <mqtasks.worker.Worker.recycle
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import inspect
 import os
@@ -31,7 +30,7 @@ import structlog
 
 from ..exceptions import SoftTimeLimitExceeded, TaskTerminated, TimeLimitExceeded
 from ..processing import conclude
-from .loop import EventLoopThread
+from .loop import EventLoopThread, Outcome
 from .timelimit import CHECK, HARD, SOFT, Watchdog, clear_async_exception, raise_in_thread
 
 if TYPE_CHECKING:
@@ -57,11 +56,11 @@ class Running:
         "atask",
         "context",
         "finished",
-        "future",
         "hit",
         "job",
         "loop",
         "message",
+        "outcome",
         "soft_sent",
         "thread",
         "thread_id",
@@ -74,10 +73,8 @@ class Running:
         self.thread_id = threading.get_ident()
         #: The context the task started in (its middleware's state), for settling it elsewhere.
         self.context = contextvars.copy_context()
-        #: A coroutine's outcome, which the worker thread waits for.
-        self.future: concurrent.futures.Future[Any] | None = (
-            concurrent.futures.Future() if is_async else None
-        )
+        #: A coroutine's outcome, which the worker thread waits for (None: a thread's task).
+        self.outcome: Outcome | None = Outcome() if is_async else None
         self.atask: asyncio.Task[Any] | None = None
         self.loop: EventLoopThread | None = None
         self.soft_sent = False
@@ -138,7 +135,7 @@ class Execution:
         try:
             try:
                 result = task.fn(*message.args, **message.kwargs)
-                if entry.future is not None or inspect.isawaitable(result):
+                if entry.outcome is not None or inspect.isawaitable(result):
                     result = self._await(entry, result, f"{task.name}[{message.id}]")
             except BaseException as exc:
                 error = exc
@@ -157,7 +154,7 @@ class Execution:
                     entry.finished = True
                     if self._running.get(entry.message.id) is entry:
                         del self._running[entry.message.id]
-                    if entry.future is None and (entry.soft_sent or entry.hit is not None):
+                    if entry.outcome is None and (entry.soft_sent or entry.hit is not None):
                         clear_async_exception(entry.thread_id)  # one that has not arrived yet
                     return entry.abandoned
             except (SoftTimeLimitExceeded, TaskTerminated):
@@ -165,36 +162,30 @@ class Execution:
 
     def _await(self, entry: Running, awaitable: Any, name: str) -> Any:
         """Run ``awaitable`` on the event loop; wait for and return its outcome."""
-        if entry.future is None:  # a plain function that returned a coroutine
+        if entry.outcome is None:  # a plain function that returned a coroutine
             with self._lock:
-                entry.future = concurrent.futures.Future()
-        future = entry.future
+                entry.outcome = Outcome()
+        outcome = entry.outcome
         coro = awaitable if inspect.iscoroutine(awaitable) else _wrap(awaitable)
         loop = entry.loop = self.loop()
 
+        # No lock: each side writes its flag, then reads the other's; under the
+        # GIL one of them sees both, and cancels (see _soft and _stop).
         def started(atask: asyncio.Task[Any]) -> bool:
-            with self._lock:
-                entry.atask = atask
-                return not (entry.soft_sent or entry.hit is not None)
+            entry.atask = atask
+            return not (entry.soft_sent or entry.hit is not None)
 
         def done(atask: asyncio.Task[Any]) -> None:
-            try:
-                if atask.cancelled():
-                    future.set_exception(
-                        entry.hit
-                        or (
-                            SoftTimeLimitExceeded() if entry.soft_sent else asyncio.CancelledError()
-                        )
-                    )
-                elif (exc := atask.exception()) is not None:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(atask.result())
-            except concurrent.futures.InvalidStateError:  # stopped by the worker already
-                pass
+            if atask.cancelled():
+                soft = SoftTimeLimitExceeded() if entry.soft_sent else asyncio.CancelledError()
+                outcome.set(None, entry.hit or soft)
+            elif (exc := atask.exception()) is not None:
+                outcome.set(None, exc)
+            else:
+                outcome.set(atask.result())
 
-        loop.submit(coro, name=name, done=done, started=started)
-        return future.result()
+        loop.submit(coro, name=name, context=entry.context, done=done, started=started)
+        return outcome.wait()
 
     def loop(self) -> EventLoopThread:
         """The worker's event loop, started on first use."""
@@ -238,10 +229,11 @@ class Execution:
             if entry.finished or entry.hit is not None:
                 return
             entry.soft_sent = True
-            if entry.future is None:
+            atask = entry.atask
+            if entry.outcome is None:
                 raise_in_thread(entry.thread_id, SoftTimeLimitExceeded)
-            elif entry.atask is not None and entry.loop is not None:
-                entry.loop.call(entry.atask.cancel)
+            elif atask is not None and entry.loop is not None:
+                entry.loop.call(atask.cancel)
         logger.warning("task.soft_time_limit", **_fields(entry))
 
     def _stop(self, entry: Running, error: TaskTerminated) -> bool:
@@ -251,28 +243,26 @@ class Execution:
             if entry.finished or entry.hit is not None:
                 return False
             entry.hit = error
-            future = entry.future
-            if future is None:
+            outcome = entry.outcome
+            atask = entry.atask
+            if outcome is None:
                 entry.abandoned = True
                 raise_in_thread(entry.thread_id, type(error))
                 worker._running -= 1
                 if self._running.get(entry.message.id) is entry:
                     del self._running[entry.message.id]
                 worker._pool.abandon(entry.thread)
-            elif entry.atask is not None and entry.loop is not None:
-                entry.loop.call(entry.atask.cancel)
+            elif atask is not None and entry.loop is not None:
+                entry.loop.call(atask.cancel)
         logger.warning(
             "task.stopped",
             **_fields(entry),
             reason=error.reason,
-            mode="thread" if future is None else "coroutine",
+            mode="thread" if outcome is None else "coroutine",
         )
-        if future is not None:
+        if outcome is not None:
             # Its worker thread returns now and dead-letters the message itself.
-            try:
-                future.set_exception(error)
-            except concurrent.futures.InvalidStateError:
-                pass
+            outcome.set(None, error)
         else:
             # The worker thread's own ending, run here in a copy of its context.
             delivery = entry.job.delivery
