@@ -13,6 +13,7 @@ from . import dlq
 from . import events as _events
 from . import publishing as _publishing
 from . import queues as _queues
+from . import revoke as _revoke
 from .config import Settings, TLSOptions, mask_url
 from .events import EventHandle, Subscription, Subscriptions, same_function
 from .exceptions import ConfigurationError, DuplicateTask, TaskNotRegistered
@@ -176,6 +177,18 @@ class App:
         """
         return TaskHandle(task_id, app=self)
 
+    def revoke(self, task_id: str, *, terminate: bool = False) -> str:
+        """Revoke task ``task_id``: workers dead-letter it (reason ``revoked``), not run it;
+        ``terminate`` also stops it where it runs (see ``mqtasks.revoke``). Returns its
+        state: ``REVOKED``, or the final one it had reached already.
+
+        Raises:
+            ConfigurationError: The app has no result backend (workers learn of revocations there).
+            ValueError: ``task_id`` is empty, over 255 characters or holds a NUL.
+            BackendError: The result backend cannot be reached.
+        """
+        return _revoke.revoke(self, task_id, terminate=terminate)
+
     def add_queue(self, spec: QueueSpec) -> None:
         """Add (or replace) a queue configuration."""
         self.queues[spec.name] = spec
@@ -188,9 +201,7 @@ class App:
     def delivery_limit(self, name: str) -> int | None:
         """Return the most deliveries a message of queue ``name`` gets; None: no limit.
 
-        The queue's ``QueueSpec.delivery_limit`` if it sets one (0: none), else
-        :attr:`Settings.delivery_limit <mqtasks.config.Settings.delivery_limit>`.
-        Dead-letter queues have none.
+        The queue's ``QueueSpec.delivery_limit``, else the app's setting (``mqtasks.queues``).
         """
         return _queues.delivery_limit(self, name)
 
@@ -574,10 +585,6 @@ class App:
     def _prepare(self, message: Message, names: list[str] | None) -> tuple[Message, Envelope]:
         """Run ``before_publish`` and encode; on an error, run ``after_publish_error`` and raise."""
         return _publishing.prepare(self, message, names)
-
-    def _check_priority(self, queue: str) -> None:
-        """Say once per queue when the broker would ignore the priorities sent to it."""
-        _publishing.check_priority(self, queue)
 
     def send_many(self, messages: Iterable[Message]) -> list[TaskHandle]:
         """Publish many messages at once, with the broker's confirms pipelined.

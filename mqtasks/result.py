@@ -37,10 +37,12 @@ __all__ = [
     "PENDING",
     "RETRYING",
     "REVOKED",
+    "REVOKED_REASON",
     "STARTED",
     "STATES",
     "SUCCEEDED",
     "Outcome",
+    "dead_letter_state",
     "decode_outcome",
     "encode_outcome",
     "fetch_outcome",
@@ -60,8 +62,10 @@ SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
 #: It ended in the dead-letter queue (retries exhausted, rejected, bad input...).
 DEAD_LETTERED = "DEAD_LETTERED"
-#: It was revoked before it ran.
+#: It was revoked (``revoke()``): no worker runs it; one that receives it dead-letters it.
 REVOKED = "REVOKED"
+#: The dead-letter reason of a revoked task; a worker stores it as ``REVOKED``.
+REVOKED_REASON = "revoked"
 
 #: Every state a record can hold (``PENDING`` is the absence of one).
 STATES = frozenset({STARTED, RETRYING, SUCCEEDED, FAILED, DEAD_LETTERED, REVOKED})
@@ -214,6 +218,11 @@ def describe_exception(exception: BaseException) -> dict[str, str]:
         "message": redact(str(exception))[:MAX_ERROR_MESSAGE],
         "traceback": trace[-MAX_TRACEBACK:],
     }
+
+
+def dead_letter_state(reason: str | None) -> str:
+    """Return the state of a task dead-lettered for ``reason``: ``REVOKED`` or ``DEAD_LETTERED``."""
+    return REVOKED if reason == REVOKED_REASON else DEAD_LETTERED
 
 
 def make_outcome(

@@ -249,6 +249,10 @@ class Backend(abc.ABC):
         """Forget the revocation of ``task_id`` (if any) and announce it to every watcher."""
 
     @abc.abstractmethod
+    def revocation(self, task_id: str) -> Revocation | None:
+        """Return the live revocation of ``task_id``, or None (never revoked, removed, expired)."""
+
+    @abc.abstractmethod
     def revocations(self) -> list[Revocation]:
         """Return the live revocations (expired ones are left out), in no order."""
 

@@ -275,6 +275,13 @@ class MemoryBackend(Backend):
         for watcher in watchers:
             watcher.on_revocation_removed(task_id)
 
+    def revocation(self, task_id: str) -> Revocation | None:
+        """Return the live revocation of ``task_id``, or None."""
+        with self._cond:
+            found = self._revoked.get(task_id)
+            left = 0.0 if found is None else found[1] - time.monotonic()
+        return None if found is None or left <= 0 else Revocation(task_id, found[0], left)
+
     def revocations(self) -> list[Revocation]:
         """Return the live revocations."""
         with self._cond:

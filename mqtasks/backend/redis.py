@@ -162,6 +162,15 @@ return {now, redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), redis.call('ZRA
 """
 )
 
+# KEYS[1] revoked, KEYS[2] revoked:terminate. ARGV[1] task id: {now, expiry, terminating}.
+_REVOCATION = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expires = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expires or tonumber(expires) <= now then return false end
+return {now, expires, redis.call('ZSCORE', KEYS[2], ARGV[1]) and 1 or 0}
+"""
+
 # What a pipeline calls the store script by (EVALSHA).
 _STORE_SHA = hashlib.sha1(_STORE_RESULT.encode()).hexdigest()
 
@@ -172,6 +181,7 @@ _SCRIPTS = {
     "renew": _RENEW,
     "release": _RELEASE,
     "revoke": _REVOKE,
+    "revocation": _REVOCATION,
     "revocations": _REVOCATIONS,
 }
 
@@ -544,6 +554,15 @@ class RedisBackend(Backend):
                 pipe.zrem(key, task_id)
             pipe.publish(self.revocation_channel, encode_notice(task_id))
             pipe.execute()
+
+    def revocation(self, task_id: str) -> Revocation | None:
+        """ZSCORE in both sets, with the server's time (one script)."""
+        with self._errors(f"read the revocation of {task_id}"):
+            found = self._script("revocation")(keys=self.revocation_keys, args=[task_id])
+        if not found:
+            return None
+        now, expires, terminate = found
+        return Revocation(task_id, bool(terminate), (float(expires) - float(now)) / 1000)
 
     def revocations(self) -> list[Revocation]:
         """Drop the expired members and read the rest (one script), with the server's time."""

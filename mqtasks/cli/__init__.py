@@ -4,7 +4,7 @@ This package holds the click group, the ``-A`` option every command shares
 and what the commands need to load an app; each command lives in a module of
 its own (``mqtasks.cli.worker``, ``mqtasks.cli.dlq``,
 ``mqtasks.cli.status``, ``mqtasks.cli.result``, ``mqtasks.cli.backend``,
-``mqtasks.cli.declare``). What a signal does to a running worker, and the
+``mqtasks.cli.declare``, ``mqtasks.cli.revoke``). What a signal does to a running worker, and the
 ``--processes`` supervisor, are in :mod:`mqtasks.process`.
 """
 
@@ -123,4 +123,4 @@ def main() -> None:
 # Each command module registers its commands on ``cli`` when imported. They
 # come last because they use the names above; the order does not matter, click
 # lists commands alphabetically.
-from . import backend, declare, dlq, result, status, worker  # noqa: E402, F401
+from . import backend, declare, dlq, result, revoke, status, worker  # noqa: E402, F401

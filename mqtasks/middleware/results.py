@@ -28,12 +28,12 @@ import structlog
 from ..backend.base import ResultWrite
 from ..exceptions import BackendError, EncodeError, SkipMessage
 from ..result import (
-    DEAD_LETTERED,
     FAILED,
     RETRYING,
     STARTED,
     SUCCEEDED,
     Outcome,
+    dead_letter_state,
     decode_outcome,
     make_outcome,
 )
@@ -164,7 +164,8 @@ class Results(Middleware):
     with the reason and the exception once its message is in the dead-letter
     queue (retries exhausted, :exc:`~mqtasks.exceptions.Reject`, bad input
     whose id is known); ``RETRYING`` when the next attempt is scheduled;
-    ``STARTED`` before it runs, for tasks with ``track_started=True``. A value
+    ``STARTED`` before it runs, for tasks with ``track_started=True``;
+    ``REVOKED`` for a dead letter whose reason is ``revoked``. A value
     JSON cannot carry, or larger than ``max_message_size``, is stored as
     ``FAILED`` with an :exc:`~mqtasks.exceptions.EncodeError` (the task is not
     retried: its value would never fit). Tasks with ``ignore_result=True``
@@ -225,8 +226,9 @@ class Results(Middleware):
         if not task_id or (message is not None and _option(worker, message, "ignore_result")):
             return
         app = worker.app
+        state = dead_letter_state(reason)
         outcome = make_outcome(
-            DEAD_LETTERED, task=message.task if message is not None else None, reason=reason
+            state, task=message.task if message is not None else None, reason=reason
         )
         record = outcome.encode(app.settings.max_message_size)
         try:
@@ -238,7 +240,7 @@ class Results(Middleware):
             logger.error(
                 "result.store_failed",
                 task_id=task_id,
-                state=DEAD_LETTERED,
+                state=state,
                 error=str(exc),
                 note="the message is in the dead-letter queue; replaying it stores a result",
             )
@@ -258,7 +260,7 @@ class Results(Middleware):
         if exception is None:
             state, reason = SUCCEEDED, None
         elif processing.reason is not None:
-            state, reason = DEAD_LETTERED, processing.reason
+            state, reason = dead_letter_state(processing.reason), processing.reason
         else:
             return  # retried, requeued or deferred: not over yet
         app = worker.app

@@ -3,10 +3,12 @@ under a key prefix or table prefix no other test uses, cleaned up after the test
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -62,6 +64,25 @@ def drop_tables(prefix: str) -> None:
 def postgres_url(prefix: str) -> str:
     """The local PostgreSQL with ``?table_prefix=prefix``."""
     return f"{require_postgres()}?table_prefix={prefix}"
+
+
+@contextlib.contextmanager
+def backend_app_options(kind: str) -> Iterator[dict[str, Any]]:
+    """App arguments for a result backend of kind ``memory``, ``redis`` or ``postgresql``,
+    under names of the caller's own; Redis keys and PostgreSQL tables deleted at the end."""
+    if kind == "memory":
+        yield {"backend": "memory://"}
+    elif kind == "redis":
+        require_broker("redis")
+        prefix = unique_name("app-backend") + ":"
+        yield {"backend": REDIS_URL, "backend_key_prefix": prefix}
+        delete_keys(prefix)
+    elif kind == "postgresql":
+        prefix = table_prefix()
+        yield {"backend": postgres_url(prefix)}
+        drop_tables(prefix)
+    else:
+        raise ValueError(kind)
 
 
 @pytest.fixture

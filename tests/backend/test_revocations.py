@@ -72,6 +72,21 @@ def test_a_revocation_is_listed_with_its_flag_and_time_left(backend: Backend) ->
     assert all(0 < r.expires <= 60 for r in found.values())
 
 
+def test_one_revocation_is_read_by_id(backend: Backend) -> None:
+    backend.add_revocation("t", terminate=True, ttl=60)
+    backend.add_revocation("short", terminate=False, ttl=0.3)
+
+    found = backend.revocation("t")
+    assert found is not None
+    assert (found.task_id, found.terminate) == ("t", True)
+    assert 0 < found.expires <= 60
+    assert backend.revocation("never") is None
+
+    backend.remove_revocation("t")
+    assert backend.revocation("t") is None
+    wait_for(lambda: backend.revocation("short") is None, "the short revocation to expire")
+
+
 def test_revoking_again_replaces_the_flag_and_expiry(backend: Backend) -> None:
     backend.add_revocation("t", terminate=True, ttl=5)
     backend.add_revocation("t", terminate=False, ttl=120)

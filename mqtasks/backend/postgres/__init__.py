@@ -502,6 +502,12 @@ class PostgresBackend(Backend):
             conn.execute(self._sql["unrevoke"], [key])
             conn.execute(self._sql["notify"], [self.revocation_channel, encode_notice(key)])
 
+    def revocation(self, task_id: str) -> Revocation | None:
+        """Read the live revocation of ``task_id``."""
+        with self._transaction(f"read the revocation of {task_id}") as conn:
+            row = conn.execute(self._sql["revocation"], [self._id(task_id)]).fetchone()
+        return None if row is None else Revocation(task_id, bool(row[0]), float(row[1]))
+
     def revocations(self) -> list[Revocation]:
         """Read this backend's live revocations (its ``key_prefix``)."""
         prefix = self.key_prefix

@@ -100,6 +100,8 @@ SQL = {
         ON CONFLICT (task_id) DO UPDATE SET terminate = EXCLUDED.terminate,
             expires_at = EXCLUDED.expires_at""",
     "unrevoke": "DELETE FROM {revocations} WHERE task_id = %s",
+    "revocation": """SELECT terminate, extract(epoch FROM expires_at - now())
+        FROM {revocations} WHERE task_id = %s AND expires_at > now()""",
     "revocations": """SELECT task_id, terminate, extract(epoch FROM expires_at - now())
         FROM {revocations} WHERE starts_with(task_id, %s) AND expires_at > now()""",
     "sweep_revocations": """DELETE FROM {revocations} WHERE task_id IN (
