@@ -14,6 +14,7 @@ the declaration of the bindings (:func:`declare_events`), the emit path
 
 from __future__ import annotations
 
+import functools
 import inspect
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -161,6 +162,15 @@ def check_event_name(name: str) -> str:
         ValueError: It is empty, has an empty word or a wildcard word, a control
             character, or is longer than 255 bytes.
     """
+    if not isinstance(name, str):
+        check_key(name)  # says what is wrong
+    return _check_event_name(name)
+
+
+# Checked on every emit(); an app emits few distinct names, so a name found good once is
+# not scanned again (a bad one raises and is not remembered).
+@functools.lru_cache(maxsize=1024)
+def _check_event_name(name: str) -> str:
     check_key(name)
     if not name or len(name) > MAX_NAME_LENGTH:
         raise ValueError(
