@@ -75,11 +75,18 @@ def _partition_queues(queue: str, partitions: int) -> list[str]:
 
 def _prefill(
     task: Any, n: int, keys: int, threads: int, base: int, deadline: float
-) -> tuple[float, list[str]]:
+) -> tuple[float, int, list[str]]:
     """Publish ``n`` tasks over ``keys`` keys from ``threads`` threads; a key stays in one
-    thread, so that each key's tasks are published in ``seq`` order. Returns (seconds, errors).
+    thread, so that each key's tasks are published in ``seq`` order.
+
+    A publish the broker refuses is counted and the thread goes on with the next (the
+    worker then skips that key's missing number after its gap timeout); a thread stops
+    on any other error. Returns (seconds, publishes refused, errors).
     """
+    from mqtasks.exceptions import PublishError
+
     errors: list[str] = []
+    refused: list[int] = []
     groups: list[list[int]] = [[] for _ in range(threads)]
     for k in range(n):
         groups[(k % keys) % threads].append(k)
@@ -87,7 +94,12 @@ def _prefill(
     def run(seqs: list[int]) -> None:
         try:
             for count, k in enumerate(seqs):
-                task.delay(k % keys, base + k, time.time())
+                try:
+                    task.delay(k % keys, base + k, time.time())
+                except PublishError as exc:
+                    refused.append(k)
+                    if len(errors) < 5:
+                        errors.append(f"prefill, publish refused (the run goes on): {exc!r}")
                 if not count & 255 and time.monotonic() > deadline:
                     errors.append(f"prefill timed out at {count}/{len(seqs)}")
                     return
@@ -100,7 +112,7 @@ def _prefill(
         t.start()
     for t in workers:
         t.join(max(1.0, deadline - time.monotonic() + 30))
-    return time.perf_counter() - t0, errors
+    return time.perf_counter() - t0, len(refused), errors
 
 
 def _per_process(record_dir: str, base: int, t0: float) -> list[dict[str, float]]:
@@ -173,10 +185,12 @@ def run_ordered(broker: str, ctx: Context, rnd: int, variant: str, log: Log) -> 
         app.declare()
         # The first publish connects (and, ordered, opens the backend) outside the timing.
         task.delay(-1, -1, time.time())
-        seconds, errors = _prefill(
+        seconds, refused, errors = _prefill(
             task, n, opts.keys, opts.publishers, base, time.monotonic() + opts.timeout
         )
         problems.extend(errors)
+        out["publish_refused"] = refused
+        n -= refused  # what the worker can run
         out["prefill_per_s"] = n / seconds if seconds > 0 else None
         env = dict(os.environ)
         env.update(
