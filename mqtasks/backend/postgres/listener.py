@@ -27,7 +27,7 @@ from psycopg import sql
 from ..base import RevocationListener
 from ..watch import POLL, Listen, decode_notice
 
-__all__ = ["Listener", "Waiter", "listen_notifies"]
+__all__ = ["Listener", "Waiter"]
 
 logger = structlog.get_logger("mqtasks.backend.postgres")
 
