@@ -5,6 +5,7 @@ the recycle flag, on memory and the real brokers; their start-up checks."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -23,6 +24,9 @@ from mqtasks.testing import drain, running_worker
 from mqtasks.validation import check_app
 from tests._helpers.brokers import REDIS_URL
 from tests._helpers.wait import wait_for
+from tests.test_cli import MakeScenario, RunCli, run_cli, scenario  # noqa: F401
+from tests.test_process import started_children
+from tests.timelimit_app import HANG, SPIN, add_hung_tasks
 
 
 @pytest.fixture
@@ -272,3 +276,66 @@ def test_a_hard_limit_above_rabbitmq_s_consumer_timeout_is_refused(
     )
     raised.task(name="long", time_limit=3600)(lambda: None)
     check_app(raised)
+
+
+# -- process mode ------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_hung_tasks_in_worker_processes_are_dead_lettered_and_the_others_still_run(
+    scenario: MakeScenario,  # noqa: F811
+    run_cli: RunCli,  # noqa: F811
+) -> None:
+    s = scenario("amqp")
+    add_hung_tasks(s.app)
+    parent = run_cli(
+        s, "--processes", "2", "-c", "1", "--shutdown-timeout", "5", app="tests.timelimit_app"
+    )
+    parent.wait_started(2)
+
+    # When a task blocked in C and one looping in Python run past their hard limit
+    hang = s.app.tasks[HANG].delay()
+    spin = s.app.tasks[SPIN].delay()
+
+    # Then both are dead-lettered with reason time_limit
+    wait_for(lambda: len(s.app.dead_letters()) == 2, "two dead letters")
+    assert {(e.id, e.reason) for e in s.app.dead_letters()} == {
+        (hang.id, "time_limit"),
+        (spin.id, "time_limit"),
+    }
+    # And the blocked thread, which nothing can stop, makes its child ask to be replaced
+    [recycle] = parent.wait_log("worker.recycle")
+    assert "max_abandoned_threads=0" in recycle["reason"]
+    # While the workers go on serving the other tasks
+    for i in range(10):
+        s.send(f"after{i}")
+    wait_for(lambda: len(s.record.tags(prefix="after")) == 10, "10 finished tasks")
+    parent.signal(signal.SIGTERM)
+    parent.wait(20)
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(
+    strict=True, reason="run_worker (mqtasks/process.py) must return RET_RECYCLE on Worker.recycle"
+)
+def test_a_child_with_a_thread_past_its_hard_limit_is_replaced(
+    scenario: MakeScenario,  # noqa: F811
+    run_cli: RunCli,  # noqa: F811
+) -> None:
+    s = scenario("amqp")
+    add_hung_tasks(s.app)
+    parent = run_cli(
+        s, "--processes", "2", "-c", "1", "--shutdown-timeout", "2", app="tests.timelimit_app"
+    )
+    parent.wait_started(2)
+    s.app.tasks[HANG].delay()
+    wait_for(lambda: len(s.app.dead_letters()) == 1, "the dead letter")
+    # Then the child that ran it exits with RET_RECYCLE and is replaced at once
+    [recycled] = parent.wait_log("supervisor.child_recycled", timeout=15)
+    assert recycled["pid"] in started_children(parent)
+    assert not parent.logs("supervisor.child_died")
+    parent.wait_started(3)  # its replacement
+    s.send("after")
+    wait_for(lambda: s.record.tags(prefix="after"), "a task run after the replacement")
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(20) == 0
