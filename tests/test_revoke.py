@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import structlog
 
 from mqtasks import App, TaskFailed
 from mqtasks.dlq import DeadLetter
@@ -78,6 +79,23 @@ def test_a_pending_task_reads_revoked_at_once(mem: App) -> None:
     with pytest.raises(TaskFailed) as raised:
         handle.get(timeout=5)
     assert raised.value.state == REVOKED and raised.value.reason == "revoked"
+
+
+def test_a_handle_revokes_its_task(mem: App) -> None:
+    """handle.revoke() (mqtasks/handle.py, wired by the lead) is app.revoke(handle.id)."""
+
+    @mem.task
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    handle = add.delay(1, 2)
+
+    assert handle.revoke(terminate=True) == REVOKED  # type: ignore[attr-defined]
+
+    assert handle.state == REVOKED
+    assert handle.outcome().task == add.name  # type: ignore[union-attr]
+    [revocation] = mem.backend.revocations()
+    assert (revocation.task_id, revocation.terminate) == (handle.id, True)
 
 
 def test_a_task_that_succeeded_does_not_turn_revoked(mem: App) -> None:
@@ -249,6 +267,28 @@ def test_a_revocation_expires_in_the_worker(
     assert any(r.task_id == task_id for r in app.backend.revocations())
 
     wait_for(lambda: not revocations.is_revoked(task_id), "the revocation to expire")
+
+
+def test_revocations_start_without_their_backend_and_say_so(
+    make_app: Callable[..., App],
+) -> None:
+    """A backend down when a worker starts: it starts all the same (an error logged),
+    and its watch keeps trying to connect."""
+    port = free_port()
+    app = make_app("memory://", backend=f"redis://:pw-not-shown@127.0.0.1:{port}/0")
+    revocations = Revocations(Worker(app))
+    with structlog.testing.capture_logs() as logs:
+        revocations.start(timeout=0.5)
+        wait_for(
+            lambda: any(e["event"] == "revocations.watch_failed" for e in logs),
+            "the watch to report its failure",
+        )
+        revocations.stop()
+    events = [e["event"] for e in logs]
+    assert "revocations.not_loaded" in events
+    assert "pw-not-shown" not in str(logs)
+    assert not revocations.is_revoked("anything")
+    app.close()
 
 
 def test_stopped_revocations_hear_nothing_more(
