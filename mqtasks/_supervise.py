@@ -25,21 +25,43 @@ same loop in its own process where it cannot replace itself.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TextIO
+
+
+def _sibling(name: str) -> ModuleType:
+    """Load ``mqtasks/<name>.py`` by path: run as a program (``-I``), this module has no package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_mqtasks_supervise_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if TYPE_CHECKING or __package__:
+    from . import _scaling
+else:
+    _scaling = _sibling("_scaling")
 
 __all__ = [
+    "LOAD_DIR_ENV",
     "RET_ERROR",
     "RET_FORCED",
     "RET_OK",
     "RET_RECYCLE",
     "RET_TIMEOUT",
     "STOP_SIGNALS",
+    "Autoscaling",
     "LogLines",
     "Supervision",
     "handover_state",
@@ -57,6 +79,11 @@ RET_FORCED = 4
 #: Exit code: the worker asked to be replaced by a fresh process (threads past their
 #: hard time limit piled up); a supervisor starts the replacement at once.
 RET_RECYCLE = 5
+
+#: Environment variable naming the directory where each child reports its load
+#: (``<slot>.json``, see ``mqtasks.execution.autoscale.LoadReporter``) when the
+#: supervisor scales the number of children.
+LOAD_DIR_ENV = "MQTASKS_LOAD_DIR"
 
 #: The signals that stop a worker.
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -174,6 +201,93 @@ def exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+class Autoscaling:
+    """How many children a supervisor runs, between ``minimum`` and ``maximum``, from their load.
+
+    Each child writes its load to ``<directory>/<slot>.json`` every few seconds
+    (``mqtasks.execution.autoscale.LoadReporter``): its threads, how many are
+    busy, the messages ready in the broker and those it holds waiting. Every
+    ``interval`` seconds the supervisor adds them up and asks the policy shared
+    with thread autoscaling (``mqtasks/_scaling.py``, a child's threads being
+    one unit): every thread busy with messages waiting adds children at once,
+    up to what the backlog asks for; a child's worth of threads unused with
+    nothing waiting for ``idle`` seconds retires one child (SIGTERM: it
+    finishes its tasks). It decides only when every child has reported since
+    it started, so children still starting are never counted as idle, nor
+    grown for twice.
+
+    Args:
+        minimum: The fewest children.
+        maximum: The most children.
+        idle: Seconds before a child's worth of unused threads retires one.
+        directory: Where the children's reports are (the supervisor removes it when done).
+        interval: Seconds between two looks at the reports.
+    """
+
+    def __init__(
+        self, minimum: int, maximum: int, idle: float, directory: str, interval: float = 1.0
+    ) -> None:
+        self.policy = _scaling.ScalePolicy(minimum, maximum, idle=idle)
+        self.directory = directory
+        self.interval = interval
+        self.next_look = 0.0
+
+    def state(self) -> dict[str, Any]:
+        """What :func:`handover_state` carries over."""
+        p = self.policy
+        return {
+            "minimum": p.minimum,
+            "maximum": p.maximum,
+            "idle": p.idle,
+            "directory": self.directory,
+            "interval": self.interval,
+        }
+
+    def report(self, slot: int, pid: int) -> dict[str, Any] | None:
+        """The last report of the child ``pid`` in ``slot``, if it is recent."""
+        try:
+            with open(os.path.join(self.directory, f"{slot}.json"), encoding="utf-8") as f:
+                report: dict[str, Any] = json.load(f)
+        except (OSError, ValueError):
+            return None
+        stale = time.time() - float(report.get("at", 0)) > max(10.0, 5 * self.interval)
+        return None if stale or report.get("pid") != pid else report
+
+    def decide(self, s: Supervision) -> tuple[int, str, dict[str, Any]] | None:
+        """The next number of children, the reason and the load behind it; None to stay."""
+        now = time.monotonic()
+        if now < self.next_look:
+            return None
+        self.next_look = now + self.interval
+        reports = []
+        for slot in range(s.processes):
+            pid = s.children.get(slot)
+            report = None if pid is None or slot in s.retiring else self.report(slot, pid)
+            if report is None:
+                return None  # a child is starting, or being replaced
+            reports.append(report)
+        ready = [int(r["ready"]) for r in reports if r.get("ready") is not None]
+        if not ready:
+            return None  # no child can read the broker now
+        self.policy.unit = max(1, max(int(r["concurrency"]) for r in reports))
+        busy = sum(int(r["busy"]) for r in reports)
+        # Every child sees the same queues; what each holds waiting is its own.
+        waiting = max(ready) + sum(int(r["received"]) for r in reports)
+        quiet_since = self.policy.quiet_since
+        decision = self.policy.decide(s.processes, busy, waiting, now)
+        if decision is None:
+            return None
+        quiet = 0.0
+        if decision[1] == _scaling.IDLE and quiet_since is not None:
+            quiet = now - quiet_since
+        load = {"busy": busy, "waiting": waiting, "idle_s": round(quiet, 1)}
+        return decision[0], decision[1], load
+
+    def close(self) -> None:
+        """Remove the reports' directory."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 class Supervision:
     """Keeps ``processes`` children running, replaces those that die, and stops them on a signal.
 
@@ -184,6 +298,9 @@ class Supervision:
         log: Where the ``supervisor.*`` events go.
         children: Children already running, by slot (forked before this took over).
         restarts: ``time.monotonic()`` of recent restarts (the pause before the next one grows).
+        scaling: Scale the number of children with their load (``--autoscale``
+            with ``--processes``); ``processes`` is then the number to start with.
+        retiring: Slots of children told to stop by the scaling (carried over a handover).
     """
 
     def __init__(
@@ -193,6 +310,8 @@ class Supervision:
         log: LogLines,
         children: Mapping[int, int] | None = None,
         restarts: Sequence[float] = (),
+        scaling: Autoscaling | None = None,
+        retiring: Sequence[int] = (),
     ) -> None:
         self.command = list(command)
         self.processes = processes
@@ -200,6 +319,9 @@ class Supervision:
         #: Running (not yet reaped) children: slot -> pid.
         self.children: dict[int, int] = dict(children or {})
         self.restarts = list(restarts)
+        self.scaling = scaling
+        #: Slots whose child was told to stop because the pool shrank.
+        self.retiring = set(retiring)
         self.stopping = False
         #: Stop signals received.
         self.signals = 0
@@ -211,7 +333,9 @@ class Supervision:
         self.signals += 1
         self.stopping = True
         sig = signal.SIGKILL if self.signals > 2 else signal.SIGTERM
-        for pid in self.children.values():
+        for slot, pid in self.children.items():
+            if self.signals == 1 and slot in self.retiring:
+                continue  # stopping already: a second SIGTERM would force it
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -275,31 +399,65 @@ class Supervision:
             if slot not in self.children:
                 self.spawn(slot)
         codes: dict[int, int] = {}
-        while True:
-            for slot in range(self.processes):
-                if slot in self.children:
-                    pid = self.children[slot]
-                    code = self.reap(slot)
-                    if code is None:
+        try:
+            while True:
+                for slot in sorted(set(range(self.processes)) | self.children.keys()):
+                    if slot in self.children:
+                        pid = self.children[slot]
+                        code = self.reap(slot)
+                        if code is None:
+                            continue
+                        if self.stopping:
+                            codes[slot] = code
+                            continue
+                        if slot in self.retiring:
+                            self.retiring.discard(slot)
+                            self.log.info("supervisor.child_retired", slot=slot, pid=pid, code=code)
+                            if slot < self.processes:  # grown again meanwhile
+                                self.spawn(slot)
+                            continue
+                        if code == RET_RECYCLE:
+                            # Asked for: not a crash, so no pause and no crash-loop count.
+                            self.log.info("supervisor.child_recycled", slot=slot, pid=pid)
+                            self.spawn(slot)
+                            continue
+                        self.log.warning("supervisor.child_died", slot=slot, pid=pid, code=code)
+                    elif self.stopping:
                         continue
-                    if self.stopping:
-                        codes[slot] = code
-                        continue
-                    if code == RET_RECYCLE:
-                        # Asked for: not a crash, so no pause and no crash-loop count.
-                        self.log.info("supervisor.child_recycled", slot=slot, pid=pid)
+                    self.restart_pause()
+                    if not self.stopping:  # a signal during the pause: no replacement
                         self.spawn(slot)
-                        continue
-                    self.log.warning("supervisor.child_died", slot=slot, pid=pid, code=code)
-                elif self.stopping:
-                    continue
-                self.restart_pause()
-                if not self.stopping:  # a signal during the pause: no replacement
-                    self.spawn(slot)
-            if self.stopping and not self.children:
-                break
-            time.sleep(POLL_INTERVAL)
+                if self.stopping and not self.children:
+                    break
+                if self.scaling is not None and not self.stopping:
+                    self.autoscale(self.scaling)
+                time.sleep(POLL_INTERVAL)
+        finally:
+            if self.scaling is not None:
+                self.scaling.close()
         return max((self.stop_code(c) for c in codes.values()), default=RET_OK)
+
+    def autoscale(self, scaling: Autoscaling) -> None:
+        """Start or retire children as ``scaling`` decides from their reports."""
+        decision = scaling.decide(self)
+        if decision is None:
+            return
+        target, reason, load = decision
+        previous, self.processes = self.processes, target
+        self.log.info(
+            "supervisor.autoscaled", processes=target, previous=previous, reason=reason, **load
+        )
+        for slot in range(previous, target):
+            if slot not in self.children:  # a child still retiring there is replaced on exit
+                self.spawn(slot)
+        for slot in range(target, previous):
+            pid = self.children.get(slot)
+            if pid is not None and slot not in self.retiring:
+                self.retiring.add(slot)
+                try:
+                    os.kill(pid, signal.SIGTERM)  # finishes its tasks, then exits
+                except ProcessLookupError:
+                    pass
 
     def stop_code(self, code: int) -> int:
         """The exit code a stopped child stands for."""
@@ -329,6 +487,8 @@ def handover_state(supervision: Supervision) -> str:
             "restarts": supervision.restarts,
             "log_level": supervision.log.level,
             "log_format": supervision.log.format,
+            "scaling": supervision.scaling.state() if supervision.scaling else None,
+            "retiring": sorted(supervision.retiring),
         }
     )
 
@@ -337,12 +497,15 @@ def main(argv: Sequence[str]) -> int:
     """Carry on a supervision handed over as ``STATE COMMAND...``; return the exit code."""
     state = json.loads(argv[0])
     log = LogLines(state["log_level"], state["log_format"])
+    scaling = state.get("scaling")
     supervision = Supervision(
         argv[1:],
         int(state["processes"]),
         log,
         children={int(slot): int(pid) for slot, pid in state["children"].items()},
         restarts=[float(t) for t in state["restarts"]],
+        scaling=Autoscaling(**scaling) if scaling else None,
+        retiring=[int(slot) for slot in state.get("retiring", [])],
     )
     return supervision.run()
 

@@ -51,10 +51,11 @@ import signal
 import socket
 import stat
 import sys
+import tempfile
 import threading
 import traceback
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import structlog
 
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from .worker import Worker
 
 __all__ = [
+    "LOAD_DIR_ENV",
     "MMAP_THRESHOLD",
     "RET_ERROR",
     "RET_FORCED",
@@ -75,6 +77,7 @@ __all__ = [
     "RET_TIMEOUT",
     "SUPERVISE_SCRIPT",
     "ChildMain",
+    "Companion",
     "StopSignals",
     "Supervisor",
     "fork_blockers",
@@ -174,7 +177,19 @@ class StopSignals:
         self.stop.set()
 
 
-def run_worker(w: Worker, signals: StopSignals | None = None) -> int:
+class Companion(Protocol):
+    """Something that runs beside a worker (an autoscaler, a load reporter)."""
+
+    def start(self) -> None:
+        """Start; called once the worker consumes."""
+
+    def stop(self) -> None:
+        """Stop; called before the worker stops."""
+
+
+def run_worker(
+    w: Worker, signals: StopSignals | None = None, *, companions: Sequence[Companion] = ()
+) -> int:
     """Run ``w`` until a signal; return the exit code.
 
     Args:
@@ -182,6 +197,8 @@ def run_worker(w: Worker, signals: StopSignals | None = None) -> int:
         signals: Handlers installed earlier (:class:`StopSignals`); installed
             here if None. A signal that came already stops the worker before it
             connects, with exit code 0.
+        companions: Started once the worker consumes, stopped before it stops
+            (``mqtasks worker --autoscale``'s autoscaler or load reporter).
 
     Under ``--processes`` the child also stops by itself if the supervisor disappears.
     """
@@ -198,12 +215,18 @@ def run_worker(w: Worker, signals: StopSignals | None = None) -> int:
             "worker.start_failed", error=str(exc), broker=mask_url(w.app.settings.broker_url)
         )
         return RET_ERROR
-    while not stop.wait(0.5):
-        if w.join(0):  # the I/O thread ended on its own
-            return RET_ERROR
-        if supervisor and str(os.getppid()) != supervisor:
-            logger.warning("worker.orphaned", supervisor=supervisor)
-            break
+    for companion in companions:
+        companion.start()
+    try:
+        while not stop.wait(0.5):
+            if w.join(0):  # the I/O thread ended on its own
+                return RET_ERROR
+            if supervisor and str(os.getppid()) != supervisor:
+                logger.warning("worker.orphaned", supervisor=supervisor)
+                break
+    finally:
+        for companion in companions:
+            companion.stop()
     return RET_OK if w.stop() else RET_TIMEOUT
 
 
@@ -248,6 +271,10 @@ def _connection_peers() -> list[str]:
     return peers
 
 
+#: Environment variable naming the directory where each child of a supervisor that
+#: scales its children reports its load (``<slot>.json``).
+LOAD_DIR_ENV = _supervise.LOAD_DIR_ENV
+
 #: A forked child's work: given its stop-signal handlers, run a worker and return the exit code.
 ChildMain = Callable[[StopSignals], int]
 
@@ -276,6 +303,12 @@ class Supervisor:
         log_level: The lowest level of the supervisor's own events that is logged.
         log_format: ``json``, ``console`` or ``auto``, as for
             :func:`mqtasks.logging.configure_logging`.
+        autoscale: ``(MIN, MAX)``: scale the number of children with their load,
+            starting with ``processes`` (``--autoscale`` with ``--processes``;
+            see ``mqtasks/_supervise.py``). The children report their load in
+            the directory :data:`LOAD_DIR_ENV` names.
+        autoscale_idle: Seconds a child's worth of threads stays unused, with
+            nothing waiting, before a child is retired.
     """
 
     def __init__(
@@ -287,12 +320,19 @@ class Supervisor:
         fork: ChildMain | None = None,
         log_level: str = "info",
         log_format: str = "auto",
+        autoscale: tuple[int, int] | None = None,
+        autoscale_idle: float = 30.0,
     ) -> None:
         self.fork = fork
         self.early = signals
+        scaling = None
+        if autoscale is not None:
+            directory = tempfile.mkdtemp(prefix="mqtasks-load-")
+            os.environ[LOAD_DIR_ENV] = directory  # every child inherits it
+            scaling = _supervise.Autoscaling(*autoscale, autoscale_idle, directory)
         #: The supervision loop, its children and its log (see ``mqtasks/_supervise.py``).
         self.supervision = _supervise.Supervision(
-            command, processes, _supervise.LogLines(log_level, log_format)
+            command, processes, _supervise.LogLines(log_level, log_format), scaling=scaling
         )
 
     @property

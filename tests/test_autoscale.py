@@ -8,6 +8,7 @@ MIN, never below; every change is logged with its reason.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,10 @@ from mqtasks import App
 from mqtasks._scaling import BOUNDS, GROW, IDLE, ScalePolicy
 from mqtasks.execution.autoscale import Autoscaler
 from mqtasks.testing import running_worker
+from tests._helpers.cli import PYTHON, run
 from tests._helpers.wait import wait_for
+from tests.test_cli import MakeScenario, RunCli, run_cli, scenario  # noqa: F401
+from tests.test_process import is_lean_supervisor
 
 # -- the policy -------------------------------------------------------------------
 
@@ -148,3 +152,79 @@ def test_a_worker_outside_the_bounds_is_brought_within_them_at_start(
     assert [(c["previous"], c["concurrency"], c["reason"]) for c in _autoscaled(logs)] == [
         (8, 4, BOUNDS)
     ]
+
+
+# -- mqtasks worker --autoscale ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--autoscale", "3,2"], "1 <= MIN <= MAX"),
+        (["--autoscale", "0,2"], "1 <= MIN <= MAX"),
+        (["--autoscale", "two"], "not MIN,MAX"),
+        (["--autoscale", "1,2,3"], "not MIN,MAX"),
+        (["--autoscale", "1,8", "--prefetch", "4"], "below the autoscale MAX"),
+    ],
+)
+def test_impossible_autoscale_options_are_usage_errors(args: list[str], says: str) -> None:
+    done = run([PYTHON, "-m", "mqtasks", "worker", "-A", "tests.cli_app", *args])
+    assert done.returncode == 2, done.stderr
+    assert says in done.stderr
+
+
+def test_cli_worker_threads_grow_under_a_backlog_and_shrink_when_idle(
+    scenario: MakeScenario,  # noqa: F811
+    run_cli: RunCli,  # noqa: F811
+) -> None:
+    s = scenario("redis")
+    worker = run_cli(s, "--autoscale", "1,3", "--autoscale-idle", "1", "-c", "8")
+    worker.wait_started()
+    assert worker.logs("worker.concurrency_ignored")
+    assert worker.logs("worker.started")[0]["concurrency"] == 1
+    for i in range(9):
+        s.send(f"t{i}", 1.5)
+
+    grown = worker.wait_log("worker.autoscaled")
+    assert (grown[0]["previous"], grown[0]["concurrency"], grown[0]["reason"]) == (1, 3, GROW)
+    wait_for(lambda: len(s.record.tags(prefix="t")) == 9, "9 finished tasks", 60)
+    changes = worker.wait_log("worker.autoscaled", 3, timeout=60)
+    assert [(c["previous"], c["concurrency"], c["reason"]) for c in changes] == [
+        (1, 3, GROW),
+        (3, 2, IDLE),
+        (2, 1, IDLE),
+    ]
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(15) == 0, worker.stderr()
+
+
+def test_cli_processes_grow_under_a_backlog_and_retire_when_idle(
+    scenario: MakeScenario,  # noqa: F811
+    run_cli: RunCli,  # noqa: F811
+) -> None:
+    s = scenario("amqp")
+    supervisor = run_cli(
+        s, "--processes", "1", "--autoscale", "1,3", "--autoscale-idle", "1", "-c", "1"
+    )
+    supervisor.wait_started()
+    # The scaling goes on in the supervisor that imports only the standard library
+    wait_for(lambda: is_lean_supervisor(supervisor.pid), "the supervisor's handover")
+    for i in range(12):
+        s.send(f"p{i}", 2.0)
+
+    # Then it grows to 3 children (never more), which share the tasks
+    supervisor.wait_log("supervisor.child_started", 3, timeout=60)
+    wait_for(lambda: len(s.record.tags(prefix="p")) == 12, "12 finished tasks", 90)
+    assert len(s.record.pids(prefix="p")) >= 2
+    # And once idle, retires them one at a time down to 1
+    supervisor.wait_log("supervisor.child_retired", 2, timeout=60)
+    changes = [
+        (c["previous"], c["processes"], c["reason"])
+        for c in supervisor.logs("supervisor.autoscaled")
+    ]
+    assert changes[-2:] == [(3, 2, IDLE), (2, 1, IDLE)]
+    assert all(c[1] <= 3 for c in changes) and changes[0][2] == GROW
+    assert len(supervisor.logs("supervisor.child_started")) == 3
+    supervisor.signal(signal.SIGTERM)
+    assert supervisor.wait(20) == 0, supervisor.stderr()
+    assert not supervisor.logs("supervisor.child_died")

@@ -19,7 +19,10 @@ import structlog
 from .. import logging as logs
 from ..app import App
 from ..exceptions import MQTasksError
+from ..execution.autoscale import Autoscaler, LoadReporter
 from ..process import (
+    LOAD_DIR_ENV,
+    Companion,
     StopSignals,
     Supervisor,
     fork_blockers,
@@ -40,6 +43,8 @@ Examples:
   mqtasks worker -A myapp                 # the 'app' attribute of module myapp
   mqtasks worker -A myapp.tasks:app -Q emails,reports -c 16
   mqtasks worker -A myapp --processes 2   # two processes, each with 8 threads
+  mqtasks worker -A myapp --autoscale 2,16          # 2 to 16 threads, with the backlog
+  mqtasks worker -A myapp -p 2 --autoscale 1,6 -c 4 # 1 to 6 processes of 4 threads
 
 \b
 Exit codes:
@@ -49,6 +54,23 @@ Exit codes:
   3  shutdown grace period ran out; unfinished tasks were left to the broker
   4  a second SIGTERM/SIGINT forced an immediate exit
 """
+
+
+def _autoscale_bounds(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
+    """``MIN,MAX`` as two whole numbers, 1 <= MIN <= MAX; otherwise a usage error."""
+    if value is None:
+        return None
+    try:
+        low, high = (int(p.strip()) for p in value.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not MIN,MAX (two whole numbers, such as 2,10)."
+        ) from None
+    if not 1 <= low <= high:
+        raise click.BadParameter(f"{value!r}: MIN and MAX must satisfy 1 <= MIN <= MAX.")
+    return low, high
 
 
 @cli.command(epilog=HELP_EPILOG)
@@ -73,6 +95,26 @@ Exit codes:
     type=click.IntRange(min=1),
     default=None,
     help="Unacknowledged messages held per process (default: 2 x concurrency).",
+)
+@click.option(
+    "--autoscale",
+    callback=_autoscale_bounds,
+    default=None,
+    metavar="MIN,MAX",
+    help="Grow the threads toward MAX while all are busy and messages wait in the queues, "
+    "shrink toward MIN (one at a time) when some stay unused for --autoscale-idle seconds; "
+    "the worker starts with MIN threads and -c is ignored (as Celery does). With "
+    "--processes, the number of processes scales instead, starting with --processes "
+    "(within MIN..MAX), each with -c threads. Prefetch follows (2 x threads) unless "
+    "--prefetch is given.",
+)
+@click.option(
+    "--autoscale-idle",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds a thread (with --processes: a process's worth of threads) stays unused, "
+    "with nothing waiting, before autoscaling retires one.",
 )
 @click.option(
     "--shutdown-timeout",
@@ -100,6 +142,8 @@ def worker(
     concurrency: int | None,
     processes: int,
     prefetch: int | None,
+    autoscale: tuple[int, int] | None,
+    autoscale_idle: float,
     shutdown_timeout: float | None,
     log_level: str,
     log_format: str | None,
@@ -107,7 +151,21 @@ def worker(
     """Consume the app's queues and run its tasks until SIGTERM or SIGINT."""
     env_format = os.environ.get("MQTASKS_LOG_FORMAT") or "auto"
     used = configure_logging(log_level, log_format or env_format)
-    supervise = processes > 1
+    scaling = _scaling_mode(autoscale)
+    if scaling == "threads" and autoscale is not None:
+        if concurrency is not None:
+            logger.warning(
+                "worker.concurrency_ignored", concurrency=concurrency, autoscale=autoscale
+            )
+        if prefetch is not None and prefetch < autoscale[1]:
+            raise click.UsageError(
+                f"--prefetch {prefetch} is below the autoscale MAX ({autoscale[1]}): threads "
+                "past it would idle. Raise --prefetch, or leave it out to follow the threads."
+            )
+        concurrency = autoscale[0]
+    elif scaling == "processes" and autoscale is not None:
+        processes = max(autoscale[0], min(autoscale[1], processes))
+    supervise = processes > 1 or scaling == "processes"
     if supervise:  # the supervisor forks its children: no log writer thread in it
         logs.configure_logging(log_level, used, background=False)
     # Caught before the app is loaded: a SIGTERM while the app's modules import
@@ -128,8 +186,41 @@ def worker(
         "shutdown_timeout": shutdown_timeout,
     }
     if supervise:
-        sys.exit(_supervise(app, processes, signals, log_level, used, options))
-    sys.exit(run_worker(_build_worker(app, options), signals))
+        bounds = autoscale if scaling == "processes" else None
+        sys.exit(
+            _run_supervisor(
+                app, processes, signals, log_level, used, options, bounds, autoscale_idle
+            )
+        )
+    w = _build_worker(app, options)
+    sys.exit(run_worker(w, signals, companions=_companions(w, scaling, autoscale, autoscale_idle)))
+
+
+def _scaling_mode(autoscale: tuple[int, int] | None) -> str | None:
+    """What ``--autoscale`` scales here: ``threads``, ``processes``, ``report`` (a child of a
+    supervisor that scales processes: it reports its load), or None."""
+    if autoscale is None:
+        return None
+    if os.environ.get(LOAD_DIR_ENV) and os.environ.get("MQTASKS_SUPERVISOR_PID"):
+        return "report"
+    ctx = click.get_current_context()
+    source = ctx.get_parameter_source("processes")
+    explicit = source not in (None, click.core.ParameterSource.DEFAULT)
+    return "processes" if explicit else "threads"
+
+
+def _companions(
+    w: Worker, scaling: str | None, autoscale: tuple[int, int] | None, idle: float
+) -> list[Companion]:
+    """The autoscaler of a worker that scales its threads, or the load reporter of a
+    child whose supervisor scales the processes."""
+    if scaling == "threads" and autoscale is not None:
+        return [Autoscaler(w, *autoscale, idle=idle)]
+    directory = os.environ.get(LOAD_DIR_ENV)
+    if scaling == "report" and directory:
+        slot = os.environ.get("MQTASKS_WORKER_SLOT", "0")
+        return [LoadReporter(w, os.path.join(directory, f"{slot}.json"))]
+    return []
 
 
 def _build_worker(app: App, options: dict[str, Any]) -> Worker:
@@ -140,13 +231,15 @@ def _build_worker(app: App, options: dict[str, Any]) -> Worker:
         raise click.UsageError(str(exc)) from exc
 
 
-def _supervise(
+def _run_supervisor(
     app: App,
     processes: int,
     signals: StopSignals,
     log_level: str,
     log_format: str,
     options: dict[str, Any],
+    autoscale: tuple[int, int] | None = None,
+    autoscale_idle: float = 30.0,
 ) -> int:
     """Run ``processes`` children under a supervisor; return its exit code.
 
@@ -166,7 +259,13 @@ def _supervise(
             "not while the app module imports",
         )
         supervisor = Supervisor(
-            command, processes, signals, log_level=log_level, log_format=log_format
+            command,
+            processes,
+            signals,
+            log_level=log_level,
+            log_format=log_format,
+            autoscale=autoscale,
+            autoscale_idle=autoscale_idle,
         )
         return supervisor.run()
 
@@ -179,10 +278,18 @@ def _supervise(
         except click.UsageError as exc:
             exc.show()
             return exc.exit_code
-        return run_worker(w, child_signals)
+        reporting = "report" if autoscale is not None else None
+        return run_worker(w, child_signals, companions=_companions(w, reporting, None, 0.0))
 
     supervisor = Supervisor(
-        command, processes, signals, fork=child, log_level=log_level, log_format=log_format
+        command,
+        processes,
+        signals,
+        fork=child,
+        log_level=log_level,
+        log_format=log_format,
+        autoscale=autoscale,
+        autoscale_idle=autoscale_idle,
     )
     return supervisor.run()
 

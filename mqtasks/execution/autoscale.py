@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .._scaling import ScalePolicy
+from .._scaling import IDLE, ScalePolicy
 from ..exceptions import MQTasksError
 
 if TYPE_CHECKING:
@@ -156,7 +156,9 @@ class Autoscaler(_Periodic):
         quiet_since = self.policy.quiet_since
         decision = self.policy.decide(self.worker.concurrency, busy, waiting, now)
         if decision is not None:
-            quiet = 0.0 if quiet_since is None else now - quiet_since
+            quiet = 0.0
+            if decision[1] == IDLE and quiet_since is not None:
+                quiet = now - quiet_since
             self._resize(*decision, busy=busy, waiting=waiting, quiet=quiet)
 
     def _resize(self, size: int, reason: str, *, busy: int, waiting: int, quiet: float) -> None:
