@@ -18,7 +18,7 @@ from mqtasks import QueueSpec
 from mqtasks.transport.base import Delivery
 from tests._helpers.brokers import require_broker
 from tests._helpers.redis import reliable_url
-from tests.transport.test_dynamic_consume import KINDS, Broker, Inbox, broker_of
+from tests.transport.test_dynamic_consume import KINDS, RECONNECTING, Broker, Inbox, broker_of
 
 
 def _held(inbox: Inbox, settled: list[Delivery]) -> list[Delivery]:
@@ -119,3 +119,48 @@ def test_prefetch_below_one_is_refused(kind: str) -> None:
         with pytest.raises(ValueError, match="at least 1"):
             inbox.consumer.set_prefetch(0)
         assert inbox.consumer.prefetch == 2
+
+
+@pytest.mark.parametrize("kind", _kinds())
+def test_a_cancelled_consumer_receives_nothing_after_its_bound_was_raised(kind: str) -> None:
+    with _broker(kind) as broker:
+        specs = [broker.spec("pf")]
+        _fill(broker, specs, 20)
+        settled: list[Delivery] = []
+        inbox = broker.consumer(specs, prefetch=2)
+        inbox.take(2)
+        inbox.consumer.set_prefetch(6)  # amqp: a second consumer of the queue, for 4 more
+        inbox.take(6)
+
+        # When the consumer is cancelled (a worker stopping) and what it held is settled
+        inbox.consumer.cancel()
+        _ack(inbox, settled, 6)
+        inbox.settle_round()
+
+        # Then nothing more came, through any of the queue's consumers
+        assert len(inbox.got) == 6
+        assert broker.transport.message_counts(specs) == {specs[0].name: 14}
+
+
+@pytest.mark.parametrize("kind", RECONNECTING)
+def test_a_reconnect_keeps_the_new_bound(kind: str) -> None:
+    with broker_of(kind) as broker:
+        specs = [broker.spec("pf")]
+        _fill(broker, specs, 20)
+        inbox = broker.consumer(specs, prefetch=2)
+        inbox.take(2)
+        inbox.consumer.set_prefetch(5)
+        inbox.take(5)
+
+        # When the broker drops the consumer's connection
+        assert broker.cut() >= 1
+        consumer = inbox.consumer
+
+        def live() -> list[Delivery]:
+            return [d for d in inbox.got if d.generation == consumer.generation]
+
+        # Then, connected again, it holds the new bound (RabbitMQ took the old ones back)
+        inbox.pump(lambda: len(live()) >= 5, "5 deliveries of the new connection")
+        inbox.settle_round()
+        assert len(live()) == 5
+        assert consumer.prefetch == 5
