@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 
 from ..exceptions import MQTasksError
-from .keys import HEADER_OKEY, halt_key
+from .keys import HEADER_OKEY, halt_key, resume_key
 from .lanes import SEQUENCE_GAP
 from .publish import reroute
 from .queues import base_queue
@@ -87,7 +87,11 @@ def gate(
             return Gate("requeue", message, in_lane)
         return Gate("done", message, in_lane)
     if ordered is not None:
-        message = ordered.resumed(delivery) or message
+        resumed = ordered.resumed(delivery)
+        if resumed is not None:
+            message = resumed
+        elif delivery.redelivered:
+            message = _kept_attempt(app, delivery, message)
     okey = delivery.headers.get(HEADER_OKEY)
     if ordering.halts and isinstance(okey, str):
         key = halt_key(task.queue, okey)
@@ -107,6 +111,32 @@ def gate(
             )
             return Gate("dead_letter", message, in_lane, HALTED, detail)
     return Gate("run", message, in_lane)
+
+
+def _kept_attempt(app: App, delivery: Delivery, message: Message) -> Message:
+    """``message`` as the attempt kept for it when it was held as a retry (see
+    :meth:`.runtime.OrderedDeliveries.hold_request`), if that is later than its own."""
+    try:
+        raw = app.backend.get(resume_key(message.id))
+    except MQTasksError as exc:
+        logger.warning(
+            "ordering.attempt_unknown",
+            task_id=message.id,
+            error=str(exc),
+            note=f"runs as attempt {message.attempt}, as redelivered",
+        )
+        return message
+    attempt = int(raw) if raw is not None and raw.isdigit() else 0
+    if attempt <= message.attempt:
+        return message
+    logger.info(
+        "ordering.attempt_kept",
+        task_id=message.id,
+        queue=delivery.queue,
+        attempt=attempt,
+        note="a retry held in place came back from the broker: it keeps its attempt count",
+    )
+    return message.copy(attempt=attempt)
 
 
 def after_dead_letter(app: App, delivery: Delivery, message: Message | None, reason: str) -> None:

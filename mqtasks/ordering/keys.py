@@ -124,6 +124,12 @@ def owner_key(queue: str, index: int) -> str:
     return f"ordering:owner:{queue}:{index}"
 
 
+def resume_key(message_id: str) -> str:
+    """The backend key holding the attempt a retry held in place runs as next, so that a
+    redelivery of the message (after a hand-back or a crash) keeps its attempt count."""
+    return f"ordering:resume:{message_id}"
+
+
 def lease_name(queue: str, index: int) -> str:
     """The backend lease of partition ``index`` of ``queue``."""
     return f"ordering:part:{queue}:{index}"

@@ -24,7 +24,7 @@ import structlog
 from ..exceptions import ConfigurationError, MQTasksError
 from ..transport.base import Consumer
 from .assignment import Assignment, Change
-from .keys import partition_name
+from .keys import partition_name, resume_key
 from .lanes import Dispatch, Lanes, lane_of
 from .options import ordered_queues
 
@@ -33,9 +33,12 @@ if TYPE_CHECKING:
     from ..message import Message
     from ..transport.base import Delivery
 
-__all__ = ["OrderedDeliveries", "check_consumer", "ordered_deliveries"]
+__all__ = ["RESUME_TTL", "OrderedDeliveries", "check_consumer", "ordered_deliveries"]
 
 logger = structlog.get_logger("mqtasks.ordering")
+
+#: Seconds a held retry's attempt number is kept in the backend past its delay.
+RESUME_TTL = 86400.0
 
 
 def _ordered(app: App, queues: Sequence[str]) -> dict[str, int]:
@@ -194,8 +197,28 @@ class OrderedDeliveries:
 
     def hold_request(self, delivery: Delivery, delay: float, message: Message) -> None:
         """Record the next attempt of ``delivery`` to run after ``delay`` s (worker thread,
-        before it posts the settlement ``hold``)."""
+        before it posts the settlement ``hold``).
+
+        A retry's attempt number is also kept in the backend under the message's id:
+        the broker redelivers the message as it was published (attempt 1) when it is
+        handed back or its worker dies, and :func:`.gate.gate` then runs it as this
+        attempt, so the task's ``max_retries`` still counts.
+        """
         self._resume[id(delivery)] = (delay, message)
+        if message.attempt <= 1:  # a deferral of a first attempt: nothing to keep
+            return
+        try:
+            self.app.backend.put(
+                resume_key(message.id), str(message.attempt).encode(), delay + RESUME_TTL
+            )
+        except MQTasksError as exc:
+            logger.warning(
+                "ordering.attempt_unsaved",
+                task_id=message.id,
+                attempt=message.attempt,
+                error=str(exc),
+                note="a redelivery of it would count its attempts from the start",
+            )
 
     def hold(self, delivery: Delivery) -> None:
         """Keep ``delivery`` unacked in its lane until its delay is over, then run it again."""
