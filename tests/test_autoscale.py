@@ -185,15 +185,17 @@ def test_cli_worker_threads_grow_under_a_backlog_and_shrink_when_idle(
     for i in range(9):
         s.send(f"t{i}", 1.5)
 
-    grown = worker.wait_log("worker.autoscaled")
-    assert (grown[0]["previous"], grown[0]["concurrency"], grown[0]["reason"]) == (1, 3, GROW)
+    # Then it grows to 3 threads (in one step, unless a reading fell amid the publishing)
+    worker.wait_log("worker.autoscaled")
     wait_for(lambda: len(s.record.tags(prefix="t")) == 9, "9 finished tasks", 60)
-    changes = worker.wait_log("worker.autoscaled", 3, timeout=60)
-    assert [(c["previous"], c["concurrency"], c["reason"]) for c in changes] == [
-        (1, 3, GROW),
-        (3, 2, IDLE),
-        (2, 1, IDLE),
+    # And once idle, it shrinks one thread at a time to 1
+    wait_for(lambda: worker.logs("worker.autoscaled")[-1]["concurrency"] == 1, "1 thread", 60)
+    changes = [
+        (c["previous"], c["concurrency"], c["reason"]) for c in worker.logs("worker.autoscaled")
     ]
+    grown = [c for c in changes if c[2] == GROW]
+    assert grown[0][0] == 1 and grown[-1][1] == 3
+    assert changes[len(grown) :] == [(3, 2, IDLE), (2, 1, IDLE)]
     worker.signal(signal.SIGTERM)
     assert worker.wait(15) == 0, worker.stderr()
 
@@ -222,8 +224,9 @@ def test_cli_processes_grow_under_a_backlog_and_retire_when_idle(
         (c["previous"], c["processes"], c["reason"])
         for c in supervisor.logs("supervisor.autoscaled")
     ]
-    assert changes[-2:] == [(3, 2, IDLE), (2, 1, IDLE)]
-    assert all(c[1] <= 3 for c in changes) and changes[0][2] == GROW
+    grown = [c for c in changes if c[2] == GROW]
+    assert grown[0][0] == 1 and grown[-1][1] == 3
+    assert changes[len(grown) :] == [(3, 2, IDLE), (2, 1, IDLE)]
     assert len(supervisor.logs("supervisor.child_started")) == 3
     supervisor.signal(signal.SIGTERM)
     assert supervisor.wait(20) == 0, supervisor.stderr()
