@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -85,7 +85,7 @@ def test_impossible_bounds_are_refused(minimum: int, maximum: int) -> None:
 # -- a worker on each broker -----------------------------------------------------------
 
 
-def _autoscaled(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _autoscaled(logs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [e for e in logs if e["event"] == "worker.autoscaled"]
 
 
