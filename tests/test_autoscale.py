@@ -8,15 +8,18 @@ MIN, never below; every change is logged with its reason.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
-from mqtasks import App
+from mqtasks import App, _supervise
 from mqtasks._scaling import BOUNDS, GROW, IDLE, ScalePolicy
 from mqtasks.execution.autoscale import Autoscaler
 from mqtasks.testing import running_worker
@@ -231,3 +234,63 @@ def test_cli_processes_grow_under_a_backlog_and_retire_when_idle(
     supervisor.signal(signal.SIGTERM)
     assert supervisor.wait(20) == 0, supervisor.stderr()
     assert not supervisor.logs("supervisor.child_died")
+
+
+# -- the supervisor's reading of its children's reports ------------------------------------
+
+
+def _report(directory: Path, slot: int, pid: int, **load: Any) -> None:
+    report = {"pid": pid, "concurrency": 2, "busy": 0, "ready": 0, "received": 0, "at": time.time()}
+    (directory / f"{slot}.json").write_text(json.dumps({**report, **load}))
+
+
+def _supervision(directory: Path, processes: int, **options: Any) -> _supervise.Supervision:
+    scaling = _supervise.Autoscaling(1, 4, 0.0, str(directory), interval=0.0)
+    log = _supervise.LogLines("critical")
+    children = {slot: 1000 + slot for slot in range(processes)}
+    return _supervise.Supervision(["true"], processes, log, children, scaling=scaling, **options)
+
+
+def test_the_supervisor_grows_by_the_backlog_over_a_child_s_threads(tmp_path: Path) -> None:
+    s = _supervision(tmp_path, 2)
+    assert s.scaling is not None
+    _report(tmp_path, 0, 1000, busy=2, ready=5, received=1)
+    # A child that has not reported yet (starting): no decision
+    assert s.scaling.decide(s) is None
+    _report(tmp_path, 1, 1000 + 1, busy=2, ready=4, received=0)
+    # Every thread busy, 5 ready + 1 held waiting: 3 children more (2 threads each), capped at 4
+    assert s.scaling.decide(s) == (4, GROW, {"busy": 4, "waiting": 6, "idle_s": 0.0})
+
+
+def test_the_supervisor_ignores_stale_reports_and_those_of_an_earlier_child(
+    tmp_path: Path,
+) -> None:
+    s = _supervision(tmp_path, 1)
+    assert s.scaling is not None
+    _report(tmp_path, 0, 999, busy=2, ready=9)  # the child that was in the slot before
+    assert s.scaling.decide(s) is None
+    _report(tmp_path, 0, 1000, busy=2, ready=9, at=time.time() - 60)
+    assert s.scaling.decide(s) is None
+    _report(tmp_path, 0, 1000, busy=2, ready=None)  # it cannot read the broker now
+    assert s.scaling.decide(s) is None
+
+
+def test_the_supervisor_retires_one_child_after_the_idle_period_not_counting_retiring_ones(
+    tmp_path: Path,
+) -> None:
+    s = _supervision(tmp_path, 3, retiring=[3])
+    s.children[3] = 1003  # retiring: its report no longer counts
+    assert s.scaling is not None
+    for slot in range(3):
+        _report(tmp_path, slot, 1000 + slot, busy=1)
+    assert s.scaling.decide(s) is None  # the idle period starts
+    decision = s.scaling.decide(s)
+    assert decision is not None and decision[:2] == (2, IDLE)
+
+
+def test_the_scaling_is_carried_over_the_handover(tmp_path: Path) -> None:
+    s = _supervision(tmp_path, 2, retiring=[2])
+    state = json.loads(_supervise.handover_state(s))
+    assert state["retiring"] == [2]
+    again = _supervise.Autoscaling(**state["scaling"])
+    assert (again.policy.minimum, again.policy.maximum, again.directory) == (1, 4, str(tmp_path))
