@@ -143,6 +143,35 @@ def test_a_hard_limit_stops_a_coroutine_task(results_app: App) -> None:
     assert [(e.id, e.reason) for e in app.dead_letters()] == [(handle.id, "time_limit")]
 
 
+def test_a_coroutine_blocking_the_loop_past_its_hard_limit_gets_the_loop_replaced(
+    make_app: Callable[..., App], blocker: threading.Event
+) -> None:
+    app = make_app(backend="memory://", loop_block_threshold=0.1)
+    started = threading.Event()
+
+    @app.task(time_limit=0.3)
+    async def block() -> None:
+        started.set()
+        blocker.wait(3600)  # holds the loop: no cancellation reaches it
+
+    @app.task(retry_backoff=0)
+    async def echo(x: int) -> int:
+        return x
+
+    with running_worker(app, concurrency=2) as worker:
+        stuck = block.delay()
+        wait_for(started.is_set, "the blocking task to start")
+        waiting = echo.delay(1)  # submitted to the blocked loop
+        with pytest.raises(TaskFailed) as failed:
+            stuck.get(timeout=15)
+        # The task waiting on the blocked loop is retried, on a new loop
+        assert waiting.get(timeout=15) == 1
+        assert echo.delay(2).get(timeout=15) == 2
+        drain(worker, raise_errors=False)
+    assert failed.value.reason == "time_limit"
+    assert [(e.id, e.reason) for e in app.dead_letters()] == [(stuck.id, "time_limit")]
+
+
 def test_threads_past_their_hard_limit_piling_up_set_the_recycle_flag(
     make_app: Callable[..., App], blocker: threading.Event
 ) -> None:

@@ -155,6 +155,14 @@ class EventLoopThread:
         self._thread.join(timeout)
         self._monitor.join(timeout)
 
+    def abandon(self) -> None:
+        """Give the loop up (a task blocks it): it stops whenever it runs again."""
+        self._stopped.set()
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # closed already
+            pass
+
     def _watch(self) -> None:
         """Ping the loop; log ``task.loop_blocked`` once per episode it does not answer."""
         threshold = self.block_threshold

@@ -39,13 +39,23 @@ if TYPE_CHECKING:
     from ..task import Task
     from ..worker import Worker
 
-__all__ = ["Execution", "Running"]
+__all__ = ["EventLoopBlocked", "Execution", "Running"]
 
 logger = structlog.get_logger("mqtasks.worker")
 
 #: Seconds after a thread is given up before it counts as still running (the
 #: asynchronous exception stops a Python loop well within that).
 _ABANDON_GRACE = 1.0
+
+
+class EventLoopBlocked(RuntimeError):
+    """A coroutine task waited on an event loop that another task blocked past its
+    hard time limit; the worker gave that loop up. Retried as any failure."""
+
+    def __init__(self, blocker: str) -> None:
+        super().__init__(
+            f"the event loop was blocked by {blocker} past its hard time limit and given up"
+        )
 
 
 class Running:
@@ -83,6 +93,11 @@ class Running:
         self.finished = False
         #: Its thread was given up: its message is settled, what it returns is ignored.
         self.abandoned = False
+
+    @property
+    def atask_name(self) -> str:
+        """The name of its asyncio task: ``<task name>[<task id>]``."""
+        return f"{self.message.task}[{self.message.id}]"
 
 
 def _supervised() -> bool:
@@ -136,7 +151,7 @@ class Execution:
             try:
                 result = task.fn(*message.args, **message.kwargs)
                 if entry.outcome is not None or inspect.isawaitable(result):
-                    result = self._await(entry, result, f"{task.name}[{message.id}]")
+                    result = self._await(entry, result, entry.atask_name)
             except BaseException as exc:
                 error = exc
             abandoned = self._end(entry)
@@ -222,7 +237,7 @@ class Execution:
             limit = f" ({task.time_limit:g} s)" if task is not None and task.time_limit else ""
             self._stop(entry, TimeLimitExceeded(f"ran past its hard time limit{limit}"))
         elif kind == CHECK:
-            self._check_abandoned()
+            self._check_abandoned(entry)
 
     def _soft(self, entry: Running) -> None:
         with self._lock:
@@ -269,20 +284,28 @@ class Execution:
             action = entry.context.run(conclude, worker, delivery, entry.message, None, error)
             worker._post((delivery, action))
         watchdog = self._watchdog or self._start_watchdog()
-        watchdog.schedule(time.monotonic() + _ABANDON_GRACE, CHECK, entry)
+        grace = max(_ABANDON_GRACE, 2 * self._block_threshold)  # a blocked loop is seen by then
+        watchdog.schedule(time.monotonic() + grace, CHECK, entry)
         return True
 
-    def _check_abandoned(self) -> None:
+    def _check_abandoned(self, entry: Running) -> None:
         """Count the given-up threads still running; past the bound, ask to be replaced."""
         worker = self.worker
-        loop = self._loop
+        loop = entry.loop
         if loop is not None and loop.blocked:
             # A coroutine past its hard limit that does not let the loop run: the
             # loop is given up like a thread, and a new one runs the next coroutines.
+            # Those waiting on the old one fail (and are retried): it may never run again.
             with self._lock:
-                if self._loop is loop:
-                    self._loop = None
-                    worker._pool.abandoned.append(loop.thread)
+                if self._loop is not loop:
+                    return
+                self._loop = None
+                worker._pool.abandoned.append(loop.thread)
+                stuck = [e for e in self._running.values() if e.loop is loop]
+            loop.abandon()
+            for other in stuck:
+                if other.outcome is not None:
+                    other.outcome.set(None, EventLoopBlocked(entry.atask_name))
         alive = worker._pool.abandoned_alive()
         if alive > self.max_abandoned and not worker.recycle.is_set():
             worker.recycle_reason = (
