@@ -272,7 +272,7 @@ class Autoscaling:
         self.policy.unit = max(1, max(int(r["concurrency"]) for r in reports))
         busy = sum(int(r["busy"]) for r in reports)
         # Every child sees the same queues; what each holds waiting is its own.
-        waiting = max(ready) + sum(int(r["received"]) for r in reports)
+        waiting = max(ready) + sum(int(r["held"]) for r in reports)
         quiet_since = self.policy.quiet_since
         decision = self.policy.decide(s.processes, busy, waiting, now)
         if decision is None:

@@ -240,7 +240,7 @@ def test_cli_processes_grow_under_a_backlog_and_retire_when_idle(
 
 
 def _report(directory: Path, slot: int, pid: int, **load: Any) -> None:
-    report = {"pid": pid, "concurrency": 2, "busy": 0, "ready": 0, "received": 0, "at": time.time()}
+    report = {"pid": pid, "concurrency": 2, "busy": 0, "ready": 0, "held": 0, "at": time.time()}
     (directory / f"{slot}.json").write_text(json.dumps({**report, **load}))
 
 
@@ -254,10 +254,10 @@ def _supervision(directory: Path, processes: int, **options: Any) -> _supervise.
 def test_the_supervisor_grows_by_the_backlog_over_a_child_s_threads(tmp_path: Path) -> None:
     s = _supervision(tmp_path, 2)
     assert s.scaling is not None
-    _report(tmp_path, 0, 1000, busy=2, ready=5, received=1)
+    _report(tmp_path, 0, 1000, busy=2, ready=5, held=1)
     # A child that has not reported yet (starting): no decision
     assert s.scaling.decide(s) is None
-    _report(tmp_path, 1, 1000 + 1, busy=2, ready=4, received=0)
+    _report(tmp_path, 1, 1000 + 1, busy=2, ready=4, held=0)
     # Every thread busy, 5 ready + 1 held waiting: 3 children more (2 threads each), capped at 4
     assert s.scaling.decide(s) == (4, GROW, {"busy": 4, "waiting": 6, "idle_s": 0.0})
 

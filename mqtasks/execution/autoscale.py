@@ -4,7 +4,7 @@
 worker. Every ``interval`` seconds it reads the load: the tasks running
 (``Worker.running``), the messages waiting (ready in the broker, read with
 ``Transport.message_counts`` over the transport's own connections, never the
-consumer's; and those received but not running yet), and asks the
+consumer's; and those received and waiting for a thread), and asks the
 ``ScalePolicy`` (``mqtasks._scaling``) for a size, which ``Worker.resize``
 applies (the prefetch window follows). Every change is logged as
 ``worker.autoscaled`` with its reason.
@@ -62,10 +62,15 @@ class WorkerLoad:
         self._failing = False
         return sum(counts.values())
 
-    def received(self) -> int:
-        """Deliveries the worker holds that are not running: waiting for a thread."""
-        w = self.worker
-        return max(0, w.received - w.settled - w.running)
+    def held(self) -> int:
+        """Deliveries the worker received that wait for a thread.
+
+        Read from the worker's work queue rather than from its counters of
+        deliveries received and settled: those also count deliveries dropped
+        after a reconnect and ordered tasks held for a retry, which no thread
+        could take.
+        """
+        return self.worker._work.qsize()
 
 
 class _Periodic:
@@ -152,7 +157,7 @@ class Autoscaler(_Periodic):
         if ready is None:
             return  # the broker cannot tell now: no decision on half a picture
         now = time.monotonic()
-        busy, waiting = self.worker.running, ready + self.load.received()
+        busy, waiting = self.worker.running, ready + self.load.held()
         quiet_since = self.policy.quiet_since
         decision = self.policy.decide(self.worker.concurrency, busy, waiting, now)
         if decision is not None:
@@ -182,7 +187,7 @@ class LoadReporter(_Periodic):
 
     The file holds one JSON object, replaced whole each time (written aside,
     then renamed): ``pid``, ``concurrency``, ``busy``, ``ready`` (in the
-    broker; null when it cannot tell), ``received`` (held, not running) and
+    broker; null when it cannot tell), ``held`` (received, waiting for a thread) and
     ``at`` (epoch seconds). :meth:`stop` removes it.
 
     Args:
@@ -206,7 +211,7 @@ class LoadReporter(_Periodic):
             "concurrency": self.worker.concurrency,
             "busy": self.worker.running,
             "ready": self.load.ready(),
-            "received": self.load.received(),
+            "held": self.load.held(),
             "at": time.time(),
         }
         aside = f"{self.path}.{os.getpid()}.tmp"
