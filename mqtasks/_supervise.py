@@ -19,8 +19,10 @@ blocked across the ``execv``; :meth:`Supervision.run` unblocks them once its
 handlers are installed, so a signal that came meanwhile is handled, not lost.
 
 Importing anything from the ``mqtasks`` package would import the package, so
-this module is self-contained; :mod:`mqtasks.process` imports it, and runs the
-same loop in its own process where it cannot replace itself.
+this module imports only the standard library, and loads its one sibling,
+``mqtasks/_scaling.py`` (the autoscaling policy, standard library only too), by
+path; :mod:`mqtasks.process` imports it, and runs the same loop in its own
+process where it cannot replace itself.
 """
 
 from __future__ import annotations
@@ -34,24 +36,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TextIO
-
-
-def _sibling(name: str) -> ModuleType:
-    """Load ``mqtasks/<name>.py`` by path: run as a program (``-I``), this module has no package."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_mqtasks_supervise_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-if TYPE_CHECKING or __package__:
-    from . import _scaling
-else:
-    _scaling = _sibling("_scaling")
+from typing import Any, TextIO
 
 __all__ = [
     "LOAD_DIR_ENV",
@@ -67,6 +52,22 @@ __all__ = [
     "handover_state",
     "main",
 ]
+
+
+def _sibling(name: str) -> ModuleType:
+    """Load ``mqtasks/<name>.py`` by path: run as a program (``-I``), this module has no package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_mqtasks_supervise_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The policy thread autoscaling uses too (``mqtasks/_scaling.py``), loaded by path even
+#: when this module is imported from the package, so that it never imports the package.
+_scaling: Any = _sibling("_scaling")
 
 #: Exit code: stopped cleanly.
 RET_OK = 0
