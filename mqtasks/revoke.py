@@ -168,10 +168,10 @@ class Revocations:
         #: Revoked task id -> the monotonic time it expires. Replaced whole on each
         #: read of the store, so a lookup needs no lock.
         self._until: dict[str, float] = {}
-        #: Task ids changed by a notice since the current read of the store began
-        #: (that read does not know of them), with the change's number.
-        self._changed: dict[str, int] = {}
-        self._changes = 0
+        #: While the store is read: the task ids a notice changed since the read
+        #: began (it may not know of them); None between reads.
+        self._changed: set[str] | None = None
+        self._notices = 0
         self._lock = threading.Lock()
         self._reading = threading.Lock()
         self._loaded = threading.Event()
@@ -240,10 +240,11 @@ class Revocations:
             return
         task_id = revocation.task_id
         with self._lock:
-            self._changes += 1
-            self._changed[task_id] = self._changes
+            if self._changed is not None:
+                self._changed.add(task_id)
             self._until[task_id] = time.monotonic() + revocation.expires
-            if self._changes % _SWEEP_EVERY == 0:
+            self._notices += 1
+            if self._notices % _SWEEP_EVERY == 0:
                 self._sweep()
         logger.info("revocation.received", task_id=task_id, terminate=revocation.terminate)
         if revocation.terminate and self._running:
@@ -254,8 +255,8 @@ class Revocations:
         if self._stopped:
             return
         with self._lock:
-            self._changes += 1
-            self._changed[task_id] = self._changes
+            if self._changed is not None:
+                self._changed.add(task_id)
             self._until.pop(task_id, None)
 
     def on_watch_connected(self) -> None:
@@ -267,19 +268,25 @@ class Revocations:
         if self._stopped:
             return
         with self._reading:
+            since: set[str] = set()
             with self._lock:
-                mark = self._changes
-            found = self._backend.revocations()
+                self._changed = since
+            try:
+                found = self._backend.revocations()
+            except BaseException:
+                with self._lock:
+                    self._changed = None
+                raise
             now = time.monotonic()
             with self._lock:
-                since = {tid for tid, n in self._changed.items() if n > mark}
+                self._changed = None
+                # What a notice changed since the read began stays as the notice left it.
                 fresh = {tid: until for tid, until in self._until.items() if tid in since}
                 for r in found:
                     if r.task_id not in since:
                         fresh[r.task_id] = now + r.expires
                 new = [r.task_id for r in found if r.terminate and r.task_id not in self._until]
                 self._until = fresh
-                self._changed.clear()
         self._loaded.set()
         logger.debug("revocations.loaded", count=len(fresh))
         if self._running:

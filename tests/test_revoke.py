@@ -13,6 +13,8 @@ import pytest
 import structlog
 
 from mqtasks import App, TaskFailed
+from mqtasks.backend.base import Revocation
+from mqtasks.backend.memory import MemoryBackend
 from mqtasks.dlq import DeadLetter
 from mqtasks.exceptions import BackendError, ConfigurationError
 from mqtasks.result import PENDING, REVOKED, SUCCEEDED
@@ -289,6 +291,46 @@ def test_revocations_start_without_their_backend_and_say_so(
     assert "pw-not-shown" not in str(logs)
     assert not revocations.is_revoked("anything")
     app.close()
+
+
+class RacingBackend(MemoryBackend):
+    """A memory backend that runs ``during_read`` once while revocations() is being read:
+    the list returned is the one read before (as a notice arrives amid a real read)."""
+
+    during_read: Callable[[], None] | None = None
+
+    def revocations(self) -> list[Revocation]:
+        found = super().revocations()
+        action, self.during_read = self.during_read, None
+        if action is not None:
+            action()
+        return found
+
+
+def test_notices_that_arrive_while_the_store_is_read_are_kept(
+    make_app: Callable[..., App],
+) -> None:
+    # Given a revoked task, and a store read during which another task is revoked
+    # and the first one's revocation removed
+    app = make_app("memory://", backend="memory://")
+    backend = app._backend = RacingBackend()
+    backend.add_revocation("removed-amid", terminate=False, ttl=60)
+
+    def amid() -> None:
+        backend.add_revocation("added-amid", terminate=False, ttl=60)
+        backend.remove_revocation("removed-amid")
+
+    backend.during_read = amid
+
+    # When a worker's revocations start (and read the store)
+    revocations = Revocations(Worker(app))
+    revocations.start()
+    try:
+        # Then what the notices said wins over the older read
+        assert revocations.is_revoked("added-amid")
+        assert len(revocations) == 1
+    finally:
+        revocations.stop()
 
 
 def test_stopped_revocations_hear_nothing_more(
