@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import collections
 import contextvars
 import itertools
 import sys
@@ -32,6 +33,15 @@ import structlog
 __all__ = ["EventLoopThread", "Outcome"]
 
 logger = structlog.get_logger("mqtasks.worker")
+
+#: A coroutine submitted to the loop, with its task's name, context and callbacks.
+_Submitted = tuple[
+    Coroutine[Any, Any, Any],
+    str,
+    contextvars.Context,
+    Callable[["asyncio.Task[Any]"], None],
+    Callable[["asyncio.Task[Any]"], bool],
+]
 
 
 class Outcome:
@@ -85,6 +95,8 @@ class EventLoopThread:
         )
         #: Whether the loop has not answered the monitor for ``block_threshold`` seconds now.
         self.blocked = False
+        self._submitted: collections.deque[_Submitted] = collections.deque()
+        self._wake_pending = False
         self._thread.start()
         self._monitor.start()
 
@@ -127,9 +139,20 @@ class EventLoopThread:
             started: Called in the loop with the new task before it first runs;
                 returns False if it must not run (it is cancelled then).
         """
-        loop = self.loop
+        self._submitted.append((coro, name, context, done, started))
+        # One wake-up (a write to the loop's self-pipe) for what is submitted while
+        # the loop has not yet taken the earlier ones; the flag is cleared before
+        # the loop takes them, so nothing appended after that waits unseen.
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.loop.call_soon_threadsafe(self._start_submitted)
 
-        def start() -> None:
+    def _start_submitted(self) -> None:
+        """Start the submitted coroutines (in the loop)."""
+        self._wake_pending = False
+        submitted, loop = self._submitted, self.loop
+        while submitted:
+            coro, name, context, done, started = submitted.popleft()
             if sys.version_info >= (3, 11):
                 task = loop.create_task(coro, name=name, context=context)
             else:  # created inside the context, the task runs in a copy of it
@@ -137,8 +160,6 @@ class EventLoopThread:
             if not started(task):
                 task.cancel()
             task.add_done_callback(done)
-
-        self.loop.call_soon_threadsafe(start)
 
     def call(self, fn: Callable[[], Any]) -> None:
         """Call ``fn`` in the loop's thread, soon (from any thread)."""
