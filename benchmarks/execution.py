@@ -411,16 +411,22 @@ def summarise(rounds: list[dict[str, Any]], brokers: list[str]) -> dict[str, Any
         figures[broker] = per
         ratios[broker] = {}
         for label, (a, b) in RATIOS.items():
-            each = []
+            drain, cpu = [], []
             for rnd in sorted({r["round"] for r in mine}):
                 x = next((r for r in mine if (r["system"], r["round"]) == (a, rnd)), {})
                 y = next((r for r in mine if (r["system"], r["round"]) == (b, rnd)), {})
                 if x.get("drain_per_s") and y.get("drain_per_s"):
-                    each.append(x["drain_per_s"] / y["drain_per_s"])
-            if each:
+                    drain.append(x["drain_per_s"] / y["drain_per_s"])
+                # CPU per task, inverted: the throughput ratio of a worker held by its CPU,
+                # steadier than the rates when other jobs share the machine.
+                if x.get("worker_cpu_us_per_task") and y.get("worker_cpu_us_per_task"):
+                    cpu.append(y["worker_cpu_us_per_task"] / x["worker_cpu_us_per_task"])
+            if drain:
                 ratios[broker][label] = {
-                    "median": statistics.median(each),
-                    "rounds": each,
+                    "median": statistics.median(drain),
+                    "rounds": drain,
+                    "cpu_median": _median(cpu),
+                    "cpu_rounds": cpu,
                     "target": TARGETS[label],
                 }
     return {"figures": figures, "ratios": ratios}
@@ -441,13 +447,20 @@ def table(summary: dict[str, Any], head: str) -> str:
                 for k in ("publish_per_s", "drain_per_s", "worker_cpu_us_per_task")
             ]
             lines.append(f"| {broker} | {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| broker | drain ratio | median | rounds | target |", "|---|---|---:|---|---:|"]
+    lines += [
+        "",
+        "| broker | ratio | drain/s: median | rounds | by CPU/task: median | rounds | target |",
+        "|---|---|---:|---|---:|---|---:|",
+    ]
     for broker, rs in summary["ratios"].items():
         for label, r in rs.items():
             each = " ".join(f"{x:.2f}" for x in r["rounds"])
+            by_cpu = " ".join(f"{x:.2f}" for x in r["cpu_rounds"])
             mark = "" if r["median"] >= r["target"] else " (below)"
+            cpu = "" if r["cpu_median"] is None else f"{r['cpu_median']:.2f}"
             lines.append(
-                f"| {broker} | {label} | {r['median']:.2f}{mark} | {each} | ≥ {r['target']:g} |"
+                f"| {broker} | {label} | {r['median']:.2f}{mark} | {each} | {cpu} | {by_cpu} "
+                f"| ≥ {r['target']:g} |"
             )
     return "\n".join(lines) + "\n"
 
