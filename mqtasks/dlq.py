@@ -30,6 +30,8 @@ from .deadletter import (
     HEADER_DEATH_TRACEBACK,
 )
 from .message import HEADER_ATTEMPT, HEADER_FIRST_FAILED_AT, HEADER_TASK
+from .result import REVOKED_REASON
+from .revoke import clear_revocation
 from .transport.base import DLQ_SUFFIX, StoredMessage, dead_letter_spec
 from .transport.envelope import Envelope
 from .transport.errors import translate_errors
@@ -258,7 +260,8 @@ def replay_dead_letters(
     Each matching entry is republished (see :func:`replay_envelope`) and removed
     from the dead-letter queue only once the broker confirmed the publish: a
     failure in between can duplicate an entry, never lose it. Entries that do
-    not match stay where they are.
+    not match stay where they are. A revoked entry's revocation is cleared
+    first, so it runs.
 
     Args:
         app: The app whose broker holds the queue.
@@ -288,6 +291,8 @@ def replay_dead_letters(
             entry = _entry(message, queue)
             if not matches(entry):
                 continue
+            if entry.reason == REVOKED_REASON:
+                clear_revocation(app, entry.id)  # the replay runs: the revocation and REVOKED go
             transport.publish(target, replay_envelope(entry))
             remove()
             replayed += 1
