@@ -127,6 +127,32 @@ def test_a_hard_limit_stops_a_hung_thread_task_and_the_worker_goes_on(
     assert (entry.id, entry.reason) == (handle.id, "time_limit")
 
 
+def test_a_task_that_ignores_its_soft_limit_is_stopped_at_its_hard_one(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app()
+    warned: list[bool] = []
+
+    @app.task(soft_time_limit=0.2, time_limit=0.5)
+    def stubborn() -> None:
+        try:
+            while True:
+                pass
+        except SoftTimeLimitExceeded:
+            warned.append(True)
+        while True:  # and carries on regardless
+            pass
+
+    with structlog.testing.capture_logs() as logs, running_worker(app) as worker:
+        handle = stubborn.delay()
+        wait_for(lambda: app.dead_letters(), "the dead letter")
+        drain(worker, raise_errors=False)
+    assert warned == [True]
+    assert [(e.id, e.reason) for e in app.dead_letters()] == [(handle.id, "time_limit")]
+    events = [e["event"] for e in logs]
+    assert events.index("task.soft_time_limit") < events.index("task.stopped")
+
+
 def test_a_hard_limit_stops_a_coroutine_task(results_app: App) -> None:
     app = results_app
 

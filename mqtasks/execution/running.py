@@ -66,6 +66,7 @@ class Running:
         "atask",
         "context",
         "finished",
+        "hard_at",
         "hit",
         "job",
         "loop",
@@ -88,6 +89,8 @@ class Running:
         self.atask: asyncio.Task[Any] | None = None
         self.loop: EventLoopThread | None = None
         self.soft_sent = False
+        #: When its hard limit is due (monotonic), once its soft one is in the heap.
+        self.hard_at: float | None = None
         #: Why the worker stopped it (hard limit, terminate), once it has.
         self.hit: TaskTerminated | None = None
         self.finished = False
@@ -139,11 +142,13 @@ class Execution:
         self._running[message.id] = entry
         soft, hard = task.soft_time_limit, task.time_limit
         if soft is not None or hard is not None:
+            # One deadline in the heap per task: the hard one is pushed when the soft one fires.
             watchdog = self._watchdog or self._start_watchdog()
             now = time.monotonic()
             if soft is not None:
+                entry.hard_at = None if hard is None else now + hard
                 watchdog.schedule(now + soft, SOFT, entry)
-            if hard is not None:
+            elif hard is not None:
                 watchdog.schedule(now + hard, HARD, entry)
         result: Any = None
         error: BaseException | None = None
@@ -232,6 +237,8 @@ class Execution:
     def _fire(self, kind: str, entry: Any) -> None:
         if kind == SOFT:
             self._soft(entry)
+            if entry.hard_at is not None and self._watchdog is not None:
+                self._watchdog.schedule(entry.hard_at, HARD, entry)
         elif kind == HARD:
             task = self.worker.app.tasks.get(entry.message.task)
             limit = f" ({task.time_limit:g} s)" if task is not None and task.time_limit else ""
