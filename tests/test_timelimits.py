@@ -18,6 +18,7 @@ from mqtasks import (
     ConfigurationError,
     SoftTimeLimitExceeded,
     TaskFailed,
+    Worker,
     current_message,
 )
 from mqtasks.testing import drain, running_worker
@@ -196,6 +197,49 @@ def test_a_coroutine_blocking_the_loop_past_its_hard_limit_gets_the_loop_replace
         drain(worker, raise_errors=False)
     assert failed.value.reason == "time_limit"
     assert [(e.id, e.reason) for e in app.dead_letters()] == [(stuck.id, "time_limit")]
+
+
+def test_a_coroutine_that_ignores_its_cancellation_counts_as_abandoned(
+    make_app: Callable[..., App], blocker: threading.Event
+) -> None:
+    app = make_app(max_abandoned_threads=0)
+
+    @app.task(time_limit=0.2)
+    async def stubborn() -> None:
+        while not blocker.is_set():
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                pass  # the mistake: it runs on
+
+    with running_worker(app) as worker:
+        handle = stubborn.delay()
+        wait_for(worker.recycle.is_set, "the recycle flag")
+        blocker.set()
+        drain(worker, raise_errors=False)
+    assert [(e.id, e.reason) for e in app.dead_letters()] == [(handle.id, "time_limit")]
+
+
+def test_a_coroutine_still_running_when_the_worker_stops_is_not_settled(
+    broker_url: str, make_app: Callable[..., App]
+) -> None:
+    """As for a thread: its message goes back to the broker, neither acked nor dead-lettered."""
+    app = make_app(broker_url)
+    started = threading.Event()
+
+    @app.task
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    worker = Worker(app, concurrency=1, shutdown_timeout=0.2)
+    worker.start()
+    slow.delay()
+    wait_for(started.is_set, "the task to start")
+    assert worker.stop() is False
+    assert app.dead_letters() == []
+    spec = app.queue(app.settings.default_queue)
+    wait_for(lambda: app.transport.message_counts([spec])[spec.name] == 1, "the message back")
 
 
 def test_threads_past_their_hard_limit_piling_up_set_the_recycle_flag(

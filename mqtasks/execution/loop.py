@@ -95,6 +95,8 @@ class EventLoopThread:
         )
         #: Whether the loop has not answered the monitor for ``block_threshold`` seconds now.
         self.blocked = False
+        #: Set when the loop stops: what is cancelled then is left unsettled (redelivered).
+        self.closing = False
         self._submitted: collections.deque[_Submitted] = collections.deque()
         self._wake_pending = False
         self._thread.start()
@@ -167,6 +169,7 @@ class EventLoopThread:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel what still runs, stop the loop and wait up to ``timeout`` s for its thread."""
+        self.closing = True
         self._stopped.set()
         if not self.loop.is_closed():
             try:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ..exceptions import SoftTimeLimitExceeded, TaskTerminated, TimeLimitExceeded
-from ..processing import conclude
+from ..processing import REJECT, conclude
 from .loop import EventLoopThread, Outcome
 from .timelimit import CHECK, HARD, SOFT, Watchdog, clear_async_exception, raise_in_thread
 
@@ -117,6 +117,8 @@ class Execution:
         self._running: dict[str, Running] = {}
         self._watchdog: Watchdog | None = None
         self._loop: EventLoopThread | None = None
+        #: Coroutines stopped by the worker that caught their cancellation and run on.
+        self._strays: list[asyncio.Task[Any]] = []
         # A supervised child is replaced at once, and cheaply (its supervisor forks
         # or starts a fresh one, with no crash-loop pause): a thread it cannot stop
         # is one too many there. A lone worker process tolerates a few, as its
@@ -197,6 +199,10 @@ class Execution:
 
         def done(atask: asyncio.Task[Any]) -> None:
             if atask.cancelled():
+                if entry.hit is None and not entry.soft_sent and loop.closing:
+                    # The worker stopped before it ended: like a thread still running
+                    # then, its message is left unacknowledged, for the broker to redeliver.
+                    return
                 soft = SoftTimeLimitExceeded() if entry.soft_sent else asyncio.CancelledError()
                 outcome.set(None, entry.hit or soft)
             elif (exc := atask.exception()) is not None:
@@ -285,10 +291,14 @@ class Execution:
         if outcome is not None:
             # Its worker thread returns now and dead-letters the message itself.
             outcome.set(None, error)
-        else:
-            # The worker thread's own ending, run here in a copy of its context.
+        elif not worker._done.is_set():  # (the I/O thread, gone, would never ack it)
             delivery = entry.job.delivery
-            action = entry.context.run(conclude, worker, delivery, entry.message, None, error)
+            try:
+                # The worker thread's own ending, run here in a copy of its context.
+                action = entry.context.run(conclude, worker, delivery, entry.message, None, error)
+            except Exception:  # pragma: no cover - conclude() handles hook errors
+                logger.exception("worker.process_crashed", message_id=delivery.message_id)
+                action = REJECT
             worker._post((delivery, action))
         watchdog = self._watchdog or self._start_watchdog()
         grace = max(_ABANDON_GRACE, 2 * self._block_threshold)  # a blocked loop is seen by then
@@ -298,22 +308,28 @@ class Execution:
     def _check_abandoned(self, entry: Running) -> None:
         """Count the given-up threads still running; past the bound, ask to be replaced."""
         worker = self.worker
-        loop = entry.loop
+        loop, atask = entry.loop, entry.atask
         if loop is not None and loop.blocked:
             # A coroutine past its hard limit that does not let the loop run: the
             # loop is given up like a thread, and a new one runs the next coroutines.
             # Those waiting on the old one fail (and are retried): it may never run again.
             with self._lock:
-                if self._loop is not loop:
-                    return
-                self._loop = None
-                worker._pool.abandoned.append(loop.thread)
+                given_up = self._loop is loop
+                if given_up:
+                    self._loop = None
+                    worker._pool.abandoned.append(loop.thread)
                 stuck = [e for e in self._running.values() if e.loop is loop]
-            loop.abandon()
-            for other in stuck:
-                if other.outcome is not None:
-                    other.outcome.set(None, EventLoopBlocked(entry.atask_name))
-        alive = worker._pool.abandoned_alive()
+            if given_up:
+                loop.abandon()
+                for other in stuck:
+                    if other.outcome is not None:
+                        other.outcome.set(None, EventLoopBlocked(entry.atask_name))
+        elif atask is not None and not atask.done():
+            # It caught its cancellation and runs on: it counts as a thread that does.
+            logger.warning("task.still_running", **_fields(entry), note="ignored its cancellation")
+            self._strays.append(atask)
+        self._strays = [t for t in self._strays if not t.done()]
+        alive = worker._pool.abandoned_alive() + len(self._strays)
         if alive > self.max_abandoned and not worker.recycle.is_set():
             worker.recycle_reason = (
                 f"{alive} thread(s) past their hard time limit still run "
