@@ -372,7 +372,7 @@ class Worker:
                 if consumer.wakeable:
                     # Sleeps until a delivery, a settlement or a stop arrives. A
                     # settlement posted before the flag was raised is seen here,
-                    # one posted after it writes to the pipe (see _work_main).
+                    # one posted after it writes to the pipe (see _post).
                     self._io_sleeping = True
                     idle = self._settlements.empty() and not self._stopping.is_set()
                     consumer.wait(self._pause(0.5) if idle else 0.0, self._wake_r)
