@@ -164,7 +164,7 @@ class Task(Generic[P, R]):
     run it. Created by :meth:`~mqtasks.app.App.task`, not directly.
 
     An ``async def`` function is a coroutine task: a worker runs it on its event
-    loop (see :mod:`mqtasks.execution`); :meth:`delay` stays synchronous, and
+    loop (see ``mqtasks.execution``); :meth:`delay` stays synchronous, and
     :meth:`adelay` publishes from asyncio code.
 
     Raises:

@@ -9,6 +9,11 @@ next attempt or dead letter is stored) and, with a result backend, its outcome
 is stored: at-least-once. What becomes of a failed task is decided by
 middleware (:class:`~mqtasks.middleware.retries.Retries`); the outcome is
 stored by :class:`~mqtasks.middleware.results.Results`.
+
+How tasks run is ``mqtasks.execution``'s: the thread pool, the event loop
+where ``async def`` tasks run (their worker thread waits for them, so
+``concurrency`` bounds them too), the time limits, and stopping a running task
+(:meth:`Worker.terminate`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import structlog
 
@@ -31,7 +35,7 @@ from .events import stale_bindings
 from .exceptions import BackendError, ConfigurationError
 from .execution import decisions as _decisions
 from .execution.pool import ThreadPool
-from .execution.running import Execution
+from .execution.running import Execution, Revocations
 from .message import Message, _origin
 from .middleware.base import Runner
 from .middleware.idempotency import with_idempotency
@@ -52,13 +56,6 @@ from .validation import check_app, unenforced_limits
 __all__ = ["Worker"]
 
 logger = structlog.get_logger("mqtasks.worker")
-
-
-class Revocations(Protocol):
-    """What the worker asks before it runs a message (see :attr:`Worker.revocations`)."""
-
-    def is_revoked(self, task_id: str) -> bool:
-        """Whether the task ``task_id`` was revoked."""
 
 
 class Worker:
@@ -303,7 +300,7 @@ class Worker:
         """Stop task ``task_id`` if it runs here, as its hard time limit would.
 
         Its message is dead-lettered with ``reason`` and acked (see
-        :mod:`mqtasks.execution.running` for what stopping a thread means).
+        ``mqtasks.execution.running`` for what stopping a thread means).
 
         Returns:
             False if it is not running in this worker.

@@ -24,7 +24,7 @@ import inspect
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -39,13 +39,20 @@ if TYPE_CHECKING:
     from ..task import Task
     from ..worker import Worker
 
-__all__ = ["EventLoopBlocked", "Execution", "Running"]
+__all__ = ["EventLoopBlocked", "Execution", "Revocations", "Running"]
 
 logger = structlog.get_logger("mqtasks.worker")
 
 #: Seconds after a thread is given up before it counts as still running (the
 #: asynchronous exception stops a Python loop well within that).
 _ABANDON_GRACE = 1.0
+
+
+class Revocations(Protocol):
+    """What a worker asks before it runs a message (``Worker.revocations``)."""
+
+    def is_revoked(self, task_id: str) -> bool:
+        """Whether the task ``task_id`` was revoked."""
 
 
 class EventLoopBlocked(RuntimeError):
@@ -124,7 +131,7 @@ class Execution:
         # is one too many there. A lone worker process tolerates a few, as its
         # replacement is up to an outside process manager.
         settings = worker.app.settings
-        #: Threads past their hard limit that may go on running before :attr:`Worker.recycle` is set.
+        #: Threads past their hard limit that may go on running before ``Worker.recycle`` is set.
         self.max_abandoned = 0 if _supervised() else settings.max_abandoned_threads
         self._block_threshold = settings.loop_block_threshold
 
