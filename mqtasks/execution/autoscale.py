@@ -4,10 +4,10 @@
 worker. Every ``interval`` seconds it reads the load: the tasks running
 (``Worker.running``), the messages waiting (ready in the broker, read with
 ``Transport.message_counts`` over the transport's own connections, never the
-consumer's; and those received and waiting for a thread), and asks the
-``ScalePolicy`` (``mqtasks._scaling``) for a size, which ``Worker.resize``
-applies (the prefetch window follows). Every change is logged as
-``worker.autoscaled`` with its reason.
+consumer's, while every thread is busy and before a shrink; and those received
+and waiting for a thread), and asks the ``ScalePolicy`` (``mqtasks._scaling``)
+for a size, which ``Worker.resize`` applies (the prefetch window follows).
+Every change is logged as ``worker.autoscaled`` with its reason.
 
 With ``--processes``, the supervisor scales the number of children instead:
 each child runs a :class:`LoadReporter`, which writes the same readings to a
@@ -48,6 +48,18 @@ class WorkerLoad:
         self.worker = worker
         self._specs = [worker.app.queue(q) for q in worker.queues]
         self._failing = False
+
+    def sample(self, *, count: bool = True) -> tuple[int, int | None, int]:
+        """Return ``(busy, ready, held)``: threads running a task, messages ready in the
+        broker (None: it cannot tell now) and those received waiting for a thread.
+
+        Args:
+            count: Ask the broker; False: only while every thread is busy (``ready``
+                is 0 otherwise), for a caller that asks again before it shrinks.
+        """
+        busy = self.worker.running
+        ready = self.ready() if count or busy >= self.worker.concurrency else 0
+        return busy, ready, self.held()
 
     def ready(self) -> int | None:
         """Messages ready in the broker over the worker's queues; None if it cannot tell now."""
@@ -122,7 +134,8 @@ class Autoscaler(_Periodic):
         minimum: The fewest threads (at least 1).
         maximum: The most threads (at least ``minimum``).
         idle: Seconds of spare threads before one goes.
-        interval: Seconds between two readings of the load (one broker query each).
+        interval: Seconds between two readings of the load (with a broker query
+            while every thread is busy, and before a shrink).
 
     Raises:
         ValueError: The bounds, the idle period or the interval are impossible.
@@ -153,13 +166,24 @@ class Autoscaler(_Periodic):
 
     def tick(self) -> None:
         """Read the load once and resize the worker if the policy says so."""
-        ready = self.load.ready()
+        # The broker is asked while every thread is busy (it may then grow), and
+        # before a shrink: with a thread free, a consumer that pushes or blocks for
+        # messages has taken what was ready, so an idle worker queries nothing (on
+        # RabbitMQ each count opens a connection); one that polls may lag behind.
+        busy, ready, held = self.load.sample(count=False)
         if ready is None:
             return  # the broker cannot tell now: no decision on half a picture
         now = time.monotonic()
-        busy, waiting = self.worker.running, ready + self.load.held()
+        waiting = ready + held
         quiet_since = self.policy.quiet_since
         decision = self.policy.decide(self.worker.concurrency, busy, waiting, now)
+        if decision is not None and decision[1] == IDLE:
+            counted = self.load.ready()
+            if counted is None:
+                return
+            if counted:  # messages wait after all: not idle (the idle period restarts)
+                waiting += counted
+                decision = self.policy.decide(self.worker.concurrency, busy, waiting, now)
         if decision is not None:
             quiet = 0.0
             if decision[1] == IDLE and quiet_since is not None:
@@ -206,12 +230,13 @@ class LoadReporter(_Periodic):
 
     def tick(self) -> None:
         """Write one report."""
+        busy, ready, held = self.load.sample()
         report: dict[str, Any] = {
             "pid": os.getpid(),
             "concurrency": self.worker.concurrency,
-            "busy": self.worker.running,
-            "ready": self.load.ready(),
-            "held": self.load.held(),
+            "busy": busy,
+            "ready": ready,
+            "held": held,
             "at": time.time(),
         }
         aside = f"{self.path}.{os.getpid()}.tmp"
