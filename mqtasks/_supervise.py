@@ -234,7 +234,7 @@ class Autoscaling:
         self.next_look = 0.0
 
     def state(self) -> dict[str, Any]:
-        """What :func:`handover_state` carries over."""
+        """What ``handover_state`` carries over."""
         p = self.policy
         return {
             "minimum": p.minimum,
