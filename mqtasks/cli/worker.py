@@ -43,8 +43,8 @@ Examples:
   mqtasks worker -A myapp                 # the 'app' attribute of module myapp
   mqtasks worker -A myapp.tasks:app -Q emails,reports -c 16
   mqtasks worker -A myapp --processes 2   # two processes, each with 8 threads
-  mqtasks worker -A myapp --autoscale 2,16          # 2 to 16 threads, with the backlog
-  mqtasks worker -A myapp -p 2 --autoscale 1,6 -c 4 # 1 to 6 processes of 4 threads
+  mqtasks worker -A myapp --autoscale 2,16  # 2 to 16 threads, following the backlog
+  mqtasks worker -A myapp -p 2 --autoscale 1,6 -c 4  # 1 to 6 processes of 4 threads
 
 \b
 Exit codes:
