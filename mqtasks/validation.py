@@ -275,7 +275,7 @@ def time_limit_problems(app: App, queues: Sequence[str], scheme: str) -> list[st
     hands the message to another worker while the task still runs) or
     RabbitMQ's ``consumer_timeout`` (the broker closes the channel, and the
     message is delivered again). RabbitMQ's value is not read from the broker:
-    its default (:data:`RABBITMQ_CONSUMER_TIMEOUT`) is assumed unless the
+    its default (``RABBITMQ_CONSUMER_TIMEOUT``, 30 minutes) is assumed unless the
     ``consumer_timeout`` transport option says what the broker was set to.
 
     Args:

@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import structlog
 
@@ -35,7 +36,7 @@ from .events import stale_bindings
 from .exceptions import BackendError, ConfigurationError
 from .execution import decisions as _decisions
 from .execution.pool import ThreadPool
-from .execution.running import Execution, Revocations
+from .execution.running import Execution
 from .message import Message, _origin
 from .middleware.base import Runner
 from .middleware.idempotency import with_idempotency
@@ -53,9 +54,16 @@ from .processing import current_job, dead_letter, job_or_none, process
 from .transport.base import Consumer, Delivery
 from .validation import check_app, unenforced_limits
 
-__all__ = ["Worker"]
+__all__ = ["Revocations", "Worker"]
 
 logger = structlog.get_logger("mqtasks.worker")
+
+
+class Revocations(Protocol):
+    """What the worker asks before it runs a message (see :attr:`Worker.revocations`)."""
+
+    def is_revoked(self, task_id: str) -> bool:
+        """Whether the task ``task_id`` was revoked."""
 
 
 class Worker:
@@ -133,10 +141,10 @@ class Worker:
         self._pool = ThreadPool(self._work, self._outcome, self._post)
         #: The running tasks, their time limits and the event loop of coroutine tasks.
         self._execution = Execution(self)
-        #: Set when this process should be replaced (threads past their hard time limit
-        #: pile up, see ``max_abandoned_threads``); :attr:`recycle_reason` says why.
+        #: Set when this process should be replaced: threads past their hard time limit
+        #: pile up (``max_abandoned_threads``).
         self.recycle = threading.Event()
-        self.recycle_reason: str | None = None
+        self.recycle_reason: str | None = None  #: Why :attr:`recycle` is set.
         #: Revoked task ids, asked before each message runs (None: no revocations).
         self.revocations: Revocations | None = None
         self._io_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -176,7 +184,7 @@ class Worker:
         self._io_thread.start()
         self._ready.wait(timeout)
         if self._startup_error is not None:
-            self._stop_threads()
+            self._pool.stop(join=self.clean_exit)
             self.broadcast.stop()
             raise self._startup_error
         for warning in self._broker_warnings():
@@ -267,7 +275,7 @@ class Worker:
             self._consumer.interrupt()  # a reconnect loop in progress gives up
         self._wake()
         self._done.wait()
-        self._stop_threads()
+        self._pool.stop(join=self.clean_exit)
         self._execution.stop()
         self.broadcast.stop()
         if self.clean_exit:  # every thread has exited: nobody writes to the pipe any more
@@ -276,9 +284,6 @@ class Worker:
         self._hooks.worker_shutdown(self)
         logger.info("worker.stopped", clean=self.clean_exit)
         return self.clean_exit
-
-    def _stop_threads(self) -> None:
-        self._pool.stop(join=self.clean_exit)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the worker has stopped; return whether it has."""
@@ -310,9 +315,8 @@ class Worker:
     def resize(self, concurrency: int) -> None:
         """Run ``concurrency`` worker threads from now on (at least 1); thread-safe.
 
-        Threads beyond it exit after their current task. Prefetch follows
-        (2 x concurrency) unless it was given, where the transport can change it.
-        """
+        Threads beyond it exit after their current task. Prefetch follows (2 x
+        concurrency) unless it was given, where the transport can change it."""
         concurrency = max(1, int(concurrency))
         with self._lock:
             current, self.concurrency = self.concurrency, concurrency
@@ -330,8 +334,7 @@ class Worker:
         )
 
     def _apply_prefetch(self) -> None:
-        consumer = self._consumer
-        set_prefetch = getattr(consumer, "set_prefetch", None)
+        set_prefetch = getattr(self._consumer, "set_prefetch", None)
         if set_prefetch is not None:
             set_prefetch(self.prefetch)
 

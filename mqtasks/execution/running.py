@@ -24,7 +24,7 @@ import inspect
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -39,20 +39,13 @@ if TYPE_CHECKING:
     from ..task import Task
     from ..worker import Worker
 
-__all__ = ["EventLoopBlocked", "Execution", "Revocations", "Running"]
+__all__ = ["EventLoopBlocked", "Execution", "Running"]
 
 logger = structlog.get_logger("mqtasks.worker")
 
 #: Seconds after a thread is given up before it counts as still running (the
 #: asynchronous exception stops a Python loop well within that).
 _ABANDON_GRACE = 1.0
-
-
-class Revocations(Protocol):
-    """What a worker asks before it runs a message (``Worker.revocations``)."""
-
-    def is_revoked(self, task_id: str) -> bool:
-        """Whether the task ``task_id`` was revoked."""
 
 
 class EventLoopBlocked(RuntimeError):
