@@ -28,8 +28,9 @@ logger = structlog.get_logger("mqtasks.worker")
 #: Kinds of deadline.
 SOFT, HARD, CHECK = "soft", "hard", "check"
 
-#: Heap sizes below this are never compacted.
-_COMPACT_FLOOR = 1024
+#: Heap sizes below this are never compacted. Small: a deadline left in the heap keeps
+#: its task's message and context alive, which the garbage collector then walks.
+_COMPACT_FLOOR = 64
 
 
 def raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
