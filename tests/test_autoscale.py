@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,10 +24,10 @@ from mqtasks import App, _supervise
 from mqtasks._scaling import BOUNDS, GROW, IDLE, ScalePolicy
 from mqtasks.execution.autoscale import Autoscaler
 from mqtasks.testing import running_worker
-from tests._helpers.cli import PYTHON, run
+from tests._helpers.cli import PYTHON, ROOT, json_lines, run
 from tests._helpers.wait import wait_for
 from tests.test_cli import MakeScenario, RunCli, run_cli, scenario  # noqa: F401
-from tests.test_process import is_lean_supervisor
+from tests.test_process import at, is_lean_supervisor
 
 # -- the policy -------------------------------------------------------------------
 
@@ -294,3 +295,77 @@ def test_the_scaling_is_carried_over_the_handover(tmp_path: Path) -> None:
     assert state["retiring"] == [2]
     again = _supervise.Autoscaling(**state["scaling"])
     assert (again.policy.minimum, again.policy.maximum, again.directory) == (1, 4, str(tmp_path))
+
+
+#: A stand-in child for the supervisor: it reports the load the test writes to a control
+#: file, and on SIGTERM goes on for ``linger`` seconds (finishing its tasks) before it exits.
+_FAKE_CHILD = """
+import json, os, signal, sys, time
+directory, slot = os.environ["MQTASKS_LOAD_DIR"], os.environ["MQTASKS_WORKER_SLOT"]
+control, linger = sys.argv[1], float(sys.argv[2])
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(time.monotonic()))
+while not stopping or time.monotonic() - stopping[0] < linger:
+    with open(control) as f:
+        load = json.load(f)
+    report = dict(load, pid=os.getpid(), concurrency=1, held=0, at=time.time())
+    path = os.path.join(directory, slot + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f)
+    os.replace(path + ".tmp", path)
+    time.sleep(0.05)
+"""
+
+_SUPERVISOR = """
+import os, sys
+from mqtasks import _supervise as s
+directory, child = sys.argv[1], sys.argv[2:]
+os.environ[s.LOAD_DIR_ENV] = directory
+scaling = s.Autoscaling(1, 3, 0.5, directory, interval=0.1)
+sys.exit(s.Supervision(child, 1, s.LogLines("info", "json"), scaling=scaling).run())
+"""
+
+
+def test_a_slot_grown_again_while_its_child_retires_is_refilled_when_it_exits(
+    tmp_path: Path,
+) -> None:
+    control = tmp_path / "load.json"
+    control.write_text(json.dumps({"busy": 1, "ready": 5}))
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    stderr = tmp_path / "supervisor.err"
+    child = [PYTHON, "-c", _FAKE_CHILD, str(control), "1.5"]
+    with open(stderr, "wb") as err:
+        proc = subprocess.Popen(
+            [PYTHON, "-c", _SUPERVISOR, str(loads), *child], cwd=ROOT, stderr=err
+        )
+    try:
+
+        def events(name: str) -> list[dict[str, Any]]:
+            return json_lines(stderr.read_text(), name)
+
+        # Given 3 children, grown for a backlog
+        wait_for(lambda: len(events("supervisor.child_started")) == 3, "3 children", 30)
+        # When they idle, one retires; and the backlog comes back before it has exited
+        control.write_text(json.dumps({"busy": 0, "ready": 0}))
+        wait_for(lambda: events("supervisor.autoscaled")[-1]["reason"] == IDLE, "a shrink", 30)
+        control.write_text(json.dumps({"busy": 1, "ready": 5}))
+        wait_for(lambda: events("supervisor.child_retired"), "the retired child's exit", 30)
+
+        # Then its slot gets a new child once it has exited, and none counts as died
+        wait_for(lambda: len(events("supervisor.child_started")) == 4, "a 4th child", 30)
+        changes = [
+            (e["previous"], e["processes"], e["reason"]) for e in events("supervisor.autoscaled")
+        ]
+        assert changes == [(1, 3, GROW), (3, 2, IDLE), (2, 3, GROW)]
+        retired = events("supervisor.child_retired")[0]
+        assert at(events("supervisor.autoscaled")[-1]) < at(retired)
+        started = events("supervisor.child_started")
+        assert retired["slot"] == 2 == started[-1]["slot"]
+        assert started[-1]["pid"] != retired["pid"]
+        assert not events("supervisor.child_died")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0, stderr.read_text()
+    assert not loads.exists(), "the supervisor removes the reports' directory"
