@@ -104,10 +104,11 @@ class _Periodic:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stop the thread and wait for it."""
+        """Stop the thread and wait for it (a few seconds at most: a broker query that
+        hangs in an outage does not hold up the worker's stop)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10.0)
+            self._thread.join(timeout=5.0)
 
     def _main(self) -> None:
         while not self._stop.wait(self.interval):
@@ -191,6 +192,8 @@ class Autoscaler(_Periodic):
             self._resize(*decision, busy=busy, waiting=waiting, quiet=quiet)
 
     def _resize(self, size: int, reason: str, *, busy: int, waiting: int, quiet: float) -> None:
+        if self._stop.is_set():
+            return  # stopped while it read the broker: the worker may be stopping too
         previous = self.worker.concurrency
         self.worker.resize(size)
         logger.info(
