@@ -170,8 +170,8 @@ class Posted:
     def __init__(self) -> None:
         self.changes: list[Change] = []
 
-    def __call__(self, change: Change) -> None:
-        self.changes.append(change)
+    def __call__(self, changes: list[Change]) -> None:
+        self.changes.extend(changes)
 
     def of(self, kind: str) -> list[str]:
         return [name for k, name in self.changes if k == kind]

@@ -74,7 +74,9 @@ class Assignment:
         backend: Where members and leases are kept.
         queues: Partition count by base queue.
         lease_ttl: Seconds a lease lasts unless renewed.
-        post: Called (from this object's thread) with each change for the I/O thread.
+        post: Called (from this object's thread) with the changes of a round for the I/O
+            thread, all at once (so that it applies them together: a transport may
+            share its prefetch window again at each queue it adds).
         member: This worker's member id; a new one by default.
         takeover_delay: Seconds to wait before consuming a partition whose last owner
             did not give it up in good order (its unacked messages come back first).
@@ -89,7 +91,7 @@ class Assignment:
         queues: Mapping[str, int],
         *,
         lease_ttl: float,
-        post: Callable[[Change], None],
+        post: Callable[[list[Change]], None],
         member: str | None = None,
         takeover_delay: float = 0.0,
         state_ttl: float = 86400.0,
@@ -103,7 +105,9 @@ class Assignment:
         self.state_ttl = state_ttl
         self.settle = min(SETTLE, lease_ttl / 4) if settle is None else settle
         self._poll = min(POLL, lease_ttl / 6)
-        self._post = post
+        self._post_round = post
+        #: The changes of the round under way, posted at its end.
+        self._round: list[Change] = []
         #: The epoch of each queue as last read (None: not read yet, or unset).
         self._epochs: dict[str, int | None] = {}
         #: Partitions taken over from a worker that died: consumed from this monotonic time.
@@ -206,7 +210,18 @@ class Assignment:
             if not self._stop.is_set():
                 self._cycle()
 
+    def _post(self, change: Change) -> None:
+        self._round.append(change)
+
     def _cycle(self) -> None:
+        try:
+            self._balance_all()
+        finally:
+            changes, self._round = self._round, []
+            if changes:
+                self._post_round(changes)
+
+    def _balance_all(self) -> None:
         try:
             given: set[str] = set()
             while True:

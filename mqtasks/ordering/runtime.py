@@ -125,7 +125,7 @@ class OrderedDeliveries:
         self._dispatch = dispatch
         self._counted = counted
         self._wake = wake
-        self._changes: queue.SimpleQueue[Change] = queue.SimpleQueue()
+        self._changes: queue.SimpleQueue[list[Change]] = queue.SimpleQueue()
         #: Partition queues consumed now.
         self.consumed: set[str] = set()
         #: Partitions being given up: waiting for their running deliveries to settle.
@@ -159,9 +159,9 @@ class OrderedDeliveries:
         """
         self.assignment.start()
 
-    def post(self, change: Change) -> None:
-        """Take an ownership change from the assignment thread (any thread)."""
-        self._changes.put(change)
+    def post(self, changes: list[Change]) -> None:
+        """Take a round's ownership changes from the assignment thread (any thread)."""
+        self._changes.put(changes)
         self._wake()
 
     # -- deliveries ------------------------------------------------------------------
@@ -263,13 +263,14 @@ class OrderedDeliveries:
         """Apply ownership changes; run the holds and gaps that are due; finish drains."""
         while True:
             try:
-                kind, name = self._changes.get_nowait()
+                changes = self._changes.get_nowait()
             except queue.Empty:
                 break
-            if kind == "add":
-                self._add(name)
-            else:
-                self._give_up(name, lost=kind == "lost")
+            for kind, name in changes:
+                if kind == "add":
+                    self._add(name)
+                else:
+                    self._give_up(name, lost=kind == "lost")
         self._run(self.lanes.due(time.monotonic()))
         for name in list(self.draining):
             if not self.lanes.running([name]):
