@@ -11,11 +11,11 @@ they are drained; owning too few, it takes free ones, those with
 I/O thread stops consuming that partition at once (``ordering.lease_lost``).
 
 A worker joins first and takes partitions only after a short settle window
-(:data:`SETTLE`), so that workers started together (the processes of one
+(``SETTLE``), so that workers started together (the processes of one
 ``mqtasks worker -p N``) each take their fair share from the start instead of
 the first taking everything and handing half back. Joining, leaving and
 giving a partition back bump the queue's epoch (``ordering:epoch:<queue>``);
-every worker reads it every :data:`POLL` seconds and rebalances at once when
+every worker reads it every ``POLL`` seconds and rebalances at once when
 it moved, rather than at its next round.
 
 :class:`Assignment` runs in a thread of its own and talks to the backend
@@ -81,7 +81,7 @@ class Assignment:
         takeover_delay: Seconds to wait before consuming a partition whose last owner
             did not give it up in good order (its unacked messages come back first).
         state_ttl: Seconds the owner of a partition is remembered.
-        settle: Seconds between joining and the first round; :data:`SETTLE` (at most a
+        settle: Seconds between joining and the first round; ``SETTLE`` (at most a
             quarter of ``lease_ttl``) by default.
     """
 
