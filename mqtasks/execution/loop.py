@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -34,14 +34,15 @@ __all__ = ["EventLoopThread", "Outcome"]
 
 logger = structlog.get_logger("mqtasks.worker")
 
-#: A coroutine submitted to the loop, with its task's name, context and callbacks.
-_Submitted = tuple[
-    Coroutine[Any, Any, Any],
-    str,
-    contextvars.Context,
-    Callable[["asyncio.Task[Any]"], None],
-    Callable[["asyncio.Task[Any]"], bool],
-]
+if TYPE_CHECKING:
+    #: A coroutine submitted to the loop, with its task's name, context and callbacks.
+    _Submitted = tuple[
+        Coroutine[Any, Any, Any],
+        str,
+        contextvars.Context,
+        Callable[[asyncio.Task[Any]], None],
+        Callable[[asyncio.Task[Any]], bool],
+    ]
 
 
 class Outcome:

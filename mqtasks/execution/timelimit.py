@@ -39,7 +39,10 @@ def raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
     No library does this (Celery's thread pool has no time limits; its
     prefork pool kills processes): CPython's ``PyThreadState_SetAsyncExc`` is
     the only way to interrupt another thread. It is delivered between
-    bytecodes, never inside a blocking C call (``time.sleep``, a socket read).
+    bytecodes, never inside a blocking C call (``time.sleep``, a socket read); on
+    some CPython versions it may surface just outside the ``try`` that was running
+    (cpython#139622), which is why :meth:`~mqtasks.execution.running.Execution.execute`
+    catches one arriving as the task ends.
     Callers hold the lock that says the task is still running, so it never
     reaches a thread that has moved on to other work (see :func:`clear_async_exception`).
 
