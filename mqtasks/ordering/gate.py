@@ -73,7 +73,9 @@ def gate(
     ordering = task.ordering
     if ordering is None:
         return Gate("run", message, in_lane)
-    if base_queue(app, delivery.queue) != task.queue:
+    # The worker knows its partitions; parsing the name is for a queue it does not order.
+    base = ordered.bases.get(delivery.queue) if ordered is not None else None
+    if (base or base_queue(app, delivery.queue)) != task.queue:
         try:
             reroute(app, task, message, delivery)
         except MQTasksError as exc:

@@ -89,6 +89,9 @@ class Lanes:
         self._last_sweep = time.monotonic()
         #: Queues being given up: nothing more of them is dispatched (held ones stay held).
         self.frozen: set[str] = set()
+        #: Lanes that may have a hold or a gap timer (the I/O thread asks every turn what
+        #: is due: it looks at these, not at every key); pruned as they are looked at.
+        self._timed: set[LaneKey] = set()
 
     def __len__(self) -> int:
         """Deliveries held in lanes (running, held or waiting)."""
@@ -158,12 +161,14 @@ class Lanes:
         lane = self._lanes[found[0]]
         if lane.active is delivery:
             lane.hold_until = until
+            self._timed.add(found[0])
 
     def due(self, now: float) -> list[Dispatch]:
         """Return held deliveries whose time has come, and lanes whose gap timed out."""
         ready: list[Dispatch] = []
-        for key, lane in list(self._lanes.items()):
-            if key[0] in self.frozen:
+        for key in list(self._timed):
+            lane = self._timed_lane(key)
+            if lane is None or key[0] in self.frozen:
                 continue
             if lane.active is not None and lane.hold_until is not None:
                 if lane.hold_until <= now:
@@ -190,9 +195,18 @@ class Lanes:
             lane.hold_until
             if lane.hold_until is not None
             else (lane.gap_since + self.gap_timeout if lane.gap_since is not None else None)
-            for lane in self._lanes.values()
+            for lane in map(self._timed_lane, list(self._timed))
+            if lane is not None
         ]
         return min((t for t in times if t is not None), default=None)
+
+    def _timed_lane(self, key: LaneKey) -> _Lane | None:
+        """The lane of ``key`` if it has a hold or a gap timer; else forget ``key``."""
+        lane = self._lanes.get(key)
+        if lane is None or (lane.hold_until is None and lane.gap_since is None):
+            self._timed.discard(key)
+            return None
+        return lane
 
     def running(self, queues: Iterable[str] | None = None) -> int:
         """Deliveries of ``queues`` (every queue: None) running in worker threads now."""
@@ -243,6 +257,7 @@ class Lanes:
             if last is not None and seq > last + 1:
                 if lane.gap_since is None:
                     lane.gap_since = now
+                    self._timed.add(key)
                 if now - lane.gap_since < self.gap_timeout:
                     break
                 missing = list(range(last + 1, seq))

@@ -130,8 +130,9 @@ class OrderedDeliveries:
         self.consumed: set[str] = set()
         #: Partitions being given up: waiting for their running deliveries to settle.
         self.draining: set[str] = set()
-        #: Every partition queue of the worker's ordered queues.
-        self.partitions = {partition_name(q, i, n) for q, n in queues.items() for i in range(n)}
+        #: Every partition queue of the worker's ordered queues, with its base queue.
+        self.bases = {partition_name(q, i, n): q for q, n in queues.items() for i in range(n)}
+        self.partitions = self.bases.keys()
         #: Dead-letter reasons of dispatched deliveries that must not run, by identity.
         self._verdicts: dict[int, str] = {}
         #: Next attempt (or deferral) of each delivery held in place, by identity.
