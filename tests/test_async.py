@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import structlog
 
-from mqtasks import App, TaskFailed, current_message
+from mqtasks import App, StructlogContext, TaskFailed, current_message
 from mqtasks.testing import drain, running_worker
 from tests._helpers.wait import wait_for
 
@@ -48,6 +48,22 @@ def test_an_async_task_runs_on_the_loop_and_its_result_is_stored(results_app: Ap
     # The message's context (what middleware bound) is the coroutine's.
     assert seen["message_id"] == handle.id
     assert seen["asyncio_task"] == f"{add.name}[{handle.id}]"
+
+
+def test_the_structlog_context_bound_by_middleware_is_the_coroutine_s(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app(middleware=[StructlogContext()])
+    bound: dict[str, Any] = {}
+
+    @app.task
+    async def look() -> None:
+        bound.update(structlog.contextvars.get_contextvars())
+
+    with running_worker(app) as worker:
+        handle = look.delay()
+        drain(worker)
+    assert bound["task_id"] == handle.id and bound["task_name"] == look.name
 
 
 def test_a_failing_async_task_is_retried_then_dead_lettered_like_a_sync_one(
