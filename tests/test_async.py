@@ -11,8 +11,12 @@ from typing import Any
 
 import pytest
 import structlog
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
-from mqtasks import App, StructlogContext, TaskFailed, current_message
+from mqtasks import App, OpenTelemetryTracing, StructlogContext, TaskFailed, current_message
 from mqtasks.testing import drain, running_worker
 from tests._helpers.wait import wait_for
 
@@ -64,6 +68,30 @@ def test_the_structlog_context_bound_by_middleware_is_the_coroutine_s(
         handle = look.delay()
         drain(worker)
     assert bound["task_id"] == handle.id and bound["task_name"] == look.name
+
+
+def test_the_process_span_is_current_inside_a_coroutine_task(
+    make_app: Callable[..., App],
+) -> None:
+    """A span the task starts is a child of the worker's process span, as for a sync task."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = make_app(middleware=[OpenTelemetryTracing(provider)])
+
+    @app.task
+    async def traced() -> None:
+        with provider.get_tracer("test").start_as_current_span("inside"):
+            await asyncio.sleep(0)
+
+    with running_worker(app) as worker:
+        traced.delay()
+        drain(worker)
+    provider.shutdown()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    inside = spans.pop("inside")
+    [process] = [s for s in spans.values() if s.kind is SpanKind.CONSUMER]
+    assert inside.parent is not None and inside.parent.span_id == process.context.span_id
 
 
 def test_a_failing_async_task_is_retried_then_dead_lettered_like_a_sync_one(
