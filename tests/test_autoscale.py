@@ -9,6 +9,7 @@ MIN, never below; every change is logged with its reason.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -326,11 +327,18 @@ sys.exit(s.Supervision(child, 1, s.LogLines("info", "json"), scaling=scaling).ru
 """
 
 
+def _write(path: Path, load: dict[str, int]) -> None:
+    """Replace ``path`` whole: the stand-in children read it all the time."""
+    aside = path.with_suffix(".tmp")
+    aside.write_text(json.dumps(load))
+    os.replace(aside, path)
+
+
 def test_a_slot_grown_again_while_its_child_retires_is_refilled_when_it_exits(
     tmp_path: Path,
 ) -> None:
     control = tmp_path / "load.json"
-    control.write_text(json.dumps({"busy": 1, "ready": 5}))
+    _write(control, {"busy": 1, "ready": 5})
     loads = tmp_path / "loads"
     loads.mkdir()
     stderr = tmp_path / "supervisor.err"
@@ -347,9 +355,9 @@ def test_a_slot_grown_again_while_its_child_retires_is_refilled_when_it_exits(
         # Given 3 children, grown for a backlog
         wait_for(lambda: len(events("supervisor.child_started")) == 3, "3 children", 30)
         # When they idle, one retires; and the backlog comes back before it has exited
-        control.write_text(json.dumps({"busy": 0, "ready": 0}))
+        _write(control, {"busy": 0, "ready": 0})
         wait_for(lambda: events("supervisor.autoscaled")[-1]["reason"] == IDLE, "a shrink", 30)
-        control.write_text(json.dumps({"busy": 1, "ready": 5}))
+        _write(control, {"busy": 1, "ready": 5})
         wait_for(lambda: events("supervisor.child_retired"), "the retired child's exit", 30)
 
         # Then its slot gets a new child once it has exited, and none counts as died

@@ -214,26 +214,39 @@ class LoadReporter(_Periodic):
 
     The file holds one JSON object, replaced whole each time (written aside,
     then renamed): ``pid``, ``concurrency``, ``busy``, ``ready`` (in the
-    broker; null when it cannot tell), ``held`` (received, waiting for a thread) and
-    ``at`` (epoch seconds). :meth:`stop` removes it.
+    broker; null when it cannot tell), ``held`` (received, waiting for a
+    thread) and ``at`` (epoch seconds). :meth:`stop` removes it.
+
+    The broker is asked while every thread is busy, and otherwise every
+    ``count_every`` reports (``ready`` is 0 in between): with a thread free, a
+    consumer that pushes or blocks for messages (``amqp://``, ``redis://``) has
+    taken what was ready, and the regular count catches one that polls; an
+    idle child then opens a connection (on RabbitMQ) a fifth as often.
 
     Args:
         worker: The worker whose load is reported.
         path: The file; its directory must exist.
-        interval: Seconds between two reports (one broker query each).
+        interval: Seconds between two reports.
+        count_every: Reports between two broker counts while a thread is free.
     """
 
     name = "mqtasks-load-report"
 
-    def __init__(self, worker: Worker, path: str, *, interval: float = 2.0) -> None:
+    def __init__(
+        self, worker: Worker, path: str, *, interval: float = 2.0, count_every: int = 5
+    ) -> None:
         super().__init__(interval)
         self.worker = worker
         self.path = path
+        self.count_every = max(1, count_every)
         self.load = WorkerLoad(worker)
+        self._reports = 0
 
     def tick(self) -> None:
         """Write one report."""
-        busy, ready, held = self.load.sample()
+        count = self._reports % self.count_every == 0
+        self._reports += 1
+        busy, ready, held = self.load.sample(count=count)
         report: dict[str, Any] = {
             "pid": os.getpid(),
             "concurrency": self.worker.concurrency,
