@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from ._record import measure, target_lines
 from .suite import (
     Context,
     Records,
@@ -771,16 +772,7 @@ def table(summary: dict[str, Any], opts: argparse.Namespace) -> str:
             made = b["chord_made_s"].get(system)
             lines.append(f"{broker:7} {system:10} {_fmt(seconds, '8.3f')} {_fmt(made, '8.3f')}")
     lines.append("")
-    lines.append("targets: ratios within each round, their median")
-    lines.append(f"{'broker':7} {'ratio':38} {'median':>8}  {'target':8} {'met':4} rounds")
-    for row in targets(summary):
-        met = row["met"]
-        mark = "-" if met is None else ("yes" if met else "NO")
-        each = " ".join(f"{v:.2f}" for v in row["rounds"])
-        lines.append(
-            f"{row['broker']:7} {row['ratio']:38} {_fmt(row['measured'], '8.2f')}  "
-            f"{row['target']:8} {mark:4} {each}"
-        )
+    lines += target_lines(targets(summary))
     return "\n".join(lines)
 
 
@@ -871,17 +863,13 @@ def main(argv: list[str] | None = None) -> int:
                     check_stop()
                     with _side(SIDES[name](broker, ctx)) as side:
                         configs.setdefault(broker, {})[name] = side.config
-                        prefix = f"[r{rnd + 1} {broker} {name}]"
-
-                        def log(msg: str, prefix: str = prefix) -> None:
-                            print(f"  {prefix} {msg}", flush=True)
-
-                        t = time.monotonic()
-                        result = run_side(side, rnd, log)
-                        result["seconds"] = round(time.monotonic() - t, 1)
-                        rounds.append(result)
-                        for problem in result["problems"]:
-                            log(f"PROBLEM: {problem}")
+                        measure(
+                            rounds,
+                            rnd,
+                            broker,
+                            name,
+                            lambda log, s=side, r=rnd: run_side(s, r, log),
+                        )
                     check_stop()
     except KeyboardInterrupt:
         print("interrupted; stopping workers and deleting queues and keys", file=sys.stderr)

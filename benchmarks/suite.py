@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 import kombu
 import structlog
 
-from ._record import RECORD, read_records
+from ._record import RECORD, measure, read_records
 from .throughput import BROKERS, _sweep_redis, bounded, machine_info, peak_rss_mib, split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1480,25 +1480,13 @@ def main(argv: list[str] | None = None) -> int:
                         configs.setdefault(broker, {})[system.name] = (
                             f"{system.config}; bulk pipeline: {system.bulk_how}"
                         )
-                        prefix = f"[r{rnd + 1} {broker} {system.name}]"
-
-                        def log(msg: str, prefix: str = prefix) -> None:
-                            print(f"  {prefix} {msg}", flush=True)
-
-                        t = time.monotonic()
-                        try:
-                            result = run_round(system, rnd, log)
-                        except Exception as exc:  # one system's failure is not the run's
-                            result = {
-                                "broker": broker,
-                                "system": system.name,
-                                "round": rnd,
-                                "problems": [f"failed: {exc!r}"],
-                            }
-                        result["seconds"] = round(time.monotonic() - t, 1)
-                        rounds.append(result)
-                        for problem in result["problems"]:
-                            log(f"PROBLEM: {problem}")
+                        measure(
+                            rounds,
+                            rnd,
+                            broker,
+                            system.name,
+                            lambda log, s=system, r=rnd: run_round(s, r, log),
+                        )
     except KeyboardInterrupt:
         print("interrupted; stopping workers and deleting queues", file=sys.stderr)
         status = 130
