@@ -375,7 +375,7 @@ def subscribe(
     Raises:
         ConfigurationError: A bad pattern, a function that cannot take one
             argument, a queue with another subscriber already (both named),
-            ``ignore_result=False``, ``idempotent`` or ``unique_for``, or an
+            ``ignore_result=False``, ``idempotent``, ``unique_for`` or ``broadcast``, or an
             option no middleware understands.
         DuplicateTask: Another function is registered under the same task name.
     """
@@ -391,6 +391,12 @@ def subscribe(
             f"Subscribers of {pattern!r} cannot take ordering_key: events are emitted to "
             "every subscriber queue at once, not through a key's partition. Have the "
             "subscriber call an ordered task (@app.task(ordering_key=...)) instead."
+        )
+    if task_options.get("broadcast"):
+        raise ConfigurationError(
+            f"Subscribers of {pattern!r} cannot take broadcast: a subscriber group's "
+            "workers share its events. For every worker to act on an event, have the "
+            "subscriber call a broadcast task (@app.task(broadcast=True)) instead."
         )
     for option in ("idempotent", "unique_for"):
         if task_options.get(option):

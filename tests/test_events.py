@@ -383,6 +383,15 @@ def test_subscribers_refuse_options_keyed_by_the_shared_event_id(
         def audit(payload: Any) -> None: ...
 
 
+def test_subscribers_refuse_broadcast(mem_app: App) -> None:
+    with pytest.raises(ConfigurationError, match="cannot take broadcast"):
+
+        @mem_app.on("order.*", broadcast=True)
+        def audit(payload: Any) -> None: ...
+
+    assert not list(mem_app.subscriptions)
+
+
 def test_subscriber_defaults_and_registry(mem_app: App) -> None:
     @mem_app.on("order.*", max_retries=5)
     def audit(payload: Any) -> None: ...
