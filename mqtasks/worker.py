@@ -185,6 +185,7 @@ class Worker:
         self._ready.wait(timeout)
         if self._startup_error is not None:
             self._pool.stop(join=self.clean_exit)
+            self._execution.stop()
             self.broadcast.stop()
             raise self._startup_error
         for warning in self._broker_warnings():

@@ -16,7 +16,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from mqtasks import App, OpenTelemetryTracing, StructlogContext, TaskFailed, current_message
+from mqtasks import (
+    App,
+    ConnectionFailed,
+    OpenTelemetryTracing,
+    StructlogContext,
+    TaskFailed,
+    Worker,
+    current_message,
+)
 from mqtasks.testing import drain, running_worker
 from tests._helpers.wait import wait_for
 
@@ -182,3 +190,19 @@ def test_a_coroutine_that_blocks_the_loop_is_named_in_a_warning(
     assert len(blocked) == 1  # once per episode
     assert blocked[0]["asyncio_task"] == f"{sleepy.name}[{handle.id}]"
     assert blocked[0]["log_level"] == "warning" and blocked[0]["blocked_for"] >= 0.1
+
+
+def test_a_worker_that_cannot_start_leaves_no_event_loop_running(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app("redis://127.0.0.1:1/0", connect_timeout=0.5)  # nothing listens there
+
+    @app.task
+    async def never() -> None: ...
+
+    before = set(threading.enumerate())
+    worker = Worker(app)
+    with pytest.raises(ConnectionFailed):
+        worker.start(timeout=10)
+    left = [t for t in set(threading.enumerate()) - before if t.name.startswith("mqtasks-")]
+    assert left == []
