@@ -84,6 +84,7 @@ class _CountingChannel(kombu_memory.Channel):  # type: ignore[misc]
             return
         payload = message.serializable()
         payload["redelivered"] = True
+        payload["properties"]["delivery_info"]["redelivered"] = True  # what the consumer reads
         info = message.delivery_info
         for queue in self._lookup(info["exchange"], info["routing_key"]):
             self._queue_for(queue).put_head(payload)
