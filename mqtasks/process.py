@@ -74,6 +74,7 @@ __all__ = [
     "RET_ERROR",
     "RET_FORCED",
     "RET_OK",
+    "RET_RECYCLE",
     "RET_TIMEOUT",
     "SUPERVISE_SCRIPT",
     "ChildMain",
@@ -93,6 +94,9 @@ RET_ERROR = 1
 RET_TIMEOUT = 3
 #: Exit code: a second signal forced an immediate exit.
 RET_FORCED = 4
+#: Exit code: the worker asked to be replaced by a fresh process (threads past their
+#: hard time limit piled up); a supervisor starts the replacement at once.
+RET_RECYCLE = _supervise.RET_RECYCLE
 
 logger = structlog.get_logger("mqtasks.process")
 
@@ -217,17 +221,27 @@ def run_worker(
         return RET_ERROR
     for companion in companions:
         companion.start()
+    recycle = False
     try:
         while not stop.wait(0.5):
             if w.join(0):  # the I/O thread ended on its own
                 return RET_ERROR
+            if w.recycle.is_set():
+                # Threads Python cannot stop hold memory and maybe locks: a fresh
+                # process serves on, once this one finished its other tasks.
+                logger.warning("worker.recycling", reason=w.recycle_reason)
+                recycle = True
+                break
             if supervisor and str(os.getppid()) != supervisor:
                 logger.warning("worker.orphaned", supervisor=supervisor)
                 break
     finally:
         for companion in companions:
             companion.stop()
-    return RET_OK if w.stop() else RET_TIMEOUT
+    clean = w.stop()
+    if recycle:
+        return RET_RECYCLE
+    return RET_OK if clean else RET_TIMEOUT
 
 
 def fork_blockers() -> list[str]:

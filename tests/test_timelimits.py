@@ -414,9 +414,6 @@ def test_hung_tasks_in_worker_processes_are_dead_lettered_and_the_others_still_r
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True, reason="run_worker (mqtasks/process.py) must return RET_RECYCLE on Worker.recycle"
-)
 def test_a_child_with_a_thread_past_its_hard_limit_is_replaced(
     scenario: MakeScenario,  # noqa: F811
     run_cli: RunCli,  # noqa: F811

@@ -53,6 +53,8 @@ Exit codes:
   2  bad command line, including -A naming no app and impossible settings
   3  shutdown grace period ran out; unfinished tasks were left to the broker
   4  a second SIGTERM/SIGINT forced an immediate exit
+  5  recycled: threads past their hard time limit piled up (with --processes
+     the supervisor starts a fresh child at once; without, restart it yourself)
 """
 
 
