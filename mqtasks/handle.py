@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import ConfigurationError
 from .result import PENDING, SUCCEEDED, Outcome, fetch_outcome, wait_outcome
+from .revoke import revoke as _revoke
 from .types import Seconds, to_seconds
 
 if TYPE_CHECKING:
@@ -231,6 +232,23 @@ class TaskHandle:
         """What the task returned if it has ``SUCCEEDED``; None otherwise (never waits)."""
         outcome = self.outcome()
         return outcome.value if outcome is not None and outcome.state == SUCCEEDED else None
+
+    def revoke(self, *, terminate: bool = False) -> str:
+        """Revoke the task: no worker runs it (see :meth:`App.revoke <mqtasks.app.App.revoke>`).
+
+        Args:
+            terminate: Also stop it where it is running, as its hard time limit would.
+
+        Returns:
+            Its state now: ``REVOKED``, or the final state it had reached already.
+
+        Raises:
+            ConfigurationError: The handle has no app, or the app no result backend.
+            BackendError: The result backend cannot be reached.
+        """
+        self._backend()  # raises for a handle without an app
+        assert self.app is not None
+        return _revoke(self.app, self.id, terminate=terminate, task=self.task)
 
     def forget(self) -> None:
         """Delete the task's stored result; its state is ``PENDING`` again.

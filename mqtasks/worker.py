@@ -25,10 +25,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import structlog
 
+from . import revoke as _revoke
 from ._url import mask_url
 from .app import App
 from .broadcast import WorkerBroadcast
@@ -54,16 +54,9 @@ from .processing import current_job, dead_letter, job_or_none, process
 from .transport.base import Consumer, Delivery
 from .validation import check_app, unenforced_limits
 
-__all__ = ["Revocations", "Worker"]
+__all__ = ["Worker"]
 
 logger = structlog.get_logger("mqtasks.worker")
-
-
-class Revocations(Protocol):
-    """What the worker asks before it runs a message (see :attr:`Worker.revocations`)."""
-
-    def is_revoked(self, task_id: str) -> bool:
-        """Whether the task ``task_id`` was revoked."""
 
 
 class Worker:
@@ -146,7 +139,7 @@ class Worker:
         self.recycle = threading.Event()
         self.recycle_reason: str | None = None  #: Why :attr:`recycle` is set.
         #: Revoked task ids, asked before each message runs (None: no revocations).
-        self.revocations: Revocations | None = None
+        self.revocations: _revoke.Revocations | None = None
         self._io_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._io_thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -173,6 +166,9 @@ class Worker:
         self._bind_hooks()
         if self.app.has_backend:
             self._check_backend()
+            if self.revocations is None:
+                self.revocations = _revoke.Revocations(self)
+                self.revocations.start()  # reads the stored ones (up to 10 s), then watches
         # Bindings before consuming: an event emitted once this worker runs reaches its queue.
         self.subscriptions = self.app.declare_events(self.queues)
         self.broadcast.start()  # bound before consumed: a call sent once it runs reaches it
@@ -184,6 +180,7 @@ class Worker:
         self._io_thread.start()
         self._ready.wait(timeout)
         if self._startup_error is not None:
+            self._stop_revocations()
             self._pool.stop(join=self.clean_exit)
             self._execution.stop()
             self.broadcast.stop()
@@ -276,6 +273,7 @@ class Worker:
             self._consumer.interrupt()  # a reconnect loop in progress gives up
         self._wake()
         self._done.wait()
+        self._stop_revocations()
         self._pool.stop(join=self.clean_exit)
         self._execution.stop()
         self.broadcast.stop()
@@ -285,6 +283,11 @@ class Worker:
         self._hooks.worker_shutdown(self)
         logger.info("worker.stopped", clean=self.clean_exit)
         return self.clean_exit
+
+    def _stop_revocations(self) -> None:
+        revocations, self.revocations = self.revocations, None
+        if revocations is not None:
+            revocations.stop()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the worker has stopped; return whether it has."""
