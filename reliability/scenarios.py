@@ -1,4 +1,4 @@
-"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S18.
+"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S19.
 
 Each scenario function takes the :class:`~reliability.harness.Harness` and a
 broker profile and returns one JSON-able result per run, with its figures,
@@ -29,6 +29,7 @@ from .profiles import BrokerProfile
 from .retries import s8, s8b, s9
 from .security.redaction import s14
 from .security.tls import s13
+from .timelimits import s19
 from .worker_faults import s1, s2, s2b
 from .workflows import s16
 
@@ -84,6 +85,12 @@ SCENARIOS: dict[str, Scenario] = {
             "ordered tasks by key through worker SIGKILLs and a connection cut",
             ("RQ", "RD"),
             s18,
+        ),
+        Scenario(
+            "S19",
+            "tasks past a 2 s hard time limit (endless loop, long sleep) through a worker SIGKILL",
+            ("RQ", "RD"),
+            s19,
         ),
     ]
 }
