@@ -92,7 +92,9 @@ nitpick_ignore_regex = [
     (r"py:class", r"fakeredis\..+"),
     # The observability libraries the middleware use (structlog, statsd, OpenTelemetry).
     (r"py:(class|obj|mod|func)", r"(structlog|statsd|opentelemetry)(\..+)?"),
-    (r"py:class", r"threading\.local"),
+    (r"py:class", r"threading\.(local|Thread|Event)"),
+    # What the worker's threads and event loop hold (a context, a task, a queue).
+    (r"py:class", r"(contextvars|_asyncio|asyncio|_queue|queue)\..+"),
 ]
 
 # -- HTML --------------------------------------------------------------------------

@@ -339,8 +339,9 @@ class App:
             options: Options understood by installed middleware.
 
         Raises:
-            ConfigurationError: An option no installed middleware understands, or
-                an ``async def`` function (async tasks are not supported yet).
+            ConfigurationError: An option no installed middleware understands, an
+                async generator function, a time limit that is not positive
+                seconds, or a soft time limit above the hard one.
             DuplicateTask: Another function is registered under the same name.
         """
         # Results is installed by the worker (when the app has a backend), not in

@@ -49,6 +49,21 @@ async def send_from_asyncio() -> None:
     await add.adelay("x", 2)  # type: ignore[arg-type]  # checked as delay() is
 
 
+@app.task(time_limit=30, soft_time_limit=timedelta(seconds=25))
+async def fetch(url: str) -> int:
+    return len(url)
+
+
+# A coroutine task keeps its parameters: delay() is synchronous, adelay() awaited.
+assert_type(fetch.delay("u"), TaskHandle)
+fetch.delay(1)  # type: ignore[arg-type]
+
+
+async def fetch_from_asyncio() -> None:
+    assert_type(await fetch.adelay("u"), TaskHandle)
+    assert_type(fetch.delay("u").revoke(), str)
+
+
 # Results: the handle reads what the worker stored in the app's backend.
 results_app = App("typing", backend="redis://localhost:6379/0", result_expires=3600.0)
 handle = add.delay(1, 2)
