@@ -246,14 +246,6 @@ class App:
         """
         return _events.declare_events(self, queues)
 
-    def _declare_own_events(self) -> None:
-        """Declare the bindings of this app's subscribers not declared yet (by this app).
-
-        An event emitted before any worker of a subscriber started still
-        reaches its queue, as ``delay()`` declares its task's queue.
-        """
-        _events.declare_own_events(self)
-
     # -- dead letters --------------------------------------------------------------
 
     def dead_letters(

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from .exceptions import ConfigurationError, PublishError, TransportError
 from .message import MAX_NAME_LENGTH, Message, current_message
 from .transport.topic import check_key, check_pattern
@@ -47,8 +49,11 @@ __all__ = [
     "same_function",
     "stale_bindings",
     "subscribe",
+    "warn_stale_bindings",
     "wire_message",
 ]
+
+logger = structlog.get_logger("mqtasks.events")
 
 #: Header: the name (routing key) of the event a message carries; a message with
 #: it is run by the subscriber of the queue it arrives on.
@@ -249,6 +254,27 @@ def stale_bindings(app: App, subscriptions: Iterable[Subscription]) -> list[tupl
     return [(p, q) for p, q in bound if q in queues and (p, q) not in wanted]
 
 
+def warn_stale_bindings(app: App, subscriptions: Sequence[Subscription]) -> None:
+    """Log ``events.stale_binding`` for each of :func:`stale_bindings`' (a worker's start-up
+    check: their events run all the same); never raises."""
+    if not subscriptions:
+        return
+    try:
+        stale = stale_bindings(app, subscriptions)
+    except Exception as exc:  # a check must never stop a worker
+        logger.warning("events.bindings_unchecked", error=type(exc).__name__)
+        return
+    for pattern, name in stale:
+        subscription = app.subscriptions.for_queue(name)
+        logger.warning(
+            "events.stale_binding",
+            pattern=pattern,
+            queue=name,
+            subscriber=subscription.task.name if subscription else None,
+            note="its events reach the queue and run; unbind it if it is no longer wanted",
+        )
+
+
 def event_of(headers: Mapping[str, Any]) -> str | None:
     """Return the event name ``headers`` carry, or None for a task message."""
     value = headers.get(HEADER_EVENT)
@@ -340,7 +366,7 @@ def emit(
     try:
         envelope = message.encode(max_size=app.settings.max_message_size)
         try:
-            app._declare_own_events()
+            declare_own_events(app)
             routed = app.transport.emit(exchange, event, envelope, mandatory=mandatory)
         except (PublishError, ConfigurationError):
             raise

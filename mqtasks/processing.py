@@ -156,11 +156,9 @@ def process(worker: Worker, delivery: Delivery) -> str:
         task.check_arguments(message.args, message.kwargs)
     except TypeError as exc:
         return reject(worker, delivery, message, "invalid_arguments", str(exc))
-    # -- the revocation check (the lead wires worker.revocations) --------------------
     revocations = worker.revocations
     if revocations is not None and revocations.is_revoked(message.id):
         return dead_letter(worker, delivery, message, "revoked", "revoked before it ran")
-    # ---------------------------------------------------------------------------------
     hooks = worker._hooks
     try:
         hooks.before_process(worker, message)

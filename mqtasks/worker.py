@@ -32,7 +32,7 @@ from . import revoke as _revoke
 from ._url import mask_url
 from .app import App
 from .broadcast import WorkerBroadcast
-from .events import stale_bindings
+from .events import warn_stale_bindings
 from .exceptions import BackendError, ConfigurationError
 from .execution import decisions as _decisions
 from .execution.pool import ThreadPool
@@ -187,7 +187,7 @@ class Worker:
             raise self._startup_error
         for warning in self._broker_warnings():
             logger.warning("broker.unsafe_config", detail=warning)
-        self._warn_stale_bindings()
+        warn_stale_bindings(self.app, self.subscriptions)
         logger.info(
             "worker.started",
             queues=self.queues,
@@ -225,26 +225,6 @@ class Worker:
                 f"The result backend {url} cannot be reached: {exc}. The worker stores "
                 "task results there: start it, or fix the backend URL (MQTASKS_BACKEND_URL)."
             ) from exc
-
-    def _warn_stale_bindings(self) -> None:
-        """Say which bindings route events to this worker's subscriber queues although no
-        subscriber declares them (an old pattern): their events run all the same."""
-        if not self.subscriptions:
-            return
-        try:
-            stale = stale_bindings(self.app, self.subscriptions)
-        except Exception as exc:  # a check must never stop a worker
-            logger.warning("events.bindings_unchecked", error=type(exc).__name__)
-            return
-        for pattern, name in stale:
-            subscription = self.app.subscriptions.for_queue(name)
-            logger.warning(
-                "events.stale_binding",
-                pattern=pattern,
-                queue=name,
-                subscriber=subscription.task.name if subscription else None,
-                note="its events reach the queue and run; unbind it if it is no longer wanted",
-            )
 
     def _broker_warnings(self) -> list[str]:
         try:
