@@ -25,7 +25,7 @@ from mqtasks import App, _supervise
 from mqtasks._scaling import BOUNDS, GROW, IDLE, ScalePolicy
 from mqtasks.execution.autoscale import Autoscaler
 from mqtasks.testing import running_worker
-from tests._helpers.cli import PYTHON, ROOT, json_lines, run
+from tests._helpers.cli import PYTHON, ROOT, clean_env, json_lines, run
 from tests._helpers.wait import wait_for
 from tests.test_cli import MakeScenario, RunCli, run_cli, scenario  # noqa: F401
 from tests.test_process import at, is_lean_supervisor
@@ -176,6 +176,14 @@ def test_impossible_autoscale_options_are_usage_errors(args: list[str], says: st
     done = run([PYTHON, "-m", "mqtasks", "worker", "-A", "tests.cli_app", *args])
     assert done.returncode == 2, done.stderr
     assert says in done.stderr
+
+
+def test_a_prefetch_setting_below_the_autoscale_max_is_a_usage_error() -> None:
+    env = clean_env(MQTASKS_PREFETCH="4")
+    argv = [PYTHON, "-m", "mqtasks", "worker", "-A", "tests.cli_app", "--autoscale", "1,8"]
+    done = run(argv, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "the prefetch setting (4) is below the autoscale MAX (8)" in done.stderr
 
 
 def test_cli_worker_threads_grow_under_a_backlog_and_shrink_when_idle(

@@ -58,6 +58,15 @@ Exit codes:
 """
 
 
+def _check_autoscale_prefetch(prefetch: int | None, given_by: str, maximum: int) -> None:
+    """A fixed prefetch below the autoscale MAX would leave threads idle: a usage error."""
+    if prefetch is not None and prefetch < maximum:
+        raise click.UsageError(
+            f"{given_by} ({prefetch}) is below the autoscale MAX ({maximum}): threads "
+            "past it would idle. Raise it, or leave it unset to follow the threads."
+        )
+
+
 def _autoscale_bounds(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> tuple[int, int] | None:
@@ -159,11 +168,7 @@ def worker(
             logger.warning(
                 "worker.concurrency_ignored", concurrency=concurrency, autoscale=autoscale
             )
-        if prefetch is not None and prefetch < autoscale[1]:
-            raise click.UsageError(
-                f"--prefetch {prefetch} is below the autoscale MAX ({autoscale[1]}): threads "
-                "past it would idle. Raise --prefetch, or leave it out to follow the threads."
-            )
+        _check_autoscale_prefetch(prefetch, "--prefetch", autoscale[1])
         concurrency = autoscale[0]
     elif scaling == "processes" and autoscale is not None:
         processes = max(autoscale[0], min(autoscale[1], processes))
@@ -179,6 +184,9 @@ def worker(
         used_by_app = logs.resolve_format(app.settings.log_format)
         if used_by_app != used:
             used = logs.configure_logging(log_level, used_by_app, background=not supervise)
+    if scaling == "threads" and autoscale is not None and prefetch is None:
+        # A prefetch set in the environment or by the app does not follow the threads either.
+        _check_autoscale_prefetch(app.settings.prefetch, "the prefetch setting", autoscale[1])
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     return_large_buffers_to_the_os()  # in the supervisor too: forked children inherit it
     options: dict[str, Any] = {
