@@ -402,3 +402,45 @@ def test_redis_a_dead_consumers_deliveries_of_a_removed_queue_are_restored() -> 
         # Then both held messages are back in their queues
         counts = broker.transport.message_counts([b, c])
         assert counts == {b.name: 1, c.name: 1}
+
+
+@pytest.mark.parametrize("kind", ["amqp-quorum", "amqp-classic"])
+def test_a_delivery_sent_while_a_removed_queue_is_cancelled_keeps_its_channel_open(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RabbitMQ may send a delivery of an added queue while its consumer is being
+    cancelled: it is handed on, stays settleable, and the queue's channel closes only
+    once it is settled; the window it held is whole again for the next queue."""
+    import time
+
+    with broker_of(kind) as broker:
+        base, added, later = broker.spec("base"), broker.spec("gone"), broker.spec("next")
+        broker.transport.declare([base])
+        inbox = broker.consumer([base], prefetch=2)
+        consumer: Any = inbox.consumer
+        consumer.add_queue(added)
+        inbox.settle_round(3)
+        cancel = consumer._cancel_queue
+
+        def cancel_after_a_delivery_was_sent(name: str, main: Any) -> None:
+            if name == added.name and not inbox.got:
+                broker.publish(added, "in-flight")
+                time.sleep(0.3)  # RabbitMQ sends it before it reads the cancel
+            cancel(name, main)
+
+        monkeypatch.setattr(consumer, "_cancel_queue", cancel_after_a_delivery_was_sent)
+        # When the queue is removed and a delivery of it arrives during the cancel
+        consumer.remove_queue(added.name)
+        assert inbox.labels() == ["in-flight"]
+        # Then it is still held on an open channel: the ack reaches RabbitMQ
+        assert consumer.ack(inbox.got[0])
+        inbox.settle_round(3)
+        # And the window it took is free again: a queue added next is consumed
+        consumer.add_queue(later)
+        broker.publish(later, "later-0")
+        inbox.take(2)
+        assert inbox.labels() == ["in-flight", "later-0"]
+        consumer.ack(inbox.got[1])
+        inbox.settle_round(3)
+        consumer.close()
+        assert broker.transport.message_counts([added, later]) == {added.name: 0, later.name: 0}

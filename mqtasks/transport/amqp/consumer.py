@@ -109,6 +109,8 @@ class AmqpConsumer(KombuConsumer):
         classic = [s for s in self.specs if (s.queue_type or default) == "classic"]
         self._counter = RedeliveryCounter(self.transport, classic)
         self._hand_on: Callable[[Delivery], None] | None = None
+        #: _close_idle_sides() is under way (it may be re-entered from a delivery).
+        self._closing_sides = False
 
     def start(self, on_delivery: Callable[[Delivery], None]) -> None:
         self._hand_on = on_delivery
@@ -237,6 +239,7 @@ class AmqpConsumer(KombuConsumer):
         main = consumer or self._consumer
         if main is None or self._cancelled:
             return
+        self._forget_closed(main)
         shares = split_prefetch(self.prefetch, [s.name for s in self.specs])
         bound = max(self.prefetch, len(shares))
         held = Counter(self._unsettled.values())
@@ -298,6 +301,22 @@ class AmqpConsumer(KombuConsumer):
             committed += window
             self._replan |= _total(self._windows[name]) < share  # grows as the rest settles
 
+    def _forget_closed(self, main: Any) -> None:
+        """Forget deliveries held on a channel no longer open: RabbitMQ has them back,
+        and counted against the window they would hold it shut for good."""
+        open_ids = {main.channel.channel_id} | {s.channel.channel_id for s in self._side.values()}
+        stale = [k for k in self._unsettled if k[0] not in open_ids]
+        if not stale:
+            return
+        logger.warning(
+            "amqp.closed_channel_deliveries_forgotten",
+            count=len(stale),
+            note="their channel is closed: RabbitMQ delivers them again",
+        )
+        for key in stale:
+            del self._unsettled[key]
+            self._parked.discard(key)
+
     def _cancel_queue(self, name: str, main: Any) -> None:
         """Cancel every RabbitMQ consumer of queue ``name``; what they hold stays settleable."""
         target = self._consumer_of(name, main)
@@ -334,23 +353,50 @@ class AmqpConsumer(KombuConsumer):
     def _close_idle_sides(self) -> None:
         """Close the channel of an added queue once it holds only parked deliveries
         (RabbitMQ returns them ahead of the queue's others, in order), or nothing
-        while its queue is no longer consumed."""
-        consumed = {s.name for s in self.specs}
-        for name, side in list(self._side.items()):
-            channel_id = side.channel.channel_id
-            keys = [k for k in self._unsettled if k[0] == channel_id]
-            parked = [k for k in keys if k in self._parked]
-            if len(parked) != len(keys) or not (parked or name not in consumed):
-                continue
-            if name in self._windows:
-                self._cancel_queue(name, side)
-            side.channel.close()
-            del self._side[name]
-            for key in keys:
-                self._unsettled.pop(key, None)
-                self._parked.discard(key)
-            self._parked_queues.discard(name)
-            self._replan = True
+        while its queue is no longer consumed.
+
+        Cancelling the queue's consumer waits for RabbitMQ's answer, and a
+        delivery it had already sent arrives meanwhile (and is handed on, which
+        may park it and come back here): the channel is looked at again after
+        the cancel, and closed only if it is still idle. Every delivery of a
+        channel it closes is forgotten with it, as RabbitMQ has them back.
+        """
+        if self._closing_sides:
+            self._replan = True  # re-entered from a delivery handed on meanwhile: next turn
+            return
+        self._closing_sides = True
+        try:
+            sides: list[tuple[str, Any]] = list(self._side.items())
+            for name, side in sides:
+                if name not in self._side or self._side[name] is not side:
+                    continue  # closed meanwhile, from a delivery handed on
+                if not self._side_idle(name, side):
+                    continue
+                if name in self._windows:
+                    self._cancel_queue(name, side)
+                    if not self._side_idle(name, side):
+                        self._replan = True  # closed once what arrived meanwhile is settled
+                        continue
+                channel_id = side.channel.channel_id
+                side.channel.close()
+                self._side.pop(name, None)
+                for key in [k for k in self._unsettled if k[0] == channel_id]:
+                    del self._unsettled[key]
+                    self._parked.discard(key)
+                self._parked_queues.discard(name)
+                self._replan = True
+        finally:
+            self._closing_sides = False
+
+    def _side_idle(self, name: str, side: Any) -> bool:
+        """Whether the channel of added queue ``name`` holds only parked deliveries
+        (at least one), or nothing while the queue is no longer consumed."""
+        channel_id = side.channel.channel_id
+        keys = [k for k in self._unsettled if k[0] == channel_id]
+        parked = sum(1 for k in keys if k in self._parked)
+        if parked != len(keys):
+            return False
+        return bool(parked) or all(s.name != name for s in self.specs)
 
     def cancel(self) -> None:
         """Stop receiving new deliveries on every channel; held ones stay settleable."""
