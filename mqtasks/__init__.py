@@ -8,6 +8,7 @@ from .config import Settings
 from .events import EventHandle, Subscription, current_event
 from .exceptions import (
     BackendError,
+    BatchFailures,
     BulkPublishError,
     ConfigurationError,
     ConnectionFailed,
@@ -29,6 +30,7 @@ from .exceptions import (
     UnknownTransport,
     Unroutable,
 )
+from .flow import CircuitBreaker
 from .message import Message, current_message
 from .middleware import (
     Middleware,
@@ -47,7 +49,9 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "BackendError",
+    "BatchFailures",
     "BulkPublishError",
+    "CircuitBreaker",
     "ConfigurationError",
     "ConnectionFailed",
     "DecodeError",

@@ -17,6 +17,7 @@ from . import revoke as _revoke
 from .config import Settings, TLSOptions, mask_url
 from .events import EventHandle, Subscription, Subscriptions, same_function
 from .exceptions import ConfigurationError, DuplicateTask, TaskNotRegistered
+from .flow.circuit import CircuitBreaker, circuits_by_name
 from .message import Message
 from .middleware import Middleware, default_middleware
 from .middleware.base import Runner
@@ -51,6 +52,9 @@ class App:
             (:func:`~mqtasks.middleware.default_middleware`, picked by the settings).
         retry_policy: The retry policy of tasks that set none of their own
             (``RetryPolicy()``: 3 retries, exponential backoff with jitter).
+        circuits: :class:`~mqtasks.CircuitBreaker` declarations, shared by every
+            worker through the result backend; a task joins one with
+            ``@app.task(circuit=name)``.
         overrides: Individual :class:`~mqtasks.config.Settings` fields.
 
     Example::
@@ -74,9 +78,12 @@ class App:
         queues: Iterable[QueueSpec] = (),
         middleware: Iterable[Middleware] | None = None,
         retry_policy: RetryPolicy | None = None,
+        circuits: Iterable[CircuitBreaker] = (),
         **overrides: Any,
     ) -> None:
         self.name = name
+        #: Circuit breakers by name; tasks join one with ``@app.task(circuit=name)``.
+        self.circuits: dict[str, CircuitBreaker] = circuits_by_name(circuits)
         #: Default retry policy of the app's tasks.
         self.retry_policy = retry_policy if retry_policy is not None else RetryPolicy()
         if settings is None:

@@ -34,10 +34,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
     "BackendError",
+    "BatchFailures",
     "BulkPublishError",
     "ConfigurationError",
     "ConnectionFailed",
@@ -221,6 +223,32 @@ class TaskFailed(TaskError):
         self.exc_message = exc_message
         self.traceback = traceback
         super().__init__(message)
+
+
+class BatchFailures(TaskError):
+    """Raised by a batch task for the items that failed; the others succeeded.
+
+    Each failed item's message is retried or dead-lettered on its own, with its
+    own attempt count and reason; the messages of the other items are acked.
+
+    Args:
+        failures: The exception of each failed item, by its index in the list the
+            function was given.
+    """
+
+    def __init__(self, failures: Mapping[int, BaseException]) -> None:
+        self.failures: dict[int, BaseException] = dict(failures)
+        summary = ", ".join(
+            f"{i}: {type(exc).__name__}" for i, exc in sorted(self.failures.items())[:5]
+        )
+        more = len(self.failures) - 5
+        super().__init__(
+            f"{len(self.failures)} item(s) of the batch failed ({summary}"
+            + (f", and {more} more)" if more > 0 else ")")
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.failures,)
 
 
 class SoftTimeLimitExceeded(TaskError):

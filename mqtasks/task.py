@@ -14,6 +14,7 @@ import structlog
 from .broadcast import broadcast_option, refuse_in_workflow
 from .broadcast import send as broadcast_send
 from .exceptions import ConfigurationError
+from .flow.options import FLOW_OPTIONS, FlowOptions, flow_options
 from .handle import Confirmation, TaskHandle
 from .message import Message
 from .ordering.options import OPTIONS as ORDERING_OPTIONS
@@ -60,6 +61,8 @@ BASE_OPTIONS = frozenset(
         # the worker stops it and dead-letters it (see mqtasks.execution).
         "soft_time_limit",
         "time_limit",
+        # Rate and concurrency limits, circuits and batches (see mqtasks.flow).
+        *FLOW_OPTIONS,
     }
 )
 
@@ -222,6 +225,10 @@ class Task(Generic[P, R]):
         #: is raised in it, and before the worker stops it and dead-letters its message
         #: (reason ``time_limit``); None: no limit. The task's options, else the app's settings.
         self.soft_time_limit, self.time_limit = _time_limits(name, self.options, app.settings)
+        #: Rate and concurrency limits, circuit and batching (:mod:`mqtasks.flow`).
+        self.flow: FlowOptions = flow_options(
+            name, fn, self.options, has_backend=app.has_backend, circuits=app.circuits
+        )
         #: Whether every running worker of its queue runs each call (:mod:`mqtasks.broadcast`).
         self.broadcast: bool = broadcast_option(self)
         self.signature = inspect.signature(fn)
