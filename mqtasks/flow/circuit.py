@@ -3,7 +3,7 @@
 A task declared with ``circuit="payments"`` runs behind the app's breaker of
 that name. What the breaker does across workers (its state in the result
 backend, the probe while half-open, the deferral of tasks while open) lives
-in :mod:`mqtasks.flow.circuits`; this module is only the declaration, checked
+in ``mqtasks.middleware.circuits``; this module is only the declaration, checked
 when it is made.
 """
 
