@@ -23,8 +23,9 @@ import structlog
 
 from mqtasks import App, _supervise
 from mqtasks._scaling import BOUNDS, GROW, IDLE, ScalePolicy
-from mqtasks.execution.autoscale import Autoscaler
+from mqtasks.execution.autoscale import Autoscaler, WorkerLoad
 from mqtasks.testing import running_worker
+from mqtasks.worker import Worker
 from tests._helpers.cli import PYTHON, ROOT, clean_env, json_lines, run
 from tests._helpers.wait import wait_for
 from tests.test_cli import MakeScenario, RunCli, run_cli, scenario  # noqa: F401
@@ -85,6 +86,26 @@ def test_a_size_outside_the_bounds_is_corrected() -> None:
 def test_impossible_bounds_are_refused(minimum: int, maximum: int) -> None:
     with pytest.raises(ValueError, match="1 <= MIN <= MAX"):
         ScalePolicy(minimum, maximum)
+
+
+def test_the_backlog_counts_ordered_tasks_waiting_in_their_partitions(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app("memory://", backend="memory://")
+
+    @app.task(ordering_key="user", partitions=4)
+    def keyed(user: int) -> None: ...
+
+    @app.task
+    def plain() -> None: ...
+
+    # Given ordered tasks over four partitions and plain ones, and no worker running
+    for user in range(6):
+        keyed.delay(user)
+    plain.delay()
+
+    # Then the load reading counts both: an ordered task is in its partition's queue
+    assert WorkerLoad(Worker(app)).ready() == 7
 
 
 # -- a worker on each broker -----------------------------------------------------------

@@ -28,6 +28,8 @@ import structlog
 
 from .._scaling import IDLE, ScalePolicy
 from ..exceptions import MQTasksError
+from ..ordering.keys import partition_name
+from ..ordering.options import ordered_queues
 
 if TYPE_CHECKING:
     from ..worker import Worker
@@ -38,7 +40,8 @@ logger = structlog.get_logger("mqtasks.execution.autoscale")
 
 
 class WorkerLoad:
-    """Reads a worker's load: busy slots, and messages waiting in the broker and in it.
+    """Reads a worker's load: busy slots, and messages waiting in the broker (its queues,
+    and the partition queues of the ordered tasks on them) and in it.
 
     Args:
         worker: The worker (started or not).
@@ -46,7 +49,15 @@ class WorkerLoad:
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self._specs = [worker.app.queue(q) for q in worker.queues]
+        app = worker.app
+        # Ordered tasks wait in the partition queues of their queue, not in it.
+        partitions = [
+            partition_name(q, i, n)
+            for q, n in ordered_queues(app.tasks.values()).items()
+            if q in worker.queues
+            for i in range(n)
+        ]
+        self._specs = [app.queue(q) for q in [*worker.queues, *partitions]]
         self._failing = False
 
     def sample(self, *, count: bool = True) -> tuple[int, int | None, int]:

@@ -21,7 +21,13 @@ from kombu.resource import Resource
 from kombu.utils.functional import ChannelPromise
 
 from .._url import mask_url, redact
-from ..exceptions import ConfigurationError, PublishError, PublishNacked
+from ..exceptions import (
+    ConfigurationError,
+    PublishError,
+    PublishNacked,
+    QueueNotFound,
+    TransportError,
+)
 from .base import (
     DLQ_SUFFIX,
     Consumer,
@@ -83,6 +89,9 @@ class KombuTransport(Transport):
         self._producers: pools.ProducerPool | None = None
         self._connections: Any = None
         self._local = threading.local()
+        #: The connection message_counts() reads over, and its lock.
+        self._counts_conn: kombu.Connection | None = None
+        self._counts_lock = threading.Lock()
 
     # -- connections -------------------------------------------------------
 
@@ -127,6 +136,11 @@ class KombuTransport(Transport):
                 self._producers = None
                 self._connections = None
             self._declared.clear()
+        with self._counts_lock:
+            conn, self._counts_conn = self._counts_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.release()
 
     # -- topology ----------------------------------------------------------
 
@@ -338,18 +352,45 @@ class KombuTransport(Transport):
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         """Return the number of ready messages per queue.
 
+        Read over one connection kept for these readings (the autoscaler and the
+        StatsD gauges read every few seconds, where a connection per reading
+        would cost a handshake each time), made again after any error: a kept
+        connection the broker closed meanwhile is tried once more on a new one.
+
         Raises:
             QueueNotFound: A queue does not exist (RabbitMQ; on Redis an absent
                 queue is an empty one).
         """
+        with self._counts_lock:
+            for last_try in (False, True):
+                fresh = self._counts_conn is None
+                if fresh:
+                    self._counts_conn = self.connection()
+                try:
+                    return self._count(self._counts_conn, specs)
+                except QueueNotFound:
+                    self._drop_counts_connection()
+                    raise
+                except TransportError:
+                    self._drop_counts_connection()
+                    if fresh or last_try:
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _count(self, conn: kombu.Connection, specs: Sequence[QueueSpec]) -> dict[str, int]:
         counts: dict[str, int] = {}
-        with self.connection() as conn:
-            for spec in specs:
-                with translate_errors(self.url, "count messages", queue=spec.name):
-                    q = self.kombu_queue(spec).bind(conn.default_channel)
-                    _, count, _ = q.queue_declare(passive=True)
-                counts[spec.name] = int(count or 0)
+        for spec in specs:
+            with translate_errors(self.url, "count messages", queue=spec.name):
+                q = self.kombu_queue(spec).bind(conn.default_channel)
+                _, count, _ = q.queue_declare(passive=True)
+            counts[spec.name] = int(count or 0)
         return counts
+
+    def _drop_counts_connection(self) -> None:
+        conn, self._counts_conn = self._counts_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.collect()
 
     @contextlib.contextmanager
     def take(self, queue: str) -> Iterator[Iterator[Taken]]:
