@@ -4,7 +4,9 @@ A backend stores bytes under keys; it never knows tasks, messages or the app
 (the layers above encode results as JSON before they reach it). Besides
 results, it offers the few atomic operations the features above need: a
 set-if-absent with expiry, counters, a set whose size is returned by the
-same operation that adds to it, and leases with fencing tokens.
+same operation that adds to it, leases with fencing tokens, and the two
+flow-control operations: a token bucket (:meth:`Backend.take_token`) and
+lease-based slots (:meth:`Backend.acquire_slot`).
 
 Every implementation passes the same behaviour tests (``tests/backend``).
 """
@@ -20,7 +22,16 @@ from .._url import mask_url, remember_secret
 if TYPE_CHECKING:
     from ..transport.tls import TLSOptions
 
-__all__ = ["Backend", "ResultWrite", "Revocation", "RevocationListener", "Watch"]
+__all__ = [
+    "Backend",
+    "BucketState",
+    "ResultWrite",
+    "Revocation",
+    "RevocationListener",
+    "TokenGrant",
+    "Watch",
+    "token_bucket_step",
+]
 
 
 class ResultWrite(NamedTuple):
@@ -45,6 +56,69 @@ class Revocation(NamedTuple):
     terminate: bool
     #: Seconds from now (when read) the revocation is kept.
     expires: float
+
+
+class TokenGrant(NamedTuple):
+    """What :meth:`Backend.take_token` answered."""
+
+    #: Whether a token is the caller's: due now (``wait`` 0) or in ``wait`` seconds.
+    granted: bool
+    #: Granted: seconds until the caller's token is due (it sleeps that long, then
+    #: runs). Refused: seconds after which the caller is to come back.
+    wait: float
+    #: Tokens in the bucket after the operation (below zero: reserved ahead).
+    tokens: float
+
+
+class BucketState(NamedTuple):
+    """A token bucket as stored: its tokens at ``ts``, and the deferral schedule ``queued``."""
+
+    #: Tokens at ``ts`` (below zero: tokens reserved ahead by callers that sleep).
+    tokens: float
+    #: When ``tokens`` was counted, in seconds on the store's clock.
+    ts: float
+    #: When the last refused caller was told to come back, on the same clock (0: none).
+    queued: float
+
+
+def token_bucket_step(
+    state: BucketState | None, now: float, *, rate: float, capacity: float, max_wait: float
+) -> tuple[TokenGrant, BucketState, float]:
+    """One :meth:`Backend.take_token` on ``state`` (None: absent, a full bucket) at ``now``.
+
+    The reference the stores implement (memory and PostgreSQL call it; Redis
+    runs the same steps in Lua). The bucket refills at ``rate`` tokens per
+    second up to ``capacity``. A caller takes a whole token if there is one;
+    else, if the next token is due within ``max_wait`` s, it reserves it (the
+    count goes below zero, so the next caller's token is due one interval
+    later) and is told to wait for it; else it is refused and told to come
+    back at the next free place of a schedule spaced one interval
+    (``1 / rate``) apart, after the reserved tokens, so that refused callers
+    come back one by one instead of all at once.
+
+    Returns:
+        The grant, the new state, and the seconds the state must be kept
+        (after which it equals a full bucket).
+    """
+    interval = 1.0 / rate
+    if state is None:
+        tokens, queued = capacity, 0.0
+    else:
+        tokens = min(capacity, state.tokens + max(0.0, now - state.ts) * rate)
+        queued = state.queued
+    if tokens >= 1:
+        tokens -= 1
+        grant = TokenGrant(True, 0.0, tokens)
+    else:
+        wait = (1 - tokens) * interval
+        if wait <= max_wait:
+            tokens -= 1
+            grant = TokenGrant(True, wait, tokens)
+        else:
+            queued = max(now + wait, queued + interval)
+            grant = TokenGrant(False, queued - now, tokens)
+    keep = max((capacity - tokens) * interval, queued - now) + 1.0
+    return grant, BucketState(tokens, now, queued), keep
 
 
 class RevocationListener(Protocol):
@@ -231,6 +305,53 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def lease_holder(self, name: str) -> tuple[str, int] | None:
         """Return ``(owner, token)`` of the live holder of ``name``, or None."""
+
+    # -- flow control: a token bucket and lease-based slots ---------------------------------
+
+    @abc.abstractmethod
+    def take_token(self, key: str, *, rate: float, capacity: float, max_wait: float) -> TokenGrant:
+        """Take a token from the bucket ``key``, in one atomic operation.
+
+        See :func:`token_bucket_step` for the semantics: a token now, a token
+        reserved ``wait`` s ahead (``wait <= max_wait``), or a refusal with the
+        time to come back. Times are the store's clock. The bucket is kept
+        only while it is not full.
+
+        Args:
+            key: The bucket (the layers above choose it: ``flow:rate:<task>``).
+            rate: Tokens added per second.
+            capacity: Most tokens the bucket holds (the burst), at least 1.
+            max_wait: Longest wait for a token the caller accepts, in seconds.
+        """
+
+    @abc.abstractmethod
+    def peek_tokens(self, key: str, *, rate: float, capacity: float) -> float:
+        """Return the tokens in the bucket ``key`` now (``capacity`` if absent), changing nothing."""
+
+    @abc.abstractmethod
+    def acquire_slot(self, key: str, owner: str, *, limit: int, ttl: float) -> tuple[bool, int]:
+        """Take one of ``limit`` slots of ``key`` for ``owner`` for ``ttl`` s, atomically.
+
+        A slot is a lease: it frees itself ``ttl`` s after it was taken or last
+        renewed (:meth:`renew_slots`), so a holder that died without releasing
+        it does not keep it. An owner that holds a slot already renews it.
+
+        Returns:
+            ``(acquired, held)``: whether ``owner`` holds a slot now, and the
+            live slots held after the operation.
+        """
+
+    @abc.abstractmethod
+    def renew_slots(self, key: str, owners: Sequence[str], ttl: float) -> int:
+        """Extend each live slot of ``owners`` in ``key`` to ``ttl`` s from now; return how many were."""
+
+    @abc.abstractmethod
+    def release_slot(self, key: str, owner: str) -> None:
+        """Free ``owner``'s slot in ``key``; nothing happens if it holds none."""
+
+    @abc.abstractmethod
+    def slots_held(self, key: str) -> int:
+        """Return how many live slots of ``key`` are held."""
 
     # -- revocations -------------------------------------------------------------------
 

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from .base import Backend, Revocation, RevocationListener, Watch
+from .base import (
+    Backend,
+    BucketState,
+    Revocation,
+    RevocationListener,
+    TokenGrant,
+    Watch,
+    token_bucket_step,
+)
 
 if TYPE_CHECKING:
     from ..transport.tls import TLSOptions
@@ -73,6 +81,10 @@ class MemoryBackend(Backend):
         #: Revoked task id -> (terminate, expires_at).
         self._revoked: dict[str, tuple[bool, float]] = {}
         self._watchers: list[RevocationListener] = []
+        #: Token buckets: key -> (state, expires_at).
+        self._buckets: dict[str, tuple[BucketState, float]] = {}
+        #: Slots: key -> {owner: expires_at}.
+        self._slots: dict[str, dict[str, float]] = {}
 
     # -- helpers (called with the lock held) ---------------------------------------
 
@@ -253,6 +265,76 @@ class MemoryBackend(Backend):
         with self._cond:
             lease = self._lease(name, time.monotonic())
             return None if lease is None else (lease.owner, lease.token)
+
+    # -- flow control -------------------------------------------------------------------------
+
+    def _bucket(self, key: str, now: float) -> BucketState | None:
+        found = self._buckets.get(key)
+        if found is not None and found[1] <= now:
+            del self._buckets[key]
+            return None
+        return None if found is None else found[0]
+
+    def take_token(self, key: str, *, rate: float, capacity: float, max_wait: float) -> TokenGrant:
+        """One step of the bucket ``key`` under the lock (see :func:`token_bucket_step`)."""
+        with self._cond:
+            now = time.monotonic()
+            grant, state, keep = token_bucket_step(
+                self._bucket(key, now), now, rate=rate, capacity=capacity, max_wait=max_wait
+            )
+            self._buckets[key] = (state, now + keep)
+            return grant
+
+    def peek_tokens(self, key: str, *, rate: float, capacity: float) -> float:
+        """Return the tokens of ``key`` now (``capacity`` if absent)."""
+        with self._cond:
+            now = time.monotonic()
+            state = self._bucket(key, now)
+        if state is None:
+            return capacity
+        return min(capacity, state.tokens + max(0.0, now - state.ts) * rate)
+
+    def _live_slots(self, key: str, now: float) -> dict[str, float]:
+        slots = self._slots.setdefault(key, {})
+        for owner in [o for o, at in slots.items() if at <= now]:
+            del slots[owner]
+        return slots
+
+    def acquire_slot(self, key: str, owner: str, *, limit: int, ttl: float) -> tuple[bool, int]:
+        """Take (or renew) ``owner``'s slot of ``key`` unless ``limit`` are held, under the lock."""
+        with self._cond:
+            now = time.monotonic()
+            slots = self._live_slots(key, now)
+            if owner not in slots and len(slots) >= limit:
+                return False, len(slots)
+            slots[owner] = now + ttl
+            return True, len(slots)
+
+    def renew_slots(self, key: str, owners: Sequence[str], ttl: float) -> int:
+        """Extend the live slots of ``owners``; return how many were."""
+        with self._cond:
+            now = time.monotonic()
+            slots = self._live_slots(key, now)
+            renewed = [o for o in owners if o in slots]
+            for owner in renewed:
+                slots[owner] = now + ttl
+            return len(renewed)
+
+    def release_slot(self, key: str, owner: str) -> None:
+        """Free ``owner``'s slot of ``key``."""
+        with self._cond:
+            slots = self._slots.get(key)
+            if slots is not None:
+                slots.pop(owner, None)
+                if not slots:
+                    del self._slots[key]
+
+    def slots_held(self, key: str) -> int:
+        """Return the live slots of ``key``."""
+        with self._cond:
+            if key not in self._slots:
+                return 0
+            return len(self._live_slots(key, time.monotonic()))
 
     # -- revocations ------------------------------------------------------------------------
 

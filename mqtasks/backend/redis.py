@@ -25,6 +25,8 @@ Keys, each behind the backend's ``key_prefix`` (``mqtasks:``):
   on the server's clock; expired members are dropped by the next write or
   listing. Each revocation (and removal) is published on the channel
   ``<p>db<n>:revoked`` (``mqtasks.backend.redis_pubsub`` listens to it).
+* flow control (:mod:`.redis_flow`): token buckets and concurrency slots, as
+  coordination keys.
 * ``<p>lease-tokens``: the counter tokens are drawn from. One counter for all
   leases, never expiring: a per-lease counter would have to outlive its lease
   for tokens to keep growing, and leases named after task ids are many.
@@ -52,6 +54,7 @@ from .._url import mask_url, redact
 from ..exceptions import BackendError, ConfigurationError
 from ..transport.tls import TLSOptions, tls_failure
 from .base import Backend, ResultWrite, Revocation, RevocationListener, Watch
+from .redis_flow import FLOW_SCRIPTS, RedisFlow
 from .redis_pubsub import listen_pubsub
 from .watch import WatchThread, encode_notice
 
@@ -183,6 +186,7 @@ _SCRIPTS = {
     "revoke": _REVOKE,
     "revocation": _REVOCATION,
     "revocations": _REVOCATIONS,
+    **FLOW_SCRIPTS,
 }
 
 
@@ -197,7 +201,7 @@ def _decode(raw: bytes | None) -> tuple[bytes, bool] | None:
     return raw[1:], raw[:1] == _FINAL
 
 
-class RedisBackend(Backend):
+class RedisBackend(RedisFlow, Backend):
     """Results and coordination state on Redis; thread-safe (one connection pool).
 
     Args:

@@ -1,6 +1,6 @@
 """``postgresql://`` (and ``postgres://``): the state backend on PostgreSQL (psycopg 3 and its pool).
 
-Four tables and a sequence, named from ``table_prefix`` (``mqtasks_``, or the
+Six tables and a sequence, named from ``table_prefix`` (``mqtasks_``, or the
 URL's ``?table_prefix=``), created on first use and by :meth:`PostgresBackend.migrate`
 under a transaction-level advisory lock, so that workers starting together do
 not trip over each other's ``CREATE TABLE``:
@@ -15,6 +15,8 @@ not trip over each other's ``CREATE TABLE``:
 * ``<t>revocations`` (task_id, terminate, expires_at): each revocation (and
   removal) is also a ``NOTIFY <t>revocations`` in its transaction, which
   :meth:`PostgresBackend.watch_revocations` LISTENs to.
+* ``<t>buckets`` and ``<t>slots``: token buckets and concurrency slots
+  (:mod:`.flow`).
 
 Waiting for a result (:mod:`.listener`): one LISTEN connection per backend,
 shared by the waiting calls of the process. Times are the server's (``now()``),
@@ -42,6 +44,7 @@ from ...exceptions import BackendError, ConfigurationError
 from ...transport.tls import TLSOptions
 from ..base import Backend, ResultWrite, Revocation, RevocationListener, Watch
 from ..watch import WatchThread, encode_notice
+from .flow import PostgresFlow
 from .listener import Listener, listen_notifies
 from .schema import EXPIRING, SQL, TABLES
 
@@ -75,7 +78,7 @@ def _libpq_tls(tls: TLSOptions) -> dict[str, str]:
     return params
 
 
-class PostgresBackend(Backend):
+class PostgresBackend(PostgresFlow, Backend):
     """Results and coordination state in PostgreSQL tables; thread-safe (a connection pool).
 
     :meth:`wait_result` calls share one LISTEN connection (and its thread),
@@ -254,7 +257,14 @@ class PostgresBackend(Backend):
     def sweep(self) -> None:
         """Delete a batch of expired rows of each table (rows a transaction holds are skipped)."""
         with self._transaction("delete expired rows") as conn:
-            for name in ("sweep_results", "sweep_kv", "sweep_leases", "sweep_revocations"):
+            for name in (
+                "sweep_results",
+                "sweep_kv",
+                "sweep_leases",
+                "sweep_revocations",
+                "sweep_buckets",
+                "sweep_slots",
+            ):
                 conn.execute(self._sql[name], {"limit": self.sweep_batch})
 
     def migrate(self) -> list[str]:

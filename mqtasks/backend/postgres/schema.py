@@ -23,9 +23,15 @@ TABLES = {
         expires_at timestamptz NOT NULL)""",
     "revocations": """CREATE TABLE IF NOT EXISTS {t} (
         task_id text PRIMARY KEY, terminate boolean NOT NULL, expires_at timestamptz NOT NULL)""",
+    "buckets": """CREATE TABLE IF NOT EXISTS {t} (
+        key text PRIMARY KEY, tokens double precision NOT NULL, ts double precision NOT NULL,
+        queued double precision NOT NULL, expires_at timestamptz NOT NULL)""",
+    "slots": """CREATE TABLE IF NOT EXISTS {t} (
+        key text NOT NULL, owner text NOT NULL, expires_at timestamptz NOT NULL,
+        PRIMARY KEY (key, owner))""",
 }
 #: Tables swept for expired rows get an index on ``expires_at``.
-EXPIRING = ("results", "kv", "leases", "revocations")
+EXPIRING = ("results", "kv", "leases", "revocations", "buckets", "slots")
 
 #: The SQL expression of an expiry ``ttl`` seconds from now (the server's clock).
 EXPIRES = "now() + make_interval(secs => %(ttl)s)"
@@ -119,4 +125,40 @@ SQL = {
     "sweep_leases": """DELETE FROM {leases} WHERE name IN (
         SELECT name FROM {leases} WHERE expires_at <= now()
         LIMIT %(limit)s FOR UPDATE SKIP LOCKED)""",
+    "sweep_buckets": """DELETE FROM {buckets} WHERE key IN (
+        SELECT key FROM {buckets} WHERE expires_at <= now()
+        LIMIT %(limit)s FOR UPDATE SKIP LOCKED)""",
+    "sweep_slots": """DELETE FROM {slots} WHERE (key, owner) IN (
+        SELECT key, owner FROM {slots} WHERE expires_at <= now()
+        LIMIT %(limit)s FOR UPDATE SKIP LOCKED)""",
+    # Flow control. The bucket's row is locked by this upsert (made, expired at
+    # once, if absent) until the transaction ends; it returns the stored state,
+    # whether it is live, and the clock read once the lock is held.
+    "bucket_lock": """INSERT INTO {buckets} AS b (key, tokens, ts, queued, expires_at)
+        VALUES (%(key)s, 0, 0, 0, '-infinity')
+        ON CONFLICT (key) DO UPDATE SET key = b.key
+        RETURNING b.tokens, b.ts, b.queued, b.expires_at > clock_timestamp(),
+            extract(epoch FROM clock_timestamp())""",
+    "bucket_write": """UPDATE {buckets} SET tokens = %(tokens)s, ts = %(ts)s, queued = %(queued)s,
+            expires_at = to_timestamp(%(ts)s) + make_interval(secs => %(ttl)s)
+        WHERE key = %(key)s""",
+    "bucket_peek": """SELECT tokens, ts, extract(epoch FROM clock_timestamp()) FROM {buckets}
+        WHERE key = %s AND expires_at > clock_timestamp()""",
+    "slot_lock": "SELECT pg_advisory_xact_lock(hashtext(%s))",
+    "slot_acquire": """WITH others AS (
+            SELECT owner FROM {slots}
+            WHERE key = %(key)s AND owner <> %(owner)s AND expires_at > clock_timestamp()
+        ), taken AS (
+            INSERT INTO {slots} (key, owner, expires_at)
+            SELECT %(key)s, %(owner)s, clock_timestamp() + make_interval(secs => %(ttl)s)
+            WHERE (SELECT count(*) FROM others) < %(limit)s
+            ON CONFLICT (key, owner) DO UPDATE SET expires_at = EXCLUDED.expires_at
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM taken), (SELECT count(*) FROM others)""",
+    "slot_renew": """UPDATE {slots} SET expires_at = clock_timestamp() + make_interval(secs => %(ttl)s)
+        WHERE key = %(key)s AND owner = ANY(%(owners)s) AND expires_at > clock_timestamp()""",
+    "slot_release": "DELETE FROM {slots} WHERE key = %s AND owner = %s",
+    "slots_held": """SELECT count(*) FROM {slots}
+        WHERE key = %s AND expires_at > clock_timestamp()""",
 }

@@ -1,0 +1,132 @@
+"""The flow-control operations of every state backend (memory, Redis, PostgreSQL):
+the token bucket (take_token, peek_tokens) and lease-based slots (acquire_slot,
+renew_slots, release_slot, slots_held)."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from collections.abc import Callable
+
+import pytest
+
+from mqtasks.backend import Backend
+from mqtasks.backend.base import BucketState, token_bucket_step
+from tests._helpers.wait import wait_for
+from tests.backend.test_behaviour import THREADS, race
+
+# -- the token bucket -----------------------------------------------------------------------
+
+
+def test_the_reference_step_takes_reserves_then_refuses_on_a_schedule() -> None:
+    step = functools.partial(token_bucket_step, rate=10.0, capacity=2.0, max_wait=0.25)
+    state = None
+    grants = []
+    for _ in range(6):
+        grant, state, keep = step(state, 100.0)
+        grants.append(grant)
+    assert [g.granted for g in grants] == [True, True, True, True, False, False]
+    assert [round(g.wait, 6) for g in grants] == [0, 0, 0.1, 0.2, 0.3, 0.4]
+    assert state is not None and state.tokens == pytest.approx(-2.0)
+    assert keep == pytest.approx(4 * 0.1 + 1.0)  # refilled to 2 tokens in 0.4 s, kept 1 s more
+    # A second later the bucket is full again: a token at once.
+    grant, state, _ = step(state, 101.0)
+    assert grant.granted and grant.wait == 0 and grant.tokens == pytest.approx(1.0)
+    assert state is not None and state[:2] == BucketState(1.0, 101.0, 0.0)[:2]
+    assert state.queued == pytest.approx(100.4)
+
+
+def test_a_bucket_grants_its_burst_then_reserves_short_waits_then_defers(
+    backend: Backend,
+) -> None:
+    take = functools.partial(backend.take_token, "flow:rate:t", rate=10.0, capacity=2.0)
+    first, second = take(max_wait=0.25), take(max_wait=0.25)
+    assert first.granted and second.granted and first.wait == 0 and second.wait == 0
+    reserved = take(max_wait=0.25)
+    assert reserved.granted and 0.05 < reserved.wait <= 0.1
+    refused = take(max_wait=0.05)
+    assert not refused.granted and 0.15 < refused.wait <= 0.2
+    # The next refused caller comes back one interval after the first, not with it.
+    later = take(max_wait=0.05)
+    assert not later.granted and later.wait == pytest.approx(refused.wait + 0.1, abs=0.03)
+    assert backend.peek_tokens("flow:rate:t", rate=10.0, capacity=2.0) < 0
+    # Refilled at 10 per second: after 0.35 s a token is there again.
+    time.sleep(0.35)
+    assert take(max_wait=0).granted
+
+
+def test_an_absent_bucket_is_full_and_a_full_bucket_is_not_kept(backend: Backend) -> None:
+    assert backend.peek_tokens("flow:rate:none", rate=5.0, capacity=3.0) == 3.0
+    backend.take_token("flow:rate:b", rate=20.0, capacity=1.0, max_wait=0)
+    assert backend.peek_tokens("flow:rate:b", rate=20.0, capacity=1.0) < 1.0
+    wait_for(
+        lambda: backend.peek_tokens("flow:rate:b", rate=20.0, capacity=1.0) == 1.0,
+        "the bucket to refill",
+    )
+
+
+def test_racing_takers_share_the_burst_exactly(backend: Backend) -> None:
+    take = functools.partial(
+        backend.take_token, "flow:rate:race", rate=0.01, capacity=5.0, max_wait=0
+    )
+    grants = race([take] * (THREADS * 3))
+    assert sum(g.granted for g in grants) == 5
+    waits = sorted(g.wait for g in grants if not g.granted)
+    # Every refused caller has a place of its own in the schedule (100 s apart).
+    gaps = [b - a for a, b in itertools.pairwise(waits)]
+    assert min(gaps) == pytest.approx(100.0, abs=1.0)
+
+
+def test_buckets_are_separate_per_key(backend: Backend) -> None:
+    for key in ("flow:rate:t:1", "flow:rate:t:2"):
+        assert backend.take_token(key, rate=0.01, capacity=1.0, max_wait=0).granted
+        assert not backend.take_token(key, rate=0.01, capacity=1.0, max_wait=0).granted
+
+
+# -- slots ------------------------------------------------------------------------------------
+
+
+def test_slots_are_taken_up_to_the_limit_and_freed_by_release(backend: Backend) -> None:
+    acquire = functools.partial(backend.acquire_slot, "flow:slots:t", limit=2, ttl=30)
+    assert acquire("a") == (True, 1)
+    assert acquire("b") == (True, 2)
+    assert acquire("c") == (False, 2)
+    assert acquire("a") == (True, 2)  # its own slot: renewed, not a second one
+    assert backend.slots_held("flow:slots:t") == 2
+    backend.release_slot("flow:slots:t", "a")
+    backend.release_slot("flow:slots:t", "nobody")  # holds none: nothing happens
+    assert backend.slots_held("flow:slots:t") == 1
+    assert acquire("c") == (True, 2)
+    assert backend.slots_held("flow:slots:other") == 0
+
+
+def test_a_slot_not_released_frees_itself_after_its_ttl(backend: Backend) -> None:
+    assert backend.acquire_slot("flow:slots:dead", "dead-worker", limit=1, ttl=0.5)[0]
+    assert backend.acquire_slot("flow:slots:dead", "alive", limit=1, ttl=5)[0] is False
+    wait_for(lambda: backend.slots_held("flow:slots:dead") == 0, "the slot to expire")
+    assert backend.acquire_slot("flow:slots:dead", "alive", limit=1, ttl=5) == (True, 1)
+
+
+def test_renewed_slots_outlive_their_first_ttl(backend: Backend) -> None:
+    key = "flow:slots:renew"
+    assert backend.acquire_slot(key, "a", limit=3, ttl=0.6)[0]
+    assert backend.acquire_slot(key, "b", limit=3, ttl=0.6)[0]
+    time.sleep(0.3)
+    assert backend.renew_slots(key, ["a", "b", "never"], 3.0) == 2
+    time.sleep(0.5)  # past the first ttl
+    assert backend.slots_held(key) == 2
+    assert backend.renew_slots(key, [], 3.0) == 0
+    backend.release_slot(key, "a")
+    assert backend.renew_slots(key, ["a"], 3.0) == 0
+
+
+def test_racing_acquirers_never_exceed_the_limit(backend: Backend) -> None:
+    jobs: list[Callable[[], tuple[bool, int]]] = [
+        functools.partial(backend.acquire_slot, "flow:slots:race", f"o{i}", limit=3, ttl=30)
+        for i in range(THREADS * 3)
+    ]
+    results = race(jobs)
+    assert sum(acquired for acquired, _ in results) == 3
+    assert all(held <= 3 for _, held in results)
+    assert backend.slots_held("flow:slots:race") == 3
