@@ -14,9 +14,10 @@ from . import events as _events
 from . import publishing as _publishing
 from . import queues as _queues
 from . import revoke as _revoke
+from .batch_task import BatchDecorator, define
 from .config import Settings, TLSOptions, mask_url
-from .events import EventHandle, Subscription, Subscriptions, same_function
-from .exceptions import ConfigurationError, DuplicateTask, TaskNotRegistered
+from .events import EventHandle, Subscription, Subscriptions
+from .exceptions import ConfigurationError, TaskNotRegistered
 from .flow.circuit import CircuitBreaker, circuits_by_name
 from .message import Message
 from .middleware import Middleware, default_middleware
@@ -306,6 +307,9 @@ class App:
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
     @overload
+    def task(self, *, batch_size: int, **options: Any) -> BatchDecorator: ...
+
+    @overload
     def task(
         self,
         *,
@@ -354,26 +358,7 @@ class App:
             )
 
         def register(func: Callable[P, R]) -> Task[P, R]:
-            task_name = name or self._default_name(func)
-            existing = self.tasks.get(task_name)
-            if existing is not None and existing.fn is not func:
-                if same_function(existing.fn, func):
-                    return existing  # type: ignore[return-value]  # module imported twice
-                raise DuplicateTask(
-                    f"Task name {task_name!r} is already registered to {existing.fn!r}; "
-                    "pass name=... to one of them."
-                )
-            task: Task[P, R] = Task(
-                func,
-                self,
-                name=task_name,
-                queue=queue or self.settings.default_queue,
-                priority=priority,
-                expires=expires,
-                options=options,
-            )
-            self.tasks[task_name] = task
-            return task
+            return define(self, func, name, queue, priority, expires, options)
 
         if fn is not None:
             return register(fn)

@@ -34,11 +34,13 @@ if TYPE_CHECKING:
 __all__ = [
     "ABANDONED",
     "ACK",
+    "BATCHED",
     "DROP",
     "HOLD",
     "REJECT",
     "REQUEUE",
     "Job",
+    "batch_item_problem",
     "conclude",
     "current_job",
     "dead_letter",
@@ -56,6 +58,8 @@ ACK, REJECT, REQUEUE, DROP = "ack", "reject", "requeue", "drop"
 HOLD = "hold"
 #: Not a settlement: the worker gave up the thread running it and settled it already.
 ABANDONED = "abandoned"
+#: Not a settlement: held in a batch (``mqtasks.execution.batch``), settled once it has run.
+BATCHED = "batched"
 
 
 @dataclass(slots=True)
@@ -108,6 +112,8 @@ def process(worker: Worker, delivery: Delivery) -> str:
 
     :data:`ABANDONED` when the worker gave the task up (past its hard time
     limit, or terminated) and settled the message itself.
+    :data:`BATCHED` when a batch task's message joined its batch (settled
+    once the batch has run, see ``mqtasks.execution.batch``).
     """
     job = Job(delivery)
     _job.set(job)
@@ -152,6 +158,8 @@ def process(worker: Worker, delivery: Delivery) -> str:
         message = gated.message
     if message.is_expired():
         return reject(worker, delivery, message, "expired", f"expired at {message.expires_at}")
+    if task.flow.batched and (problem := batch_item_problem(message)) is not None:
+        return reject(worker, delivery, message, "invalid_arguments", problem)
     try:
         task.check_arguments(message.args, message.kwargs)
     except TypeError as exc:
@@ -159,6 +167,8 @@ def process(worker: Worker, delivery: Delivery) -> str:
     revocations = worker.revocations
     if revocations is not None and revocations.is_revoked(message.id):
         return dead_letter(worker, delivery, message, "revoked", "revoked before it ran")
+    if task.flow.batched:  # this thread is free; settled once its batch has run
+        return worker._batches.add(task, message, job)
     hooks = worker._hooks
     try:
         hooks.before_process(worker, message)
@@ -206,6 +216,18 @@ def conclude(
     # The deciding hook failed (logged as middleware.hook_failed).
     logger.error("task.undecided", **log_fields(delivery, message), note="requeued")
     return REQUEUE
+
+
+def batch_item_problem(message: Message) -> str | None:
+    """Why ``message`` is not one item of a batch task (None: it is): its message
+    carries exactly one positional argument, the item."""
+    if len(message.args) == 1 and not message.kwargs:
+        return None
+    return (
+        f"task {message.task!r} consumes batches: each message carries one item as its "
+        f"only positional argument ({message.task}.delay(item)), not "
+        f"{len(message.args)} positional and {len(message.kwargs)} keyword argument(s)"
+    )
 
 
 def _over_delivery_limit(worker: Worker, delivery: Delivery) -> str | None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .app import App
 
 __all__ = [
+    "batch_problems",
     "check_app",
     "check_prefetch",
     "max_backoff",
@@ -181,7 +182,9 @@ def check_app(
     * result options that are not booleans, and the ``Results`` middleware on
       an app without a result backend (:func:`result_problems`);
     * event subscribers (``@app.on``) on a transport that cannot route events
-      (``redis+kombu://``): their queues would never get an event.
+      (``redis+kombu://``): their queues would never get an event;
+    * a batch task whose ``batch_size`` the prefetch cannot hold, or that is
+      also ordered, broadcast or has a hard time limit (:func:`batch_problems`).
 
     Args:
         app: The app.
@@ -251,6 +254,7 @@ def check_app(
                     "no visibility timeout, or give the task max_retries=0 or retry_backoff=0."
                 )
     problems.extend(result_problems(app))
+    problems.extend(batch_problems(app, names, prefetch))
     if transport is not None:
         problems.extend(time_limit_problems(app, names, transport.schemes[0]))
     if transport is not None and not transport.capabilities.exchanges:
@@ -375,3 +379,44 @@ def unenforced_limits(app: App, queues: Sequence[str]) -> list[str]:
         "its worker is redelivered without end. Use redis:// or amqp://, or set "
         "delivery_limit=0 (MQTASKS_DELIVERY_LIMIT=0) to say so."
     ]
+
+
+def batch_problems(app: App, queues: Sequence[str], prefetch: int) -> list[str]:
+    """Return what a worker on ``queues`` with ``prefetch`` cannot do for the batch tasks there.
+
+    A batch's messages stay unacknowledged while it is collected, so the
+    prefetch window must hold ``batch_size`` of them. A batch task cannot be
+    ordered (``ordering_key``) or broadcast, and has no hard ``time_limit``
+    (a thread running the function on many messages cannot be stopped for
+    one of them; ``soft_time_limit`` applies to the whole batch).
+    """
+    problems: list[str] = []
+    for task in sorted(app.tasks.values(), key=lambda t: t.name):
+        size = task.flow.batch_size
+        if size is None or task.queue not in queues:
+            continue
+        where = f"Queue {task.queue!r}, batch task {task.name!r}"
+        if prefetch < size:
+            problems.append(
+                f"{where}: batch_size is {size}, but the worker's prefetch is {prefetch}: a "
+                "batch is held unacknowledged while it is collected, so it could never fill. "
+                f"Set prefetch to at least {size} (--prefetch, MQTASKS_PREFETCH or "
+                "Worker(prefetch=...)), or lower batch_size."
+            )
+        for option, used in (
+            ("ordering_key", task.ordering is not None),
+            ("broadcast", task.broadcast),
+        ):
+            if used:
+                problems.append(
+                    f"{where}: batch_size cannot be combined with {option}: a batch runs "
+                    "items from many messages at once. Drop one of the two options."
+                )
+        if task.time_limit is not None:
+            problems.append(
+                f"{where}: a hard time_limit ({task.time_limit:g} s, the task's or the app's) "
+                "cannot stop a thread running a whole batch for one of its messages. Use "
+                "soft_time_limit (raised in the batch function: every item fails and is "
+                "retried), or set no time_limit on the batch task."
+            )
+    return problems

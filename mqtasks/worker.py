@@ -35,6 +35,7 @@ from .broadcast import WorkerBroadcast
 from .events import warn_stale_bindings
 from .exceptions import BackendError, ConfigurationError
 from .execution import decisions as _decisions
+from .execution.batch import BatchDue, Batches
 from .execution.pool import ThreadPool
 from .execution.running import Execution
 from .message import Message, _origin
@@ -46,6 +47,7 @@ from .middleware.workflow import with_workflow
 from .ordering.runtime import OrderedDeliveries, check_consumer, ordered_deliveries
 from .processing import ABANDONED as _ABANDONED
 from .processing import ACK as _ACK
+from .processing import BATCHED as _BATCHED
 from .processing import DROP as _DROP
 from .processing import HOLD as _HOLD
 from .processing import REJECT as _REJECT
@@ -134,6 +136,8 @@ class Worker:
         self._pool = ThreadPool(self._work, self._outcome, self._post)
         #: The running tasks, their time limits and the event loop of coroutine tasks.
         self._execution = Execution(self)
+        #: The batches of batch tasks being collected (see ``mqtasks.execution.batch``).
+        self._batches = Batches(self)
         #: Set when this process should be replaced: threads past their hard time limit
         #: pile up (``max_abandoned_threads``).
         self.recycle = threading.Event()
@@ -461,8 +465,11 @@ class Worker:
         # Hand back what no thread has started, so other workers get it now.
         with contextlib.suppress(queue.Empty):
             while True:
-                if (delivery := self._work.get_nowait()) is not None:
+                delivery = self._work.get_nowait()
+                if delivery is not None and not isinstance(delivery, BatchDue):
                     self._settle(delivery, _REQUEUE)
+        for held in self._batches.close():  # batches not started: handed back too
+            self._settle(held, _REQUEUE)
         if self._ordering is not None:
             self._ordering.shutdown()  # the rest of the key lanes, in order, retries held included
         deadline = time.monotonic() + self._grace
@@ -490,6 +497,8 @@ class Worker:
 
     def _post(self, item: tuple[Delivery, str]) -> None:
         """Hand a settlement to the I/O thread (from a worker thread or the watchdog)."""
+        if item[1] == _BATCHED:  # held in a batch: its run posts the settlement
+            return
         self._settlements.put(item)
         # Read after the put: an I/O thread that raised the flag before it
         # checks the queue either sees the item or is woken here.
@@ -498,6 +507,8 @@ class Worker:
 
     def _outcome(self, delivery: Delivery) -> str:
         """Run ``delivery`` (worker thread); return its settlement."""
+        if isinstance(delivery, BatchDue):
+            return self._batches.run_due(delivery)
         consumer = self._consumer
         if consumer is not None and delivery.generation != consumer.generation:
             # The connection it came on is gone and the broker delivers it again.
