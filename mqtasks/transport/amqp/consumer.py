@@ -242,11 +242,13 @@ class AmqpConsumer(KombuConsumer):
         self._forget_closed(main)
         shares = split_prefetch(self.prefetch, [s.name for s in self.specs])
         bound = max(self.prefetch, len(shares))
-        held = Counter(self._unsettled.values())
         for name, windows in list(self._windows.items()):
             share = shares.get(name)
             if share is None or _total(windows) > share:
                 self._cancel_queue(name, main)
+        # Counted after the cancels: what RabbitMQ sent a consumer before its
+        # cancel-ok arrived while waiting for it, and is held too.
+        held = Counter(self._unsettled.values())
         live = {tag for windows in self._windows.values() for tag, _ in windows}
         # What cancelled consumers still hold, by queue: it counts against the queue's share.
         retired: Counter[str] = Counter()
@@ -441,9 +443,15 @@ class AmqpConsumer(KombuConsumer):
             return
         try:
             self.transport.kombu_queue(spec).bind(consumer.channel).declare()
-            self._plan()
         except self.connection_errors as exc:
             self._lost(exc)
+            return
+        # Subscribed at the next turn of the loop (wait(), drain()), with the other
+        # queues added meanwhile: the window is shared out once for them all, rather
+        # than once per queue, each time cancelling the consumers whose share shrank
+        # (on a quorum queue, what a cancelled consumer had checked out comes back
+        # behind what a new consumer got meanwhile: out of order).
+        self._replan = True
 
     def remove_queue(self, name: str) -> None:
         """Cancel the queue's consumer; deliveries held of it stay settleable."""
