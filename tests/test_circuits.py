@@ -79,9 +79,8 @@ def install(app: App, seen: Seen | None = None) -> Seen:
     workers will (Circuits after the app's middleware), unless it is there already."""
     seen = seen or Seen()
     app.middleware.append(seen)
-    if not any(isinstance(m, Circuits) for m in app.middleware):
-        circuits = Circuits.for_app(app)
-        assert circuits is not None
+    circuits = Circuits.for_app(app)
+    if circuits is not None:
         app.middleware.append(circuits)
     return seen
 
@@ -161,7 +160,11 @@ def test_for_app_is_none_without_a_task_behind_a_circuit(make_app: Callable[...,
     @app.task(circuit="dep")
     def guarded() -> None: ...
 
-    assert isinstance(Circuits.for_app(app), Circuits)
+    circuits = Circuits.for_app(app)
+    assert isinstance(circuits, Circuits)
+    # An app that installs one itself gets no second one from its workers
+    app.middleware.append(circuits)
+    assert Circuits.for_app(app) is None
 
 
 def test_an_outage_opens_the_circuit_one_probe_at_a_time_until_it_closes(

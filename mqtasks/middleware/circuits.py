@@ -227,7 +227,14 @@ class Circuits(Middleware):
 
     @classmethod
     def for_app(cls, app: App) -> Circuits | None:
-        """Return the middleware for ``app``, or None when none of its tasks uses a circuit."""
+        """Return the middleware a worker of ``app`` adds to its stack, or None.
+
+        None when none of the app's tasks uses a circuit, or when the app
+        installs a :class:`Circuits` itself (in ``app.middleware``, to choose
+        its place in the stack): two would each defer the other's probe.
+        """
+        if any(isinstance(mw, Circuits) for mw in app.middleware):
+            return None
         if any(task.flow.circuit is not None for task in app.tasks.values()):
             return cls()
         return None
