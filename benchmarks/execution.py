@@ -46,20 +46,9 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from .suite import (
-    Context,
-    Records,
-    WorkerProcess,
-    _bin,
-    _cleanup_amqp,
-    add_worker_options,
-    mqtasks_worker_argv,
-    print_configs,
-    run_header,
-    tree_cpu_s,
-    wait_count,
-    write_json,
-)
+from ._systems import Context, _bin, add_worker_options, mqtasks_worker_argv
+from ._workers import Records, WorkerProcess, tree_cpu_s, wait_count
+from .suite import _cleanup_amqp, print_configs, run_header, write_json
 from .throughput import BROKERS, _sweep_redis, bounded
 
 HERE = os.path.dirname(os.path.abspath(__file__))

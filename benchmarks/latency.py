@@ -59,7 +59,7 @@ import amqp.transport
 import kombu
 import structlog
 
-from .suite import kombu_sender, mqtasks_message_fields
+from ._systems import kombu_sender, mqtasks_message_fields
 from .throughput import BROKERS, machine_info
 
 QUEUE_TYPES = ("quorum", "classic")

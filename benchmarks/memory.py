@@ -39,16 +39,9 @@ import kombu
 
 from mqtasks.transport.queue import DLQ_SUFFIX
 
-from .suite import (
-    Context,
-    DramatiqSystem,
-    MqtasksSystem,
-    Records,
-    System,
-    WorkerProcess,
-    _cleanup_amqp,
-    tree,
-)
+from ._systems import Context, DramatiqSystem, MqtasksSystem, System
+from ._workers import Records, WorkerProcess, tree
+from .suite import _cleanup_amqp
 from .throughput import BROKERS
 
 #: Seconds between two samples of the process tree while tasks run.

@@ -27,8 +27,9 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from ._record import RECORD, Log, target_row
+from ._systems import Context, mqtasks_worker_argv
+from ._workers import Records, WorkerProcess, tree_cpu_s, wait_count
 from .bench_patterns_app import make_keyed_app
-from .suite import Context, Records, WorkerProcess, mqtasks_worker_argv, tree_cpu_s, wait_count
 from .throughput import BROKERS, _sweep_redis, bounded
 
 __all__ = [

@@ -40,6 +40,8 @@ import structlog
 
 from ._record import Log, measure, target_lines, target_row
 from ._redis_commands import Monitor, commandstats, count_commands, own_ports
+from ._systems import Context, add_worker_options
+from ._workers import WorkerProcess
 from .bench_patterns_app import EVENT, SUBSCRIBERS, emit_queues, make_emit_app
 from .ordered import (
     BACKEND_URL,
@@ -50,15 +52,7 @@ from .ordered import (
     run_ordered,
     run_tag,
 )
-from .suite import (
-    Context,
-    WorkerProcess,
-    _cleanup_amqp,
-    add_worker_options,
-    print_configs,
-    run_header,
-    write_json,
-)
+from .suite import _cleanup_amqp, print_configs, run_header, write_json
 from .throughput import BROKERS, _sweep_redis, bounded
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -47,22 +47,14 @@ from urllib.parse import urlsplit
 import structlog
 
 from ._record import measure, target_lines
+from ._systems import Context, _bin, add_worker_options, close_mqtasks_app, mqtasks_worker_argv
+from ._workers import Records, WorkerProcess, percentiles, tree_cpu_s, wait_count
 from .suite import (
-    Context,
-    Records,
-    WorkerProcess,
-    _bin,
     _cleanup_amqp,
-    add_worker_options,
-    close_mqtasks_app,
-    mqtasks_worker_argv,
-    percentiles,
     print_configs,
     publish_threads,
     redis_commands,
     run_header,
-    tree_cpu_s,
-    wait_count,
     write_json,
 )
 from .throughput import BROKERS, _sweep_redis, bounded
