@@ -16,11 +16,14 @@ from typing import Any
 import pytest
 import structlog
 from click.testing import CliRunner
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mqtasks import App, CircuitBreaker
 from mqtasks.cli import cli
 from mqtasks.exceptions import ConfigurationError, SkipMessage
-from mqtasks.middleware import Middleware
+from mqtasks.middleware import Middleware, OpenTelemetryTracing, StatsdMetrics
 from mqtasks.middleware.circuits import (
     Circuits,
     circuit_status,
@@ -30,6 +33,7 @@ from mqtasks.middleware.circuits import (
 from mqtasks.testing import drain, running_worker
 from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
 from tests._helpers.redis import delete_keys
+from tests._helpers.statsd import StatsdServer
 from tests._helpers.wait import wait_for
 
 Log = MutableMapping[str, Any]
@@ -299,6 +303,40 @@ def test_the_operator_functions_refuse_an_unknown_circuit(make_app: Callable[...
         close_circuit(app, "nope")
     with pytest.raises(ConfigurationError, match="positive"):
         open_circuit(app, "dep", for_seconds=0)
+
+
+def test_transitions_reach_statsd_and_the_span(
+    make_app: Callable[..., App], statsd_server: StatsdServer
+) -> None:
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    circuits = [breaker(failure_threshold=2, reset_timeout=60)]
+    app = make_app("memory://", backend="memory://", circuits=circuits)
+    app.middleware[:] = [OpenTelemetryTracing(provider), StatsdMetrics(statsd_server.url)]
+
+    @app.task(circuit="dep", max_retries=0)
+    def call(n: int) -> None:
+        raise ConnectionError("down")
+
+    seen = install(app)
+    with running_worker(app, concurrency=1):
+        call.delay(1)
+        call.delay(2)
+        wait_for(lambda: state(app) == "open", "the circuit to open")
+        waiting = call.delay(3)
+        wait_for(lambda: seen.of(waiting.id) == [(1, "skip")], "the task to be deferred")
+    close_circuit(app, "dep")
+    statsd_server.wait_for(
+        lambda: statsd_server.count("mqtasks.circuit.closed.dep") == 1, "the closing"
+    )
+    assert statsd_server.count("mqtasks.circuit.opened.dep") == 1
+    assert statsd_server.gauge("mqtasks.circuit.state.dep") == 0
+    assert 2.0 in [v for v, t in statsd_server.stats("mqtasks.circuit.state.dep") if t == "g"]
+    names = [e.name for span in exporter.get_finished_spans() for e in span.events]
+    assert names.count("mqtasks.circuit.opened") == 1
+    assert names.count("mqtasks.circuit.deferred") >= 1
+    provider.shutdown()
 
 
 # -- the command line ------------------------------------------------------------------

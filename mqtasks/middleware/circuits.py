@@ -220,7 +220,6 @@ class Circuits(Middleware):
         # name -> (monotonic time the entry expires, the open record or None for closed)
         self._cache: dict[str, tuple[float, _Open | None]] = {}
         self._local = threading.local()
-        self._owner = f"{socket.gethostname()}:{os.getpid()}"
 
     def __repr__(self) -> str:
         return "Circuits()"
@@ -311,7 +310,7 @@ class Circuits(Middleware):
         """Claim the half-open probe for ``message``; return whether it runs now."""
         backend = app.backend
         ttl = max(PROBE_TTL, 2 * (task.time_limit or 0.0))
-        owner = f"{self._owner}:{message.id}"
+        owner = f"{socket.gethostname()}:{os.getpid()}:{message.id}"
         if not backend.set_if_absent(_key(breaker.name, "probe"), owner.encode(), ttl):
             return False
         # Read again: the circuit may have closed, or opened again, since it was cached.
