@@ -5,6 +5,7 @@ operator functions and ``mqtasks circuit``."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -384,6 +385,9 @@ def test_the_cli_opens_and_closes_a_circuit_in_the_backend() -> None:
         shown = mqtasks("circuit", "status", "-A", target, prefix=prefix)
         assert shown.returncode == 0, shown.stderr
         assert "payments  open (forced)" in shown.stdout
+        shown = mqtasks("circuit", "-A", target, "status", "--json", prefix=prefix)
+        rows = {r["name"]: r for r in json.loads(shown.stdout)}
+        assert rows["payments"]["forced"] and rows["mail"]["state"] == "closed"
         done = mqtasks("circuit", "-A", target, "close", "payments", prefix=prefix)
         assert done.returncode == 0, done.stderr
         assert {s["name"]: s["state"] for s in circuit_status(app)}["payments"] == "closed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import click
 
@@ -12,7 +13,7 @@ from ..exceptions import ConfigurationError, MQTasksError
 from ..middleware.circuits import circuit_status, close_circuit, open_circuit
 from . import cli, configure_logging, load_app, table
 
-__all__ = ["CIRCUIT_EPILOG", "circuit_group"]
+__all__ = ["CIRCUIT_EPILOG", "circuit_group", "circuit_table"]
 
 #: The end of ``mqtasks circuit --help``: examples and exit codes.
 CIRCUIT_EPILOG = """\b
@@ -78,13 +79,17 @@ def _run(action: str, name: str | None, for_seconds: float | None, app_path: str
         app.close()
 
 
-def _show(rows: list[dict[str, object]], *, as_json: bool) -> None:
+def _show(rows: list[dict[str, Any]], *, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows))
-        return
-    if not rows:
+    elif not rows:
         click.echo("the app declares no circuit")
-        return
+    else:
+        click.echo(circuit_table(rows))
+
+
+def circuit_table(rows: list[dict[str, Any]]) -> str:
+    """Lay out :func:`~mqtasks.middleware.circuits.circuit_status` rows as a table."""
     lines = [
         [
             str(r["name"]),
@@ -95,7 +100,7 @@ def _show(rows: list[dict[str, object]], *, as_json: bool) -> None:
         ]
         for r in rows
     ]
-    click.echo(table(lines, ["CIRCUIT", "STATE", "FAILURES", "OPENED AT", "HALF-OPEN AT"]))
+    return table(lines, ["CIRCUIT", "STATE", "FAILURES", "OPENED AT", "HALF-OPEN AT"])
 
 
 @circuit_group.command(name="open")
