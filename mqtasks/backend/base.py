@@ -14,6 +14,7 @@ Every implementation passes the same behaviour tests (``tests/backend``).
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol
 
@@ -68,6 +69,8 @@ class TokenGrant(NamedTuple):
     wait: float
     #: Tokens in the bucket after the operation (below zero: reserved ahead).
     tokens: float
+    #: Tokens taken: 0 when refused; more than 1 only when ``count`` asked for more.
+    taken: int = 1
 
 
 class BucketState(NamedTuple):
@@ -82,7 +85,13 @@ class BucketState(NamedTuple):
 
 
 def token_bucket_step(
-    state: BucketState | None, now: float, *, rate: float, capacity: float, max_wait: float
+    state: BucketState | None,
+    now: float,
+    *,
+    rate: float,
+    capacity: float,
+    max_wait: float,
+    count: int = 1,
 ) -> tuple[TokenGrant, BucketState, float]:
     """One :meth:`Backend.take_token` on ``state`` (None: absent, a full bucket) at ``now``.
 
@@ -96,6 +105,10 @@ def token_bucket_step(
     (``1 / rate``) apart, after the reserved tokens, so that refused callers
     come back one by one instead of all at once.
 
+    A caller asking ``count`` tokens gets more than one only from the upper
+    half of the bucket (where the rate is far from reached), as many as are
+    whole there, up to ``count``; below it, one.
+
     Returns:
         The grant, the new state, and the seconds the state must be kept
         (after which it equals a full bucket).
@@ -107,8 +120,9 @@ def token_bucket_step(
         tokens = min(capacity, state.tokens + max(0.0, now - state.ts) * rate)
         queued = state.queued
     if tokens >= 1:
-        tokens -= 1
-        grant = TokenGrant(True, 0.0, tokens)
+        taken = max(1, min(count, math.floor(tokens - capacity / 2)))
+        tokens -= taken
+        grant = TokenGrant(True, 0.0, tokens, taken)
     else:
         wait = (1 - tokens) * interval
         if wait <= max_wait:
@@ -116,7 +130,7 @@ def token_bucket_step(
             grant = TokenGrant(True, wait, tokens)
         else:
             queued = max(now + wait, queued + interval)
-            grant = TokenGrant(False, queued - now, tokens)
+            grant = TokenGrant(False, queued - now, tokens, 0)
     keep = max((capacity - tokens) * interval, queued - now) + 1.0
     return grant, BucketState(tokens, now, queued), keep
 
@@ -309,8 +323,10 @@ class Backend(abc.ABC):
     # -- flow control: a token bucket and lease-based slots ---------------------------------
 
     @abc.abstractmethod
-    def take_token(self, key: str, *, rate: float, capacity: float, max_wait: float) -> TokenGrant:
-        """Take a token from the bucket ``key``, in one atomic operation.
+    def take_token(
+        self, key: str, *, rate: float, capacity: float, max_wait: float, count: int = 1
+    ) -> TokenGrant:
+        """Take a token (or up to ``count``) from the bucket ``key``, in one atomic operation.
 
         See :func:`token_bucket_step` for the semantics: a token now, a token
         reserved ``wait`` s ahead (``wait <= max_wait``), or a refusal with the
@@ -322,6 +338,7 @@ class Backend(abc.ABC):
             rate: Tokens added per second.
             capacity: Most tokens the bucket holds (the burst), at least 1.
             max_wait: Longest wait for a token the caller accepts, in seconds.
+            count: Most tokens to take at once (see :func:`token_bucket_step`).
         """
 
     @abc.abstractmethod

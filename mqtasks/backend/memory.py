@@ -275,12 +275,19 @@ class MemoryBackend(Backend):
             return None
         return None if found is None else found[0]
 
-    def take_token(self, key: str, *, rate: float, capacity: float, max_wait: float) -> TokenGrant:
+    def take_token(
+        self, key: str, *, rate: float, capacity: float, max_wait: float, count: int = 1
+    ) -> TokenGrant:
         """One step of the bucket ``key`` under the lock (see :func:`token_bucket_step`)."""
         with self._cond:
             now = time.monotonic()
             grant, state, keep = token_bucket_step(
-                self._bucket(key, now), now, rate=rate, capacity=capacity, max_wait=max_wait
+                self._bucket(key, now),
+                now,
+                rate=rate,
+                capacity=capacity,
+                max_wait=max_wait,
+                count=count,
             )
             self._buckets[key] = (state, now + keep)
             return grant

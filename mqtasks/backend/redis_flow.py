@@ -18,13 +18,15 @@ script: the same steps, in the same order.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import redis
 
 from .base import TokenGrant
 
 if TYPE_CHECKING:
-    import redis
     from redis.commands.core import Script
 
 __all__ = ["FLOW_SCRIPTS", "RedisFlow"]
@@ -34,8 +36,9 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 """
 
-# KEYS[1] bucket. ARGV[1] rate (tokens per second), ARGV[2] capacity, ARGV[3] max wait (s).
-# Replies as strings: Redis would cut Lua numbers to integers.
+# KEYS[1] bucket. ARGV[1] rate (tokens per second), ARGV[2] capacity, ARGV[3] max wait (s),
+# ARGV[4] most tokens to take. Replies {granted, wait, tokens, taken}, wait and tokens as
+# strings: Redis would cut Lua numbers to integers.
 _TAKE_TOKEN = (
     _NOW
     + """
@@ -47,15 +50,16 @@ if state[1] then
   tokens = math.min(capacity, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * rate)
   queued = tonumber(state[3])
 end
-local granted, wait = 1, 0
+local granted, wait, taken = 1, 0, 1
 if tokens >= 1 then
-  tokens = tokens - 1
+  taken = math.max(1, math.min(tonumber(ARGV[4]), math.floor(tokens - capacity / 2)))
+  tokens = tokens - taken
 else
   wait = (1 - tokens) * interval
   if wait <= max_wait then
     tokens = tokens - 1
   else
-    granted = 0
+    granted, taken = 0, 0
     queued = math.max(now + wait, queued + interval)
     wait = queued - now
   end
@@ -63,7 +67,7 @@ end
 redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(now), 'q', tostring(queued))
 local keep = math.max((capacity - tokens) * interval, queued - now) + 1
 redis.call('PEXPIRE', KEYS[1], math.ceil(keep * 1000))
-return {granted, tostring(wait), tostring(tokens)}
+return {granted, tostring(wait), tostring(tokens), taken}
 """
 )
 
@@ -123,6 +127,9 @@ FLOW_SCRIPTS = {
 }
 
 
+_TAKE_TOKEN_SHA = hashlib.sha1(_TAKE_TOKEN.encode()).hexdigest()
+
+
 class RedisFlow:
     """The flow-control operations, mixed into :class:`~mqtasks.backend.redis.RedisBackend`."""
 
@@ -138,13 +145,40 @@ class RedisFlow:
     def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:  # pragma: no cover
         raise NotImplementedError
 
-    def take_token(self, key: str, *, rate: float, capacity: float, max_wait: float) -> TokenGrant:
+    def take_token(
+        self, key: str, *, rate: float, capacity: float, max_wait: float, count: int = 1
+    ) -> TokenGrant:
         """One bucket step (one script), on the server's clock."""
+        args = (self.key(key), repr(rate), repr(capacity), repr(max_wait), str(count))
         with self._errors(f"take a token of {key!r}"):
-            granted, wait, tokens = self._script("take_token")(
-                keys=[self.key(key)], args=[repr(rate), repr(capacity), repr(max_wait)]
-            )
-        return TokenGrant(bool(granted), float(wait), float(tokens))
+            granted, wait, tokens, taken = self._take_token_call(args)
+        return TokenGrant(bool(granted), float(wait), float(tokens), int(taken))
+
+    def _take_token_call(self, args: tuple[str, ...]) -> Any:
+        """``EVALSHA`` straight on a pooled connection (the script loaded if Redis lacks it).
+
+        It runs once per limited task: the client's per-command path (its retry
+        wrapper and bookkeeping) costs more CPU than the round trip, as for the
+        result backend's stores. The reply is read whole, so the connection goes
+        back to the pool clean, or is dropped on any other error.
+        """
+        pool = self.client().connection_pool
+        conn = pool.get_connection()
+        try:
+            command = conn.pack_command("EVALSHA", _TAKE_TOKEN_SHA, 1, *args)
+            conn.send_packed_command(command, check_health=False)
+            try:
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:  # after a restart or SCRIPT FLUSH
+                conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", _TAKE_TOKEN))
+                conn.read_response()
+                conn.send_packed_command(command, check_health=False)
+                return conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def peek_tokens(self, key: str, *, rate: float, capacity: float) -> float:
         """Read the bucket's tokens now (one script; nothing written)."""

@@ -59,6 +59,8 @@ __all__ = [
     "MAX_CONCURRENCY_BACKOFF",
     "SHORT_WAIT",
     "SLOT_TTL",
+    "SPARE_BATCH",
+    "SPARE_TTL",
     "Limits",
     "bucket_capacity",
     "limit_status",
@@ -85,6 +87,13 @@ SLOT_TTL = 30.0
 CONCURRENCY_BACKOFF = 0.5
 #: The longest deferral of a task refused a slot, in seconds.
 MAX_CONCURRENCY_BACKOFF = 15.0
+#: Seconds a worker may keep tokens it took ahead: a bucket far from its limit (more
+#: than half full) hands a worker several tokens in one operation, which its next
+#: tasks use within this time (unused ones are dropped: the rate is never exceeded,
+#: a use moves by at most this much). Only for rates where that is several tokens.
+SPARE_TTL = 0.05
+#: Most tokens taken in one operation.
+SPARE_BATCH = 16
 #: Header: how many times this message was refused a concurrency slot.
 HEADER_WAITS = "mqtasks-limit-waits"
 
@@ -161,6 +170,8 @@ class Limits(Middleware):
         self._held: dict[str, tuple[str, int]] = {}
         self._backend: Backend | None = None
         self._renewer: threading.Thread | None = None
+        #: Tokens taken ahead, per bucket: (how many, monotonic time they are good until).
+        self._spare: dict[str, tuple[int, float]] = {}
         self._wake = threading.Event()
 
     def __repr__(self) -> str:
@@ -261,9 +272,23 @@ class Limits(Middleware):
             bound = task.signature.bind(*message.args, **message.kwargs)
             bound.apply_defaults()
             key = rate_bucket(task.name, bound.arguments.get(rate_key), keyed=True)
+        if self._spare and self._take_spare(key):
+            return
+        count = max(1, min(SPARE_BATCH, int(rate.per_second * SPARE_TTL)))
         grant = worker.app.backend.take_token(
-            key, rate=rate.per_second, capacity=bucket_capacity(rate), max_wait=self.short_wait
+            key,
+            rate=rate.per_second,
+            capacity=bucket_capacity(rate),
+            max_wait=self.short_wait,
+            count=count,
         )
+        if grant.taken > 1:
+            with self._lock:
+                if len(self._spare) > 1000:  # drop the stale ones of many keyed buckets
+                    now = time.monotonic()
+                    self._spare = {k: v for k, v in self._spare.items() if v[1] > now}
+                left, _ = self._spare.get(key, (0, 0.0))
+                self._spare[key] = (left + grant.taken - 1, time.monotonic() + SPARE_TTL)
         if grant.granted:
             if grant.wait > 0:
                 logger.debug(
@@ -287,6 +312,22 @@ class Limits(Middleware):
         _span_event("mqtasks.rate_limited", {"mqtasks.limit.delay": delay})
         worker.defer(message, delay, "rate_limited")
         raise SkipMessage(f"rate_limit {rate} of {task.name}: deferred {delay:.3f} s")
+
+    def _take_spare(self, key: str) -> bool:
+        """Use a token taken ahead for ``key`` if one is left and still good."""
+        with self._lock:
+            spare = self._spare.get(key)
+            if spare is None:
+                return False
+            left, until = spare
+            if until <= time.monotonic():
+                del self._spare[key]
+                return False
+            if left > 1:
+                self._spare[key] = (left - 1, until)
+            else:
+                del self._spare[key]
+            return True
 
     def after_process(
         self,

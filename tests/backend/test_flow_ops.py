@@ -8,11 +8,13 @@ import functools
 import itertools
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from mqtasks.backend import Backend
+from mqtasks.backend import Backend, resolve
 from mqtasks.backend.base import BucketState, token_bucket_step
+from tests._helpers.servers import start_redis, stop
 from tests._helpers.wait import wait_for
 from tests.backend.test_behaviour import THREADS, race
 
@@ -30,6 +32,7 @@ def test_the_reference_step_takes_reserves_then_refuses_on_a_schedule() -> None:
     assert [round(g.wait, 6) for g in grants] == [0, 0, 0.1, 0.2, 0.3, 0.4]
     assert state is not None and state.tokens == pytest.approx(-2.0)
     assert keep == pytest.approx(4 * 0.1 + 1.0)  # refilled to 2 tokens in 0.4 s, kept 1 s more
+    assert [g.taken for g in grants] == [1, 1, 1, 1, 0, 0]
     # A second later the bucket is full again: a token at once.
     grant, state, _ = step(state, 101.0)
     assert grant.granted and grant.wait == 0 and grant.tokens == pytest.approx(1.0)
@@ -54,6 +57,16 @@ def test_a_bucket_grants_its_burst_then_reserves_short_waits_then_defers(
     # Refilled at 10 per second: after 0.35 s a token is there again.
     time.sleep(0.35)
     assert take(max_wait=0).granted
+
+
+def test_more_tokens_at_once_come_only_from_the_upper_half_of_the_bucket(
+    backend: Backend,
+) -> None:
+    take = functools.partial(backend.take_token, "flow:rate:n", rate=0.01, capacity=10.0)
+    first = take(max_wait=0, count=16)
+    assert first.granted and first.taken == 5 and first.tokens == pytest.approx(5.0)
+    # At half, one at a time: the last tokens are shared token by token.
+    assert [take(max_wait=0, count=16).taken for _ in range(6)] == [1, 1, 1, 1, 1, 0]
 
 
 def test_an_absent_bucket_is_full_and_a_full_bucket_is_not_kept(backend: Backend) -> None:
@@ -130,3 +143,17 @@ def test_racing_acquirers_never_exceed_the_limit(backend: Backend) -> None:
     assert sum(acquired for acquired, _ in results) == 3
     assert all(held <= 3 for _, held in results)
     assert backend.slots_held("flow:slots:race") == 3
+
+
+@pytest.mark.integration
+def test_the_redis_bucket_loads_its_script_again_after_a_flush(tmp_path: Path) -> None:
+    proc, port = start_redis(tmp_path)
+    backend = resolve(f"redis://127.0.0.1:{port}/0")
+    try:
+        assert backend.take_token("b", rate=1.0, capacity=2.0, max_wait=0).granted
+        backend.client().script_flush()  # as after a restart: the script is unknown
+        grant = backend.take_token("b", rate=1.0, capacity=2.0, max_wait=0)
+        assert grant.granted and grant.tokens < 1
+    finally:
+        backend.close()
+        stop(proc)

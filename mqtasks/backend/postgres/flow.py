@@ -45,7 +45,9 @@ class PostgresFlow:
     def _wrote(self) -> None:  # pragma: no cover - PostgresBackend's
         raise NotImplementedError
 
-    def take_token(self, key: str, *, rate: float, capacity: float, max_wait: float) -> TokenGrant:
+    def take_token(
+        self, key: str, *, rate: float, capacity: float, max_wait: float, count: int = 1
+    ) -> TokenGrant:
         """Lock the bucket's row (an upsert), step it, write it back: one transaction."""
         name = self._key(key)
         with self._transaction(f"take a token of {key!r}") as conn:
@@ -54,7 +56,7 @@ class PostgresFlow:
             tokens, ts, queued, live, now = row
             state = BucketState(float(tokens), float(ts), float(queued)) if live else None
             grant, new, keep = token_bucket_step(
-                state, float(now), rate=rate, capacity=capacity, max_wait=max_wait
+                state, float(now), rate=rate, capacity=capacity, max_wait=max_wait, count=count
             )
             params = {"key": name, "tokens": new.tokens, "ts": new.ts, "queued": new.queued}
             conn.execute(self._sql["bucket_write"], {**params, "ttl": keep})
