@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mqtasks.backend import Backend, resolve
+from mqtasks.backend import Backend
+from mqtasks.backend.redis import RedisBackend
 from mqtasks.backend.base import BucketState, token_bucket_step
 from tests._helpers.servers import start_redis, stop
 from tests._helpers.wait import wait_for
@@ -148,7 +149,7 @@ def test_racing_acquirers_never_exceed_the_limit(backend: Backend) -> None:
 @pytest.mark.integration
 def test_the_redis_bucket_loads_its_script_again_after_a_flush(tmp_path: Path) -> None:
     proc, port = start_redis(tmp_path)
-    backend = resolve(f"redis://127.0.0.1:{port}/0")
+    backend = RedisBackend(f"redis://127.0.0.1:{port}/0")
     try:
         assert backend.take_token("b", rate=1.0, capacity=2.0, max_wait=0).granted
         backend.client().script_flush()  # as after a restart: the script is unknown
