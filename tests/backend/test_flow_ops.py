@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from mqtasks.backend import Backend
-from mqtasks.backend.redis import RedisBackend
 from mqtasks.backend.base import BucketState, token_bucket_step
+from mqtasks.backend.redis import RedisBackend
 from tests._helpers.servers import start_redis, stop
 from tests._helpers.wait import wait_for
 from tests.backend.test_behaviour import THREADS, race
