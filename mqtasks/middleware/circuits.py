@@ -42,7 +42,6 @@ import os
 import random
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -219,7 +218,9 @@ class Circuits(Middleware):
         self._backoff = DeferBackoff(defer_delay, max_defer_delay)
         # name -> (monotonic time the entry expires, the open record or None for closed)
         self._cache: dict[str, tuple[float, _Open | None]] = {}
-        self._local = threading.local()
+        # Message id -> circuit name of the probes this worker runs. By id, not per
+        # thread: a task given up past its time limit is settled from another thread.
+        self._probes: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return "Circuits()"
@@ -247,7 +248,6 @@ class Circuits(Middleware):
             SkipMessage: The circuit is open, or half-open with another task as
                 its probe, or the backend cannot be read: the message was deferred.
         """
-        self._local.probe = None
         breaker, task = _circuit_of(worker, message)
         if breaker is None or task is None:
             return
@@ -320,7 +320,7 @@ class Circuits(Middleware):
         if record is None or record.state(now) != HALF_OPEN:
             backend.delete(_key(breaker.name, "probe"))
             return record is None
-        self._local.probe = (breaker.name, message.id)
+        self._probes[message.id] = breaker.name
         _announce(
             app,
             "circuit.half_open",
@@ -342,12 +342,12 @@ class Circuits(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         """Settle the probe, or count a ``trip_on`` failure (opening the circuit at the threshold)."""
-        probe, self._local.probe = getattr(self._local, "probe", None), None
+        probe = self._probes.pop(message.id, None)
         breaker, _ = _circuit_of(worker, message)
         if breaker is None:
             return
         try:
-            if probe == (breaker.name, message.id):
+            if probe == breaker.name:
                 self._settle_probe(worker.app, breaker, message, exception)
             elif _counts(breaker, exception):
                 self._count(worker.app, breaker, message, exception)
