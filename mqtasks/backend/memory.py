@@ -278,7 +278,7 @@ class MemoryBackend(Backend):
     def take_token(
         self, key: str, *, rate: float, capacity: float, max_wait: float, count: int = 1
     ) -> TokenGrant:
-        """One step of the bucket ``key`` under the lock (see :func:`token_bucket_step`)."""
+        """One step of the bucket ``key`` under the lock (see :func:`~mqtasks.backend.base.token_bucket_step`)."""
         with self._cond:
             now = time.monotonic()
             grant, state, keep = token_bucket_step(

@@ -25,8 +25,8 @@ Keys, each behind the backend's ``key_prefix`` (``mqtasks:``):
   on the server's clock; expired members are dropped by the next write or
   listing. Each revocation (and removal) is published on the channel
   ``<p>db<n>:revoked`` (``mqtasks.backend.redis_pubsub`` listens to it).
-* flow control (:mod:`.redis_flow`): token buckets and concurrency slots, as
-  coordination keys.
+* flow control (``mqtasks.backend.redis_flow``, where its scripts and
+  methods are): token buckets and concurrency slots, as coordination keys.
 * ``<p>lease-tokens``: the counter tokens are drawn from. One counter for all
   leases, never expiring: a per-lease counter would have to outlive its lease
   for tokens to keep growing, and leases named after task ids are many.
@@ -53,8 +53,9 @@ from redis.retry import Retry
 from .._url import mask_url, redact
 from ..exceptions import BackendError, ConfigurationError
 from ..transport.tls import TLSOptions, tls_failure
+from . import redis_flow
 from .base import Backend, ResultWrite, Revocation, RevocationListener, Watch
-from .redis_flow import FLOW_SCRIPTS, RedisFlow
+from .redis_flow import FLOW_SCRIPTS
 from .redis_pubsub import listen_pubsub
 from .watch import WatchThread, encode_notice
 
@@ -201,7 +202,7 @@ def _decode(raw: bytes | None) -> tuple[bytes, bool] | None:
     return raw[1:], raw[:1] == _FINAL
 
 
-class RedisBackend(RedisFlow, Backend):
+class RedisBackend(Backend):
     """Results and coordination state on Redis; thread-safe (one connection pool).
 
     Args:
@@ -540,6 +541,15 @@ class RedisBackend(RedisFlow, Backend):
         if owner is None or token is None:
             return None
         return owner.decode(), int(token)
+
+    # -- flow control (mqtasks.backend.redis_flow) ----------------------------------------------
+
+    take_token = redis_flow.take_token
+    peek_tokens = redis_flow.peek_tokens
+    acquire_slot = redis_flow.acquire_slot
+    renew_slots = redis_flow.renew_slots
+    release_slot = redis_flow.release_slot
+    slots_held = redis_flow.slots_held
 
     # -- revocations --------------------------------------------------------------------------
 

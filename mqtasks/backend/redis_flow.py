@@ -17,7 +17,6 @@ script: the same steps, in the same order.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,9 +26,17 @@ import redis
 from .base import TokenGrant
 
 if TYPE_CHECKING:
-    from redis.commands.core import Script
+    from .redis import RedisBackend
 
-__all__ = ["FLOW_SCRIPTS", "RedisFlow"]
+__all__ = [
+    "FLOW_SCRIPTS",
+    "acquire_slot",
+    "peek_tokens",
+    "release_slot",
+    "renew_slots",
+    "slots_held",
+    "take_token",
+]
 
 _NOW = """
 local clock = redis.call('TIME')
@@ -130,84 +137,77 @@ FLOW_SCRIPTS = {
 _TAKE_TOKEN_SHA = hashlib.sha1(_TAKE_TOKEN.encode()).hexdigest()
 
 
-class RedisFlow:
-    """The flow-control operations, mixed into :class:`~mqtasks.backend.redis.RedisBackend`."""
+def take_token(
+    self: RedisBackend, key: str, *, rate: float, capacity: float, max_wait: float, count: int = 1
+) -> TokenGrant:
+    """One bucket step (one script), on the server's clock."""
+    args = (self.key(key), repr(rate), repr(capacity), repr(max_wait), str(count))
+    with self._errors(f"take a token of {key!r}"):
+        granted, wait, tokens, taken = _take_token_call(self, args)
+    return TokenGrant(bool(granted), float(wait), float(tokens), int(taken))
 
-    def key(self, key: str) -> str:  # pragma: no cover - RedisBackend's
-        raise NotImplementedError
 
-    def client(self) -> redis.Redis[bytes]:  # pragma: no cover - RedisBackend's
-        raise NotImplementedError
+def _take_token_call(self: RedisBackend, args: tuple[str, ...]) -> Any:
+    """``EVALSHA`` straight on a pooled connection (the script loaded if Redis lacks it).
 
-    def _script(self, name: str) -> Script:  # pragma: no cover - RedisBackend's
-        raise NotImplementedError
-
-    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:  # pragma: no cover
-        raise NotImplementedError
-
-    def take_token(
-        self, key: str, *, rate: float, capacity: float, max_wait: float, count: int = 1
-    ) -> TokenGrant:
-        """One bucket step (one script), on the server's clock."""
-        args = (self.key(key), repr(rate), repr(capacity), repr(max_wait), str(count))
-        with self._errors(f"take a token of {key!r}"):
-            granted, wait, tokens, taken = self._take_token_call(args)
-        return TokenGrant(bool(granted), float(wait), float(tokens), int(taken))
-
-    def _take_token_call(self, args: tuple[str, ...]) -> Any:
-        """``EVALSHA`` straight on a pooled connection (the script loaded if Redis lacks it).
-
-        It runs once per limited task: the client's per-command path (its retry
-        wrapper and bookkeeping) costs more CPU than the round trip, as for the
-        result backend's stores. The reply is read whole, so the connection goes
-        back to the pool clean, or is dropped on any other error.
-        """
-        pool = self.client().connection_pool
-        conn = pool.get_connection()
+    It runs once per limited task: the client's per-command path (its retry
+    wrapper and bookkeeping) costs more CPU than the round trip, as for the
+    result backend's stores. The reply is read whole, so the connection goes
+    back to the pool clean, or is dropped on any other error.
+    """
+    pool = self.client().connection_pool
+    conn = pool.get_connection()
+    try:
+        command = conn.pack_command("EVALSHA", _TAKE_TOKEN_SHA, 1, *args)
+        conn.send_packed_command(command, check_health=False)
         try:
-            command = conn.pack_command("EVALSHA", _TAKE_TOKEN_SHA, 1, *args)
+            return conn.read_response()
+        except redis.exceptions.NoScriptError:  # after a restart or SCRIPT FLUSH
+            conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", _TAKE_TOKEN))
+            conn.read_response()
             conn.send_packed_command(command, check_health=False)
-            try:
-                return conn.read_response()
-            except redis.exceptions.NoScriptError:  # after a restart or SCRIPT FLUSH
-                conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", _TAKE_TOKEN))
-                conn.read_response()
-                conn.send_packed_command(command, check_health=False)
-                return conn.read_response()
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
+            return conn.read_response()
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
 
-    def peek_tokens(self, key: str, *, rate: float, capacity: float) -> float:
-        """Read the bucket's tokens now (one script; nothing written)."""
-        with self._errors(f"read the bucket {key!r}"):
-            return float(
-                self._script("peek_tokens")(keys=[self.key(key)], args=[repr(rate), repr(capacity)])
-            )
 
-    def acquire_slot(self, key: str, owner: str, *, limit: int, ttl: float) -> tuple[bool, int]:
-        """Drop the expired slots, count, and add ``owner`` if one is free (one script)."""
-        with self._errors(f"acquire a slot of {key!r}"):
-            acquired, held = self._script("acquire_slot")(
-                keys=[self.key(key)], args=[owner, limit, repr(ttl)]
-            )
-        return bool(acquired), int(held)
+def peek_tokens(self: RedisBackend, key: str, *, rate: float, capacity: float) -> float:
+    """Read the bucket's tokens now (one script; nothing written)."""
+    with self._errors(f"read the bucket {key!r}"):
+        return float(
+            self._script("peek_tokens")(keys=[self.key(key)], args=[repr(rate), repr(capacity)])
+        )
 
-    def renew_slots(self, key: str, owners: Sequence[str], ttl: float) -> int:
-        """``ZADD XX`` each live owner's new expiry (one script)."""
-        if not owners:
-            return 0
-        with self._errors(f"renew the slots of {key!r}"):
-            return int(self._script("renew_slots")(keys=[self.key(key)], args=[repr(ttl), *owners]))
 
-    def release_slot(self, key: str, owner: str) -> None:
-        """``ZREM`` the owner."""
-        with self._errors(f"release a slot of {key!r}"):
-            self.client().zrem(self.key(key), owner)
+def acquire_slot(
+    self: RedisBackend, key: str, owner: str, *, limit: int, ttl: float
+) -> tuple[bool, int]:
+    """Drop the expired slots, count, and add ``owner`` if one is free (one script)."""
+    with self._errors(f"acquire a slot of {key!r}"):
+        acquired, held = self._script("acquire_slot")(
+            keys=[self.key(key)], args=[owner, limit, repr(ttl)]
+        )
+    return bool(acquired), int(held)
 
-    def slots_held(self, key: str) -> int:
-        """``ZCOUNT`` the unexpired owners (one script, on the server's clock)."""
-        with self._errors(f"read the slots of {key!r}"):
-            return int(self._script("slots_held")(keys=[self.key(key)]))
+
+def renew_slots(self: RedisBackend, key: str, owners: Sequence[str], ttl: float) -> int:
+    """``ZADD XX`` each live owner's new expiry (one script)."""
+    if not owners:
+        return 0
+    with self._errors(f"renew the slots of {key!r}"):
+        return int(self._script("renew_slots")(keys=[self.key(key)], args=[repr(ttl), *owners]))
+
+
+def release_slot(self: RedisBackend, key: str, owner: str) -> None:
+    """``ZREM`` the owner."""
+    with self._errors(f"release a slot of {key!r}"):
+        self.client().zrem(self.key(key), owner)
+
+
+def slots_held(self: RedisBackend, key: str) -> int:
+    """``ZCOUNT`` the unexpired owners (one script, on the server's clock)."""
+    with self._errors(f"read the slots of {key!r}"):
+        return int(self._script("slots_held")(keys=[self.key(key)]))

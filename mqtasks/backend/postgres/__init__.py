@@ -16,7 +16,7 @@ not trip over each other's ``CREATE TABLE``:
   removal) is also a ``NOTIFY <t>revocations`` in its transaction, which
   :meth:`PostgresBackend.watch_revocations` LISTENs to.
 * ``<t>buckets`` and ``<t>slots``: token buckets and concurrency slots
-  (:mod:`.flow`).
+  (``mqtasks.backend.postgres.flow``, where their methods are).
 
 Waiting for a result (:mod:`.listener`): one LISTEN connection per backend,
 shared by the waiting calls of the process. Times are the server's (``now()``),
@@ -44,7 +44,7 @@ from ...exceptions import BackendError, ConfigurationError
 from ...transport.tls import TLSOptions
 from ..base import Backend, ResultWrite, Revocation, RevocationListener, Watch
 from ..watch import WatchThread, encode_notice
-from .flow import PostgresFlow
+from . import flow
 from .listener import Listener, listen_notifies
 from .schema import EXPIRING, SQL, TABLES
 
@@ -78,7 +78,7 @@ def _libpq_tls(tls: TLSOptions) -> dict[str, str]:
     return params
 
 
-class PostgresBackend(PostgresFlow, Backend):
+class PostgresBackend(Backend):
     """Results and coordination state in PostgreSQL tables; thread-safe (a connection pool).
 
     :meth:`wait_result` calls share one LISTEN connection (and its thread),
@@ -492,6 +492,15 @@ class PostgresBackend(PostgresFlow, Backend):
         with self._transaction(f"read the lease {name!r}") as conn:
             row = conn.execute(self._sql["holder"], [self._key(name)]).fetchone()
         return None if row is None else (str(row[0]), int(row[1]))
+
+    # -- flow control (mqtasks.backend.postgres.flow) -----------------------------------------
+
+    take_token = flow.take_token
+    peek_tokens = flow.peek_tokens
+    acquire_slot = flow.acquire_slot
+    renew_slots = flow.renew_slots
+    release_slot = flow.release_slot
+    slots_held = flow.slots_held
 
     # -- revocations -------------------------------------------------------------------------
 
