@@ -4,10 +4,15 @@ with the memory backend, and on RabbitMQ and Redis with the Redis result backend
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -229,6 +234,70 @@ def test_a_slot_held_by_a_dead_holder_frees_after_its_ttl(limited_app: App) -> N
 
     assert len(ran) == 1 and ran[0] - taken >= 1.4
     assert app.backend.slots_held(slots_key(export.name)) == 0
+
+
+_HOLDER = """
+import pathlib, sys, time
+from mqtasks import App
+from mqtasks.middleware.limits import Limits
+from mqtasks.worker import Worker
+
+url, prefix, queue, started = sys.argv[1:5]
+app = App("t", broker=url, backend=url, backend_key_prefix=prefix, default_queue=queue,
+          transport_options={"key_prefix": prefix + "broker"})
+
+@app.task(name="limits.hold", concurrency_limit=1)
+def hold() -> None:
+    pathlib.Path(started).write_text("1")
+    time.sleep(120)
+
+app.middleware.append(Limits.for_app(app, slot_ttl=1.5))
+Worker(app, concurrency=1).start()
+time.sleep(300)
+"""
+
+
+@pytest.mark.integration
+def test_the_slot_of_a_sigkilled_worker_frees_itself(
+    make_app: Callable[..., App], tmp_path: Path
+) -> None:
+    url = require_broker("redis")
+    prefix = unique_name("limits-kill") + ":"
+    app = make_app(
+        url,
+        backend=url,
+        backend_key_prefix=prefix,
+        transport_options={"key_prefix": prefix + "broker"},
+    )
+
+    @app.task(name="limits.hold", concurrency_limit=1)
+    def hold() -> None: ...
+
+    script, started = tmp_path / "holder.py", tmp_path / "started"
+    script.write_text(_HOLDER)
+    argv = [sys.executable, str(script), url, prefix, app.settings.default_queue, str(started)]
+    proc = subprocess.Popen(argv, start_new_session=True)
+    try:
+        hold.delay()
+        wait_for(started.exists, "the task to start in the worker subprocess", timeout=30)
+        time.sleep(3.5)  # past twice the slot's ttl: its worker renews it
+        assert app.backend.slots_held(slots_key("limits.hold")) == 1
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        killed = time.monotonic()
+        assert app.backend.slots_held(slots_key("limits.hold")) == 1
+        wait_for(
+            lambda: app.backend.slots_held(slots_key("limits.hold")) == 0,
+            "the killed worker's slot to expire",
+        )
+        # Renewed every 0.5 s until the kill: it lasted 1 to 1.5 s more (polls: +0.1 s).
+        assert 0.8 <= time.monotonic() - killed <= 2.5
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        app.close()
+        delete_keys(prefix)
 
 
 def test_a_long_task_keeps_its_slot_past_the_ttl(make_app: Callable[..., App]) -> None:
