@@ -28,18 +28,18 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchDecorator", "BatchTask", "define"]
 
-T = TypeVar("T")
+ItemT = TypeVar("ItemT")
 R_co = TypeVar("R_co", covariant=True)
 
 
-class BatchTask(Task[[list[T]], R]):
+class BatchTask(Task[[list[ItemT]], R]):
     """A task that consumes its messages in batches (``batch_size``): each message
-    carries one item (of type ``T``); the function gets a list of them.
+    carries one item (of type ``ItemT``); the function gets a list of them.
 
     Created by :meth:`App.task(batch_size=...) <mqtasks.app.App.task>`, not directly.
     """
 
-    def delay(self, item: T) -> TaskHandle:  # type: ignore[override]
+    def delay(self, item: ItemT) -> TaskHandle:  # type: ignore[override]
         """Send one item to the batches of a worker; return once the broker has confirmed it.
 
         Raises:
@@ -48,7 +48,7 @@ class BatchTask(Task[[list[T]], R]):
         """
         return self.apply_async((item,))
 
-    async def adelay(self, item: T) -> TaskHandle:  # type: ignore[override]
+    async def adelay(self, item: ItemT) -> TaskHandle:  # type: ignore[override]
         """:meth:`delay` from asyncio code.
 
         Raises:
@@ -63,7 +63,7 @@ class BatchDecorator(Protocol):
     items a :class:`BatchTask` whose messages carry one item each."""
 
     @overload
-    def __call__(self, fn: Callable[[list[T]], R_co], /) -> BatchTask[T, R_co]: ...
+    def __call__(self, fn: Callable[[list[ItemT]], R_co], /) -> BatchTask[ItemT, R_co]: ...
 
     # A function of more required arguments is refused when it is defined
     # (ConfigurationError); typed as such, it is no batch task.

@@ -386,7 +386,8 @@ def batch_problems(app: App, queues: Sequence[str], prefetch: int) -> list[str]:
 
     A batch's messages stay unacknowledged while it is collected, so the
     prefetch window must hold ``batch_size`` of them. A batch task cannot be
-    ordered (``ordering_key``) or broadcast, and has no hard ``time_limit``
+    ordered (``ordering_key``) or broadcast, has no ``concurrency_limit`` below its
+    ``batch_size`` (each message of a running batch holds a slot), and no hard ``time_limit``
     (a thread running the function on many messages cannot be stopped for
     one of them; ``soft_time_limit`` applies to the whole batch).
     """
@@ -412,6 +413,13 @@ def batch_problems(app: App, queues: Sequence[str], prefetch: int) -> list[str]:
                     f"{where}: batch_size cannot be combined with {option}: a batch runs "
                     "items from many messages at once. Drop one of the two options."
                 )
+        slots = task.flow.concurrency_limit
+        if slots is not None and slots < size:
+            problems.append(
+                f"{where}: concurrency_limit ({slots}) is below batch_size ({size}): each "
+                "message of a running batch holds a slot, so no batch could run whole. Raise "
+                "concurrency_limit to at least batch_size, or lower batch_size."
+            )
         if task.time_limit is not None:
             problems.append(
                 f"{where}: a hard time_limit ({task.time_limit:g} s, the task's or the app's) "

@@ -73,6 +73,46 @@ class _Stamp(Middleware):
         self.stamps.append(time.monotonic())
 
 
+class _PerMessage(Middleware):
+    """Keeps each message's state in a thread-local, as middleware may; notes mismatches."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self.pairs: list[tuple[str, str, BaseException | None]] = []
+
+    def before_process(self, worker: Worker, message: Message) -> None:
+        self._local.id = message.id
+
+    def after_process(
+        self,
+        worker: Worker,
+        message: Message,
+        *,
+        result: object = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        self.pairs.append((message.id, self._local.id, exception))
+
+
+def test_each_message_keeps_its_middleware_state_and_outcome(app: App) -> None:
+    spy = _PerMessage()
+    app.middleware.append(spy)
+
+    @app.task(name="index", batch_size=4, batch_wait=0.2, max_retries=0)
+    def index(items: list[int]) -> None:
+        raise BatchFailures({1: ValueError("bad")})
+
+    with app.publishing():
+        ids = [index.delay(i).id for i in range(4)]
+    with running_worker(app, prefetch=10) as worker:
+        wait_for(lambda: len(spy.pairs) == 4, "the after_process hooks", timeout=15)
+        drain(worker, raise_errors=False)
+    assert sorted(p[0] for p in spy.pairs) == sorted(ids)
+    assert all(mine == seen for mine, seen, _ in spy.pairs), spy.pairs
+    failed = [mine for mine, _, exc in spy.pairs if exc is not None]
+    assert len(failed) == 1 and [e.id for e in app.dead_letters()] == failed
+
+
 def test_batch_failures_retry_and_dead_letter_only_their_items(app: App) -> None:
     runs: list[list[int]] = []
 
@@ -246,6 +286,7 @@ def test_a_prefetch_below_batch_size_is_refused_with_what_to_set(
         ({"ordering_key": "items"}, "ordering_key"),
         ({"broadcast": True}, "broadcast"),
         ({"time_limit": 5}, "hard time_limit"),
+        ({"concurrency_limit": 1}, "concurrency_limit"),
     ],
 )
 def test_batch_tasks_cannot_be_ordered_broadcast_or_hard_limited(

@@ -54,13 +54,13 @@ if TYPE_CHECKING:
     from ..task import Task
     from ..worker import Worker
 
-__all__ = ["BatchDue", "Batches"]
+__all__ = ["Batch", "BatchDue", "Batches", "Item"]
 
 logger = structlog.get_logger("mqtasks.worker")
 
 
 @dataclass(slots=True)
-class _Item:
+class Item:
     """One message of a batch: its delivery, decoded message, job and context."""
 
     delivery: Delivery
@@ -68,14 +68,18 @@ class _Item:
     job: Job
     #: The message's context (its job), where its hooks and settlement run.
     context: contextvars.Context
+    #: What its ``before_process`` hooks left in the middleware's thread-locals.
+    state: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
-class _Batch:
+class Batch:
+    """The messages of one batch of ``task``, collected until ``deadline`` or until full."""
+
     task: Task[Any, Any]
     #: When it runs with what it has (monotonic).
     deadline: float
-    items: list[_Item] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
 
 
 class BatchDue(Delivery):
@@ -84,7 +88,7 @@ class BatchDue(Delivery):
 
     __slots__ = ("batch",)
 
-    def __init__(self, batch: _Batch) -> None:
+    def __init__(self, batch: Batch) -> None:
         super().__init__(b"", batch.task.queue, -1, message_id=f"batch:{batch.task.name}")
         self.batch = batch
 
@@ -96,9 +100,9 @@ class Batches:
         self.worker = worker
         self._cond = threading.Condition(threading.Lock())
         #: The batch being collected, by task name.
-        self._open: dict[str, _Batch] = {}
+        self._open: dict[str, Batch] = {}
         #: Batches whose ticket is in the work queue, not taken by a thread yet.
-        self._queued: list[_Batch] = []
+        self._queued: list[Batch] = []
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -117,13 +121,13 @@ class Batches:
         """
         flow = task.flow
         assert flow.batch_size is not None and flow.batch_wait is not None
-        item = _Item(job.delivery, message, job, contextvars.copy_context())
+        item = Item(job.delivery, message, job, contextvars.copy_context())
         with self._cond:
             if self._closed:
                 return REQUEUE
             batch = self._open.get(task.name)
             if batch is None:
-                batch = _Batch(task, time.monotonic() + flow.batch_wait)
+                batch = Batch(task, time.monotonic() + flow.batch_wait)
                 self._open[task.name] = batch
                 self._start()
                 self._cond.notify()
@@ -190,12 +194,13 @@ class Batches:
 
     # -- running a batch -------------------------------------------------------------------
 
-    def _run(self, batch: _Batch) -> None:
+    def _run(self, batch: Batch) -> None:
         """Run the hooks, the function once, and settle each message (a worker thread)."""
         worker = self.worker
         post = worker._post
         consumer = worker._consumer
-        live: list[_Item] = []
+        locals_ = _ThreadLocals(worker)
+        live: list[Item] = []
         for item in batch.items:
             delivery = item.delivery
             if consumer is not None and delivery.generation != consumer.generation:
@@ -203,7 +208,9 @@ class Batches:
             elif worker._stopping.is_set():
                 post((delivery, REQUEUE))
             elif self._started(item):
+                item.state = locals_.save()
                 live.append(item)
+            locals_.reset()
         if not live:
             return
         task = batch.task
@@ -218,6 +225,7 @@ class Batches:
             duration=round(time.monotonic() - started, 6),
         )
         for item, outcome in zip(live, outcomes, strict=True):
+            locals_.restore(item.state)
             try:
                 action = item.context.run(
                     conclude, worker, item.delivery, item.message, None, outcome
@@ -226,8 +234,9 @@ class Batches:
                 logger.exception("worker.process_crashed", message_id=item.delivery.message_id)
                 action = REJECT
             post((item.delivery, action))
+        locals_.reset()
 
-    def _started(self, item: _Item) -> bool:
+    def _started(self, item: Item) -> bool:
         """Run ``item``'s ``before_process`` hooks; False if one skipped it (settled then)."""
         worker = self.worker
         try:
@@ -237,7 +246,7 @@ class Batches:
             return False
         return True
 
-    def _call(self, task: Task[Any, Any], live: list[_Item]) -> BaseException | None:
+    def _call(self, task: Task[Any, Any], live: list[Item]) -> BaseException | None:
         """Call the function on the items (a coroutine on the worker's loop); its error."""
         first = live[0]
         # The call as one message of its own (its id is no message's: terminate()
@@ -248,6 +257,43 @@ class Batches:
         _result, error, _abandoned = self.worker._execution.execute(first.job, call, task)
         # (Never abandoned: a batch task has no hard time limit, validation refuses it.)
         return error
+
+
+class _ThreadLocals:
+    """The :class:`threading.local` attributes of the worker's middleware, whose
+    per-message state is swapped here for each message of a batch.
+
+    Middleware may keep a message's state in a thread-local from its
+    ``before_process`` to its ``after_process`` (:class:`~mqtasks.middleware.Middleware`
+    says so): one thread runs the hooks of a whole batch, all ``before_process``
+    first, so each message's state is saved after its ``before_process`` and put
+    back before its ``after_process``, as if each had a thread of its own.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self._locals = [
+            value
+            for mw in worker._hooks.middleware
+            for value in getattr(mw, "__dict__", {}).values()
+            if isinstance(value, threading.local)
+        ]
+        #: The thread's own state before the batch, put back between messages and at the end.
+        self._base = self.save()
+
+    def save(self) -> list[dict[str, Any]]:
+        """A copy of what the thread-locals hold now (for this thread)."""
+        return [dict(vars(local)) for local in self._locals]
+
+    def restore(self, state: list[dict[str, Any]]) -> None:
+        """Make the thread-locals hold ``state`` (from :meth:`save`)."""
+        for local, saved in zip(self._locals, state, strict=True):
+            held = vars(local)
+            held.clear()
+            held.update(saved)
+
+    def reset(self) -> None:
+        """Put back the thread's own state from before the batch."""
+        self.restore(self._base)
 
 
 def _outcomes(error: BaseException | None, n: int, name: str) -> list[BaseException | None]:
