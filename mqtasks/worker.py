@@ -39,6 +39,7 @@ from .execution.batch import BatchDue, Batches
 from .execution.pool import ThreadPool
 from .execution.running import Execution
 from .message import Message, _origin
+from .middleware import with_flow_control
 from .middleware.base import Runner
 from .middleware.idempotency import with_idempotency
 from .middleware.results import with_results
@@ -212,9 +213,10 @@ class Worker:
         # whatever the app installs. after_process hooks run in reverse: Retries
         # decides, Results stores, Workflow continues from the stored outcome
         # (current_outcome()), Idempotency records the id as done only then,
-        # and the app's middleware see it. Bound again at start, as the app's
-        # list may change.
-        stack = list(self.app.middleware)
+        # and the app's middleware see it. Flow control (circuits, rate and
+        # concurrency limits) comes right after the app's middleware. Bound again
+        # at start, as the app's list may change.
+        stack = with_flow_control(self.app.middleware, self.app)
         if self.app.has_backend:
             stack = with_results(with_workflow(with_idempotency(stack)))
         self._hooks = Runner(with_retries(stack))

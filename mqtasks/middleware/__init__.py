@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import Middleware, overriding
+from .circuits import Circuits
 from .idempotency import Idempotency, with_idempotency
+from .limits import Limits
 from .log_context import StructlogContext
 from .otel import OpenTelemetryTracing
 from .results import Results, current_outcome, with_results
@@ -14,11 +16,14 @@ from .retries import Retries, with_retries
 from .statsd import StatsdMetrics
 
 if TYPE_CHECKING:
+    from ..app import App
     from ..config import Settings
 
 __all__ = [
     "DEFAULT_MIDDLEWARE",
+    "Circuits",
     "Idempotency",
+    "Limits",
     "Middleware",
     "OpenTelemetryTracing",
     "Results",
@@ -28,6 +33,7 @@ __all__ = [
     "current_outcome",
     "default_middleware",
     "overriding",
+    "with_flow_control",
     "with_idempotency",
     "with_results",
     "with_retries",
@@ -60,3 +66,22 @@ def default_middleware(settings: Settings) -> list[Middleware]:
     """
     stack = [cls.from_settings(settings) for cls in DEFAULT_MIDDLEWARE]
     return [mw for mw in stack if mw is not None]
+
+
+def with_flow_control(middleware: list[Middleware], app: App) -> list[Middleware]:
+    """Return ``middleware`` with the flow control ``app``'s tasks declare at the end:
+    :class:`Circuits` (tasks with a ``circuit``), then :class:`Limits` (a rate or
+    concurrency limit), each unless the app installs one itself.
+
+    A worker runs this stack, then :class:`Idempotency`, Workflow, :class:`Results`
+    and :class:`Retries`: a task the flow control defers is never marked started,
+    and its limits and circuit see the outcome after the retry decision.
+    """
+    stack = list(middleware)
+    for cls in (Circuits, Limits):
+        if any(isinstance(mw, cls) for mw in stack):
+            continue
+        added = cls.for_app(app)
+        if added is not None:
+            stack.append(added)
+    return stack
