@@ -7,14 +7,20 @@ of an app that declares them keeps them.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
 
+from click.testing import CliRunner
+
 from mqtasks import App, CircuitBreaker
+from mqtasks.cli import cli
 from mqtasks.middleware import Circuits, Limits, with_flow_control
 from mqtasks.middleware.circuits import close_circuit, open_circuit
+from mqtasks.middleware.limits import slots_key
 from mqtasks.testing import running_worker
+from tests import flow_status_app
 from tests._helpers.wait import wait_for
 
 
@@ -80,3 +86,27 @@ def test_flow_control_is_added_once_and_only_when_declared(make_app: Callable[..
     mine = Limits()
     assert with_flow_control([mine], app)[0] is mine
     assert [type(mw) for mw in with_flow_control([mine], app)] == [Limits, Circuits]
+
+
+def test_status_shows_each_limit_s_use_and_each_circuit() -> None:
+    app = flow_status_app.app
+    # Given a slot held, tokens taken and the circuit forced open
+    app.backend.acquire_slot(slots_key(flow_status_app.heavy_export.name), "w1", limit=5, ttl=30)
+    open_circuit(app, "partner")
+    runner = CliRunner()
+    target = "tests.flow_status_app:app"
+    shown = runner.invoke(cli, ["status", "-A", target, "--json"])
+    assert shown.exit_code == 0, shown.output
+    document = json.loads(shown.output.splitlines()[-1])
+    limits = {(e["task"], e["kind"]): e for e in document["limits"]}
+    # Then each limit is listed with its use
+    assert limits[(flow_status_app.heavy_export.name, "concurrency")]["held"] == 1
+    rate = limits[(flow_status_app.call_partner.name, "rate")]
+    assert rate["limit"] == "10/1s" and 0 <= rate["tokens"] <= rate["capacity"]
+    assert limits[(flow_status_app.notify.name, "rate")]["per"] == "user_id"
+    # And the circuit with its state
+    assert [(c["name"], c["state"]) for c in document["circuits"]] == [("partner", "open")]
+    text = runner.invoke(cli, ["status", "-A", target])
+    assert text.exit_code == 0, text.output
+    assert "1 of 5 slots held" in text.output and "a bucket per user_id" in text.output
+    assert "partner" in text.output and "open (forced)" in text.output

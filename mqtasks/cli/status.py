@@ -9,13 +9,20 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..config import mask_url
 from ..exceptions import MQTasksError
+from ..middleware.circuits import circuit_status
+from ..middleware.limits import limit_status
 from ..status import QueueStatus, StatusMonitor
 from . import app_option, cli, load_app, table
+from .circuit import circuit_table
+
+if TYPE_CHECKING:
+    from ..app import App
 
 __all__ = ["STATUS_EPILOG", "status"]
 
@@ -36,6 +43,9 @@ Columns:
   CONSUMERS  consumers attached to the queue
   READY/S    change of READY per second over the last minute (--watch):
              negative while the queue drains, positive while it backs up
+  LIMIT/USE  a task's rate limit (tokens left of the bucket) or concurrency
+             limit (slots held across every worker), when the app declares any
+  CIRCUIT    each circuit breaker's state and failures in its window
 
 \b
 Exit codes:
@@ -83,6 +93,30 @@ def _status_table(statuses: list[QueueStatus], broker: str) -> str:
     return "\n".join(lines)
 
 
+def _limit_table(rows: list[dict[str, Any]]) -> str:
+    """Lay out :func:`~mqtasks.middleware.limits.limit_status` rows as a table."""
+    lines: list[list[str]] = []
+    for r in rows:
+        if "error" in r:
+            use = f"unknown: {r['error']}"
+        elif r["kind"] == "rate" and "per" in r:
+            use = f"a bucket per {r['per']}"
+        elif r["kind"] == "rate":
+            use = f"{r['tokens']:g} of {r['capacity']:g} tokens left"
+        else:
+            use = f"{r['held']} of {r['limit']} slots held"
+        lines.append([str(r["task"]), str(r["kind"]), str(r["limit"]), use])
+    return table(lines, ["TASK", "LIMIT", "VALUE", "USE"])
+
+
+def _flow(app: App) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The app's limits and circuits with their current use (none without a backend)."""
+    if not app.has_backend:
+        return [], []
+    circuits = circuit_status(app) if app.circuits else []
+    return limit_status(app), circuits
+
+
 @cli.command(epilog=STATUS_EPILOG)
 @app_option
 @click.argument("queues", nargs=-1)
@@ -124,12 +158,15 @@ def status(
     try:
         while True:
             statuses = monitor.sample()
+            limits, circuits = _flow(app)
             samples += 1
             if as_json:
                 document = {
                     "broker": broker,
                     "sampled_at": statuses[0].sampled_at.isoformat() if statuses else None,
                     "queues": [s.to_dict() for s in statuses],
+                    "limits": limits,
+                    "circuits": circuits,
                 }
                 click.echo(json.dumps(document))
             else:
@@ -138,6 +175,10 @@ def status(
                 elif samples > 1:
                     click.echo()
                 click.echo(_status_table(statuses, broker))
+                for rows, layout in ((limits, _limit_table), (circuits, circuit_table)):
+                    if rows:
+                        click.echo()
+                        click.echo(layout(rows))
             if watch is None or (count is not None and samples >= count):
                 return
             sys.stdout.flush()
