@@ -1,4 +1,4 @@
-"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S19.
+"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S20.
 
 Each scenario function takes the :class:`~reliability.harness.Harness` and a
 broker profile and returns one JSON-able result per run, with its figures,
@@ -17,6 +17,7 @@ from typing import Any
 
 from .bounded import s11
 from .broker_faults import s3, s4, s5, s6
+from .circuits import s20
 from .controls import n1, n2, n3
 from .delays import s10, s10b, s10c
 from .events import s17
@@ -91,6 +92,12 @@ SCENARIOS: dict[str, Scenario] = {
             "tasks past a 2 s hard time limit (endless loop, long sleep) through a worker SIGKILL",
             ("RQ", "RD"),
             s19,
+        ),
+        Scenario(
+            "S20",
+            "a dependency down 20 s (ci 8 s) mid-run behind a circuit breaker",
+            ("RQ", "RD"),
+            s20,
         ),
     ]
 }
