@@ -26,14 +26,30 @@ from mqtasks.testing import drain, running_worker
 from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
 from tests._helpers.redis import delete_keys
 from tests._helpers.wait import wait_for
+from tests.backend.conftest import drop_tables, postgres_url, table_prefix
 
 
-@pytest.fixture(params=["memory", "amqp", "redis"])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("postgresql", marks=pytest.mark.integration),
+        pytest.param("amqp", marks=pytest.mark.integration),
+        pytest.param("redis", marks=pytest.mark.integration),
+    ]
+)
 def limited_app(request: pytest.FixtureRequest, make_app: Callable[..., App]) -> Iterator[App]:
-    """An app on memory:// (memory backend), then RabbitMQ and Redis (Redis backend,
-    under a key prefix of its own, deleted after)."""
+    """An app on memory:// with the memory backend, then with the PostgreSQL backend
+    (tables of its own, dropped after); then RabbitMQ and Redis with the Redis backend
+    (under a key prefix of its own, deleted after)."""
     if request.param == "memory":
         yield make_app("memory://", backend="memory://")
+        return
+    if request.param == "postgresql":
+        tables = table_prefix()
+        app = make_app("memory://", backend=postgres_url(tables))
+        yield app
+        app.close()
+        drop_tables(tables)
         return
     url = require_broker(request.param)
     require_broker("redis")
