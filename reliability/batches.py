@@ -142,6 +142,10 @@ def s21(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
 def _judge(run: Run, events: list[Event], c: Any, good: set[str], bad: set[str]) -> None:
     run.standard_checks(c, dup_bound=run.bound(1), dead=len(bad))
     run.worker_recovery(events)
+    for fault in run.faults:  # a bad item that failed for good never starts again: left out
+        delays = [d for i, d in fault.get("redelivery_s", {}).items() if i not in bad]
+        fault["good_in_flight"] = len(delays)
+        fault["good_recovery_s"] = None if None in delays else max(delays, default=0.0)
     f = batch_figures(events, good, bad)
     run.extra["batch_figures"] = f
     run.check("good_items_ran", f["good_not_done"]["n"] == 0, f["good_not_done"], "0 not done")

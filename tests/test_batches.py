@@ -322,3 +322,28 @@ def test_a_soft_time_limit_applies_to_the_whole_batch(app: App) -> None:
         wait_for(lambda: len(app.dead_letters()) == 2, "the batches", timeout=15)
         drain(worker, raise_errors=False)
     assert sum(caught) == 2
+
+
+# -- the harness scenario's judgement (S21), on a fabricated ledger ----------------------
+
+
+def test_s21_figures_tell_good_items_that_did_not_run_and_bad_ones_not_dead_alone() -> None:
+    from reliability.batches import batch_figures
+    from reliability.ledger import Event
+
+    def dead(task_id: str, reason: str, attempt: int) -> Event:
+        return Event("dead", task_id, 9.0, attempt=attempt, info={"reason": reason})
+
+    events = [
+        Event("done", "g1", 1.0),
+        Event("done", "g2", 1.0),
+        dead("b1", "max_retries_exceeded", 2),
+        dead("b2", "max_retries_exceeded", 2),
+    ]
+    f = batch_figures(events, {"g1", "g2"}, {"b1", "b2"})
+    assert f["good_not_done"]["n"] == 0 and f["good_dead_n"] == 0 and not f["bad_done"]
+    assert f["bad_reasons"] == {"max_retries_exceeded": 2} and f["bad_attempts"] == {"2": 2}
+    events = [Event("done", "g1", 1.0), Event("done", "b1", 1.0), dead("g2", "rejected", 1)]
+    f = batch_figures(events, {"g1", "g2"}, {"b1", "b2"})
+    assert f["good_not_done"] == {"n": 1, "sample": ["g2"]} and f["good_dead"] == ["g2"]
+    assert f["bad_done"] == ["b1"] and f["bad_not_dead"] == {"n": 2, "sample": ["b1", "b2"]}
