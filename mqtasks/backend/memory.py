@@ -94,6 +94,12 @@ class MemoryBackend(Backend):
             for table in (self._results, self._entries, self._leases):
                 for key in [k for k, v in table.items() if v.expires_at <= now]:
                     del table[key]
+            for key in [k for k, (_, at) in self._buckets.items() if at <= now]:
+                del self._buckets[key]
+            for key in [
+                k for k, slots in self._slots.items() if max(slots.values(), default=0) <= now
+            ]:
+                del self._slots[key]
 
     def _result(self, task_id: str, now: float) -> _Result | None:
         result = self._results.get(task_id)
@@ -290,6 +296,7 @@ class MemoryBackend(Backend):
                 count=count,
             )
             self._buckets[key] = (state, now + keep)
+            self._wrote(now)
             return grant
 
     def peek_tokens(self, key: str, *, rate: float, capacity: float) -> float:
@@ -315,6 +322,7 @@ class MemoryBackend(Backend):
             if owner not in slots and len(slots) >= limit:
                 return False, len(slots)
             slots[owner] = now + ttl
+            self._wrote(now)
             return True, len(slots)
 
     def renew_slots(self, key: str, owners: Sequence[str], ttl: float) -> int:
