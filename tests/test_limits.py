@@ -22,9 +22,11 @@ from mqtasks import App
 from mqtasks.backend import Backend
 from mqtasks.message import current_message
 from mqtasks.middleware.limits import Limits, limit_status, rate_bucket, slots_key
+from mqtasks.middleware.statsd import sanitize
 from mqtasks.testing import drain, running_worker
 from tests._helpers.brokers import REDIS_URL, require_broker, unique_name
 from tests._helpers.redis import delete_keys
+from tests._helpers.statsd import StatsdServer
 from tests._helpers.wait import wait_for
 from tests.backend.conftest import drop_tables, postgres_url, table_prefix
 
@@ -255,6 +257,7 @@ def test_a_slot_held_by_a_dead_holder_frees_after_its_ttl(limited_app: App) -> N
 _HOLDER = """
 import pathlib, sys, time
 from mqtasks import App
+from mqtasks.middleware.statsd import sanitize
 from mqtasks.middleware.limits import Limits
 from mqtasks.worker import Worker
 
@@ -363,6 +366,35 @@ def test_no_slot_leaks_through_deferrals_skips_or_a_hard_time_limit(
     assert sorted(ran) == ["both-1", "both-2"]
     assert app.backend.slots_held(slots_key(both.name)) == 0
     wait_for(lambda: app.backend.slots_held(slots_key(hangs.name)) == 0, "the slot's release")
+
+
+def test_waits_are_counted_in_statsd_and_logged_at_debug(
+    make_app: Callable[..., App], statsd_server: StatsdServer
+) -> None:
+    app = make_app("memory://", backend="memory://", statsd_url=statsd_server.url)
+    ran: list[str] = []
+
+    @app.task(rate_limit="1/2s")
+    def rated() -> None:
+        ran.append("rated")
+
+    @app.task(concurrency_limit=1)
+    def single() -> None:
+        time.sleep(0.3)
+        ran.append("single")
+
+    for _ in range(2):
+        rated.delay()
+        single.delay()
+    with structlog.testing.capture_logs() as logs:
+        run_workers(app, 1, 30, lambda: len(ran) == 4, concurrency=4)
+
+    for event, task in (("rate_limited", rated), ("concurrency_limited", single)):
+        [*found] = [e for e in logs if e["event"] == f"task.{event}"]
+        assert found and {e["log_level"] for e in found} == {"debug"}
+        assert all(e["delay"] > 0 for e in found)
+        stat = f"mqtasks.task.{event}.{sanitize(task.name)}"
+        statsd_server.wait_for(lambda stat=stat: statsd_server.count(stat) >= 1, stat)
 
 
 # -- status, and what a limit costs --------------------------------------------------------------
