@@ -368,6 +368,11 @@ def test_no_slot_leaks_through_deferrals_skips_or_a_hard_time_limit(
     wait_for(lambda: app.backend.slots_held(slots_key(hangs.name)) == 0, "the slot's release")
 
 
+def counted(server: StatsdServer, stat: str) -> bool:
+    """Whether ``server`` received counter ``stat`` at least once."""
+    return server.count(stat) >= 1
+
+
 def test_waits_are_counted_in_statsd_and_logged_at_debug(
     make_app: Callable[..., App], statsd_server: StatsdServer
 ) -> None:
@@ -394,7 +399,7 @@ def test_waits_are_counted_in_statsd_and_logged_at_debug(
         assert found and {e["log_level"] for e in found} == {"debug"}
         assert all(e["delay"] > 0 for e in found)
         stat = f"mqtasks.task.{event}.{sanitize(task.name)}"
-        statsd_server.wait_for(lambda stat=stat: statsd_server.count(stat) >= 1, stat)
+        statsd_server.wait_for(functools.partial(counted, statsd_server, stat), stat)
 
 
 # -- status, and what a limit costs --------------------------------------------------------------
