@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .app import App
+from .batch_task import BatchTask
 from .canvas import GroupHandle, Signature, chain, chord, group
 from .config import Settings
 from .events import EventHandle, Subscription, current_event
@@ -50,6 +51,7 @@ __all__ = [
     "App",
     "BackendError",
     "BatchFailures",
+    "BatchTask",
     "BulkPublishError",
     "CircuitBreaker",
     "ConfigurationError",

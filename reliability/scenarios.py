@@ -1,4 +1,4 @@
-"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S20.
+"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S21.
 
 Each scenario function takes the :class:`~reliability.harness.Harness` and a
 broker profile and returns one JSON-able result per run, with its figures,
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .batches import s21
 from .bounded import s11
 from .broker_faults import s3, s4, s5, s6
 from .circuits import s20
@@ -98,6 +99,12 @@ SCENARIOS: dict[str, Scenario] = {
             "a dependency down 20 s (ci 8 s) mid-run behind a circuit breaker",
             ("RQ", "RD"),
             s20,
+        ),
+        Scenario(
+            "S21",
+            "10,000 batch items (batch_size 100), 1 % failing on purpose, through a worker SIGKILL",
+            ("RQ", "RD"),
+            s21,
         ),
     ]
 }

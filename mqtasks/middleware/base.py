@@ -39,7 +39,11 @@ class Middleware:
     of :class:`~mqtasks.middleware.retries.Retries`, which every worker puts
     last in its stack, so its ``after_process`` runs before the others'. All of them run in the worker thread
     that runs the task, so per-message state can live in a
-    :class:`threading.local`. A message refused as bad input never reaches
+    :class:`threading.local`. For a batch task one thread runs the hooks of
+    every message of the batch: the worker keeps each message's state in the
+    middleware's own ``threading.local`` attributes apart (saved after its
+    :meth:`before_process`, put back before its :meth:`after_process`); state in
+    context variables is per message anyway. A message refused as bad input never reaches
     :meth:`before_process`: only :meth:`after_reject` and
     :meth:`after_dead_letter` are called for it.
     """
