@@ -19,11 +19,12 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Concatenate, Protocol, TypeVar, overload
 
 from .events import same_function
-from .exceptions import DuplicateTask
+from .exceptions import ConfigurationError, DuplicateTask
 from .task import P, R, Task, TaskHandle
 
 if TYPE_CHECKING:
     from .app import App
+    from .canvas import Signature
     from .types import Seconds
 
 __all__ = ["BatchDecorator", "BatchTask", "define"]
@@ -47,6 +48,21 @@ class BatchTask(Task[[list[ItemT]], R]):
             PublishError: The message was not enqueued.
         """
         return self.apply_async((item,))
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """Refused: a workflow step is one call with one result, and a batch gives neither.
+
+        Raises:
+            ConfigurationError: Always; says what to do instead.
+        """
+        raise ConfigurationError(
+            f"Task {self.name!r} consumes its messages in batches (batch_size): it cannot "
+            "be a step of a chain, group or chord, whose steps each run alone and store "
+            "their own result. Send its items with delay(item), or use a task without "
+            "batch_size in the workflow."
+        )
+
+    si = s
 
     async def adelay(self, item: ItemT) -> TaskHandle:  # type: ignore[override]
         """:meth:`delay` from asyncio code.

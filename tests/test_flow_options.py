@@ -113,3 +113,14 @@ def test_batch_failures_names_the_failed_items() -> None:
     exc = BatchFailures({3: ValueError("x"), 0: KeyError("k")})
     assert exc.failures[3].args == ("x",)
     assert "2 item(s)" in str(exc) and "0: KeyError" in str(exc)
+
+
+def test_a_batch_task_is_refused_as_a_workflow_step() -> None:
+    app = _app()
+
+    @app.task(batch_size=10)
+    def index(docs: list[int]) -> None: ...
+
+    for make in (index.s, index.si):
+        with pytest.raises(ConfigurationError, match="delay\\(item\\)"):
+            make(1)
