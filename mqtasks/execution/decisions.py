@@ -25,9 +25,16 @@ if TYPE_CHECKING:
     from ..message import Message
     from ..worker import Worker
 
-__all__ = ["defer", "retry"]
+__all__ = ["ROUTINE_DEFERRALS", "defer", "retry"]
 
 logger = structlog.get_logger("mqtasks.worker")
+
+#: Deferrals that come once per waiting task, at high volume under a rate limit,
+#: a concurrency limit or an open circuit: logged at debug (their middleware
+#: reports the limit or the circuit itself), the others at info.
+ROUTINE_DEFERRALS = frozenset(
+    {"rate_limited", "concurrency_limited", "circuit_open", "circuit_half_open"}
+)
 
 
 def retry(
@@ -88,7 +95,8 @@ def defer(worker: Worker, message: Message, delay: float, reason: str) -> None:
         )
         job.action = _REQUEUE
         return
-    logger.info(
+    log = logger.debug if reason in ROUTINE_DEFERRALS else logger.info
+    log(
         "task.deferred",
         **log_fields(job.delivery, message),
         reason=reason,

@@ -41,7 +41,6 @@ import json
 import os
 import random
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -51,6 +50,7 @@ import structlog
 
 from ..exceptions import BackendError, ConfigurationError, MiddlewareError, SkipMessage, TaskControl
 from .base import DeferBackoff, Middleware
+from .otel import span_event
 from .statsd import StatsdMetrics, sanitize
 
 if TYPE_CHECKING:
@@ -186,17 +186,7 @@ def _announce(app: App, event: str, breaker: CircuitBreaker, **fields: Any) -> N
             mw.incr(f"{event}.{name}")
             state = {"circuit.opened": 2, "circuit.half_open": 1}.get(event, 0)
             mw.gauge(f"circuit.state.{name}", state)
-    _span_event(f"mqtasks.{event}", {"mqtasks.circuit.name": breaker.name})
-
-
-def _span_event(event: str, attributes: dict[str, Any]) -> None:
-    # The API is imported only where a tracer provider can exist (see middleware.otel).
-    trace = sys.modules.get("opentelemetry.trace")
-    if trace is None:
-        return
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.add_event(event, attributes)
+    span_event(f"mqtasks.{event}", {"mqtasks.circuit.name": breaker.name})
 
 
 class Circuits(Middleware):
@@ -281,7 +271,7 @@ class Circuits(Middleware):
             wait = min(HALF_OPEN_WAIT, breaker.reset_timeout)
             delay = wait * random.uniform(0.5, 1.0)
             reason = "circuit_half_open"
-        _span_event(
+        span_event(
             "mqtasks.circuit.deferred",
             {"mqtasks.circuit.name": breaker.name, "mqtasks.circuit.delay": delay},
         )

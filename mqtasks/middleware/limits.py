@@ -31,7 +31,6 @@ import json
 import os
 import random
 import socket
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -41,6 +40,7 @@ import structlog
 
 from ..exceptions import BackendError, SkipMessage
 from .base import DeferBackoff, Middleware
+from .otel import span_event
 from .statsd import StatsdMetrics, sanitize
 
 if TYPE_CHECKING:
@@ -126,16 +126,6 @@ def rate_bucket(task: str, key_value: Any = None, *, keyed: bool = False) -> str
 def slots_key(task: str) -> str:
     """The backend key of ``task``'s concurrency slots."""
     return f"flow:slots:{task}"
-
-
-def _span_event(name: str, attributes: dict[str, Any]) -> None:
-    """Add an event to the current span if OpenTelemetry is in use and the span records."""
-    trace = sys.modules.get("opentelemetry.trace")
-    if trace is None:
-        return
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.add_event(name, attributes)
 
 
 class Limits(Middleware):
@@ -241,7 +231,7 @@ class Limits(Middleware):
                 delay=round(delay, 3),
             )
             self._count(worker, "task.concurrency_limited", task)
-            _span_event("mqtasks.concurrency_limited", {"mqtasks.limit.delay": delay})
+            span_event("mqtasks.concurrency_limited", {"mqtasks.limit.delay": delay})
             deferred = message.copy(headers={**message.headers, HEADER_WAITS: waits + 1})
             worker.defer(deferred, delay, "concurrency_limited")
             raise SkipMessage(f"concurrency_limit {limit} of {task} reached")
@@ -309,7 +299,7 @@ class Limits(Middleware):
             delay=round(delay, 3),
         )
         self._count(worker, "task.rate_limited", task.name)
-        _span_event("mqtasks.rate_limited", {"mqtasks.limit.delay": delay})
+        span_event("mqtasks.rate_limited", {"mqtasks.limit.delay": delay})
         worker.defer(message, delay, "rate_limited")
         raise SkipMessage(f"rate_limit {rate} of {task.name}: deferred {delay:.3f} s")
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ..message import Message
     from ..worker import Worker
 
-__all__ = ["INSTRUMENTATION_NAME", "OpenTelemetryTracing", "messaging_system"]
+__all__ = ["INSTRUMENTATION_NAME", "OpenTelemetryTracing", "messaging_system", "span_event"]
 
 #: Name of the tracer (the instrumentation scope) spans are created with.
 INSTRUMENTATION_NAME = "mqtasks"
@@ -57,6 +57,21 @@ _SYSTEMS = {
     "rediss": "redis",
     "memory": "memory",
 }
+
+
+def span_event(name: str, attributes: dict[str, Any]) -> None:
+    """Add event ``name`` to the current span, if OpenTelemetry is in use and the span records.
+
+    For middleware that marks moments of a task's run (a deferral, a circuit's
+    change). The API is not imported here: it is in use only where a tracer
+    provider can exist, once something else imported it.
+    """
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.add_event(name, attributes)
 
 
 def messaging_system(broker_url: str) -> str:
