@@ -44,19 +44,29 @@ def test_the_reference_step_takes_reserves_then_refuses_on_a_schedule() -> None:
 def test_a_bucket_grants_its_burst_then_reserves_short_waits_then_defers(
     backend: Backend,
 ) -> None:
-    take = functools.partial(backend.take_token, "flow:rate:t", rate=10.0, capacity=2.0)
-    first, second = take(max_wait=0.25), take(max_wait=0.25)
+    # Two tokens a second, so that the time the calls themselves take (a loaded
+    # machine: tens of milliseconds) stays well inside each bound; ``spent()``
+    # bounds how long the bucket has been refilling.
+    take = functools.partial(backend.take_token, "flow:rate:t", rate=2.0, capacity=2.0)
+    start = time.monotonic()
+
+    def spent() -> float:
+        return time.monotonic() - start
+
+    first, second = take(max_wait=1.25), take(max_wait=1.25)
     assert first.granted and second.granted and first.wait == 0 and second.wait == 0
-    reserved = take(max_wait=0.25)
-    assert reserved.granted and 0.05 < reserved.wait <= 0.1
-    refused = take(max_wait=0.05)
-    assert not refused.granted and 0.15 < refused.wait <= 0.2
+    reserved = take(max_wait=1.25)
+    assert reserved.granted and 0.5 - spent() - 0.01 <= reserved.wait <= 0.5
+    refused = take(max_wait=0.25)
+    assert not refused.granted and 1.0 - spent() - 0.01 <= refused.wait <= 1.0
     # The next refused caller comes back one interval after the first, not with it.
-    later = take(max_wait=0.05)
-    assert not later.granted and later.wait == pytest.approx(refused.wait + 0.1, abs=0.03)
-    assert backend.peek_tokens("flow:rate:t", rate=10.0, capacity=2.0) < 0
-    # Refilled at 10 per second: after 0.35 s a token is there again.
-    time.sleep(0.35)
+    later = take(max_wait=0.25)
+    assert not later.granted and later.wait == pytest.approx(refused.wait + 0.5, abs=0.15)
+    # In debt by the reserved token, less what refilled since the start.
+    tokens = backend.peek_tokens("flow:rate:t", rate=2.0, capacity=2.0)
+    assert tokens <= -1.0 + 2.0 * spent() + 0.02
+    # Past the two deferred callers' places (1.0 and 1.5 s): a token for a new one.
+    time.sleep(max(0.0, 1.75 - spent()))
     assert take(max_wait=0).granted
 
 
@@ -72,10 +82,11 @@ def test_more_tokens_at_once_come_only_from_the_upper_half_of_the_bucket(
 
 def test_an_absent_bucket_is_full_and_a_full_bucket_is_not_kept(backend: Backend) -> None:
     assert backend.peek_tokens("flow:rate:none", rate=5.0, capacity=3.0) == 3.0
-    backend.take_token("flow:rate:b", rate=20.0, capacity=1.0, max_wait=0)
-    assert backend.peek_tokens("flow:rate:b", rate=20.0, capacity=1.0) < 1.0
+    # One token in 0.5 s: the peek comes well before, even on a loaded machine.
+    backend.take_token("flow:rate:b", rate=2.0, capacity=1.0, max_wait=0)
+    assert backend.peek_tokens("flow:rate:b", rate=2.0, capacity=1.0) < 1.0
     wait_for(
-        lambda: backend.peek_tokens("flow:rate:b", rate=20.0, capacity=1.0) == 1.0,
+        lambda: backend.peek_tokens("flow:rate:b", rate=2.0, capacity=1.0) == 1.0,
         "the bucket to refill",
     )
 
@@ -124,11 +135,11 @@ def test_a_slot_not_released_frees_itself_after_its_ttl(backend: Backend) -> Non
 
 def test_renewed_slots_outlive_their_first_ttl(backend: Backend) -> None:
     key = "flow:slots:renew"
-    assert backend.acquire_slot(key, "a", limit=3, ttl=0.6)[0]
-    assert backend.acquire_slot(key, "b", limit=3, ttl=0.6)[0]
-    time.sleep(0.3)
+    assert backend.acquire_slot(key, "a", limit=3, ttl=1.2)[0]
+    assert backend.acquire_slot(key, "b", limit=3, ttl=1.2)[0]
+    time.sleep(0.3)  # renewed well within the first ttl, even on a loaded machine
     assert backend.renew_slots(key, ["a", "b", "never"], 3.0) == 2
-    time.sleep(0.5)  # past the first ttl
+    time.sleep(1.0)  # past the first ttl
     assert backend.slots_held(key) == 2
     assert backend.renew_slots(key, [], 3.0) == 0
     backend.release_slot(key, "a")
