@@ -469,6 +469,9 @@ def test_a_replayed_revoked_task_runs(wapp: App) -> None:
     wapp.revoke(handle.id)
     with running_worker(wapp) as worker:
         wait_for(lambda: handle.id in dead_letters(wapp), "the task to be dead-lettered")
+        # Its REVOKED outcome is stored just after the dead letter is published:
+        # replayed before that, the replay's run would find it there and keep it.
+        wait_for(lambda: handle.state == "REVOKED", "the REVOKED outcome to be stored")
 
         assert wapp.replay_dead_letters(ids=[handle.id]) == 1
 
