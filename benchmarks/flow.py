@@ -58,7 +58,6 @@ WORKER_ARGV = [
 def build_app(env: dict[str, str] | None = None) -> Any:
     """The benchmark's app: ``bench.rated``, ``bench.limited`` and ``bench.free``."""
     from mqtasks import App
-    from mqtasks.middleware.limits import Limits
 
     env = dict(os.environ if env is None else env)
     url = env.get("BENCH_BROKER_URL", "memory://")
@@ -87,10 +86,6 @@ def build_app(env: dict[str, str] | None = None) -> Any:
     def free(seq: int, sent: float) -> None:
         record(seq, sent)
 
-    # Until workers install Limits themselves (and after: they add none a second time).
-    limits = Limits.for_app(app)
-    if limits is not None:
-        app.middleware.append(limits)
     return app
 
 
