@@ -253,6 +253,25 @@ def check_app(
                     "back at once, in a loop. Use redis://, which holds delays in Redis and has "
                     "no visibility timeout, or give the task max_retries=0 or retry_backoff=0."
                 )
+    if transport is not None and not transport.capabilities.delays:
+        for task in sorted(app.tasks.values(), key=lambda t: t.name):
+            flow = task.flow
+            waits = [
+                option
+                for option, used in (
+                    ("rate_limit", flow.rate_limit is not None),
+                    ("concurrency_limit", flow.concurrency_limit is not None),
+                    ("circuit", flow.circuit is not None),
+                )
+                if used
+            ]
+            if task.queue in names and waits:
+                problems.append(
+                    f"Queue {task.queue!r}, task {task.name!r}: {', '.join(waits)} makes a "
+                    "task that must wait go back to the broker held for a delay, which "
+                    f"{transport.schemes[0]}:// cannot hold: it would be handed back at once, "
+                    "in a loop. Use redis://, which holds delays in Redis, or amqp://."
+                )
     problems.extend(result_problems(app))
     problems.extend(batch_problems(app, names, prefetch))
     if transport is not None:

@@ -8,7 +8,14 @@ import pytest
 import structlog.testing
 import tenacity
 
-from mqtasks import App, ConfigurationError, QueueSpec, RetryPolicy, UnknownTransport
+from mqtasks import (
+    App,
+    CircuitBreaker,
+    ConfigurationError,
+    QueueSpec,
+    RetryPolicy,
+    UnknownTransport,
+)
 from mqtasks.testing import running_worker
 from mqtasks.validation import check_app, max_backoff, retry_schedule, unenforced_limits
 from mqtasks.worker import Worker
@@ -223,3 +230,34 @@ def test_a_delivery_limit_the_broker_cannot_count_is_said_at_start_up() -> None:
         assert unenforced_limits(App("limits-memory", broker="memory://"), [name]) == []
     finally:
         cleanup(app)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"rate_limit": "5/s"}, "rate_limit"),
+        ({"concurrency_limit": 2}, "concurrency_limit"),
+        ({"circuit": "partner"}, "circuit"),
+    ],
+)
+def test_flow_control_is_refused_where_the_broker_cannot_hold_a_waiting_task(
+    options: dict[str, object], named: str
+) -> None:
+    """A task that must wait is deferred through a broker-held delay: on a transport
+    without delays it would be handed back at once, in a loop."""
+    app = App(
+        "t",
+        broker=KOMBU_REDIS,
+        backend="memory://",
+        default_queue="partner",
+        circuits=[CircuitBreaker("partner")],
+    )
+
+    @app.task(name="partner.call", max_retries=0, **options)  # type: ignore[call-overload]
+    def call() -> None: ...
+
+    with pytest.raises(ConfigurationError) as caught:
+        app.check()
+    message = str(caught.value)
+    assert "Queue 'partner', task 'partner.call'" in message and named in message
+    assert "Use redis://" in message
