@@ -4,7 +4,8 @@ A backend stores bytes under keys; it never knows tasks, messages or the app
 (the layers above encode results as JSON before they reach it). Besides
 results, it offers the few atomic operations the features above need: a
 set-if-absent with expiry, counters, a set whose size is returned by the
-same operation that adds to it, leases with fencing tokens, and the two
+same operation that adds to it, leases with fencing tokens, writes fenced by a lease
+(:meth:`Backend.claim_fenced`, :meth:`Backend.put_fenced`), and the two
 flow-control operations: a token bucket (:meth:`Backend.take_token`) and
 lease-based slots (:meth:`Backend.acquire_slot`).
 
@@ -319,6 +320,31 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def lease_holder(self, name: str) -> tuple[str, int] | None:
         """Return ``(owner, token)`` of the live holder of ``name``, or None."""
+
+    @abc.abstractmethod
+    def claim_fenced(
+        self, lease: str, token: int, keys: Sequence[str], ttl: float
+    ) -> list[int] | None:
+        """While ``lease`` is live with fencing ``token``, claim each of ``keys`` for it, atomically.
+
+        In one atomic operation: if the lease is not held with ``token`` (expired,
+        taken by another, never held), nothing is claimed and None is returned;
+        a holder that lost its lease without knowing it (a frozen process)
+        claims nothing. Otherwise each absent key is set to ``token`` for
+        ``ttl`` s (set-if-absent) and a present key is left as it is.
+
+        Returns:
+            For each key, in order, the token whose claim it holds after the
+            operation (``token`` for a key claimed now or earlier by the same
+            holder); None when fenced out.
+        """
+
+    @abc.abstractmethod
+    def put_fenced(self, lease: str, token: int, key: str, value: bytes, ttl: float) -> bool:
+        """:meth:`put` ``value`` under ``key`` for ``ttl`` s only while ``lease`` is live with ``token``.
+
+        Checked and written in one atomic operation; returns whether it was stored.
+        """
 
     # -- flow control: a token bucket and lease-based slots ---------------------------------
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from ..exceptions import BackendError
 from .base import (
     Backend,
     BucketState,
@@ -271,6 +272,40 @@ class MemoryBackend(Backend):
         with self._cond:
             lease = self._lease(name, time.monotonic())
             return None if lease is None else (lease.owner, lease.token)
+
+    def _fenced(self, lease: str, token: int, now: float) -> bool:
+        """Whether ``lease`` is live with ``token`` (called with the lock held)."""
+        found = self._lease(lease, now)
+        return found is not None and found.token == token
+
+    def claim_fenced(
+        self, lease: str, token: int, keys: Sequence[str], ttl: float
+    ) -> list[int] | None:
+        """Under the lock: check the lease's token, then set each absent key to it."""
+        with self._cond:
+            now = time.monotonic()
+            if not self._fenced(lease, token, now):
+                return None
+            holders: list[int] = []
+            for key in keys:
+                entry = self._entry(key, now)
+                if entry is None:
+                    entry = self._entries[key] = _Entry(str(token).encode(), now + ttl)
+                    self._wrote(now)
+                if isinstance(entry.value, set):
+                    raise BackendError(f"claim {key!r}: the key holds a set, not a claim")
+                holders.append(int(entry.value))
+            return holders
+
+    def put_fenced(self, lease: str, token: int, key: str, value: bytes, ttl: float) -> bool:
+        """Under the lock: check the lease's token, then :meth:`put`."""
+        with self._cond:
+            now = time.monotonic()
+            if not self._fenced(lease, token, now):
+                return False
+            self._entries[key] = _Entry(bytes(value), now + ttl)
+            self._wrote(now)
+            return True
 
     # -- flow control -------------------------------------------------------------------------
 

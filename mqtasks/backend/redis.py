@@ -19,7 +19,8 @@ Keys, each behind the backend's ``key_prefix`` (``mqtasks:``):
   (channels are shared by all the databases of a server; the ``n`` keeps them
   apart); the backend itself does not listen to it.
 * ``<p>key:<key>``: values, counters and sets of the coordination operations.
-* ``<p>lease:<name>``: a hash ``owner``, ``token``, expiring with the lease.
+* ``<p>lease:<name>``: a hash ``owner``, ``token``, expiring with the lease; the
+  writes fenced by a lease are in ``mqtasks.backend.redis_fenced``.
 * ``<p>revoked`` and ``<p>revoked:terminate``: sorted sets of the revoked task
   ids (those to stop where running), scored by their expiry in milliseconds
   on the server's clock; expired members are dropped by the next write or
@@ -53,9 +54,8 @@ from redis.retry import Retry
 from .._url import mask_url, redact
 from ..exceptions import BackendError, ConfigurationError
 from ..transport.tls import TLSOptions, tls_failure
-from . import redis_flow
+from . import redis_fenced, redis_flow
 from .base import Backend, ResultWrite, Revocation, RevocationListener, Watch
-from .redis_flow import FLOW_SCRIPTS
 from .redis_pubsub import listen_pubsub
 from .watch import WatchThread, encode_notice
 
@@ -187,7 +187,8 @@ _SCRIPTS = {
     "revoke": _REVOKE,
     "revocation": _REVOCATION,
     "revocations": _REVOCATIONS,
-    **FLOW_SCRIPTS,
+    **redis_flow.FLOW_SCRIPTS,
+    **redis_fenced.FENCED_SCRIPTS,
 }
 
 
@@ -541,6 +542,9 @@ class RedisBackend(Backend):
         if owner is None or token is None:
             return None
         return owner.decode(), int(token)
+
+    claim_fenced = redis_fenced.claim_fenced
+    put_fenced = redis_fenced.put_fenced
 
     # -- flow control (mqtasks.backend.redis_flow) ----------------------------------------------
 

@@ -11,7 +11,8 @@ not trip over each other's ``CREATE TABLE``:
 * ``<t>kv`` (key, value, num, expires_at): values, counters (``num``) and the
   row of each set, which also counts its members.
 * ``<t>members`` (key, member): the members of the sets.
-* ``<t>leases`` (name, owner, token, expires_at), tokens from ``<t>lease_tokens``.
+* ``<t>leases`` (name, owner, token, expires_at), tokens from ``<t>lease_tokens``;
+  the writes fenced by a lease (``mqtasks.backend.postgres.fenced``) lock its row.
 * ``<t>revocations`` (task_id, terminate, expires_at): each revocation (and
   removal) is also a ``NOTIFY <t>revocations`` in its transaction, which
   :meth:`PostgresBackend.watch_revocations` LISTENs to.
@@ -44,7 +45,7 @@ from ...exceptions import BackendError, ConfigurationError
 from ...transport.tls import TLSOptions
 from ..base import Backend, ResultWrite, Revocation, RevocationListener, Watch
 from ..watch import WatchThread, encode_notice
-from . import flow
+from . import fenced, flow
 from .listener import Listener, listen_notifies
 from .schema import EXPIRING, SQL, TABLES
 
@@ -492,6 +493,9 @@ class PostgresBackend(Backend):
         with self._transaction(f"read the lease {name!r}") as conn:
             row = conn.execute(self._sql["holder"], [self._key(name)]).fetchone()
         return None if row is None else (str(row[0]), int(row[1]))
+
+    claim_fenced = fenced.claim_fenced
+    put_fenced = fenced.put_fenced
 
     # -- flow control (mqtasks.backend.postgres.flow) -----------------------------------------
 

@@ -101,6 +101,35 @@ SQL = {
         RETURNING 1""",
     "release": "DELETE FROM {leases} WHERE name = %s AND owner = %s",
     "holder": "SELECT owner, token FROM {leases} WHERE name = %s AND expires_at > now()",
+    # Writes fenced by a lease (mqtasks.backend.postgres.fenced). The lease's row, live
+    # with the token, is locked FOR SHARE first: an acquire (an upsert of that row)
+    # waits for the commit, and one committed before is seen (the row is read anew).
+    "claim_fenced": f"""WITH lease AS MATERIALIZED (
+            SELECT 1 FROM {{leases}}
+            WHERE name = %(lease)s AND token = %(token)s AND expires_at > now()
+            FOR SHARE
+        ), claims AS (
+            INSERT INTO {{kv}} AS t (key, value, expires_at)
+            SELECT k, %(value)s, {EXPIRES} FROM unnest(%(keys)s::text[]) AS k
+            WHERE EXISTS (SELECT 1 FROM lease)
+            ON CONFLICT (key) DO UPDATE SET
+                value = CASE WHEN t.expires_at <= now() THEN EXCLUDED.value ELSE t.value END,
+                num = CASE WHEN t.expires_at <= now() THEN NULL ELSE t.num END,
+                expires_at = CASE WHEN t.expires_at <= now() THEN EXCLUDED.expires_at
+                                  ELSE t.expires_at END
+            RETURNING t.key, t.value, t.num
+        )
+        SELECT c.key, c.value, c.num FROM lease LEFT JOIN claims c ON true""",
+    "put_fenced": f"""WITH lease AS MATERIALIZED (
+            SELECT 1 FROM {{leases}}
+            WHERE name = %(lease)s AND token = %(token)s AND expires_at > now()
+            FOR SHARE
+        )
+        INSERT INTO {{kv}} AS t (key, value, expires_at)
+        SELECT %(key)s, %(value)s, {EXPIRES} WHERE EXISTS (SELECT 1 FROM lease)
+        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, num = NULL,
+            expires_at = EXCLUDED.expires_at
+        RETURNING 1""",
     "revoke": f"""INSERT INTO {{revocations}} AS r (task_id, terminate, expires_at)
         VALUES (%(id)s, %(terminate)s, {EXPIRES})
         ON CONFLICT (task_id) DO UPDATE SET terminate = EXCLUDED.terminate,
