@@ -23,6 +23,7 @@ which follows Debian cron across daylight-saving changes:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -86,16 +87,12 @@ class Schedule:
     #: IANA time zone the cron expression is read in ("UTC" when none was given).
     tz: str
     catch_up: CatchUp
-    # The zone object and the last (after, next tick) pair computed for cron: the
-    # scheduler asks again each turn with the same `after` (the last tick sent), and
-    # CronSim is far dearer than a comparison. Not part of the value.
-    _zone: tzinfo = field(init=False, repr=False, compare=False)
-    _memo: tuple[float, float] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        zone: tzinfo = timezone.utc if self.tz == "UTC" else ZoneInfo(self.tz)
-        object.__setattr__(self, "_zone", zone)
-        object.__setattr__(self, "_memo", (math.inf, math.inf))
+    # The last (after, next tick) pair computed for cron: the scheduler asks again
+    # each turn with the same `after` (the last tick sent), and CronSim is far
+    # dearer than two comparisons. Not part of the value.
+    _memo: tuple[float, float] = field(
+        init=False, repr=False, compare=False, default=(math.inf, math.inf)
+    )
 
     def next_tick(self, after: float) -> float:
         """Return the first tick strictly after ``after`` (epoch seconds).
@@ -107,7 +104,8 @@ class Schedule:
         lo, tick = self._memo
         if lo <= after < tick:
             return tick
-        tick = next(self._cron_ticks(after), math.inf)
+        assert self.cron is not None
+        tick = _cron_next(self.cron, self.tz, after)
         object.__setattr__(self, "_memo", (after, tick))
         return tick
 
@@ -126,12 +124,13 @@ class Schedule:
                 out.append(tick)
                 k += 1
             return out
+        assert self.cron is not None
         first = self.next_tick(after)
         if first > until:
             return out
         out.append(first)
         if len(out) < limit:
-            for tick in self._cron_ticks(first):
+            for tick in _cron_ticks(self.cron, self.tz, first):
                 if tick > until:
                     break
                 out.append(tick)
@@ -184,31 +183,52 @@ class Schedule:
         if self.every is not None:
             tick = _every_index(self.every, now) * self.every
             return tick if tick > lower else None
-        newest = self.next_tick(lower)
-        if newest > now:
+        assert self.cron is not None
+        if self.next_tick(lower) > now:
             return None
-        for tick in self._cron_ticks(newest):
+        # Search back from `now` in doubling windows rather than walk every tick
+        # since `lower`: after a long gap that walk is up to a day of minutes.
+        window = 60.0
+        while True:
+            start = max(lower, now - window)
+            newest = self.next_tick(start)
+            if newest <= now:
+                break
+            if start <= lower:
+                return None
+            window *= 2
+        following = math.inf
+        for tick in _cron_ticks(self.cron, self.tz, newest):
             if tick > now:
+                following = tick
                 break
             newest = tick
+        object.__setattr__(self, "_memo", (newest, following))
         return newest
 
-    def _cron_ticks(self, after: float) -> Iterator[float]:
-        """Cron ticks strictly after ``after``, strictly ascending."""
-        assert self.cron is not None
-        start = datetime.fromtimestamp(after, self._zone)
-        latest = after
-        try:
-            for when in CronSim(self.cron, start):
-                tick = when.timestamp()
-                # For a specific-time job cronsim works in local wall time, which
-                # forgets which pass of a repeated hour `start` was in: from inside
-                # the second pass it names the first pass again. That tick is past.
-                if tick > latest:
-                    latest = tick
-                    yield tick
-        except CronSimError:  # pragma: no cover - validated by make_schedule
-            return
+
+def _zone(tz: str) -> tzinfo:
+    # cronsim skips its daylight-saving handling for datetime.timezone.utc only.
+    return timezone.utc if tz == "UTC" else ZoneInfo(tz)
+
+
+def _cron_ticks(expr: str, tz: str, after: float) -> Iterator[float]:
+    """Ticks of a valid cron expression in ``tz`` strictly after ``after``, strictly ascending."""
+    latest = after
+    for when in CronSim(expr, datetime.fromtimestamp(after, _zone(tz))):
+        tick = when.timestamp()
+        # For a specific-time job cronsim works in local wall time, which forgets
+        # which pass of a repeated hour `after` was in: from inside the second pass
+        # it names the first pass again. That tick is past.
+        if tick > latest:
+            latest = tick
+            yield tick
+
+
+@functools.lru_cache(maxsize=4096)
+def _cron_next(expr: str, tz: str, after: float) -> float:
+    """The first tick after ``after`` (``math.inf`` if none), shared by schedules alike."""
+    return next(_cron_ticks(expr, tz, after), math.inf)
 
 
 def _every_index(every: float, t: float) -> int:
@@ -382,9 +402,19 @@ class PeriodicRegistry:
             )
         self._schedules[schedule.name] = schedule
 
-    def get(self, name: str) -> Schedule | None:
-        """Return the schedule called ``name``, or None."""
-        return self._schedules.get(name)
+    def get(self, name: str) -> Schedule:
+        """Return the schedule called ``name``.
+
+        Raises:
+            KeyError: No schedule has that name.
+        """
+        try:
+            return self._schedules[name]
+        except KeyError:
+            raise KeyError(f"no periodic schedule named {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._schedules
 
     def names(self) -> list[str]:
         """Return the schedules' names, in the order they were added."""

@@ -150,71 +150,92 @@ def test_cron_repeated_calls_agree_with_fresh_schedules(task: Task[..., Any]) ->
         assert s.next_tick(after) == fresh.next_tick(after)
 
 
-def test_cron_spring_forward_specific_time_runs_once_right_after_the_jump(
+# Europe/Berlin in 2026: clocks go forward on 2026-03-29 (02:00 CET -> 03:00 CEST, at
+# 01:00 UTC) and back on 2026-10-25 (03:00 CEST -> 02:00 CET, at 01:00 UTC).
+DST_CASES = [
+    pytest.param(
+        "30 2 * * *",
+        (utc(2026, 3, 28), utc(2026, 3, 31)),
+        [utc(2026, 3, 28, 1, 30), utc(2026, 3, 29, 1, 0), utc(2026, 3, 30, 0, 30)],
+        ["2026-03-28 02:30+0100", "2026-03-29 03:00+0200", "2026-03-30 02:30+0200"],
+        id="spring-forward-specific-time-runs-once-right-after-the-jump",
+    ),
+    pytest.param(
+        "*/30 * * * *",
+        (utc(2026, 3, 29, 0, 0), utc(2026, 3, 29, 1, 45)),
+        [utc(2026, 3, 29, 0, 30), utc(2026, 3, 29, 1, 0), utc(2026, 3, 29, 1, 30)],
+        ["2026-03-29 01:30+0100", "2026-03-29 03:00+0200", "2026-03-29 03:30+0200"],
+        id="spring-forward-wildcard-follows-real-time",
+    ),
+    pytest.param(
+        "30 2 * * *",
+        (utc(2026, 10, 24), utc(2026, 10, 27)),
+        [utc(2026, 10, 24, 0, 30), utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30)],
+        ["2026-10-24 02:30+0200", "2026-10-25 02:30+0200", "2026-10-26 02:30+0100"],
+        id="fall-back-specific-time-runs-once-in-the-first-pass",
+    ),
+    pytest.param(
+        "*/30 * * * *",
+        (utc(2026, 10, 24, 23, 50), utc(2026, 10, 25, 2, 10)),
+        [utc(2026, 10, 25, h, m) for h, m in ((0, 0), (0, 30), (1, 0), (1, 30), (2, 0))],
+        [
+            "2026-10-25 02:00+0200",
+            "2026-10-25 02:30+0200",
+            "2026-10-25 02:00+0100",
+            "2026-10-25 02:30+0100",
+            "2026-10-25 03:00+0100",
+        ],
+        id="fall-back-wildcard-runs-in-both-passes",
+    ),
+]
+
+
+@pytest.mark.parametrize(("expr", "span", "utc_ticks", "local_ticks"), DST_CASES)
+def test_cron_across_daylight_saving_changes(
     task: Task[..., Any],
+    expr: str,
+    span: tuple[float, float],
+    utc_ticks: list[float],
+    local_ticks: list[str],
 ) -> None:
-    # On 2026-03-29 Europe/Berlin goes from 02:00 CET straight to 03:00 CEST.
-    s = sched(task, cron="30 2 * * *", tz="Europe/Berlin")
-    ticks = s.ticks(utc(2026, 3, 28, 0, 0), utc(2026, 3, 31, 0, 0))
-    assert ticks == [utc(2026, 3, 28, 1, 30), utc(2026, 3, 29, 1, 0), utc(2026, 3, 30, 0, 30)]
-    assert [berlin(t) for t in ticks] == [
-        "2026-03-28 02:30+0100",
-        "2026-03-29 03:00+0200",
-        "2026-03-30 02:30+0200",
-    ]
-    # The same from any start inside that night.
-    assert s.next_tick(utc(2026, 3, 29, 0, 30)) == utc(2026, 3, 29, 1, 0)
-    assert s.next_tick(utc(2026, 3, 29, 1, 0)) == utc(2026, 3, 30, 0, 30)
+    s = sched(task, cron=expr, tz="Europe/Berlin")
+    ticks = s.ticks(*span)
+    assert ticks == utc_ticks
+    assert [berlin(t) for t in ticks] == local_ticks
+    # From any point between two ticks, next_tick() names the later one.
+    for before, tick in zip([span[0], *ticks[:-1]], ticks, strict=True):
+        fresh = sched(task, name="fresh", cron=expr, tz="Europe/Berlin")
+        assert fresh.next_tick((before + tick) / 2) == tick
+        assert fresh.next_tick(tick - 1) == tick
 
 
-def test_cron_spring_forward_wildcard_hour_follows_real_time(task: Task[..., Any]) -> None:
-    s = sched(task, cron="*/30 * * * *", tz="Europe/Berlin")
-    ticks = s.ticks(utc(2026, 3, 29, 0, 0), utc(2026, 3, 29, 1, 45))
-    assert ticks == [utc(2026, 3, 29, 0, 30), utc(2026, 3, 29, 1, 0), utc(2026, 3, 29, 1, 30)]
-    assert s.next_tick(utc(2026, 3, 29, 0, 59)) == utc(2026, 3, 29, 1, 0)
-    assert [berlin(t) for t in ticks] == [
-        "2026-03-29 01:30+0100",
-        "2026-03-29 03:00+0200",
-        "2026-03-29 03:30+0200",
-    ]
+def test_cron_next_tick_inside_the_changed_hours(task: Task[..., Any]) -> None:
+    fixed = sched(task, cron="30 2 * * *", tz="Europe/Berlin")
+    # Spring: 00:59:59 UTC is 01:59:59 CET; 02:30 does not exist, 03:00 CEST does.
+    assert fixed.next_tick(utc(2026, 3, 29, 0, 59, 59)) == utc(2026, 3, 29, 1, 0)
+    assert fixed.next_tick(utc(2026, 3, 29, 1, 0)) == utc(2026, 3, 30, 0, 30)
+    # Autumn, inside the second pass (02:20 CET): the first-pass 02:30 is past, next is tomorrow.
+    assert fixed.next_tick(utc(2026, 10, 25, 1, 20)) == utc(2026, 10, 26, 1, 30)
+    assert fixed.next_tick(utc(2026, 10, 25, 0, 30)) == utc(2026, 10, 26, 1, 30)
+    # A wildcard job started inside the second pass continues in it.
+    wild = sched(task, name="wild", cron="*/30 * * * *", tz="Europe/Berlin")
+    assert wild.next_tick(utc(2026, 10, 25, 1, 10)) == utc(2026, 10, 25, 1, 30)
 
 
-def test_cron_fall_back_specific_time_runs_once_in_the_first_pass(
-    task: Task[..., Any],
+@pytest.mark.parametrize("expr", ["30 2 * * *", "*/30 * * * *", "* 2 * * *", "15 1-3 * * *"])
+@pytest.mark.parametrize("day", [(3, 29), (10, 25), (12, 7)])
+def test_cron_latest_agrees_with_walking_every_tick(
+    task: Task[..., Any], expr: str, day: tuple[int, int]
 ) -> None:
-    # On 2026-10-25 Europe/Berlin goes from 03:00 CEST back to 02:00 CET: 02:xx happens twice.
-    s = sched(task, cron="30 2 * * *", tz="Europe/Berlin")
-    ticks = s.ticks(utc(2026, 10, 24, 0, 0), utc(2026, 10, 27, 0, 0))
-    assert ticks == [utc(2026, 10, 24, 0, 30), utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30)]
-    assert [berlin(t) for t in ticks] == [
-        "2026-10-24 02:30+0200",
-        "2026-10-25 02:30+0200",
-        "2026-10-26 02:30+0100",
-    ]
-    # From inside the second pass (02:20 CET) the first-pass tick is past: next is tomorrow.
-    assert s.next_tick(utc(2026, 10, 25, 1, 20)) == utc(2026, 10, 26, 1, 30)
-    assert s.next_tick(utc(2026, 10, 25, 0, 30)) == utc(2026, 10, 26, 1, 30)
-
-
-def test_cron_fall_back_wildcard_runs_in_both_passes(task: Task[..., Any]) -> None:
-    s = sched(task, cron="*/30 * * * *", tz="Europe/Berlin")
-    ticks = s.ticks(utc(2026, 10, 24, 23, 50), utc(2026, 10, 25, 2, 10))
-    assert ticks == [
-        utc(2026, 10, 25, 0, 0),
-        utc(2026, 10, 25, 0, 30),
-        utc(2026, 10, 25, 1, 0),
-        utc(2026, 10, 25, 1, 30),
-        utc(2026, 10, 25, 2, 0),
-    ]
-    assert [berlin(t) for t in ticks] == [
-        "2026-10-25 02:00+0200",
-        "2026-10-25 02:30+0200",
-        "2026-10-25 02:00+0100",
-        "2026-10-25 02:30+0100",
-        "2026-10-25 03:00+0100",
-    ]
-    # Starting inside the second pass continues in it.
-    assert s.next_tick(utc(2026, 10, 25, 1, 10)) == utc(2026, 10, 25, 1, 30)
+    """due(catch_up="latest") searches back from now; it finds what a walk from `last` finds."""
+    latest = sched(task, cron=expr, tz="Europe/Berlin")
+    walk = sched(task, name="walk", cron=expr, tz="Europe/Berlin")
+    midnight = utc(2026, day[0], day[1]) - 2 * 3600
+    for minutes in range(0, 6 * 60, 7):
+        now = midnight + minutes * 60 + 13
+        for last in (midnight - 3600, now - 3000, now - 600):
+            expected = walk.ticks(last, now, limit=10**6)[-1:]
+            assert latest.due(last, now) == expected, (last, now)
 
 
 # due(): `now` is the controllable clock.
@@ -379,7 +400,10 @@ def test_registry_keeps_order_and_refuses_duplicate_names(task: Task[..., Any]) 
     reg.add(b)
     assert list(reg) == [a, b] and len(reg) == 2
     assert reg.names() == ["b-first", "a-second"]
-    assert reg.get("a-second") is b and reg.get("missing") is None
+    assert reg.get("a-second") is b
+    assert "a-second" in reg and "missing" not in reg
+    with pytest.raises(KeyError, match="missing"):
+        reg.get("missing")
     with pytest.raises(ConfigurationError, match=r"^Periodic schedule 'b-first': .*already"):
         reg.add(sched(task, name="b-first", every=5))
     assert len(reg) == 2
