@@ -10,6 +10,7 @@ a store of its own.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -57,6 +58,14 @@ class _Lease:
     owner: str
     token: int
     expires_at: float
+
+
+def _claim(key: str, value: bytes | int | set[str]) -> int:
+    """The token of the claim ``value`` under ``key`` (decimal ASCII, or a counter)."""
+    if not isinstance(value, set):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    raise BackendError(f"claim {key!r}: the key holds no claim")
 
 
 class MemoryBackend(Backend):
@@ -292,9 +301,7 @@ class MemoryBackend(Backend):
                 if entry is None:
                     entry = self._entries[key] = _Entry(str(token).encode(), now + ttl)
                     self._wrote(now)
-                if isinstance(entry.value, set):
-                    raise BackendError(f"claim {key!r}: the key holds a set, not a claim")
-                holders.append(int(entry.value))
+                holders.append(_claim(key, entry.value))
             return holders
 
     def put_fenced(self, lease: str, token: int, key: str, value: bytes, ttl: float) -> bool:

@@ -19,6 +19,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..exceptions import BackendError
+
 if TYPE_CHECKING:
     from .redis import RedisBackend
 
@@ -68,7 +70,12 @@ def claim_fenced(
             keys=[self.lease_key(lease), *(self.key(k) for k in keys)],
             args=[str(token), max(1, math.ceil(ttl * 1000))],
         )
-    return None if holders is None else [int(h) for h in holders]
+    if holders is None:
+        return None
+    try:
+        return [int(h) for h in holders]
+    except ValueError as exc:
+        raise BackendError(f"claim under the lease {lease!r}: a key holds no claim") from exc
 
 
 def put_fenced(

@@ -95,21 +95,19 @@ def test_put_fenced_writes_only_while_the_lease_is_live_with_the_token(
     first = backend.acquire_lease("leader", "a", 60)
     assert first is not None
 
-    assert backend.put_fenced("leader", first, "state", b"one", 60) is True
-    assert backend.get("state") == b"one"
-    assert backend.put_fenced("leader", first, "state", b"two", 60) is True
-    assert backend.get("state") == b"two"
-    assert backend.put_fenced("leader", first + 1, "state", b"wrong", 60) is False
-    assert backend.get("state") == b"two"
+    def put(token: int, value: bytes, ttl: float = 60) -> tuple[bool, bytes | None]:
+        return backend.put_fenced("leader", token, "state", value, ttl), backend.get("state")
+
+    assert put(first, b"one") == (True, b"one")
+    assert put(first, b"two") == (True, b"two")  # replaced
+    assert put(first + 1, b"wrong") == (False, b"two")
 
     backend.release_lease("leader", "a")
-    assert backend.put_fenced("leader", first, "state", b"released", 60) is False
+    assert put(first, b"released") == (False, b"two")
     second = backend.acquire_lease("leader", "b", 60)
     assert second is not None
-    assert backend.put_fenced("leader", first, "state", b"stale", 60) is False
-    assert backend.get("state") == b"two"
-    assert backend.put_fenced("leader", second, "state", b"three", 0.3) is True
-    assert backend.get("state") == b"three"
+    assert put(first, b"stale") == (False, b"two")
+    assert put(second, b"three", 0.3) == (True, b"three")
     wait_for(lambda: backend.get("state") is None, "the value to expire")
 
 
