@@ -3,10 +3,9 @@ result backend."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from . import dlq
@@ -16,13 +15,15 @@ from . import queues as _queues
 from . import revoke as _revoke
 from .batch_task import BatchDecorator, define
 from .config import Settings, TLSOptions, mask_url
-from .events import EventHandle, Subscription, Subscriptions
+from .declarations import EventsAPI, PeriodicAPI
+from .events import Subscription, Subscriptions
 from .exceptions import ConfigurationError, TaskNotRegistered
 from .flow.circuit import CircuitBreaker, circuits_by_name
 from .message import Message
 from .middleware import Middleware, default_middleware
 from .middleware.base import Runner
 from .middleware.results import Results
+from .periodic import PeriodicRegistry
 from .publishing import Publishing
 from .retry import RetryPolicy
 from .status import QueueStatus, queue_status
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["App"]
 
 
-class App:
+class App(EventsAPI, PeriodicAPI):
     """A mqtasks application: where tasks are registered and sent from.
 
     Args:
@@ -98,6 +99,8 @@ class App:
         #: Event subscribers (``@app.on``), one per queue: iterate for
         #: :class:`~mqtasks.events.Subscription` objects, ``(pattern, queue, task)``.
         self.subscriptions = Subscriptions()
+        #: Periodic schedules (:meth:`periodic`, :meth:`add_periodic`), sent by ``mqtasks beat``.
+        self.schedules = PeriodicRegistry()
         #: Subscriptions whose bindings this app has declared (see :meth:`emit`).
         self._bound: set[Subscription] = set()
         #: Queue configurations by name.
@@ -363,121 +366,6 @@ class App:
         if fn is not None:
             return register(fn)
         return register
-
-    def on(
-        self,
-        pattern: str,
-        *,
-        queue: str | None = None,
-        name: str | None = None,
-        priority: int | None = None,
-        expires: Seconds | None = None,
-        **task_options: Any,
-    ) -> Callable[[Callable[P, R]], Task[P, R]]:
-        """Register a function as the subscriber of events matching ``pattern``.
-
-        ::
-
-            @app.on("order.*")
-            def audit(payload: dict) -> None: ...
-
-            app.emit("order.created", {"id": 42})  # audit runs once, on a worker
-
-        The subscriber is a task with a queue of its own, bound to the events
-        exchange with ``pattern``: every subscriber whose pattern matches gets
-        each event once; workers sharing its queue share its events. Retries,
-        dead letters and middleware apply as to any task. It takes one
-        argument, the event payload, and stores no result (``ignore_result``).
-
-        Args:
-            pattern: AMQP topic pattern: words separated by ``.``, ``*`` exactly
-                one word, ``#`` zero or more words (``order.*``, ``order.#``).
-            queue: Its queue; ``"<app name>.<function name>"`` by default.
-            name: Task name; ``module.qualname`` of the function by default.
-            priority: Default message priority of its retries.
-            expires: Seconds after emitting past which an event is not run.
-            task_options: Task options (``max_retries``, ``retry_backoff``,
-                middleware options), as for :meth:`task`.
-
-        Raises:
-            ConfigurationError: A bad pattern, a function that cannot take one
-                argument, a queue with another subscriber already (both named),
-                ``ignore_result=False``, ``idempotent`` or ``unique_for`` (keyed by
-                the id every subscriber shares), or an option no middleware understands.
-            DuplicateTask: Another function is registered under the same task name.
-        """
-        return _events.subscribe(
-            self,
-            pattern,
-            queue=queue,
-            name=name,
-            priority=priority,
-            expires=expires,
-            task_options=task_options,
-        )
-
-    def emit(
-        self,
-        event: str,
-        payload: Any = None,
-        *,
-        mandatory: bool = True,
-        headers: Mapping[str, Any] | None = None,
-        event_id: str | None = None,
-    ) -> EventHandle:
-        """Publish an event: every subscriber whose pattern matches ``event`` runs it once.
-
-        Returns once the broker has confirmed it, as ``delay()`` does; the
-        publish middleware runs (traces, metrics, logs). Inside a
-        :meth:`publishing` block it is published at once all the same. The
-        bindings of this app's own subscribers are declared first (once), so
-        an event sent before their workers start waits in their queues.
-
-        Args:
-            event: The event name, the routing key: words separated by ``.``
-                (``order.created``).
-            payload: The subscribers' argument (a JSON value).
-            mandatory: Raise :class:`~mqtasks.exceptions.Unroutable` when no
-                subscriber queue is bound for ``event``; False drops it quietly.
-            headers: Extra headers, passed through to the subscribers.
-            event_id: The message id; a new UUID by default.
-
-        Returns:
-            The event's handle: its id, and how many queues got it where the broker says.
-
-        Raises:
-            ValueError: A bad event name, or a reserved (``mqtasks-``) header.
-            EncodeError: A payload JSON cannot carry, or over ``max_message_size``.
-            Unroutable: ``mandatory`` and no queue is bound for ``event``.
-            PublishError: The broker did not take the event.
-            ConfigurationError: The transport cannot route events (``redis+kombu://``).
-        """
-        return _events.emit(
-            self, event, payload, mandatory=mandatory, headers=headers, event_id=event_id
-        )
-
-    async def aemit(
-        self,
-        event: str,
-        payload: Any = None,
-        *,
-        mandatory: bool = True,
-        headers: Mapping[str, Any] | None = None,
-        event_id: str | None = None,
-    ) -> EventHandle:
-        """:meth:`emit` for asyncio code: the publish and its confirm run in a thread,
-        the event loop keeps running.
-
-        Raises:
-            ValueError: A bad event name, or a reserved (``mqtasks-``) header.
-            EncodeError: A payload JSON cannot carry, or over ``max_message_size``.
-            Unroutable: ``mandatory`` and no queue is bound for ``event``.
-            PublishError: The broker did not take the event.
-            ConfigurationError: The transport cannot route events.
-        """
-        return await asyncio.to_thread(
-            self.emit, event, payload, mandatory=mandatory, headers=headers, event_id=event_id
-        )
 
     def _default_name(self, fn: Callable[..., Any]) -> str:
         module = getattr(fn, "__module__", None) or self.name

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_HEADER_ITEMS",
     "MAX_HEADER_VALUE",
     "MAX_NAME_LENGTH",
+    "PERIODIC_HEADER",
     "PROTOCOL_VERSION",
     "Message",
     "current_message",
@@ -64,6 +65,10 @@ HEADER_PUBLISHED_AT = "mqtasks-published-at"
 HEADER_EXPIRES = "mqtasks-expires"
 #: Header: when the first attempt failed, seconds since the epoch (on retries).
 HEADER_FIRST_FAILED_AT = "mqtasks-first-failed-at"
+
+#: Header (not ``mqtasks-``: it travels in :attr:`Message.headers`) naming the periodic
+#: schedule a message is a tick of; workers run such a task id once (the idempotency record).
+PERIODIC_HEADER = "periodic-schedule"
 
 #: Longest id or task name accepted.
 MAX_NAME_LENGTH = 255

@@ -4,7 +4,7 @@ This package holds the click group, the ``-A`` option every command shares
 and what the commands need to load an app; each command lives in a module of
 its own (``mqtasks.cli.worker``, ``mqtasks.cli.dlq``,
 ``mqtasks.cli.status``, ``mqtasks.cli.result``, ``mqtasks.cli.backend``,
-``mqtasks.cli.declare``, ``mqtasks.cli.revoke``). What a signal does to a running worker, and the
+``mqtasks.cli.declare``, ``mqtasks.cli.revoke``, ``mqtasks.cli.beat``). What a signal does to a running worker, and the
 ``--processes`` supervisor, are in :mod:`mqtasks.process`.
 """
 
@@ -14,6 +14,8 @@ import os
 import sys
 import traceback
 import types
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -32,6 +34,7 @@ __all__ = [
     "RET_TIMEOUT",
     "configure_logging",
     "load_app",
+    "log_options",
     "main",
 ]
 
@@ -42,6 +45,24 @@ __all__ = [
 app_option = click.option(
     "-A", "--app", "app_path", required=True, help="The app: module[:attribute]."
 )
+
+
+def log_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--log-level`` and ``--log-format`` (passed as ``log_level``, ``log_format``)."""
+    command = click.option(
+        "--log-format",
+        type=click.Choice(["auto", "console", "json"]),
+        default=None,
+        help="json: one object per line; auto: console on a terminal, JSON otherwise "
+        "(default: the log_format setting, MQTASKS_LOG_FORMAT, else auto).",
+    )(command)
+    return click.option(
+        "--log-level",
+        type=click.Choice(logs.LOG_LEVELS, case_sensitive=False),
+        default="info",
+        show_default=True,
+        help="The lowest level logged.",
+    )(command)
 
 
 def configure_logging(level: str, fmt: str) -> str:
@@ -123,4 +144,4 @@ def main() -> None:
 # Each command module registers its commands on ``cli`` when imported. They
 # come last because they use the names above; the order does not matter, click
 # lists commands alphabetically.
-from . import backend, circuit, declare, dlq, result, revoke, status, worker  # noqa: E402, F401
+from . import backend, beat, circuit, declare, dlq, result, revoke, status, worker  # noqa: E402, F401

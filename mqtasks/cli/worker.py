@@ -29,9 +29,10 @@ from ..process import (
     return_large_buffers_to_the_os,
     run_worker,
 )
+from ..scheduler import Scheduler, check_scheduler
 from ..transport import transport_class
 from ..worker import Worker
-from . import app_option, cli, configure_logging, load_app
+from . import app_option, cli, configure_logging, load_app, log_options
 
 __all__ = ["HELP_EPILOG", "worker"]
 
@@ -45,6 +46,7 @@ Examples:
   mqtasks worker -A myapp --processes 2   # two processes, each with 8 threads
   mqtasks worker -A myapp --autoscale 2,16  # 2 to 16 threads, following the backlog
   mqtasks worker -A myapp -p 2 --autoscale 1,6 -c 4  # 1 to 6 processes of 4 threads
+  mqtasks worker -A myapp --beat          # also send periodic ticks (see mqtasks beat)
 
 \b
 Exit codes:
@@ -134,19 +136,11 @@ def _autoscale_bounds(
     help="Seconds running tasks may take to finish after SIGTERM (default 30).",
 )
 @click.option(
-    "--log-level",
-    type=click.Choice(logs.LOG_LEVELS, case_sensitive=False),
-    default="info",
-    show_default=True,
-    help="The lowest level logged.",
+    "--beat",
+    is_flag=True,
+    help="Also run the periodic-task scheduler (see mqtasks beat); any number of workers may.",
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(["auto", "console", "json"]),
-    default=None,
-    help="json: one object per line; auto: console on a terminal, JSON otherwise "
-    "(default: the log_format setting, MQTASKS_LOG_FORMAT, else auto).",
-)
+@log_options
 def worker(
     app_path: str,
     queues: str | None,
@@ -156,6 +150,7 @@ def worker(
     autoscale: tuple[int, int] | None,
     autoscale_idle: float,
     shutdown_timeout: float | None,
+    beat: bool,
     log_level: str,
     log_format: str | None,
 ) -> None:
@@ -187,6 +182,11 @@ def worker(
     if scaling == "threads" and autoscale is not None and prefetch is None:
         # A prefetch set in the environment or by the app does not follow the threads either.
         _check_autoscale_prefetch(app.settings.prefetch, "the prefetch setting", autoscale[1])
+    if beat:
+        try:
+            check_scheduler(app)
+        except MQTasksError as exc:
+            raise click.UsageError(f"--beat: {exc}") from exc
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     return_large_buffers_to_the_os()  # in the supervisor too: forked children inherit it
     options: dict[str, Any] = {
@@ -199,11 +199,12 @@ def worker(
         bounds = autoscale if scaling == "processes" else None
         sys.exit(
             _run_supervisor(
-                app, processes, signals, log_level, used, options, bounds, autoscale_idle
+                app, processes, signals, log_level, used, options, bounds, autoscale_idle, beat
             )
         )
     w = _build_worker(app, options)
-    sys.exit(run_worker(w, signals, companions=_companions(w, scaling, autoscale, autoscale_idle)))
+    companions = _companions(w, scaling, autoscale, autoscale_idle, beat)
+    sys.exit(run_worker(w, signals, companions=companions))
 
 
 def _scaling_mode(autoscale: tuple[int, int] | None) -> str | None:
@@ -220,17 +221,24 @@ def _scaling_mode(autoscale: tuple[int, int] | None) -> str | None:
 
 
 def _companions(
-    w: Worker, scaling: str | None, autoscale: tuple[int, int] | None, idle: float
+    w: Worker,
+    scaling: str | None,
+    autoscale: tuple[int, int] | None,
+    idle: float,
+    beat: bool = False,
 ) -> list[Companion]:
     """The autoscaler of a worker that scales its threads, or the load reporter of a
-    child whose supervisor scales the processes."""
-    if scaling == "threads" and autoscale is not None:
-        return [Autoscaler(w, *autoscale, idle=idle)]
+    child whose supervisor scales the processes; and the scheduler with ``--beat``."""
+    companions: list[Companion] = []
+    if beat:
+        companions.append(Scheduler(w.app))
     directory = os.environ.get(LOAD_DIR_ENV)
-    if scaling == "report" and directory:
+    if scaling == "threads" and autoscale is not None:
+        companions.append(Autoscaler(w, *autoscale, idle=idle))
+    elif scaling == "report" and directory:
         slot = os.environ.get("MQTASKS_WORKER_SLOT", "0")
-        return [LoadReporter(w, os.path.join(directory, f"{slot}.json"))]
-    return []
+        companions.append(LoadReporter(w, os.path.join(directory, f"{slot}.json")))
+    return companions
 
 
 def _build_worker(app: App, options: dict[str, Any]) -> Worker:
@@ -250,6 +258,7 @@ def _run_supervisor(
     options: dict[str, Any],
     autoscale: tuple[int, int] | None = None,
     autoscale_idle: float = 30.0,
+    beat: bool = False,
 ) -> int:
     """Run ``processes`` children under a supervisor; return its exit code.
 
@@ -289,7 +298,8 @@ def _run_supervisor(
             exc.show()
             return exc.exit_code
         reporting = "report" if autoscale is not None else None
-        return run_worker(w, child_signals, companions=_companions(w, reporting, None, 0.0))
+        companions = _companions(w, reporting, None, 0.0, beat)
+        return run_worker(w, child_signals, companions=companions)
 
     supervisor = Supervisor(
         command,

@@ -1,5 +1,8 @@
 """Idempotency: the middleware that runs a task with ``idempotent=True`` once per task id.
 
+Ticks of periodic schedules (messages with the ``periodic-schedule`` header)
+are treated the same way, whatever their task's options.
+
 Delivery is at least once: a message can come again (a worker crashed before
 its ack, a publisher sent the same id twice). For tasks with
 ``idempotent=True``, a worker records the id of a task that succeeded in the
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ..exceptions import BackendError, SkipMessage
+from ..message import PERIODIC_HEADER
 from .base import DeferBackoff, Middleware, ensure
 
 if TYPE_CHECKING:
@@ -131,6 +135,10 @@ class Idempotency(Middleware):
 
 
 def _idempotent(worker: Worker, message: Message) -> bool:
+    # A periodic tick may be published twice (a new leader resends a tick whose
+    # publish an earlier one may not have seen confirmed): its id runs once.
+    if PERIODIC_HEADER in message.headers:
+        return True
     task = worker.app.tasks.get(message.task)
     return task is not None and bool(task.options.get("idempotent", False))
 
