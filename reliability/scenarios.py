@@ -1,4 +1,4 @@
-"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S21.
+"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S22.
 
 Each scenario function takes the :class:`~reliability.harness.Harness` and a
 broker profile and returns one JSON-able result per run, with its figures,
@@ -26,6 +26,7 @@ from .harness import Harness
 from .load import s0, s12
 from .ordering import s18
 from .parity import s15
+from .periodic import s22
 from .poison.scenario import s7
 from .profiles import BrokerProfile
 from .retries import s8, s8b, s9
@@ -105,6 +106,12 @@ SCENARIOS: dict[str, Scenario] = {
             "10,000 batch items (batch_size 100), 1 % failing on purpose, through a worker SIGKILL",
             ("RQ", "RD"),
             s21,
+        ),
+        Scenario(
+            "S22",
+            "a tick a second from 3 beat processes, the leader SIGKILLed twice and frozen 15 s",
+            ("RQ", "RD"),
+            s22,
         ),
     ]
 }
