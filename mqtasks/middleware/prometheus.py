@@ -1,0 +1,530 @@
+"""PrometheusMetrics: the StatsD metrics (counters, timers as histograms, gauges) for scraping.
+
+The names share their stems with :mod:`mqtasks.middleware.statsd` and the log
+events (``task.retried`` is ``mqtasks_task_retried_total{task="..."}`` here);
+the table is in the metrics guide. ``prometheus-client`` is an optional extra
+(``pip install "mqtasks[prometheus]"``), imported by this module only.
+
+Under ``mqtasks worker --processes N`` each child writes its values to files in
+the directory ``PROMETHEUS_MULTIPROC_DIR`` names (prometheus_client's
+multiprocess mode), and the supervisor serves their sum through
+:class:`SupervisorMetrics`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import structlog
+
+from ..exceptions import ConfigurationError, QueueNotFound, SkipMessage, TaskControl
+from ..transport.base import dead_letter_spec
+from .base import Middleware
+from .statsd import UNKNOWN_TASK
+
+try:
+    import prometheus_client
+    from prometheus_client import multiprocess, values
+except ImportError:  # the extra is not installed: PrometheusMetrics() says how to get it
+    prometheus_client = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+    from ..app import App
+    from ..message import Message
+    from ..worker import Worker
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "MULTIPROC_DIR_ENV",
+    "RUN_TIME_BUCKETS",
+    "UNKNOWN_TASK",
+    "WAIT_BUCKETS",
+    "MetricsServer",
+    "PrometheusMetrics",
+    "SupervisorMetrics",
+    "exposition_registry",
+    "metrics_asgi_app",
+    "serve_metrics",
+]
+
+logger = structlog.get_logger("mqtasks.middleware.prometheus")
+
+#: What every metric name starts with.
+DEFAULT_NAMESPACE = "mqtasks"
+#: The environment variable that turns on prometheus_client's multiprocess mode.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Histogram buckets of ``task_run_time_seconds``: a millisecond to five minutes.
+RUN_TIME_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+#: Histogram buckets of ``task_queue_time_seconds`` and ``task_end_to_end_seconds``:
+#: waits run longer than tasks (a backlog, a countdown, retries), up to an hour.
+WAIT_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
+
+_INSTALL_HINT = 'Prometheus metrics need prometheus-client: pip install "mqtasks[prometheus]"'
+
+#: The counters of a task, as (StatsD stem, help text).
+_COUNTERS = {
+    "published": "Messages the broker confirmed.",
+    "received": "Attempts a worker started.",
+    "redelivered": "Attempts of messages the broker delivered before.",
+    "succeeded": "Attempts that returned.",
+    "failed": "Attempts that raised (Retry and Reject excepted).",
+    "retried": "Next attempts published (after a failure or a Retry).",
+    "dead_lettered": "Messages stored in their dead-letter queue, whatever the reason.",
+    "rejected": "Messages rejected as bad input or by the task (Reject).",
+}
+
+
+def _require() -> None:
+    if prometheus_client is None:
+        raise ConfigurationError(_INSTALL_HINT + ".")
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus_client's multiprocess mode, or None when it is off."""
+    return os.environ.get(MULTIPROC_DIR_ENV) or None
+
+
+class _Task(NamedTuple):
+    """The labelled children of one task, looked up once (``labels()`` takes a lock and hashes)."""
+
+    published: Any
+    received: Any
+    redelivered: Any
+    succeeded: Any
+    failed: Any
+    retried: Any
+    dead_lettered: Any
+    rejected: Any
+    run_time: Any
+    queue_time: Any
+    end_to_end: Any
+
+    def labelled(self, name: str) -> _Task:
+        """The children of these families for task ``name``."""
+        return _Task._make(family.labels(name) for family in self)
+
+
+class _Families:
+    """The metric families of one namespace in one registry (a name registers only once)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        namespace: str,
+        run_time_buckets: Sequence[float],
+        wait_buckets: Sequence[float],
+    ) -> None:
+        p = prometheus_client
+        ns = namespace
+        self.counters = {
+            stem: p.Counter(f"task_{stem}", text, ["task"], namespace=ns, registry=registry)
+            for stem, text in _COUNTERS.items()
+        }
+
+        def histogram(stem: str, text: str, buckets: Sequence[float]) -> Any:
+            return p.Histogram(
+                f"task_{stem}_seconds", text, ["task"], namespace=ns, registry=registry,
+                buckets=buckets,
+            )  # fmt: skip
+
+        self.run_time = histogram(
+            "run_time", "Seconds from the start of an attempt to its end.", run_time_buckets
+        )
+        self.queue_time = histogram(
+            "queue_time", "Seconds from publishing to the start of the first attempt.", wait_buckets
+        )
+        self.end_to_end = histogram(
+            "end_to_end", "Seconds from publishing to success, retries included.", wait_buckets
+        )
+        # Under --processes: the in-flight tasks of the live children add up; every
+        # child samples the same queues, so the latest sample is the one to show.
+        self.in_flight = p.Gauge(
+            "worker_in_flight", "Tasks running in the worker (all its processes).",
+            namespace=ns, registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.depth = p.Gauge(
+            "queue_depth", "Ready messages of each queue the worker consumes.", ["queue"],
+            namespace=ns, registry=registry, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+        self.dead_letters = p.Gauge(
+            "queue_dead_letters", "Messages in the queue's dead-letter queue.", ["queue"],
+            namespace=ns, registry=registry, multiprocess_mode="livemostrecent",
+        )  # fmt: skip
+
+    def task(self, name: str) -> _Task:
+        c = self.counters
+        timers = (self.run_time, self.queue_time, self.end_to_end)
+        return _Task._make([*(c[stem] for stem in _COUNTERS), *timers]).labelled(name)
+
+
+#: Families made so far, by registry and namespace.
+_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, _Families]] = (
+    weakref.WeakKeyDictionary()
+)
+_FAMILIES_LOCK = threading.Lock()
+
+
+def _families(
+    registry: CollectorRegistry,
+    namespace: str,
+    run_time_buckets: Sequence[float],
+    wait_buckets: Sequence[float],
+) -> _Families:
+    with _FAMILIES_LOCK:
+        made = _FAMILIES.setdefault(registry, {})
+        families = made.get(namespace)
+        if families is None:
+            if multiprocess_dir() and not getattr(values.ValueClass, "_multiprocess", False):
+                # prometheus_client picks where values live when it is first imported;
+                # an app imported before the directory was set would keep them in this
+                # process, out of the supervisor's sight.
+                values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+            families = _Families(registry, namespace, run_time_buckets, wait_buckets)
+            made[namespace] = families
+        return families
+
+
+class PrometheusMetrics(Middleware):
+    """Records task counters, timers (as histograms) and worker and queue gauges for Prometheus.
+
+    The same metrics as :class:`~mqtasks.middleware.statsd.StatsdMetrics`, with
+    bounded labels only: ``task`` is a name the app registered (anything else is
+    counted as :data:`UNKNOWN_TASK`, so bad messages cannot create series) and
+    ``queue`` a queue the worker consumes. Serve them with :func:`serve_metrics`
+    (``mqtasks worker --metrics-port``) or :func:`metrics_asgi_app`.
+
+    Args:
+        registry: Where the metrics are registered; prometheus_client's default
+            ``REGISTRY`` if None.
+        namespace: What every metric name starts with.
+        gauge_interval: Seconds between two samples of the worker's gauges.
+        run_time_buckets: Upper bounds, in seconds, of the run-time histogram's buckets.
+        wait_buckets: Upper bounds of the queue-time and end-to-end histograms' buckets.
+
+    Raises:
+        ConfigurationError: prometheus-client is not installed, or ``gauge_interval``
+            is not positive.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        gauge_interval: float = 5.0,
+        run_time_buckets: Sequence[float] = RUN_TIME_BUCKETS,
+        wait_buckets: Sequence[float] = WAIT_BUCKETS,
+    ) -> None:
+        _require()
+        if not gauge_interval > 0:
+            raise ConfigurationError(
+                f"gauge_interval must be positive seconds, not {gauge_interval!r}."
+            )
+        self.registry = prometheus_client.REGISTRY if registry is None else registry
+        self.namespace = namespace
+        self.gauge_interval = float(gauge_interval)
+        self._buckets = (tuple(run_time_buckets), tuple(wait_buckets))
+        self._families: _Families | None = None
+        self._tasks: dict[str, _Task] = {}
+        self._local = threading.local()
+        self._samplers: dict[int, threading.Event] = {}
+        # The families are made with the first metric, not here: under --processes
+        # the app is built before the supervisor forks, and each child's values
+        # must go to its own files.
+
+    def __repr__(self) -> str:
+        return f"<PrometheusMetrics namespace={self.namespace!r}>"
+
+    @property
+    def families(self) -> _Families:
+        """The metric families (made on first use)."""
+        families = self._families
+        if families is None:
+            families = _families(self.registry, self.namespace, *self._buckets)
+            self._families = families
+        return families
+
+    def task(self, app: App, task: str | None) -> _Task:
+        """Return the labelled metrics of ``task``; those of :data:`UNKNOWN_TASK` if not registered."""
+        metrics = self._tasks.get(task) if task is not None else None
+        if metrics is None:
+            name = task if task is not None and task in app.tasks else UNKNOWN_TASK
+            metrics = self._tasks.get(name)
+            if metrics is None:
+                metrics = self._tasks[name] = self.families.task(name)
+        return metrics
+
+    # -- publishing ------------------------------------------------------------------
+
+    def after_publish(self, app: App, message: Message) -> None:
+        """Count ``task_published``."""
+        self.task(app, message.task).published.inc()
+
+    # -- processing ------------------------------------------------------------------
+
+    def before_process(self, worker: Worker, message: Message) -> None:
+        """Count ``task_received`` (and ``task_redelivered``); time the first attempt's wait."""
+        local = self._local
+        local.started = time.perf_counter()
+        local.metrics = metrics = self.task(worker.app, message.task)
+        metrics.received.inc()
+        if message.redelivered:
+            metrics.redelivered.inc()
+        published_at = message.published_at
+        if message.attempt == 1 and published_at is not None:
+            metrics.queue_time.observe(max(0.0, time.time() - published_at.timestamp()))
+
+    def after_retry(
+        self, worker: Worker, message: Message, delay: float, exception: BaseException
+    ) -> None:
+        """Count ``task_retried``."""
+        self.task(worker.app, message.task).retried.inc()
+
+    def after_reject(self, worker: Worker, message: Message | None, reason: str) -> None:
+        """Count ``task_rejected``."""
+        self.task(worker.app, message.task if message is not None else None).rejected.inc()
+
+    def after_dead_letter(self, worker: Worker, message: Message | None, reason: str) -> None:
+        """Count ``task_dead_lettered``."""
+        self.task(worker.app, message.task if message is not None else None).dead_lettered.inc()
+
+    def after_process(
+        self,
+        worker: Worker,
+        message: Message,
+        *,
+        result: Any = None,
+        exception: BaseException | None = None,
+    ) -> None:
+        """Count ``task_succeeded`` or ``task_failed``; time the run and, on success, end to end."""
+        local = self._local
+        metrics = getattr(local, "metrics", None)
+        if metrics is None:
+            return
+        local.metrics = None
+        if isinstance(exception, SkipMessage):
+            return
+        metrics.run_time.observe(time.perf_counter() - local.started)
+        if exception is None:
+            metrics.succeeded.inc()
+            published_at = message.published_at
+            if published_at is not None:
+                metrics.end_to_end.observe(max(0.0, time.time() - published_at.timestamp()))
+        elif not isinstance(exception, TaskControl):
+            metrics.failed.inc()
+
+    # -- gauges ------------------------------------------------------------------------
+
+    def worker_boot(self, worker: Worker) -> None:
+        """Start sampling the worker's gauges every ``gauge_interval`` seconds."""
+        self._samplers[id(worker)] = stop = threading.Event()
+        threading.Thread(
+            target=self._sample_loop,
+            args=(worker, stop),
+            name="mqtasks-prometheus-gauges",
+            daemon=True,
+        ).start()
+
+    def worker_shutdown(self, worker: Worker) -> None:
+        """Stop sampling the worker's gauges; the in-flight gauge goes back to 0."""
+        stop = self._samplers.pop(id(worker), None)
+        if stop is not None:
+            stop.set()
+            self.families.in_flight.set(0)
+
+    def _sample_loop(self, worker: Worker, stop: threading.Event) -> None:
+        failures = 0
+        while True:
+            try:
+                self.sample(worker)
+            except Exception as exc:  # a gauge must never take anything down
+                failures += 1
+                if failures == 1 or failures % 100 == 0:
+                    logger.warning(
+                        "prometheus.gauge_sample_failed",
+                        error=f"{type(exc).__name__}: {exc}",
+                        failures=failures,
+                    )
+            if stop.wait(self.gauge_interval) or worker.join(0):
+                return
+
+    def sample(self, worker: Worker) -> None:
+        """Set the gauges once: tasks running in ``worker``, ready and dead-lettered
+        messages of each queue it consumes."""
+        families = self.families
+        families.in_flight.set(worker.running)
+        app = worker.app
+        gauges = {}
+        for queue in worker.queues:
+            spec = app.queue(queue)
+            dead = dead_letter_spec(spec)
+            gauges[spec.name] = (families.depth.labels(queue), spec)
+            gauges[dead.name] = (families.dead_letters.labels(queue), dead)
+        specs = [spec for _, spec in gauges.values()]
+        transport = app.transport
+        try:
+            counts = transport.message_counts(specs)
+        except QueueNotFound:  # one is not declared yet: ask for each on its own
+            counts = {}
+            for spec in specs:
+                try:
+                    counts.update(transport.message_counts([spec]))
+                except QueueNotFound:
+                    pass
+        for name, count in counts.items():
+            if name in gauges:
+                gauges[name][0].set(count)
+
+
+# -- serving ---------------------------------------------------------------------------
+
+
+def exposition_registry(registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """Return the registry to serve: ``registry`` if given; else, in multiprocess mode, a
+    registry that sums the files of every process; else prometheus_client's default.
+
+    Raises:
+        ConfigurationError: prometheus-client is not installed.
+    """
+    _require()
+    if registry is not None:
+        return registry
+    directory = multiprocess_dir()
+    if directory is None:
+        return prometheus_client.REGISTRY
+    collected = prometheus_client.CollectorRegistry()
+    multiprocess.MultiProcessCollector(collected, path=directory)  # type: ignore[no-untyped-call]
+    return collected
+
+
+class MetricsServer:
+    """A running metrics HTTP server; call it (or :meth:`stop`) to stop it.
+
+    Attributes:
+        host: The address it listens on.
+        port: The port it listens on (the one the OS chose when asked for 0).
+    """
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        self.host: str = server.server_address[0]
+        self.port: int = server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """The metrics page, ``http://host:port/metrics``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; waits for the serving thread."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join()
+        self._server.server_close()
+
+    __call__ = stop
+
+    def __repr__(self) -> str:
+        return f"<MetricsServer {self.url}>"
+
+
+def serve_metrics(
+    port: int, host: str = "127.0.0.1", *, registry: CollectorRegistry | None = None
+) -> MetricsServer:
+    """Serve the metrics over HTTP (any path; ``/metrics`` by convention) from a daemon thread.
+
+    Args:
+        port: The port to listen on (``0``: one the OS picks; see :attr:`MetricsServer.port`).
+        host: The address to listen on; only this machine by default.
+        registry: What to serve; see :func:`exposition_registry`.
+
+    Returns:
+        The server; call it to stop it.
+
+    Raises:
+        ConfigurationError: prometheus-client is not installed, or the port is taken.
+    """
+    served = exposition_registry(registry)
+    try:
+        server, thread = prometheus_client.start_http_server(port, addr=host, registry=served)
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot serve metrics on {host}:{port}: {exc}.") from exc
+    running = MetricsServer(server, thread)
+    logger.info("metrics.serving", url=running.url, multiprocess=multiprocess_dir() is not None)
+    return running
+
+
+def metrics_asgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
+    """Return an ASGI app that serves the metrics (mount it at ``/metrics``).
+
+    Args:
+        registry: What to serve; see :func:`exposition_registry`.
+
+    Raises:
+        ConfigurationError: prometheus-client is not installed.
+    """
+    served = exposition_registry(registry)
+    app: Callable[..., Any] = prometheus_client.make_asgi_app(served)
+    return app
+
+
+class SupervisorMetrics:
+    """The metrics of ``mqtasks worker --processes N --metrics-port P``, summed over the children.
+
+    Made before the children start, it gives them a fresh directory (in
+    ``PROMETHEUS_MULTIPROC_DIR``) to write their values to; :meth:`start` then
+    serves the sum from the supervisor, :meth:`child_exited` drops the gauges of
+    a child that is gone (its counters stay counted) and :meth:`stop` stops
+    serving and removes the directory.
+
+    Args:
+        port: The port to serve on.
+        host: The address to serve on.
+
+    Raises:
+        ConfigurationError: prometheus-client is not installed.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        _require()
+        self.port = port
+        self.host = host
+        #: The directory the children write to, new for each run.
+        self.directory = tempfile.mkdtemp(prefix="mqtasks-prometheus-")
+        os.environ[MULTIPROC_DIR_ENV] = self.directory  # every child inherits it
+        self.server: MetricsServer | None = None
+
+    def start(self) -> MetricsServer:
+        """Serve the children's summed metrics (call it once the children are forked)."""
+        self.server = serve_metrics(self.port, self.host)
+        return self.server
+
+    def child_exited(self, pid: int) -> None:
+        """Forget the live gauges of the child ``pid``, which has exited."""
+        multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+
+    def stop(self) -> None:
+        """Stop serving and remove the directory."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        shutil.rmtree(self.directory, ignore_errors=True)
+        if os.environ.get(MULTIPROC_DIR_ENV) == self.directory:
+            del os.environ[MULTIPROC_DIR_ENV]
