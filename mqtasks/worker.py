@@ -323,6 +323,16 @@ class Worker:
             "worker.resized", concurrency=concurrency, previous=current, prefetch=self.prefetch
         )
 
+    @property
+    def execution(self) -> Execution:
+        """The running tasks, and counts of those done and failed."""
+        return self._execution
+
+    def call_on_io(self, call: Callable[[Consumer], None]) -> None:
+        """Have the I/O thread, which alone touches the consumer, run ``call(consumer)`` soon."""
+        self._io_calls.put(lambda: call(self._consumer) if self._consumer is not None else None)
+        self._wake()
+
     def _apply_prefetch(self) -> None:
         set_prefetch = getattr(self._consumer, "set_prefetch", None)
         if set_prefetch is not None:

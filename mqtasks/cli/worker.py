@@ -18,6 +18,7 @@ import structlog
 
 from .. import logging as logs
 from ..app import App
+from ..control import ControlAgent
 from ..exceptions import MQTasksError
 from ..execution.autoscale import Autoscaler, LoadReporter
 from ..process import (
@@ -227,9 +228,10 @@ def _companions(
     idle: float,
     beat: bool = False,
 ) -> list[Companion]:
-    """The autoscaler of a worker that scales its threads, or the load reporter of a
+    """The control agent (heartbeats, inspect and control) of every worker; the
+    autoscaler of a worker that scales its threads, or the load reporter of a
     child whose supervisor scales the processes; and the scheduler with ``--beat``."""
-    companions: list[Companion] = []
+    companions: list[Companion] = [ControlAgent(w)]
     if beat:
         companions.append(Scheduler(w.app))
     directory = os.environ.get(LOAD_DIR_ENV)

@@ -73,6 +73,7 @@ class Running:
         "message",
         "outcome",
         "soft_sent",
+        "started_at",
         "thread",
         "thread_id",
     )
@@ -80,6 +81,8 @@ class Running:
     def __init__(self, job: Job, message: Message, is_async: bool) -> None:
         self.job = job
         self.message = message
+        #: When it started (epoch seconds).
+        self.started_at = time.time()
         self.thread = threading.current_thread()
         self.thread_id = threading.get_ident()
         #: The context the task started in (its middleware's state), for settling it elsewhere.
@@ -117,6 +120,8 @@ class Execution:
         self._running: dict[str, Running] = {}
         self._watchdog: Watchdog | None = None
         self._loop: EventLoopThread | None = None
+        #: Task functions that returned, and those that raised, since the worker started.
+        self.done = self.failed = 0
         #: Coroutines stopped by the worker that caught their cancellation and run on.
         self._strays: list[asyncio.Task[Any]] = []
         # A supervised child is replaced at once, and cheaply (its supervisor forks
@@ -166,7 +171,24 @@ class Execution:
             if error is None and result is None:
                 error = late
             abandoned = self._end(entry)
+        with self._lock:
+            if error is None:
+                self.done += 1
+            else:
+                self.failed += 1
         return result, error, abandoned
+
+    def active(self) -> list[dict[str, Any]]:
+        """The running tasks: ``{"id", "task", "started_at"}`` each, oldest first."""
+        with self._lock:
+            entries = list(self._running.values())
+        return sorted(
+            (
+                {"id": e.message.id, "task": e.message.task, "started_at": e.started_at}
+                for e in entries
+            ),
+            key=lambda a: a["started_at"],
+        )
 
     def _end(self, entry: Running) -> bool:
         """Mark ``entry`` ended, so no exception is raised in its thread any more."""
