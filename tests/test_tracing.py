@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 import tenacity
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from mqtasks import App, EncodeError, Message, Middleware, Reject, Settings, Worker
@@ -255,3 +257,48 @@ def test_an_incoming_trace_context_reaches_what_the_task_publishes(
     assert runs["shop.notify"].parent.span_id == publishes["shop.notify"].context.span_id
     for span in [*publishes.values(), *runs.values()]:
         assert f"{span.context.trace_id:032x}" == trace_id
+
+
+def test_an_unrecorded_trace_still_travels_and_a_recorded_one_keeps_its_attributes(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """Under a parent-based sampler that starts no trace, the caller's sampled flag decides."""
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    headers = Headers()
+    app = memory_app(middleware=[OpenTelemetryTracing(provider), headers])
+    unrecorded, recorded = "4bf92f3577b34da6a3ce929d0e0e4736", "0af7651916cd43dd8448eb211c80319c"
+    seen: list[tuple[str, bool]] = []
+
+    @app.task(name="shop.notify")
+    def notify() -> None: ...
+
+    @app.task(name="shop.order", max_retries=0)
+    def order(fail: bool) -> None:
+        context = trace.get_current_span().get_span_context()
+        seen.append((f"{context.trace_id:032x}", context.trace_flags.sampled))
+        notify.delay()
+        if fail:
+            raise RuntimeError("declined")
+
+    # Given one task sent in a trace the caller does not record, and one in a trace it does
+    order.apply_async((True,), headers={"traceparent": f"00-{unrecorded}-00f067aa0ba902b7-00"})
+    order.apply_async((False,), headers={"traceparent": f"00-{recorded}-00f067aa0ba902b7-01"})
+    # When a worker runs both (the first fails)
+    try:
+        with running_worker(app) as worker:
+            drain(worker, raise_errors=False)
+    finally:
+        reset(app)
+
+    # Then each runs in its caller's trace, and what it sends carries that trace on
+    assert sorted(seen) == sorted([(unrecorded, False), (recorded, True)])
+    sent = {h["traceparent"].split("-")[1]: h["traceparent"] for h in headers.seen}
+    assert sent[unrecorded].endswith("-00") and sent[recorded].endswith("-01")
+    # And only the recorded trace has spans, each with its attributes
+    spans = exporter.get_finished_spans()
+    assert spans and {f"{s.context.trace_id:032x}" for s in spans} == {recorded}
+    for span in spans:
+        assert attr(span, "mqtasks.task.name") in ("shop.order", "shop.notify")
+        assert attr(span, "messaging.system") == "memory"
+        assert attr(span, "mqtasks.task.attempt") == 1

@@ -27,11 +27,14 @@ from ..exceptions import Reject, Retry, SkipMessage
 from .base import Middleware
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     # Bound at run time by _import_opentelemetry(), before the first span.
     import opentelemetry.context as otel_context
     import opentelemetry.propagate as propagate
     import opentelemetry.trace
     import opentelemetry.trace as trace
+    from opentelemetry.context import Context
     from opentelemetry.trace import SpanKind, Status, StatusCode
 
     from ..app import App
@@ -44,7 +47,7 @@ __all__ = ["INSTRUMENTATION_NAME", "OpenTelemetryTracing", "messaging_system", "
 #: Name of the tracer (the instrumentation scope) spans are created with.
 INSTRUMENTATION_NAME = "mqtasks"
 
-#: Most (broker, queue, task, operation) whose shared span attributes are kept.
+#: Most (broker, queue, task, operation) whose span name and shared attributes are kept.
 _SHARED_CACHE_SIZE = 1024
 
 #: The environment variable that names a tracer provider to load (OpenTelemetry's).
@@ -98,6 +101,17 @@ def _import_opentelemetry() -> None:
     )
 
 
+class _Local(threading.local):
+    """Per thread: the open PRODUCER spans by message id, and the CONSUMER span current here."""
+
+    #: The CONSUMER span of the attempt running in this thread, and the token
+    #: that restores the context it replaced.
+    current: tuple[trace.Span, Token[Context]] | None = None
+
+    def __init__(self) -> None:
+        self.publishing: dict[str, trace.Span] = {}
+
+
 class OpenTelemetryTracing(Middleware):
     """Propagates trace context through messages and records publish and process spans.
 
@@ -115,8 +129,8 @@ class OpenTelemetryTracing(Middleware):
         if tracer_provider is not None:
             _import_opentelemetry()
             self._tracer = tracer_provider.get_tracer(INSTRUMENTATION_NAME)
-        self._local = threading.local()
-        self._shared: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+        self._local = _Local()
+        self._shared: dict[tuple[str, str, str, str], tuple[str, dict[str, Any]]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenTelemetryTracing | None:
@@ -140,20 +154,29 @@ class OpenTelemetryTracing(Middleware):
             tracer = self._tracer = provider.get_tracer(INSTRUMENTATION_NAME)
         return tracer
 
-    def _attributes(self, app: App, message: Message, operation: str) -> dict[str, Any]:
-        # The attributes a queue, task and operation share are built once; a span
-        # then costs one dict copy and two items.
+    def _shared_for(self, app: App, message: Message, operation: str) -> tuple[str, dict[str, Any]]:
+        # The span name and the attributes a queue, task and operation share are
+        # built once, not per span.
         key = (app.settings.broker_url, message.queue, message.task, operation)
         shared = self._shared.get(key)
         if shared is None:
             if len(self._shared) >= _SHARED_CACHE_SIZE:
                 self._shared.clear()
-            shared = self._shared[key] = {
-                "messaging.system": messaging_system(key[0]),
-                "messaging.destination.name": message.queue,
-                "messaging.operation": operation,
-                "mqtasks.task.name": message.task,
-            }
+            shared = self._shared[key] = (
+                f"{message.queue} {operation}",
+                {
+                    "messaging.system": messaging_system(key[0]),
+                    "messaging.destination.name": message.queue,
+                    "messaging.operation": operation,
+                    "mqtasks.task.name": message.task,
+                },
+            )
+        return shared
+
+    @staticmethod
+    def _attributes(shared: dict[str, Any], message: Message) -> dict[str, Any]:
+        # Built only for a span that records: an unsampled span (most of them,
+        # under a ratio sampler) skips the copy, and the SDK's checks of each value.
         attributes = shared.copy()
         attributes["messaging.message.id"] = message.id
         attributes["mqtasks.task.attempt"] = message.attempt
@@ -161,70 +184,62 @@ class OpenTelemetryTracing(Middleware):
 
     # -- publishing ------------------------------------------------------------------
 
-    def _publishing(self) -> dict[str, trace.Span]:
-        spans: dict[str, trace.Span] | None = getattr(self._local, "publishing", None)
-        if spans is None:
-            spans = self._local.publishing = {}
-        return spans
-
     def before_publish(self, app: App, message: Message) -> Message:
         """Open the PRODUCER span and inject its context into the message headers."""
-        tracer = self.tracer
+        tracer = self._tracer or self.tracer
         if tracer is None:
             return message
         headers = message.headers
         # Headers that carry a trace already (a replayed message, or the caller's
         # own) say where this publish belongs; otherwise the current span does.
         parent = propagate.extract(headers) if "traceparent" in headers else None
-        span = tracer.start_span(
-            f"{message.queue} publish",
-            context=parent,
-            kind=SpanKind.PRODUCER,
-            attributes=self._attributes(app, message, "publish"),
-        )
+        name, shared = self._shared_for(app, message, "publish")
+        span = tracer.start_span(name, context=parent, kind=SpanKind.PRODUCER)
+        if span.is_recording():
+            span.set_attributes(self._attributes(shared, message))
         carrier = dict(headers)
         propagate.inject(carrier, context=trace.set_span_in_context(span))
-        self._publishing()[message.id] = span
+        self._local.publishing[message.id] = span
         return message.copy(headers=carrier)
 
     def after_publish(self, app: App, message: Message) -> None:
         """End the PRODUCER span."""
-        span = self._publishing().pop(message.id, None)
+        span = self._local.publishing.pop(message.id, None)
         if span is not None:
             span.end()
 
     def after_publish_error(self, app: App, message: Message, exception: BaseException) -> None:
         """Record the exception on the PRODUCER span, with error status, and end it."""
-        span = self._publishing().pop(message.id, None)
-        if span is not None:
+        span = self._local.publishing.pop(message.id, None)
+        if span is None:
+            return
+        if span.is_recording():
             span.record_exception(exception)
             span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
-            span.end()
+        span.end()
 
     # -- processing ------------------------------------------------------------------
 
     def before_process(self, worker: Worker, message: Message) -> None:
         """Open the CONSUMER span of this attempt, child of the producer's, and make it current."""
-        tracer = self.tracer
+        tracer = self._tracer or self.tracer
         if tracer is None:
             return
         parent = propagate.extract(message.headers)
-        attributes = self._attributes(worker.app, message, "process")
-        if message.redelivered:  # only when true: the SDK checks every attribute it is given
-            attributes["mqtasks.message.redelivered"] = True
-        span = tracer.start_span(
-            f"{message.queue} process",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-        )
-        local = self._local
-        local.span = span
-        local.token = otel_context.attach(trace.set_span_in_context(span, parent))
+        name, shared = self._shared_for(worker.app, message, "process")
+        span = tracer.start_span(name, context=parent, kind=SpanKind.CONSUMER)
+        if span.is_recording():
+            attributes = self._attributes(shared, message)
+            if message.redelivered:  # only when true: one attribute fewer for the SDK to check
+                attributes["mqtasks.message.redelivered"] = True
+            span.set_attributes(attributes)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        self._local.current = (span, token)
 
     def _span(self) -> trace.Span | None:
-        span: trace.Span | None = getattr(self._local, "span", None)
-        return span
+        """The recording CONSUMER span current in this thread, if any."""
+        current = self._local.current
+        return current[0] if current is not None and current[0].is_recording() else None
 
     def after_retry(
         self, worker: Worker, message: Message, delay: float, exception: BaseException
@@ -262,12 +277,13 @@ class OpenTelemetryTracing(Middleware):
         exception: BaseException | None = None,
     ) -> None:
         """Record a failure on the span (error status), end it and restore the context."""
-        span = self._span()
-        if span is None:
-            return
         local = self._local
-        local.span = None
-        if exception is None or isinstance(exception, Retry):
+        current = local.current
+        if current is None:
+            return
+        local.current = None
+        span, token = current
+        if exception is None or isinstance(exception, Retry) or not span.is_recording():
             pass  # a requested retry is control flow, not an error; its event says enough
         elif isinstance(exception, SkipMessage):
             span.add_event("mqtasks.skip")
@@ -277,5 +293,5 @@ class OpenTelemetryTracing(Middleware):
             span.record_exception(exception)
             span.set_attribute("error.type", type(exception).__qualname__)
             span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"))
-        otel_context.detach(local.token)
+        otel_context.detach(token)
         span.end()
