@@ -7,9 +7,8 @@ The pages that change something (dead-letter replay and purge) are in
 from __future__ import annotations
 
 import contextlib
-import importlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -23,10 +22,13 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
+from starlette.types import Receive, Scope, Send
 
 from .. import __version__
 from .._url import mask_url, redact
+from ..control import HeartbeatMonitor
 from ..exceptions import MQTasksError
+from ..middleware.prometheus import metrics_asgi_app
 from . import data
 from .jobs import Jobs
 from .sampler import DEFAULT_SAMPLE_INTERVAL, QueueSampler, RecentTasks, note_active
@@ -58,15 +60,6 @@ def _finalize(value: Any) -> Any:
     return redact(value) if isinstance(value, str) else value
 
 
-def _heartbeat_monitor(app: App) -> Any | None:
-    """The app's heartbeat monitor, or None when mqtasks has no heartbeats to read."""
-    try:
-        control = importlib.import_module("mqtasks.control")
-    except ImportError:
-        return None
-    return control.HeartbeatMonitor(app)
-
-
 class Dashboard:
     """What the dashboard's pages share: the app, the samples, the jobs, the guards.
 
@@ -84,7 +77,9 @@ class Dashboard:
         self.recent = RecentTasks()
         self.jobs = Jobs()
         self.tokens = CsrfTokens()
-        self.monitor: Any | None = None
+        self.monitor: HeartbeatMonitor | None = None
+        #: Why there are no heartbeats to show, if there are none.
+        self.no_heartbeats: str | None = None
         self.sampler = QueueSampler(
             app, self.lock, interval=sample_interval, on_sample=self._note_workers
         )
@@ -111,14 +106,15 @@ class Dashboard:
             self.stop()
 
     def start(self) -> None:
-        """Start the heartbeat monitor, if mqtasks has one, and the queue sampler."""
+        """Start following the workers' heartbeats, and sampling the queues."""
         try:
-            self.monitor = _heartbeat_monitor(self.app)
-            if self.monitor is not None:
-                self.monitor.start()
-        except Exception as exc:  # the other pages work without heartbeats
-            self.monitor = None
-            logger.warning("dashboard.heartbeats_unavailable", error=redact(repr(exc)))
+            monitor = HeartbeatMonitor(self.app)
+            monitor.start()
+        except MQTasksError as exc:  # the other pages work without heartbeats
+            self.no_heartbeats = redact(str(exc))
+            logger.warning("dashboard.heartbeats_unavailable", error=self.no_heartbeats)
+        else:
+            self.monitor = monitor
         self.sampler.start()
 
     def stop(self) -> None:
@@ -202,12 +198,14 @@ class Dashboard:
         return self.render(
             request,
             "workers.html",
-            {"active": "/workers", "workers": self._workers()},
+            {"active": "/workers", "workers": self._workers(), "why": self.no_heartbeats},
         )
 
     def workers_json(self, request: Request) -> Response:
         rows = self._workers()
-        return JSONResponse({"available": rows is not None, "workers": rows or []})
+        return JSONResponse(
+            {"available": rows is not None, "error": self.no_heartbeats, "workers": rows or []}
+        )
 
     def tasks_page(self, request: Request) -> Response:
         task_id = request.query_params.get("id", "").strip()
@@ -276,8 +274,19 @@ class Dashboard:
             Route("/schedules", self.schedules_page),
             Route("/circuits", self.circuits_page),
             *action_routes(self),
+            Route("/metrics", _Asgi(metrics_asgi_app())),
             Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
         ]
+
+
+class _Asgi:
+    """An ASGI app as a route's endpoint (a plain function would be taken for a handler)."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 def _quote(text: str) -> str:

@@ -22,6 +22,7 @@ from ..scheduler import Scheduler
 
 if TYPE_CHECKING:
     from ..app import App
+    from ..control import WorkerView
 
 __all__ = [
     "NO_BACKEND",
@@ -50,7 +51,7 @@ def when(at: float | datetime | None) -> str:
     return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def worker_rows(views: list[Any], now: float | None = None) -> list[dict[str, Any]]:
+def worker_rows(views: list[WorkerView], now: float | None = None) -> list[dict[str, Any]]:
     """Turn heartbeat monitor views (``WorkerView``) into table rows, live workers first."""
     now = time.time() if now is None else now
     rows = []

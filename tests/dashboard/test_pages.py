@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from mqtasks import App, CircuitBreaker
+from mqtasks.control_agent import ControlAgent
 from mqtasks.testing import drain, running_worker
-from tests._helpers.wait import wait_for
+from tests._helpers.wait import WAIT, wait_for
 from tests.dashboard.support import TestClient, csrf_token, sample
 
 Client = Callable[..., TestClient]
@@ -342,13 +345,56 @@ def test_circuits_show_state(make_app: Callable[..., App], client_for: Client) -
     assert '<span class="state open">open</span> (forced)' in page
 
 
-def test_workers_page_says_what_it_needs_or_lists(
+def test_workers_page_lists_workers_and_their_active_tasks(
     make_app: Callable[..., App], client_for: Client
 ) -> None:
-    client = client_for(make_app())
-    document = client.get("/api/workers").json()
+    app = make_app()
+    started, release = threading.Event(), threading.Event()
+
+    @app.task(name="slow")
+    def slow() -> None:
+        started.set()
+        release.wait(WAIT)
+
+    client = client_for(app)
+    assert "No worker has sent a heartbeat yet" in client.get("/workers").text
+    handle = slow.delay()
+    with running_worker(app) as worker:
+        agent = ControlAgent(worker, interval=0.2)
+        agent.start()
+        try:
+            assert started.wait(WAIT)
+
+            def listed() -> dict[str, Any] | None:
+                rows = client.get("/api/workers").json()["workers"]
+                return rows[0] if rows and rows[0]["active"] else None
+
+            row = wait_for(listed, "the worker and its task on the workers page")
+            assert row["worker_id"] == agent.worker_id
+            assert row["active"][0]["id"] == handle.id and row["busy"] == 1
+            page = client.get("/workers").text
+            assert agent.worker_id in page and "live" in page and f">slow {handle.id}<" in page
+        finally:
+            release.set()
+            agent.stop()
+
+
+def test_workers_page_says_why_there_are_no_heartbeats(
+    make_app: Callable[..., App], client_for: Client
+) -> None:
+    # redis+kombu:// carries no heartbeats; the page says so, the others work.
+    client = client_for(make_app("redis+kombu://127.0.0.1:1/0"))
+    assert client.get("/api/workers").json()["available"] is False
     page = client.get("/workers").text
-    if document["available"]:
-        assert "No worker has sent a heartbeat yet" in page or 'id="workers"' in page
-    else:
-        assert "Needs heartbeats" in page
+    assert 'id="needs-heartbeats"' in page and "redis+kombu" in page
+
+
+def test_metrics_are_served_for_prometheus(
+    make_app: Callable[..., App], client_for: Client
+) -> None:
+    client = client_for(make_app(), auth=("ops", "s3cret"))
+    assert client.get("/metrics").status_code == 401
+    response = client.get("/metrics", auth=("ops", "s3cret"))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "# TYPE " in response.text

@@ -45,6 +45,8 @@
     for (const name of LINES) {
       for (const v of lines[name] || []) if (v !== null && v > top) top = v;
     }
+    // The last 15 minutes, or since the first sample when the dashboard is younger.
+    const span = times.length ? Math.max(60, Math.min(SPAN, now - times[0])) : SPAN;
     for (const name of LINES) {
       const values = lines[name] || [];
       let points = [];
@@ -61,13 +63,14 @@
       for (let i = 0; i < times.length; i++) {
         const v = values[i];
         if (v === null || v === undefined) { flush(); continue; }
-        const x = 300 * (1 - (now - times[i]) / SPAN);
+        const x = 300 * (1 - (now - times[i]) / span);
         const y = 98 - 96 * (v / top);
         points.push(x.toFixed(1) + "," + y.toFixed(1));
       }
       flush();
     }
-    figure.querySelector(".scale").textContent = "max " + top + " · " + (times.length ? "now" : "no samples");
+    const shown = span >= 120 ? Math.round(span / 60) + " min" : Math.round(span) + " s";
+    figure.querySelector(".scale").textContent = times.length ? "max " + top + " · last " + shown : "no samples yet";
   }
 
   function ensureFigure(charts, queue) {
