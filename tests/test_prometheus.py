@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import tenacity
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mqtasks import App, ConfigurationError, Reject
 from mqtasks.middleware.prometheus import (
     MULTIPROC_DIR_ENV,
+    RUN_TIME_BUCKETS,
     UNKNOWN_TASK,
     MetricsServer,
     PrometheusMetrics,
@@ -274,3 +275,58 @@ def test_forked_children_aggregate_in_the_supervisor_and_dead_ones_lose_their_ga
     # And the run's directory is gone with it
     assert not os.path.exists(directory)
     assert MULTIPROC_DIR_ENV not in os.environ
+
+
+def test_timings_noted_by_a_thread_reach_the_buckets_as_observe_puts_them() -> None:
+    # Given amounts on, between and beyond the bucket bounds
+    amounts = [0.0, 0.001, 0.0011, 0.25, 0.2500001, 299.0, 300.0, 301.0, 1e9] * 3
+    direct = CollectorRegistry()
+    histogram = Histogram("t", "t", ["task"], registry=direct, buckets=RUN_TIME_BUCKETS)
+    for amount in amounts:
+        histogram.labels("x").observe(amount)
+    # When a worker thread notes them and its tally is written in one go
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    app = memory_app()
+    run_time = metrics.task(app, "anything").run_time
+    tally = metrics._tally()
+    tally.observed[run_time] = list(amounts)
+    metrics.flush()
+    # Then every bucket, the count and the sum (to rounding) are those observe() gives
+    buffered = parse(generate_latest(registry).decode())
+    expected = parse(generate_latest(direct).decode())
+    for (name, labels), amount in expected.items():
+        if name.startswith("t_") and not name.endswith("_created"):
+            ours = dict(labels) | {"task": UNKNOWN_TASK}
+            ours_value = value(buffered, "mqtasks_task_run_time_seconds" + name[1:], **ours)
+            assert ours_value == pytest.approx(amount, rel=1e-12), name
+
+
+def test_a_forked_child_does_not_write_what_its_parent_noted(registry: CollectorRegistry) -> None:
+    # Given a publish counted by this thread and not written yet
+    app = memory_app()
+    metrics = PrometheusMetrics(registry)
+    app.middleware[:] = [metrics]
+
+    @app.task(name="shop.once")
+    def once() -> None: ...
+
+    try:
+        once.delay()
+    finally:
+        reset(app)
+
+    def published() -> float | None:
+        # A scrape: it writes first what this process's threads noted
+        return registry.get_sample_value("mqtasks_task_published_total", {"task": "shop.once"})
+
+    # When a child forked now writes what it noted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork() with threads
+        pid = os.fork()
+    if pid == 0:
+        os._exit(0 if published() == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    # Then the child wrote nothing, and the parent writes its count once
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert published() == 1

@@ -13,6 +13,9 @@ multiprocess mode), and the supervisor serves their sum through
 
 from __future__ import annotations
 
+import atexit
+import bisect
+import math
 import os
 import shutil
 import tempfile
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_NAMESPACE",
+    "FLUSH_INTERVAL",
     "MULTIPROC_DIR_ENV",
     "RUN_TIME_BUCKETS",
     "UNKNOWN_TASK",
@@ -68,11 +72,8 @@ RUN_TIME_BUCKETS = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 #: Histogram buckets of ``task_queue_time_seconds`` and ``task_end_to_end_seconds``:
-#: waits run longer than tasks (a backlog, a countdown, retries), up to an hour.
-WAIT_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-)  # fmt: skip
+#: waits run longer than tasks (a backlog, a countdown, retries): 5 ms to an hour.
+WAIT_BUCKETS = (*RUN_TIME_BUCKETS[2:15], 300.0, 900.0, 3600.0)
 
 _INSTALL_HINT = 'Prometheus metrics need prometheus-client: pip install "mqtasks[prometheus]"'
 
@@ -86,6 +87,18 @@ _COUNTERS = {
     "retried": "Next attempts published (after a failure or a Retry).",
     "dead_lettered": "Messages stored in their dead-letter queue, whatever the reason.",
     "rejected": "Messages rejected as bad input or by the task (Reject).",
+}
+#: The timers of a task (histograms of seconds), as (StatsD stem, help text).
+_TIMERS = {
+    "run_time": "Seconds from the start of an attempt to its end.",
+    "queue_time": "Seconds from publishing to the start of the first attempt.",
+    "end_to_end": "Seconds from publishing to success, retries included.",
+}
+#: The gauges, as name: (help text, labels).
+_GAUGES = {
+    "worker_in_flight": ("Tasks running in the worker (all its processes).", ()),
+    "queue_depth": ("Ready messages of each queue the worker consumes.", ("queue",)),
+    "queue_dead_letters": ("Messages in the queue's dead-letter queue.", ("queue",)),
 }
 
 
@@ -130,41 +143,27 @@ class _Families:
         wait_buckets: Sequence[float],
     ) -> None:
         p = prometheus_client
-        ns = namespace
+        where: dict[str, Any] = {"namespace": namespace, "registry": registry}
         self.counters = {
-            stem: p.Counter(f"task_{stem}", text, ["task"], namespace=ns, registry=registry)
+            stem: p.Counter(f"task_{stem}", text, ["task"], **where)
             for stem, text in _COUNTERS.items()
         }
-
-        def histogram(stem: str, text: str, buckets: Sequence[float]) -> Any:
-            return p.Histogram(
-                f"task_{stem}_seconds", text, ["task"], namespace=ns, registry=registry,
-                buckets=buckets,
-            )  # fmt: skip
-
-        self.run_time = histogram(
-            "run_time", "Seconds from the start of an attempt to its end.", run_time_buckets
-        )
-        self.queue_time = histogram(
-            "queue_time", "Seconds from publishing to the start of the first attempt.", wait_buckets
-        )
-        self.end_to_end = histogram(
-            "end_to_end", "Seconds from publishing to success, retries included.", wait_buckets
+        buckets = {"run_time": run_time_buckets}
+        self.run_time, self.queue_time, self.end_to_end = (
+            p.Histogram(
+                f"task_{s}_seconds", text, ["task"], buckets=buckets.get(s, wait_buckets), **where
+            )
+            for s, text in _TIMERS.items()
         )
         # Under --processes: the in-flight tasks of the live children add up; every
         # child samples the same queues, so the latest sample is the one to show.
-        self.in_flight = p.Gauge(
-            "worker_in_flight", "Tasks running in the worker (all its processes).",
-            namespace=ns, registry=registry, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.depth = p.Gauge(
-            "queue_depth", "Ready messages of each queue the worker consumes.", ["queue"],
-            namespace=ns, registry=registry, multiprocess_mode="livemostrecent",
-        )  # fmt: skip
-        self.dead_letters = p.Gauge(
-            "queue_dead_letters", "Messages in the queue's dead-letter queue.", ["queue"],
-            namespace=ns, registry=registry, multiprocess_mode="livemostrecent",
-        )  # fmt: skip
+        modes: dict[str, Any] = {"worker_in_flight": "livesum"}
+        self.in_flight, self.depth, self.dead_letters = (
+            p.Gauge(
+                name, text, labels, multiprocess_mode=modes.get(name, "livemostrecent"), **where
+            )
+            for name, (text, labels) in _GAUGES.items()
+        )
 
     def task(self, name: str) -> _Task:
         c = self.counters
@@ -194,9 +193,88 @@ def _families(
                 # an app imported before the directory was set would keep them in this
                 # process, out of the supervisor's sight.
                 values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+            if not made:
+                registry.register(_FlushOnCollect(registry))
             families = _Families(registry, namespace, run_time_buckets, wait_buckets)
             made[namespace] = families
         return families
+
+
+#: Seconds a worker thread keeps its counts and timings before writing them to the metrics.
+FLUSH_INTERVAL = 1.0
+
+
+class _Tally:
+    """What one thread counted and timed since it last wrote to the metrics.
+
+    Writing to a prometheus_client metric takes a lock and, under --processes,
+    a write to a memory-mapped file: for a no-op task that was several times
+    the cost of these dictionary updates. So the thread that runs a task only
+    notes its counts and timings here, under a lock of its own that nothing
+    else holds but a flush, and they reach the metrics once per
+    FLUSH_INTERVAL, in one write per series and histogram bucket.
+    """
+
+    __slots__ = ("counts", "due", "lock", "observed", "thread")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[Any, int] = {}
+        self.observed: dict[Any, list[float]] = {}
+        self.due = time.perf_counter() + FLUSH_INTERVAL
+        self.thread = threading.current_thread()
+
+    def add(self, counter: Any) -> None:
+        """Note one more for ``counter`` (the caller holds the lock)."""
+        self.counts[counter] = self.counts.get(counter, 0) + 1
+
+    def take(self) -> tuple[dict[Any, int], dict[Any, list[float]]]:
+        """Return what is noted and start afresh."""
+        with self.lock:
+            taken = self.counts, self.observed
+            self.counts, self.observed = {}, {}
+            self.due = time.perf_counter() + FLUSH_INTERVAL
+        return taken
+
+
+def _write(counts: dict[Any, int], observed: dict[Any, list[float]]) -> None:
+    """Add noted counts to their counters and timings to their histograms."""
+    for counter, count in counts.items():
+        counter.inc(count)
+    for histogram, amounts in observed.items():
+        bounds = getattr(histogram, "_upper_bounds", None)
+        buckets = getattr(histogram, "_buckets", None)
+        total = getattr(histogram, "_sum", None)
+        if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+            for amount in amounts:  # a prometheus_client laid out otherwise: one at a time
+                histogram.observe(amount)
+            continue
+        # What observe() does for each amount, once per bucket: the sum, and the
+        # first bucket whose upper bound is >= the amount (buckets are stored apart,
+        # made cumulative when collected).
+        per_bucket = [0] * len(bounds)
+        for amount in amounts:
+            per_bucket[bisect.bisect_left(bounds, amount)] += 1
+        total.inc(math.fsum(amounts))
+        for bucket, count in zip(buckets, per_bucket, strict=True):
+            if count:
+                bucket.inc(count)
+
+
+class _FlushOnCollect:
+    """Registered first in a registry: a scrape first writes what every thread noted."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        for metrics in list(_LIVE):
+            if metrics.registry is self.registry:
+                metrics.flush()
+        return []
 
 
 class PrometheusMetrics(Middleware):
@@ -242,7 +320,11 @@ class PrometheusMetrics(Middleware):
         self._families: _Families | None = None
         self._tasks: dict[str, _Task] = {}
         self._local = threading.local()
+        self._tally_local = threading.local()
+        self._tallies: list[_Tally] = []
+        self._tallies_lock = threading.Lock()
         self._samplers: dict[int, threading.Event] = {}
+        _LIVE.add(self)
         # The families are made with the first metric, not here: under --processes
         # the app is built before the supervisor forks, and each child's values
         # must go to its own files.
@@ -269,11 +351,41 @@ class PrometheusMetrics(Middleware):
                 metrics = self._tasks[name] = self.families.task(name)
         return metrics
 
+    def _tally(self) -> _Tally:
+        try:
+            tally: _Tally = self._tally_local.tally
+        except AttributeError:
+            tally = self._tally_local.tally = _Tally()
+            with self._tallies_lock:
+                self._tallies.append(tally)
+        return tally
+
+    def _count(self, counter: Any) -> None:
+        tally = self._tally()
+        with tally.lock:
+            tally.add(counter)
+        if time.perf_counter() >= tally.due:
+            _write(*tally.take())
+
+    def flush(self) -> None:
+        """Write what every thread has counted and timed to the metrics now.
+
+        Each thread does it once per :data:`FLUSH_INTERVAL` while it works, a
+        scrape of this process's registry first, and the gauge sampler every
+        ``gauge_interval``; and when the worker stops or the process exits.
+        """
+        with self._tallies_lock:
+            tallies = list(self._tallies)
+            # Threads that ended leave nothing more to note once taken below.
+            self._tallies[:] = [t for t in tallies if t.thread.is_alive()]
+        for tally in tallies:
+            _write(*tally.take())
+
     # -- publishing ------------------------------------------------------------------
 
     def after_publish(self, app: App, message: Message) -> None:
         """Count ``task_published``."""
-        self.task(app, message.task).published.inc()
+        self._count(self.task(app, message.task).published)
 
     # -- processing ------------------------------------------------------------------
 
@@ -282,26 +394,30 @@ class PrometheusMetrics(Middleware):
         local = self._local
         local.started = time.perf_counter()
         local.metrics = metrics = self.task(worker.app, message.task)
-        metrics.received.inc()
-        if message.redelivered:
-            metrics.redelivered.inc()
+        tally = self._tally()
         published_at = message.published_at
-        if message.attempt == 1 and published_at is not None:
-            metrics.queue_time.observe(max(0.0, time.time() - published_at.timestamp()))
+        with tally.lock:
+            tally.add(metrics.received)
+            if message.redelivered:
+                tally.add(metrics.redelivered)
+            if message.attempt == 1 and published_at is not None:
+                waited = max(0.0, time.time() - published_at.timestamp())
+                tally.observed.setdefault(metrics.queue_time, []).append(waited)
 
     def after_retry(
         self, worker: Worker, message: Message, delay: float, exception: BaseException
     ) -> None:
         """Count ``task_retried``."""
-        self.task(worker.app, message.task).retried.inc()
+        self._count(self.task(worker.app, message.task).retried)
 
     def after_reject(self, worker: Worker, message: Message | None, reason: str) -> None:
         """Count ``task_rejected``."""
-        self.task(worker.app, message.task if message is not None else None).rejected.inc()
+        self._count(self.task(worker.app, message.task if message is not None else None).rejected)
 
     def after_dead_letter(self, worker: Worker, message: Message | None, reason: str) -> None:
         """Count ``task_dead_lettered``."""
-        self.task(worker.app, message.task if message is not None else None).dead_lettered.inc()
+        task = message.task if message is not None else None
+        self._count(self.task(worker.app, task).dead_lettered)
 
     def after_process(
         self,
@@ -319,14 +435,21 @@ class PrometheusMetrics(Middleware):
         local.metrics = None
         if isinstance(exception, SkipMessage):
             return
-        metrics.run_time.observe(time.perf_counter() - local.started)
-        if exception is None:
-            metrics.succeeded.inc()
-            published_at = message.published_at
-            if published_at is not None:
-                metrics.end_to_end.observe(max(0.0, time.time() - published_at.timestamp()))
-        elif not isinstance(exception, TaskControl):
-            metrics.failed.inc()
+        now = time.perf_counter()
+        tally = self._tally()
+        with tally.lock:
+            observed = tally.observed
+            observed.setdefault(metrics.run_time, []).append(now - local.started)
+            if exception is None:
+                tally.add(metrics.succeeded)
+                published_at = message.published_at
+                if published_at is not None:
+                    total = max(0.0, time.time() - published_at.timestamp())
+                    observed.setdefault(metrics.end_to_end, []).append(total)
+            elif not isinstance(exception, TaskControl):
+                tally.add(metrics.failed)
+        if now >= tally.due:
+            _write(*tally.take())
 
     # -- gauges ------------------------------------------------------------------------
 
@@ -346,6 +469,7 @@ class PrometheusMetrics(Middleware):
         if stop is not None:
             stop.set()
             self.families.in_flight.set(0)
+        self.flush()
 
     def _sample_loop(self, worker: Worker, stop: threading.Event) -> None:
         failures = 0
@@ -365,7 +489,8 @@ class PrometheusMetrics(Middleware):
 
     def sample(self, worker: Worker) -> None:
         """Set the gauges once: tasks running in ``worker``, ready and dead-lettered
-        messages of each queue it consumes."""
+        messages of each queue it consumes; and :meth:`flush`."""
+        self.flush()
         families = self.families
         families.in_flight.set(worker.running)
         app = worker.app
@@ -389,6 +514,31 @@ class PrometheusMetrics(Middleware):
         for name, count in counts.items():
             if name in gauges:
                 gauges[name][0].set(count)
+
+
+#: Every PrometheusMetrics alive: flushed by a scrape of their registry and at exit.
+_LIVE: weakref.WeakSet[PrometheusMetrics] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    # A process's last second of counts (a child of --processes that stops, a
+    # producer's last publishes) goes to the files the supervisor reads.
+    for metrics in list(_LIVE):
+        metrics.flush()
+
+
+def _forget_in_child() -> None:
+    # A forked child starts with a copy of what the parent's threads noted: the
+    # parent writes that, the child must not write it again. (Locks are made
+    # anew: another thread of the parent may have held one at the fork.)
+    for metrics in list(_LIVE):
+        metrics._tallies_lock = threading.Lock()
+        for tally in metrics._tallies:
+            tally.lock, tally.counts, tally.observed = threading.Lock(), {}, {}
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 # -- serving ---------------------------------------------------------------------------
