@@ -103,6 +103,7 @@ def dashboard(
         import uvicorn
 
         from ..dashboard import create_app
+        from ..dashboard.security import LOOPBACK_HOSTS
     except ImportError as exc:
         raise click.UsageError(
             f'The dashboard needs its extra ({exc.name} is missing): pip install "mqtasks[dashboard]".'
@@ -122,7 +123,12 @@ def dashboard(
         signal.signal(signum, _exit_cleanly)
     try:
         uvicorn.run(
-            create_app(app, read_only=read_only, auth=credentials),
+            create_app(
+                app,
+                read_only=read_only,
+                auth=credentials,
+                allowed_hosts=[*LOOPBACK_HOSTS, host] if is_loopback(host) else None,
+            ),
             host=host,
             port=port,
             log_level="warning",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -32,7 +32,7 @@ from ..middleware.prometheus import metrics_asgi_app
 from . import data
 from .jobs import Jobs
 from .sampler import DEFAULT_SAMPLE_INTERVAL, QueueSampler, RecentTasks, note_active
-from .security import BasicAuth, CsrfCookie, CsrfTokens
+from .security import AllowedHosts, BasicAuth, CsrfCookie, CsrfTokens
 
 if TYPE_CHECKING:
     from ..app import App
@@ -299,6 +299,7 @@ def create_app(
     read_only: bool = False,
     auth: tuple[str, str] | None = None,
     sample_interval: float = DEFAULT_SAMPLE_INTERVAL,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
     """Return the dashboard of ``app`` as an ASGI app (serve it with uvicorn).
 
@@ -309,11 +310,17 @@ def create_app(
             credentials.
         sample_interval: Seconds between two samples of the queues for the live
             charts (which keep the last 15 minutes).
+        allowed_hosts: Answer only requests whose ``Host`` header names one of
+            these (400 otherwise); any host when None. ``mqtasks dashboard``
+            bound to a loopback address allows only the loopback names, which
+            stops DNS-rebinding pages from reaching it.
     """
     dashboard = Dashboard(app, read_only=read_only, sample_interval=sample_interval)
     middleware = [Middleware(CsrfCookie, tokens=dashboard.tokens)]
     if auth is not None:
         middleware.insert(0, Middleware(BasicAuth, user=auth[0], password=auth[1]))
+    if allowed_hosts is not None:
+        middleware.insert(0, Middleware(AllowedHosts, hosts=tuple(allowed_hosts)))
     asgi = Starlette(routes=dashboard.routes(), middleware=middleware, lifespan=dashboard.lifespan)
     asgi.state.dashboard = dashboard
     return asgi

@@ -20,12 +20,24 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["CSRF_COOKIE", "CSRF_FIELD", "BasicAuth", "CsrfTokens", "parse_auth"]
+__all__ = [
+    "CSRF_COOKIE",
+    "CSRF_FIELD",
+    "LOOPBACK_HOSTS",
+    "AllowedHosts",
+    "BasicAuth",
+    "CsrfTokens",
+    "parse_auth",
+]
 
 #: The cookie holding the browser's CSRF token.
 CSRF_COOKIE = "mqtasks_csrf"
 #: The form field every action repeats it in.
 CSRF_FIELD = "csrf_token"
+
+
+#: The names a dashboard bound to a loopback address answers to.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_auth(value: str) -> tuple[str, str]:
@@ -71,6 +83,28 @@ class BasicAuth:
             )
             await response(scope, receive, send)
             return
+        await self.app(scope, receive, send)
+
+
+class AllowedHosts:
+    """ASGI middleware: answer only requests whose ``Host`` names one of ``hosts`` (400 otherwise).
+
+    A dashboard on 127.0.0.1 would otherwise answer a page of another site
+    whose name was made to resolve to 127.0.0.1 (DNS rebinding): to the
+    browser that page is same-origin with the dashboard, token and all.
+    """
+
+    def __init__(self, app: ASGIApp, hosts: tuple[str, ...]) -> None:
+        self.app = app
+        self.hosts = frozenset(h.lower().strip("[]") for h in hosts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = urlsplit("//" + Headers(scope=scope).get("host", "")).hostname or ""
+            if host.lower() not in self.hosts:
+                response = PlainTextResponse("Unknown host.", status_code=400)
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

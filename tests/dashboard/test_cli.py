@@ -83,6 +83,9 @@ def test_serves_with_auth_from_the_environment() -> None:
         page = httpx.get(url, auth=("ops", "pa:ss"))
         assert page.status_code == 200
         assert "dashboard-cli" in page.text
+        # Bound to loopback, it answers loopback names only (no DNS rebinding).
+        rebound = httpx.get(url, auth=("ops", "pa:ss"), headers={"Host": f"evil.example:{port}"})
+        assert rebound.status_code == 400
     finally:
         proc.terminate()
         proc.communicate(timeout=20)

@@ -398,3 +398,13 @@ def test_metrics_are_served_for_prometheus(
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     assert "# TYPE " in response.text
+
+
+def test_only_allowed_hosts_are_answered(make_app: Callable[..., App], client_for: Client) -> None:
+    """A DNS-rebinding page (another site's name resolving to 127.0.0.1) gets 400."""
+    client = client_for(make_app(), allowed_hosts=["127.0.0.1", "localhost", "::1"])
+    for host in ("127.0.0.1:5555", "localhost", "[::1]:5555", "LOCALHOST:80"):
+        assert client.get("/queues", headers={"Host": host}).status_code == 200
+    for host in ("evil.example:5555", "127.0.0.1.evil.example", ""):
+        response = client.get("/queues", headers={"Host": host})
+        assert response.status_code == 400
