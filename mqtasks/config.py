@@ -124,6 +124,11 @@ class Settings:
     loop_block_threshold: float = 0.5
     #: Seconds a revocation is kept (a revoked task arriving later is still not run).
     revoke_expires: float = 86400.0
+    #: RabbitMQ management plugin's HTTP API, where ``mqtasks status`` reads unacked
+    #: messages, lag and rates (``http://host:15672``; the broker URL's credentials
+    #: unless it has its own). ``None``: the broker's host on port 15672; ``"off"``:
+    #: never asked (those columns then show as unknown).
+    rabbitmq_management_url: str | None = None
 
     def __post_init__(self) -> None:
         if not (
@@ -251,7 +256,7 @@ class Settings:
             return int
         if name in ("ordering_takeover_delay", "soft_time_limit", "time_limit"):
             return float
-        if name in ("statsd_url", "backend_url", "backend_key_prefix"):
+        if name in ("statsd_url", "backend_url", "backend_key_prefix", "rabbitmq_management_url"):
             return str
         return type(default)
 

@@ -408,12 +408,20 @@ class Transport:
         """
         return {}
 
-    def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
+    def queue_stats(
+        self, specs: Sequence[QueueSpec], *, management_url: str | None = None
+    ) -> dict[str, QueueStats]:
         """Return what the broker tells about each queue, by queue name.
 
         A queue that does not exist is reported with ``exists=False``, never
         raised. The base implementation counts ready, delayed and dead-lettered
         messages; transports that can tell more override it.
+
+        Args:
+            specs: The queues.
+            management_url: Where the broker's HTTP management API answers, for
+                transports that read counts there (RabbitMQ: the
+                ``rabbitmq_management_url`` setting); others ignore it.
 
         Raises:
             ConnectionFailed: The broker cannot be reached.

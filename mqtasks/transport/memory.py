@@ -38,6 +38,7 @@ from .envelope import Envelope
 from .errors import translate_errors
 from .kombu import KombuTransport
 from .kombu_consumer import KombuConsumer
+from .queue import published_at
 from .topic import check_exchange, check_key, check_pattern, topic_matches
 
 __all__ = ["MemoryConsumer", "MemoryTransport"]
@@ -156,6 +157,20 @@ def _copied(read: Any) -> Any:
         except RuntimeError:  # "changed size during iteration"
             continue
     return read()
+
+
+def _oldest(q: Any) -> float | None:
+    """The earliest publishing time of the messages ``q`` holds (its payloads' headers)."""
+    with q.mutex:
+        items = list(q.queue)
+    times = []
+    for item in items:
+        payload = item[-1] if isinstance(item, tuple) else item
+        headers = payload.get("headers") if isinstance(payload, dict) else None
+        when = published_at(headers) if isinstance(headers, dict) else None
+        if when is not None:
+            times.append(when)
+    return min(times) if times else None
 
 
 class MemoryConsumer(KombuConsumer):
@@ -392,7 +407,9 @@ class MemoryTransport(KombuTransport):
     def message_counts(self, specs: Sequence[QueueSpec]) -> dict[str, int]:
         return {s.name: (q.qsize() if (q := self._queues.get(s.name)) else 0) for s in specs}
 
-    def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
+    def queue_stats(
+        self, specs: Sequence[QueueSpec], *, management_url: str | None = None
+    ) -> dict[str, QueueStats]:
         """Count from this transport's queues and its open channels' consumers and
         unacknowledged deliveries; a queue never declared is missing."""
         unacked: Counter[str] = Counter()
@@ -427,6 +444,7 @@ class MemoryTransport(KombuTransport):
                 if dlq is not None and not spec.name.endswith(DLQ_SUFFIX)
                 else None,
                 consumers=consumers[spec.name],
+                head_published_at=_oldest(self._queues[spec.name]),
             )
         return stats
 

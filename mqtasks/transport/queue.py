@@ -4,12 +4,23 @@ shared by every transport and by the layers above."""
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["DLQ_SUFFIX", "Overflow", "QueueSpec", "QueueStats", "broker_spec", "dead_letter_spec"]
+__all__ = [
+    "DLQ_SUFFIX",
+    "PUBLISHED_AT_HEADER",
+    "Overflow",
+    "QueueSpec",
+    "QueueStats",
+    "broker_spec",
+    "dead_letter_spec",
+    "published_at",
+]
 
 #: A queue's dead letters go to the queue of the same name with this suffix.
 DLQ_SUFFIX = ".dlq"
@@ -162,6 +173,19 @@ def dead_letter_spec(spec: QueueSpec) -> QueueSpec:
     return QueueSpec(spec.name + DLQ_SUFFIX, queue_type=spec.queue_type)
 
 
+#: The header in which mqtasks writes when a message was published (seconds since
+#: the epoch); transports read it to tell how long a queue's head has waited.
+PUBLISHED_AT_HEADER = "mqtasks-published-at"
+
+
+def published_at(headers: Mapping[str, Any]) -> float | None:
+    """Return the publishing time ``headers`` carry (seconds since the epoch), or None."""
+    value = headers.get(PUBLISHED_AT_HEADER)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
 @dataclass(frozen=True)
 class QueueStats:
     """What a broker tells about one queue; ``None`` where it cannot tell.
@@ -178,6 +202,16 @@ class QueueStats:
         dead_lettered: Entries of the queue's dead-letter queue (``None`` if that
             queue does not exist).
         consumers: Consumers attached to the queue.
+        head_published_at: When the oldest ready message was published (seconds
+            since the epoch), from its ``mqtasks-published-at`` header or AMQP
+            timestamp; ``None`` if the queue is empty or the broker cannot tell.
+        publish_rate: Messages published to the queue per second, as the broker
+            measures it (RabbitMQ's management API).
+        deliver_rate: Messages delivered to consumers per second (same source).
+        ack_rate: Messages acknowledged per second (same source).
+        redeliver_rate: Messages delivered again per second (same source).
+        dead_letter_rate: Messages entering the dead-letter queue per second
+            (same source: the publish rate of ``<queue>.dlq``).
     """
 
     name: str
@@ -188,3 +222,9 @@ class QueueStats:
     delayed_scope: Literal["queue", "vhost"] = "queue"
     dead_lettered: int | None = None
     consumers: int | None = None
+    head_published_at: float | None = None
+    publish_rate: float | None = None
+    deliver_rate: float | None = None
+    ack_rate: float | None = None
+    redeliver_rate: float | None = None
+    dead_letter_rate: float | None = None

@@ -40,7 +40,7 @@ from .confirms import (
 )
 from .consumer import AmqpConsumer
 from .topology import DEAD_LETTER_EXCHANGE, DELAY_LEVELS
-from .wire import _PublishFrames, serialize_properties
+from .wire import _PublishFrames, message_timestamp, serialize_properties
 
 __all__ = ["DEAD_LETTER_EXCHANGE", "DELAY_LEVELS", "AmqpTransport", "AmqpsTransport"]
 
@@ -198,7 +198,9 @@ class AmqpTransport(KombuTransport):
             )
         timeout = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        properties = serialize_properties(envelope, dict(envelope.headers))
+        properties = serialize_properties(
+            envelope, dict(envelope.headers), message_timestamp(envelope)
+        )
         pipeline = self._pipeline
         failures = 0
         while True:
@@ -293,7 +295,9 @@ class AmqpTransport(KombuTransport):
                             published = i
                             frames.flush()
                             self._wait_confirms(channel.connection, deadline)
-                        properties = serialize_properties(env, dict(env.headers))
+                        properties = serialize_properties(
+                            env, dict(env.headers), message_timestamp(env)
+                        )
                         confirms.add(sent[i])
                         frames.add("", queue, properties, env.body)
                         if len(frames.buffer) >= frames.flush_size:
@@ -368,7 +372,9 @@ class AmqpTransport(KombuTransport):
         """
         conn = producer.connection
         confirm = bool(conn.transport_options.get("confirm_publish"))
-        properties = serialize_properties(envelope, dict(envelope.headers))
+        properties = serialize_properties(
+            envelope, dict(envelope.headers), message_timestamp(envelope)
+        )
         body = envelope.body
 
         def publish_once() -> None:
@@ -452,14 +458,17 @@ class AmqpTransport(KombuTransport):
     def bind_queues(self, channel: Any, specs: Sequence[QueueSpec]) -> None:
         topology.bind_queues(channel, specs)
 
-    def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
-        """Read ready messages and consumers with passive ``queue.declare``
+    def queue_stats(
+        self, specs: Sequence[QueueSpec], *, management_url: str | None = None
+    ) -> dict[str, QueueStats]:
+        """Read ready messages and consumers with passive ``queue.declare``, the
+        rest from the management API when it answers
         (see :func:`~mqtasks.transport.amqp.topology.queue_stats`).
 
         Raises:
             ConnectionFailed: The broker cannot be reached.
         """
-        return topology.queue_stats(self, specs)
+        return topology.queue_stats(self, specs, management_url)
 
     def queue_arguments(self, spec: QueueSpec) -> dict[str, Any]:
         return topology.queue_arguments(spec, self.queue_type)

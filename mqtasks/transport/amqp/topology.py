@@ -17,6 +17,7 @@ import kombu
 from ...exceptions import ConfigurationError
 from ..base import DLQ_SUFFIX, QueueSpec, QueueStats
 from ..errors import is_not_found, translate_errors
+from . import management
 
 if TYPE_CHECKING:
     from ..kombu import KombuTransport
@@ -191,13 +192,26 @@ def queue_arguments(spec: QueueSpec, default_type: str) -> dict[str, Any]:
     return args
 
 
-def queue_stats(transport: KombuTransport, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
-    """Read ready messages and consumers with passive ``queue.declare``.
+def queue_stats(
+    transport: KombuTransport,
+    specs: Sequence[QueueSpec],
+    management_url: str | None = None,
+) -> dict[str, QueueStats]:
+    """Read ready messages and consumers with passive ``queue.declare``, and the
+    rest from the management plugin's HTTP API when it answers.
 
-    Unacknowledged messages are left unknown (``None``): only the management
-    plugin's HTTP API counts them. Delayed messages are the total held in the
-    delay ladder for the whole vhost (``delayed_scope="vhost"``): the ladder is
-    shared by every queue, and telling whose a message is would mean taking it.
+    Unacknowledged messages, the head message's publishing time (classic
+    queues) and message rates come from the management API
+    (``mqtasks.transport.amqp.management``); they are ``None`` when it does not
+    answer. Delayed messages are the total held in the delay ladder for the
+    whole vhost (``delayed_scope="vhost"``): the ladder is shared by every
+    queue, and telling whose a message is would mean taking it.
+
+    Args:
+        transport: The RabbitMQ transport.
+        specs: The queues.
+        management_url: The ``rabbitmq_management_url`` setting (see
+            ``mqtasks.transport.amqp.management.management_url``).
 
     Raises:
         ConnectionFailed: The broker cannot be reached.
@@ -221,19 +235,51 @@ def queue_stats(transport: KombuTransport, specs: Sequence[QueueSpec]) -> dict[s
         top = passive(_level(DELAY_LEVELS - 1))
         levels = [passive(_level(k)) for k in range(DELAY_LEVELS - 1)] if top else []
         delayed = sum(level[0] for level in [top, *levels] if level is not None)
-        stats: dict[str, QueueStats] = {}
-        for spec in specs:
-            found = passive(spec.name)
-            if found is None:
-                stats[spec.name] = QueueStats(spec.name, exists=False)
-                continue
-            dead = None if spec.name.endswith(DLQ_SUFFIX) else passive(spec.name + DLQ_SUFFIX)
-            stats[spec.name] = QueueStats(
-                spec.name,
-                ready=found[0],
-                consumers=found[1],
-                delayed=delayed,
-                delayed_scope="vhost",
-                dead_lettered=dead[0] if dead is not None else None,
-            )
+        found = {spec.name: passive(spec.name) for spec in specs}
+        dead = {
+            spec.name: passive(spec.name + DLQ_SUFFIX)
+            for spec in specs
+            if found[spec.name] is not None and not spec.name.endswith(DLQ_SUFFIX)
+        }
+    figures = _management_figures(transport.url, management_url, found, dead)
+    stats: dict[str, QueueStats] = {}
+    for spec in specs:
+        counts = found[spec.name]
+        if counts is None:
+            stats[spec.name] = QueueStats(spec.name, exists=False)
+            continue
+        dlq = dead.get(spec.name)
+        mine = None if figures is None else figures.get(spec.name)
+        dlq_figures = None if figures is None else figures.get(spec.name + DLQ_SUFFIX)
+        stats[spec.name] = QueueStats(
+            spec.name,
+            ready=counts[0],
+            consumers=counts[1],
+            unacked=management.count(mine, "messages_unacknowledged"),
+            delayed=delayed,
+            delayed_scope="vhost",
+            dead_lettered=dlq[0] if dlq is not None else None,
+            # An empty queue has no head: its age is nothing, not unknown.
+            head_published_at=management.head_timestamp(mine) if counts[0] else None,
+            publish_rate=management.rate(mine, "publish"),
+            deliver_rate=management.rate(mine, "deliver_get"),
+            ack_rate=management.rate(mine, "ack"),
+            redeliver_rate=management.rate(mine, "redeliver"),
+            dead_letter_rate=management.rate(dlq_figures, "publish"),
+        )
     return stats
+
+
+def _management_figures(
+    broker_url: str,
+    configured: str | None,
+    found: dict[str, tuple[int, int] | None],
+    dead: dict[str, tuple[int, int] | None],
+) -> dict[str, management.QueueFigures] | None:
+    """The management API's objects of the queues that exist, or None if it does not answer."""
+    base = management.management_url(broker_url, configured)
+    names = [name for name, counts in found.items() if counts is not None]
+    names += [name + DLQ_SUFFIX for name, counts in dead.items() if counts is not None]
+    if base is None or not names:
+        return None
+    return management.read_queues(base, management.vhost_of(broker_url), names)

@@ -10,6 +10,7 @@ share its socket, read buffer and byte counters.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -17,10 +18,12 @@ from amqp.exceptions import RecoverableConnectionError, UnexpectedFrame
 from amqp.serialization import dumps as amqp_dumps
 
 from ..envelope import Envelope
+from ..queue import published_at
 
 __all__ = [
     "PERSISTENT",
     "READ_SIZE",
+    "message_timestamp",
     "read_available",
     "serialize_properties",
     "split_frames",
@@ -99,15 +102,35 @@ PERSISTENT = 2
 _FLAGS = struct.Struct(">H")  # property flags of a content header
 
 
-def serialize_properties(envelope: Envelope, headers: dict[str, Any]) -> bytes:
+def message_timestamp(envelope: Envelope) -> int:
+    """Return the AMQP ``timestamp`` property for ``envelope``: when it was published.
+
+    That is its ``mqtasks-published-at`` header, else now, in whole seconds;
+    RabbitMQ's management API reports it for a classic queue's head message
+    (``head_message_timestamp``), which is how ``mqtasks status`` tells the lag.
+    """
+    when = published_at(envelope.headers)
+    return int(when if when is not None else time.time())
+
+
+def serialize_properties(
+    envelope: Envelope, headers: dict[str, Any], timestamp: int | None = None
+) -> bytes:
     """Return the content-header properties of ``envelope``, persistent, as py-amqp writes them.
 
     The bytes are those of ``amqp.Message(...)._serialize_properties()`` for the
     properties mqtasks sets (content type and encoding, headers, delivery mode,
-    priority, message id): the property flags, then the values in flag order.
-    py-amqp's version walks all fourteen basic properties and every header
-    through generic loops; headers of plain values (strings, numbers, booleans,
-    None: mqtasks' own) are written here directly, anything else by py-amqp.
+    priority, message id, timestamp): the property flags, then the values in
+    flag order. py-amqp's version walks all fourteen basic properties and every
+    header through generic loops; headers of plain values (strings, numbers,
+    booleans, None: mqtasks' own) are written here directly, anything else by
+    py-amqp.
+
+    Args:
+        envelope: The message.
+        headers: Its headers, as they are to be sent.
+        timestamp: The ``timestamp`` property (seconds since the epoch; see
+            :func:`message_timestamp`), or None to send none.
     """
     table = _plain_table(headers) if headers is not None else None
     if (
@@ -115,18 +138,20 @@ def serialize_properties(envelope: Envelope, headers: dict[str, Any]) -> bytes:
         or envelope.content_type is None
         or envelope.content_encoding is None
         or envelope.message_id is None
+        or (timestamp is not None and not 0 <= timestamp < 2**63)
     ):
-        return _serialize_properties(envelope, headers)
+        return _serialize_properties(envelope, headers, timestamp)
     content_type = envelope.content_type.encode("utf-8", "surrogatepass")
     content_encoding = envelope.content_encoding.encode("utf-8", "surrogatepass")
     message_id = envelope.message_id.encode("utf-8", "surrogatepass")
     if max(len(content_type), len(content_encoding), len(message_id)) > 255:
-        return _serialize_properties(envelope, headers)
+        return _serialize_properties(envelope, headers, timestamp)
     priority = envelope.priority
     if priority is not None and not (type(priority) is int and 0 <= priority <= 255):
-        return _serialize_properties(envelope, headers)
+        return _serialize_properties(envelope, headers, timestamp)
+    flags = 0xF080 if priority is None else 0xF880
     parts = [
-        _FLAGS.pack(0xF080 if priority is None else 0xF880),
+        _FLAGS.pack(flags if timestamp is None else flags | _TIMESTAMP_FLAG),
         _BYTE.pack(len(content_type)),
         content_type,
         _BYTE.pack(len(content_encoding)),
@@ -139,10 +164,15 @@ def serialize_properties(envelope: Envelope, headers: dict[str, Any]) -> bytes:
         parts.append(_BYTE.pack(priority))
     parts.append(_BYTE.pack(len(message_id)))
     parts.append(message_id)
+    if timestamp is not None:
+        parts.append(_TIMESTAMP.pack(timestamp))
     return b"".join(parts)
 
 
 _BYTE = struct.Struct(">B")
+_TIMESTAMP = struct.Struct(">Q")
+#: Property flag of the AMQP ``timestamp`` basic property.
+_TIMESTAMP_FLAG = 0x0040
 _LONG = struct.Struct(">I")
 _STRING = struct.Struct(">cI")
 _INT = struct.Struct(">ci")
@@ -187,7 +217,9 @@ def _plain_table(headers: dict[str, Any]) -> bytes | None:
     return b"".join(parts)
 
 
-def _serialize_properties(envelope: Envelope, headers: dict[str, Any] | None) -> bytes:
+def _serialize_properties(
+    envelope: Envelope, headers: dict[str, Any] | None, timestamp: int | None = None
+) -> bytes:
     """:func:`serialize_properties` through py-amqp's serializer (any header values)."""
     # (flag bit, py-amqp format, value) in the order of the content header.
     fields = [
@@ -197,6 +229,7 @@ def _serialize_properties(envelope: Envelope, headers: dict[str, Any] | None) ->
         (0x1000, "o", PERSISTENT),
         (0x0800, "o", envelope.priority),
         (0x0080, "s", envelope.message_id),
+        (_TIMESTAMP_FLAG, "L", timestamp),
     ]
     present = [field for field in fields if field[2] is not None]
     flags = sum(flag for flag, _, _ in present)

@@ -352,7 +352,9 @@ class RedisTransport(Transport):
         """Return, per queue, how many messages Redis holds for a delay (due or not)."""
         return queues.delayed_counts(self, specs)
 
-    def queue_stats(self, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
+    def queue_stats(
+        self, specs: Sequence[QueueSpec], *, management_url: str | None = None
+    ) -> dict[str, QueueStats]:
         """Read each queue's lists, delayed set, dead-letter list, in-flight lists
         and live consumers (``redis.queues.queue_stats``)."""
         return queues.queue_stats(self, specs)

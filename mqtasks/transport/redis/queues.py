@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..base import DLQ_SUFFIX, QueueSpec, QueueStats, StoredMessage, Taken
 from ..errors import translate_errors
+from ..queue import published_at
 from .element import MAX_LEVEL, RedisDelivery
 
 if TYPE_CHECKING:
@@ -91,8 +92,9 @@ def delete(t: RedisTransport, specs: Sequence[QueueSpec]) -> None:
 
 
 def queue_stats(t: RedisTransport, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
-    """Read each queue's ready list, delayed set, dead-letter list and, through
-    the consumer registry, its in-flight lists and live consumers.
+    """Read each queue's ready list (its length and oldest element's publishing
+    time), delayed set, dead-letter list and, through the consumer registry,
+    its in-flight lists and live consumers.
 
     Redis has no queue objects: an absent queue is an empty one, never
     missing. In-flight messages of a consumer that died count as
@@ -126,6 +128,8 @@ def queue_stats(t: RedisTransport, specs: Sequence[QueueSpec]) -> dict[str, Queu
             pipe.llen(t.processing_key(cid, i))
         for spec in specs:
             count_ready(t, pipe, spec.name)
+            for key in t.ready_keys(spec.name):
+                pipe.lindex(key, -1)  # the oldest of each level: consumers pop the right end
             pipe.zcard(t.delayed_key(spec.name))
             pipe.llen(t.queue_key(spec.name + DLQ_SUFFIX))  # dead letters: level 0
         replies = iter(pipe.execute())
@@ -140,7 +144,9 @@ def queue_stats(t: RedisTransport, specs: Sequence[QueueSpec]) -> dict[str, Queu
     for spec in specs:
         key = t.queue_key(spec.name)
         ready = sum(int(next(replies)) for _ in range(MAX_LEVEL + 1))
+        heads = [next(replies) for _ in range(MAX_LEVEL + 1)]
         delayed, dead = (int(next(replies)) for _ in range(2))
+        times = [when for e in heads if e and (when := _published_at(e, spec.name))]
         stats[spec.name] = QueueStats(
             spec.name,
             ready=ready,
@@ -148,8 +154,14 @@ def queue_stats(t: RedisTransport, specs: Sequence[QueueSpec]) -> dict[str, Queu
             delayed=delayed,
             dead_lettered=None if spec.name.endswith(DLQ_SUFFIX) else dead,
             consumers=consumers[key],
+            head_published_at=min(times) if times else None,
         )
     return stats
+
+
+def _published_at(element: bytes, queue: str) -> float | None:
+    """When the message of a list element was published, from its header (None if unreadable)."""
+    return published_at(RedisDelivery(element, queue, 1, "", "").headers)
 
 
 def stored(t: RedisTransport, element: bytes, queue: str) -> StoredMessage:
