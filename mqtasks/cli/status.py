@@ -41,8 +41,15 @@ Columns:
   DELAYED    held by the broker for a countdown or retry backoff
   DEAD       entries of the queue's dead-letter queue (QUEUE.dlq)
   CONSUMERS  consumers attached to the queue
+  LAG        how long the oldest ready message has waited since it was
+             published (0s: nothing waits)
+  ACK/S      messages acknowledged per second (RabbitMQ's management API)
+  DEAD/S     error rate: messages dead-lettered per second (RabbitMQ's
+             management API; elsewhere the rise of DEAD, with --watch)
   READY/S    change of READY per second over the last minute (--watch):
              negative while the queue drains, positive while it backs up
+  -          unknown: the broker cannot tell (a footnote says why); never
+             an estimate
   LIMIT/USE  a task's rate limit (tokens left of the bucket) or concurrency
              limit (slots held across every worker), when the app declares any
   CIRCUIT    each circuit breaker's state and failures in its window
@@ -59,11 +66,43 @@ def _count(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _duration(seconds: float | None) -> str:
+    """``-``, ``42s``, ``3m05s``, ``2h10m`` or ``3d04h``."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+#: Why a column shows ``-`` (unknown), by column.
+_UNKNOWN = {
+    "UNACKED": "unknown: RabbitMQ counts it only in its management plugin's HTTP API, "
+    "which did not answer (rabbitmq-plugins enable rabbitmq_management; "
+    "setting rabbitmq_management_url).",
+    "LAG": "unknown: the broker does not tell when its oldest message was published "
+    "(RabbitMQ: only its management API, for classic queues).",
+    "ACK/S": "unknown: only RabbitMQ's management API measures it.",
+    "DEAD/S": "unknown: needs two samples (use --watch) or RabbitMQ's management API.",
+}
+
+
 def _status_table(statuses: list[QueueStatus], broker: str) -> str:
     rows: list[list[str]] = []
+    header = ["QUEUE", "READY", "UNACKED", "DELAYED", "DEAD", "CONSUMERS"]
+    header += ["LAG", "ACK/S", "DEAD/S", "READY/S"]
     for s in statuses:
         if not s.exists:
-            rows.append([s.queue, "missing", "", "", "", "", ""])
+            rows.append([s.queue, "missing"] + [""] * (len(header) - 2))
             continue
         delayed = _count(s.delayed) + ("*" if s.delayed_scope == "vhost" else "")
         rate = "-" if s.ready_rate is None else f"{s.ready_rate:+.2f}"
@@ -75,15 +114,22 @@ def _status_table(statuses: list[QueueStatus], broker: str) -> str:
                 delayed,
                 _count(s.dead_lettered),
                 _count(s.consumers),
+                _duration(s.lag),
+                _rate(s.ack_rate),
+                _rate(s.error_rate),
                 rate,
             ]
         )
-    header = ["QUEUE", "READY", "UNACKED", "DELAYED", "DEAD", "CONSUMERS", "READY/S"]
     when = statuses[0].sampled_at.strftime("%Y-%m-%d %H:%M:%S") if statuses else ""
     lines = [f"{broker}  {when} UTC", table(rows, header)]
     present = [s for s in statuses if s.exists]
-    if any(s.unacked is None for s in present):
-        lines.append("UNACKED -: not reported by this broker (RabbitMQ: only its management API).")
+    unknown = {
+        "UNACKED": any(s.unacked is None for s in present),
+        "LAG": any(s.lag is None for s in present),
+        "ACK/S": any(s.ack_rate is None for s in present),
+        "DEAD/S": any(s.error_rate is None for s in present),
+    }
+    lines += [f"{column} -: {_UNKNOWN[column]}" for column, shown in unknown.items() if shown]
     if any(s.delayed_scope == "vhost" for s in present):
         lines.append(
             "DELAYED *: held for every queue of the vhost; RabbitMQ's delay queues are shared."
@@ -144,8 +190,8 @@ def status(
     count: int | None,
     as_json: bool,
 ) -> None:
-    """Show ready, unacked, delayed and dead-lettered messages and consumers per
-    queue (default: every queue of the app's tasks)."""
+    """Show ready, unacked, delayed and dead-lettered messages, consumers, lag and
+    rates per queue (default: every queue of the app's tasks)."""
     if count is not None and watch is None:
         raise click.UsageError("--count needs --watch.")
     app = load_app(app_path)
