@@ -89,6 +89,8 @@ class Dashboard:
             finalize=_finalize,
             undefined=jinja2.StrictUndefined,
         )
+        env.filters["seconds"] = data.seconds
+        env.filters["rate"] = data.rate
         self.templates = Jinja2Templates(env=env)
 
     def _note_workers(self) -> None:

@@ -28,7 +28,9 @@ __all__ = [
     "NO_BACKEND",
     "circuits",
     "dead_letter_row",
+    "rate",
     "schedules",
+    "seconds",
     "task_detail",
     "task_outcomes",
     "when",
@@ -49,6 +51,25 @@ def when(at: float | datetime | None) -> str:
     if not isinstance(at, datetime):
         at = datetime.fromtimestamp(at, tz=timezone.utc)
     return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def seconds(value: float | None) -> str:
+    """Format a duration: ``4.2 s``, ``3m05s``, ``2h07m`` ("-" for None)."""
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, secs = divmod(int(value), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def rate(value: float | None, signed: bool = False) -> str:
+    """Format a rate per second with two decimals ("-" for None)."""
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
 def worker_rows(views: list[WorkerView], now: float | None = None) -> list[dict[str, Any]]:

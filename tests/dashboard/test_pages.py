@@ -10,6 +10,7 @@ import pytest
 
 from mqtasks import App, CircuitBreaker
 from mqtasks.control_agent import ControlAgent
+from mqtasks.dashboard.data import seconds
 from mqtasks.testing import drain, running_worker
 from tests._helpers.wait import WAIT, wait_for
 from tests.dashboard.support import TestClient, csrf_token, sample
@@ -101,6 +102,8 @@ def test_queues_page_shows_counts(make_app: Callable[..., App], client_for: Clie
     page = client.get("/queues").text
     assert f'<tr data-queue="{app.settings.default_queue}">' in page
     assert '<td class="num" data-field="ready">1</td>' in page
+    for field in ("lag", "ready_rate", "error_rate", "ack_rate"):
+        assert f'data-field="{field}"' in page
 
 
 def test_dead_letter_is_listed_and_shown_with_traceback(
@@ -408,3 +411,11 @@ def test_only_allowed_hosts_are_answered(make_app: Callable[..., App], client_fo
     for host in ("evil.example:5555", "127.0.0.1.evil.example", ""):
         response = client.get("/queues", headers={"Host": host})
         assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(None, "-"), (0.0, "0.0 s"), (4.24, "4.2 s"), (185.0, "3m05s"), (7620.0, "2h07m")],
+)
+def test_durations_read_as_on_the_page(value: float | None, text: str) -> None:
+    assert seconds(value) == text

@@ -12,9 +12,24 @@
     return value === null || value === undefined ? "-" : String(value);
   }
 
-  function rate(value) {
+  function rate(value, signed) {
     if (value === null || value === undefined) return "-";
-    return (value >= 0 ? "+" : "") + value.toFixed(2);
+    return (signed && value >= 0 ? "+" : "") + value.toFixed(2);
+  }
+
+  // As the server formats them (mqtasks.dashboard.data.seconds).
+  function seconds(value) {
+    if (value === null || value === undefined) return "-";
+    if (value < 60) return value.toFixed(1) + " s";
+    const minutes = Math.floor(value / 60);
+    const pad = function (n) { return String(n).padStart(2, "0"); };
+    if (minutes < 60) return minutes + "m" + pad(Math.floor(value) % 60) + "s";
+    return Math.floor(minutes / 60) + "h" + pad(minutes % 60) + "m";
+  }
+
+  function setCell(row, field, text) {
+    const c = cell(row, field);
+    if (c) c.textContent = text;
   }
 
   function cell(row, field) {
@@ -35,7 +50,10 @@
     if (link && q.dead_lettered) link.textContent = fmt(q.dead_lettered);
     else dead.textContent = fmt(q.dead_lettered);
     cell(row, "consumers").textContent = fmt(q.consumers);
-    cell(row, "ready_rate").textContent = rate(q.ready_rate);
+    setCell(row, "lag", seconds(q.lag));
+    setCell(row, "ready_rate", rate(q.ready_rate, true));
+    setCell(row, "error_rate", rate(q.error_rate, false));
+    setCell(row, "ack_rate", rate(q.ack_rate, false));
   }
 
   function drawChart(figure, times, lines, now) {
