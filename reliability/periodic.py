@@ -543,6 +543,13 @@ def _judge(
         takeovers,
         "a new leader after every fault",
     )
+    killed = {x["pid"] for x in run.faults if x["kind"] == "SIGKILL"}
+    crashed = [
+        {"pid": e.pid, "code": e.code, "t": run.rel(e.t)}
+        for e in beats.exits
+        if e.pid not in killed
+    ]
+    run.check("no_beat_exit_but_the_kills", not crashed, crashed, "none (the 2 SIGKILLs only)")
     run.check(
         "beats_exit_0_on_sigterm",
         bool(codes) and all(code == 0 for code in codes.values()),
