@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
+import amqp
 import pytest
 from click.testing import CliRunner
 
@@ -21,7 +22,8 @@ from mqtasks.message import Message
 from mqtasks.status import QueueStatus, StatusMonitor, queue_status
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.amqp.management import management_url, read_queues, vhost_of
-from mqtasks.transport.base import DLQ_SUFFIX
+from mqtasks.transport.amqp.wire import message_timestamp, serialize_properties
+from mqtasks.transport.base import DLQ_SUFFIX, Envelope
 
 #: Seconds to wait for RabbitMQ's management API, which collects statistics every 5 s.
 MANAGEMENT_WAIT = 30.0
@@ -254,3 +256,23 @@ def test_status_command_marks_unknown_figures(amqp_url: str, make_app: Callable[
     assert (row["READY"], row["UNACKED"], row["LAG"], row["ACK/S"]) == ("1", "-", "-", "-")
     assert any(line.startswith("UNACKED -: unknown") for line in lines)
     assert any("rabbitmq-plugins enable rabbitmq_management" in line for line in lines)
+
+
+@pytest.mark.parametrize("headers", [{"mqtasks-published-at": 1796659462.75}, {"x": [1, "y"]}])
+def test_published_messages_carry_the_amqp_timestamp(headers: dict[str, object]) -> None:
+    """The fast property writer adds the timestamp exactly as py-amqp writes it."""
+    envelope = Envelope(b"{}", "id-1", headers=headers, priority=3)
+    stamp = message_timestamp(envelope)
+    if "mqtasks-published-at" in headers:
+        assert stamp == 1796659462  # the message's own publishing time, whole seconds
+    expected = amqp.Message(
+        b"{}",
+        priority=3,
+        content_type=envelope.content_type,
+        content_encoding=envelope.content_encoding,
+        application_headers=dict(headers),
+        message_id="id-1",
+        delivery_mode=2,
+        timestamp=stamp,
+    )._serialize_properties()
+    assert serialize_properties(envelope, dict(headers), stamp) == expected
