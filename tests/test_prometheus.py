@@ -94,6 +94,10 @@ def test_bad_arguments_and_a_taken_port_are_refused(server: MetricsServer) -> No
         PrometheusMetrics(CollectorRegistry(), gauge_interval=0)
     with pytest.raises(ConfigurationError, match="Cannot serve metrics"):
         serve_metrics(server.port, server.host, registry=CollectorRegistry())
+    # The supervisor's is refused before any child starts, leaving nothing behind
+    with pytest.raises(ConfigurationError, match="Cannot serve metrics"):
+        SupervisorMetrics(server.port, server.host)
+    assert MULTIPROC_DIR_ENV not in os.environ
 
 
 def test_task_outcomes_are_counted_and_timed_per_task(

@@ -18,6 +18,7 @@ import bisect
 import math
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -649,11 +650,18 @@ class SupervisorMetrics:
         host: The address to serve on.
 
     Raises:
-        ConfigurationError: prometheus-client is not installed.
+        ConfigurationError: prometheus-client is not installed, or the port is taken.
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         _require()
+        # A port that is taken is said now, before any child starts; the server
+        # itself starts once they are forked (a thread here would stop the forking).
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            socket.create_server((host, port), family=family).close()
+        except OSError as exc:
+            raise ConfigurationError(f"Cannot serve metrics on {host}:{port}: {exc}.") from exc
         self.port = port
         self.host = host
         #: The directory the children write to, new for each run.
