@@ -334,3 +334,27 @@ def test_a_forked_child_does_not_write_what_its_parent_noted(registry: Collector
     # Then the child wrote nothing, and the parent writes its count once
     assert os.waitstatus_to_exitcode(status) == 0
     assert published() == 1
+
+
+@pytest.mark.integration
+def test_a_process_without_a_worker_samples_the_queue_gauges_itself(
+    make_app: Callable[..., App], registry: CollectorRegistry, server: MetricsServer
+) -> None:
+    # Given three messages waiting on RabbitMQ and a process that runs no worker
+    app = make_app(require_broker("amqp"))
+    metrics = PrometheusMetrics(registry)
+    app.middleware[:] = [metrics]
+
+    @app.task(name="shop.later")
+    def later() -> None: ...
+
+    for _ in range(3):
+        later.delay()
+    queue = app.settings.default_queue
+    # When it samples its queues
+    metrics.sample_queues(app, app.task_queues())
+    # Then the page shows them, and the publishes counted
+    samples = scrape(server)
+    assert value(samples, "mqtasks_queue_depth", queue=queue) == 3
+    assert value(samples, "mqtasks_queue_dead_letters", queue=queue) == 0
+    assert value(samples, "mqtasks_task_published_total", task="shop.later") == 3

@@ -492,11 +492,19 @@ class PrometheusMetrics(Middleware):
         """Set the gauges once: tasks running in ``worker``, ready and dead-lettered
         messages of each queue it consumes; and :meth:`flush`."""
         self.flush()
+        self.families.in_flight.set(worker.running)
+        self.sample_queues(worker.app, worker.queues)
+
+    def sample_queues(self, app: App, queues: Sequence[str]) -> None:
+        """Set the ready and dead-lettered gauges of ``queues`` once.
+
+        A worker does it every ``gauge_interval``; a process that runs no worker
+        (the dashboard) calls it itself, with queues from its configuration
+        (``app.task_queues()``), never from input: each is a label value.
+        """
         families = self.families
-        families.in_flight.set(worker.running)
-        app = worker.app
         gauges = {}
-        for queue in worker.queues:
+        for queue in queues:
             spec = app.queue(queue)
             dead = dead_letter_spec(spec)
             gauges[spec.name] = (families.depth.labels(queue), spec)
