@@ -184,12 +184,16 @@ class DeadLetterPages:
             total = len(ids) if ids else await run_in_threadpool(self._count, queue)
         except MQTasksError:
             total = None
-        app, lock = self.d.app, self.d.lock
+        app, lock, recent = self.d.app, self.d.lock, self.d.recent
+
+        def replayed(entry: DeadLetter, progress: Callable[[], None]) -> None:
+            recent.add(entry.id, entry.task)  # the tasks page follows what was replayed
+            progress()
 
         def work(progress: Callable[[], None]) -> int:
             with lock:
                 return replay_dead_letters(
-                    app, queue, ids=ids or None, on_replayed=lambda _: progress()
+                    app, queue, ids=ids or None, on_replayed=lambda e: replayed(e, progress)
                 )
 
         count = "the dead letters" if total is None else _plural(total, "dead letter")

@@ -130,7 +130,7 @@ def test_unknown_queue_is_not_found(make_app: Callable[..., App], client_for: Cl
 def test_replay_asks_to_confirm_then_replays_with_progress(
     make_app: Callable[..., App], client_for: Client
 ) -> None:
-    app = _failing_app(make_app)
+    app = _failing_app(make_app, backend="memory://")
     entry_id = _dead_letter(app)
     client = client_for(app)
     queue = app.settings.default_queue
@@ -154,6 +154,7 @@ def test_replay_asks_to_confirm_then_replays_with_progress(
     assert app.dead_letters() == []
     assert app.status([queue])[0].ready == 1
     assert "Replay 1 dead letter of" in client.get(job_url).text
+    assert entry_id in client.get("/tasks").text  # followed on the tasks page
 
 
 def test_purge_deletes_every_dead_letter(make_app: Callable[..., App], client_for: Client) -> None:
@@ -386,7 +387,9 @@ def test_workers_page_says_why_there_are_no_heartbeats(
     make_app: Callable[..., App], client_for: Client
 ) -> None:
     # redis+kombu:// carries no heartbeats; the page says so, the others work.
-    client = client_for(make_app("redis+kombu://127.0.0.1:1/0"))
+    client = client_for(
+        make_app("redis+kombu://127.0.0.1:1/0", connect_timeout=0.5, publish_retries=0)
+    )
     assert client.get("/api/workers").json()["available"] is False
     page = client.get("/workers").text
     assert 'id="needs-heartbeats"' in page and "redis+kombu" in page
