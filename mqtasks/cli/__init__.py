@@ -144,4 +144,16 @@ def main() -> None:
 # Each command module registers its commands on ``cli`` when imported. They
 # come last because they use the names above; the order does not matter, click
 # lists commands alphabetically.
-from . import backend, beat, circuit, dashboard, declare, dlq, inspect, result, revoke, status, worker  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    backend,
+    beat,
+    circuit,
+    dashboard,
+    declare,
+    dlq,
+    inspect,
+    result,
+    revoke,
+    status,
+    worker,
+)
