@@ -43,7 +43,7 @@ def make_shop() -> App:
 
     @app.task(name="shop.send_receipt", queue=emails)
     def send_receipt(order: int) -> str:
-        time.sleep(0.02)
+        time.sleep(0.3)
         return f"receipt {order} sent"
 
     @app.task(name="shop.build_report", queue=reports)
@@ -59,55 +59,68 @@ def make_shop() -> App:
     return app
 
 
-def traffic(app: App) -> tuple[str, str]:
-    """Send work and fail some; return a dead-letter queue name and a failed task id."""
-    receipt = app.tasks["shop.send_receipt"]
-    report = app.tasks["shop.build_report"]
-    charge = app.tasks["shop.charge_card"]
-    payments = charge.queue
+def fail_payments(app: App) -> str:
+    """Charge nine orders, three of which fail for good; return the id of one that failed."""
     failed = ""
     for order in range(1, 10):
-        handle = charge.delay(order, 19.9 + order)
+        handle = app.tasks["shop.charge_card"].delay(order, 19.9 + order)
         failed = handle.id if order % 3 == 0 else failed
-    for i in range(30):  # the emails queue backs up, then the worker drains it
-        for order in range(i * 3, i * 3 + 3):
-            receipt.delay(order)
+    return failed
+
+
+def back_up(app: App) -> None:
+    """Send receipts and reports for a while with nobody consuming them."""
+    for i in range(24):
+        for order in range(i * 4, i * 4 + 4):
+            app.tasks["shop.send_receipt"].delay(order)
         if i % 6 == 0:
-            report.delay(f"2026-12-0{1 + i // 6}")
-        time.sleep(0.4)
-    return payments, failed
+            app.tasks["shop.build_report"].delay(f"2026-12-0{1 + i // 6}")
+        time.sleep(0.5)
+
+
+def shoot(url: str, pages: dict[str, str]) -> None:
+    """Save a PNG of each page, by name."""
+    with launch_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1100, "height": 620})
+        for name, path in pages.items():
+            page.goto(url + path)
+            if name == "queues":
+                page.wait_for_selector("polyline.ready")
+            page.screenshot(path=str(OUT / f"{name}.png"))
+            print(OUT / f"{name}.png")
 
 
 def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     app = make_shop()
+    emails, reports, payments = app.task_queues()
+    agents: list[ControlAgent] = []
     try:
         app.declare()
-        with serve(app, sample_interval=1.0) as url:
-            payments, failed = traffic(app)
-            with running_worker(app, concurrency=4) as worker:
-                agent = ControlAgent(worker)  # the workers page shows its heartbeats
-                agent.start()
-                wait_for(lambda: len(app.dead_letters(payments)) == 3, "the dead letters", 60)
-                time.sleep(6)  # a few samples of the draining queue, and heartbeats
-                with launch_chromium() as browser:
-                    page = browser.new_page(viewport={"width": 1100, "height": 620})
-                    shots = {
-                        "queues": "/queues",
-                        "workers": "/workers",
-                        "dead-letters": f"/dead/{payments}",
-                        "task-detail": f"/tasks/{failed}",
-                    }
-                    for name, path in shots.items():
-                        page.goto(url + path)
-                        if name == "queues":
-                            page.wait_for_selector("polyline.ready")
-                        page.screenshot(path=str(OUT / f"{name}.png"))
-                        print(OUT / f"{name}.png")
-                agent.stop()
+        # A worker on payments dead-letters three charges; emails and reports back up.
+        with (
+            serve(app, sample_interval=1.0) as url,
+            running_worker(app, queues=[payments]) as first,
+        ):
+            agents.append(ControlAgent(first))  # the workers page shows heartbeats
+            agents[-1].start()
+            failed = fail_payments(app)
+            back_up(app)
+            # A second worker drains them, slowly: the pictures catch it halfway.
+            with running_worker(app, queues=[emails, reports], concurrency=2) as second:
+                agents.append(ControlAgent(second))
+                agents[-1].start()
+                wait_for(lambda: len(app.dead_letters(payments)) == 3, "the dead letters")
+                time.sleep(3)
+                shoot(url, {"queues": "/queues", "workers": "/workers"})
+                shoot(
+                    url,
+                    {"dead-letters": f"/dead/{payments}", "task-detail": f"/tasks/{failed}"},
+                )
+                for agent in agents:
+                    agent.stop()
     finally:
-        names = app.task_queues()
-        specs = [app.queue(n) for n in names]
+        specs = [app.queue(n) for n in app.task_queues()]
         app.transport.delete(specs + [dead_letter_spec(s) for s in specs])
         app.close()
     return 0
