@@ -53,9 +53,11 @@ __all__ = [
     "RUN_TIME_BUCKETS",
     "UNKNOWN_TASK",
     "WAIT_BUCKETS",
+    "MetricFamilies",
     "MetricsServer",
     "PrometheusMetrics",
     "SupervisorMetrics",
+    "TaskMetrics",
     "exposition_registry",
     "metrics_asgi_app",
     "serve_metrics",
@@ -113,8 +115,11 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_DIR_ENV) or None
 
 
-class _Task(NamedTuple):
-    """The labelled children of one task, looked up once (``labels()`` takes a lock and hashes)."""
+class TaskMetrics(NamedTuple):
+    """The metrics of one task: its labelled counters and histograms.
+
+    Looked up once per task name and kept (``labels()`` takes a lock and hashes).
+    """
 
     published: Any
     received: Any
@@ -128,13 +133,21 @@ class _Task(NamedTuple):
     queue_time: Any
     end_to_end: Any
 
-    def labelled(self, name: str) -> _Task:
+    def labelled(self, name: str) -> TaskMetrics:
         """The children of these families for task ``name``."""
-        return _Task._make(family.labels(name) for family in self)
+        return TaskMetrics._make(family.labels(name) for family in self)
 
 
-class _Families:
-    """The metric families of one namespace in one registry (a name registers only once)."""
+class MetricFamilies:
+    """Every metric family of one namespace in one registry (a name registers only once).
+
+    Attributes:
+        counters: The task counters, by StatsD stem (``"published"``...).
+        run_time: The ``task_run_time_seconds`` histogram; ``queue_time`` and
+            ``end_to_end`` likewise.
+        in_flight: The ``worker_in_flight`` gauge; ``depth`` and ``dead_letters``
+            are the ``queue_depth`` and ``queue_dead_letters`` gauges.
+    """
 
     def __init__(
         self,
@@ -166,14 +179,15 @@ class _Families:
             for name, (text, labels) in _GAUGES.items()
         )
 
-    def task(self, name: str) -> _Task:
+    def task(self, name: str) -> TaskMetrics:
+        """The metrics labelled with task ``name``."""
         c = self.counters
         timers = (self.run_time, self.queue_time, self.end_to_end)
-        return _Task._make([*(c[stem] for stem in _COUNTERS), *timers]).labelled(name)
+        return TaskMetrics._make([*(c[stem] for stem in _COUNTERS), *timers]).labelled(name)
 
 
 #: Families made so far, by registry and namespace.
-_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, _Families]] = (
+_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, MetricFamilies]] = (
     weakref.WeakKeyDictionary()
 )
 _FAMILIES_LOCK = threading.Lock()
@@ -184,7 +198,7 @@ def _families(
     namespace: str,
     run_time_buckets: Sequence[float],
     wait_buckets: Sequence[float],
-) -> _Families:
+) -> MetricFamilies:
     with _FAMILIES_LOCK:
         made = _FAMILIES.setdefault(registry, {})
         families = made.get(namespace)
@@ -196,7 +210,7 @@ def _families(
                 values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
             if not made:
                 registry.register(_FlushOnCollect(registry))
-            families = _Families(registry, namespace, run_time_buckets, wait_buckets)
+            families = MetricFamilies(registry, namespace, run_time_buckets, wait_buckets)
             made[namespace] = families
         return families
 
@@ -283,7 +297,7 @@ class PrometheusMetrics(Middleware):
 
     The same metrics as :class:`~mqtasks.middleware.statsd.StatsdMetrics`, with
     bounded labels only: ``task`` is a name the app registered (anything else is
-    counted as :data:`UNKNOWN_TASK`, so bad messages cannot create series) and
+    counted as :data:`~mqtasks.middleware.statsd.UNKNOWN_TASK`, so bad messages cannot create series) and
     ``queue`` a queue the worker consumes. Serve them with :func:`serve_metrics`
     (``mqtasks worker --metrics-port``) or :func:`metrics_asgi_app`.
 
@@ -318,8 +332,8 @@ class PrometheusMetrics(Middleware):
         self.namespace = namespace
         self.gauge_interval = float(gauge_interval)
         self._buckets = (tuple(run_time_buckets), tuple(wait_buckets))
-        self._families: _Families | None = None
-        self._tasks: dict[str, _Task] = {}
+        self._families: MetricFamilies | None = None
+        self._tasks: dict[str, TaskMetrics] = {}
         self._local = threading.local()
         self._tally_local = threading.local()
         self._tallies: list[_Tally] = []
@@ -334,7 +348,7 @@ class PrometheusMetrics(Middleware):
         return f"<PrometheusMetrics namespace={self.namespace!r}>"
 
     @property
-    def families(self) -> _Families:
+    def families(self) -> MetricFamilies:
         """The metric families (made on first use)."""
         families = self._families
         if families is None:
@@ -342,8 +356,8 @@ class PrometheusMetrics(Middleware):
             self._families = families
         return families
 
-    def task(self, app: App, task: str | None) -> _Task:
-        """Return the labelled metrics of ``task``; those of :data:`UNKNOWN_TASK` if not registered."""
+    def task(self, app: App, task: str | None) -> TaskMetrics:
+        """Return the labelled metrics of ``task``; those of :data:`~mqtasks.middleware.statsd.UNKNOWN_TASK` if not registered."""
         metrics = self._tasks.get(task) if task is not None else None
         if metrics is None:
             name = task if task is not None and task in app.tasks else UNKNOWN_TASK
