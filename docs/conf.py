@@ -95,6 +95,8 @@ nitpick_ignore_regex = [
     (r"py:class", r"threading\.(local|Thread|Event)"),
     # What the worker's threads and event loop hold (a context, a task, a queue).
     (r"py:class", r"(contextvars|_asyncio|asyncio|_queue|queue)\..+"),
+    # prometheus_client's registry and metric classes (mqtasks.middleware.prometheus).
+    (r"py:(class|obj)", r"prometheus_client\..+"),
 ]
 
 # -- HTML --------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, TextIO
 
@@ -326,6 +326,8 @@ class Supervision:
         self.stopping = False
         #: Stop signals received.
         self.signals = 0
+        #: Called with the pid of each child once it is reaped (the metrics' bookkeeping).
+        self.on_exit: Callable[[int], None] | None = None
 
     def on_signal(self, signum: int, frame: Any) -> None:
         """A stop signal: pass it on to every child as SIGTERM (SIGKILL from the third)."""
@@ -383,10 +385,20 @@ class Supervision:
                 return None
         except ChildProcessError:  # reaped elsewhere: its code is unknown
             del self.children[slot]
+            self.exited(pid)
             return RET_ERROR
         del self.children[slot]
         _, status = os.waitpid(pid, 0)
+        self.exited(pid)
         return exit_code(status)
+
+    def exited(self, pid: int) -> None:
+        """Tell :attr:`on_exit` that the child ``pid`` is gone; its error is logged."""
+        if self.on_exit is not None:
+            try:
+                self.on_exit(pid)
+            except Exception as exc:
+                self.log.warning("supervisor.on_exit_failed", pid=pid, error=repr(exc))
 
     def run(self) -> int:
         """Start the missing children and supervise them until signalled; return the exit code.

@@ -81,6 +81,7 @@ __all__ = [
     "Companion",
     "StopSignals",
     "Supervisor",
+    "SupervisorExporter",
     "fork_blockers",
     "return_large_buffers_to_the_os",
     "run_worker",
@@ -179,6 +180,17 @@ class StopSignals:
             os._exit(RET_FORCED)
         logger.info("worker.stopping", signal=signal.Signals(signum).name)
         self.stop.set()
+
+
+class SupervisorExporter(Protocol):
+    """What the supervisor serves metrics with (``--metrics-port``; see
+    :class:`~mqtasks.middleware.prometheus.SupervisorMetrics`)."""
+
+    def start(self) -> object:
+        """Start serving; called once the first children are forked."""
+
+    def child_exited(self, pid: int) -> None:
+        """Drop what only a live child ``pid`` counts (its gauges)."""
 
 
 class Companion(Protocol):
@@ -323,6 +335,9 @@ class Supervisor:
             the directory :data:`LOAD_DIR_ENV` names.
         autoscale_idle: Seconds a child's worth of threads stays unused, with
             nothing waiting, before a child is retired.
+        metrics: Serves the children's metrics from this process (``--metrics-port``);
+            the supervisor then stays as it is instead of replacing itself, as the
+            standard-library program cannot read them.
     """
 
     def __init__(
@@ -336,8 +351,10 @@ class Supervisor:
         log_format: str = "auto",
         autoscale: tuple[int, int] | None = None,
         autoscale_idle: float = 30.0,
+        metrics: SupervisorExporter | None = None,
     ) -> None:
         self.fork = fork
+        self.metrics = metrics
         self.early = signals
         scaling = None
         if autoscale is not None:
@@ -369,6 +386,13 @@ class Supervisor:
                 if s.stopping:  # a child started now would never hear of the stop
                     break
                 self._fork(slot, self.fork)
+        if self.metrics is not None and not s.stopping:
+            s.on_exit = self.metrics.child_exited
+            try:
+                # A thread: from now on this process stays as it is (see _hand_over).
+                self.metrics.start()
+            except MQTasksError as exc:  # the children work on; only the page is missing
+                s.log.error("supervisor.metrics_failed", error=str(exc))
         if not s.stopping:
             self._hand_over()  # returns only where this process cannot replace itself
         return s.run()

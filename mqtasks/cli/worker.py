@@ -19,8 +19,9 @@ import structlog
 from .. import logging as logs
 from ..app import App
 from ..control import ControlAgent
-from ..exceptions import MQTasksError
+from ..exceptions import ConfigurationError, MQTasksError
 from ..execution.autoscale import Autoscaler, LoadReporter
+from ..middleware.prometheus import PrometheusMetrics, SupervisorMetrics, serve_metrics
 from ..process import (
     LOAD_DIR_ENV,
     Companion,
@@ -48,6 +49,7 @@ Examples:
   mqtasks worker -A myapp --autoscale 2,16  # 2 to 16 threads, following the backlog
   mqtasks worker -A myapp -p 2 --autoscale 1,6 -c 4  # 1 to 6 processes of 4 threads
   mqtasks worker -A myapp --beat          # also send periodic ticks (see mqtasks beat)
+  mqtasks worker -A myapp --metrics-port 9808  # Prometheus metrics on :9808/metrics
 
 \b
 Exit codes:
@@ -141,6 +143,21 @@ def _autoscale_bounds(
     is_flag=True,
     help="Also run the periodic-task scheduler (see mqtasks beat); any number of workers may.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    envvar="MQTASKS_METRICS_PORT",
+    help="Serve Prometheus metrics on this port (needs mqtasks[prometheus]); with "
+    "--processes the supervisor serves the sum over its children.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="MQTASKS_METRICS_HOST",
+    help="Address the metrics port listens on.",
+)
 @log_options
 def worker(
     app_path: str,
@@ -152,6 +169,8 @@ def worker(
     autoscale_idle: float,
     shutdown_timeout: float | None,
     beat: bool,
+    metrics_port: int | None,
+    metrics_host: str,
     log_level: str,
     log_format: str | None,
 ) -> None:
@@ -188,6 +207,8 @@ def worker(
             check_scheduler(app)
         except MQTasksError as exc:
             raise click.UsageError(f"--beat: {exc}") from exc
+    if metrics_port is not None:
+        _install_metrics(app)
     queue_list = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     return_large_buffers_to_the_os()  # in the supervisor too: forked children inherit it
     options: dict[str, Any] = {
@@ -198,14 +219,51 @@ def worker(
     }
     if supervise:
         bounds = autoscale if scaling == "processes" else None
-        sys.exit(
-            _run_supervisor(
-                app, processes, signals, log_level, used, options, bounds, autoscale_idle, beat
-            )
-        )
+        metrics = _supervisor_metrics(metrics_port, metrics_host)
+        try:
+            code = _run_supervisor(
+                app, processes, signals, log_level, used, options, bounds, autoscale_idle, beat,
+                metrics=metrics,
+            )  # fmt: skip
+        finally:
+            if metrics is not None:
+                metrics.stop()
+        sys.exit(code)
     w = _build_worker(app, options)
     companions = _companions(w, scaling, autoscale, autoscale_idle, beat)
-    sys.exit(run_worker(w, signals, companions=companions))
+    # A child of a supervisor (started anew with this command line) writes its
+    # metrics for the supervisor to serve: it does not serve them itself.
+    served = None
+    if metrics_port is not None and not os.environ.get("MQTASKS_SUPERVISOR_PID"):
+        try:
+            served = serve_metrics(metrics_port, metrics_host)
+        except ConfigurationError as exc:
+            raise click.UsageError(f"--metrics-port: {exc}") from exc
+    try:
+        code = run_worker(w, signals, companions=companions)
+    finally:
+        if served is not None:
+            served.stop()
+    sys.exit(code)
+
+
+def _install_metrics(app: App) -> None:
+    """Add :class:`PrometheusMetrics` to ``app``'s middleware unless it has it already."""
+    try:
+        if not any(isinstance(mw, PrometheusMetrics) for mw in app.middleware):
+            app.middleware.append(PrometheusMetrics())
+    except ConfigurationError as exc:
+        raise click.UsageError(f"--metrics-port: {exc}") from exc
+
+
+def _supervisor_metrics(port: int | None, host: str) -> SupervisorMetrics | None:
+    """The supervisor's metrics for ``--metrics-port``: made before any child starts."""
+    if port is None:
+        return None
+    try:
+        return SupervisorMetrics(port, host)
+    except ConfigurationError as exc:
+        raise click.UsageError(f"--metrics-port: {exc}") from exc
 
 
 def _scaling_mode(autoscale: tuple[int, int] | None) -> str | None:
@@ -261,6 +319,8 @@ def _run_supervisor(
     autoscale: tuple[int, int] | None = None,
     autoscale_idle: float = 30.0,
     beat: bool = False,
+    *,
+    metrics: SupervisorMetrics | None = None,
 ) -> int:
     """Run ``processes`` children under a supervisor; return its exit code.
 
@@ -287,6 +347,7 @@ def _run_supervisor(
             log_format=log_format,
             autoscale=autoscale,
             autoscale_idle=autoscale_idle,
+            metrics=metrics,
         )
         return supervisor.run()
 
@@ -312,6 +373,7 @@ def _run_supervisor(
         log_format=log_format,
         autoscale=autoscale,
         autoscale_idle=autoscale_idle,
+        metrics=metrics,
     )
     return supervisor.run()
 
