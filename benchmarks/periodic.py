@@ -45,6 +45,8 @@ from typing import Any
 
 import structlog
 
+from mqtasks.transport.base import dead_letter_spec
+
 from ._record import Log, measure, target_lines, target_row
 from ._workers import percentiles
 from .throughput import BROKERS, _sweep_redis
@@ -248,7 +250,8 @@ def run_broker(
             except Exception as exc:  # reported, the clean-up goes on
                 out["problems"].append(f"stop: {exc!r}")
         try:
-            app.transport.delete([app.queue(tag)])
+            spec = app.queue(tag)
+            app.transport.delete([spec, dead_letter_spec(spec)])
         except Exception as exc:  # reported, the run goes on
             out["problems"].append(f"delete: {exc!r}")
         app.close()
