@@ -59,7 +59,7 @@ HORIZON: float = 86400.0
 #: Most ticks of one schedule that one :meth:`Schedule.due` call returns (``catch_up="all"``).
 MAX_PER_TURN: int = 1000
 
-#: The options a schedule passes on to :meth:`Task.message`.
+#: The options a schedule passes on to :meth:`~mqtasks.task.Task.message`.
 MESSAGE_OPTIONS = frozenset({"queue", "priority", "expires"})
 #: Shortest ``every``: tick ids have millisecond resolution.
 MIN_EVERY = 0.001
@@ -78,7 +78,7 @@ class Schedule:
     task: str
     args: tuple[Any, ...]
     kwargs: Mapping[str, Any]
-    #: ``queue``/``priority``/``expires`` for :meth:`Task.message`.
+    #: ``queue``/``priority``/``expires`` for :meth:`~mqtasks.task.Task.message`.
     options: Mapping[str, Any]
     #: A 5-field cron expression, or None for ``every``.
     cron: str | None
@@ -86,6 +86,7 @@ class Schedule:
     every: float | None
     #: IANA time zone the cron expression is read in ("UTC" when none was given).
     tz: str
+    #: Which ticks a scheduler sends after a gap: ``"all"``, ``"latest"`` or ``"none"``.
     catch_up: CatchUp
     # The last (after, next tick) pair computed for cron: the scheduler asks again
     # each turn with the same `after` (the last tick sent), and CronSim is far
