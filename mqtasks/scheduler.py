@@ -62,6 +62,9 @@ DEFAULT_LEASE_TTL = 10.0
 SAFE_SHARE = 0.8
 #: Longest sleep between two turns, in seconds (followers look for a free lease this often).
 MAX_SLEEP = 1.0
+#: A leader waiting longer than this for the next tick claims it and builds its
+#: messages while it waits (seconds).
+PREPARE_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,8 @@ class Scheduler:
         self.token: int | None = None
         self._renewed_at = -math.inf
         self._last: dict[str, float] = {}
+        # Ticks claimed ahead (see _prepare): id -> (token, message, resent).
+        self._prepared: dict[str, tuple[int | None, Message, bool]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -191,11 +196,15 @@ class Scheduler:
                 try:
                     pause = self.turn()
                     failures = 0
-                except MQTasksError as exc:
+                except Exception as exc:  # a scheduler outlives any one failed turn
                     failures += 1
                     pause = min(self._renew_every * failures, self.lease_ttl / 2)
                     logger.warning(
-                        "periodic.error", error=str(exc), retry_in=round(pause, 3), owner=self.owner
+                        "periodic.error",
+                        error=str(exc),
+                        retry_in=round(pause, 3),
+                        owner=self.owner,
+                        exc_info=not isinstance(exc, MQTasksError),
                     )
                 stop.wait(pause)
         finally:
@@ -222,11 +231,27 @@ class Scheduler:
         due = [(s, tick) for s in self.app.schedules for tick in s.due(self._last.get(s.name), now)]
         if due:
             self._send(due)
-        return self._pause(self._clock())
-
-    def _pause(self, now: float) -> float:
+        now = self._clock()
         following = min((s.next_tick(now) for s in self.app.schedules), default=now + MAX_SLEEP)
+        ahead = following - now
+        if self.token is not None and PREPARE_MARGIN < ahead <= MAX_SLEEP and not self._prepared:
+            # Claim the next tick and build its messages now, while waiting for it:
+            # at the tick only the publish is left.
+            self._prepare(following)
+            now = self._clock()
         return max(0.0, min(following - now, self._renew_every))
+
+    def _prepare(self, tick: float) -> None:
+        """Claim the ticks falling at ``tick`` and build their messages, ahead of it."""
+        ahead = [
+            (s, tick)
+            for s in self.app.schedules
+            if s.due(self._last.get(s.name), tick)[-1:] == [tick]
+        ]
+        self._prepared = {}
+        for schedule, _, tick_id, resent in self._claim(ahead) if ahead else []:
+            message = self._message(schedule, tick, tick_id)
+            self._prepared[tick_id] = (self.token, message, resent)
 
     def _lead(self) -> bool:
         """Hold the lease: renew it when due, else try to take it; return whether this leads."""
@@ -247,14 +272,24 @@ class Scheduler:
         raw = backend.get(self._state_key)
         self._last = _decode_state(raw)
         logger.info("periodic.leader", owner=self.owner, token=token, known=len(self._last))
+        # A follower never publishes: connect and declare now, not at the first tick.
+        self.app.declare(sorted(self._queues()))
         return True
+
+    def _queues(self) -> set[str]:
+        return {
+            s.options.get("queue") or self.app.get_task(s.task).queue for s in self.app.schedules
+        }
 
     def _step_down(self, reason: str) -> None:
         logger.warning("periodic.follower", reason=reason, owner=self.owner, token=self.token)
         self.token = None
         self._renewed_at = -math.inf
+        self._prepared = {}
 
-    def _send(self, due: list[tuple[Schedule, float]]) -> None:
+    def _claim(self, due: list[tuple[Schedule, float]]) -> list[tuple[Schedule, float, str, bool]]:
+        """Claim the keys of ``due`` ticks; return ``(schedule, tick, id, resent)`` of those
+        this leader is to send (none, after stepping down, when fenced off)."""
         token = self.token
         assert token is not None
         ids = [schedule.tick_id(tick) for schedule, tick in due]
@@ -263,7 +298,7 @@ class Scheduler:
         )
         if holders is None:
             self._step_down("fenced")
-            return
+            return []
         chosen: list[tuple[Schedule, float, str, bool]] = []
         for (schedule, tick), tick_id, holder in zip(due, ids, holders, strict=True):
             if holder > token:
@@ -271,6 +306,35 @@ class Scheduler:
             # holder < token: an earlier leader claimed it and did not record it as
             # sent (due() returns only ticks after the recorded one): send it again.
             chosen.append((schedule, tick, tick_id, holder != token))
+        return chosen
+
+    def _send(self, due: list[tuple[Schedule, float]]) -> None:
+        token = self.token
+        assert token is not None
+        prepared, self._prepared = self._prepared, {}
+        ready: dict[tuple[str, float], tuple[str, Message, bool]] = {}
+        for schedule, tick in due:
+            tick_id = schedule.tick_id(tick)
+            if tick_id in prepared and prepared[tick_id][0] == token:
+                _, message, resent = prepared[tick_id]
+                ready[schedule.name, tick] = (tick_id, message, resent)
+        rest = self._claim([(s, tick) for s, tick in due if (s.name, tick) not in ready])
+        if self.token is None:
+            return  # fenced off while claiming
+        claimed = {(s.name, tick): (tick_id, resent) for s, tick, tick_id, resent in rest}
+        chosen: list[tuple[Schedule, float, str, bool]] = []
+        messages: list[Message] = []
+        for schedule, tick in due:
+            key = (schedule.name, tick)
+            if key in ready:
+                tick_id, message, resent = ready[key]
+            elif key in claimed:
+                tick_id, resent = claimed[key]
+                message = self._message(schedule, tick, tick_id)
+            else:
+                continue
+            chosen.append((schedule, tick, tick_id, resent))
+            messages.append(message)
         if not chosen:
             return
         if self._monotonic() - self._renewed_at > self.lease_ttl * SAFE_SHARE:
@@ -278,7 +342,6 @@ class Scheduler:
             # by now. Publish nothing; the next turn checks the lease first.
             self._step_down("frozen")
             return
-        messages = [self._message(schedule, tick, tick_id) for schedule, tick, tick_id, _ in chosen]
         failed: set[str] = set()
         try:
             self.app.send_many(messages)

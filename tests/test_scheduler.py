@@ -244,3 +244,38 @@ def test_run_in_a_thread_stops_and_gives_up_the_lease(app: App) -> None:
         threading.Event().wait(0.05)
     scheduler.stop()
     assert app.backend.lease_holder(f"periodic:{app.name}:leader") is None
+
+
+def test_a_tick_prepared_ahead_by_a_leader_that_lost_its_lease_is_sent_once(app: App) -> None:
+    ran: list[str] = []
+    _every_second(app, ran)
+    clocks = Clocks()
+    first, second = _scheduler(app, clocks, lease_ttl=0.5), _scheduler(app, clocks, lease_ttl=0.5)
+    first.turn()  # sends 00, then claims 01 and builds its message while it waits
+    assert list(first._prepared) == ["periodic:tick:2027-01-15T08:00:01Z"]
+    time.sleep(0.6)  # its lease expires before 01
+    clocks.advance(1.0)
+    second.turn()  # takes over: 01 was claimed, never sent
+    first.turn()  # its lease is gone: it drops what it prepared
+    assert first.token is None and not first._prepared
+    _run_all(app)
+    assert ran == ["periodic:tick:2027-01-15T08:00:00Z", "periodic:tick:2027-01-15T08:00:01Z"]
+
+
+def test_an_unexpected_error_in_a_turn_does_not_end_the_scheduler(app: App) -> None:
+    _every_second(app, [])
+    scheduler = Scheduler(app, lease_ttl=5.0)
+    turns = 0
+
+    def failing_turn() -> float:
+        nonlocal turns
+        turns += 1
+        if turns == 1:
+            raise KeyError("boom")
+        stop.set()
+        return 0.0
+
+    scheduler.turn = failing_turn  # type: ignore[method-assign]
+    stop = threading.Event()
+    scheduler.run(stop)  # returns once the second turn sets stop
+    assert turns == 2
