@@ -152,9 +152,8 @@ class Message:
         # object.__setattr__ at a time, on every traced publish; no field has a
         # default to compute or a check to run, so copying the instance dict gives
         # the same object far more cheaply.
-        unknown = changes.keys() - _FIELD_NAMES
-        if unknown:
-            raise TypeError(f"Message has no field(s) {sorted(unknown)}")
+        if not changes.keys() <= _FIELD_NAMES:  # a comparison builds no set when all is well
+            raise TypeError(f"Message has no field(s) {sorted(changes.keys() - _FIELD_NAMES)}")
         new = object.__new__(type(self))
         state = new.__dict__
         state.update(self.__dict__)
