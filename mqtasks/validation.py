@@ -16,7 +16,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .exceptions import ConfigurationError
+from ._url import mask_url
+from .exceptions import BackendError, ConfigurationError
 from .middleware.results import Results
 from .retry import RetryPolicy
 from .transport.base import broker_spec
@@ -28,7 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "batch_problems",
+    "broker_warnings",
     "check_app",
+    "check_backend",
     "check_prefetch",
     "max_backoff",
     "result_problems",
@@ -447,3 +450,27 @@ def batch_problems(app: App, queues: Sequence[str], prefetch: int) -> list[str]:
                 "retried), or set no time_limit on the batch task."
             )
     return problems
+
+
+def check_backend(app: App) -> None:
+    """Configuration mistakes are caught at start-up: the result backend must answer.
+
+    Raises:
+        BackendError: It cannot be reached; the message says what to do.
+    """
+    try:
+        app.backend.check()
+    except BackendError as exc:
+        url = mask_url(app.settings.backend_url or "")
+        raise BackendError(
+            f"The result backend {url} cannot be reached: {exc}. The worker stores "
+            "task results there: start it, or fix the backend URL (MQTASKS_BACKEND_URL)."
+        ) from exc
+
+
+def broker_warnings(app: App, queues: Sequence[str]) -> list[str]:
+    """What a worker warns of at start: broker settings and limits it cannot enforce."""
+    try:
+        return app.transport.check_broker() + unenforced_limits(app, queues)
+    except Exception as exc:  # a check must never stop a worker
+        return [f"broker settings could not be checked: {type(exc).__name__}"]

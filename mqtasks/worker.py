@@ -29,11 +29,10 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from . import revoke as _revoke
-from ._url import mask_url
 from .app import App
 from .broadcast import WorkerBroadcast
 from .events import warn_stale_bindings
-from .exceptions import BackendError, ConfigurationError
+from .exceptions import ConfigurationError
 from .execution import decisions as _decisions
 from .execution.batch import BatchDue, Batches
 from .execution.pool import ThreadPool
@@ -55,7 +54,7 @@ from .processing import REJECT as _REJECT
 from .processing import REQUEUE as _REQUEUE
 from .processing import current_job, dead_letter, job_or_none, process
 from .transport.base import Consumer, Delivery
-from .validation import check_app, unenforced_limits
+from .validation import broker_warnings, check_app, check_backend
 
 __all__ = ["Worker"]
 
@@ -170,7 +169,7 @@ class Worker:
         """
         self._bind_hooks()
         if self.app.has_backend:
-            self._check_backend()
+            check_backend(self.app)
             if self.revocations is None:
                 self.revocations = _revoke.Revocations(self)
                 self.revocations.start()  # reads the stored ones (up to 10 s), then watches
@@ -190,7 +189,7 @@ class Worker:
             self._execution.stop()
             self.broadcast.stop()
             raise self._startup_error
-        for warning in self._broker_warnings():
+        for warning in broker_warnings(self.app, self.queues):
             logger.warning("broker.unsafe_config", detail=warning)
         warn_stale_bindings(self.app, self.subscriptions)
         logger.info(
@@ -220,23 +219,6 @@ class Worker:
         if self.app.has_backend:
             stack = with_results(with_workflow(with_idempotency(stack)))
         self._hooks = Runner(with_retries(stack))
-
-    def _check_backend(self) -> None:
-        """Configuration mistakes are caught at start-up: the result backend must answer."""
-        try:
-            self.app.backend.check()
-        except BackendError as exc:
-            url = mask_url(self.app.settings.backend_url or "")
-            raise BackendError(
-                f"The result backend {url} cannot be reached: {exc}. The worker stores "
-                "task results there: start it, or fix the backend URL (MQTASKS_BACKEND_URL)."
-            ) from exc
-
-    def _broker_warnings(self) -> list[str]:
-        try:
-            return self.app.transport.check_broker() + unenforced_limits(self.app, self.queues)
-        except Exception as exc:  # a check must never stop a worker
-            return [f"broker settings could not be checked: {type(exc).__name__}"]
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop gracefully: stop fetching, requeue what has not started, let
