@@ -25,7 +25,15 @@ from typing import Any
 import click
 
 from .harness import Harness
-from .profiles import BROKER_PROFILES, PROFILES, BrokerProfile
+from .profiles import (
+    BROKER_PROFILES,
+    CLUSTER_PROFILES,
+    ON_REQUEST,
+    PROFILES,
+    RABBIT_PROFILES,
+    SENTINEL_PROFILES,
+    BrokerProfile,
+)
 from .report import summary_table
 from .scenarios import SCENARIOS, Scenario
 
@@ -54,8 +62,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     "--broker",
     "brokers",
     multiple=True,
-    type=click.Choice(["rabbitmq", "redis", "memory", *BROKER_PROFILES]),
-    help="Only these brokers: rabbitmq (RQ, RC), redis (RD, RV), memory (MEM), or a profile name.",
+    type=click.Choice(["rabbitmq", "redis", "memory", "cluster", "sentinel", *BROKER_PROFILES]),
+    help="Only these brokers: rabbitmq (RQ, RC), redis (RD, RV), memory (MEM), or a profile "
+    "name; cluster (KQ, KC) and sentinel (SR, SP) run only when named here.",
 )
 @click.option("--seed", type=int, default=None, help="Re-use a seed printed by an earlier run.")
 @click.option("--no-controls", is_flag=True, help="Skip N1-N3 (for re-running one scenario).")
@@ -88,7 +97,7 @@ def main(
     lanes = lanes or (2 if profile == "ci" else 1)
     seed = seed if seed is not None else random.randrange(2**31)
     wanted = {s.upper() for s in scenarios}
-    allowed = _broker_filter(brokers)
+    allowed = _broker_filter(brokers, named=bool(wanted))
     selected = [
         s
         for s in SCENARIOS.values()
@@ -188,8 +197,8 @@ def _phases(runs: list[Pair], lanes: int) -> list[list[list[Pair]]]:
         if rest:
             phases.append([rest])
     else:
-        rabbit = [r for r in rest if r[1] in ("RQ", "RC")]
-        other = [r for r in rest if r[1] not in ("RQ", "RC")]
+        rabbit = [r for r in rest if r[1] in RABBIT_PROFILES]
+        other = [r for r in rest if r[1] not in RABBIT_PROFILES]
         phases.append([lane for lane in (rabbit, other) if lane])
     if exclusive:
         phases.append([exclusive])
@@ -214,12 +223,22 @@ def _run_phase(
             t.join(1.0)
 
 
-def _broker_filter(brokers: tuple[str, ...]) -> set[str]:
+def _broker_filter(brokers: tuple[str, ...], *, named: bool = False) -> set[str]:
+    """The profiles to run on; the on-request ones only if asked for by
+    ``--broker`` or by naming scenarios with ``--scenario``."""
     if not brokers:
-        return set(BROKER_PROFILES)
+        every = {str(b) for b in BROKER_PROFILES}
+        return every if named else every - ON_REQUEST
+    groups = {
+        "rabbitmq": {"RQ", "RC"},
+        "redis": {"RD", "RV"},
+        "memory": {"MEM"},
+        "cluster": set(CLUSTER_PROFILES),
+        "sentinel": set(SENTINEL_PROFILES),
+    }
     allowed: set[str] = set()
     for b in brokers:
-        allowed |= {"rabbitmq": {"RQ", "RC"}, "redis": {"RD", "RV"}, "memory": {"MEM"}}.get(b, {b})
+        allowed |= groups.get(b, {b})
     return allowed
 
 

@@ -8,12 +8,13 @@ them at the end. :meth:`Harness.run` sets up one scenario run
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import platform
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import kombu
 import redis
@@ -21,10 +22,42 @@ import redis
 import mqtasks
 
 from .brokers import RabbitNode, RedisServer, listening_beyond_loopback
-from .profiles import BrokerProfile, Profile
+from .profiles import CLUSTER_PROFILES, SENTINEL_PROFILES, BrokerProfile, Profile
 from .run import Run
 
-__all__ = ["Harness"]
+__all__ = ["BrokerGroup", "Harness"]
+
+
+class BrokerGroup(Protocol):
+    """Several broker processes serving one profile family (a RabbitMQ cluster,
+    Redis with Sentinels), made as ``cls(workdir)`` and started on first use."""
+
+    #: The URL the workers and the publisher use (the password included).
+    url: str
+    #: The random password in :attr:`url`.
+    password: str
+
+    def start(self) -> float:
+        """Start every process; return the seconds it took."""
+
+    def stop(self) -> None:
+        """Stop every process and remove their files."""
+
+    def pids(self) -> list[int]:
+        """Process ids of every broker process (for the loopback check)."""
+
+    def version(self) -> str:
+        """The broker's version."""
+
+    def env(self, broker: BrokerProfile) -> dict[str, str]:
+        """Extra environment of a run on ``broker`` (settings of the profile)."""
+
+
+#: Broker groups by profile: ``module:Class``, imported on first use.
+GROUPS: dict[str, str] = {
+    **dict.fromkeys(CLUSTER_PROFILES, "reliability.rabbit_cluster:RabbitCluster"),
+    **dict.fromkeys(SENTINEL_PROFILES, "reliability.redis_sentinel:SentinelGroup"),
+}
 
 
 class Harness:
@@ -42,6 +75,7 @@ class Harness:
         self.seed = seed
         self.rabbit: RabbitNode | None = None
         self.redis: dict[str, RedisServer] = {}
+        self.groups: dict[str, BrokerGroup] = {}
         #: Runs between set-up and tear-down (their workers are stopped by close()).
         self._open_runs: set[Run] = set()
         self._versions: dict[str, str] = {}
@@ -71,8 +105,26 @@ class Harness:
             server.restart()
         return server
 
+    def group(self, broker: BrokerProfile) -> BrokerGroup:
+        """The broker group serving ``broker`` (started on first use); see :data:`GROUPS`."""
+        path = GROUPS[broker]
+        group = self.groups.get(path)
+        if group is None:
+            module, _, name = path.partition(":")
+            cls = getattr(importlib.import_module(module), name)
+            group = self.groups[path] = cls(self.workdir / name.lower())
+            self.startup_s[name] = round(group.start(), 1)
+            self._versions[name] = group.version()
+        return group
+
+    def broker_env(self, broker: BrokerProfile) -> dict[str, str]:
+        """Extra environment of a run on ``broker`` (a broker group's settings)."""
+        return self.group(broker).env(broker) if broker in GROUPS else {}
+
     def broker_password(self, broker: BrokerProfile) -> str | None:
         """The random password in ``broker``'s URL (None for ``memory://``)."""
+        if broker in GROUPS:
+            return self.group(broker).password
         if broker in ("RQ", "RC"):
             return self.rabbit_node().password
         if broker in ("RD", "RV"):
@@ -81,6 +133,8 @@ class Harness:
 
     def broker_url(self, broker: BrokerProfile) -> str:
         """URL of the broker behind ``broker``."""
+        if broker in GROUPS:
+            return self.group(broker).url
         if broker in ("RQ", "RC"):
             return self.rabbit_node().url
         return self.redis_server(broker).url  # type: ignore[arg-type]
@@ -92,6 +146,8 @@ class Harness:
             pids += self.rabbit.pids()
         for server in self.redis.values():
             pids += server.pids()
+        for group in self.groups.values():
+            pids += group.pids()
         return listening_beyond_loopback(pids)
 
     def versions(self) -> dict[str, Any]:
@@ -121,6 +177,10 @@ class Harness:
         for server in self.redis.values():
             server.stop()
         self.redis.clear()
+        for group in self.groups.values():
+            with contextlib.suppress(Exception):
+                group.stop()
+        self.groups.clear()
 
     # -- runs -----------------------------------------------------------------
 

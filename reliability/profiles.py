@@ -1,4 +1,4 @@
-"""The sizes (ci, release) and broker profiles (RQ, RC, RD, RV, MEM) a harness run can take.
+"""The sizes (ci, release) and broker profiles a harness run can take.
 
 A leaf module: the CLI, the harness and every scenario name these without
 importing the machinery that uses them.
@@ -9,12 +9,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["BROKER_PROFILES", "PROFILES", "BrokerProfile", "Profile"]
+__all__ = [
+    "BROKER_PROFILES",
+    "CLUSTER_PROFILES",
+    "ON_REQUEST",
+    "PROFILES",
+    "RABBIT_PROFILES",
+    "REDIS_PROFILES",
+    "SENTINEL_PROFILES",
+    "BrokerProfile",
+    "Profile",
+]
 
 #: Broker profiles: RabbitMQ quorum (RQ) or classic (RC); Redis durable (RD) or
-#: volatile (RV); MEM ``memory://`` in process (S15 only).
-BrokerProfile = Literal["RQ", "RC", "RD", "RV", "MEM"]
-BROKER_PROFILES: tuple[BrokerProfile, ...] = ("RQ", "RC", "RD", "RV", "MEM")
+#: volatile (RV); MEM ``memory://`` in process (S15 only). Beyond one node: a
+#: 3-node RabbitMQ cluster with quorum (KQ) or classic (KC, the negative control)
+#: queues; Redis with a replica and three Sentinels, with ``delay()`` waiting for
+#: the replica (SR) or not (SP, the negative control).
+BrokerProfile = Literal["RQ", "RC", "RD", "RV", "MEM", "KQ", "KC", "SR", "SP"]
+BROKER_PROFILES: tuple[BrokerProfile, ...] = (
+    "RQ",
+    "RC",
+    "RD",
+    "RV",
+    "MEM",
+    "KQ",
+    "KC",
+    "SR",
+    "SP",
+)
+#: The RabbitMQ cluster profiles.
+CLUSTER_PROFILES: frozenset[str] = frozenset({"KQ", "KC"})
+#: The Redis Sentinel profiles.
+SENTINEL_PROFILES: frozenset[str] = frozenset({"SR", "SP"})
+#: Profiles served by RabbitMQ (one node or a cluster).
+RABBIT_PROFILES: frozenset[str] = frozenset({"RQ", "RC"}) | CLUSTER_PROFILES
+#: Profiles served by Redis (one server or a Sentinel group).
+REDIS_PROFILES: frozenset[str] = frozenset({"RD", "RV"}) | SENTINEL_PROFILES
+#: Profiles a run includes only when ``--broker`` names them (or ``cluster``,
+#: ``sentinel``): each starts several broker processes of its own, too heavy for
+#: every ci run.
+ON_REQUEST: frozenset[str] = CLUSTER_PROFILES | SENTINEL_PROFILES
 
 
 @dataclass(frozen=True)

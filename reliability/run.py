@@ -25,6 +25,7 @@ from mqtasks.serialization import encode_body
 from mqtasks.transport import RedisTransport
 
 from .ledger import Checks, Classification, Event, LedgerWriter, read_ledger
+from .profiles import REDIS_PROFILES
 from .proxy import TcpProxy
 from .publisher import Publisher
 from .tasks import build_app
@@ -76,7 +77,7 @@ class Run(Checks):
         self.password = harness.broker_password(broker)
         self.proxy = TcpProxy(int(self.url.rsplit(":", 1)[1].split("/", 1)[0])) if proxy else None
         url = self.proxy.url_for(self.url) if self.proxy is not None else self.url
-        self.queue_type = queue_type or ("classic" if broker == "RC" else "quorum")
+        self.queue_type = queue_type or ("classic" if broker in ("RC", "KC") else "quorum")
         self.env = {
             "MQTASKS_BROKER_URL": url,
             "MQTASKS_QUEUE_TYPE": self.queue_type,
@@ -89,6 +90,7 @@ class Run(Checks):
                 {"key_prefix": self.key_prefix} if self.is_redis else {}
             ),
             "RELIABILITY_QUEUE_OPTIONS": json.dumps(queue_options or {}),
+            **harness.broker_env(broker),
         }
         self.app = build_app(self.env)
         self.ledger = LedgerWriter(self.ledger_dir / "harness.jsonl")
@@ -116,7 +118,7 @@ class Run(Checks):
     @property
     def is_redis(self) -> bool:
         """Whether the broker is Redis."""
-        return self.broker in ("RD", "RV")
+        return self.broker in REDIS_PROFILES
 
     def rel(self, t: float | None = None) -> float:
         """Seconds since the run started (of epoch time ``t``, or now)."""

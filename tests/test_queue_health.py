@@ -185,7 +185,10 @@ def test_management_api_reads_the_queue(amqp_url: str, make_app: Callable[..., A
     while True:
         found = read_queues(base, vhost_of(amqp_url), [queue, "mqt-no-such-queue-" + queue])
         assert found is not None, "the management plugin answers (see .ci/run)"
-        if queue in found and found[queue].get("messages_ready") == 1:
+        # The queue's counts and its head message's timestamp reach the API in
+        # separate statistics events: wait for both.
+        figures = found.get(queue, {})
+        if figures.get("messages_ready") == 1 and "head_message_timestamp" in figures:
             break
         assert time.monotonic() < deadline
         time.sleep(0.5)
