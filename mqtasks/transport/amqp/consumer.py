@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import select
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -111,6 +111,9 @@ class AmqpConsumer(KombuConsumer):
         self._hand_on: Callable[[Delivery], None] | None = None
         #: _close_idle_sides() is under way (it may be re-entered from a delivery).
         self._closing_sides = False
+        #: A delivery is being handed on; and those that arrived meanwhile.
+        self._receiving = False
+        self._arrived: deque[Any] = deque()
 
     def start(self, on_delivery: Callable[[Delivery], None]) -> None:
         self._hand_on = on_delivery
@@ -152,11 +155,30 @@ class AmqpConsumer(KombuConsumer):
             self._hand_on(delivery)
 
     def _receive(self, raw: Any) -> None:
+        """Hand on one delivery; one that arrives while another is handed on waits
+        for it (in arrival order).
+
+        Handing a delivery on may wait for a reply from RabbitMQ (a cancel when an
+        ordered delivery goes back, a consume when a queue is subscribed), and
+        py-amqp delivers what arrives meanwhile from inside that wait: handled
+        there, each such delivery could wait again, one stack level deeper each
+        time, up to a RecursionError that would take the I/O thread down.
+        """
         self._unsettled[_key(raw)] = raw.delivery_info.get("consumer_tag") or ""
-        super()._receive(raw)
+        if self._receiving:
+            self._arrived.append(raw)
+            return
+        self._receiving = True
+        try:
+            super()._receive(raw)
+            while self._arrived:
+                super()._receive(self._arrived.popleft())
+        finally:
+            self._receiving = False
 
     def _connect(self, max_retries: int | None) -> None:
         self._unsettled = {}
+        self._arrived.clear()  # of the connection gone: RabbitMQ delivers them again
         self._parked = set()
         self._parked_queues = set()
         self._side = {}
