@@ -7,6 +7,7 @@ end-to-end latency, and flat memory, file descriptors and threads over time.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from typing import Any
 
@@ -52,6 +53,8 @@ def _slope_per_min(samples: list[tuple[float, float]]) -> float | None:
 
 #: Publisher threads of S12, for T_max and for the soak (each its share of the rate).
 S12_PUBLISHERS = 4
+#: Bursts T_max is the median of.
+T_MAX_ROUNDS = 3
 
 
 def _start_publishers(run: Run, jobs: list[Job], rate: float | None, name: str) -> list[Publisher]:
@@ -75,14 +78,24 @@ def s12(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
         # thread waits, per task, for a confirm and for the ledger's two fsyncs: it
         # measures the disk's latency more than mqtasks' throughput.
         n = h.profile.n(10000, minimum=2000)
-        pubs = _start_publishers(run, run.wmix_jobs(n, noop=True), None, "tmax")
-        for pub in pubs:
-            pub.join()
-        t_pub = max(sum(pub.stats.latencies) for pub in pubs)
-        ok = run.wait_quiescent(120, quiet=2.0)
-        events = run.events()
-        t_max = throughput(events) or 1.0
+        # The median of T_MAX_ROUNDS bursts: one burst's rate varies by a third from
+        # run to run on two shared cores, and a high one overloads the soak.
+        rounds: list[float] = []
+        t_pubs: list[float] = []
+        ok = True
+        for r in range(T_MAX_ROUNDS):
+            jobs = run.wmix_jobs(n, noop=True)
+            ids = {str(job.args[0]) for job in jobs}
+            pubs = _start_publishers(run, jobs, None, f"tmax{r}")
+            for pub in pubs:
+                pub.join()
+            t_pubs.append(max(sum(pub.stats.latencies) for pub in pubs))
+            ok = run.wait_quiescent(120, quiet=2.0) and ok
+            rounds.append(throughput([e for e in run.events() if e.id in ids]) or 1.0)
+        t_max = statistics.median(rounds)
+        t_pub = statistics.median(t_pubs)
         run.extra["t_max_per_s"] = t_max
+        run.extra["t_max_rounds_per_s"] = rounds
         run.extra["t_max_publish_only_per_s"] = round(n / t_pub, 1) if t_pub else None
         target = 0.7 * t_max
         soak = h.profile.soak_s
