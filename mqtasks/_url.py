@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from urllib.parse import quote, unquote, urlparse, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlparse, urlsplit
 
 __all__ = ["MASK", "MIN_SECRET_LENGTH", "mask_url", "redact", "remember_secret"]
 
@@ -17,6 +17,8 @@ MIN_SECRET_LENGTH = 6
 # scheme://user:password@ ; the password runs to the last '@' before the host.
 _USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]*:)([^\s/]*)@")
 _SINGLE_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s;]*")
+# ?sentinel_password=... , &password=... : a password given as a query parameter.
+_QUERY_PASSWORD = re.compile(r"([?&][A-Za-z0-9_.\-]*password=)([^&#\s]*)", re.IGNORECASE)
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 
@@ -52,6 +54,8 @@ def _rebuild_masked(url: str) -> str:
     scheme = urlparse(url).scheme
     # Parsed with HTTP semantics, so that any scheme has a host and a port.
     parts = urlparse("http://" + url[len(scheme) + 3 :])
+    if "," in parts.netloc.rpartition("@")[2]:
+        return _rebuild_host_list(scheme, parts.netloc, parts.path)
     user = unquote(parts.username or "")
     password = unquote(parts.password or "")
     host = unquote(parts.hostname or "")
@@ -72,6 +76,23 @@ def _rebuild_masked(url: str) -> str:
     return "".join(shown)
 
 
+def _rebuild_host_list(scheme: str, netloc: str, path: str) -> str:
+    """:func:`_rebuild_masked` for a URL naming several hosts
+    (``redis+sentinel://:pw@s1:26379,s2:26379/mymaster/0``): the hosts as given.
+
+    Raises:
+        ValueError: A host's port is not a number from 0 to 65535.
+    """
+    userinfo, at, hosts = netloc.rpartition("@")
+    for host in hosts.split(","):
+        _ = urlsplit("//" + host).port  # raises ValueError for a bad port
+    user, _, password = userinfo.partition(":")
+    shown = f"{scheme}://"
+    if at and (user or password):
+        shown += quote(unquote(user), safe="") + (":" + MASK if password else "") + "@"
+    return shown + hosts + (path or "/")
+
+
 def remember_secret(url: str) -> None:
     """Have :func:`redact` also mask the password of ``url`` wherever it appears.
 
@@ -82,13 +103,14 @@ def remember_secret(url: str) -> None:
     """
     for part in dict.fromkeys([url, *url.split(";")]):
         try:
-            password = urlsplit(part).password if "://" in part else None
+            parts = urlsplit(part) if "://" in part else None
+            passwords = [parts.password or ""] if parts is not None else []
+            if parts is not None:
+                passwords += [v for k, v in parse_qsl(parts.query) if "password" in k.lower()]
         except ValueError:
-            password = None
-        if not password:
-            continue
+            passwords = []
         with _secrets_lock:
-            for secret in {password, unquote(password)}:
+            for secret in {p for password in passwords for p in (password, unquote(password))}:
                 if len(secret) >= MIN_SECRET_LENGTH:
                     _secrets.add(secret)
 
@@ -101,6 +123,8 @@ def redact(text: str) -> str:
     """
     if "@" in text:
         text = _USERINFO.sub(rf"\g<1>{MASK}@", text)
+    if "password=" in text.lower():
+        text = _QUERY_PASSWORD.sub(rf"\g<1>{MASK}", text)
     if _secrets:
         with _secrets_lock:
             secrets = sorted(_secrets, key=len, reverse=True)

@@ -14,7 +14,15 @@ from .exceptions import ConfigurationError
 from .transport.tls import TLSOptions
 from .transport.topic import check_exchange
 
-__all__ = ["DEFAULT_BROKER_URL", "LogFormat", "QueueType", "Settings", "TLSOptions", "mask_url"]
+__all__ = [
+    "DEFAULT_BROKER_URL",
+    "Durability",
+    "LogFormat",
+    "QueueType",
+    "Settings",
+    "TLSOptions",
+    "mask_url",
+]
 
 #: The broker used when neither an argument nor ``MQTASKS_BROKER_URL`` names one.
 DEFAULT_BROKER_URL = "memory://"
@@ -24,6 +32,13 @@ QueueType = Literal["quorum", "classic"]
 
 #: Log output of ``mqtasks worker``: ``auto`` is console on a terminal, JSON otherwise.
 LogFormat = Literal["auto", "console", "json"]
+
+#: What ``delay()`` waits for on Redis: ``local`` the primary's reply, ``replicated``
+#: also one replica's (``WAIT 1``).
+Durability = Literal["local", "replicated"]
+
+#: Broker URL schemes whose transport honours ``durability="replicated"``.
+_REPLICATED_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
 
 _ENV_PREFIX = "MQTASKS_"
 
@@ -47,6 +62,13 @@ class Settings:
     max_message_size: int = 1024 * 1024
     #: Seconds ``delay()`` may take in all, retries and the broker's confirm included.
     publish_timeout: float = 10.0
+    #: What a publish waits for on Redis (``redis://``, ``redis+sentinel://``):
+    #: ``local``, the primary's reply; ``replicated``, also ``WAIT 1`` reporting that
+    #: a replica holds the message (else PublishError within ``publish_timeout``), so
+    #: that a failover cannot drop it. Other brokers refuse ``replicated``: on
+    #: RabbitMQ, quorum queues with publisher confirms already wait for a majority.
+    #: ``MQTASKS_DURABILITY``.
+    durability: Durability = "local"
     #: Reconnect attempts of a publish during a broker outage before PublishError.
     publish_retries: int = 3
     #: Connections (and producers) kept for publishing where a pool is used (Redis,
@@ -153,6 +175,7 @@ class Settings:
             raise ConfigurationError("concurrency must be at least 1 thread.")
         if self.prefetch is not None and self.prefetch < 1:
             raise ConfigurationError("prefetch must be at least 1.")
+        self._check_durability()
         if self.queue_type not in ("quorum", "classic"):
             raise ConfigurationError(
                 f"queue_type must be 'quorum' or 'classic', not {self.queue_type!r}."
@@ -212,6 +235,21 @@ class Settings:
             raise ConfigurationError(
                 f"tls must be a mqtasks.TLSOptions, not {type(self.tls).__name__}: "
                 "tls=TLSOptions(ca_file=..., cert_file=..., key_file=..., verify=True)."
+            )
+
+    def _check_durability(self) -> None:
+        if self.durability not in ("local", "replicated"):
+            raise ConfigurationError(
+                f"durability must be 'local' or 'replicated', not {self.durability!r}."
+            )
+        scheme = self.broker_url.split("://", 1)[0].lower() if "://" in self.broker_url else ""
+        if self.durability == "replicated" and scheme not in _REPLICATED_SCHEMES:
+            raise ConfigurationError(
+                f"durability='replicated' waits for a Redis replica (WAIT), and the broker "
+                f"{mask_url(self.broker_url)} is not served by the redis:// transport. On RabbitMQ "
+                "use quorum queues (queue_type='quorum', the default), whose publisher confirms "
+                "wait for a majority of nodes; on Redis use redis:// or redis+sentinel:// "
+                "(redis+kombu:// cannot wait for replicas); otherwise set durability='local'."
             )
 
     @property

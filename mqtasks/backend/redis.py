@@ -1,4 +1,5 @@
-"""``redis://`` and ``rediss://``: the state backend on Redis (redis-py, one connection pool).
+"""``redis://`` and ``rediss://``: the state backend on Redis (redis-py, one connection pool);
+``redis+sentinel://`` and ``rediss+sentinel://`` find the primary through Sentinel.
 
 Every operation that reads and writes is one Lua script or one command, so it
 is atomic on the server whatever the number of workers. Expiry is Redis' own
@@ -48,9 +49,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import parse_url
 from redis.retry import Retry
 
+from .._redis_sentinel import connection_pool, database
 from .._url import mask_url, redact
 from ..exceptions import BackendError, ConfigurationError
 from ..transport.tls import TLSOptions, tls_failure
@@ -207,7 +208,8 @@ class RedisBackend(Backend):
     """Results and coordination state on Redis; thread-safe (one connection pool).
 
     Args:
-        url: ``redis://[:password@]host:port/db`` or ``rediss://...`` (TLS).
+        url: ``redis://[:password@]host:port/db`` or ``rediss://...`` (TLS), or
+            ``redis+sentinel://[:password@]s1:26379,s2:26379/<service>/<db>``.
         key_prefix: Put in front of every key (and result channel).
         tls: For ``rediss://``: the CA, client certificate, and whether to
             verify (the default: certificate and host name checked).
@@ -216,7 +218,7 @@ class RedisBackend(Backend):
         connect_timeout: Seconds to wait for a connection.
     """
 
-    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss")
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
 
     def __init__(
         self,
@@ -229,11 +231,9 @@ class RedisBackend(Backend):
     ) -> None:
         super().__init__(url, key_prefix=key_prefix, tls=tls)
         try:
-            db = int(parse_url(url).get("db") or 0)
-        except (ValueError, TypeError) as exc:
-            raise ConfigurationError(
-                redact(f"Bad result backend URL {mask_url(url)}: {exc}")
-            ) from exc
+            db = database(url)
+        except ConfigurationError as exc:
+            raise ConfigurationError(redact(f"Bad result backend URL: {exc}")) from None
         self._channels = f"{key_prefix}db{db}:result:"
         #: The pub/sub channel revocations are announced on.
         self.revocation_channel = f"{key_prefix}db{db}:revoked"
@@ -241,7 +241,7 @@ class RedisBackend(Backend):
         self._max_block = (
             None if socket_timeout is None else max(socket_timeout / 2, socket_timeout - 1.0)
         )
-        options = tls if tls is not None else TLSOptions()
+        options = self._tls = tls if tls is not None else TLSOptions()
         #: Whether the URL connects with TLS (``rediss://``).
         self.uses_tls = options.apply(url)
         self._pool_kwargs: dict[str, Any] = {
@@ -251,8 +251,6 @@ class RedisBackend(Backend):
             # No silent retry: an INCR whose reply was lost must not count twice.
             "retry": Retry(NoBackoff(), 0),
         }
-        if self.uses_tls:
-            self._pool_kwargs.update(options.redis_kwargs())
         self._lock = threading.Lock()
         self._state: tuple[redis.Redis[bytes], dict[str, Script]] | None = None
 
@@ -304,7 +302,7 @@ class RedisBackend(Backend):
             with self._lock:
                 if self._state is None:
                     try:
-                        pool = redis.ConnectionPool.from_url(self.url, **self._pool_kwargs)
+                        pool = connection_pool(self.url, tls=self._tls, **self._pool_kwargs)
                     except ValueError as exc:
                         raise BackendError(
                             redact(f"Bad result backend URL {mask_url(self.url)}: {exc}")

@@ -85,7 +85,10 @@ dead-letter path, nothing is left to clean up when a message is acked,
 purged or deleted, and two messages with the same id are counted apart.
 
 Not supported here: ``message_ttl`` and ``max_length``; each is a
-ConfigurationError. Redis persistence decides durability (``appendonly yes``).
+ConfigurationError. Redis persistence decides durability (``appendonly yes``);
+behind Sentinel (``redis+sentinel://``, :mod:`mqtasks._redis_sentinel`) a
+failover can drop writes not yet replicated, unless ``durability="replicated"``
+(:mod:`~mqtasks.transport.redis.publishing`).
 """
 
 from __future__ import annotations
@@ -93,7 +96,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any, ClassVar, TypeVar
@@ -104,7 +106,8 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..._url import mask_url, redact
+from ..._redis_sentinel import connection_pool, is_sentinel_url
+from ..._url import mask_url
 from ...exceptions import ConfigurationError, PublishError
 from ..base import (
     DLQ_SUFFIX,
@@ -117,9 +120,9 @@ from ..base import (
     Transport,
 )
 from ..envelope import Envelope
-from . import exchanges, queues
-from .checks import redis_warnings
-from .consumer import CONNECTION_ERRORS, RedisConsumer
+from . import exchanges, publishing, queues
+from .checks import redis_warnings, replication_warnings
+from .consumer import RedisConsumer
 from .element import MAX_LEVEL, RedisDelivery, encode_element, priority_level
 from .scripts import DELAY, PUBLISH
 
@@ -128,8 +131,6 @@ __all__ = ["RedisConsumer", "RedisDelivery", "RedisTransport", "encode_element"]
 logger = structlog.get_logger("mqtasks.transport.redis")
 
 T = TypeVar("T")
-
-_PIPELINE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, redis.RedisError)
 
 _OPTIONS = (
     "key_prefix",
@@ -145,8 +146,9 @@ class RedisTransport(Transport):
     """Redis with atomic fetch-and-record, liveness-based restore and no
     visibility timeout: a long task of a live worker is never delivered twice.
 
-    ``redis://`` and ``rediss://`` select it (``redis+kombu://`` selects kombu's
-    stock Redis transport instead). Options
+    ``redis://`` and ``rediss://`` select it, and ``redis+sentinel://`` and
+    ``rediss+sentinel://`` for Redis behind Sentinel (``redis+kombu://`` selects
+    kombu's stock Redis transport instead). Options
     (``transport_options``): ``key_prefix`` (``{mqtasks}``), ``liveness_ttl``
     (10 s: how long a silent consumer keeps its messages), ``sweep_interval``
     (5 s), ``block_timeout`` (5 s: server-side BLMOVE timeout),
@@ -162,11 +164,12 @@ class RedisTransport(Transport):
     or consume the queue; apps declare theirs before publishing).
 
     Redis has no publisher confirms: a publish returns when Redis has executed
-    the LPUSH. Messages of the kombu-based ``redis+kombu://`` transport live in other
+    the LPUSH; with ``durability="replicated"`` only once ``WAIT 1`` reports a
+    replica holds it too (:mod:`~mqtasks.transport.redis.publishing`). Messages of the kombu-based ``redis+kombu://`` transport live in other
     keys; drain them before switching.
     """
 
-    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss")
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
     capabilities = Capabilities(
         delays=True,
         priorities=True,
@@ -177,8 +180,10 @@ class RedisTransport(Transport):
         expiring_queues=True,
     )
 
-    def __init__(self, url: str, **options: Any) -> None:
+    def __init__(self, url: str, *, durability: str = "local", **options: Any) -> None:
         super().__init__(url, **options)
+        #: ``replicated``: a publish returns once a replica holds the message (``WAIT 1``).
+        self.durability = publishing.check_durability(durability)
         if ";" in url:
             # redis-py would read the rest of the list as the database path.
             raise ConfigurationError(
@@ -210,17 +215,22 @@ class RedisTransport(Transport):
         connection_class = opts.get("connection_class")
         if connection_class is not None and (
             self.uses_tls
+            or is_sentinel_url(url)
             or not isinstance(connection_class, type)
             or not issubclass(connection_class, redis.connection.AbstractConnection)
         ):
             raise ConfigurationError(
                 f"Transport option connection_class={connection_class!r}: give a redis-py "
                 "connection class (such as fakeredis.FakeRedisConnection) with a redis:// "
-                "URL; rediss:// keeps its own TLS connection class."
+                "URL; rediss:// and Sentinel URLs keep their own connection classes."
             )
         self.connection_class: type[redis.connection.AbstractConnection] | None = connection_class
         parts = urlsplit(url)
-        self.redis_url = urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
+        self.redis_url = (
+            url
+            if is_sentinel_url(url)
+            else urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
+        )
         self.registry_key = f"{self.key_prefix}:consumers"
         self._publisher: redis.Redis[bytes] | None = None
         self._scripts: dict[str, Any] = {}
@@ -263,12 +273,10 @@ class RedisTransport(Transport):
             "socket_keepalive": True,
             "retry": Retry(NoBackoff(), 0),  # retries are ours: with a deadline, or a reconnect
         }
-        if self.uses_tls:
-            kwargs.update(self.tls.redis_kwargs())
         if self.connection_class is not None:
             kwargs["connection_class"] = self.connection_class
         kwargs.update(overrides)
-        return redis.ConnectionPool.from_url(self.redis_url, **kwargs)
+        return connection_pool(self.redis_url, tls=self.tls, **kwargs)
 
     def client(self, *, single_connection: bool = False) -> redis.Redis[bytes]:
         """Return a new client (one connection for a consumer's commands)."""
@@ -305,7 +313,10 @@ class RedisTransport(Transport):
     def check_broker(self) -> list[str]:
         """Warn when Redis would lose or evict acknowledged tasks."""
         view = SimpleNamespace(default_channel=SimpleNamespace(client=self.publisher()))
-        return redis_warnings(lambda: contextlib.nullcontext(view))
+        warnings = redis_warnings(lambda: contextlib.nullcontext(view))
+        return warnings + replication_warnings(
+            self.publisher(), self.durability, is_sentinel_url(self.url)
+        )
 
     # -- topology ----------------------------------------------------------
 
@@ -422,30 +433,10 @@ class RedisTransport(Transport):
         Raises:
             PublishError: Redis did not take it within ``timeout`` (it may still
                 have, if the reply was lost) or refused it (a wrong key type,
-                out of memory under ``noeviction``, ACLs).
+                out of memory under ``noeviction``, ACLs); with ``replicated``
+                durability also when no replica acknowledged it in time.
         """
-        timeout = self.publish_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        backoff = 0.05
-        for attempt in range(self.publish_retries + 1):
-            try:
-                return send(self.publisher())
-            except CONNECTION_ERRORS as exc:
-                last: BaseException = exc
-                if attempt == self.publish_retries or time.monotonic() + backoff >= deadline:
-                    break
-                time.sleep(backoff)
-                backoff = min(backoff * 4, 2.0)
-            except redis.RedisError as exc:  # OOM under noeviction, a wrong key type, ACLs
-                last = exc
-                break
-        raise PublishError(
-            redact(
-                f"Task {envelope.message_id} was NOT enqueued on {where}: "
-                f"{type(last).__name__}: {last} (broker {mask_url(self.url)})"
-            ),
-            task_id=envelope.message_id,
-        ) from last
+        return publishing.run_publish(self, send, envelope, where, timeout)
 
     #: Messages sent in one pipeline by :meth:`publish_many`.
     chunk: ClassVar[int] = 500
@@ -461,49 +452,15 @@ class RedisTransport(Transport):
 
         A chunk cut off by a connection error reports every message in it as
         failed, though some may be enqueued; they are not sent again, to avoid
-        duplicating a whole chunk.
+        duplicating a whole chunk. With ``replicated`` durability a chunk ends
+        with ``WAIT 1``, and every message of a chunk no replica acknowledged fails.
 
         Args:
             items: ``(queue, envelope)`` pairs.
             timeout: Unused: the publishing client's socket timeout bounds each chunk.
             delays: Per item, seconds Redis holds it (as :meth:`publish`'s ``delay``).
         """
-        if delays is not None and len(delays) != len(items):
-            raise ValueError(f"{len(delays)} delays for {len(items)} items")
-        results: list[BaseException | None] = [None] * len(items)
-        for start in range(0, len(items), self.chunk):
-            batch = items[start : start + self.chunk]
-            pipe = self.publisher().pipeline(transaction=False)
-            for i, (queue, envelope) in enumerate(batch, start):
-                try:
-                    element, level = self._encode(queue, envelope)
-                    delay_ms = self._delay_ms(queue, envelope, delays[i] if delays else None)
-                except PublishError as exc:
-                    results[i] = exc
-                    continue
-                self._send(pipe, queue, element, level, delay_ms)
-            try:
-                replies = iter(pipe.execute(raise_on_error=False))
-            except _PIPELINE_ERRORS as exc:
-                for i, (queue, envelope) in enumerate(batch, start):
-                    if results[i] is None:
-                        results[i] = PublishError(
-                            f"Task {envelope.message_id} may NOT be enqueued on {queue!r}: "
-                            f"{type(exc).__name__}: {exc}; publishing it again with the same "
-                            "task id makes a duplicate detectable.",
-                            task_id=envelope.message_id,
-                        )
-                continue
-            for i, (queue, envelope) in enumerate(batch, start):
-                if results[i] is not None:
-                    continue
-                reply = next(replies)
-                if isinstance(reply, Exception):
-                    results[i] = PublishError(
-                        f"Task {envelope.message_id} was NOT enqueued on {queue!r}: {reply}",
-                        task_id=envelope.message_id,
-                    )
-        return results
+        return publishing.publish_many(self, items, delays)
 
     def _send(
         self, client: Any, queue: str, element: bytes, level: int, delay_ms: str | None

@@ -1,13 +1,13 @@
 """Start-up checks of a Redis server's settings: what would lose or evict tasks.
 
-Shared by ``redis://`` and ``redis+kombu://``."""
+Shared by ``redis://`` and ``redis+kombu://`` (replication: ``redis://`` only)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["redis_warnings"]
+__all__ = ["redis_warnings", "replication_warnings"]
 
 
 def redis_warnings(connection: Callable[[], Any]) -> list[str]:
@@ -45,3 +45,33 @@ def redis_warnings(connection: Callable[[], Any]) -> list[str]:
             "queued tasks. Use noeviction, so that delay() fails loudly instead."
         )
     return warnings
+
+
+def replication_warnings(client: Any, durability: str, sentinel: bool) -> list[str]:
+    """Say what a failover could lose: writes not yet replicated (``local``
+    durability behind Sentinel), or every publish failing (``replicated`` with
+    no replica connected).
+
+    Args:
+        client: A redis-py client of the primary.
+        durability: The transport's ``durability``.
+        sentinel: Whether the URL is a Sentinel URL.
+    """
+    if durability != "replicated":
+        if not sentinel:
+            return []
+        return [
+            "Redis replicates asynchronously: a Sentinel failover can drop tasks the primary "
+            "had acknowledged but not yet sent to a replica. Set durability='replicated' "
+            "(MQTASKS_DURABILITY) to have delay() wait for a replica (WAIT 1)."
+        ]
+    try:
+        replicas = int(client.info("replication").get("connected_slaves", 0))
+    except Exception as exc:  # INFO may be renamed or forbidden by ACLs
+        return [f"could not read INFO replication ({type(exc).__name__})"]
+    if replicas == 0:
+        return [
+            "durability='replicated' but the Redis primary has no connected replica: every "
+            "delay() raises PublishError after its timeout until a replica is attached."
+        ]
+    return []
