@@ -1,6 +1,7 @@
 """Publishing on ``redis://``: one command per message, retried after a lost
 connection within the publish timeout, and with ``durability="replicated"``
-followed by ``WAIT 1`` in the same pipeline.
+followed by ``WAIT 1`` on the same connection (at the end of each pipelined
+chunk for :func:`publish_many`).
 
 Redis replicates asynchronously: a write the primary acknowledged can be
 missing on the replica that a failover promotes. ``WAIT numreplicas timeout``
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import redis
 
@@ -75,7 +76,14 @@ def _wait_ms(seconds: float) -> int:
 
 def call(transport: RedisTransport, send: Callable[[Any], T], deadline: float) -> T:
     """Run ``send`` once on the publishing client; with ``replicated``
-    durability pipelined with ``WAIT 1`` (one round trip).
+    durability then ``WAIT 1`` on the same connection, for the time left.
+
+    The ``WAIT`` is sent after the write's reply, not pipelined with it: its
+    timeout starts when the server reads it, so behind a write held by a
+    stalled primary (frozen, then thawed) a pipelined ``WAIT`` would run its
+    whole timeout after the stall and push ``delay()`` past the publish
+    timeout. Sent second, it gets only the time left. It costs one round trip
+    to the primary more (``benchmarks/replicated.py`` measures it).
 
     Raises:
         NotReplicated: No replica acknowledged the write before ``deadline``.
@@ -83,13 +91,16 @@ def call(transport: RedisTransport, send: Callable[[Any], T], deadline: float) -
     client = transport.publisher()
     if transport.durability != "replicated":
         return send(client)
-    pipe = client.pipeline(transaction=False)
-    send(pipe)
-    pipe.wait(1, _wait_ms(deadline - time.monotonic()))
-    replies = pipe.execute()
-    if int(replies[-1]) < 1:
+    # WAIT counts the writes of its own connection: pin one for both commands.
+    pinned = redis.Redis(connection_pool=client.connection_pool, single_connection_client=True)
+    try:
+        reply = send(pinned)
+        acked = pinned.wait(1, _wait_ms(deadline - time.monotonic()))
+    finally:
+        pinned.close()
+    if int(acked) < 1:
         raise NotReplicated("no replica acknowledged the write within the publish timeout")
-    return cast("T", replies[-2])
+    return reply
 
 
 def run_publish(
