@@ -27,6 +27,8 @@ BACKENDS: dict[str, str] = {
     "memory": "mqtasks.backend.memory:MemoryBackend",
     "redis": "mqtasks.backend.redis:RedisBackend",
     "rediss": "mqtasks.backend.redis:RedisBackend",
+    "redis+sentinel": "mqtasks.backend.redis:RedisBackend",
+    "rediss+sentinel": "mqtasks.backend.redis:RedisBackend",
     "postgresql": "mqtasks.backend.postgres:PostgresBackend",
     "postgres": "mqtasks.backend.postgres:PostgresBackend",
 }

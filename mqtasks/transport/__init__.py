@@ -37,6 +37,7 @@ __all__ = [
     "QueueStats",
     "RedisKombuTransport",
     "RedisTransport",
+    "SqsTransport",
     "Transport",
     "resolve",
     "transport_class",
@@ -53,6 +54,9 @@ TRANSPORTS: dict[str, str] = {
     "rediss": "mqtasks.transport.redis:RedisTransport",
     "redis+kombu": "mqtasks.transport.redis_kombu:RedisKombuTransport",
     "rediss+kombu": "mqtasks.transport.redis_kombu:RedisKombuTransport",
+    "redis+sentinel": "mqtasks.transport.redis:RedisTransport",
+    "rediss+sentinel": "mqtasks.transport.redis:RedisTransport",
+    "sqs": "mqtasks.transport.sqs:SqsTransport",
     "memory": "mqtasks.transport.memory:MemoryTransport",
 }
 
@@ -63,6 +67,7 @@ _LAZY = {
     "MemoryTransport": "memory",
     "RedisKombuTransport": "redis+kombu",
     "RedisTransport": "redis",
+    "SqsTransport": "sqs",
 }
 
 
