@@ -86,7 +86,7 @@ purged or deleted, and two messages with the same id are counted apart.
 
 Not supported here: ``message_ttl`` and ``max_length``; each is a
 ConfigurationError. Redis persistence decides durability (``appendonly yes``);
-behind Sentinel (``redis+sentinel://``, :mod:`mqtasks._redis_sentinel`) a
+behind Sentinel (``redis+sentinel://``, ``mqtasks._redis_sentinel``) a
 failover can drop writes not yet replicated, unless ``durability="replicated"``
 (:mod:`~mqtasks.transport.redis.publishing`).
 """
