@@ -153,15 +153,12 @@ def database(url: str) -> int:
         raise ConfigurationError(f"Bad Redis URL {mask_url(url)}: {exc}") from None
 
 
-def connection_pool(
-    url: str, *, tls: TLSOptions | None = None, **kwargs: Any
-) -> redis.ConnectionPool:
+def connection_pool(url: str, *, tls: TLSOptions, **kwargs: Any) -> redis.ConnectionPool:
     """Return a redis-py connection pool for ``url``; it connects on first use.
 
     Args:
         url: ``redis://``, ``rediss://``, ``redis+sentinel://`` or ``rediss+sentinel://``.
-        tls: Certificate options of a TLS URL (applied to the Sentinels too);
-            None: verify against the system's CAs.
+        tls: Certificate options of a TLS URL (applied to the Sentinels too).
         kwargs: Connection pool arguments (``socket_timeout``, ``retry``,
             ``max_connections``...). The Sentinels are asked with the same
             socket options, the connect timeout as their command timeout.
@@ -171,7 +168,7 @@ def connection_pool(
             is given with one (the Sentinel pool needs its own).
     """
     if not is_sentinel_url(url):
-        if tls is not None and url.lower().startswith("rediss://"):
+        if url.lower().startswith("rediss://"):
             kwargs = {**tls.redis_kwargs(), **kwargs}
         return redis.ConnectionPool.from_url(url, **kwargs)
     parsed = parse_sentinel_url(url)
@@ -182,9 +179,7 @@ def connection_pool(
         )
     ssl: dict[str, Any] = {}
     if parsed.tls:
-        from .transport.tls import TLSOptions
-
-        ssl = {"ssl": True, **(tls if tls is not None else TLSOptions()).redis_kwargs()}
+        ssl = {"ssl": True, **tls.redis_kwargs()}
     ask_timeout = kwargs.get("socket_connect_timeout") or kwargs.get("socket_timeout") or 5.0
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": ask_timeout,

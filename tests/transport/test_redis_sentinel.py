@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.connection import SSLConnection
+from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
 from mqtasks import PublishError
 from mqtasks._redis_sentinel import connection_pool, database, parse_sentinel_url
@@ -21,6 +23,7 @@ from mqtasks._url import mask_url, redact
 from mqtasks.backend.redis import RedisBackend
 from mqtasks.exceptions import ConfigurationError
 from mqtasks.transport import RedisTransport
+from mqtasks.transport.tls import TLSOptions
 from reliability.redis_sentinel import SentinelGroup
 from tests._helpers.brokers import unique_name
 from tests._helpers.redis import Inbox, envelope, make_transport
@@ -81,9 +84,20 @@ def test_sentinel_url_is_parsed_into_sentinels_service_and_database() -> None:
 )
 def test_a_bad_sentinel_url_is_refused_with_its_password_masked(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
-        connection_pool(url)
+        connection_pool(url, tls=TLSOptions())
     assert "secretpw1" not in str(info.value)
     assert "redis+sentinel://:**@" in str(info.value)
+
+
+def test_rediss_sentinel_verifies_tls_to_the_data_nodes_and_the_sentinels() -> None:
+    pool = connection_pool("rediss+sentinel://:pw@s1:26379/mymaster/2", tls=TLSOptions())
+    assert isinstance(pool, SentinelConnectionPool)
+    assert issubclass(pool.connection_class, SentinelManagedSSLConnection)
+    assert pool.connection_kwargs["ssl_cert_reqs"] == "required"
+    assert pool.connection_kwargs["db"] == 2
+    sentinel = pool.sentinel_manager.sentinels[0].connection_pool
+    assert issubclass(sentinel.connection_class, SSLConnection)
+    assert sentinel.connection_kwargs["ssl_check_hostname"] is True
 
 
 def test_both_passwords_of_a_sentinel_url_are_masked() -> None:
