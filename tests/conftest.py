@@ -9,7 +9,7 @@ import pytest
 
 from mqtasks import App
 from mqtasks.testing import FAKE_REDIS_URL, fake_redis_app
-from tests._helpers.brokers import cleanup, require_broker, unique_name
+from tests._helpers.brokers import cleanup, require_broker, stop_sqs, unique_name
 from tests._helpers.crash import Crash
 from tests._helpers.statsd import statsd_server  # noqa: F401 - a fixture for every test
 
@@ -22,6 +22,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = getattr(item, "fixturenames", ())
         if param in ("amqp", "redis") or "amqp_url" in fixtures or "redis_url" in fixtures:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_sqs_server() -> Iterator[None]:
+    """Stop at the end of the run the moto SQS server a test may have started."""
+    yield
+    stop_sqs()
 
 
 @pytest.fixture(params=["memory", "amqp", "redis"])

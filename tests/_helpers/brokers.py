@@ -1,4 +1,5 @@
-"""The brokers tests run on (memory, the local RabbitMQ and Redis, fakeredis), names
+"""The brokers tests run on (memory, the local RabbitMQ and Redis, fakeredis, SQS on a
+moto server this process starts), names
 no other test run uses, and the cleanup of what a test declared.
 
 The local brokers are shared by every engineer and CI run on the machine: every
@@ -8,10 +9,14 @@ only those.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import os
 import socket
+import threading
 import uuid
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -27,6 +32,8 @@ __all__ = [
     "RUN_ID",
     "cleanup",
     "require_broker",
+    "sqs_url",
+    "stop_sqs",
     "unique_name",
 ]
 
@@ -57,8 +64,64 @@ def _reachable(url: str) -> bool:
         return False
 
 
+#: Credentials and region of the local SQS server, set in this process's environment
+#: (and its children's) when the server starts; never a real AWS account.
+SQS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+_sqs_lock = threading.Lock()
+_sqs: dict[str, Any] = {}
+
+
+def sqs_url() -> str:
+    """Return ``sqs://127.0.0.1:<port>`` of moto's SQS server, started on first use.
+
+    One server per test run, on a free loopback port, in this process
+    (moto's ``ThreadedMotoServer``); :func:`stop_sqs` stops it. The AWS
+    variables of :data:`SQS_ENV` are set for this process only, so no test
+    can reach a real AWS account.
+
+    Raises:
+        ImportError: moto is not installed (``pip install -e ".[dev]"``).
+    """
+    with _sqs_lock:
+        if "url" not in _sqs:
+            from moto.server import ThreadedMotoServer
+
+            for name in ("AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+                os.environ.pop(name, None)
+            os.environ.update(SQS_ENV)
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request
+            server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            server.start()
+            host, port = server.get_host_and_port()
+            _sqs.update(server=server, url=f"sqs://{host}:{port}")
+        return str(_sqs["url"])
+
+
+def stop_sqs() -> None:
+    """Stop the SQS server :func:`sqs_url` started, if it did."""
+    with _sqs_lock:
+        server = _sqs.pop("server", None)
+        _sqs.pop("url", None)
+    if server is not None:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
 def require_broker(kind: str) -> str:
     """Return the URL of broker ``kind``; skip if unreachable, but fail under CI."""
+    if kind == "sqs":
+        try:
+            return sqs_url()
+        except ImportError as exc:
+            message = f"moto is not installed ({exc}); pip install -e '.[dev]'"
+            if os.environ.get("CI"):
+                pytest.fail(f"{message}; CI requires every broker", pytrace=False)
+            pytest.skip(message)
     url = BROKERS[kind]
     if kind not in ("memory", "fakeredis") and not _reachable(url):
         message = f"{kind} broker not reachable at {urlsplit(url).hostname}:{urlsplit(url).port}"

@@ -1,5 +1,6 @@
 """The contract every transport meets: memory, the local RabbitMQ, the local Redis,
-and the ``redis://`` transport on fakeredis (what ``mqtasks.testing.fake_redis_app`` offers).
+the ``redis://`` transport on fakeredis (what ``mqtasks.testing.fake_redis_app`` offers),
+and ``sqs://`` on a local moto server (what SQS cannot do is refused: ``test_sqs.py``).
 
 Publish, consume, ack after the task; bad input rejected with its reason and
 never blocking the queue; unstarted prefetched messages handed back on stop.
@@ -24,7 +25,7 @@ from tests._helpers.publish import raw_publish
 from tests._helpers.wait import wait_for
 
 
-@pytest.fixture(params=["memory", "amqp", "redis", "fakeredis"])
+@pytest.fixture(params=["memory", "amqp", "redis", "fakeredis", "sqs"])
 def broker_url(request: pytest.FixtureRequest) -> str:
     """Each transport in turn, and ``redis://`` on fakeredis as well."""
     return require_broker(request.param)

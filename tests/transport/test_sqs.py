@@ -1,0 +1,438 @@
+"""``sqs://`` on moto's SQS server (started by the tests on a loopback port, never AWS).
+
+What SQS does its own way: delays held by SQS (in steps beyond its 900 s),
+visibility kept up while a task runs, delivery counts from
+``ApproximateReceiveCount``, FIFO message groups, SQS's counts in
+``mqtasks status``, the ``dlq`` commands; and what it cannot do refused.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import boto3
+import pytest
+from click.testing import CliRunner
+
+import tests.test_dlq as dlq_tests
+from mqtasks import App, QueueSpec
+from mqtasks.cli import cli
+from mqtasks.exceptions import ConfigurationError, MQTasksError
+from mqtasks.testing import drain, running_worker
+from mqtasks.transport import sqs as sqs_transport
+from mqtasks.transport.base import DLQ_SUFFIX, Delivery, Envelope
+from mqtasks.transport.sqs import DUE_HEADER, SqsTransport
+from tests import status_app
+from tests._helpers.brokers import require_broker, unique_name
+from tests._helpers.wait import wait_for
+from tests.test_status import loaded
+
+#: The fixture the dlq commands' test takes.
+make_dlq_app = dlq_tests.make_dlq_app
+#: The dlq commands' own test (ls, show, replay, purge), run on sqs:// (``cli_url`` below).
+test_dlq_commands_on_sqs = dlq_tests.test_cli_ls_show_replay_purge
+
+
+@pytest.fixture
+def cli_url() -> str:
+    """The dlq CLI test's broker: SQS."""
+    return require_broker("sqs")
+
+
+@pytest.fixture
+def url() -> str:
+    return require_broker("sqs")
+
+
+@pytest.fixture
+def sqs_app(url: str, make_app: Callable[..., App]) -> App:
+    return make_app(url)
+
+
+def endpoint(url: str) -> str:
+    return "http://" + url.split("://", 1)[1]
+
+
+def client(url: str) -> object:
+    return boto3.client("sqs", endpoint_url=endpoint(url), region_name="us-east-1")
+
+
+def envelope(n: int = 0, **headers: object) -> Envelope:
+    return Envelope(body=json.dumps({"n": n}).encode(), message_id=f"m-{n}", headers=headers)
+
+
+def loaded_queue(sqs_app: App, prefix: str, n: int) -> tuple[str, QueueSpec]:
+    """Declare a run-unique queue holding ``n`` messages; return its name and spec."""
+    queue = unique_name(prefix)
+    spec = sqs_app.queue(queue)
+    sqs_app.transport.declare([spec])
+    for i in range(n):
+        sqs_app.transport.publish(queue, envelope(i))
+    return queue, spec
+
+
+def drain_until(consumer: object, got: list[Delivery], n: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"{len(got)} of {n} deliveries in time"
+        consumer.drain(0.2)  # type: ignore[attr-defined]
+
+
+# -- publishing and delays ---------------------------------------------------------
+
+
+def test_a_short_delay_is_held_by_sqs(sqs_app: App) -> None:
+    t = sqs_app.transport
+    queue = unique_name("delay")
+    spec = sqs_app.queue(queue)
+    t.declare([spec])
+    t.publish(queue, envelope(1), delay=2)
+    # Held by SQS, not ready: delayed 1, ready 0
+    assert t.delayed_counts([spec]) == {queue: 1}
+    assert t.message_counts([spec]) == {queue: 0}
+    wait_for(lambda: t.message_counts([spec]) == {queue: 1}, "the delay to end", 10, 0.2)
+
+
+def test_a_countdown_runs_the_task_after_it(sqs_app: App) -> None:
+    ran: list[float] = []
+
+    @sqs_app.task
+    def later() -> None:
+        ran.append(time.time())
+
+    sent = time.time()
+    later.apply_async(countdown=2)
+    with running_worker(sqs_app, concurrency=1) as worker:
+        wait_for(lambda: ran, "the task to run", 15, 0.1)
+        drain(worker)
+    assert ran[0] - sent >= 1.9
+
+
+def test_a_delay_past_what_sqs_holds_is_held_in_steps(
+    sqs_app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQS's 900 s made 2 s, so that a delay of 5 s takes three steps held by SQS.
+    monkeypatch.setattr(sqs_transport, "MAX_DELAY", 2)
+    ran: list[float] = []
+
+    @sqs_app.task
+    def much_later() -> None:
+        ran.append(time.time())
+
+    sent = time.time()
+    much_later.apply_async(countdown=5)
+    spec = sqs_app.queue(much_later.queue)
+    assert sqs_app.transport.delayed_counts([spec]) == {much_later.queue: 1}
+    with running_worker(sqs_app, concurrency=1) as worker:
+        wait_for(lambda: ran, "the task to run", 20, 0.1)
+        drain(worker)
+        # Between the steps the message was back in SQS, delayed again; the worker
+        # never held it (it received it at most once per step).
+        assert worker.received <= 4
+    assert len(ran) == 1
+    assert ran[0] - sent >= 5 - 1.0  # due within the second the consumer allows
+
+
+def test_a_long_delay_goes_in_a_first_step_of_900_s_and_says_when_it_is_due(
+    sqs_app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = sqs_app.transport
+    assert isinstance(t, SqsTransport)
+    queue = unique_name("long")
+    t.declare([sqs_app.queue(queue)])
+    sent: list[tuple[Envelope, int | None]] = []
+    publish_pooled = t._publish_pooled
+
+    def spy(exchange: str, key: str, env: Envelope, *args: object, **kwargs: object) -> object:
+        sent.append((env, t._local.delay_seconds))
+        return publish_pooled(exchange, key, env, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(t, "_publish_pooled", spy)
+    before = time.time()
+    t.publish(queue, envelope(1), delay=3600)
+    t.publish(queue, envelope(2), delay=0.2)
+    [(long, step), (short, short_step)] = sent
+    assert step == 900 and before + 3600 <= long.headers[DUE_HEADER] <= time.time() + 3600
+    assert short_step == 1 and DUE_HEADER not in short.headers
+    assert t.delayed_counts([sqs_app.queue(queue)]) == {queue: 2}
+
+
+def test_a_message_received_before_it_is_due_goes_back_for_the_rest(sqs_app: App) -> None:
+    t = sqs_app.transport
+    queue = unique_name("due")
+    spec = sqs_app.queue(queue)
+    t.declare([spec])
+    # A message that arrives seconds before it is due (a step's end)
+    due = time.time() + 6
+    t.publish(queue, envelope(1, **{DUE_HEADER: due}))
+    got: list[Delivery] = []
+    consumer = sqs_app.transport.consumer([spec], prefetch=10)
+    consumer.start(got.append)
+    try:
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            consumer.drain(0.2)
+        # is not handed to the worker, but held by SQS again for the rest
+        assert got == []
+        assert t.delayed_counts([spec]) == {queue: 1}
+        drain_until(consumer, got, 1, timeout=15)
+    finally:
+        consumer.close()
+    assert got[0].received_at >= due - 1.0
+    assert got[0].message_id == "m-1"
+    assert DUE_HEADER not in got[0].headers
+
+
+def test_a_fifo_queue_refuses_a_delay_and_an_unknown_priority_is_refused(sqs_app: App) -> None:
+    t = sqs_app.transport
+    fifo = unique_name("order") + ".fifo"
+    t.declare([sqs_app.queue(fifo)])
+    with pytest.raises(ConfigurationError, match="FIFO"):
+        t.publish(fifo, envelope(1), delay=5)
+    plain = unique_name("prio")
+    with pytest.raises(ConfigurationError, match="no priorities"):
+        t.publish(plain, Envelope(body=b"{}", message_id="p", priority=5))
+
+
+# -- what SQS cannot do -------------------------------------------------------------
+
+
+def test_priorities_and_exchanges_are_refused_with_what_to_do(sqs_app: App) -> None:
+    @sqs_app.task
+    def urgent() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="no priorities"):
+        urgent.apply_async(priority=9)
+    with pytest.raises(ConfigurationError, match="max_priority"):
+        sqs_app.transport.declare([QueueSpec(unique_name("p"), max_priority=9)])
+    with pytest.raises(ConfigurationError, match="cannot route events"):
+        sqs_app.transport.bind("events", "order.*", sqs_app.queue(unique_name("sub")))
+    with pytest.raises(ConfigurationError, match="cannot route events"):
+        sqs_app.transport.emit("events", "order.created", envelope(1))
+    with pytest.raises(ConfigurationError, match="max_length"):
+        sqs_app.transport.declare([QueueSpec(unique_name("l"), max_length=5)])
+    with pytest.raises(ConfigurationError, match="visibility_timeout"):
+        SqsTransport(
+            sqs_app.settings.broker_url, transport_options={"visibility_timeout": 1}
+        ).declare([QueueSpec(unique_name("v"))])
+
+
+# -- visibility, delivery counts, dead letters ------------------------------------------
+
+
+def test_a_task_longer_than_the_visibility_timeout_runs_once(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    # The shortest timeout the transport takes; the task runs 1.5 times as long.
+    app = make_app(url, transport_options={"visibility_timeout": 10})
+    runs: list[int] = []
+    lock = threading.Lock()
+
+    @app.task
+    def slow() -> None:
+        with lock:
+            runs.append(1)
+        time.sleep(15)
+
+    slow.delay()
+    with running_worker(app, concurrency=2, prefetch=2) as worker:
+        drain(worker, timeout=40)
+        assert worker.received == 1
+    assert runs == [1]
+    assert app.transport.queue_stats([app.queue(slow.queue)])[slow.queue].unacked == 0
+
+
+def test_delivery_count_is_sqs_receive_count_and_the_limit_dead_letters(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    queue = unique_name("limited")
+    app = make_app(url, queues=[QueueSpec(queue, delivery_limit=2)])
+    ran: list[int] = []
+
+    @app.task(queue=queue)
+    def crashy() -> None:
+        ran.append(1)
+
+    handle = crashy.delay()
+    spec = app.queue(queue)
+    got: list[Delivery] = []
+    consumer = app.transport.consumer([spec], prefetch=1)
+    consumer.start(got.append)
+    try:
+        # Two deliveries that never end (a worker that died), handed back each time
+        for n in (1, 2):
+            drain_until(consumer, got, n)
+            assert got[-1].delivery_count == n
+            assert got[-1].redelivered is (n > 1)
+            assert consumer.requeue(got[-1])
+    finally:
+        consumer.close()
+    # The third is over the limit: dead-lettered with its reason, not run
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker, raise_errors=False)
+    assert ran == []
+    [entry] = app.dead_letters(queue)
+    assert (entry.id, entry.reason) == (handle.id, "delivery_limit")
+
+
+def test_a_stopped_consumer_hands_its_messages_back_at_once(sqs_app: App) -> None:
+    t = sqs_app.transport
+    queue, spec = loaded_queue(sqs_app, "back", 3)
+    got: list[Delivery] = []
+    consumer = t.consumer([spec], prefetch=5)
+    consumer.start(got.append)
+    drain_until(consumer, got, 3)
+    assert t.message_counts([spec]) == {queue: 0}
+    consumer.close()
+    # Visible again at once, not after the visibility timeout
+    assert t.message_counts([spec]) == {queue: 3}
+
+
+def test_acks_of_many_messages_delete_them_in_batches(
+    sqs_app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = sqs_app.transport
+    queue, spec = loaded_queue(sqs_app, "batch", 13)
+    got: list[Delivery] = []
+    consumer = t.consumer([spec], prefetch=13)
+    consumer.start(got.append)
+    try:
+        drain_until(consumer, got, 13)
+        sqs = got[0].raw.channel.sqs()  # type: ignore[attr-defined]
+        calls: list[int] = []
+        batch = sqs.delete_message_batch
+
+        def counted(**kwargs: object) -> object:
+            calls.append(len(kwargs["Entries"]))  # type: ignore[arg-type]
+            return batch(**kwargs)
+
+        monkeypatch.setattr(sqs, "delete_message_batch", counted)
+        consumer.ack_many(got)
+        assert calls == [10, 3]
+        assert all(d.raw.acknowledged for d in got)  # type: ignore[attr-defined]
+        # Their prefetch slots are free: more comes
+        t.publish(queue, envelope(99))
+        drain_until(consumer, got, 14)
+        consumer.ack(got[-1])
+    finally:
+        consumer.close()
+    stats = t.queue_stats([spec])[queue]
+    assert (stats.ready, stats.unacked) == (0, 0)
+
+
+def test_dead_letters_go_to_the_dlq_queue_with_their_reason(sqs_app: App) -> None:
+    @sqs_app.task(max_retries=1, retry_backoff=1)
+    def broken() -> None:
+        raise RuntimeError("broken")
+
+    handle = broken.delay()
+    with running_worker(sqs_app, concurrency=1) as worker:
+        wait_for(lambda: sqs_app.dead_letters(broken.queue), "a dead letter", 30, 0.5)
+        drain(worker, raise_errors=False)
+    [entry] = sqs_app.dead_letters(broken.queue)
+    assert (entry.id, entry.reason, entry.attempts) == (handle.id, "max_retries_exceeded", 2)
+    # SQS spells the dot of "<queue>.dlq" as "-"
+    names = client(sqs_app.settings.broker_url).list_queues(  # type: ignore[attr-defined]
+        QueueNamePrefix=broken.queue
+    )["QueueUrls"]
+    assert any(u.endswith(broken.queue + "-dlq") for u in names)
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def test_status_reads_sqs_counts(url: str, make_app: Callable[..., App]) -> None:
+    app = status_app.create(url, unique_name("status"))
+    make_app(url, default_queue=app.settings.default_queue)  # cleanup of its queues
+    queue = app.settings.default_queue
+    with loaded(app):
+        stats = app.transport.queue_stats([app.queue(queue)])[queue]
+        # 3 ready, 1 held by the consumer, 2 delayed, 1 dead letter; SQS counts no consumers
+        assert (stats.ready, stats.unacked, stats.delayed, stats.dead_lettered) == (3, 1, 2, 1)
+        assert stats.consumers is None
+        result = CliRunner().invoke(
+            cli, ["status", "-A", "tests.status_app:current()", queue, "--json"]
+        )
+    assert result.exit_code == 0, result.output
+    [doc] = json.loads(result.output.splitlines()[-1])["queues"]
+    assert {k: doc[k] for k in ("exists", "ready", "unacked", "delayed", "dead_lettered")} == {
+        "exists": True,
+        "ready": 3,
+        "unacked": 1,
+        "delayed": 2,
+        "dead_lettered": 1,
+    }
+    app.transport.delete([app.queue(queue), app.queue(queue + DLQ_SUFFIX)])
+    missing = app.transport.queue_stats([app.queue(queue)])[queue]
+    assert not missing.exists
+
+
+# -- FIFO ------------------------------------------------------------------------------
+
+
+def test_a_fifo_queue_keeps_order_and_groups_by_ordering_key(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    queue = unique_name("fifo") + ".fifo"
+    app = make_app(url)
+    seen: list[int] = []
+
+    @app.task(queue=queue)
+    def step(n: int) -> None:
+        seen.append(n)
+
+    for n in range(6):
+        step.delay(n)
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker)
+    assert seen == list(range(6))
+    # The ordering key's digest becomes the message group
+    app.transport.publish(queue, envelope(9, **{"mqtasks-okey": "abc123"}))
+    c = client(url)
+    q_url = c.get_queue_url(QueueName=queue)["QueueUrl"]  # type: ignore[attr-defined]
+    resp = c.receive_message(  # type: ignore[attr-defined]
+        QueueUrl=q_url, MessageSystemAttributeNames=["MessageGroupId"], WaitTimeSeconds=2
+    )
+    [message] = resp["Messages"]
+    assert message["Attributes"]["MessageGroupId"] == "abc123"
+
+
+# -- endpoint and credentials -----------------------------------------------------------------
+
+
+def test_the_endpoint_comes_from_the_environment_or_the_transport_options(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = unique_name("env")
+    monkeypatch.setenv("MQTASKS_SQS_ENDPOINT_URL", endpoint(url))
+    by_env = SqsTransport("sqs://")
+    by_option = SqsTransport("sqs://", transport_options={"endpoint_url": endpoint(url)})
+    monkeypatch.delenv("MQTASKS_SQS_ENDPOINT_URL")
+    try:
+        by_env.declare([QueueSpec(queue)])
+        by_env.publish(queue, envelope(1))
+        assert by_option.message_counts([QueueSpec(queue)]) == {queue: 1}
+    finally:
+        by_env.delete([QueueSpec(queue), QueueSpec(queue + DLQ_SUFFIX)])
+        by_env.close()
+        by_option.close()
+
+
+def test_credentials_in_the_url_never_reach_errors_or_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "wJalrXUtnFEMI-K7MDENG"
+    # Nothing listens there: every call fails.
+    t = SqsTransport(
+        f"sqs://AKIAEXAMPLE:{secret}@127.0.0.1:9", connect_timeout=0.5, publish_timeout=2
+    )
+    with pytest.raises(MQTasksError) as raised:
+        t.declare([QueueSpec(unique_name("x"))])
+    with pytest.raises(MQTasksError) as raised_publish:
+        t.publish(unique_name("y"), envelope(1), timeout=2)
+    for text in (str(raised.value), str(raised_publish.value), repr(t), caplog.text):
+        assert secret not in text
+    t.close()
