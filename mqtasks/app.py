@@ -144,6 +144,8 @@ class App(EventsAPI, PeriodicAPI):
                         connect_timeout=s.connect_timeout,
                         transport_options=s.transport_options,
                         tls=s.tls,
+                        # Settings refuses "replicated" for brokers other than Redis.
+                        **({"durability": s.durability} if s.durability != "local" else {}),
                     )
         return self._transport
 

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import kombu
+import redis
 
 from mqtasks import App
 from mqtasks.dlq import list_dead_letters
@@ -25,7 +26,7 @@ from mqtasks.serialization import encode_body
 from mqtasks.transport import RedisTransport
 
 from .ledger import Checks, Classification, Event, LedgerWriter, read_ledger
-from .profiles import REDIS_PROFILES
+from .profiles import REDIS_PROFILES, SENTINEL_PROFILES
 from .proxy import TcpProxy
 from .publisher import Publisher
 from .tasks import build_app
@@ -232,13 +233,18 @@ class Run(Checks):
         name = {9: "SIGKILL", 15: "SIGTERM"}.get(sig, str(sig))
         return self.fault(name, slot=slot, pid=pid, at=time.time())
 
+    def redis_client(self) -> redis.Redis[bytes]:
+        """A client of the run's Redis (a Sentinel group's current primary)."""
+        if self.broker in SENTINEL_PROFILES:
+            return self.harness.group(self.broker).client()  # type: ignore[attr-defined,no-any-return]
+        return self.harness.redis_server(self.broker).client()  # type: ignore[arg-type]
+
     # -- waiting ----------------------------------------------------------------
 
     def depths(self) -> dict[str, int]:
         """Messages not yet finished, by place: ready, delayed, unacked, dead."""
         if self.is_redis:
-            server = self.harness.redis_server(self.broker)  # type: ignore[arg-type]
-            client = server.client()
+            client = self.redis_client()
             try:
                 p = self.key_prefix
                 ready = client.llen(f"{p}:q:{self.queue}")
@@ -406,7 +412,7 @@ class Run(Checks):
 
             specs.append(dead_letter_spec(specs[0]))
             if isinstance(self.app.transport, RedisTransport):
-                client = self.harness.redis_server(self.broker).client()  # type: ignore[arg-type]
+                client = self.redis_client()
                 keys = list(client.scan_iter(match=f"{self.key_prefix}*"))
                 if keys:
                     client.delete(*keys)

@@ -1,4 +1,4 @@
-"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S22.
+"""The registry of the protocol's negative controls N1-N3 and scenarios S0-S24.
 
 Each scenario function takes the :class:`~reliability.harness.Harness` and a
 broker profile and returns one JSON-able result per run, with its figures,
@@ -32,6 +32,7 @@ from .profiles import BrokerProfile
 from .retries import s8, s8b, s9
 from .security.redaction import s14
 from .security.tls import s13
+from .sentinel import s24
 from .timelimits import s19
 from .worker_faults import s1, s2, s2b
 from .workflows import s16
@@ -112,6 +113,12 @@ SCENARIOS: dict[str, Scenario] = {
             "a tick a second from 3 beat processes, the leader SIGKILLed twice and frozen 15 s",
             ("RQ", "RD"),
             s22,
+        ),
+        Scenario(
+            "S24",
+            "Redis Sentinel failover under load: SIGKILL, then a freeze of the primary",
+            ("SR", "SP"),
+            s24,
         ),
     ]
 }

@@ -90,6 +90,7 @@ def build_app(environ: dict[str, str] | None = None) -> App:
         queue_type=env.get("MQTASKS_QUEUE_TYPE"),
         publish_timeout=float(env.get("MQTASKS_PUBLISH_TIMEOUT") or 10.0),
         heartbeat=float(env.get("MQTASKS_HEARTBEAT") or 10.0),
+        durability=env.get("MQTASKS_DURABILITY"),
         default_queue=queue,
         queues=[spec],
         middleware=[LedgerMiddleware(env.get("RELIABILITY_LEDGER_DIR"))],

@@ -29,7 +29,7 @@ __all__ = ["TLS_SCHEMES", "TLSOptions", "check_url_options", "tls_failure"]
 logger = structlog.get_logger("mqtasks.transport.tls")
 
 #: URL schemes that connect with TLS.
-TLS_SCHEMES = frozenset({"amqps", "rediss", "rediss+kombu"})
+TLS_SCHEMES = frozenset({"amqps", "rediss", "rediss+kombu", "rediss+sentinel"})
 
 _ENV = {
     "ca_file": "MQTASKS_TLS_CA_FILE",

@@ -39,7 +39,15 @@ def test_the_scheme_picks_the_backend_without_connecting(url: str, name: str) ->
 
     assert type(backend).__name__ == name
     assert url.split(":", 1)[0].lower() in type(backend).schemes
-    assert SCHEMES == ("memory", "postgres", "postgresql", "redis", "rediss")
+    assert SCHEMES == (
+        "memory",
+        "postgres",
+        "postgresql",
+        "redis",
+        "redis+sentinel",
+        "rediss",
+        "rediss+sentinel",
+    )
 
 
 def test_an_unknown_scheme_names_the_supported_ones_and_the_closest() -> None:
