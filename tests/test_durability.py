@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from mqtasks import PublishError, QueueSpec
+from mqtasks import App, PublishError, QueueSpec
 from mqtasks.config import Settings
 from mqtasks.exceptions import ConfigurationError
 from mqtasks.transport import RedisTransport
+from tests._helpers.brokers import require_broker
 from tests._helpers.redis import envelope, key_prefix, make_transport
 
 
@@ -79,3 +80,25 @@ def test_replicated_publish_on_a_redis_without_replicas_raises_within_its_timeou
         finally:
             transport.close()
             local.close()
+
+
+def test_the_app_gives_its_durability_to_the_transport_and_delay_waits_for_a_replica() -> None:
+    """``App(durability="replicated")``: ``delay()`` itself raises when no replica has it."""
+    with key_prefix("durability-app") as prefix:
+        app = App(
+            "durability",
+            broker=require_broker("redis"),
+            durability="replicated",
+            publish_timeout=0.5,
+            transport_options={"key_prefix": prefix},
+        )
+
+        @app.task(name="durability.noop")
+        def noop() -> None: ...
+
+        try:
+            assert getattr(app.transport, "durability", None) == "replicated"
+            with pytest.raises(PublishError, match="no replica acknowledged"):
+                noop.delay()
+        finally:
+            app.close()
