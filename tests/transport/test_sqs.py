@@ -9,6 +9,7 @@ visibility kept up while a task runs, delivery counts from
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -25,8 +26,9 @@ from mqtasks.testing import drain, running_worker
 from mqtasks.transport import sqs as sqs_transport
 from mqtasks.transport.base import DLQ_SUFFIX, Delivery, Envelope
 from mqtasks.transport.sqs import DUE_HEADER, SqsTransport
-from tests import status_app
+from tests import crash_app, status_app
 from tests._helpers.brokers import require_broker, unique_name
+from tests._helpers.crash import Crash
 from tests._helpers.wait import wait_for
 from tests.test_status import loaded
 
@@ -276,6 +278,31 @@ def test_delivery_count_is_sqs_receive_count_and_the_limit_dead_letters(
     assert ran == []
     [entry] = app.dead_letters(queue)
     assert (entry.id, entry.reason) == (handle.id, "delivery_limit")
+
+
+def test_a_killed_workers_task_comes_back_after_the_visibility_timeout(
+    crash: Callable[[str], Crash],
+) -> None:
+    c = crash("sqs")
+    # Messages of a dead worker come back after 10 s (the shortest timeout taken).
+    c.options = {"visibility_timeout": 10}
+    c.app = crash_app.make_app(c.url, c.queue, c.options, None)
+    # Given supervised workers (a dead child is replaced) and a limit of 2 deliveries
+    parent = c.start("--processes", "2", "-c", "1", "--prefetch", "1", MQTASKS_DELIVERY_LIMIT="2")
+    parent.wait_started(2)
+    # When a task SIGKILLs its worker process every time it runs
+    c.app.tasks[crash_app.KILL].delay("doom")
+    parent.wait_log("task.dead_lettered", timeout=90)
+    # Then SQS handed it to a live process after each death (at least once), and the
+    # third receive, over the limit, was dead-lettered instead of run
+    starts = c.events("start", "doom")
+    assert len(starts) == 2 and len(set(starts)) == 2
+    [entry] = c.app.dead_letters(c.queue)
+    assert entry.reason == "delivery_limit" and entry.task == crash_app.KILL
+    c.app.tasks[crash_app.PING].delay("after")
+    wait_for(lambda: c.events("ping", "after"), "the ping to run", 30)
+    parent.signal(signal.SIGTERM)
+    assert parent.wait(30) == 0, parent.stderr()[-3000:]
 
 
 def test_a_stopped_consumer_hands_its_messages_back_at_once(sqs_app: App) -> None:
