@@ -216,10 +216,11 @@ def test_priorities_and_exchanges_are_refused_with_what_to_do(sqs_app: App) -> N
         sqs_app.transport.emit("events", "order.created", envelope(1))
     with pytest.raises(ConfigurationError, match="max_length"):
         sqs_app.transport.declare([QueueSpec(unique_name("l"), max_length=5)])
-    with pytest.raises(ConfigurationError, match="visibility_timeout"):
-        SqsTransport(
-            sqs_app.settings.broker_url, transport_options={"visibility_timeout": 1}
-        ).declare([QueueSpec(unique_name("v"))])
+    for options in ({"visibility_timeout": 1}, {"visibility_timeout": 30, "wait_time_seconds": 20}):
+        with pytest.raises(ConfigurationError, match="visibility_timeout"):
+            SqsTransport(sqs_app.settings.broker_url, transport_options=options).declare(
+                [QueueSpec(unique_name("v"))]
+            )
 
 
 # -- visibility, delivery counts, dead letters ------------------------------------------

@@ -129,6 +129,16 @@ class SqsTransport(KombuTransport):
                 f"not {value!r}: the consumer renews it while a task runs, and a killed "
                 "worker's messages come back after it."
             )
+        wait = self.connection_options()["wait_time_seconds"]
+        if isinstance(wait, (int, float)) and seconds / 3 < wait + 2:
+            # A message is renewed when a third of its timeout is left, by the thread
+            # that also long-polls: a poll must end well within that third.
+            raise ConfigurationError(
+                f"transport_options visibility_timeout ({seconds} s) must be at least three "
+                f"times wait_time_seconds ({wait} s) plus 6 s on sqs://: the worker renews "
+                "held messages between long polls. Raise visibility_timeout or lower "
+                "wait_time_seconds."
+            )
         return seconds
 
     def visibility_of(self, queue: str) -> int:
