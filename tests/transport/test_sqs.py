@@ -25,7 +25,7 @@ from mqtasks.exceptions import ConfigurationError, MQTasksError
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport import sqs as sqs_transport
 from mqtasks.transport.base import DLQ_SUFFIX, Delivery, Envelope
-from mqtasks.transport.sqs import DUE_HEADER, SqsTransport
+from mqtasks.transport.sqs import DUE_HEADER, GROUP_HEADER, SqsTransport
 from tests import crash_app, status_app
 from tests._helpers.brokers import require_broker, unique_name
 from tests._helpers.crash import Crash
@@ -417,15 +417,18 @@ def test_a_fifo_queue_keeps_order_and_groups_by_ordering_key(
     with running_worker(app, concurrency=1) as worker:
         drain(worker)
     assert seen == list(range(6))
-    # The ordering key's digest becomes the message group
+    # A group named by the caller, else the ordering key's digest, becomes the message group
+    step.apply_async(args=(7,), headers={GROUP_HEADER: "account-42"})
     app.transport.publish(queue, envelope(9, **{"mqtasks-okey": "abc123"}))
     c = client(url)
     q_url = c.get_queue_url(QueueName=queue)["QueueUrl"]  # type: ignore[attr-defined]
-    resp = c.receive_message(  # type: ignore[attr-defined]
-        QueueUrl=q_url, MessageSystemAttributeNames=["MessageGroupId"], WaitTimeSeconds=2
-    )
-    [message] = resp["Messages"]
-    assert message["Attributes"]["MessageGroupId"] == "abc123"
+    groups = []
+    for _ in range(2):
+        resp = c.receive_message(  # type: ignore[attr-defined]
+            QueueUrl=q_url, MessageSystemAttributeNames=["MessageGroupId"], WaitTimeSeconds=2
+        )
+        groups += [m["Attributes"]["MessageGroupId"] for m in resp.get("Messages", [])]
+    assert sorted(groups) == ["abc123", "account-42"]
 
 
 # -- endpoint and credentials -----------------------------------------------------------------

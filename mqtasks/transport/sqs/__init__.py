@@ -51,7 +51,7 @@ from ..kombu import KombuTransport
 from .channel import KombuSqsTransport, is_missing_queue
 from .consumer import DUE_HEADER, SqsConsumer
 
-__all__ = ["DUE_HEADER", "MAX_DELAY", "SqsTransport"]
+__all__ = ["DUE_HEADER", "GROUP_HEADER", "MAX_DELAY", "SqsTransport"]
 
 #: The longest delay SQS holds a message for (``DelaySeconds``).
 MAX_DELAY = 900
@@ -61,6 +61,9 @@ ENDPOINT_ENV = "MQTASKS_SQS_ENDPOINT_URL"
 DEFAULT_VISIBILITY_TIMEOUT = 60
 #: The header ordered tasks carry their key's digest in (``MessageGroupId`` on FIFO queues).
 ORDERING_KEY_HEADER = "mqtasks-okey"
+#: The header that names a message's group on a FIFO queue
+#: (``apply_async(headers={GROUP_HEADER: "account-42"})``); before the ordering key.
+GROUP_HEADER = "sqs-message-group-id"
 #: Queue attributes read for a queue's figures.
 _COUNTS = (
     "ApproximateNumberOfMessages",
@@ -279,7 +282,8 @@ class SqsTransport(KombuTransport):
         if step:
             properties["delay_seconds"] = step
         if routing_key.endswith(".fifo"):
-            group = envelope.headers.get(ORDERING_KEY_HEADER)
+            headers = envelope.headers
+            group = headers.get(GROUP_HEADER) or headers.get(ORDERING_KEY_HEADER)
             properties["MessageGroupId"] = str(group) if group else "default"
             # One id per publish call: kombu's retries of this call are deduplicated by
             # SQS, while a retry of the task (the same message id) is a new message.
