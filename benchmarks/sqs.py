@@ -108,7 +108,9 @@ def publisher(system: str, url: str, queue: str) -> tuple[Callable[[int, float],
         return (lambda seq, sent: noop.delay(seq, sent)), app
     from .bench_celery_app import make_app as make_celery
 
-    capp = make_celery(url, queue)
+    with warnings.catch_warnings():  # the module's own app registered the task name too
+        warnings.simplefilter("ignore")
+        capp = make_celery(url, queue)
     task = capp.tasks["bench.noop"]
     return (lambda seq, sent: task.delay(seq, sent)), capp
 
