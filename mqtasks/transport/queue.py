@@ -80,6 +80,12 @@ class QueueSpec:
         dead_letter_queue: The dead-letter queue that takes this queue's dead
             letters (``<other queue>.dlq``), instead of a ``<name>.dlq`` of its
             own, which is then not declared. None: its own.
+        replicas: How many nodes of a RabbitMQ cluster hold a copy of a quorum
+            queue (``x-quorum-initial-group-size``; capped by the number of
+            nodes). ``None`` leaves it to the broker (RabbitMQ 3.10: every node,
+            at most 3). An odd number, 3 or 5, survives the loss of 1 or 2
+            nodes; a classic queue has no replicas and refuses it with a
+            ConfigurationError.
     """
 
     name: str
@@ -93,6 +99,7 @@ class QueueSpec:
     durable: bool = True
     expires: float | None = None
     dead_letter_queue: str | None = None
+    replicas: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 200:
@@ -137,6 +144,20 @@ class QueueSpec:
             raise ConfigurationError(
                 f"Queue {self.name!r}: expires must be positive seconds, not {self.expires!r}."
             )
+        if self.replicas is not None and (
+            isinstance(self.replicas, bool)
+            or not isinstance(self.replicas, int)
+            or self.replicas < 1
+        ):
+            raise ConfigurationError(
+                f"Queue {self.name!r}: replicas must be a number of nodes (at least 1; "
+                f"3 or 5 in a cluster), or None for the broker's default; not {self.replicas!r}."
+            )
+        if self.replicas is not None and self.queue_type == "classic":
+            raise ConfigurationError(
+                f"Queue {self.name!r}: a classic queue lives on one node and has no replicas; "
+                "replicate it with queue_type='quorum'."
+            )
         dead = self.dead_letter_queue
         if dead is not None and (
             not isinstance(dead, str)
@@ -169,8 +190,8 @@ def broker_spec(spec: QueueSpec) -> QueueSpec:
 
 
 def dead_letter_spec(spec: QueueSpec) -> QueueSpec:
-    """Return the spec of ``spec``'s dead-letter queue: same type, no limits."""
-    return QueueSpec(spec.name + DLQ_SUFFIX, queue_type=spec.queue_type)
+    """Return the spec of ``spec``'s dead-letter queue: same type and replicas, no limits."""
+    return QueueSpec(spec.name + DLQ_SUFFIX, queue_type=spec.queue_type, replicas=spec.replicas)
 
 
 #: The header in which mqtasks writes when a message was published (seconds since

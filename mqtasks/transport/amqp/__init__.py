@@ -13,6 +13,7 @@ queues (:mod:`~mqtasks.transport.amqp.topology`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import kombu
+import structlog
 from amqp.exceptions import MessageNacked
 from kombu.transport import pyamqp
 
@@ -28,7 +30,7 @@ from ...exceptions import PublishError, PublishNacked, Unroutable
 from .._guard import GuardedAmqpMessage, guarded_frame_handler
 from ..base import Capabilities, Consumer, QueueSpec, QueueStats
 from ..envelope import Envelope
-from ..kombu import KombuTransport, deadline_errback
+from ..kombu import KombuTransport, _FailoverConnection, deadline_errback
 from . import exchanges, topology
 from .confirms import (
     Confirm,
@@ -43,6 +45,8 @@ from .topology import DEAD_LETTER_EXCHANGE, DELAY_LEVELS
 from .wire import _PublishFrames, message_timestamp, serialize_properties
 
 __all__ = ["DEAD_LETTER_EXCHANGE", "DELAY_LEVELS", "AmqpTransport", "AmqpsTransport"]
+
+logger = structlog.get_logger("mqtasks.transport")
 
 
 class _Channel(pyamqp.Channel):  # type: ignore[misc]
@@ -111,6 +115,34 @@ class AmqpTransport(KombuTransport):
         #: Exchange -> ``(pattern, queue)`` bindings made (and not unbound) through this transport.
         self.bound: dict[str, set[tuple[str, str]]] = {}
         self.bound_lock = threading.Lock()
+        #: Queues declared through this transport with a max_length: a nack there
+        #: may mean full, and is never published again.
+        self._bounded: set[str] = set()
+        #: The URL lists several nodes of a cluster (``a;b;c``).
+        self.failover = ";" in url
+        self._rotation = itertools.count()
+
+    def connection(self, *, heartbeat: float = 0) -> kombu.Connection:
+        """Return a new (unconnected) kombu connection to this broker.
+
+        With a failover list, each new connection starts one node further
+        along it (and moves on along it when a node does not answer, as kombu
+        does): a consumer reconnecting with one attempt at a time reaches
+        every node in turn rather than the first one again and again, and
+        connections spread over the cluster.
+        """
+        if not self.failover:
+            return super().connection(heartbeat=heartbeat)
+        urls = self.url.split(";")
+        start = next(self._rotation) % len(urls)
+        return _FailoverConnection(
+            ";".join(urls[start:] + urls[:start]),
+            transport=self.kombu_transport,
+            heartbeat=heartbeat,
+            connect_timeout=self.connect_timeout,
+            transport_options=self.connection_options(),
+            ssl=self.kombu_ssl(),
+        )
 
     def close(self) -> None:
         """Close the shared confirming connection and the pooled ones."""
@@ -170,9 +202,50 @@ class AmqpTransport(KombuTransport):
         ``select()`` cannot see), publishing goes through the pool.
         """
         exchange, routing_key = self.route(queue, delay)
-        returned = self._send(exchange, routing_key, envelope, timeout, repr(queue))
+        timeout = self.publish_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        transient = self._nack_is_transient(queue)
+        pause = 0.1
+        while True:
+            try:
+                returned = self._send(
+                    exchange,
+                    routing_key,
+                    envelope,
+                    max(0.05, deadline - time.monotonic()),
+                    repr(queue),
+                    renew_on_nack=transient,
+                )
+                break
+            except PublishNacked:
+                if not transient or time.monotonic() + pause >= deadline:
+                    raise
+            # A cluster nacks what it cannot take now: a quorum queue whose leader
+            # is gone nacks until its members elect another (seconds). Published
+            # again, with the same id, until the publish's time is up.
+            logger.info("amqp.publish_nacked_retry", task_id=envelope.message_id, retry_in=pause)
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
         if returned is not None:
             self._raise_returned(queue, envelope, returned)
+
+    def _nack_is_transient(self, queue: str) -> bool:
+        """Whether a nack of a message for ``queue`` is worth publishing again.
+
+        On a cluster (a failover list of URLs), RabbitMQ nacks a message for a
+        quorum queue that has no leader for the moment; it also nacks one for
+        a full queue with ``overflow=reject-publish``, and the nack does not
+        say which. So only queues without a ``max_length`` (as declared
+        through this transport) are published again; a bounded one raises
+        :class:`~mqtasks.exceptions.PublishNacked` at once, as on one node.
+        """
+        return self.failover and queue not in self._bounded
+
+    def declare(self, specs: Sequence[QueueSpec]) -> None:
+        """Declare queues (see :meth:`KombuTransport.declare
+        <mqtasks.transport.kombu.KombuTransport.declare>`), remembering the bounded ones."""
+        self._bounded.update(s.name for s in specs if s.max_length is not None)
+        super().declare(specs)
 
     def _send(
         self,
@@ -182,17 +255,24 @@ class AmqpTransport(KombuTransport):
         timeout: float | None,
         where: str,
         mandatory: bool = True,
+        *,
+        renew_on_nack: bool = False,
     ) -> tuple[Any, str] | None:
         """Publish and wait for the confirm; return the broker's return, if it sent one.
 
         Args:
             where: The destination as error messages name it.
             mandatory: Ask the broker to return the message when nothing is bound.
+            renew_on_nack: After a nack, drop the channel it came on (the next
+                publish opens another). On RabbitMQ 3.10, a channel opened while
+                a quorum queue had no leader nacks every message for that queue
+                even after a new leader is elected; a new channel does not.
 
         Raises:
             PublishError: Not confirmed (``PublishNacked`` for a nack).
         """
         if self.uses_tls or not self.connection_options().get("confirm_publish"):
+            self._local.renew_on_nack = renew_on_nack
             return self._publish_pooled(
                 exchange, routing_key, envelope, timeout, where, mandatory=mandatory
             )
@@ -233,6 +313,8 @@ class AmqpTransport(KombuTransport):
         if waiter.returned is not None:
             return waiter.returned
         if waiter.outcome == "nack":
+            if renew_on_nack:
+                pipeline.renew(waiter)
             raise PublishNacked(
                 f"Task {envelope.message_id} was NOT enqueued: the broker refused it on "
                 f"{where} (a full queue with overflow=reject-publish, or a broker alarm).",
@@ -410,6 +492,10 @@ class AmqpTransport(KombuTransport):
                 # Not MessageNacked itself: py-amqp counts it among the recoverable
                 # connection errors, and ensure() would drop the connection, open a
                 # new one and publish again, publish_retries times, without a pause.
+                if getattr(self._local, "renew_on_nack", False):
+                    # The pool makes a new connection (see _send's renew_on_nack).
+                    with contextlib.suppress(Exception):
+                        conn.collect()
                 raise _BrokerNacked() from MessageNacked()
 
         conn.ensure(
@@ -452,7 +538,20 @@ class AmqpTransport(KombuTransport):
         (see :func:`~mqtasks.transport.amqp.topology.declare_topology`)."""
         if getattr(self, "_topology_declared", False):
             return
-        topology.declare_topology(channel)
+        # On a channel of its own: a level of the classic ladder on a node that is
+        # down closes the channel it is declared on (and is skipped, on a new one).
+        opened = [channel.connection.channel()]
+
+        def reopen() -> Any:
+            opened.append(channel.connection.channel())
+            return opened[-1]
+
+        try:
+            topology.declare_topology(opened[0], reopen if self.failover else None)
+        finally:
+            for ch in opened:
+                with contextlib.suppress(Exception):
+                    ch.close()
         self._topology_declared = True
 
     def bind_queues(self, channel: Any, specs: Sequence[QueueSpec]) -> None:

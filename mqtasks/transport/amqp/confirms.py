@@ -286,6 +286,11 @@ class _ConfirmPipeline:
                 waiter.error = exc
                 self._signal(waiter)
 
+    def renew(self, waiter: _Waiter) -> None:
+        """Give up the connection ``waiter``'s message was nacked on (if still current);
+        its other unsettled messages are published again by their callers."""
+        self._give_up(waiter.connection, _Unsettled("a nack asked for a new channel"))
+
     def close(self) -> None:
         """Close the connection; publishes still waiting fail and retry on a new one."""
         with self._write:

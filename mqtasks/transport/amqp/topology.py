@@ -9,10 +9,11 @@ calls these functions from its topology hooks.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import kombu
+import structlog
 
 from ...exceptions import ConfigurationError
 from ..base import DLQ_SUFFIX, QueueSpec, QueueStats
@@ -34,6 +35,8 @@ __all__ = [
     "queue_stats",
     "route",
 ]
+
+logger = structlog.get_logger("mqtasks.transport")
 
 #: Direct exchange routing each queue's dead letters to ``<queue>.dlq``.
 DEAD_LETTER_EXCHANGE = "mqtasks.dlx"
@@ -74,8 +77,15 @@ def route(queue: str, delay: float | None) -> tuple[str, str]:
     return _level(DELAY_LEVELS - 1), delay_routing_key(delay, queue)
 
 
-def declare_topology(channel: Any) -> None:
+def declare_topology(channel: Any, reopen: Callable[[], Any] | None = None) -> None:
     """Declare the dead-letter exchange and the delay ladder.
+
+    Args:
+        channel: A py-amqp channel.
+        reopen: Returns a new channel after RabbitMQ closed the one in use; with
+            it, a level of the classic ladder whose node is down (a durable
+            classic queue cannot be declared then) is skipped with a warning,
+            so that a cluster that lost that node can still be connected to.
 
     kombu's native delayed delivery (``kombu.transport.native_delayed_delivery``)
     builds the same kind of ladder but counts whole seconds, and retry backoffs
@@ -93,14 +103,18 @@ def declare_topology(channel: Any) -> None:
     # shared by every app on the vhost (a queue cannot be redeclared as another
     # type), and RabbitMQ 3.10's quorum queues expire a message at the head only
     # lazily, which stalled the ladder in tests; classic queues expire on time.
-    # Their dead-lettering is at-most-once: see the reliability guide.
+    # On a cluster too: there, a quorum level whose leader moved to another node
+    # kept its messages past their TTL until the next one arrived (RabbitMQ
+    # 3.10.8). Their dead-lettering is at-most-once, and each level lives on one
+    # node: see the reliability guide and the cluster guide.
     quorum = False
     for k in range(DELAY_LEVELS - 1, -1, -1):
         exchange = kombu.Exchange(_level(k), type="topic", durable=True).bind(channel)
         exchange.declare()
+        onward = _level(k - 1) if k else DELAY_DELIVERY_EXCHANGE
         arguments: dict[str, Any] = {
             "x-message-ttl": 2**k,
-            "x-dead-letter-exchange": _level(k - 1) if k else DELAY_DELIVERY_EXCHANGE,
+            "x-dead-letter-exchange": onward,
             "x-overflow": "reject-publish",
         }
         if quorum:
@@ -114,9 +128,20 @@ def declare_topology(channel: Any) -> None:
             durable=True,
             queue_arguments=arguments,
         ).bind(channel)
-        queue.declare()
+        try:
+            queue.declare()
+        except Exception as exc:
+            if reopen is None or quorum or not is_not_found(exc):
+                raise
+            # RabbitMQ: "home node ... of durable queue ... is down or inaccessible".
+            logger.warning(
+                "amqp.delay_level_unavailable",
+                queue=_level(k),
+                note="its node is down: the level is unavailable until the node is back",
+            )
+            channel = reopen()
+            exchange = exchange.bind(channel)
         # A 0 bit passes the message on: to the next level, or out of the ladder.
-        onward = _level(k - 1) if k else DELAY_DELIVERY_EXCHANGE
         kombu.Exchange(onward, type="topic", durable=True).bind(channel).declare()
         channel.exchange_bind(destination=onward, source=_level(k), routing_key=prefix + "0.#")
 
@@ -171,13 +196,23 @@ def queue_arguments(spec: QueueSpec, default_type: str) -> dict[str, Any]:
         args["x-expires"] = max(1, int(spec.expires * 1000))
     if queue_type == "quorum":
         args["x-queue-type"] = "quorum"
+        if spec.replicas is not None:
+            # Capped by RabbitMQ at the number of nodes; without it, the broker's
+            # default (quorum_cluster_size: 3 on RabbitMQ 3.10).
+            args["x-quorum-initial-group-size"] = spec.replicas
         if spec.max_priority is not None:
             raise ConfigurationError(
                 f"Queue {spec.name!r}: RabbitMQ quorum queues do not support max_priority; "
                 "use QueueSpec(..., queue_type='classic') for a priority queue."
             )
-    elif spec.max_priority is not None:
-        args["x-max-priority"] = spec.max_priority
+    else:
+        if spec.replicas is not None:
+            raise ConfigurationError(
+                f"Queue {spec.name!r}: a classic queue lives on one node and has no "
+                "replicas; replicate it with QueueSpec(..., queue_type='quorum')."
+            )
+        if spec.max_priority is not None:
+            args["x-max-priority"] = spec.max_priority
     if spec.delivery_limit is not None and queue_type == "quorum":
         # Classic queues take no x-delivery-limit: their consumers count
         # deliveries themselves (AmqpConsumer, amqp.delivery_count).
