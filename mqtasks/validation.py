@@ -292,6 +292,10 @@ def check_app(
         raise ConfigurationError("\n".join(problems))
 
 
+#: Seconds SQS keeps a received message invisible at most, renewals included.
+SQS_MAX_INVISIBLE = 43200
+
+
 def time_limit_problems(app: App, queues: Sequence[str], scheme: str) -> list[str]:
     """Return what is wrong with the time limits of the tasks on ``queues``.
 
@@ -329,6 +333,16 @@ def time_limit_problems(app: App, queues: Sequence[str], scheme: str) -> list[st
             "x-consumer-timeout argument) and say so with the consumer_timeout transport "
             f"option (the broker's value is not read; {RABBITMQ_CONSUMER_TIMEOUT:g} s, "
             "RabbitMQ's default, is assumed)",
+        )
+    elif scheme == "sqs":
+        # The worker renews a held message's visibility timeout while its task
+        # runs, but SQS caps the renewals at 12 hours from the message's receipt.
+        held = (
+            "12-hour cap on a message's invisibility",
+            SQS_MAX_INVISIBLE,
+            "SQS hands a message to another worker 12 hours after it was received, even "
+            "while its worker renews the visibility timeout, so the task would run twice "
+            "at once. Lower time_limit or split the task",
         )
     problems = []
     for task in sorted(app.tasks.values(), key=lambda t: t.name):

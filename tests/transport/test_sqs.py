@@ -26,6 +26,7 @@ from mqtasks.testing import drain, running_worker
 from mqtasks.transport import sqs as sqs_transport
 from mqtasks.transport.base import DLQ_SUFFIX, Delivery, Envelope
 from mqtasks.transport.sqs import DUE_HEADER, GROUP_HEADER, SqsTransport
+from mqtasks.validation import check_app
 from tests import crash_app, status_app
 from tests._helpers.brokers import require_broker, unique_name
 from tests._helpers.crash import Crash
@@ -467,3 +468,14 @@ def test_credentials_in_the_url_never_reach_errors_or_logs(
     for text in (str(raised.value), str(raised_publish.value), repr(t), caplog.text):
         assert secret not in text
     t.close()
+
+
+def test_a_hard_limit_past_sqs_s_12_hour_cap_is_refused_at_start(sqs_app: App) -> None:
+    sqs_app.task(name="fits", time_limit=6 * 3600, max_retries=0)(lambda: None)
+    check_app(sqs_app)
+    sqs_app.task(name="endless", time_limit=13 * 3600, max_retries=0)(lambda: None)
+    with pytest.raises(ConfigurationError) as refused:
+        check_app(sqs_app)
+    assert "task 'endless': time_limit is 46800 s, above the broker's 12-hour cap" in str(
+        refused.value
+    )
