@@ -127,8 +127,9 @@ class RabbitCluster:
         return "unknown"
 
     def env(self, broker: BrokerProfile) -> dict[str, str]:
-        """Settings of a run on the cluster: a publish reconnect may have to walk the list."""
-        return {"MQTASKS_PUBLISH_RETRIES": str(max(3, 2 * len(self.nodes)))}
+        """Settings of a run on the cluster: none beyond the URL list, which carries the
+        nodes (the queue type comes from the profile, heartbeats from the run)."""
+        return {}
 
     # -- looking at it --------------------------------------------------------
 
