@@ -1,7 +1,7 @@
 """Publishing on ``redis://``: one command per message, retried after a lost
 connection within the publish timeout, and with ``durability="replicated"``
 followed by ``WAIT 1`` on the same connection (at the end of each pipelined
-chunk for :func:`publish_many`).
+chunk for ``publish_many``).
 
 Redis replicates asynchronously: a write the primary acknowledged can be
 missing on the replica that a failover promotes. ``WAIT numreplicas timeout``

@@ -378,7 +378,7 @@ class SqsTransport(KombuTransport):
 
     @contextlib.contextmanager
     def take(self, queue: str) -> Iterator[Iterator[Taken]]:
-        """Take the messages of ``queue`` one by one (see :meth:`KombuTransport.take`).
+        """Take the messages of ``queue`` one by one (see :meth:`mqtasks.transport.kombu.KombuTransport.take`).
 
         Raises:
             QueueNotFound: The queue does not exist (kombu would create it).

@@ -99,7 +99,7 @@ class SqsChannel(SQS.Channel):  # type: ignore[misc]
 
 
 class KombuSqsTransport(SQS.Transport):  # type: ignore[misc]
-    """kombu's SQS transport with :class:`SqsChannel`.
+    """kombu's SQS transport with ``SqsChannel`` (its channel, above).
 
     SQS's refusals (``ClientError``) count as channel errors: a consumer that
     meets one reconnects and declares its queues again, instead of its I/O
