@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -120,16 +121,18 @@ class AmqpTransport(KombuTransport):
         self._bounded: set[str] = set()
         #: The URL lists several nodes of a cluster (``a;b;c``).
         self.failover = ";" in url
-        self._rotation = itertools.count()
+        # Each process starts at a node of its own, so that the processes of
+        # one deployment spread over the cluster.
+        self._rotation = itertools.count(random.randrange(url.count(";") + 1))
 
     def connection(self, *, heartbeat: float = 0) -> kombu.Connection:
         """Return a new (unconnected) kombu connection to this broker.
 
         With a failover list, each new connection starts one node further
         along it (and moves on along it when a node does not answer, as kombu
-        does): a consumer reconnecting with one attempt at a time reaches
-        every node in turn rather than the first one again and again, and
-        connections spread over the cluster.
+        does), the first at a random node: a consumer reconnecting with one
+        attempt at a time reaches every node in turn rather than the first
+        one again and again, and connections spread over the cluster.
         """
         if not self.failover:
             return super().connection(heartbeat=heartbeat)

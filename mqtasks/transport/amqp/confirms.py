@@ -277,6 +277,11 @@ class _ConfirmPipeline:
                 if self._kombu is not None:
                     with contextlib.suppress(Exception):
                         self._kombu.collect()  # no polite close: the broker may not answer
+                    if getattr(self.transport, "failover", False):
+                        # A new connection starts at the next node of the list: kombu's
+                        # own reconnect would try this node first again, and a frozen
+                        # node accepts TCP and then says nothing until the timeout.
+                        self._kombu = None
         if confirms is None:
             return  # not current: given up before, with every message written on it
         with self._state:
