@@ -20,7 +20,7 @@ from ._url import mask_url
 from .exceptions import BackendError, ConfigurationError
 from .middleware.results import Results
 from .retry import RetryPolicy
-from .transport.base import broker_spec
+from .transport.base import Transport, broker_spec
 
 if TYPE_CHECKING:
     import tenacity
@@ -179,6 +179,8 @@ def check_app(
       number, or not above the longest time the app says a task may still
       run: ``shutdown_timeout``, the grace a stopping worker gives running
       tasks;
+    * a task whose retries wait, on a queue the broker cannot hold a delay on
+      (an SQS FIFO queue; :meth:`~mqtasks.transport.base.Transport.delay_refused`);
     * a task's ``soft_time_limit`` above its ``time_limit``, or a ``time_limit``
       above the time the broker lets a message stay unacknowledged
       (:func:`time_limit_problems`);
@@ -275,6 +277,8 @@ def check_app(
                     f"{transport.schemes[0]}:// cannot hold: it would be handed back at once, "
                     "in a loop. Use redis://, which holds delays in Redis, or amqp://."
                 )
+    if transport is not None and transport.capabilities.delays:
+        problems.extend(_queue_delay_problems(app, transport, names))
     problems.extend(result_problems(app))
     problems.extend(batch_problems(app, names, prefetch))
     if transport is not None:
@@ -290,6 +294,26 @@ def check_app(
             )
     if problems:
         raise ConfigurationError("\n".join(problems))
+
+
+def _queue_delay_problems(app: App, transport: Transport, names: Sequence[str]) -> list[str]:
+    """Tasks whose retries wait, on a queue the broker cannot hold a delay on (an SQS
+    FIFO queue): each retry would be dead-lettered ``retry_unsupported``."""
+    problems = []
+    for task in sorted(app.tasks.values(), key=lambda t: t.name):
+        policy = task.retry_policy
+        if task.queue not in names or not policy.max_retries:
+            continue
+        longest = max(max_backoff(policy, a) for a in range(1, policy.max_retries + 1))
+        reason = transport.delay_refused(task.queue) if longest > 0 else None
+        if reason is not None:
+            problems.append(
+                f"Queue {task.queue!r}, task {task.name!r}: its retries wait up to "
+                f"{longest:g} s, but {reason}, so each retry would be dead-lettered "
+                "(retry_unsupported). Give the task retry_backoff=0 or max_retries=0, or "
+                "send it to a queue that can hold a delay."
+            )
+    return problems
 
 
 #: Seconds SQS keeps a received message invisible at most, renewals included.

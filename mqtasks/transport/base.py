@@ -223,6 +223,17 @@ class Transport:
             )
         return f"{self.schemes[0]}:// does not order messages by priority"
 
+    def delay_refused(self, queue: str) -> str | None:
+        """Return why a message of ``queue`` cannot be held for a delay; None if it can.
+
+        Checked at a worker's start for the tasks whose retries (or flow-control
+        waits) go back through the broker held for a delay, so the mistake is
+        refused then rather than dead-lettered at the first retry.
+        """
+        if not self.capabilities.delays:
+            return f"{self.schemes[0]}:// cannot hold a message for a delay"
+        return None
+
     def forget_declared(self) -> None:
         """Forget the declaration cache (after a queue was deleted behind our back)."""
         self._declared.clear()

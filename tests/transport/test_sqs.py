@@ -479,3 +479,21 @@ def test_a_hard_limit_past_sqs_s_12_hour_cap_is_refused_at_start(sqs_app: App) -
     assert "task 'endless': time_limit is 46800 s, above the broker's 12-hour cap" in str(
         refused.value
     )
+
+
+def test_retries_that_wait_on_a_fifo_queue_are_refused_at_start(sqs_app: App) -> None:
+    fifo = unique_name("jobs") + ".fifo"
+    sqs_app.task(name="plain", queue=fifo, max_retries=0)(lambda: None)
+    sqs_app.task(name="at-once", queue=fifo, max_retries=3, retry_backoff=0)(lambda: None)
+    check_app(sqs_app)
+    sqs_app.task(name="backs-off", queue=fifo, max_retries=3)(lambda: None)
+    with pytest.raises(ConfigurationError) as refused:
+        check_app(sqs_app)
+    text = str(refused.value)
+    assert f"Queue {fifo!r}, task 'backs-off': its retries wait up to" in text
+    assert "cannot hold one message for a delay" in text and "retry_backoff=0" in text
+    assert "'at-once'" not in text and "'plain'" not in text
+    # A standard queue holds the same retries.
+    sqs_app.tasks.pop("backs-off")
+    sqs_app.task(name="standard", queue=unique_name("jobs"), max_retries=3)(lambda: None)
+    check_app(sqs_app)

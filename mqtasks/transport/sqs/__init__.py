@@ -217,6 +217,16 @@ class SqsTransport(KombuTransport):
 
     # -- publishing --------------------------------------------------------
 
+    def delay_refused(self, queue: str) -> str | None:
+        """A FIFO queue cannot hold one message for a delay (SQS delays FIFO queues
+        as a whole); a standard queue can, for up to 15 minutes at a time."""
+        if queue.endswith(".fifo"):
+            return (
+                f"the FIFO queue {queue!r} cannot hold one message for a delay (SQS delays "
+                "FIFO queues as a whole)"
+            )
+        return super().delay_refused(queue)
+
     def publish(
         self,
         queue: str,
