@@ -26,7 +26,7 @@ from mqtasks.serialization import encode_body
 from mqtasks.transport import RedisTransport
 
 from .ledger import Checks, Classification, Event, LedgerWriter, read_ledger
-from .profiles import REDIS_PROFILES, SENTINEL_PROFILES
+from .profiles import CLUSTER_PROFILES, REDIS_PROFILES, SENTINEL_PROFILES
 from .proxy import TcpProxy
 from .publisher import Publisher
 from .tasks import build_app
@@ -254,9 +254,12 @@ class Run(Checks):
             finally:
                 client.close()
             return {"ready": ready, "delayed": delayed, "unacked": unacked, "dead": dead}
-        node = self.harness.rabbit_node()
+        if self.broker in CLUSTER_PROFILES:  # as a running node of the cluster tells them
+            found = self.harness.group(self.broker).queue_depths()  # type: ignore[attr-defined]
+        else:
+            found = self.harness.rabbit_node().queue_depths()
         ready = unacked = delayed = dead = 0
-        for name, (r, u) in node.queue_depths().items():
+        for name, (r, u) in found.items():
             if name == self.queue:
                 ready, unacked = r, u
             elif name == self.queue + ".dlq":

@@ -19,6 +19,7 @@ from .batches import s21
 from .bounded import s11
 from .broker_faults import s3, s4, s5, s6
 from .circuits import s20
+from .cluster import s23
 from .controls import n1, n2, n3
 from .delays import s10, s10b, s10c
 from .events import s17
@@ -113,6 +114,12 @@ SCENARIOS: dict[str, Scenario] = {
             "a tick a second from 3 beat processes, the leader SIGKILLed twice and frozen 15 s",
             ("RQ", "RD"),
             s22,
+        ),
+        Scenario(
+            "S23",
+            "RabbitMQ cluster: kill -9 of the queue leader, rolling restart, paused node",
+            ("KQ", "KC"),
+            s23,
         ),
         Scenario(
             "S24",
