@@ -304,9 +304,12 @@ def _queue_delay_problems(app: App, transport: Transport, names: Sequence[str]) 
         policy = task.retry_policy
         if task.queue not in names or not policy.max_retries:
             continue
+        # The queue first: the schedule is worked out (tenacity imported) only if it matters.
+        reason = transport.delay_refused(task.queue)
+        if reason is None:
+            continue
         longest = max(max_backoff(policy, a) for a in range(1, policy.max_retries + 1))
-        reason = transport.delay_refused(task.queue) if longest > 0 else None
-        if reason is not None:
+        if longest > 0:
             problems.append(
                 f"Queue {task.queue!r}, task {task.name!r}: its retries wait up to "
                 f"{longest:g} s, but {reason}, so each retry would be dead-lettered "
