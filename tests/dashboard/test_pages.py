@@ -371,7 +371,9 @@ def test_workers_page_lists_workers_and_their_active_tasks(
 
             def listed() -> dict[str, Any] | None:
                 rows = client.get("/api/workers").json()["workers"]
-                return rows[0] if rows and rows[0]["active"] else None
+                # The busy count and the active list are read one after the other
+                # for a heartbeat: wait for one that shows both.
+                return rows[0] if rows and rows[0]["active"] and rows[0]["busy"] else None
 
             row = wait_for(listed, "the worker and its task on the workers page")
             assert row["worker_id"] == agent.worker_id
