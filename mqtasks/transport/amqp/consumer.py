@@ -155,15 +155,8 @@ class AmqpConsumer(KombuConsumer):
             self._hand_on(delivery)
 
     def _receive(self, raw: Any) -> None:
-        """Hand on one delivery; one that arrives while another is handed on waits
-        for it (in arrival order).
-
-        Handing a delivery on may wait for a reply from RabbitMQ (a cancel when an
-        ordered delivery goes back, a consume when a queue is subscribed), and
-        py-amqp delivers what arrives meanwhile from inside that wait: handled
-        there, each such delivery could wait again, one stack level deeper each
-        time, up to a RecursionError that would take the I/O thread down.
-        """
+        """Hand on one delivery; one arriving meanwhile (py-amqp delivers inside a wait
+        for a reply, e.g. a cancel) waits its turn, so handling never nests."""
         self._unsettled[_key(raw)] = raw.delivery_info.get("consumer_tag") or ""
         if self._receiving:
             self._arrived.append(raw)
