@@ -14,7 +14,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from ..exceptions import UnknownTransport
+from ..exceptions import ConfigurationError, UnknownTransport
 from .base import Capabilities, Consumer, Delivery, QueueSpec, QueueStats, Transport
 from .envelope import Envelope
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TRANSPORTS",
+    "UNAVAILABLE",
     "AmqpTransport",
     "AmqpsTransport",
     "Capabilities",
@@ -60,6 +61,15 @@ TRANSPORTS: dict[str, str] = {
     "memory": "mqtasks.transport.memory:MemoryTransport",
 }
 
+#: URL schemes users ask for that no transport serves yet -> what to do instead.
+UNAVAILABLE: dict[str, str] = {
+    "kafka": (
+        "kafka:// is not supported: no Kafka broker could be run where mqtasks is built "
+        "and tested, so there is no tested transport for it. For a replayable log, use "
+        "streams on RabbitMQ (amqp://) or Redis (redis://): App(streams=[StreamSpec(...)])."
+    ),
+}
+
 #: Names this package offers lazily -> the scheme whose class it is.
 _LAZY = {
     "AmqpTransport": "amqp",
@@ -75,9 +85,13 @@ def transport_class(scheme: str) -> type[Transport]:
     """Return the transport class that serves URL scheme ``scheme``.
 
     Raises:
+        ConfigurationError: A scheme mqtasks knows of but does not serve
+            (``kafka``); the error says what to use instead.
         UnknownTransport: No transport serves it; the error names the supported
             schemes and the closest match.
     """
+    if scheme in UNAVAILABLE:
+        raise ConfigurationError(UNAVAILABLE[scheme])
     try:
         path = TRANSPORTS[scheme]
     except KeyError:

@@ -39,7 +39,7 @@ def test_unknown_scheme_names_the_supported_ones_and_the_closest() -> None:
 
 
 def test_unknown_scheme_surfaces_at_first_use_of_the_app() -> None:
-    app = App("x", broker="kafka://127.0.0.1:9092")
+    app = App("x", broker="zeromq://127.0.0.1:5555")
     with pytest.raises(ConfigurationError, match="Supported URL schemes"):
         _ = app.transport
 
@@ -96,3 +96,9 @@ def test_the_old_name_of_the_redis_transport_still_resolves_with_a_warning() -> 
     with pytest.warns(DeprecationWarning, match="now mqtasks.transport.RedisTransport"):
         old = mqtasks.transport.ReliableRedisTransport
     assert old is RedisTransport
+
+
+def test_kafka_is_refused_with_what_to_use_instead() -> None:
+    with pytest.raises(ConfigurationError, match="StreamSpec") as info:
+        App("kafka-app", broker="kafka://127.0.0.1:9092").transport  # noqa: B018
+    assert not isinstance(info.value, UnknownTransport)
