@@ -79,7 +79,7 @@ def s23(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
         _back(run, 0.0)
         for p in publishers:
             p.join()
-        events, c = _finish(run, cluster, wmix_timeout(run, n, 120))
+        events, c = _finish(run, wmix_timeout(run, n, 120))
         run.extra["publishers"] = [p.stats.summary() for p in publishers]
         _recovery(run, events)
         _checks(run, c, events, quorum, publishers)
@@ -94,42 +94,9 @@ def _back(run: Run, restart_s: float) -> None:
     f["outage_s"] = round(f["back_at"] - f["at"], 1)
 
 
-def _depths(run: Run, cluster: RabbitCluster) -> dict[str, int]:
-    """Messages not yet finished, by place, as a running node of the cluster tells it."""
-    ready = unacked = delayed = dead = 0
-    for name, (r, u) in cluster.queue_depths().items():
-        if name == run.queue:
-            ready, unacked = r, u
-        elif name == run.queue + ".dlq":
-            dead = r + u
-        elif name.startswith("mqtasks.delay."):
-            delayed += r + u
-    return {"ready": ready, "delayed": delayed, "unacked": unacked, "dead": dead}
-
-
-def _finish(run: Run, cluster: RabbitCluster, timeout: float) -> tuple[list[Event], Classification]:
+def _finish(run: Run, timeout: float) -> tuple[list[Event], Classification]:
     """Wait for quiescence on the cluster, read the dead letters, classify every id."""
-    deadline = time.monotonic() + timeout
-    quiet = run.profile.quiet_s
-    last: tuple[int, int] | None = None
-    since = time.monotonic()
-    ok = False
-    while time.monotonic() < deadline:
-        try:
-            d = _depths(run, cluster)
-        except Exception as exc:  # a node may still be on its way back
-            run.notes.append(f"depth check failed: {type(exc).__name__}")
-            time.sleep(1.0)
-            continue
-        state = (run.ledger_size(), d["dead"])
-        if d["ready"] or d["delayed"] or d["unacked"] or state != last:
-            last, since = state, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            ok = True
-            break
-        time.sleep(1.0)
-    if not ok:
-        run.notes.append(f"not quiescent after {timeout:.0f} s")
+    ok = run.wait_quiescent(timeout)  # depths as a running node of the cluster tells them
     run.check("quiescent", ok, ok, f"within {timeout:.0f} s")
     run.extra["dlq_entries"] = run.drain_dead_letters()
     events = run.events()
