@@ -290,7 +290,16 @@ class Task(Generic[P, R]):
             TypeError: The arguments do not fit the function's signature.
             EncodeError: An argument cannot be sent as JSON, or the message is too large.
             PublishError: The message was not enqueued.
+            ConfigurationError: ``connection=`` on a broker other than ``postgresql://``.
+
+        ``connection=conn`` (unless the function has a parameter of that name)
+        publishes in that transaction, as :meth:`apply_async` does; type checkers
+        know only the function's parameters, so typed code calls ``apply_async``.
         """
+        if "connection" in kwargs and "connection" not in self.signature.parameters:
+            options = dict(kwargs)
+            connection = options.pop("connection")
+            return self.apply_async(args, options, connection=connection)
         return self.apply_async(args, kwargs)
 
     def apply_async(
@@ -306,6 +315,7 @@ class Task(Generic[P, R]):
         countdown: Seconds | None = None,
         eta: datetime | None = None,
         idempotency_key: str | None = None,
+        connection: Any = None,
     ) -> TaskHandle:
         """Send the call with options; return once the broker has confirmed it.
 
@@ -327,6 +337,11 @@ class Task(Generic[P, R]):
                 app's ``result_expires``); the handle of that call is returned instead
                 (:attr:`TaskHandle.duplicate <mqtasks.handle.TaskHandle.duplicate>`).
                 Needs a result backend.
+            connection: A psycopg 3 connection to the ``postgresql://`` broker's
+                database: the message is inserted in its current transaction, and
+                published only if that transaction commits (the outbox); a
+                rollback publishes nothing. Returns once inserted (not gathered
+                by a publishing block). See :doc:`/guide/postgres-broker`.
 
         Returns:
             The message's handle; pending inside a publishing block (as for :meth:`delay`).
@@ -338,6 +353,8 @@ class Task(Generic[P, R]):
             ConfigurationError: ``idempotency_key`` on an app with no result backend.
             BackendError: The result backend cannot be reached to claim the key
                 (nothing was published).
+            ConfigurationError: ``connection`` on a broker other than
+                ``postgresql://``, or with a broadcast task or a uniqueness key.
         """
         delay = _delay(countdown, eta)
         message = self.message(
@@ -349,6 +366,10 @@ class Task(Generic[P, R]):
             task_id=task_id,
             expires=expires,
         )
+        if connection is not None:
+            from .publishing import send_in_transaction  # publishing imports this module
+
+            return send_in_transaction(self, message, delay, idempotency_key, connection)
         if self.broadcast:
             return broadcast_send(
                 self, message, delay=delay, idempotency_key=idempotency_key, queue=queue
