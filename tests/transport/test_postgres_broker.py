@@ -1,0 +1,298 @@
+"""The ``postgresql://`` broker beyond the contract: NOTIFY wake-ups, delays in
+``run_at``, leases of killed workers, the delivery limit, dead letters and the outbox.
+
+Every test uses queues of its own on the shared table (``mqtasks_messages``);
+the ``make_app`` and ``crash`` fixtures delete their rows afterwards.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+import tenacity
+
+from mqtasks import App, ConfigurationError, Reject
+from mqtasks.dlq import list_dead_letters, replay_dead_letters
+from mqtasks.testing import drain, running_worker
+from mqtasks.transport.postgres import PostgresTransport
+from tests import crash_app
+from tests._helpers.brokers import POSTGRES_URL, require_broker
+from tests._helpers.crash import Crash
+from tests._helpers.wait import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pg_app(make_app: Callable[..., App]) -> Callable[..., App]:
+    """A factory of apps on the local PostgreSQL, with transport options."""
+    url = require_broker("postgresql")
+
+    def make(**options: Any) -> App:
+        return make_app(url, transport_options=options)
+
+    return make
+
+
+def transport_of(app: App) -> PostgresTransport:
+    transport = app.transport
+    assert isinstance(transport, PostgresTransport)
+    return transport
+
+
+# -- the outbox -------------------------------------------------------------------
+
+
+def test_connection_on_another_broker_is_refused(make_app: Callable[..., App]) -> None:
+    app = make_app("memory://")
+
+    @app.task
+    def record(n: int) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"needs the postgresql:// broker"):
+        record.delay(1, connection=object())  # type: ignore[call-arg]
+    with pytest.raises(ConfigurationError, match=r"memory:// keeps its messages elsewhere"):
+        record.apply_async((1,), connection=object())
+    assert app.transport.message_counts([app.queue(record.queue)]) == {record.queue: 0}
+
+
+def test_a_rolled_back_transaction_publishes_nothing_a_committed_one_publishes(
+    pg_app: Callable[..., App],
+) -> None:
+    app = pg_app()
+    ran: list[int] = []
+
+    @app.task
+    def record(n: int) -> None:
+        ran.append(n)
+
+    spec = app.queue(record.queue)
+    with psycopg.connect(POSTGRES_URL) as conn:
+        # Given a task sent inside a transaction that rolls back
+        with conn.transaction():
+            record.apply_async((1,), connection=conn)
+            raise psycopg.Rollback()
+        # Then nothing was published
+        assert app.transport.message_counts([spec]) == {record.queue: 0}
+        # Given one sent inside a transaction that commits
+        with conn.transaction():
+            handle = record.delay(2, connection=conn)  # type: ignore[call-arg]
+            # (invisible to others until the commit)
+            assert app.transport.message_counts([spec]) == {record.queue: 0}
+        # Then it is published once committed, and a worker runs it
+        assert app.transport.message_counts([spec]) == {record.queue: 1}
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker)
+    assert ran == [2]
+    assert handle.id
+
+
+def test_connection_to_another_database_is_refused(pg_app: Callable[..., App]) -> None:
+    app = pg_app()
+
+    @app.task
+    def record(n: int) -> None: ...
+
+    other = POSTGRES_URL.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(other) as conn, pytest.raises(ConfigurationError, match="database"):
+        record.apply_async((1,), connection=conn)
+
+
+def test_connection_with_a_uniqueness_claim_is_refused(pg_app: Callable[..., App]) -> None:
+    app = pg_app()
+
+    @app.task
+    def record(n: int) -> None: ...
+
+    with psycopg.connect(POSTGRES_URL) as conn, pytest.raises(ConfigurationError, match="claim"):
+        record.apply_async((1,), connection=conn, idempotency_key="k")
+
+
+# -- waking, delays, priorities ---------------------------------------------------------
+
+
+def test_a_waiting_worker_is_woken_by_notify_not_by_the_poll(pg_app: Callable[..., App]) -> None:
+    """With a 60 s fallback poll, a task sent to an idle worker runs within seconds."""
+    app = pg_app(poll_interval=60.0)
+    ran = threading.Event()
+
+    @app.task
+    def wake(n: int) -> None:
+        if n:
+            ran.set()
+
+    with running_worker(app, concurrency=1) as worker:
+        # Given a worker that has fetched, found its queue empty, and sleeps
+        wake.delay(0)
+        drain(worker)
+        # When a task is sent
+        wake.delay(1)
+        # Then the NOTIFY wakes it long before the poll would
+        assert ran.wait(10), "the task was not run within 10 s of its publish"
+
+
+def test_a_delay_is_held_in_the_table_until_run_at(pg_app: Callable[..., App]) -> None:
+    app = pg_app()
+    ran_at: list[float] = []
+
+    @app.task
+    def later() -> None:
+        ran_at.append(time.time())
+
+    spec = app.queue(later.queue)
+    with running_worker(app, concurrency=1) as worker:
+        sent_at = time.time()
+        later.apply_async(countdown=1.5)
+        # Held: not ready, counted as delayed, due in about 1.5 s on the server's clock
+        assert app.transport.message_counts([spec]) == {later.queue: 0}
+        assert app.transport.delayed_counts([spec]) == {later.queue: 1}
+        with psycopg.connect(POSTGRES_URL) as conn:
+            row = conn.execute(
+                "SELECT extract(epoch FROM run_at - now()) FROM mqtasks_messages WHERE queue = %s",
+                [later.queue],
+            ).fetchone()
+        assert row is not None and 0.5 < float(row[0]) <= 1.5
+        drain(worker)
+    [when] = ran_at
+    assert when - sent_at >= 1.4  # run no earlier than its run_at
+
+
+def test_a_retry_waits_in_the_table(pg_app: Callable[..., App]) -> None:
+    app = pg_app()
+    attempts: list[int] = []
+
+    @app.task(max_retries=1, retry_backoff=tenacity.wait_fixed(1.0))
+    def flaky() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails")
+
+    spec = app.queue(flaky.queue)
+    flaky.delay()
+    with running_worker(app, concurrency=1) as worker:
+        wait_for(
+            lambda: app.transport.delayed_counts([spec]) == {flaky.queue: 1},
+            "the retry to be held",
+            10,
+            0.02,
+        )
+        drain(worker, raise_errors=False)
+    assert len(attempts) == 2
+
+
+def test_higher_priorities_are_fetched_first(pg_app: Callable[..., App]) -> None:
+    app = pg_app()
+    order: list[int] = []
+
+    @app.task
+    def rank(n: int) -> None:
+        order.append(n)
+
+    for priority in (0, 5, 9, 1):
+        rank.apply_async((priority,), priority=priority)
+    with running_worker(app, concurrency=1, prefetch=1) as worker:
+        drain(worker)
+    assert order == [9, 5, 1, 0]
+
+
+# -- dead letters and statistics ----------------------------------------------------
+
+
+def test_dead_letters_are_browsed_in_place_and_replayed(pg_app: Callable[..., App]) -> None:
+    app = pg_app()
+    runs: list[str] = []
+
+    @app.task
+    def refuse(tag: str) -> None:
+        runs.append(tag)
+        if len(runs) == 1:
+            raise Reject("not today")
+
+    refuse.delay("a")
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker)
+    # The dead letter is a row of <queue>.dlq, read twice without being taken
+    for _ in range(2):
+        [entry] = list_dead_letters(app, refuse.queue)
+        assert (entry.reason, entry.detail) == ("rejected", "not today")
+    stats = app.transport.queue_stats([app.queue(refuse.queue)])[refuse.queue]
+    assert (stats.ready, stats.delayed, stats.dead_lettered) == (0, 0, 1)
+    # Replayed, it runs again and the dead-letter queue is empty
+    assert replay_dead_letters(app, refuse.queue) == 1
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker)
+    assert runs == ["a", "a"]
+    assert list_dead_letters(app, refuse.queue) == []
+
+
+def test_events_are_refused_clearly(pg_app: Callable[..., App]) -> None:
+    app = pg_app()
+    with pytest.raises(ConfigurationError, match="cannot route events"):
+        app.emit("order.created", {"id": 1})
+
+
+# -- killed workers: leases and the delivery limit -------------------------------------
+
+
+def crash_on_postgres(crash: Callable[[str], Crash], **options: Any) -> Crash:
+    """A crash set-up on PostgreSQL whose leases run out fast."""
+    c = crash("postgresql")
+    c.options = {"lease": 1.5, "poll_interval": 0.25, **options}
+    c.app = crash_app.make_app(c.url, c.queue, c.options)
+    return c
+
+
+def test_a_sigkilled_workers_task_comes_back_after_its_lease(
+    crash: Callable[[str], Crash],
+) -> None:
+    c = crash_on_postgres(crash)
+    spec = c.app.queue(c.queue)
+    # Given a worker whose task SIGKILLs it while holding the message
+    worker = c.start("-c", "1", "--prefetch", "1", MQTASKS_DELIVERY_LIMIT="0")
+    worker.wait_started()
+    handle = c.app.tasks[crash_app.KILL].delay("doom")
+    assert worker.wait(30) == -signal.SIGKILL
+    # Then the row is leased to the dead worker, then ready again once the lease ran out
+    stats = c.app.transport.queue_stats([spec])[c.queue]
+    assert (stats.ready, stats.unacked) in ((0, 1), (1, 0))
+    wait_for(lambda: c.app.transport.message_counts([spec]) == {c.queue: 1}, "the lease", 10)
+    # And its next delivery is counted as the second
+    consumer = c.app.transport.consumer([spec], prefetch=1)
+    got: list[Any] = []
+    consumer.start(got.append)
+    try:
+        wait_for(lambda: consumer.drain(0.05) or got, "a delivery")  # type: ignore[func-returns-value]
+        [delivery] = got
+        assert (delivery.message_id, delivery.delivery_count) == (handle.id, 2)
+        assert delivery.redelivered
+        assert consumer.ack(delivery)
+    finally:
+        consumer.close()
+    assert c.app.transport.queue_stats([spec])[c.queue].unacked == 0
+
+
+def test_a_task_that_kills_its_worker_is_dead_lettered_after_the_limit(
+    crash: Callable[[str], Crash],
+) -> None:
+    c = crash_on_postgres(crash)
+    # Given supervised workers (a dead child is replaced) and a limit of 3
+    parent = c.start("--processes", "2", "-c", "1", "--prefetch", "1", MQTASKS_DELIVERY_LIMIT="3")
+    parent.wait_started(2)
+    # When a task SIGKILLs its worker process every time it runs
+    c.app.tasks[crash_app.KILL].delay("doom")
+    parent.wait_log("task.dead_lettered", timeout=60)
+    # Then it ran 3 times and is dead-lettered with its reason, not run a 4th time
+    assert len(c.events("start", "doom")) == 3
+    [entry] = list_dead_letters(c.app, c.queue)
+    assert entry.reason == "delivery_limit"
+    assert entry.detail is not None and "delivered 4 times" in entry.detail
+    # And the workers go on with other tasks
+    c.app.tasks[crash_app.PING].delay("after")
+    wait_for(lambda: c.events("ping", "after"), "the ping to run")
+    assert c.app.transport.message_counts([c.app.queue(c.queue)]) == {c.queue: 0}
