@@ -277,25 +277,35 @@ class SqliteTransport(Transport):
             raise error
 
     def publish_many(
-        self, items: Sequence[tuple[str, Envelope]], *, timeout: float | None = None
+        self,
+        items: Sequence[tuple[str, Envelope]],
+        *,
+        timeout: float | None = None,
+        delays: Sequence[float | None] | None = None,
     ) -> list[BaseException | None]:
-        """Insert many messages in one transaction: all are enqueued, or none."""
+        """Insert many messages in one transaction: all are enqueued, or none.
+
+        Args:
+            items: ``(queue, envelope)`` pairs.
+            timeout: Unused: each waits at most ``busy_timeout`` for the write lock.
+            delays: Per item, seconds it is held (as :meth:`publish`'s ``delay``).
+        """
         rows: list[tuple[Any, ...] | None] = []
         results: list[BaseException | None] = []
-        for queue, envelope in items:
+        for n, (queue, envelope) in enumerate(items):
             try:
-                rows.append(self._row(queue, envelope, None))
+                rows.append(self._row(queue, envelope, delays[n] if delays else None))
                 results.append(None)
             except PublishError as exc:
                 rows.append(None)
                 results.append(exc)
-        good = [(i, r) for i, r in enumerate(rows) if r is not None]
+        good = [(n, r) for n, r in enumerate(rows) if r is not None]
         if good:
-            errors = self._insert(
-                [r for _, r in good], [items[i][1] for i, _ in good], "several queues"
+            [error] = self._insert(
+                [r for _, r in good], [items[n][1] for n, _ in good], "several queues"
             )
-            for i, _ in good:
-                results[i] = errors[0]
+            for n, _ in good:
+                results[n] = error
         return results
 
     def _insert(
