@@ -41,6 +41,7 @@ from .middleware import (
     StructlogContext,
 )
 from .retry import RetryPolicy
+from .streams import StreamSpec
 from .task import Task, TaskHandle
 from .transport import QueueSpec
 from .worker import Worker
@@ -77,6 +78,7 @@ __all__ = [
     "Signature",
     "SoftTimeLimitExceeded",
     "StatsdMetrics",
+    "StreamSpec",
     "StructlogContext",
     "Subscription",
     "Task",

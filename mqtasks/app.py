@@ -13,10 +13,11 @@ from . import events as _events
 from . import publishing as _publishing
 from . import queues as _queues
 from . import revoke as _revoke
+from . import streams as _streams
 from .batch_task import BatchDecorator, define
 from .config import Settings, TLSOptions, mask_url
 from .declarations import EventsAPI, PeriodicAPI
-from .events import Subscription, Subscriptions
+from .events import EventHandle, Subscription, Subscriptions
 from .exceptions import ConfigurationError, TaskNotRegistered
 from .flow.circuit import CircuitBreaker, circuits_by_name
 from .message import Message
@@ -27,12 +28,15 @@ from .periodic import PeriodicRegistry
 from .publishing import Publishing
 from .retry import RetryPolicy
 from .status import QueueStatus, queue_status
+from .streams import StartAt, StreamSpec
 from .task import BASE_OPTIONS, P, R, Task, TaskHandle
 from .transport import QueueSpec, Transport, resolve
 from .types import Seconds
 from .validation import check_app
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .backend.base import Backend
     from .publishing import LoopBatcher
     from .transport import Envelope
@@ -57,6 +61,9 @@ class App(EventsAPI, PeriodicAPI):
         circuits: :class:`~mqtasks.CircuitBreaker` declarations, shared by every
             worker through the result backend; a task joins one with
             ``@app.task(circuit=name)``.
+        streams: Replayable event streams (:class:`~mqtasks.StreamSpec`), emitted to
+            with ``emit(..., stream=name)`` and read with ``@app.on(..., stream=name)``;
+            see :mod:`mqtasks.streams`. Refused on brokers without streams.
         overrides: Individual :class:`~mqtasks.config.Settings` fields.
 
     Example::
@@ -81,6 +88,7 @@ class App(EventsAPI, PeriodicAPI):
         middleware: Iterable[Middleware] | None = None,
         retry_policy: RetryPolicy | None = None,
         circuits: Iterable[CircuitBreaker] = (),
+        streams: Iterable[StreamSpec] = (),
         **overrides: Any,
     ) -> None:
         self.name = name
@@ -111,6 +119,11 @@ class App(EventsAPI, PeriodicAPI):
         self.middleware: list[Middleware] = (
             list(middleware) if middleware is not None else default_middleware(settings)
         )
+        #: Replayable streams by name (:mod:`mqtasks.streams`).
+        self.streams = _streams.stream_specs(name, settings.broker_url, streams)
+        self._streams_declared: set[str] = set()
+        if self.streams:
+            self.middleware.append(_streams.StreamPumps())
         self._runner = Runner(self.middleware)
         self._transport: Transport | None = None
         self._backend: Backend | None = None
@@ -258,6 +271,70 @@ class App(EventsAPI, PeriodicAPI):
             TransportError: The broker refused a declaration.
         """
         return _events.declare_events(self, queues)
+
+    # -- events and streams ---------------------------------------------------------
+
+    def on(  # type: ignore[override]  # adds stream= and start=
+        self,
+        pattern: str,
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        priority: int | None = None,
+        expires: Seconds | None = None,
+        stream: str | None = None,
+        start: StartAt = "last",
+        **task_options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as the subscriber of events matching ``pattern``; see
+        :meth:`EventsAPI.on <mqtasks.declarations.EventsAPI.on>`.
+
+        With ``stream``, it reads that stream's entries instead, as group ``queue``:
+        ``start`` (``"first"``, ``"last"``, an aware datetime or an offset) is where
+        the group starts when first created; afterwards it resumes where it stopped.
+
+        Raises:
+            ConfigurationError: As for events; an unknown stream or a bad ``start``.
+        """
+        if stream is None:
+            return super().on(
+                pattern, queue=queue, name=name, priority=priority, expires=expires, **task_options
+            )
+        _streams.spec_of(self, stream)
+        return _events.subscribe(
+            self,
+            pattern,
+            queue=queue,
+            name=name,
+            priority=priority,
+            expires=expires,
+            task_options=task_options,
+            stream=stream,
+            start=_streams.check_start(start),
+        )
+
+    def emit(
+        self,
+        event: str,
+        payload: Any = None,
+        *,
+        mandatory: bool = True,
+        headers: Mapping[str, Any] | None = None,
+        event_id: str | None = None,
+        stream: str | None = None,
+    ) -> EventHandle:
+        """Publish an event; see :meth:`EventsAPI.emit <mqtasks.declarations.EventsAPI.emit>`.
+
+        With ``stream``, append it to that stream instead (kept whoever reads it, so
+        ``mandatory`` does not apply); see :func:`mqtasks.streams.emit_to_stream`.
+        """
+        if stream is None:
+            return super().emit(
+                event, payload, mandatory=mandatory, headers=headers, event_id=event_id
+            )
+        return _streams.emit_to_stream(
+            self, stream, event, payload, headers=headers, event_id=event_id
+        )
 
     # -- dead letters --------------------------------------------------------------
 

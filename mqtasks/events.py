@@ -25,6 +25,7 @@ import structlog
 
 from .exceptions import ConfigurationError, PublishError, TransportError
 from .message import MAX_NAME_LENGTH, Message, current_message
+from .transport.stream import StartAt
 from .transport.topic import check_key, check_pattern
 
 if TYPE_CHECKING:
@@ -70,6 +71,11 @@ class Subscription:
     queue: str
     #: The task that runs each event arriving on ``queue``.
     task: Task[Any, Any] = field(compare=False)
+    #: The stream it reads (:mod:`mqtasks.streams`), its group being ``queue``; None:
+    #: the queue is bound to the events exchange.
+    stream: str | None = None
+    #: Where its group starts when first created (stream subscribers only).
+    start: StartAt = field(default="last", compare=False)
 
     def __iter__(self) -> Iterator[Any]:
         # (pattern, queue, task) unpacks as the tuple it stands for.
@@ -394,9 +400,11 @@ def subscribe(
     priority: int | None,
     expires: Seconds | None,
     task_options: dict[str, Any],
+    stream: str | None = None,
+    start: StartAt = "last",
 ) -> Callable[[Callable[P, R]], Task[P, R]]:
-    """Return the decorator registering a function as ``app``'s subscriber of ``pattern``;
-    see :meth:`App.on <mqtasks.app.App.on>`.
+    """Return the decorator registering a function as ``app``'s subscriber of ``pattern``
+    (of stream ``stream``'s entries, when given); see :meth:`App.on <mqtasks.app.App.on>`.
 
     Raises:
         ConfigurationError: A bad pattern, a function that cannot take one
@@ -440,6 +448,7 @@ def subscribe(
         if (
             existing is not None
             and existing.pattern == pattern
+            and existing.stream == stream
             and (existing.task.fn is fn or same_function(existing.task.fn, fn))
         ):
             return existing.task  # type: ignore[return-value]  # module imported twice
@@ -447,7 +456,7 @@ def subscribe(
         task: Task[P, R] = app.task(
             name=name, queue=sub_queue, priority=priority, expires=expires, **task_options
         )(fn)
-        app.subscriptions.add(Subscription(pattern, sub_queue, task))
+        app.subscriptions.add(Subscription(pattern, sub_queue, task, stream, start))
         return task
 
     return register
@@ -478,9 +487,10 @@ def declare_events(app: App, queues: Sequence[str] | None = None) -> list[Subscr
     chosen = [s for s in app.subscriptions if wanted is None or s.queue in wanted]
     exchange = app.settings.events_exchange
     for sub in chosen:
-        app.transport.bind(exchange, sub.pattern, app.queue(sub.queue))
+        if sub.stream is None:  # a stream subscriber's queue is fed by its pump, not bound
+            app.transport.bind(exchange, sub.pattern, app.queue(sub.queue))
         app._bound.add(sub)
-    return chosen
+    return [s for s in chosen if s.stream is None]
 
 
 def declare_own_events(app: App) -> None:

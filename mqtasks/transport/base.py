@@ -30,6 +30,7 @@ from .queue import (
     broker_spec,
     dead_letter_spec,
 )
+from .stream import StreamStore
 from .tls import TLSOptions
 
 __all__ = [
@@ -77,6 +78,8 @@ class Capabilities:
             (one consumer of a queue at a time, the others on standby).
         expiring_queues: Honours ``QueueSpec.expires`` and ``durable=False``: the
             broker drops a queue once nobody uses it (broadcast tasks' queues).
+        streams: Keeps replayable streams (:meth:`Transport.streams`); otherwise
+            an app with ``streams=`` is refused.
     """
 
     delays: bool = False
@@ -92,6 +95,7 @@ class Capabilities:
     exchanges: bool = False
     single_active_consumer: bool = False
     expiring_queues: bool = False
+    streams: bool = False
 
 
 class Transport:
@@ -304,6 +308,20 @@ class Transport:
             else:
                 results.append(None)
         return results
+
+    # -- streams -----------------------------------------------------------------
+
+    def streams(self) -> StreamStore:
+        """Return the broker's streams (:mod:`mqtasks.transport.stream`).
+
+        Raises:
+            ConfigurationError: :attr:`Capabilities.streams` is False.
+        """
+        raise ConfigurationError(
+            f"{self.schemes[0]}:// keeps no replayable streams: use amqp:// (RabbitMQ 3.9+ "
+            "stream queues), redis:// (Redis Streams) or memory://, or plain events "
+            "(app.emit / @app.on without stream=)."
+        )
 
     # -- topic exchanges (events) ----------------------------------------------
 

@@ -38,7 +38,9 @@ from .envelope import Envelope
 from .errors import translate_errors
 from .kombu import KombuTransport
 from .kombu_consumer import KombuConsumer
+from .memory_stream import MemoryStreams
 from .queue import published_at
+from .stream import StreamStore
 from .topic import check_exchange, check_key, check_pattern, topic_matches
 
 __all__ = ["MemoryConsumer", "MemoryTransport"]
@@ -231,6 +233,7 @@ class MemoryTransport(KombuTransport):
         in_process=True,
         exchanges=True,
         expiring_queues=True,
+        streams=True,
     )
 
     def __init__(self, url: str, **kwargs: Any) -> None:
@@ -373,6 +376,10 @@ class MemoryTransport(KombuTransport):
             names = [q for _, _, q, _ in self._due]
         return {s.name: names.count(s.name) for s in specs}
 
+    def streams(self) -> StreamStore:
+        """Return this process's streams (:mod:`mqtasks.transport.memory_stream`)."""
+        return MemoryStreams()
+
     def consumer(self, specs: Sequence[QueueSpec], *, prefetch: int) -> Consumer:
         """Return a consumer of ``specs`` that can add and remove queues while consuming."""
         return MemoryConsumer(self, specs, prefetch=prefetch)
@@ -461,3 +468,4 @@ class MemoryTransport(KombuTransport):
             self._live_until.clear()
         with self._due_ready:
             self._due.clear()
+        MemoryStreams.reset()

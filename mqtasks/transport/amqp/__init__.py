@@ -32,6 +32,7 @@ from .._guard import GuardedAmqpMessage, guarded_frame_handler
 from ..base import Capabilities, Consumer, QueueSpec, QueueStats
 from ..envelope import Envelope
 from ..kombu import KombuTransport, _FailoverConnection, deadline_errback
+from ..stream import StreamStore
 from . import exchanges, topology
 from .confirms import (
     Confirm,
@@ -98,6 +99,7 @@ class AmqpTransport(KombuTransport):
         exchanges=True,
         single_active_consumer=True,
         expiring_queues=True,
+        streams=True,
     )
 
     def connection_options(self) -> dict[str, Any]:
@@ -324,6 +326,12 @@ class AmqpTransport(KombuTransport):
                 task_id=envelope.message_id,
             )
         return None
+
+    def streams(self) -> StreamStore:
+        """Return this broker's stream queues (:mod:`mqtasks.transport.amqp.streams`)."""
+        from .streams import AmqpStreams
+
+        return AmqpStreams(self)
 
     def consumer(self, specs: Sequence[QueueSpec], *, prefetch: int) -> Consumer:
         return AmqpConsumer(self, specs, prefetch=prefetch)

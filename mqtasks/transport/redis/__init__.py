@@ -120,6 +120,7 @@ from ..base import (
     Transport,
 )
 from ..envelope import Envelope
+from ..stream import StreamStore
 from . import exchanges, publishing, queues
 from .checks import redis_warnings, replication_warnings
 from .consumer import RedisConsumer
@@ -178,6 +179,7 @@ class RedisTransport(Transport):
         dead_letter_browse=True,
         exchanges=True,
         expiring_queues=True,
+        streams=True,
     )
 
     def __init__(self, url: str, *, durability: str = "local", **options: Any) -> None:
@@ -232,6 +234,7 @@ class RedisTransport(Transport):
             else urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
         )
         self.registry_key = f"{self.key_prefix}:consumers"
+        self._streams: StreamStore | None = None
         self._publisher: redis.Redis[bytes] | None = None
         self._scripts: dict[str, Any] = {}
         self._max_priority: dict[str, int] = {}
@@ -548,6 +551,14 @@ class RedisTransport(Transport):
         return queues.take(self, queue)
 
     # -- consuming ---------------------------------------------------------
+
+    def streams(self) -> StreamStore:
+        """Return this broker's Redis Streams (:mod:`mqtasks.transport.redis.streams`)."""
+        from .streams import RedisStreams
+
+        if self._streams is None:
+            self._streams = RedisStreams(self)
+        return self._streams
 
     def consumer(self, specs: Sequence[QueueSpec], *, prefetch: int) -> Consumer:
         """Return a consumer of ``specs`` with its own connections."""
