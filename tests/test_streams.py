@@ -82,7 +82,7 @@ def seen_all(seen: list[int], count: int) -> Callable[[], bool]:
 # -- configuration -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", ["redis+kombu://127.0.0.1:6379/0", "sqlite:///streams.db"])
+@pytest.mark.parametrize("url", ["redis+kombu://127.0.0.1:6379/0", "sqs://127.0.0.1:1"])
 def test_brokers_without_streams_refuse_them_at_start(url: str) -> None:
     with pytest.raises(ConfigurationError, match="keeps no replayable streams"):
         App("t", broker=url, streams=[StreamSpec("orders")])
@@ -445,3 +445,52 @@ def test_pump_threads_stop_with_the_worker() -> None:
     assert not any(t.is_alive() for t in threads)
     assert threading.active_count() >= 1
     app.transport.reset()
+
+
+# -- mqtasks stream ----------------------------------------------------------------------
+
+#: The app of the CLI test (memory://, so the command runs in this process).
+CLI_APP = App("cli", broker="memory://", streams=[StreamSpec("cli-orders")])
+
+
+@CLI_APP.on("order.*", stream="cli-orders", start="first", queue="cli.rebuild")
+def cli_rebuild(event: Any) -> None: ...
+
+
+def test_stream_command_lists_shows_and_rewinds() -> None:
+    from click.testing import CliRunner
+
+    from mqtasks.cli import cli
+
+    runner = CliRunner()
+    target = "tests.test_streams:CLI_APP"
+    try:
+        for i in range(3):
+            CLI_APP.emit("order.created", {"id": i}, stream="cli-orders")
+        listed = runner.invoke(cli, ["stream", "ls", "-A", target])
+        assert listed.exit_code == 0, listed.output
+        assert "cli-orders  3       0      2     cli.rebuild" in listed.output
+        shown = runner.invoke(cli, ["stream", "show", "cli-orders", "-A", target, "--from", "1"])
+        assert shown.exit_code == 0, shown.output
+        assert [line.split()[-1] for line in shown.output.splitlines()] == ['{"id":1}', '{"id":2}']
+        bad = [
+            "stream",
+            "replay",
+            "cli-orders",
+            "-A",
+            target,
+            "--subscriber",
+            "nope",
+            "--from",
+            "0",
+        ]
+        assert runner.invoke(cli, bad).exit_code == 2
+        replay = ["stream", "replay", "cli-orders", "-A", target, "--subscriber", "cli.rebuild"]
+        assert runner.invoke(cli, [*replay, "--from", "2"]).exit_code == 0
+        store = CLI_APP.transport.streams()
+        reader = store.reader(CLI_APP.streams["cli-orders"], "cli.rebuild", "first")
+        assert [e.offset for e in reader.read(10, 0.1)] == [2]
+        reader.close()
+        assert runner.invoke(cli, [*replay, "--from", "yesterday"]).exit_code == 2
+    finally:
+        CLI_APP.transport.reset()

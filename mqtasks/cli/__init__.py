@@ -155,5 +155,6 @@ from . import (  # noqa: E402, F401
     result,
     revoke,
     status,
+    stream,
     worker,
 )
