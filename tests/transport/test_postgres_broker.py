@@ -17,12 +17,12 @@ import psycopg
 import pytest
 import tenacity
 
-from mqtasks import App, ConfigurationError, Reject
+from mqtasks import App, ConfigurationError, QueueSpec, Reject
 from mqtasks.dlq import list_dead_letters, replay_dead_letters
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.postgres import PostgresTransport
 from tests import crash_app
-from tests._helpers.brokers import POSTGRES_URL, require_broker
+from tests._helpers.brokers import POSTGRES_URL, require_broker, unique_name
 from tests._helpers.crash import Crash
 from tests._helpers.wait import wait_for
 
@@ -296,3 +296,58 @@ def test_a_task_that_kills_its_worker_is_dead_lettered_after_the_limit(
     c.app.tasks[crash_app.PING].delay("after")
     wait_for(lambda: c.events("ping", "after"), "the ping to run")
     assert c.app.transport.message_counts([c.app.queue(c.queue)]) == {c.queue: 0}
+
+
+def test_ordered_tasks_keep_each_keys_order(make_app: Callable[..., App]) -> None:
+    """Partition queues are consumed and handed over with add_queue/remove_queue."""
+    app = make_app(
+        require_broker("postgresql"),
+        backend=POSTGRES_URL,
+        backend_key_prefix=unique_name("ordering") + ":",
+        ordering_lease_ttl=1.5,
+        ordering_gap_timeout=0.5,
+    )
+    runs: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    @app.task(ordering_key="account", partitions=2)
+    def post(account: int, n: int) -> None:
+        runs[account].append(n)
+
+    for n in range(10):
+        for account in runs:
+            post.delay(account, n)
+    with running_worker(app, concurrency=4) as worker:
+        wait_for(lambda: sum(map(len, runs.values())) == 30, "30 runs", 30)
+        drain(worker)
+    assert runs == {account: list(range(10)) for account in runs}
+
+
+def test_the_table_is_created_once_by_transports_starting_together() -> None:
+    url = require_broker("postgresql")
+    prefix = f"mqt_{unique_name('t').replace('-', '_')}_"
+    transports = [
+        PostgresTransport(url, transport_options={"table_prefix": prefix}) for _ in range(6)
+    ]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(transports))
+
+    def declare(transport: PostgresTransport) -> None:
+        barrier.wait(10)
+        try:
+            transport.declare([QueueSpec("q")])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=declare, args=(t,)) for t in transports]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert errors == []
+        assert transports[0].table == f"{prefix}messages"
+        assert transports[0].message_counts([QueueSpec("q")]) == {"q": 0}
+    finally:
+        for transport in transports[1:]:
+            transport.close()
+        transports[0].drop_table()
