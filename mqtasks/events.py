@@ -19,7 +19,7 @@ import inspect
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -31,7 +31,10 @@ from .transport.topic import check_key, check_pattern
 if TYPE_CHECKING:
     from .app import App
     from .task import P, R, Task
+    from .transport.envelope import Envelope
     from .types import Seconds
+
+T = TypeVar("T")
 
 __all__ = [
     "HEADER_EVENT",
@@ -47,6 +50,7 @@ __all__ = [
     "declare_own_events",
     "emit",
     "event_of",
+    "publish_event",
     "same_function",
     "stale_bindings",
     "subscribe",
@@ -365,6 +369,27 @@ def emit(
     """
     exchange = app.settings.events_exchange
     message = build_message(exchange, event, payload, headers=headers, event_id=event_id)
+
+    def send(envelope: Envelope) -> int:
+        declare_own_events(app)
+        return app.transport.emit(exchange, event, envelope, mandatory=mandatory)
+
+    message, routed = publish_event(app, message, send, f"published to {exchange!r}")
+    return EventHandle(message.id, event, exchange, routed if routed >= 0 else None)
+
+
+def publish_event(
+    app: App, message: Message, send: Callable[[Envelope], T], where: str
+) -> tuple[Message, T]:
+    """Run the publish middleware around ``send(envelope)`` of an event's ``message``.
+
+    Returns:
+        The message as the hooks left it, and what ``send`` returned.
+
+    Raises:
+        PublishError: ``send`` raised a TransportError (the message says ``where``).
+    """
+    event = event_of(message.headers) or message.task
     hooks = app._hooks
     message = hooks.before_publish(app, message)
     if event_of(message.headers) != event:  # a hook replaced the headers
@@ -372,20 +397,18 @@ def emit(
     try:
         envelope = message.encode(max_size=app.settings.max_message_size)
         try:
-            declare_own_events(app)
-            routed = app.transport.emit(exchange, event, envelope, mandatory=mandatory)
+            result = send(envelope)
         except (PublishError, ConfigurationError):
             raise
         except TransportError as exc:
             raise PublishError(
-                f"Event {event!r} ({message.id}) was NOT published to {exchange!r}: {exc}",
-                task_id=message.id,
+                f"Event {event!r} ({message.id}) was NOT {where}: {exc}", task_id=message.id
             ) from exc
     except BaseException as exc:
         hooks.after_publish_error(app, [message], exc)
         raise
     hooks.after_publish(app, [message])
-    return EventHandle(message.id, event, exchange, routed if routed >= 0 else None)
+    return message, result
 
 
 # -- App's subscribers (App.on, App.declare_events delegate here) ---------------------

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from .events import HEADER_EVENT, EventHandle, build_message, event_of
-from .exceptions import ConfigurationError, MQTasksError, PublishError, TransportError
+from .events import EventHandle, build_message, publish_event
+from .exceptions import ConfigurationError, MQTasksError
 from .middleware.base import Middleware
 from .transport import transport_class
 from .transport.stream import StartAt, StreamSpec, StreamStore, check_start, parse_duration
@@ -34,6 +34,7 @@ from .transport.topic import topic_matches
 if TYPE_CHECKING:
     from .app import App
     from .events import Subscription
+    from .transport.envelope import Envelope
     from .worker import Worker
 
 __all__ = [
@@ -141,25 +142,11 @@ def emit_to_stream(
     """
     spec_of(app, stream)
     message = build_message(stream, event, payload, headers=headers, event_id=event_id)
-    hooks = app._hooks
-    message = hooks.before_publish(app, message)
-    if event_of(message.headers) != event:  # a hook replaced the headers
-        message = message.copy(headers={**message.headers, HEADER_EVENT: event})
-    try:
-        envelope = message.encode(max_size=app.settings.max_message_size)
-        try:
-            entry = store_of(app, stream).append(stream, event, envelope)
-        except (PublishError, ConfigurationError):
-            raise
-        except TransportError as exc:
-            raise PublishError(
-                f"Event {event!r} ({message.id}) was NOT appended to stream {stream!r}: {exc}",
-                task_id=message.id,
-            ) from exc
-    except BaseException as exc:
-        hooks.after_publish_error(app, [message], exc)
-        raise
-    hooks.after_publish(app, [message])
+
+    def send(envelope: Envelope) -> str:
+        return store_of(app, stream).append(stream, event, envelope)
+
+    message, entry = publish_event(app, message, send, f"appended to stream {stream!r}")
     logger.debug("stream.appended", stream=stream, event_name=event, entry=entry)
     return EventHandle(message.id, event, stream, None)
 
