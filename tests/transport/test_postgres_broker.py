@@ -351,3 +351,13 @@ def test_the_table_is_created_once_by_transports_starting_together() -> None:
         for transport in transports[1:]:
             transport.close()
         transports[0].drop_table()
+
+
+def test_a_commit_not_on_disk_is_warned_about() -> None:
+    url = require_broker("postgresql")
+    for options, warned in (("", False), ("?options=-c%20synchronous_commit%3Doff", True)):
+        transport = PostgresTransport(url + options)
+        try:
+            assert any("synchronous_commit" in w for w in transport.check_broker()) is warned
+        finally:
+            transport.close()

@@ -143,7 +143,9 @@ class PostgresTransport(Transport):
         self.table_prefix = prefix
         rest = [(k, v) for k, v in query if k != "table_prefix"]
         scheme = "postgresql"
-        self.conninfo = urlunsplit(parts._replace(scheme=scheme, query=urlencode(rest)))
+        # quote, not quote_plus: libpq reads a "+" in a URI as a plus sign.
+        query_text = urlencode(rest, quote_via=quote)
+        self.conninfo = urlunsplit(parts._replace(scheme=scheme, query=query_text))
         given = {k for k, _ in rest}
         defaults: dict[str, Any] = {
             "connect_timeout": max(2, math.ceil(self.connect_timeout)),
@@ -250,6 +252,19 @@ class PostgresTransport(Transport):
     def recovery_time(self) -> float:
         """A killed worker's messages come back once their lease ran out and a consumer polls."""
         return self.lease + self.poll_interval
+
+    def check_broker(self) -> list[str]:
+        """Warn when PostgreSQL acknowledges a commit before it is on disk."""
+        with self.transaction("read the server settings") as conn:
+            row = conn.execute("SELECT current_setting('synchronous_commit')").fetchone()
+        if row is not None and str(row[0]) == "off":
+            return [
+                "PostgreSQL runs with synchronous_commit=off: a publish (and an ack) returns "
+                "before its commit is on disk, so a server crash can lose the last published "
+                "tasks or run acknowledged ones again. Set synchronous_commit=on for the "
+                "broker's database or role."
+            ]
+        return []
 
     # -- topology ----------------------------------------------------------------------
 
