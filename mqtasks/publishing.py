@@ -62,14 +62,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .exceptions import BulkPublishError, ConfigurationError, PublishError, TransportError
+from .exceptions import BulkPublishError, PublishError, TransportError
 from .message import Message
 from .ordering.publish import is_ordered, route
 from .task import Confirmation, TaskHandle
 
 if TYPE_CHECKING:
     from .app import App
-    from .task import Task
     from .transport import Envelope, Transport
 
 __all__ = [
@@ -86,7 +85,6 @@ __all__ = [
     "prepare",
     "publish_encoded",
     "send",
-    "send_in_transaction",
     "send_many",
     "settle",
 ]
@@ -421,40 +419,20 @@ def loop_batcher(app: App) -> LoopBatcher:
 
 
 def send(
-    app: App,
-    message: Message,
-    *,
-    names: list[str] | None = None,
-    delay: float | None = None,
-    connection: Any = None,
+    app: App, message: Message, *, names: list[str] | None = None, delay: float | None = None
 ) -> TaskHandle:
     """Encode and publish ``message`` for ``app``, running the publish middleware;
     see :meth:`App.send <mqtasks.app.App.send>`.
 
-    Args:
-        app: The app.
-        message: What to send.
-        names: Parameter names of the task's positional arguments, for errors.
-        delay: Seconds the broker holds the message before a worker gets it.
-        connection: The caller's database connection: the message is inserted in
-            its transaction and published only if that commits (the outbox;
-            ``postgresql://`` broker only). A publishing block does not gather it.
-
     Raises:
         EncodeError: Arguments JSON cannot carry, or a body over ``max_message_size``.
         PublishError: The broker did not take the message.
-        ConfigurationError: A delay or priority given to an ordered task; a
-            ``connection`` on a broker that keeps its messages elsewhere.
+        ConfigurationError: A delay or priority given to an ordered task.
     """
-    publish_in = None if connection is None else _outbox(app.transport)
     message, envelope = prepare(app, route(app, message, delay), names)
     block = current_block(app)
     # A delay the broker cannot hold raises at the call, below, as outside a block.
-    if (
-        publish_in is None
-        and block is not None
-        and (not delay or app.transport.capabilities.delays)
-    ):
+    if block is not None and (not delay or app.transport.capabilities.delays):
         return block.add(message, envelope, delay)
     hooks = app._hooks
     try:
@@ -466,9 +444,7 @@ def send(
                 f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
                 task_id=message.id,
             ) from exc
-        if publish_in is not None:
-            publish_in(connection, message.queue, envelope, delay=delay)
-        elif delay:
+        if delay:
             transport.publish(message.queue, envelope, delay=delay)
         else:
             transport.publish(message.queue, envelope)
@@ -477,47 +453,6 @@ def send(
         raise
     hooks.after_publish(app, [message])
     return TaskHandle(message.id, message.task, message.queue, app=app)
-
-
-def send_in_transaction(
-    task: Task[..., Any],
-    message: Message,
-    delay: float | None,
-    idempotency_key: str | None,
-    connection: Any,
-) -> TaskHandle:
-    """Publish ``message`` in ``connection``'s transaction: ``apply_async(connection=)``.
-
-    Raises:
-        ConfigurationError: A broadcast task, a uniqueness key (its claim, made
-            outside the transaction, would outlive a rollback), or a broker that
-            keeps its messages outside the caller's database.
-    """
-    if task.broadcast or idempotency_key is not None or task.unique_for is not None:
-        raise ConfigurationError(
-            f"Task {task.name!r}: connection= cannot go with a broadcast task, "
-            "idempotency_key or unique_for: a claim made outside your transaction would "
-            "outlive its rollback. Publish it after the commit instead."
-        )
-    return send(task.app, message, names=task._names, delay=delay, connection=connection)
-
-
-def _outbox(transport: Transport) -> Any:
-    """The transport's ``publish_in_transaction``, for ``connection=``.
-
-    Raises:
-        ConfigurationError: The broker keeps its messages outside the caller's database.
-    """
-    # No capability says it (and the transport interface is not ours to change
-    # here); the method does, as ``publish_many``'s signature does for delays.
-    publish_in = getattr(transport, "publish_in_transaction", None)
-    if publish_in is None:
-        raise ConfigurationError(
-            "connection= publishes in your database transaction, which needs the "
-            f"postgresql:// broker; {transport.schemes[0]}:// keeps its messages elsewhere. "
-            "Publish after your transaction commits, or use App(broker='postgresql://...')."
-        )
-    return publish_in
 
 
 async def asend(
