@@ -248,6 +248,26 @@ def test_a_message_past_its_delivery_limit_is_dead_lettered_with_its_reason(url:
     assert (entry.id, entry.reason) == (handle.id, "delivery_limit")
 
 
+def test_a_task_longer_than_the_lease_is_not_handed_out_again(url: str) -> None:
+    """The worker renews the lease while the task runs: no other consumer gets it."""
+    app = App("t", broker=url + "?lease=1", default_queue="long")
+    runs: list[int] = []
+
+    @app.task
+    def long() -> None:
+        runs.append(1)
+        time.sleep(3.5)  # three and a half leases
+
+    long.delay()
+    # Given two workers on the file, both with room for more
+    with running_worker(app, concurrency=2) as first, running_worker(app, concurrency=2):
+        wait_for(lambda: runs, "the task to start", 10)
+        drain(first, timeout=20)
+    # Then it ran once, and its row is gone
+    assert runs == [1]
+    assert app.transport.queue_stats([app.queue("long")])["long"].unacked == 0
+
+
 def test_a_requeue_does_not_count_a_delivery(url: str) -> None:
     transport = resolve(url)
     app = App("t", broker=url, default_queue="requeued")

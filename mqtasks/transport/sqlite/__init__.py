@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -139,6 +140,7 @@ class SqliteTransport(Transport):
                 f"OFF, NORMAL, FULL, EXTRA; got {values!r}."
             )
         self._pool: list[sqlite3.Connection] = []
+        self._pool_pid = os.getpid()
         self._max_priority: dict[str, int] = {}
 
     def __repr__(self) -> str:
@@ -161,6 +163,10 @@ class SqliteTransport(Transport):
     def pooled(self, what: str) -> Iterator[sqlite3.Connection]:
         """A pooled connection, with sqlite3's errors translated."""
         with self._lock:
+            if self._pool_pid != os.getpid():
+                # Forked (a worker's child process): a SQLite connection must not be
+                # used across a fork; the parent's stay with the parent, unclosed.
+                self._pool, self._pool_pid = [], os.getpid()
             conn = self._pool.pop() if self._pool else None
         if conn is None:
             conn = self.connect()
