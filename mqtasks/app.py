@@ -61,9 +61,9 @@ class App(EventsAPI, PeriodicAPI):
         circuits: :class:`~mqtasks.CircuitBreaker` declarations, shared by every
             worker through the result backend; a task joins one with
             ``@app.task(circuit=name)``.
-        streams: Replayable event streams (:class:`~mqtasks.StreamSpec`), emitted to
+        streams: Replayable event streams (``StreamSpec``), emitted to
             with ``emit(..., stream=name)`` and read with ``@app.on(..., stream=name)``;
-            see :mod:`mqtasks.streams`. Refused on brokers without streams.
+            see ``mqtasks.streams``. Refused on brokers without streams.
         overrides: Individual :class:`~mqtasks.config.Settings` fields.
 
     Example::
@@ -119,7 +119,7 @@ class App(EventsAPI, PeriodicAPI):
         self.middleware: list[Middleware] = (
             list(middleware) if middleware is not None else default_middleware(settings)
         )
-        #: Replayable streams by name (:mod:`mqtasks.streams`).
+        #: Replayable streams by name (``mqtasks.streams``).
         self.streams = _streams.stream_specs(name, settings.broker_url, streams)
         self._streams_declared: set[str] = set()
         if self.streams:
@@ -326,7 +326,7 @@ class App(EventsAPI, PeriodicAPI):
         """Publish an event; see :meth:`EventsAPI.emit <mqtasks.declarations.EventsAPI.emit>`.
 
         With ``stream``, append it to that stream instead (kept whoever reads it, so
-        ``mandatory`` does not apply); see :func:`mqtasks.streams.emit_to_stream`.
+        ``mandatory`` does not apply); see ``mqtasks.streams.emit_to_stream``.
         """
         if stream is None:
             return super().emit(

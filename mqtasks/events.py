@@ -75,7 +75,7 @@ class Subscription:
     queue: str
     #: The task that runs each event arriving on ``queue``.
     task: Task[Any, Any] = field(compare=False)
-    #: The stream it reads (:mod:`mqtasks.streams`), its group being ``queue``; None:
+    #: The stream it reads (``mqtasks.streams``), its group being ``queue``; None:
     #: the queue is bound to the events exchange.
     stream: str | None = None
     #: Where its group starts when first created (stream subscribers only).

@@ -312,7 +312,7 @@ class Transport:
     # -- streams -----------------------------------------------------------------
 
     def streams(self) -> StreamStore:
-        """Return the broker's streams (:mod:`mqtasks.transport.stream`).
+        """Return the broker's streams (``mqtasks.transport.stream``).
 
         Raises:
             ConfigurationError: :attr:`Capabilities.streams` is False.

@@ -377,7 +377,7 @@ class MemoryTransport(KombuTransport):
         return {s.name: names.count(s.name) for s in specs}
 
     def streams(self) -> StreamStore:
-        """Return this process's streams (:mod:`mqtasks.transport.memory_stream`)."""
+        """Return this process's streams (``mqtasks.transport.memory_stream``)."""
         return MemoryStreams()
 
     def consumer(self, specs: Sequence[QueueSpec], *, prefetch: int) -> Consumer:

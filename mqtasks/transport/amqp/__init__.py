@@ -328,7 +328,7 @@ class AmqpTransport(KombuTransport):
         return None
 
     def streams(self) -> StreamStore:
-        """Return this broker's stream queues (:mod:`mqtasks.transport.amqp.streams`)."""
+        """Return this broker's stream queues (``mqtasks.transport.amqp.streams``)."""
         from .streams import AmqpStreams
 
         return AmqpStreams(self)

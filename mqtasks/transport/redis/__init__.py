@@ -553,7 +553,7 @@ class RedisTransport(Transport):
     # -- consuming ---------------------------------------------------------
 
     def streams(self) -> StreamStore:
-        """Return this broker's Redis Streams (:mod:`mqtasks.transport.redis.streams`)."""
+        """Return this broker's Redis Streams (``mqtasks.transport.redis.streams``)."""
         from .streams import RedisStreams
 
         if self._streams is None:
