@@ -21,8 +21,10 @@ from .envelope import Envelope
 if TYPE_CHECKING:
     from .amqp import AmqpsTransport, AmqpTransport
     from .memory import MemoryTransport
+    from .postgres import PostgresTransport
     from .redis import RedisTransport
     from .redis_kombu import RedisKombuTransport
+    from .sqlite import SqliteTransport
 
 __all__ = [
     "TRANSPORTS",
@@ -34,10 +36,12 @@ __all__ = [
     "Delivery",
     "Envelope",
     "MemoryTransport",
+    "PostgresTransport",
     "QueueSpec",
     "QueueStats",
     "RedisKombuTransport",
     "RedisTransport",
+    "SqliteTransport",
     "SqsTransport",
     "Transport",
     "resolve",
@@ -58,6 +62,9 @@ TRANSPORTS: dict[str, str] = {
     "redis+sentinel": "mqtasks.transport.redis:RedisTransport",
     "rediss+sentinel": "mqtasks.transport.redis:RedisTransport",
     "sqs": "mqtasks.transport.sqs:SqsTransport",
+    "postgresql": "mqtasks.transport.postgres:PostgresTransport",
+    "postgres": "mqtasks.transport.postgres:PostgresTransport",
+    "sqlite": "mqtasks.transport.sqlite:SqliteTransport",
     "memory": "mqtasks.transport.memory:MemoryTransport",
 }
 
@@ -75,8 +82,10 @@ _LAZY = {
     "AmqpTransport": "amqp",
     "AmqpsTransport": "amqps",
     "MemoryTransport": "memory",
+    "PostgresTransport": "postgresql",
     "RedisKombuTransport": "redis+kombu",
     "RedisTransport": "redis",
+    "SqliteTransport": "sqlite",
     "SqsTransport": "sqs",
 }
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import socket
+import tempfile
 import threading
 import uuid
 from typing import Any
@@ -28,8 +29,10 @@ from mqtasks.transport.base import DLQ_SUFFIX
 __all__ = [
     "AMQP_URL",
     "BROKERS",
+    "POSTGRES_URL",
     "REDIS_URL",
     "RUN_ID",
+    "SQLITE_URL",
     "cleanup",
     "require_broker",
     "sqs_url",
@@ -42,11 +45,26 @@ AMQP_URL = os.environ.get("MQTASKS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1
 #: The local Redis used by integration tests (a database of its own).
 REDIS_URL = os.environ.get("MQTASKS_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
-#: ``fakeredis``: the ``redis://`` transport on an in-process fakeredis server, per app.
-BROKERS = {"memory": "memory://", "amqp": AMQP_URL, "redis": REDIS_URL, "fakeredis": FAKE_REDIS_URL}
+#: The local PostgreSQL used as a broker by integration tests (trust auth).
+POSTGRES_URL = os.environ.get(
+    "MQTASKS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 #: Unique per test run, so runs sharing a broker never see each other's queues.
 RUN_ID = uuid.uuid4().hex[:8]
+
+#: A database file of this test run's own for the ``sqlite://`` transport.
+SQLITE_URL = f"sqlite:///{tempfile.gettempdir()}/mqt-{RUN_ID}-broker.db"
+
+#: ``fakeredis``: the ``redis://`` transport on an in-process fakeredis server, per app.
+BROKERS = {
+    "memory": "memory://",
+    "amqp": AMQP_URL,
+    "redis": REDIS_URL,
+    "fakeredis": FAKE_REDIS_URL,
+    "postgresql": POSTGRES_URL,
+    "sqlite": SQLITE_URL,
+}
 _counter = itertools.count()
 
 
@@ -123,7 +141,7 @@ def require_broker(kind: str) -> str:
                 pytest.fail(f"{message}; CI requires every broker", pytrace=False)
             pytest.skip(message)
     url = BROKERS[kind]
-    if kind not in ("memory", "fakeredis") and not _reachable(url):
+    if kind not in ("memory", "fakeredis", "sqlite") and not _reachable(url):
         message = f"{kind} broker not reachable at {urlsplit(url).hostname}:{urlsplit(url).port}"
         if os.environ.get("CI"):
             pytest.fail(f"{message}; CI requires the real brokers", pytrace=False)
