@@ -361,3 +361,38 @@ def test_a_commit_not_on_disk_is_warned_about() -> None:
             assert any("synchronous_commit" in w for w in transport.check_broker()) is warned
         finally:
             transport.close()
+
+
+def test_connections_killed_by_the_server_are_replaced_without_a_duplicate(
+    make_app: Callable[..., App],
+) -> None:
+    name = unique_name("apn")
+    app = make_app(require_broker("postgresql") + f"?application_name={name}")
+    started, release = threading.Event(), threading.Event()
+    runs: list[int] = []
+
+    @app.task
+    def slow(n: int) -> None:
+        runs.append(n)
+        started.set()
+        release.wait(10)
+
+    spec = app.queue(slow.queue)
+    slow.delay(1)
+    with running_worker(app, concurrency=1) as worker:
+        assert started.wait(10)
+        # When the server ends every connection of the app (the worker's and the publishers')
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                [name],
+            ).fetchone()
+        assert killed is not None and killed[0] >= 2
+        release.set()
+        # Then a publish goes through, and the running task's ack lands after the reconnect
+        slow.delay(2)
+        drain(worker, timeout=20)
+    assert runs == [1, 2]
+    stats = app.transport.queue_stats([spec])[slow.queue]
+    assert (stats.ready, stats.unacked, stats.delayed) == (0, 0, 0)

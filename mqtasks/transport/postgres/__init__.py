@@ -230,6 +230,9 @@ class PostgresTransport(Transport):
                     max_size=max(1, self.pool_size),
                     timeout=self.publish_timeout,
                     name=f"mqtasks-broker-{self.table}",
+                    # A connection the server ended (a restart, a failover) is
+                    # replaced when taken, rather than failing the next publish.
+                    check=ConnectionPool.check_connection,
                     open=True,
                 )
             return self._pool
@@ -319,6 +322,8 @@ class PostgresTransport(Transport):
         }
 
     def _not_enqueued(self, envelope: Envelope, queue: str, exc: BaseException) -> PublishError:
+        if isinstance(exc, TransportError) and exc.__cause__ is not None:
+            exc = exc.__cause__  # the driver's own words, not our translation of them
         return PublishError(
             redact(
                 f"Task {envelope.message_id} was NOT enqueued on {queue!r}: the broker at "
