@@ -286,8 +286,8 @@ class App(EventsAPI, PeriodicAPI):
         start: StartAt = "last",
         **task_options: Any,
     ) -> Callable[[Callable[P, R]], Task[P, R]]:
-        """Register a function as the subscriber of events matching ``pattern``; see
-        :meth:`EventsAPI.on <mqtasks.declarations.EventsAPI.on>`.
+        """Register a function as the subscriber of events matching ``pattern``
+        (see :doc:`/guide/events`).
 
         With ``stream``, it reads that stream's entries instead, as group ``queue``:
         ``start`` (``"first"``, ``"last"``, an aware datetime or an offset) is where
@@ -323,7 +323,8 @@ class App(EventsAPI, PeriodicAPI):
         event_id: str | None = None,
         stream: str | None = None,
     ) -> EventHandle:
-        """Publish an event; see :meth:`EventsAPI.emit <mqtasks.declarations.EventsAPI.emit>`.
+        """Publish an event: every subscriber whose pattern matches ``event`` runs it once
+        (see :doc:`/guide/events`).
 
         With ``stream``, append it to that stream instead (kept whoever reads it, so
         ``mandatory`` does not apply); see ``mqtasks.streams.emit_to_stream``.

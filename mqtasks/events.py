@@ -19,7 +19,7 @@ import inspect
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from .task import P, R, Task
     from .transport.envelope import Envelope
     from .types import Seconds
-
-T = TypeVar("T")
 
 __all__ = [
     "HEADER_EVENT",
@@ -379,8 +377,8 @@ def emit(
 
 
 def publish_event(
-    app: App, message: Message, send: Callable[[Envelope], T], where: str
-) -> tuple[Message, T]:
+    app: App, message: Message, send: Callable[[Envelope], Any], where: str
+) -> tuple[Message, Any]:
     """Run the publish middleware around ``send(envelope)`` of an event's ``message``.
 
     Returns:
