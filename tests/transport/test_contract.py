@@ -1,6 +1,7 @@
 """The contract every transport meets: memory, the local RabbitMQ, the local Redis,
 the ``redis://`` transport on fakeredis (what ``mqtasks.testing.fake_redis_app`` offers),
-and ``sqs://`` on a local moto server (what SQS cannot do is refused: ``test_sqs.py``).
+``sqs://`` on a local moto server (what SQS cannot do is refused: ``test_sqs.py``),
+the local PostgreSQL as a broker, and ``sqlite://`` on a file of the test run's own.
 
 Publish, consume, ack after the task; bad input rejected with its reason and
 never blocking the queue; unstarted prefetched messages handed back on stop.
@@ -25,7 +26,7 @@ from tests._helpers.publish import raw_publish
 from tests._helpers.wait import wait_for
 
 
-@pytest.fixture(params=["memory", "amqp", "redis", "fakeredis", "sqs"])
+@pytest.fixture(params=["memory", "amqp", "redis", "fakeredis", "sqs", "postgresql", "sqlite"])
 def broker_url(request: pytest.FixtureRequest) -> str:
     """Each transport in turn, and ``redis://`` on fakeredis as well."""
     return require_broker(request.param)
