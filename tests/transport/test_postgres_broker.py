@@ -17,7 +17,7 @@ import psycopg
 import pytest
 import tenacity
 
-from mqtasks import App, ConfigurationError, QueueSpec, Reject
+from mqtasks import App, ConfigurationError, PublishError, QueueSpec, Reject
 from mqtasks.dlq import list_dead_letters, replay_dead_letters
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.postgres import PostgresTransport
@@ -91,6 +91,40 @@ def test_a_rolled_back_transaction_publishes_nothing_a_committed_one_publishes(
         drain(worker)
     assert ran == [2]
     assert handle.id
+
+
+def test_a_failed_insert_leaves_the_callers_transaction_usable(
+    pg_app: Callable[..., App],
+) -> None:
+    app = pg_app()
+
+    @app.task
+    def record(n: int) -> None: ...
+
+    spec = app.queue(record.queue)
+    with psycopg.connect(POSTGRES_URL) as conn:
+        with conn.transaction():
+            # A NUL character is refused by jsonb: the insert fails under its savepoint
+            with pytest.raises(PublishError, match="NOT enqueued"):
+                record.apply_async((1,), headers={"x-note": "a\x00b"}, connection=conn)
+            # and the caller's transaction goes on, publishing the next one
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            record.apply_async((2,), connection=conn)
+    assert app.transport.message_counts([spec]) == {record.queue: 1}
+
+
+def test_a_tasks_own_connection_parameter_is_an_argument(make_app: Callable[..., App]) -> None:
+    app = make_app("memory://")
+    got: list[str] = []
+
+    @app.task
+    def connect(connection: str) -> None:
+        got.append(connection)
+
+    connect.delay(connection="db-1")
+    with running_worker(app, concurrency=1) as worker:
+        drain(worker)
+    assert got == ["db-1"]
 
 
 def test_connection_to_another_database_is_refused(pg_app: Callable[..., App]) -> None:
