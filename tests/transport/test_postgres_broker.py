@@ -102,14 +102,13 @@ def test_a_failed_insert_leaves_the_callers_transaction_usable(
     def record(n: int) -> None: ...
 
     spec = app.queue(record.queue)
-    with psycopg.connect(POSTGRES_URL) as conn:
-        with conn.transaction():
-            # A NUL character is refused by jsonb: the insert fails under its savepoint
-            with pytest.raises(PublishError, match="NOT enqueued"):
-                record.apply_async((1,), headers={"x-note": "a\x00b"}, connection=conn)
-            # and the caller's transaction goes on, publishing the next one
-            assert conn.execute("SELECT 1").fetchone() == (1,)
-            record.apply_async((2,), connection=conn)
+    with psycopg.connect(POSTGRES_URL) as conn, conn.transaction():
+        # A NUL character is refused by jsonb: the insert fails under its savepoint
+        with pytest.raises(PublishError, match="NOT enqueued"):
+            record.apply_async((1,), headers={"x-note": "a\x00b"}, connection=conn)
+        # and the caller's transaction goes on, publishing the next one
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        record.apply_async((2,), connection=conn)
     assert app.transport.message_counts([spec]) == {record.queue: 1}
 
 
