@@ -379,6 +379,11 @@ def test_a_file_that_cannot_be_used_gives_a_clear_error(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a database at all" * 100)
     with pytest.raises(ConnectionFailed, match=r"garbage\.db"):
         SqliteTransport(f"sqlite:///{garbage}").connect()
+    with pytest.raises(ConfigurationError, match="is a directory"):
+        SqliteTransport(f"sqlite:///{tmp_path}").connect()
+    if Path("/proc/self").is_dir():  # a directory nobody can create files in, root included
+        with pytest.raises(ConfigurationError, match=r"cannot create or open .* writable"):
+            SqliteTransport("sqlite:////proc/mqtasks-test.db").connect()
     with pytest.raises(ConfigurationError, match="in-memory"):
         resolve("sqlite://")
     with pytest.raises(ConfigurationError, match="Unknown transport option"):

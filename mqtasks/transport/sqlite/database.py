@@ -108,6 +108,11 @@ def url_options(url: str) -> dict[str, str]:
 def _check_directory(path: Path, url: str) -> None:
     """Refuse a file SQLite could not write, before SQLite says so less clearly."""
     directory = path.parent
+    if path.is_dir():
+        raise ConfigurationError(
+            f"{mask_url(url)}: {str(path)!r} is a directory; name a database file in it "
+            f"(sqlite:///{path}/tasks.db)."
+        )
     if not directory.is_dir():
         raise ConfigurationError(
             f"{mask_url(url)}: the directory {str(directory)!r} of the database file does "
@@ -143,7 +148,7 @@ def connect(path: Path, url: str, *, busy_timeout: float, synchronous: str) -> s
             str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
     except sqlite3.Error as exc:
-        raise ConnectionFailed(f"cannot open the SQLite database {str(path)!r}: {exc}") from exc
+        raise _open_error(exc, path, url) from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -156,10 +161,27 @@ def connect(path: Path, url: str, *, busy_timeout: float, synchronous: str) -> s
         conn.executescript(SCHEMA)
     except BaseException as exc:
         conn.close()
+        if isinstance(exc, sqlite3.Error) and "unable to open" in str(exc):
+            raise ConfigurationError(
+                f"{mask_url(url)}: SQLite cannot create or open {str(path)!r} ({exc}); "
+                "the file and its directory must be writable by this user (in WAL mode "
+                "SQLite also writes its -wal and -shm files beside it)."
+            ) from exc
         if isinstance(exc, sqlite3.Error):
             raise ConnectionFailed(f"cannot use the SQLite database {str(path)!r}: {exc}") from exc
         raise
     return conn
+
+
+def _open_error(exc: sqlite3.Error, path: Path, url: str) -> Exception:
+    """The error to raise when SQLite cannot open or set up ``path``."""
+    if "unable to open" in str(exc):
+        return ConfigurationError(
+            f"{mask_url(url)}: SQLite cannot create or open {str(path)!r} ({exc}); the "
+            "file and its directory must be writable by this user (in WAL mode SQLite "
+            "also writes its -wal and -shm files beside it)."
+        )
+    return ConnectionFailed(f"cannot use the SQLite database {str(path)!r}: {exc}")
 
 
 @contextlib.contextmanager
