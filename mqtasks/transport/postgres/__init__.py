@@ -570,7 +570,7 @@ def stored(row: Sequence[Any]) -> StoredMessage:
     return StoredMessage(
         body=bytes(row[9]),
         message_id=row[5],
-        headers=dict(row[6] or {}),
+        headers=dict(row[6]) if isinstance(row[6], dict) else {},
         content_type=row[7],
         content_encoding=row[8],
     )
