@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mqtasks import App, ConfigurationError, StreamSpec, Worker
+from mqtasks import App, ConfigurationError, StreamSpec, Unroutable, Worker
 from mqtasks.retry import RetryPolicy
 from mqtasks.streams import StreamPump, StreamPumps
 from mqtasks.testing import running_worker
@@ -98,6 +98,21 @@ def test_unknown_stream_and_bad_start_are_refused() -> None:
         app.on("order.*", stream="orders", start=datetime(2024, 1, 1))
     with pytest.raises(ConfigurationError, match="no stream"):
         app.emit("order.created", {}, stream="payments")
+
+
+def test_plain_events_do_not_reach_stream_subscribers() -> None:
+    app = App("t", broker="memory://", streams=[StreamSpec("orders")])
+
+    @app.on("order.*", stream="orders", queue=unique_name("g"))
+    def from_stream(event: Any) -> None: ...
+
+    try:
+        assert app.declare_events() == []  # a stream subscriber's queue is not bound
+        with pytest.raises(Unroutable):
+            app.emit("order.created", {"id": 1})
+        assert app.emit("order.created", {"id": 1}, mandatory=False).routed == 0
+    finally:
+        app.transport.reset()
 
 
 def test_retention_strings_are_seconds() -> None:
@@ -202,6 +217,27 @@ def test_group_resumes_where_it_stopped_not_at_start(stream_app: MakeApp) -> Non
         wait_for(lambda: 1 in seen, lambda: f"second event ({seen})")
         time.sleep(0.3)
     assert seen == [0, 1]
+
+
+def test_two_workers_of_one_group_run_each_event_once(stream_app: MakeApp) -> None:
+    """RabbitMQ and memory://: one pump of the group reads at a time (the lease); Redis:
+    both read the consumer group side by side. Either way no event runs twice."""
+    app = stream_app()
+    stream = stream_of(app)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    @app.on("order.*", stream=stream, start="first", queue=unique_name("g"))
+    def once(event: dict[str, int]) -> None:
+        with lock:
+            seen.append(event["id"])
+
+    with running_worker(app), running_worker(app):
+        for i in range(300):
+            app.emit("order.created", {"id": i}, stream=stream)
+        wait_for(seen_all(seen, 300), lambda: f"300 events ({len(set(seen))})", 60)
+        time.sleep(0.5)
+    assert sorted(seen) == list(range(300))
 
 
 def test_datetime_start_skips_older_entries(stream_app: MakeApp) -> None:
