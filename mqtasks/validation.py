@@ -180,7 +180,9 @@ def check_app(
       run: ``shutdown_timeout``, the grace a stopping worker gives running
       tasks;
     * a task whose retries wait, on a queue the broker cannot hold a delay on
-      (an SQS FIFO queue; :meth:`~mqtasks.transport.base.Transport.delay_refused`);
+      (an SQS FIFO queue; :meth:`~mqtasks.transport.base.Transport.delay_refused`),
+      unless it is an ordered task whose retries wait in the queue (its broker
+      keeps the key's order itself), for up to SQS's 12 hours;
     * a task's ``soft_time_limit`` above its ``time_limit``, or a ``time_limit``
       above the time the broker lets a message stay unacknowledged
       (:func:`time_limit_problems`);
@@ -309,6 +311,16 @@ def _queue_delay_problems(app: App, transport: Transport, names: Sequence[str]) 
         if reason is None:
             continue
         longest = max(max_backoff(policy, a) for a in range(1, policy.max_retries + 1))
+        if task.ordering is not None and transport.native_ordering_refused(task.queue) is None:
+            # Not delayed by the broker: the message waits in its queue, first of its key.
+            if longest > SQS_MAX_INVISIBLE:
+                problems.append(
+                    f"Queue {task.queue!r}, task {task.name!r}: its retries wait up to "
+                    f"{longest:g} s, but a message waits in place for at most "
+                    f"{SQS_MAX_INVISIBLE} s (SQS's longest visibility timeout). Give "
+                    "the task a shorter retry_backoff."
+                )
+            continue
         if longest > 0:
             problems.append(
                 f"Queue {task.queue!r}, task {task.name!r}: its retries wait up to "

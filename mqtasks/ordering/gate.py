@@ -75,6 +75,8 @@ def gate(
         return Gate("run", message, in_lane)
     # The worker knows its partitions; parsing the name is for a queue it does not order.
     base = ordered.bases.get(delivery.queue) if ordered is not None else None
+    if delivery.queue == task.queue and app.transport.native_ordering_refused(task.queue) is None:
+        base = task.queue  # ordered by the broker itself (an SQS FIFO queue): no partitions
     if (base or base_queue(app, delivery.queue)) != task.queue:
         try:
             reroute(app, task, message, delivery)

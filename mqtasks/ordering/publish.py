@@ -7,6 +7,10 @@ task with ``ordering_key`` goes to its key's partition queue with the headers
 backend's counter of the key gave it). :func:`reroute` sends a message of an
 ordered task that arrived on its base queue (a replayed dead letter, an old
 client) through its partition with a fresh number.
+
+On a queue whose broker keeps each key's order itself (an SQS FIFO queue:
+``Capabilities.native_ordering``), a message stays on the task's queue with
+only ``mqtasks-okey``, which the broker takes as its group; no number.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ def _numbered(app: App, task: Task[Any, Any], message: Message) -> Message:
     bound = task.signature.bind(*message.args, **message.kwargs)
     bound.apply_defaults()
     okey = ordering.okey(bound.arguments)
+    if app.transport.native_ordering_refused(task.queue) is None:
+        return message.copy(queue=task.queue, headers={**message.headers, HEADER_OKEY: okey})
     seq = app.backend.incr(sequence_key(task.queue, okey), ttl=app.settings.ordering_state_ttl)
     headers = {**message.headers, HEADER_OKEY: okey, HEADER_OSEQ: seq}
     return message.copy(queue=ordering.partition(task.queue, okey), headers=headers)
@@ -104,6 +110,6 @@ def reroute(app: App, task: Task[Any, Any], message: Message, delivery: Delivery
         task_name=task.name,
         queue=delivery.queue,
         partition=routed.queue,
-        seq=routed.headers[HEADER_OSEQ],
+        seq=routed.headers.get(HEADER_OSEQ),
     )
     return routed.queue

@@ -55,10 +55,11 @@ def base_queue(app: App, name: str) -> str | None:
 
 
 def partitions_of(app: App, queues: Sequence[str]) -> list[str]:
-    """Return the partition queues of those of ``queues`` that carry ordered tasks."""
+    """Return the partition queues of those of ``queues`` that carry ordered tasks (none
+    of a queue the broker orders natively: ``Capabilities.native_ordering``)."""
     return [
         partition_name(q, i, n)
         for q, n in ordered_queues(app.tasks.values()).items()
-        if q in queues
+        if q in queues and app.transport.native_ordering_refused(q) is not None
         for i in range(n)
     ]

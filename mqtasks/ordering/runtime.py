@@ -10,6 +10,11 @@ in place (:meth:`~OrderedDeliveries.hold`) and calls
 holds and gaps whose time has come). Only the I/O thread calls these, as
 only it touches the consumer; the :class:`~.assignment.Assignment` thread
 talks to the backend and posts its changes here.
+
+A queue whose broker keeps each key's order itself (an SQS FIFO queue, see
+``Capabilities.native_ordering``) has no partitions: its consumer hands on a
+key's messages one at a time, and a retry or deferral of one waits in the
+queue (:meth:`~mqtasks.transport.base.Transport.hold_in_place`), first of its key.
 """
 
 from __future__ import annotations
@@ -42,7 +47,22 @@ RESUME_TTL = 86400.0
 
 
 def _ordered(app: App, queues: Sequence[str]) -> dict[str, int]:
-    return {q: n for q, n in ordered_queues(app.tasks.values()).items() if q in queues}
+    """The partition counts of ``queues`` that carry ordered tasks, those the broker
+    orders natively left out."""
+    return {
+        q: n
+        for q, n in ordered_queues(app.tasks.values()).items()
+        if q in queues and app.transport.native_ordering_refused(q) is not None
+    }
+
+
+def _native(app: App, queues: Sequence[str]) -> set[str]:
+    """Those of ``queues`` that carry ordered tasks and that the broker orders natively."""
+    return {
+        q
+        for q in ordered_queues(app.tasks.values())
+        if q in queues and app.transport.native_ordering_refused(q) is None
+    }
 
 
 def check_consumer(app: App, queues: Sequence[str], consumer: Consumer) -> None:
@@ -55,6 +75,17 @@ def check_consumer(app: App, queues: Sequence[str], consumer: Consumer) -> None:
     found = _ordered(app, queues)
     if not found:
         return
+    if (
+        type(consumer).add_queue is Consumer.add_queue
+        and app.transport.capabilities.native_ordering
+    ):
+        raise ConfigurationError(
+            "\n".join(
+                f"Queue {q!r} carries ordered tasks, but "
+                f"{app.transport.native_ordering_refused(q)}."
+                for q in sorted(found)
+            )
+        )
     if type(consumer).add_queue is Consumer.add_queue:
         scheme = app.transport.schemes[0] if app.transport.schemes else "this transport"
         raise ConfigurationError(
@@ -88,9 +119,12 @@ def ordered_deliveries(
         TransportError: The partition queues cannot be declared.
     """
     found = _ordered(app, queues)
-    if not found:
+    native = _native(app, queues)
+    if not found and not native:
         return None
-    ordered = OrderedDeliveries(app, found, consumer, dispatch=dispatch, counted=counted, wake=wake)
+    ordered = OrderedDeliveries(
+        app, found, consumer, dispatch=dispatch, counted=counted, wake=wake, native=native
+    )
     # Every partition exists from now on (counted by status and drain(), even unowned).
     app.transport.declare([app.queue(name) for name in sorted(ordered.partitions)])
     ordered.start()
@@ -107,6 +141,7 @@ class OrderedDeliveries:
         dispatch: Hands a delivery to the worker threads (which ask :meth:`verdict`).
         counted: Counts a delivery handed back to the broker as settled.
         wake: Wakes the I/O thread (any thread).
+        native: Queues of ordered tasks that the broker orders natively (no partitions).
     """
 
     def __init__(
@@ -118,8 +153,11 @@ class OrderedDeliveries:
         dispatch: Callable[[Delivery], None],
         counted: Callable[[Delivery], None],
         wake: Callable[[], None],
+        native: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
+        #: Queues of ordered tasks that the broker orders natively.
+        self.native = frozenset(native)
         self.consumer = consumer
         self.lanes = Lanes(app.settings.ordering_gap_timeout)
         self._dispatch = dispatch
@@ -158,7 +196,8 @@ class OrderedDeliveries:
         Not consumed here: a consumer may deliver from within ``add_queue``, and
         the worker routes deliveries here only once this object is its own.
         """
-        self.assignment.start()
+        if self.partitions:
+            self.assignment.start()
 
     def post(self, changes: list[Change]) -> None:
         """Take a round's ownership changes from the assignment thread (any thread)."""
@@ -188,8 +227,9 @@ class OrderedDeliveries:
         return True
 
     def tracks(self, delivery: Delivery) -> bool:
-        """Whether ``delivery`` is in a key lane."""
-        return self.lanes.tracks(delivery)
+        """Whether ``delivery`` is in a key lane, or from a queue ordered natively (its
+        retries and deferrals then wait in place too)."""
+        return delivery.queue in self.native or self.lanes.tracks(delivery)
 
     def settled(self, delivery: Delivery) -> None:
         """``delivery`` is settled: the next of its key may run."""
@@ -222,9 +262,28 @@ class OrderedDeliveries:
             )
 
     def hold(self, delivery: Delivery) -> None:
-        """Keep ``delivery`` unacked in its lane until its delay is over, then run it again."""
+        """Keep ``delivery`` unacked in its lane until its delay is over, then run it again
+        (on a queue ordered natively, in the queue: the broker delivers it again)."""
         delay = self._resume.get(id(delivery), (0.0, None))[0]
+        if delivery.queue in self.native:
+            self._hold_in_queue(delivery, delay)
+            return
         self.lanes.hold(delivery, time.monotonic() + delay)
+
+    def _hold_in_queue(self, delivery: Delivery, delay: float) -> None:
+        self._resume.pop(id(delivery), None)
+        try:
+            self.app.transport.hold_in_place(self.consumer, delivery, delay)
+        except MQTasksError as exc:
+            logger.warning(
+                "ordering.hold_failed",
+                queue=delivery.queue,
+                task_id=delivery.message_id,
+                error=str(exc),
+                note="requeued: runs again without waiting",
+            )
+            self.consumer.requeue(delivery)
+        self._counted(delivery)
 
     def verdict(self, delivery: Delivery) -> str | None:
         """The dead-letter reason ``delivery`` gets instead of running, if any (worker thread)."""
@@ -236,7 +295,17 @@ class OrderedDeliveries:
         return found[1] if found is not None else None
 
     def requeue(self, delivery: Delivery) -> None:
-        """Hand ``delivery`` back unrun, with the deliveries of its key waiting behind it."""
+        """Hand ``delivery`` back unrun, with the deliveries of its key waiting behind it
+        (on a queue ordered natively, its consumer hands those back; a retry held in
+        place keeps its wait)."""
+        if delivery.queue in self.native:
+            held = self._resume.get(id(delivery))
+            if held is not None:
+                self._hold_in_queue(delivery, held[0])
+                return
+            self.consumer.requeue(delivery)
+            self._counted(delivery)
+            return
         self.hand_back(self.lanes.requeue(delivery))
 
     def hand_back(self, deliveries: Sequence[Delivery]) -> None:

@@ -80,6 +80,12 @@ class Capabilities:
             broker drops a queue once nobody uses it (broadcast tasks' queues).
         streams: Keeps replayable streams (:meth:`Transport.streams`); otherwise
             an app with ``streams=`` is refused.
+        native_ordering: Some queues keep the order of each ordering key's messages
+            themselves (SQS FIFO queues, by ``MessageGroupId``) and the consumer hands
+            on a key's next message only once the one before is settled: ordered
+            tasks on such a queue need no partitions, and their retries wait in place
+            (:meth:`Transport.hold_in_place`). Which queues:
+            :meth:`Transport.native_ordering_refused`.
     """
 
     delays: bool = False
@@ -96,6 +102,7 @@ class Capabilities:
     single_active_consumer: bool = False
     expiring_queues: bool = False
     streams: bool = False
+    native_ordering: bool = False
 
 
 class Transport:
@@ -237,6 +244,31 @@ class Transport:
         if not self.capabilities.delays:
             return f"{self.schemes[0]}:// cannot hold a message for a delay"
         return None
+
+    def native_ordering_refused(self, queue: str) -> str | None:
+        """Return why ``queue`` cannot keep the order of an ordering key's messages
+        itself; None if it can (see ``Capabilities.native_ordering``).
+
+        Ordered tasks on a queue that can are published to it with their key as
+        the broker's group; the others go through partition queues.
+        """
+        if not self.capabilities.native_ordering:
+            return f"{self.schemes[0]}:// does not keep the order of a key's messages itself"
+        return None
+
+    def hold_in_place(self, consumer: Consumer, delivery: Delivery, delay: float) -> None:
+        """Leave ``delivery`` unacknowledged in its queue, to be delivered again after
+        ``delay`` s ahead of the later messages of its ordering key (a retry of an
+        ordered task on a queue that orders natively). It is settled as far as
+        ``consumer`` goes: the broker has it.
+
+        Raises:
+            ConfigurationError: The queue does not order natively.
+        """
+        raise ConfigurationError(
+            f"Queue {delivery.queue!r}: {self.native_ordering_refused(delivery.queue)}, so "
+            "a message cannot wait in it for its next attempt."
+        )
 
     def forget_declared(self) -> None:
         """Forget the declaration cache (after a queue was deleted behind our back)."""

@@ -77,6 +77,19 @@ def loaded_queue(sqs_app: App, prefix: str, n: int) -> tuple[str, QueueSpec]:
     return queue, spec
 
 
+def received_groups(url: str, queue: str, receives: int = 2) -> list[str]:
+    """Receive from ``queue`` straight from SQS; return the ``MessageGroupId`` of each message."""
+    c = client(url)
+    q_url = c.get_queue_url(QueueName=queue)["QueueUrl"]  # type: ignore[attr-defined]
+    groups = []
+    for _ in range(receives):
+        resp = c.receive_message(  # type: ignore[attr-defined]
+            QueueUrl=q_url, MessageSystemAttributeNames=["MessageGroupId"], WaitTimeSeconds=2
+        )
+        groups += [m["Attributes"]["MessageGroupId"] for m in resp.get("Messages", [])]
+    return groups
+
+
 def drain_until(consumer: object, got: list[Delivery], n: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while len(got) < n:
@@ -421,14 +434,7 @@ def test_a_fifo_queue_keeps_order_and_groups_by_ordering_key(
     # A group named by the caller, else the ordering key's digest, becomes the message group
     step.apply_async(args=(7,), headers={GROUP_HEADER: "account-42"})
     app.transport.publish(queue, envelope(9, **{"mqtasks-okey": "abc123"}))
-    c = client(url)
-    q_url = c.get_queue_url(QueueName=queue)["QueueUrl"]  # type: ignore[attr-defined]
-    groups = []
-    for _ in range(2):
-        resp = c.receive_message(  # type: ignore[attr-defined]
-            QueueUrl=q_url, MessageSystemAttributeNames=["MessageGroupId"], WaitTimeSeconds=2
-        )
-        groups += [m["Attributes"]["MessageGroupId"] for m in resp.get("Messages", [])]
+    groups = received_groups(url, queue)
     assert sorted(groups) == ["abc123", "account-42"]
 
 
@@ -497,3 +503,158 @@ def test_retries_that_wait_on_a_fifo_queue_are_refused_at_start(sqs_app: App) ->
     sqs_app.tasks.pop("backs-off")
     sqs_app.task(name="standard", queue=unique_name("jobs"), max_retries=3)(lambda: None)
     check_app(sqs_app)
+
+
+# -- ordered tasks on FIFO queues -------------------------------------------------------
+
+
+class KeyLog:
+    """What ordered tasks ran, per key, from every worker thread; and how many keys at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.runs: dict[int, list[object]] = {}
+        self.running: set[int] = set()
+        self.overlaps: list[int] = []  # keys seen running twice at once
+        self.most_at_once = 0
+
+    def start(self, key: int) -> None:
+        with self._lock:
+            if key in self.running:
+                self.overlaps.append(key)
+            self.running.add(key)
+            self.most_at_once = max(self.most_at_once, len(self.running))
+
+    def end(self, key: int, entry: object) -> None:
+        with self._lock:
+            self.running.discard(key)
+            self.runs.setdefault(key, []).append(entry)
+
+    def of(self, key: int) -> list[object]:
+        with self._lock:
+            return list(self.runs.get(key, []))
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(len(r) for r in self.runs.values())
+
+
+def test_an_ordered_task_on_a_standard_queue_is_refused_at_start(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    app = make_app(url, backend="memory://")
+    standard = unique_name("ledger")
+    app.task(name="post", queue=standard, ordering_key="account", max_retries=0)(
+        lambda account: None
+    )
+    with pytest.raises(ConfigurationError) as refused, running_worker(app):
+        pass
+    text = str(refused.value)
+    assert f"Queue {standard!r} carries ordered tasks" in text
+    assert "standard SQS queue" in text and f"queue={standard + '.fifo'!r}" in text
+
+
+def test_an_ordered_task_s_backoff_on_a_fifo_queue_is_allowed_up_to_12_hours(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    app = make_app(url, backend="memory://")
+    fifo = unique_name("ledger") + ".fifo"
+    app.task(name="post", queue=fifo, ordering_key="account", max_retries=3)(lambda account: None)
+    check_app(app)  # the retries wait in the queue, not delayed by SQS
+    app.task(name="slow", queue=fifo, ordering_key="account", max_retries=1, retry_backoff=50000)(
+        lambda account: None
+    )
+    with pytest.raises(ConfigurationError) as refused:
+        check_app(app)
+    text = str(refused.value)
+    assert f"Queue {fifo!r}, task 'slow': its retries wait up to 50000 s" in text
+    assert "43200 s" in text and "'post'" not in text
+
+
+def test_ordered_calls_go_straight_to_the_fifo_queue_grouped_by_their_key(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    from mqtasks.ordering.keys import key_digest
+    from mqtasks.ordering.queues import partitions_of
+
+    app = make_app(url, backend="memory://")
+    queue = unique_name("ledger") + ".fifo"
+
+    @app.task(queue=queue, ordering_key="account", max_retries=0)
+    def post(account: int, n: int) -> None: ...
+
+    post.delay(5, 0)
+    post.delay(6, 0)
+    # No partition queues: the FIFO queue keeps each key's order itself
+    assert partitions_of(app, [queue]) == []
+    assert app.transport.message_counts([app.queue(queue)]) == {queue: 2}
+    groups = received_groups(url, queue)
+    assert sorted(groups) == sorted([key_digest(5), key_digest(6)])
+
+
+def test_ordered_tasks_on_a_fifo_queue_run_in_order_per_key_and_keys_in_parallel(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    app = make_app(url, backend="memory://")
+    queue = unique_name("ledger") + ".fifo"
+    log = KeyLog()
+
+    @app.task(queue=queue, ordering_key="account", max_retries=0)
+    def post(account: int, n: int) -> None:
+        log.start(account)
+        time.sleep(0.01)  # long enough for another thread to take the key's next, if it could
+        log.end(account, n)
+
+    # Given 5 keys x 20 calls, interleaved
+    for n in range(20):
+        for account in range(5):
+            post.delay(account, n)
+    # When 4 threads run them (one receive brings several messages of a key at once)
+    with running_worker(app, concurrency=4, prefetch=10) as worker:
+        wait_for(lambda: log.total() == 100, lambda: f"100 runs, not {log.total()}", 60, 0.1)
+        assert worker.errors == []
+    # Then each key ran in order, one call at a time, and keys ran side by side
+    for account in range(5):
+        assert log.of(account) == list(range(20)), account
+    assert log.overlaps == []
+    assert log.most_at_once >= 2
+
+
+def test_a_failing_ordered_call_waits_in_the_fifo_queue_and_its_key_waits_behind_it(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    from mqtasks.message import current_message
+
+    app = make_app(url, backend="memory://")
+    queue = unique_name("ledger") + ".fifo"
+    log = KeyLog()
+
+    @app.task(queue=queue, ordering_key="account", max_retries=2, retry_backoff=1)
+    def post(account: int, n: int) -> None:
+        message = current_message()
+        assert message is not None
+        log.start(account)
+        log.end(account, (n, message.attempt))
+        if account == 1 and n == 1 and message.attempt < 3:
+            raise RuntimeError("not yet")
+        if account == 2 and n == 0:
+            raise ValueError("never")
+
+    # A backoff is allowed for an ordered task on a FIFO queue: it waits in the queue
+    check_app(app)
+    for n in range(4):
+        for account in (1, 2, 3):
+            post.delay(account, n)
+    with running_worker(app, concurrency=4) as worker:
+        # Then key 1's second call runs three times, a second apart, its later calls after it
+        wait_for(lambda: len(log.of(1)) == 6, lambda: f"key 1: {log.of(1)}", 60, 0.1)
+        assert log.of(1) == [(0, 1), (1, 1), (1, 2), (1, 3), (2, 1), (3, 1)]
+        # And key 2's first call, failing each time, is dead-lettered after its retries,
+        # with its reason; its key goes on after it
+        wait_for(lambda: len(log.of(2)) == 6, lambda: f"key 2: {log.of(2)}", 60, 0.1)
+        assert log.of(2) == [(0, 1), (0, 2), (0, 3), (1, 1), (2, 1), (3, 1)]
+        # And key 3 never waited for them
+        assert log.of(3) == [(n, 1) for n in range(4)]
+        dead = wait_for(lambda: app.dead_letters(queue), "the dead letter", 20, 0.2)
+        assert [(d.reason, d.attempts) for d in dead] == [("max_retries_exceeded", 3)]
+        assert worker.errors != []

@@ -11,8 +11,11 @@ SQS's ``DelaySeconds``; longer ones go in steps (:mod:`.consumer`). Dead
 letters go to ``<queue>.dlq`` (SQS spells the dot ``-``) with their reason in
 the headers, as on every broker; delivery limits count SQS's
 ``ApproximateReceiveCount``. A FIFO queue (name ending ``.fifo``) groups
-messages by their ordering key (``MessageGroupId``). SQS has no priorities
-and no exchanges: asking for them raises ConfigurationError.
+messages by their ordering key (``MessageGroupId``) and keeps each group in
+order: ordered tasks on it need no partitions, a consumer hands on a group's
+messages one at a time, and a retry waits in the queue, first of its group
+(:mod:`.groups`). SQS has no priorities and no exchanges: asking for them
+raises ConfigurationError.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ..base import (
     DLQ_SUFFIX,
     Capabilities,
     Consumer,
+    Delivery,
     QueueSpec,
     QueueStats,
     Taken,
@@ -50,8 +54,9 @@ from ..envelope import Envelope
 from ..kombu import KombuTransport
 from .channel import KombuSqsTransport, is_missing_queue
 from .consumer import DUE_HEADER, SqsConsumer
+from .groups import GROUP_HEADER, ORDERING_KEY_HEADER, message_group
 
-__all__ = ["DUE_HEADER", "GROUP_HEADER", "MAX_DELAY", "SqsTransport"]
+__all__ = ["DUE_HEADER", "GROUP_HEADER", "MAX_DELAY", "ORDERING_KEY_HEADER", "SqsTransport"]
 
 #: The longest delay SQS holds a message for (``DelaySeconds``).
 MAX_DELAY = 900
@@ -59,11 +64,6 @@ MAX_DELAY = 900
 ENDPOINT_ENV = "MQTASKS_SQS_ENDPOINT_URL"
 #: Seconds a received message stays invisible to other consumers (renewed while held).
 DEFAULT_VISIBILITY_TIMEOUT = 60
-#: The header ordered tasks carry their key's digest in (``MessageGroupId`` on FIFO queues).
-ORDERING_KEY_HEADER = "mqtasks-okey"
-#: The header that names a message's group on a FIFO queue
-#: (``apply_async(headers={GROUP_HEADER: "account-42"})``); before the ordering key.
-GROUP_HEADER = "sqs-message-group-id"
 #: Queue attributes read for a queue's figures.
 _COUNTS = (
     "ApproximateNumberOfMessages",
@@ -88,7 +88,7 @@ class SqsTransport(KombuTransport):
 
     schemes: ClassVar[tuple[str, ...]] = ("sqs",)
     kombu_transport: Any = KombuSqsTransport
-    capabilities = Capabilities(delays=True, delivery_count=True)
+    capabilities = Capabilities(delays=True, delivery_count=True, native_ordering=True)
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -106,6 +106,8 @@ class SqsTransport(KombuTransport):
             "polling_interval": 0,
             "visibility_timeout": DEFAULT_VISIBILITY_TIMEOUT,
             "sqs_base64_encoding": False,
+            # The receive count is the delivery count; the group orders FIFO queues.
+            "fetch_message_attributes": ["ApproximateReceiveCount", "MessageGroupId"],
             # botocore's defaults (60 s timeouts, retries) would outlast a publish timeout.
             "client-config": {
                 "connect_timeout": self.connect_timeout,
@@ -227,6 +229,30 @@ class SqsTransport(KombuTransport):
             )
         return super().delay_refused(queue)
 
+    def native_ordering_refused(self, queue: str) -> str | None:
+        """A FIFO queue keeps each message group in order; a standard queue keeps none."""
+        if queue.endswith(".fifo"):
+            return None
+        return (
+            f"the standard SQS queue {queue!r} keeps no order: give ordered tasks a FIFO "
+            f"queue, whose name ends in .fifo (@app.task(queue={queue + '.fifo'!r}, "
+            "ordering_key=...))"
+        )
+
+    def hold_in_place(self, consumer: Consumer, delivery: Delivery, delay: float) -> None:
+        """Leave ``delivery`` in its FIFO queue, invisible for ``delay`` s (at most 12
+        hours): SQS then delivers it again first of its group, whose later messages
+        wait meanwhile.
+
+        Raises:
+            ConfigurationError: Not a FIFO queue, or not this transport's consumer.
+        """
+        if not isinstance(consumer, SqsConsumer):
+            raise ConfigurationError(f"{consumer!r} is not a consumer of sqs://.")
+        if self.native_ordering_refused(delivery.queue) is not None:
+            super().hold_in_place(consumer, delivery, delay)
+        consumer.hold(delivery, delay)
+
     def publish(
         self,
         queue: str,
@@ -292,9 +318,7 @@ class SqsTransport(KombuTransport):
         if step:
             properties["delay_seconds"] = step
         if routing_key.endswith(".fifo"):
-            headers = envelope.headers
-            group = headers.get(GROUP_HEADER) or headers.get(ORDERING_KEY_HEADER)
-            properties["MessageGroupId"] = str(group) if group else "default"
+            properties["MessageGroupId"] = message_group(envelope.headers)
             # One id per publish call: kombu's retries of this call are deduplicated by
             # SQS, while a retry of the task (the same message id) is a new message.
             properties["MessageDeduplicationId"] = uuid.uuid4().hex

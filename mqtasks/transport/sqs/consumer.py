@@ -1,9 +1,12 @@
 """The consuming side of ``sqs://``: visibility kept up while a task runs, delays
-longer than SQS holds sent on in steps, and SQS's receive count as the delivery count.
+longer than SQS holds sent on in steps, SQS's receive count as the delivery count,
+and the messages of a FIFO queue's group handed on one at a time.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -13,6 +16,7 @@ import structlog
 from ...exceptions import MQTasksError
 from ..envelope import Envelope
 from ..kombu_consumer import KombuConsumer, KombuDelivery
+from .groups import Groups, message_group
 
 if TYPE_CHECKING:
     from kombu.message import Message as KombuMessage
@@ -30,6 +34,8 @@ DUE_HEADER = "mqtasks-sqs-due-at"
 
 #: A message due within this many seconds runs now rather than going round again.
 _DUE_SLACK = 1.0
+#: The longest SQS keeps a received message invisible (``ChangeMessageVisibility``).
+MAX_VISIBILITY = 43200
 
 
 def receive_count(raw: KombuMessage) -> int | None:
@@ -69,6 +75,11 @@ class SqsConsumer(KombuConsumer):
       again with the delay left (at most SQS's 900 s) and deleted, so SQS
       holds long delays in steps and no worker waits on one.
     * Delivery counts are SQS's ``ApproximateReceiveCount``.
+    * On a FIFO queue, a message is handed on only once the one before it of
+      its group (``MessageGroupId``) is settled (:class:`~.groups.Groups`), so
+      the worker's threads run a group in order; other groups run in parallel.
+      A message held in place for its next attempt (:meth:`hold`) goes back
+      to SQS first of its group.
     """
 
     transport: SqsTransport
@@ -78,6 +89,7 @@ class SqsConsumer(KombuConsumer):
     ) -> None:
         super().__init__(transport, specs, prefetch=prefetch)
         self._held: dict[str, _Held] = {}
+        self._groups = Groups()
 
     def _receive(self, raw: KombuMessage) -> None:
         info = raw.delivery_info
@@ -98,8 +110,27 @@ class SqsConsumer(KombuConsumer):
         url = info.get("sqs_queue")
         if url:
             self._held[raw.delivery_tag] = _Held(raw, url, self.transport.visibility_of(queue))
+            if queue.endswith(".fifo"):
+                attributes = (info.get("sqs_message") or {}).get("Attributes")
+                key = (queue, message_group(raw.headers or {}, attributes))
+                if not self._groups.arrive(key, raw.delivery_tag, delivery):
+                    return  # behind the message of its group that is out (kept visible)
         assert self._on_delivery is not None
         self._on_delivery(delivery)
+
+    def _next_of_group(self, delivery: Any) -> None:
+        """``delivery`` is settled: hand on the next received message of its group."""
+        found = self._groups.settled(delivery.raw.delivery_tag)
+        if found is not None and found.generation == self.generation:
+            assert self._on_delivery is not None
+            self._on_delivery(found)
+
+    def _release_group(self, delivery: Any) -> None:
+        """``delivery`` went back to SQS: so do the messages of its group waiting behind
+        it, after it (SQS then delivers the group again in its order)."""
+        for waiting in self._groups.release(delivery.raw.delivery_tag):
+            self._forget(waiting)
+            self._settle(waiting, functools.partial(waiting.raw.reject, requeue=True))
 
     def _send_on(self, raw: KombuMessage, queue: str, due: float) -> None:
         """Publish ``raw`` again for the rest of its delay, then delete the received copy."""
@@ -163,7 +194,9 @@ class SqsConsumer(KombuConsumer):
     def ack(self, delivery: Any) -> bool:
         """Delete the message: it is done. Returns False if it was stale."""
         self._forget(delivery)
-        return super().ack(delivery)
+        done = super().ack(delivery)
+        self._next_of_group(delivery)
+        return done
 
     def ack_many(self, deliveries: Sequence[Any]) -> None:
         """Delete finished messages ten at a time (``DeleteMessageBatch``), one request
@@ -206,22 +239,54 @@ class SqsConsumer(KombuConsumer):
             raw = delivery.raw
             raw.channel.qos.ack(raw.delivery_tag)  # deleted: release its prefetch slot
             raw._state = "ACK"
+            self._next_of_group(delivery)
 
     def reject(self, delivery: Any) -> bool:
         """Delete the message without running it (the worker dead-lettered it first)."""
         self._forget(delivery)
-        return super().reject(delivery)
+        done = super().reject(delivery)
+        self._next_of_group(delivery)
+        return done
 
     def requeue(self, delivery: Any) -> bool:
-        """Make the message visible again at once, for any consumer."""
+        """Make the message visible again at once, for any consumer (on a FIFO queue,
+        with the messages of its group received behind it)."""
         self._forget(delivery)
-        return super().requeue(delivery)
+        done = super().requeue(delivery)
+        self._release_group(delivery)
+        return done
+
+    def hold(self, delivery: Any, delay: float) -> bool:
+        """Leave the message in its queue, invisible for ``delay`` s (at most SQS's
+        12 hours), then delivered again first of its group; settled as far as this
+        consumer goes. Returns False if it was stale.
+
+        The messages of its group received behind it go back at once: SQS
+        delivers none of them while it is in flight.
+        """
+        raw = delivery.raw
+        url = raw.delivery_info.get("sqs_queue")
+        seconds = min(MAX_VISIBILITY, max(0, math.ceil(delay)))
+
+        def change() -> None:
+            raw.channel.sqs().change_message_visibility(
+                QueueUrl=url, ReceiptHandle=raw.delivery_tag, VisibilityTimeout=seconds
+            )
+            raw.channel.qos.ack(raw.delivery_tag)  # SQS has it again: release its prefetch slot
+            raw._state = "REQUEUED"
+
+        self._forget(delivery)
+        done = self._settle(delivery, change)
+        self._release_group(delivery)
+        return done
 
     def _drop(self) -> None:
         self._held.clear()
+        self._groups.clear()
         super()._drop()
 
     def close(self) -> None:
         """Close the connection; held messages are made visible again."""
         self._held.clear()
+        self._groups.clear()
         super().close()
