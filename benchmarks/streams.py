@@ -28,6 +28,10 @@ from typing import Any
 
 from mqtasks import App, StreamSpec, Worker
 from mqtasks.logging import configure_logging
+from mqtasks.transport.base import DLQ_SUFFIX
+from mqtasks.transport.kombu import KombuTransport
+from mqtasks.transport.redis import RedisTransport
+from mqtasks.transport.redis.exchanges import exchange_key
 
 URLS = {"amqp": "amqp://guest:guest@127.0.0.1:5672//", "redis": "redis://127.0.0.1:6379/0"}
 
@@ -66,6 +70,18 @@ def _consume(app: App, n: int, queue: str) -> float:
     return elapsed
 
 
+def _delete_exchange(app: App) -> None:
+    """Remove the run's events exchange (its bindings, and the exchange or its Redis key)."""
+    transport, exchange = app.transport, app.settings.events_exchange
+    for pattern, queue in transport.bindings(exchange):
+        transport.unbind(exchange, pattern, queue)
+    if isinstance(transport, RedisTransport):
+        transport.publisher().delete(exchange_key(transport, exchange))
+    elif isinstance(transport, KombuTransport):
+        with transport.connection() as conn:
+            conn.default_channel.exchange_delete(exchange)
+
+
 def measure(kind: str, n: int) -> dict[str, Any]:
     """Return the emit and consume rates of plain events and of a stream on broker ``kind``."""
     run = uuid.uuid4().hex[:8]
@@ -95,7 +111,9 @@ def measure(kind: str, n: int) -> dict[str, Any]:
         stream_consume = (n + 1) / _consume(app, n + 1, stream_q)
     finally:
         app.transport.streams().delete(app.streams[stream], [stream_q])
-        app.transport.delete([app.queue(q) for q in (plain_q, stream_q)])
+        queues = [plain_q, stream_q]
+        app.transport.delete([app.queue(q) for q in queues + [q + DLQ_SUFFIX for q in queues]])
+        _delete_exchange(app)
         app.close()
     return {
         "broker": kind,
