@@ -264,6 +264,26 @@ def test_dead_letters_are_browsed_in_place_and_replayed(pg_app: Callable[..., Ap
     assert list_dead_letters(app, refuse.queue) == []
 
 
+def test_queue_stats_count_the_consumers_of_each_queue(pg_app: Callable[..., App]) -> None:
+    app = pg_app()
+    spec, other = app.queue(app.settings.default_queue), app.queue(unique_name("other"))
+    consumer = app.transport.consumer([spec], prefetch=1)
+    consumer.start(lambda delivery: None)
+    try:
+        consumer.drain(0.01)
+        stats = app.transport.queue_stats([spec, other])
+        assert (stats[spec.name].consumers, stats[other.name].consumers) == (1, 0)
+        # A queue added while consuming counts it, a removed one no longer
+        consumer.add_queue(other)
+        consumer.remove_queue(spec.name)
+        consumer.drain(0.01)
+        stats = app.transport.queue_stats([spec, other])
+        assert (stats[spec.name].consumers, stats[other.name].consumers) == (0, 1)
+    finally:
+        consumer.close()
+    assert app.transport.queue_stats([other])[other.name].consumers == 0
+
+
 def test_events_are_refused_clearly(pg_app: Callable[..., App]) -> None:
     app = pg_app()
     with pytest.raises(ConfigurationError, match="cannot route events"):

@@ -60,7 +60,7 @@ from ..base import (
     Transport,
 )
 from ..envelope import Envelope
-from .schema import INDEXES, SQL, TABLE
+from .schema import CONSUMERS, INDEXES, SQL, TABLE
 
 try:
     import psycopg
@@ -167,7 +167,12 @@ class PostgresTransport(Transport):
         self._dbname = psycopg.conninfo.conninfo_to_dict(self.conninfo).get("dbname")
         ident = sql.Identifier(self.table)
         channel = sql.Literal(self.table)
-        self.sql = {k: sql.SQL(v).format(t=ident, channel=channel) for k, v in SQL.items()}
+        #: The table of the consumers of each queue (``mqtasks status``).
+        self.consumers_table = f"{prefix}consumers"
+        consumers = sql.Identifier(self.consumers_table)
+        self.sql = {
+            k: sql.SQL(v).format(t=ident, c=consumers, channel=channel) for k, v in SQL.items()
+        }
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._pool_lock = threading.Lock()
         self._max_priority: dict[str, int] = {}
@@ -205,6 +210,7 @@ class PostgresTransport(Transport):
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"mqtasks:{self.table}"])
         ident = sql.Identifier(self.table)
         conn.execute(sql.SQL(TABLE).format(t=ident))
+        conn.execute(sql.SQL(CONSUMERS).format(c=sql.Identifier(self.consumers_table)))
         for suffix, columns in INDEXES.items():
             conn.execute(
                 sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} " + columns).format(
@@ -471,7 +477,9 @@ class PostgresTransport(Transport):
         every = list(dict.fromkeys([*names, *dead.values()]))
         with self.transaction("read queue statistics") as conn:
             rows = conn.execute(self.sql["stats"], {"queues": every}).fetchall()
+            counted = conn.execute(self.sql["consumers"], {"queues": names}).fetchall()
         found = {str(r[0]): r for r in rows}
+        consumers = {str(q): int(n) for q, n in counted}
         stats: dict[str, QueueStats] = {}
         for name in names:
             row = found.get(name)
@@ -487,6 +495,7 @@ class PostgresTransport(Transport):
                 dead_lettered=(sum(int(x) for x in dead_row[1:4]) if dead_row else 0)
                 if name in dead
                 else None,
+                consumers=consumers.get(name, 0),
                 head_published_at=float(head) if head is not None else None,
             )
         return stats
@@ -559,10 +568,11 @@ class PostgresTransport(Transport):
             conn.execute(self.sql["delete"], {"queues": names})
 
     def drop_table(self) -> None:
-        """Drop the message table with every message in it (tests, uninstalling)."""
+        """Drop the message and consumer tables with every message in them (tests, uninstalling)."""
         self.close()
         with self.errors("drop the message table"), self.connect() as conn:
-            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(self.table)))
+            for table in (self.table, self.consumers_table):
+                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
 
 
 def stored(row: Sequence[Any]) -> StoredMessage:

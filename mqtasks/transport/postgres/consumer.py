@@ -209,8 +209,6 @@ class PostgresConsumer(Consumer):
             if row is not None and row[0] is not None:
                 after = min(after, max(0.0, float(row[0])))
             self._fetch_at = time.monotonic() + after
-        if rows and not self._held:
-            self._renew_at = time.monotonic() + self.pt.lease / 3
         for row in rows:
             delivery = PostgresDelivery(row, self.generation)
             self._held[delivery.row_id] = delivery
@@ -219,13 +217,20 @@ class PostgresConsumer(Consumer):
         return bool(rows)
 
     def _renew(self) -> None:
-        """Extend the lease of every held row, every third of the lease."""
+        """Extend the lease of every held row, and the consumer's own rows, every third of the lease."""
         if time.monotonic() < self._renew_at:
             return
         self._renew_at = time.monotonic() + self.pt.lease / 3
+        assert self._conn is not None
+        queues = {
+            "owner": self.owner,
+            "queues": [s.name for s in self.specs],
+            "lease": self.pt.lease,
+        }
+        self._conn.execute(self.pt.sql["beat"], queues)
+        self._conn.execute(self.pt.sql["unbeat"], queues)
         if not self._held:
             return
-        assert self._conn is not None
         ids = list(self._held)
         params = {"ids": ids, "owner": self.owner, "lease": self.pt.lease}
         kept = {int(r[0]) for r in self._conn.execute(self.pt.sql["renew"], params).fetchall()}
@@ -291,11 +296,12 @@ class PostgresConsumer(Consumer):
             return
         self.pt.declare([spec])
         self.specs.append(spec)
-        self._fetch_at = 0.0
+        self._fetch_at = self._renew_at = 0.0
 
     def remove_queue(self, name: str) -> None:
         """Stop taking from ``name``; held deliveries of it stay settleable."""
         self.specs = [s for s in self.specs if s.name != name]
+        self._renew_at = 0.0  # no longer counted as its consumer
 
     def close(self) -> None:
         """Settle what is pending and hand back every held row (it counts as delivered)."""
@@ -312,6 +318,7 @@ class PostgresConsumer(Consumer):
             if self._held:
                 params = {"ids": list(self._held), "owner": self.owner}
                 conn.execute(self.pt.sql["release"], params)
+            conn.execute(self.pt.sql["unbeat"], {"owner": self.owner, "queues": []})
         except CONNECTION_ERRORS as exc:
             # Left leased: they come back once the lease runs out.
             logger.warning("broker.close_failed", error=type(exc).__name__)

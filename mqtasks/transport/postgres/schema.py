@@ -8,7 +8,7 @@ its ``table_prefix``; ``%(lease)s`` is the lease in seconds.
 
 from __future__ import annotations
 
-__all__ = ["COLUMNS", "INDEXES", "SQL", "TABLE"]
+__all__ = ["COLUMNS", "CONSUMERS", "INDEXES", "SQL", "TABLE"]
 
 #: The message table. ``run_at``: when the message becomes ready (a delay holds
 #: it until then). ``locked_until``/``locked_by``: the lease of the consumer that
@@ -29,6 +29,14 @@ TABLE = """CREATE TABLE IF NOT EXISTS {t} (
     content_type text,
     content_encoding text,
     body bytea NOT NULL)"""
+
+#: The consumers of each queue, for ``mqtasks status``: a consumer renews its rows
+#: as it renews its leases, and they count while ``seen_until`` is ahead.
+CONSUMERS = """CREATE TABLE IF NOT EXISTS {c} (
+    owner text NOT NULL,
+    queue text NOT NULL,
+    seen_until timestamptz NOT NULL,
+    PRIMARY KEY (queue, owner))"""
 
 #: Index name suffix -> its columns: the fetch order of each queue, and its
 #: messages by due time (the earliest held one).
@@ -85,6 +93,15 @@ SQL = {
     # A consumer that closes with messages held hands them back; they count as delivered.
     "release": """UPDATE {t} SET locked_until = NULL, locked_by = NULL, redelivered = true
         WHERE id = ANY(%(ids)s) AND locked_by = %(owner)s""",
+    "beat": """INSERT INTO {c} (owner, queue, seen_until)
+        SELECT %(owner)s, q, now() + make_interval(secs => %(lease)s)
+        FROM unnest(%(queues)s::text[]) AS q
+        ON CONFLICT (queue, owner) DO UPDATE SET seen_until = EXCLUDED.seen_until""",
+    # Also the rows of queues no longer consumed, and those of consumers gone long ago.
+    "unbeat": """DELETE FROM {c} WHERE (owner = %(owner)s AND queue <> ALL(%(queues)s))
+        OR seen_until < now() - interval '1 hour'""",
+    "consumers": """SELECT queue, count(*) FROM {c}
+        WHERE queue = ANY(%(queues)s) AND seen_until > now() GROUP BY queue""",
     "count_ready": f"""SELECT queue, count(*) FROM {{t}}
         WHERE queue = ANY(%(queues)s) AND {_AVAILABLE} GROUP BY queue""",
     "stats": """SELECT queue,
