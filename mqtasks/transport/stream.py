@@ -16,7 +16,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Union
 
 from ..exceptions import ConfigurationError
 from .envelope import Envelope
@@ -40,7 +39,7 @@ HEADER_STREAM_KEY = "mqtasks-stream-key"
 #: (only entries appended after the group is created), an aware ``datetime`` (the
 #: first entry appended at or after it) or an integer offset (the entry's position
 #: counted from the stream's first entry ever, 0-based).
-StartAt = Union[str, datetime, int]  # noqa: UP007 - a runtime alias, also read by older mypy
+StartAt = str | datetime | int
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
