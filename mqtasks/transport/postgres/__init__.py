@@ -1,9 +1,10 @@
 """``postgresql://`` (and ``postgres://``) as a broker: messages in a table, psycopg 3.
 
 One table, ``<table_prefix>messages`` (``mqtasks_messages`` by default), holds
-the messages of every queue; it is created on first use under a
+the messages of every queue, and ``<table_prefix>consumers`` the consumers of
+each (for ``mqtasks status``); they are created on first use under a
 transaction-level advisory lock, so workers starting together do not trip over
-each other's ``CREATE TABLE`` (:mod:`.schema` has its columns and statements).
+each other's ``CREATE TABLE`` (:mod:`.schema` has their columns and statements).
 
 * **Publishing** is an ``INSERT`` and a ``NOTIFY <table>, '<queue>'`` in one
   transaction; the publish returns once it committed. A delay (countdown,
