@@ -14,7 +14,7 @@ the headers, as on every broker; delivery limits count SQS's
 messages by their ordering key (``MessageGroupId``) and keeps each group in
 order: ordered tasks on it need no partitions, a consumer hands on a group's
 messages one at a time, and a retry waits in the queue, first of its group
-(:mod:`.groups`). SQS has no priorities and no exchanges: asking for them
+(``groups.py``). SQS has no priorities and no exchanges: asking for them
 raises ConfigurationError.
 """
 

@@ -76,7 +76,7 @@ class SqsConsumer(KombuConsumer):
       holds long delays in steps and no worker waits on one.
     * Delivery counts are SQS's ``ApproximateReceiveCount``.
     * On a FIFO queue, a message is handed on only once the one before it of
-      its group (``MessageGroupId``) is settled (:class:`~.groups.Groups`), so
+      its group (``MessageGroupId``) is settled (``Groups``), so
       the worker's threads run a group in order; other groups run in parallel.
       A message held in place for its next attempt (:meth:`hold`) goes back
       to SQS first of its group.
