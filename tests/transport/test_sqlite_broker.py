@@ -57,7 +57,7 @@ def make_worker_app(url: str | None = None) -> App:
     @made.task(name="sqlite.work", max_retries=0)
     def work(tag: str) -> None:
         _record("start", tag)
-        time.sleep(0.002)
+        time.sleep(0.01)  # long enough that both workers find work
         _record("end", tag)
 
     return made
@@ -340,9 +340,10 @@ def test_queue_stats_count_ready_held_delayed_and_dead_messages(url: str) -> Non
         receive(consumer, got)
         stats = app.transport.queue_stats([spec])["stats"]
         assert (stats.ready, stats.unacked, stats.delayed, stats.dead_lettered) == (1, 1, 1, 1)
-        assert stats.head_published_at is not None
+        assert stats.head_published_at is not None and stats.consumers == 1
     finally:
         consumer.close()
+    assert app.transport.queue_stats([spec])["stats"].consumers == 0
     assert app.transport.purge([spec]) == 3  # ready and delayed, the returned one too
     app.transport.delete([spec, app.queue("stats.dlq")])
     assert app.transport.queue_stats([spec])["stats"].dead_lettered == 0

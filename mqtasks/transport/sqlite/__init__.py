@@ -338,12 +338,15 @@ class SqliteTransport(Transport):
 
     def return_expired(self, conn: sqlite3.Connection) -> int:
         """Return to their queues the rows whose lease ended (their consumer died or
-        stalled), counting a delivery each; return how many."""
+        stalled), counting a delivery each, and forget consumers gone silent; return
+        how many rows came back."""
         now = time.time()
         found = conn.execute(
-            "SELECT 1 FROM mqtasks_messages WHERE locked_until < ? LIMIT 1", (now,)
+            "SELECT EXISTS (SELECT 1 FROM mqtasks_messages WHERE locked_until < ?), "
+            "EXISTS (SELECT 1 FROM mqtasks_consumers WHERE alive_until < ?)",
+            (now, now),
         ).fetchone()
-        if not found:
+        if not any(found):
             return 0
         with immediate(conn):
             cursor = conn.execute(
@@ -351,6 +354,7 @@ class SqliteTransport(Transport):
                 "returns = returns + 1, redelivered = 1 WHERE locked_until < ?",
                 (now,),
             )
+            conn.execute("DELETE FROM mqtasks_consumers WHERE alive_until < ?", (now,))
         return cursor.rowcount
 
     # -- reading queues ----------------------------------------------------

@@ -184,9 +184,28 @@ class SqliteConsumer(Consumer):
         self.consumer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self.transport.declare(self.specs)
         self._conn = self.transport.connect()
+        try:
+            with (
+                translate_sqlite(self.transport.path, "register consumer"),
+                immediate(self._conn) as conn,
+            ):
+                self._register(conn, [s.name for s in self.specs])
+        except BaseException:
+            self._conn.close()
+            self._conn = None
+            raise
         self._pipe = LocalWakeups.register(self.transport.path)
         self.generation += 1
         self._cancelled = False
+
+    def _register(self, conn: sqlite3.Connection, queues: Sequence[str]) -> None:
+        """Note this consumer as consuming ``queues`` (for ``mqtasks status``), alive for a lease."""
+        until = time.time() + self.transport.lease
+        conn.executemany(
+            "INSERT OR REPLACE INTO mqtasks_consumers (consumer_id, queue, alive_until) "
+            "VALUES (?, ?, ?)",
+            [(self.consumer_id, q, until) for q in queues],
+        )
 
     def _lost(self, exc: BaseException) -> None:
         """Log a failed statement; the next call tries again (the file stays where it is)."""
@@ -253,12 +272,17 @@ class SqliteConsumer(Consumer):
         now = time.monotonic()
         lease = self.transport.lease
         if now >= self._next_renew:
-            if self._held:
-                with immediate(self._conn) as conn:
+            until = time.time() + lease
+            with immediate(self._conn) as conn:
+                if self._held:
                     conn.execute(
                         "UPDATE mqtasks_messages SET locked_until = ? WHERE locked_by = ?",
-                        (time.time() + lease, self.consumer_id),
+                        (until, self.consumer_id),
                     )
+                conn.execute(
+                    "UPDATE mqtasks_consumers SET alive_until = ? WHERE consumer_id = ?",
+                    (until, self.consumer_id),
+                )
             self._next_renew = now + lease / 3
         if now >= self._next_sweep:
             returned = self.transport.return_expired(self._conn)
@@ -371,10 +395,27 @@ class SqliteConsumer(Consumer):
         self.transport.declare([spec])
         self.specs.append(spec)
         self._idle = self.transport.poll_interval
+        self._registration(lambda conn: self._register(conn, [spec.name]))
 
     def remove_queue(self, name: str) -> None:
         """Stop claiming from ``name``; held deliveries of it stay settleable."""
         self.specs = [s for s in self.specs if s.name != name]
+        self._registration(
+            lambda conn: conn.execute(
+                "DELETE FROM mqtasks_consumers WHERE consumer_id = ? AND queue = ?",
+                (self.consumer_id, name),
+            )
+        )
+
+    def _registration(self, change: Callable[[sqlite3.Connection], object]) -> None:
+        """Change this consumer's rows of ``mqtasks_consumers`` (only figures: a failure is logged)."""
+        if self._conn is None:
+            return  # not started: start() registers the current queues
+        try:
+            with immediate(self._conn) as conn:
+                change(conn)
+        except SQLITE_ERRORS as exc:
+            self._lost(exc)
 
     def close(self) -> None:
         """Write the settlements collected; rows still held go back to their queues.
@@ -397,6 +438,9 @@ class SqliteConsumer(Consumer):
                     "UPDATE mqtasks_messages SET locked_until = NULL, locked_by = NULL, "
                     "returns = returns + 1, redelivered = 1 WHERE locked_by = ?",
                     (self.consumer_id,),
+                )
+                conn.execute(
+                    "DELETE FROM mqtasks_consumers WHERE consumer_id = ?", (self.consumer_id,)
                 )
         except Exception as exc:  # what is left comes back once its lease ends
             logger.warning("broker.close_failed", error=str(exc))

@@ -13,6 +13,9 @@ a message's state is its columns:
 * ready: ``locked_until`` NULL and ``run_at`` past;
 * held for a delay: ``locked_until`` NULL and ``run_at`` still to come;
 * in flight: ``locked_until`` set (the lease of the consumer ``locked_by``).
+
+A second table, ``mqtasks_consumers``, has a row per live consumer and queue,
+renewed with the consumer's leases, so ``mqtasks status`` can count consumers.
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ CREATE INDEX IF NOT EXISTS mqtasks_messages_leased
     ON mqtasks_messages (locked_until) WHERE locked_until IS NOT NULL;
 CREATE INDEX IF NOT EXISTS mqtasks_messages_holder
     ON mqtasks_messages (locked_by) WHERE locked_by IS NOT NULL;
+CREATE TABLE IF NOT EXISTS mqtasks_consumers (
+    consumer_id TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    alive_until REAL NOT NULL,
+    PRIMARY KEY (consumer_id, queue)
+);
 """
 
 

@@ -48,6 +48,16 @@ def _states(t: SqliteTransport, queue: str) -> tuple[int, int, int, float | None
     return int(ready or 0), int(delayed or 0), int(held or 0), head
 
 
+def _consumers(t: SqliteTransport, queue: str) -> int:
+    """Live consumers of ``queue`` (those that renewed their registration in time)."""
+    with t.pooled(f"count consumers of {queue!r}") as conn:
+        (count,) = conn.execute(
+            "SELECT COUNT(*) FROM mqtasks_consumers WHERE queue = ? AND alive_until >= ?",
+            (queue, time.time()),
+        ).fetchone()
+    return int(count)
+
+
 def message_counts(t: SqliteTransport, specs: Sequence[QueueSpec]) -> dict[str, int]:
     """Return the number of ready messages per queue."""
     return {s.name: _states(t, s.name)[0] for s in specs}
@@ -59,7 +69,8 @@ def delayed_counts(t: SqliteTransport, specs: Sequence[QueueSpec]) -> dict[str, 
 
 
 def queue_stats(t: SqliteTransport, specs: Sequence[QueueSpec]) -> dict[str, QueueStats]:
-    """Ready, in flight, delayed and dead-lettered counts, and the head's publishing time."""
+    """Ready, in flight, delayed and dead-lettered counts, live consumers, and the
+    head's publishing time."""
     stats: dict[str, QueueStats] = {}
     for spec in specs:
         ready, delayed, held, head = _states(t, spec.name)
@@ -72,6 +83,7 @@ def queue_stats(t: SqliteTransport, specs: Sequence[QueueSpec]) -> dict[str, Que
             unacked=held,
             delayed=delayed,
             dead_lettered=dead,
+            consumers=_consumers(t, spec.name),
             head_published_at=head,
         )
     return stats
