@@ -560,13 +560,15 @@ class PostgresTransport(Transport):
             return conn.execute(self.sql["purge"], {"queues": [s.name for s in specs]}).rowcount
 
     def delete(self, specs: Sequence[QueueSpec]) -> None:
-        """Delete every message of the queues, held ones included."""
+        """Delete every message of the queues, held ones included, and their consumers' rows
+        (a live consumer writes its own again within a third of the lease)."""
         names = [s.name for s in specs]
         for name in names:
             self._declared.discard(name)
             self._max_priority.pop(name, None)
         with self.transaction("delete queues") as conn:
             conn.execute(self.sql["delete"], {"queues": names})
+            conn.execute(self.sql["delete_consumers"], {"queues": names})
 
     def drop_table(self) -> None:
         """Drop the message and consumer tables with every message in them (tests, uninstalling)."""

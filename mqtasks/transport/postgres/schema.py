@@ -97,9 +97,9 @@ SQL = {
         SELECT %(owner)s, q, now() + make_interval(secs => %(lease)s)
         FROM unnest(%(queues)s::text[]) AS q
         ON CONFLICT (queue, owner) DO UPDATE SET seen_until = EXCLUDED.seen_until""",
-    # Also the rows of queues no longer consumed, and those of consumers gone long ago.
+    # Also the rows of queues no longer consumed, and those of consumers gone (killed).
     "unbeat": """DELETE FROM {c} WHERE (owner = %(owner)s AND queue <> ALL(%(queues)s))
-        OR seen_until < now() - interval '1 hour'""",
+        OR seen_until < now()""",
     "consumers": """SELECT queue, count(*) FROM {c}
         WHERE queue = ANY(%(queues)s) AND seen_until > now() GROUP BY queue""",
     "count_ready": f"""SELECT queue, count(*) FROM {{t}}
@@ -130,4 +130,5 @@ SQL = {
     "purge": """DELETE FROM {t} WHERE queue = ANY(%(queues)s)
         AND (run_at > now() OR locked_until IS NULL OR locked_until <= now())""",
     "delete": "DELETE FROM {t} WHERE queue = ANY(%(queues)s)",
+    "delete_consumers": "DELETE FROM {c} WHERE queue = ANY(%(queues)s)",
 }
