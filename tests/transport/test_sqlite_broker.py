@@ -444,3 +444,28 @@ def test_the_database_is_in_wal_mode_and_claims_are_leased(url: str) -> None:
         assert (until, returns) == (None, 1)  # held at close: back, counted
     finally:
         conn.close()
+
+
+def test_ordered_tasks_keep_their_order_per_key_across_two_workers(url: str) -> None:
+    """Partition queues come and go on a consumer (add_queue); the order per key holds."""
+    app = App(
+        "t",
+        broker=url + "?lease=2",
+        backend="memory://",  # the partition leases; both workers are in this process
+        default_queue="ordered",
+        ordering_lease_ttl=3,
+        ordering_gap_timeout=0.5,
+    )
+    seen: dict[int, list[int]] = {}
+
+    @app.task(ordering_key="account", partitions=4)
+    def post(account: int, n: int) -> None:
+        seen.setdefault(account, []).append(n)
+        time.sleep(0.001)
+
+    for n in range(30):
+        for account in range(5):
+            post.delay(account, n)
+    with running_worker(app, concurrency=4), running_worker(app, concurrency=4):
+        wait_for(lambda: sum(map(len, seen.values())) >= 150, "150 ordered tasks", 60)
+    assert seen == {account: list(range(30)) for account in range(5)}
