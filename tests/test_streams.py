@@ -82,7 +82,15 @@ def seen_all(seen: list[int], count: int) -> Callable[[], bool]:
 # -- configuration -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", ["redis+kombu://127.0.0.1:6379/0", "sqs://127.0.0.1:1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+kombu://127.0.0.1:6379/0",
+        "sqs://127.0.0.1:1",
+        "postgresql://127.0.0.1/postgres",
+        "sqlite:///streams-refused.db",
+    ],
+)
 def test_brokers_without_streams_refuse_them_at_start(url: str) -> None:
     with pytest.raises(ConfigurationError, match="keeps no replayable streams"):
         App("t", broker=url, streams=[StreamSpec("orders")])
