@@ -13,13 +13,13 @@ import structlog
 
 from .broadcast import broadcast_option, refuse_in_workflow
 from .broadcast import send as broadcast_send
-from .exceptions import ConfigurationError, PublishError, TransportError
+from .exceptions import ConfigurationError
 from .flow.options import FLOW_OPTIONS, FlowOptions, flow_options
 from .handle import Confirmation, TaskHandle
 from .message import Message
 from .ordering.options import OPTIONS as ORDERING_OPTIONS
 from .ordering.options import Ordering, ordering_of
-from .ordering.publish import route
+from .outbox import send_in_transaction
 from .retry import RetryPolicy
 from .serialization import encode_body
 from .types import Seconds, to_seconds
@@ -368,7 +368,7 @@ class Task(Generic[P, R]):
             expires=expires,
         )
         if connection is not None:
-            return self._send_in_transaction(message, delay, idempotency_key, connection)
+            return send_in_transaction(self, message, delay, idempotency_key, connection)
         if self.broadcast:
             return broadcast_send(
                 self, message, delay=delay, idempotency_key=idempotency_key, queue=queue
@@ -464,41 +464,6 @@ class Task(Generic[P, R]):
             # Not on cancellation: the batched publish goes on without its caller.
             await asyncio.to_thread(release, backend, unique, message.id)
             raise
-
-    def _send_in_transaction(
-        self, message: Message, delay: float | None, idempotency_key: str | None, connection: Any
-    ) -> TaskHandle:
-        """Insert ``message`` in ``connection``'s transaction (``apply_async(connection=)``),
-        the publish middleware running as for ``delay()``."""
-        app = self.app
-        publish_in = getattr(app.transport, "publish_in_transaction", None)
-        if publish_in is None:  # no capability says it: the method does
-            raise ConfigurationError(
-                "connection= publishes in your database transaction, which needs the "
-                f"postgresql:// broker; {app.transport.schemes[0]}:// keeps its messages "
-                "elsewhere. Publish after the commit, or use App(broker='postgresql://...')."
-            )
-        if self.broadcast or idempotency_key is not None or self.unique_for is not None:
-            raise ConfigurationError(
-                f"Task {self.name!r}: connection= cannot go with a broadcast task, "
-                "idempotency_key or unique_for: a claim made outside your transaction would "
-                "outlive its rollback. Publish it after the commit instead."
-            )
-        message, envelope = app._prepare(route(app, message, delay), self._names)
-        try:
-            try:
-                app.transport.declare([app.queue(message.queue)])
-            except TransportError as exc:
-                raise PublishError(
-                    f"Task {message.id} was NOT enqueued on {message.queue!r}: {exc}",
-                    task_id=message.id,
-                ) from exc
-            publish_in(connection, message.queue, envelope, delay=delay)
-        except BaseException as exc:
-            app._hooks.after_publish_error(app, [message], exc)
-            raise
-        app._hooks.after_publish(app, [message])
-        return TaskHandle(message.id, message.task, message.queue, app=app)
 
     def _claim_for(self, message: Message, idempotency_key: str | None) -> Claim | None:
         """Return the uniqueness key ``message`` must claim before it is published, if any.
