@@ -93,6 +93,10 @@ nitpick_ignore_regex = [
     # The observability libraries the middleware use (structlog, statsd, OpenTelemetry).
     (r"py:(class|obj|mod|func)", r"(structlog|statsd|opentelemetry)(\..+)?"),
     (r"py:class", r"threading\.(local|Thread|Event)"),
+    # click's usage errors, which command helpers raise.
+    (r"py:(class|exc)", r"click\..+"),
+    # The standard library's SQLite connections and paths the sqlite:// transport holds.
+    (r"py:(class|mod)", r"(sqlite3|pathlib)(\..+)?"),
     # What the worker's threads and event loop hold (a context, a task, a queue).
     (r"py:class", r"(contextvars|_asyncio|asyncio|_queue|queue)\..+"),
     # prometheus_client's registry and metric classes (mqtasks.middleware.prometheus).

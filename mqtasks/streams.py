@@ -155,7 +155,7 @@ class StreamPump(threading.Thread):
     """Moves one group's matching entries from its stream to its subscriber's queue.
 
     Reads, publishes (confirmed) and commits in batches of up to
-    :data:`PUMP_BATCH`; on an error it starts over from the committed position
+    ``PUMP_BATCH``; on an error it starts over from the committed position
     after a capped backoff, so nothing is skipped.
     """
 

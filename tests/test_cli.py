@@ -271,8 +271,8 @@ def test_unknown_broker_scheme_names_the_supported_ones() -> None:
     output = result.stdout + result.stderr
     assert "Unknown transport 'amqp2'" in output
     assert (
-        "Supported URL schemes: amqp, amqps, memory, pyamqp, redis, redis+kombu, "
-        "redis+sentinel, rediss, rediss+kombu, rediss+sentinel, sqs." in output
+        "Supported URL schemes: amqp, amqps, memory, postgres, postgresql, pyamqp, redis, "
+        "redis+kombu, redis+sentinel, rediss, rediss+kombu, rediss+sentinel, sqlite, sqs." in output
     )
     assert "Traceback" not in output
 

@@ -38,7 +38,8 @@ def _total(windows: Sequence[tuple[str, int]]) -> int:
 
 
 class AmqpConsumer(SocketConsumer):
-    """The consumer of a RabbitMQ worker: reads as :class:`SocketConsumer` does.
+    """The consumer of a RabbitMQ worker: reads as
+    :class:`~mqtasks.transport.amqp.socket_consumer.SocketConsumer` does.
 
     Each queue has its own RabbitMQ consumer with a share of the prefetch
     window (``mqtasks.transport.amqp.prefetch``). When the queues change,

@@ -51,8 +51,8 @@ class SocketConsumer(KombuConsumer):
     py-amqp reads each frame with three ``recv()`` calls (header, payload, end
     octet), where one call per wake-up serves every message that arrived.
 
-    Subclasses plan what is consumed: :meth:`_replan_now` runs before each wait,
-    and :meth:`_settled_on_side` after a delivery of a channel other than the
+    Subclasses plan what is consumed: ``_replan_now()`` runs before each wait,
+    and ``_settled_on_side()`` after a delivery of a channel other than the
     main one is settled.
     """
 

@@ -182,7 +182,8 @@ class PostgresTransport(Transport):
 
     @contextlib.contextmanager
     def errors(self, what: str) -> Iterator[None]:
-        """Turn psycopg (and socket) errors into :class:`TransportError`, the URL masked."""
+        """Turn psycopg (and socket) errors into
+        :class:`~mqtasks.exceptions.TransportError`, the URL masked."""
         try:
             yield
         except (TransportError, ConfigurationError):
