@@ -145,6 +145,16 @@ def test_the_table_prefix_is_taken_off_the_url_given_to_libpq() -> None:
     assert backend.conninfo == "postgresql://u@127.0.0.1/db?sslmode=disable"
 
 
+def test_spaces_in_libpq_options_reach_it_as_spaces() -> None:
+    # libpq reads '+' in a URL's query as a plus sign, not as a space.
+    backend = resolve(
+        "postgresql://u@127.0.0.1/db?options=-c%20statement_timeout%3D5000&table_prefix=app_"
+    )
+
+    assert isinstance(backend, PostgresBackend)
+    assert backend.conninfo == ("postgresql://u@127.0.0.1/db?options=-c%20statement_timeout%3D5000")
+
+
 @pytest.mark.integration
 def test_migrate_creates_the_tables_then_finds_them() -> None:
     prefix = table_prefix()

@@ -139,7 +139,7 @@ class PostgresBackend(Backend):
         #: The NOTIFY channel revocations are announced on.
         self.revocation_channel = f"{table_prefix}revocations"
         rest = [(k, v) for k, v in query if k != "table_prefix"]
-        self.conninfo = urlunsplit(parts._replace(query=urlencode(rest)))
+        self.conninfo = urlunsplit(parts._replace(query=urlencode(rest, quote_via=quote)))
         given = {k for k, _ in rest}
         defaults: dict[str, Any] = {
             "connect_timeout": max(2, math.ceil(connect_timeout)),
