@@ -13,13 +13,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import boto3
 import pytest
 from click.testing import CliRunner
 
 import tests.test_dlq as dlq_tests
-from mqtasks import App, QueueSpec
+from mqtasks import App, QueueSpec, Task
 from mqtasks.cli import cli
 from mqtasks.exceptions import ConfigurationError, MQTasksError
 from mqtasks.testing import drain, running_worker
@@ -539,6 +540,27 @@ class KeyLog:
             return sum(len(r) for r in self.runs.values())
 
 
+def ordered_task(
+    app: App, log: KeyLog, fails: Callable[[int, int, int], bool], **options: Any
+) -> tuple[Task[..., None], str]:
+    """An ordered task ``post(account, n)`` on a new FIFO queue that logs ``(n, attempt)``
+    per account and raises when ``fails(account, n, attempt)``; and the queue's name."""
+    from mqtasks.message import current_message
+
+    queue = unique_name("ledger") + ".fifo"
+
+    @app.task(queue=queue, ordering_key="account", **options)
+    def post(account: int, n: int) -> None:
+        message = current_message()
+        assert message is not None
+        log.start(account)
+        log.end(account, (n, message.attempt))
+        if fails(account, n, message.attempt):
+            raise RuntimeError(f"call {n} of {account} fails at attempt {message.attempt}")
+
+    return post, queue
+
+
 def test_an_ordered_task_on_a_standard_queue_is_refused_at_start(
     url: str, make_app: Callable[..., App]
 ) -> None:
@@ -623,22 +645,17 @@ def test_ordered_tasks_on_a_fifo_queue_run_in_order_per_key_and_keys_in_parallel
 def test_a_failing_ordered_call_waits_in_the_fifo_queue_and_its_key_waits_behind_it(
     url: str, make_app: Callable[..., App]
 ) -> None:
-    from mqtasks.message import current_message
-
     app = make_app(url, backend="memory://")
-    queue = unique_name("ledger") + ".fifo"
     log = KeyLog()
-
-    @app.task(queue=queue, ordering_key="account", max_retries=2, retry_backoff=1)
-    def post(account: int, n: int) -> None:
-        message = current_message()
-        assert message is not None
-        log.start(account)
-        log.end(account, (n, message.attempt))
-        if account == 1 and n == 1 and message.attempt < 3:
-            raise RuntimeError("not yet")
-        if account == 2 and n == 0:
-            raise ValueError("never")
+    post, queue = ordered_task(
+        app,
+        log,
+        lambda account, n, attempt: (
+            ((account, n) == (1, 1) and attempt < 3) or (account, n) == (2, 0)
+        ),
+        max_retries=2,
+        retry_backoff=1,
+    )
 
     # A backoff is allowed for an ordered task on a FIFO queue: it waits in the queue
     check_app(app)
@@ -658,3 +675,54 @@ def test_a_failing_ordered_call_waits_in_the_fifo_queue_and_its_key_waits_behind
         dead = wait_for(lambda: app.dead_letters(queue), "the dead letter", 20, 0.2)
         assert [(d.reason, d.attempts) for d in dead] == [("max_retries_exceeded", 3)]
         assert worker.errors != []
+
+
+def test_waits_in_a_fifo_queue_do_not_count_against_the_delivery_limit(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    # Given a delivery limit below the retries of a key's first call
+    app = make_app(url, backend="memory://", delivery_limit=2)
+    log = KeyLog()
+    post, queue = ordered_task(
+        app,
+        log,
+        lambda account, n, attempt: n == 0 and attempt < 5,
+        max_retries=4,
+        retry_backoff=0.5,
+    )
+
+    for n in range(3):
+        post.delay(1, n)
+    with running_worker(app, concurrency=2) as worker:
+        # When it waits four times in the queue, and its key's later calls with it
+        wait_for(lambda: len(log.of(1)) == 7, lambda: f"key 1: {log.of(1)}", 60, 0.1)
+        # Then neither it nor the calls behind it are dead-lettered as delivered too often
+        assert log.of(1) == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (1, 1), (2, 1)]
+        assert app.dead_letters(queue) == []
+        assert len(worker.errors) == 4
+
+
+def test_a_retry_waiting_in_the_fifo_queue_keeps_its_attempt_with_the_next_worker(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    app = make_app(url, backend="memory://")
+    log = KeyLog()
+    post, _ = ordered_task(
+        app,
+        log,
+        lambda account, n, attempt: n == 0 and attempt == 1,
+        max_retries=3,
+        retry_backoff=2,
+    )
+
+    post.delay(7, 0)
+    post.delay(7, 1)
+    # Given a first attempt that failed and waits in the queue for its retry
+    with running_worker(app, concurrency=2) as first:
+        wait_for(lambda: first.settled >= 1, "the retry to wait in the queue", 20, 0.05)
+    assert log.of(7) == [(0, 1)]
+    # When another worker takes the queue (the first one stopped)
+    with running_worker(app, concurrency=2):
+        # Then it runs the retry as attempt 2 once its wait is over, then the key's next call
+        wait_for(lambda: len(log.of(7)) == 3, lambda: f"key 7: {log.of(7)}", 30, 0.1)
+    assert log.of(7) == [(0, 1), (0, 2), (1, 1)]

@@ -16,7 +16,7 @@ import structlog
 from ...exceptions import MQTasksError
 from ..envelope import Envelope
 from ..kombu_consumer import KombuConsumer, KombuDelivery
-from .groups import Groups, message_group
+from .groups import GivenBack, Groups, message_group
 
 if TYPE_CHECKING:
     from kombu.message import Message as KombuMessage
@@ -49,6 +49,12 @@ def receive_count(raw: KombuMessage) -> int | None:
     except (TypeError, ValueError):
         return None
     return count if count >= 1 else None
+
+
+def _sqs_id(raw: KombuMessage) -> str | None:
+    """SQS's ``MessageId`` of ``raw`` (the same at every receive)."""
+    found = (raw.delivery_info.get("sqs_message") or {}).get("MessageId")
+    return found if isinstance(found, str) else None
 
 
 class _Held:
@@ -90,6 +96,7 @@ class SqsConsumer(KombuConsumer):
         super().__init__(transport, specs, prefetch=prefetch)
         self._held: dict[str, _Held] = {}
         self._groups = Groups()
+        self._given_back = GivenBack()
 
     def _receive(self, raw: KombuMessage) -> None:
         info = raw.delivery_info
@@ -103,7 +110,10 @@ class SqsConsumer(KombuConsumer):
             self._send_on(raw, queue, float(due))
             return
         count = receive_count(raw)
-        delivery = KombuDelivery(raw, queue, self.generation, count)
+        # Received before (redelivered) by SQS's count; delivered before without the
+        # receives that were no delivery (see GivenBack).
+        delivered = self._given_back.discount(_sqs_id(raw), count)
+        delivery = KombuDelivery(raw, queue, self.generation, delivered)
         delivery.redelivered = delivery.redelivered or (count is not None and count > 1)
         # kombu's producer stamps priority 0 on every message; SQS orders by none.
         delivery.priority = None
@@ -130,7 +140,8 @@ class SqsConsumer(KombuConsumer):
         it, after it (SQS then delivers the group again in its order)."""
         for waiting in self._groups.release(delivery.raw.delivery_tag):
             self._forget(waiting)
-            self._settle(waiting, functools.partial(waiting.raw.reject, requeue=True))
+            if self._settle(waiting, functools.partial(waiting.raw.reject, requeue=True)):
+                self._given_back.add(_sqs_id(waiting.raw))
 
     def _send_on(self, raw: KombuMessage, queue: str, due: float) -> None:
         """Publish ``raw`` again for the rest of its delay, then delete the received copy."""
@@ -191,11 +202,16 @@ class SqsConsumer(KombuConsumer):
     def _forget(self, delivery: Any) -> None:
         self._held.pop(delivery.raw.delivery_tag, None)
 
+    def _done(self, delivery: Any) -> None:
+        """``delivery`` is deleted from its queue: hand on the next of its group."""
+        self._given_back.forget(_sqs_id(delivery.raw))
+        self._next_of_group(delivery)
+
     def ack(self, delivery: Any) -> bool:
         """Delete the message: it is done. Returns False if it was stale."""
         self._forget(delivery)
         done = super().ack(delivery)
-        self._next_of_group(delivery)
+        self._done(delivery)
         return done
 
     def ack_many(self, deliveries: Sequence[Any]) -> None:
@@ -239,13 +255,13 @@ class SqsConsumer(KombuConsumer):
             raw = delivery.raw
             raw.channel.qos.ack(raw.delivery_tag)  # deleted: release its prefetch slot
             raw._state = "ACK"
-            self._next_of_group(delivery)
+            self._done(delivery)
 
     def reject(self, delivery: Any) -> bool:
         """Delete the message without running it (the worker dead-lettered it first)."""
         self._forget(delivery)
         done = super().reject(delivery)
-        self._next_of_group(delivery)
+        self._done(delivery)
         return done
 
     def requeue(self, delivery: Any) -> bool:
@@ -277,6 +293,8 @@ class SqsConsumer(KombuConsumer):
 
         self._forget(delivery)
         done = self._settle(delivery, change)
+        if done:
+            self._given_back.add(_sqs_id(raw))
         self._release_group(delivery)
         return done
 

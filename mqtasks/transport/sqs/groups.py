@@ -5,16 +5,18 @@ SQS returns no more messages of a group while some are in flight, but one
 ``ReceiveMessage`` may return several messages of one group at once, and a
 worker's threads would run them side by side. :class:`Groups` keeps the later
 ones of a group back until the one handed on is settled; the messages of
-other groups flow meanwhile.
+other groups flow meanwhile. :class:`GivenBack` keeps the receives that were
+no delivery (a message given back unrun, a retry waiting in the queue) out of
+the delivery count.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["GROUP_HEADER", "ORDERING_KEY_HEADER", "Groups", "message_group"]
+__all__ = ["GROUP_HEADER", "ORDERING_KEY_HEADER", "GivenBack", "Groups", "message_group"]
 
 #: The header ordered tasks carry their key's digest in (``MessageGroupId`` on FIFO queues).
 ORDERING_KEY_HEADER = "mqtasks-okey"
@@ -91,3 +93,38 @@ class Groups:
         """Forget everything (the connection is gone: SQS has the messages back)."""
         self._waiting.clear()
         self._out.clear()
+
+
+class GivenBack:
+    """How often this consumer gave each message back to SQS without a delivery, by SQS
+    ``MessageId``: the messages of a group it received behind one that then waits in
+    the queue (unrun), and the waits themselves (retries held in place).
+
+    SQS counts each of those as a receive; taken off ``ApproximateReceiveCount``,
+    the delivery count (and ``delivery_limit``) counts what it is meant to: the
+    deliveries that ended in a crash or a hand-back. Kept for this consumer only
+    (a message another worker receives next counts them), at most ``most`` messages.
+    """
+
+    def __init__(self, most: int = 10000) -> None:
+        self._counts: OrderedDict[str, int] = OrderedDict()
+        self._most = most
+
+    def add(self, message_id: str | None) -> None:
+        """One more receive of ``message_id`` that was no delivery."""
+        if not message_id:
+            return
+        self._counts[message_id] = self._counts.pop(message_id, 0) + 1
+        if len(self._counts) > self._most:
+            self._counts.popitem(last=False)
+
+    def discount(self, message_id: str | None, count: int | None) -> int | None:
+        """Return receive count ``count`` of ``message_id`` less those that were no delivery."""
+        if count is None or not message_id:
+            return count
+        return max(1, count - self._counts.get(message_id, 0))
+
+    def forget(self, message_id: str | None) -> None:
+        """``message_id`` is done (deleted from its queue)."""
+        if message_id:
+            self._counts.pop(message_id, None)
