@@ -315,6 +315,31 @@ def test_rewind_replays_a_group_again(stream_app: MakeApp) -> None:
     assert [e.key for e in store.entries(app.streams[stream], "first", 10)] == ["order.created"] * 3
 
 
+@pytest.mark.integration
+def test_rabbitmq_refuses_a_rewind_while_a_worker_reads_the_group() -> None:
+    url = require_broker("amqp")
+    name = unique_name("st")
+    app = App("t", broker=url, streams=[StreamSpec(name)])
+    queue = unique_name("g")
+    seen: list[int] = []
+
+    @app.on("order.*", stream=name, start="first", queue=queue)
+    def audit(event: dict[str, int]) -> None:
+        seen.append(event["id"])
+
+    store = app.transport.streams()
+    try:
+        app.emit("order.created", {"id": 0}, stream=name)
+        with running_worker(app):
+            wait_for(seen_all(seen, 1), "1 event")
+            with pytest.raises(ConfigurationError, match="stop the workers"):
+                store.rewind(app.streams[name], queue, "first")
+        store.rewind(app.streams[name], queue, "first")  # stopped: its position is free
+    finally:
+        store.delete(app.streams[name], [queue])
+        cleanup(app)
+
+
 # -- retention -------------------------------------------------------------------------
 
 

@@ -252,7 +252,24 @@ class AmqpStreams(StreamStore):
             return self.read_range(raw, spec.name, self.resolve(raw, spec.name, start), limit)
 
     def rewind(self, spec: StreamSpec, group: str, start: StartAt) -> None:
+        """Set ``group``'s position in ``spec``'s stream.
+
+        Raises:
+            ConfigurationError: A running reader of the group holds its position
+                (its next commit would write over the new one).
+        """
+        name = self.group_queue(spec.name, group)
         with self.connection(f"rewind group {group!r} of {spec.name!r}") as raw:
+            try:
+                held = raw.channel().queue_declare(name, passive=True).message_count == 0
+            except NotFound:
+                held = False
+            if held:
+                raise ConfigurationError(
+                    f"Group {group!r} of stream {spec.name!r} is being read by a running "
+                    "worker, whose next commit would undo the rewind: stop the workers "
+                    "that consume its subscriber's queue, then rewind."
+                )
             position = self.resolve(raw, spec.name, start)
             self._set_position(raw, self.group_queue(spec.name, group), position, purge=True)
 
@@ -270,7 +287,10 @@ class _AmqpReader(StreamReader):
         self.store, self.spec, self.group = store, spec, group
         self.position_queue = store.group_queue(spec.name, group)
         with translate_errors(store.transport.url, f"read stream {spec.name!r}"):
-            self.conn = store.transport.connection()
+            # Heartbeats, checked at every read: a network that drops silently
+            # ends the read in an error (the pump starts over from the group's
+            # committed position) instead of stalling it until TCP gives up.
+            self.conn = store.transport.connection(heartbeat=store.transport.heartbeat)
             self.conn.connect()
             self.raw = self.conn.connection
             self.lease_channel = self.raw.channel()
@@ -321,6 +341,7 @@ class _AmqpReader(StreamReader):
 
     def read(self, count: int, timeout: float) -> list[StreamEntry]:
         with translate_errors(self.store.transport.url, f"read stream {self.spec.name!r}"):
+            self.conn.heartbeat_check()
             if self.lease is None and not self._take_lease():
                 time.sleep(min(timeout, 1.0))  # another reader of the group holds it
                 return []
