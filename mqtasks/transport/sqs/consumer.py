@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from botocore.exceptions import ClientError
 
 from ...exceptions import MQTasksError
 from ..envelope import Envelope
@@ -285,9 +286,17 @@ class SqsConsumer(KombuConsumer):
         seconds = min(MAX_VISIBILITY, max(0, math.ceil(delay)))
 
         def change() -> None:
-            raw.channel.sqs().change_message_visibility(
-                QueueUrl=url, ReceiptHandle=raw.delivery_tag, VisibilityTimeout=seconds
-            )
+            try:
+                raw.channel.sqs().change_message_visibility(
+                    QueueUrl=url, ReceiptHandle=raw.delivery_tag, VisibilityTimeout=seconds
+                )
+            except ClientError as exc:
+                # Its visibility ended already: SQS has it back, to deliver it sooner.
+                logger.warning(
+                    "sqs.hold_failed",
+                    queue=delivery.queue,
+                    error=exc.response.get("Error", {}).get("Code"),
+                )
             raw.channel.qos.ack(raw.delivery_tag)  # SQS has it again: release its prefetch slot
             raw._state = "REQUEUED"
 
