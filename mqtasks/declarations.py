@@ -132,9 +132,11 @@ class EventsAPI:
         mandatory: bool = True,
         headers: Mapping[str, Any] | None = None,
         event_id: str | None = None,
+        stream: str | None = None,
     ) -> EventHandle:
         """:meth:`emit` for asyncio code: the publish and its confirm run in a thread,
-        the event loop keeps running.
+        the event loop keeps running. ``stream`` appends to a stream, as
+        :meth:`mqtasks.app.App.emit` does.
 
         Raises:
             ValueError: A bad event name, or a reserved (``mqtasks-``) header.
@@ -143,8 +145,10 @@ class EventsAPI:
             PublishError: The broker did not take the event.
             ConfigurationError: The transport cannot route events.
         """
+        emit: Callable[..., EventHandle] = self.emit  # App.emit also takes stream=
+        extra = {"stream": stream} if stream is not None else {}
         return await asyncio.to_thread(
-            self.emit, event, payload, mandatory=mandatory, headers=headers, event_id=event_id
+            emit, event, payload, mandatory=mandatory, headers=headers, event_id=event_id, **extra
         )
 
 

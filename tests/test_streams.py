@@ -3,6 +3,7 @@ RabbitMQ stream queues and Redis Streams."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -313,6 +314,16 @@ def test_rewind_replays_a_group_again(stream_app: MakeApp) -> None:
     info = store.info(app.streams[stream])
     assert info.length == 3
     assert [e.key for e in store.entries(app.streams[stream], "first", 10)] == ["order.created"] * 3
+
+
+def test_aemit_appends_to_a_stream() -> None:
+    app = App("t", broker="memory://", streams=[StreamSpec("audit")])
+    try:
+        asyncio.run(app.aemit("order.created", {"id": 1}, stream="audit"))
+        entries = app.transport.streams().entries(app.streams["audit"], "first", 10)
+        assert [e.key for e in entries] == ["order.created"]
+    finally:
+        app.transport.reset()
 
 
 @pytest.mark.integration
