@@ -28,8 +28,7 @@ import structlog
 
 from .._scaling import IDLE, ScalePolicy
 from ..exceptions import MQTasksError
-from ..ordering.keys import partition_name
-from ..ordering.options import ordered_queues
+from ..ordering.queues import partitions_of
 
 if TYPE_CHECKING:
     from ..worker import Worker
@@ -50,13 +49,9 @@ class WorkerLoad:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         app = worker.app
-        # Ordered tasks wait in the partition queues of their queue, not in it.
-        partitions = [
-            partition_name(q, i, n)
-            for q, n in ordered_queues(app.tasks.values()).items()
-            if q in worker.queues
-            for i in range(n)
-        ]
+        # Ordered tasks wait in the partition queues of their queue, not in it
+        # (none for a queue the broker orders itself: an SQS FIFO queue).
+        partitions = partitions_of(app, worker.queues)
         self._specs = [app.queue(q) for q in [*worker.queues, *partitions]]
         self._failing = False
 

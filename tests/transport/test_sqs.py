@@ -614,6 +614,26 @@ def test_ordered_calls_go_straight_to_the_fifo_queue_grouped_by_their_key(
     assert sorted(groups) == sorted([key_digest(5), key_digest(6)])
 
 
+def test_the_autoscaler_counts_the_fifo_queue_of_ordered_tasks_not_partitions(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    from mqtasks import Worker
+    from mqtasks.execution.autoscale import WorkerLoad
+
+    app = make_app(url, backend="memory://")
+    queue = unique_name("ledger") + ".fifo"
+
+    @app.task(queue=queue, ordering_key="account", max_retries=0)
+    def post(account: int, n: int) -> None: ...
+
+    post.delay(5, 0)
+    post.delay(6, 0)
+    worker = Worker(app, queues=[queue], concurrency=1)
+    load = WorkerLoad(worker)
+    assert [spec.name for spec in load._specs] == [queue]  # no x.fifo.p00...: none exist
+    assert load.ready() == 2
+
+
 def test_ordered_tasks_on_a_fifo_queue_run_in_order_per_key_and_keys_in_parallel(
     url: str, make_app: Callable[..., App]
 ) -> None:
