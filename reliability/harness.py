@@ -22,7 +22,13 @@ import redis
 import mqtasks
 
 from .brokers import RabbitNode, RedisServer, listening_beyond_loopback
-from .profiles import CLUSTER_PROFILES, SENTINEL_PROFILES, BrokerProfile, Profile
+from .profiles import (
+    CLUSTER_PROFILES,
+    POSTGRES_PROFILES,
+    SENTINEL_PROFILES,
+    BrokerProfile,
+    Profile,
+)
 from .run import Run
 
 __all__ = ["BrokerGroup", "Harness"]
@@ -57,6 +63,7 @@ class BrokerGroup(Protocol):
 GROUPS: dict[str, str] = {
     **dict.fromkeys(CLUSTER_PROFILES, "reliability.rabbit_cluster:RabbitCluster"),
     **dict.fromkeys(SENTINEL_PROFILES, "reliability.redis_sentinel:SentinelGroup"),
+    **dict.fromkeys(POSTGRES_PROFILES, "reliability.postgres_server:PostgresServer"),
 }
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "BROKER_PROFILES",
     "CLUSTER_PROFILES",
     "ON_REQUEST",
+    "POSTGRES_PROFILES",
     "PROFILES",
     "RABBIT_PROFILES",
     "REDIS_PROFILES",
@@ -25,8 +26,9 @@ __all__ = [
 #: volatile (RV); MEM ``memory://`` in process (S15 only). Beyond one node: a
 #: 3-node RabbitMQ cluster with quorum (KQ) or classic (KC, the negative control)
 #: queues; Redis with a replica and three Sentinels, with ``delay()`` waiting for
-#: the replica (SR) or not (SP, the negative control).
-BrokerProfile = Literal["RQ", "RC", "RD", "RV", "MEM", "KQ", "KC", "SR", "SP"]
+#: the replica (SR) or not (SP, the negative control). PG: the ``postgresql://``
+#: broker on a PostgreSQL server of the harness's own.
+BrokerProfile = Literal["RQ", "RC", "RD", "RV", "MEM", "KQ", "KC", "SR", "SP", "PG"]
 BROKER_PROFILES: tuple[BrokerProfile, ...] = (
     "RQ",
     "RC",
@@ -37,19 +39,22 @@ BROKER_PROFILES: tuple[BrokerProfile, ...] = (
     "KC",
     "SR",
     "SP",
+    "PG",
 )
 #: The RabbitMQ cluster profiles.
 CLUSTER_PROFILES: frozenset[str] = frozenset({"KQ", "KC"})
 #: The Redis Sentinel profiles.
 SENTINEL_PROFILES: frozenset[str] = frozenset({"SR", "SP"})
+#: Profiles served by PostgreSQL (the ``postgresql://`` broker).
+POSTGRES_PROFILES: frozenset[str] = frozenset({"PG"})
 #: Profiles served by RabbitMQ (one node or a cluster).
 RABBIT_PROFILES: frozenset[str] = frozenset({"RQ", "RC"}) | CLUSTER_PROFILES
 #: Profiles served by Redis (one server or a Sentinel group).
 REDIS_PROFILES: frozenset[str] = frozenset({"RD", "RV"}) | SENTINEL_PROFILES
 #: Profiles a run includes only when ``--broker`` names them (or ``cluster``,
 #: ``sentinel``): each starts several broker processes of its own, too heavy for
-#: every ci run.
-ON_REQUEST: frozenset[str] = CLUSTER_PROFILES | SENTINEL_PROFILES
+#: every ci run. PG until its S5 and S7 criteria pass (docs/reliability.md).
+ON_REQUEST: frozenset[str] = CLUSTER_PROFILES | SENTINEL_PROFILES | POSTGRES_PROFILES
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from mqtasks.serialization import encode_body
 from mqtasks.transport import RedisTransport
 
 from .ledger import Checks, Classification, Event, LedgerWriter, read_ledger
-from .profiles import CLUSTER_PROFILES, REDIS_PROFILES, SENTINEL_PROFILES
+from .profiles import CLUSTER_PROFILES, POSTGRES_PROFILES, REDIS_PROFILES, SENTINEL_PROFILES
 from .proxy import TcpProxy
 from .publisher import Publisher
 from .tasks import build_app
@@ -120,6 +120,11 @@ class Run(Checks):
     def is_redis(self) -> bool:
         """Whether the broker is Redis."""
         return self.broker in REDIS_PROFILES
+
+    @property
+    def is_postgres(self) -> bool:
+        """Whether the broker is PostgreSQL (the ``postgresql://`` transport)."""
+        return self.broker in POSTGRES_PROFILES
 
     def rel(self, t: float | None = None) -> float:
         """Seconds since the run started (of epoch time ``t``, or now)."""
@@ -254,6 +259,12 @@ class Run(Checks):
             finally:
                 client.close()
             return {"ready": ready, "delayed": delayed, "unacked": unacked, "dead": dead}
+        if self.is_postgres:  # rows of the queue and of its .dlq in the broker's table
+            from .postgres_server import queue_depths
+
+            table = str(getattr(self.app.transport, "table", "mqtasks_messages"))
+            with self.harness.group(self.broker).connect() as conn:  # type: ignore[attr-defined]
+                return queue_depths(conn, table, self.queue)
         if self.broker in CLUSTER_PROFILES:  # as a running node of the cluster tells them
             found = self.harness.group(self.broker).queue_depths()  # type: ignore[attr-defined]
         else:

@@ -29,6 +29,7 @@ from .ordering import s18
 from .parity import s15
 from .periodic import s22
 from .poison.scenario import s7
+from .postgres_faults import s1_pg, s3_pg, s5_pg
 from .profiles import BrokerProfile
 from .retries import s8, s8b, s9
 from .security.redaction import s14
@@ -55,21 +56,31 @@ class Scenario:
     negative: bool = False
 
 
+def _on_pg(generic: ScenarioFn, pg: ScenarioFn) -> ScenarioFn:
+    """``generic`` on every profile but PG, where ``pg`` makes the faults PostgreSQL's way."""
+
+    def run(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
+        return (pg if broker == "PG" else generic)(h, broker)
+
+    run.__doc__ = generic.__doc__
+    return run
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
         Scenario("N1", "confirms off + kill -9 RabbitMQ", ("RC",), n1, negative=True),
         Scenario("N2", "Redis RV SHUTDOWN NOSAVE", ("RV",), n2, negative=True),
         Scenario("N3", "early ack + SIGKILL", ("RQ",), n3, negative=True),
-        Scenario("S0", "baseline", ("RQ", "RC", "RD"), s0),
-        Scenario("S1", "worker SIGKILL", ("RQ", "RD"), s1),
+        Scenario("S0", "baseline", ("RQ", "RC", "RD", "PG"), s0),
+        Scenario("S1", "worker SIGKILL", ("RQ", "RD", "PG"), _on_pg(s1, s1_pg)),
         Scenario("S2", "worker SIGTERM drain", ("RQ", "RD"), s2),
         Scenario("S2b", "task longer than the drain timeout", ("RQ", "RD"), s2b),
-        Scenario("S3", "RabbitMQ restart", ("RQ", "RC"), s3),
+        Scenario("S3", "RabbitMQ (PG: PostgreSQL) restart", ("RQ", "RC", "PG"), _on_pg(s3, s3_pg)),
         Scenario("S4", "Redis restart", ("RD", "RV"), s4),
-        Scenario("S5", "connection drops / black hole", ("RQ", "RD"), s5),
+        Scenario("S5", "connection drops / black hole", ("RQ", "RD", "PG"), _on_pg(s5, s5_pg)),
         Scenario("S6", "broker freeze", ("RQ", "RD"), s6),
-        Scenario("S7", "poison messages", ("RQ", "RC", "RD"), s7),
+        Scenario("S7", "poison messages", ("RQ", "RC", "RD", "PG"), s7),
         Scenario("S8", "always-failing task", ("RQ", "RD"), s8),
         Scenario("S8b", "crash loop", ("RQ", "RD"), s8b),
         Scenario("S9", "retry storm", ("RQ", "RD"), s9),

@@ -1,8 +1,10 @@
 """Publishing poison past mqtasks' producer, the way a hostile or buggy producer would.
 
 Raw kombu on RabbitMQ and ``memory://`` (the body and properties exactly as
-given, confirmed by the broker), and on mqtasks' own Redis transport an
-``LPUSH`` of the list element format (flag, JSON metadata, newline, body).
+given, confirmed by the broker), on mqtasks' own Redis transport an
+``LPUSH`` of the list element format (flag, JSON metadata, newline, body), and
+on ``postgresql://``, which stores an envelope as given, a hand-built envelope
+through the transport's ``publish`` (a committed ``INSERT``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import kombu
 from mqtasks import App
 from mqtasks.transport import RedisTransport
 from mqtasks.transport.amqp import AmqpTransport
+from mqtasks.transport.envelope import Envelope
 from mqtasks.transport.kombu import KombuTransport
 
 from .kinds import Poison, build_poison
@@ -114,6 +117,18 @@ class PoisonInjector:
             head = json.dumps(meta, separators=(",", ":")).encode()
             element = b"n" + head + b"\n" + poison.body
             self.transport.publisher().lpush(self.transport.queue_key(queue), element)
+            return
+        if not isinstance(self.transport, KombuTransport):  # postgresql://: the row as given
+            self.transport.publish(
+                queue,
+                Envelope(
+                    body=poison.body,
+                    message_id=poison.id if poison.send_id else None,  # type: ignore[arg-type]
+                    headers=dict(poison.headers),
+                    content_type=poison.content_type or "application/data",
+                    content_encoding=poison.content_encoding or "binary",
+                ),
+            )
             return
         if isinstance(self.transport, AmqpTransport):
             poison = self._fit_headers(poison)

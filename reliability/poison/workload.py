@@ -313,7 +313,9 @@ def _delete_behind_back(app: App, queue: str) -> None:
     if isinstance(transport, RedisTransport):
         transport.publisher().delete(transport.queue_key(queue))
         return
-    assert isinstance(transport, KombuTransport), transport
+    if not isinstance(transport, KombuTransport):  # postgresql://: a queue is its rows
+        transport.delete([QueueSpec(queue)])
+        return
     with transport.connection() as conn:
         conn.default_channel.queue_delete(queue)
 
