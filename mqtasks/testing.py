@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .app import App
 from .exceptions import ConfigurationError
+from .ordering.options import ordered_queues
 from .ordering.queues import partitions_of
 from .worker import Worker
 
@@ -176,11 +177,22 @@ def drain(worker: Worker, timeout: float = 10.0, *, raise_errors: bool = True) -
     # With the partition queues of ordered tasks, which the worker consumes as it owns them.
     names = [*worker.queues, *partitions_of(app, worker.queues)]
     specs = [app.queue(q) for q in names]
+    # A queue the broker orders itself (an SQS FIFO queue) holds an ordered task's
+    # retry in place, in flight and unseen by the counts above: count those too.
+    ordered = ordered_queues(app.tasks.values())
+    in_place = [
+        spec
+        for spec in specs
+        if spec.name in ordered and app.transport.native_ordering_refused(spec.name) is None
+    ]
     deadline = time.monotonic() + timeout
     stable, last = 0, -1
     while True:
         ready = sum(app.transport.message_counts(specs).values())
         ready += sum(app.transport.delayed_counts(specs).values())
+        if in_place:
+            stats = app.transport.queue_stats(in_place).values()
+            ready += sum(s.unacked or 0 for s in stats)
         if ready == 0 and worker.idle and worker.received == last:
             stable += 1
             if stable >= 2:

@@ -697,6 +697,22 @@ def test_a_failing_ordered_call_waits_in_the_fifo_queue_and_its_key_waits_behind
         assert worker.errors != []
 
 
+def test_drain_waits_for_an_ordered_retry_held_in_the_fifo_queue(
+    url: str, make_app: Callable[..., App]
+) -> None:
+    app = make_app(url, backend="memory://")
+    log = KeyLog()
+    post, _ = ordered_task(
+        app, log, lambda account, n, attempt: attempt < 2, max_retries=2, retry_backoff=1
+    )
+
+    post.delay(1, 0)
+    with running_worker(app, concurrency=2) as worker:
+        # The first attempt fails; its retry waits in the queue, invisible, for 1 s
+        drain(worker, timeout=30, raise_errors=False)
+        assert log.of(1) == [(0, 1), (0, 2)]
+
+
 def test_waits_in_a_fifo_queue_do_not_count_against_the_delivery_limit(
     url: str, make_app: Callable[..., App]
 ) -> None:
