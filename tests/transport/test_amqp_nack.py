@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 from mqtasks import App, PublishNacked, QueueSpec
 from mqtasks.transport.amqp import AmqpTransport
 from mqtasks.transport.amqp.confirms import _ConfirmPipeline
+from mqtasks.transport.envelope import Envelope
 
 pytestmark = pytest.mark.integration
 
@@ -70,3 +73,32 @@ def test_a_nacked_publish_keeps_its_connection(
         job.delay()
     assert transport._pipeline._amqp is before
     assert before.connected
+
+
+def test_on_a_cluster_a_bulk_publish_retries_a_nack_until_the_broker_takes_it(
+    amqp_url: str, make_app: Callable[..., App], queue_name: Callable[[str], str]
+) -> None:
+    """A cluster nacks a quorum queue's messages while it has no leader: the bulk path,
+    like ``publish()``, sends a nacked message again until its time is up. Here the
+    nack comes from a queue bounded behind the transport's back (declared by another
+    app), which it cannot tell from a queue between leaders."""
+    name = queue_name("full")
+    owner, _ = _full_queue_app(make_app, amqp_url, name)
+    cluster = make_app(f"{amqp_url};{amqp_url}", publish_timeout=10.0)  # a failover list
+    single = make_app(amqp_url, publish_timeout=10.0)
+    envelope = Envelope(b'{"args":[],"kwargs":{}}', "bulk-1")
+
+    # Without a failover list a nack is final at once
+    [result] = single.transport.publish_many([(name, envelope)])
+    assert isinstance(result, PublishNacked)
+
+    # On a cluster it is published again until there is room
+    room = threading.Timer(1.0, lambda: owner.transport.purge([owner.queue(name)]))
+    room.start()
+    started = time.monotonic()
+    try:
+        assert cluster.transport.publish_many([(name, envelope)], timeout=8.0) == [None]
+    finally:
+        room.join()
+    assert time.monotonic() - started >= 1.0
+    assert owner.transport.message_counts([owner.queue(name)]) == {name: 1}

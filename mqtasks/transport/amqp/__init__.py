@@ -27,13 +27,13 @@ from amqp.exceptions import MessageNacked
 from kombu.transport import pyamqp
 
 from ..._url import mask_url, redact
-from ...exceptions import PublishError, PublishNacked, Unroutable
+from ...exceptions import PublishError, PublishNacked
 from .._guard import GuardedAmqpMessage, guarded_frame_handler
 from ..base import Capabilities, Consumer, QueueSpec, QueueStats
 from ..envelope import Envelope
 from ..kombu import KombuTransport, _FailoverConnection, deadline_errback
 from ..stream import StreamStore
-from . import exchanges, topology
+from . import bulk, exchanges, topology
 from .confirms import (
     Confirm,
     Confirms,
@@ -209,7 +209,7 @@ class AmqpTransport(KombuTransport):
         exchange, routing_key = self.route(queue, delay)
         timeout = self.publish_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        transient = self._nack_is_transient(queue)
+        transient = self.nack_is_transient(queue)
         pause = 0.1
         while True:
             try:
@@ -234,7 +234,7 @@ class AmqpTransport(KombuTransport):
         if returned is not None:
             self._raise_returned(queue, envelope, returned)
 
-    def _nack_is_transient(self, queue: str) -> bool:
+    def nack_is_transient(self, queue: str) -> bool:
         """Whether a nack of a message for ``queue`` is worth publishing again.
 
         On a cluster (a failover list of URLs), RabbitMQ nacks a message for a
@@ -339,105 +339,10 @@ class AmqpTransport(KombuTransport):
     def publish_many(
         self, items: Sequence[tuple[str, Envelope]], *, timeout: float | None = None
     ) -> list[BaseException | None]:
-        """Publish with pipelined confirms: up to :attr:`confirm_window` messages are
-        in flight on a channel of their own, and each is settled by its broker ack,
-        nack or return as they arrive, instead of one round trip per message."""
-        if not items:
-            return []
-        if timeout is None:
-            timeout = self.publish_timeout * max(1.0, len(items) / self.confirm_window)
-        deadline = time.monotonic() + timeout
-        published = 0  # items handed to the socket (or possibly, when a write failed)
-        results: list[BaseException | None] = [None] * len(items)
-        # Each item's confirm; the channel's delivery tag of item i is i + 1.
-        confirms: Confirms[Confirm] = Confirms()
-        sent = [Confirm() for _ in items]
-        by_id = {env.message_id: i for i, (_, env) in enumerate(items)}
-
-        def fail(index: int, exc: BaseException) -> None:
-            if results[index] is None:
-                results[index] = exc
-
-        def on_return(exc: Any, exchange: str, routing_key: str, message: Any) -> None:
-            index = by_id.get(message.properties.get("message_id"))
-            if index is not None:
-                fail(
-                    index,
-                    Unroutable(
-                        f"Task {items[index][1].message_id} was NOT enqueued: no queue named "
-                        f"{routing_key!r} is bound ({exc}).",
-                        task_id=items[index][1].message_id,
-                    ),
-                )
-
-        try:
-            with self._pool().acquire(block=True, timeout=timeout) as producer:
-                conn = producer.connection
-                conn.ensure_connection(max_retries=self.publish_retries)
-                channel = conn.channel()
-                try:
-                    channel.events["basic_return"].add(on_return)
-                    confirms.select(channel)
-                    sock = channel.connection.transport.sock
-                    if sock.gettimeout() != self.publish_timeout:
-                        # Bounds a write the broker does not read (see _publish).
-                        sock.settimeout(self.publish_timeout)
-                    frames = _PublishFrames(channel)
-                    for i, (queue, env) in enumerate(items):
-                        while len(confirms.pending) >= self.confirm_window:
-                            published = i
-                            frames.flush()
-                            self._wait_confirms(channel.connection, deadline)
-                        properties = serialize_properties(
-                            env, dict(env.headers), message_timestamp(env)
-                        )
-                        confirms.add(sent[i])
-                        frames.add("", queue, properties, env.body)
-                        if len(frames.buffer) >= frames.flush_size:
-                            published = i + 1
-                            frames.flush()
-                    published = len(items)
-                    frames.flush()
-                    while confirms.pending:
-                        self._wait_confirms(channel.connection, deadline)
-                finally:
-                    with contextlib.suppress(Exception):
-                        channel.close()
-        except Exception as exc:
-            for t in confirms.pending:
-                if t > published:
-                    continue  # never handed to the broker: below
-                env = items[t - 1][1]
-                fail(
-                    t - 1,
-                    PublishError(
-                        f"Task {env.message_id} was NOT confirmed ({type(exc).__name__}: {exc}); it "
-                        f"may or may not be enqueued (broker {mask_url(self.url)}). Publishing it "
-                        "again with the same task id makes a duplicate detectable.",
-                        task_id=env.message_id,
-                    ),
-                )
-            for i in range(published, len(items)):  # never handed to the broker
-                env = items[i][1]
-                fail(
-                    i,
-                    PublishError(
-                        f"Task {env.message_id} was NOT enqueued: {type(exc).__name__}: {exc}",
-                        task_id=env.message_id,
-                    ),
-                )
-        for i, confirm in enumerate(sent):
-            if confirm.outcome == "nack":
-                fail(
-                    i,
-                    PublishNacked(
-                        f"Task {items[i][1].message_id} was NOT enqueued: the broker refused it.",
-                        task_id=items[i][1].message_id,
-                    ),
-                )
-        if any(isinstance(r, Unroutable) for r in results):
-            self.forget_declared()
-        return results
+        """Publish with pipelined confirms (see :func:`~mqtasks.transport.amqp.bulk.publish_many`):
+        each message is settled by its broker ack, nack or return as they arrive, instead
+        of one round trip per message; on a cluster, nacked ones are published again."""
+        return bulk.publish_many(self, items, timeout)
 
     def _publish(
         self,
