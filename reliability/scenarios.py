@@ -74,8 +74,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("N3", "early ack + SIGKILL", ("RQ",), n3, negative=True),
         Scenario("S0", "baseline", ("RQ", "RC", "RD", "PG"), s0),
         Scenario("S1", "worker SIGKILL", ("RQ", "RD", "PG"), _on_pg(s1, s1_pg)),
-        Scenario("S2", "worker SIGTERM drain", ("RQ", "RD"), s2),
-        Scenario("S2b", "task longer than the drain timeout", ("RQ", "RD"), s2b),
+        Scenario("S2", "worker SIGTERM drain", ("RQ", "RD", "PG"), s2),
+        Scenario("S2b", "task longer than the drain timeout", ("RQ", "RD", "PG"), s2b),
         Scenario("S3", "RabbitMQ (PG: PostgreSQL) restart", ("RQ", "RC", "PG"), _on_pg(s3, s3_pg)),
         Scenario("S4", "Redis restart", ("RD", "RV"), s4),
         Scenario("S5", "connection drops / black hole", ("RQ", "RD", "PG"), _on_pg(s5, s5_pg)),
@@ -92,7 +92,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("S13", "TLS", ("RQ", "RD"), s13),
         Scenario("S14", "credential redaction", ("RQ", "RD"), s14),
         Scenario("S15", "memory:// parity", ("MEM",), s15),
-        Scenario("S16", "chords under worker SIGKILL", ("RQ", "RD"), s16),
+        Scenario("S16", "chords under worker SIGKILL", ("RQ", "RD", "PG"), s16),
         Scenario(
             "S17", "events to 3 subscriber groups through a worker SIGKILL", ("RQ", "RD"), s17
         ),
@@ -105,7 +105,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "S19",
             "tasks past a 2 s hard time limit (endless loop, long sleep) through a worker SIGKILL",
-            ("RQ", "RD"),
+            ("RQ", "RD", "PG"),
             s19,
         ),
         Scenario(
@@ -117,7 +117,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "S21",
             "10,000 batch items (batch_size 100), 1 % failing on purpose, through a worker SIGKILL",
-            ("RQ", "RD"),
+            ("RQ", "RD", "PG"),
             s21,
         ),
         Scenario(
