@@ -170,6 +170,46 @@ def test_a_waiting_worker_is_woken_by_notify_not_by_the_poll(pg_app: Callable[..
         assert ran.wait(10), "the task was not run within 10 s of its publish"
 
 
+def test_a_notify_read_during_the_fetch_query_wakes_the_consumer(
+    pg_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg reads a NOTIFY that arrives while a query runs into its own buffer,
+    where ``select()`` on the socket cannot see it: the consumer must look there."""
+    from mqtasks.transport.postgres.consumer import PostgresConsumer
+
+    app = pg_app(poll_interval=60.0)
+
+    @app.task
+    def job() -> None: ...
+
+    spec = app.queue(job.queue)
+    app.transport.declare([spec])
+    received: list[Any] = []
+    consumer = app.transport.consumer([spec], prefetch=4)
+    assert isinstance(consumer, PostgresConsumer)
+    consumer.start(received.append)
+    original = PostgresConsumer._fetch
+    sent: list[str] = []
+
+    def fetch_then_publish(self: PostgresConsumer) -> bool:
+        found = original(self)
+        if not sent:
+            # A task published after the fetch's snapshot, whose NOTIFY the
+            # consumer's connection reads during its next query (here, at once)
+            sent.append(job.delay().id)
+            time.sleep(0.1)
+            assert self._conn is not None
+            self._conn.execute("SELECT 1")
+        return found
+
+    monkeypatch.setattr(PostgresConsumer, "_fetch", fetch_then_publish)
+    try:
+        consumer.wait(30.0, -1)  # one turn: it must not sleep on the socket for 30 s
+        assert [d.message_id for d in received] == sent
+    finally:
+        consumer.close()
+
+
 def test_a_delay_is_held_in_the_table_until_run_at(pg_app: Callable[..., App]) -> None:
     app = pg_app()
     ran_at: list[float] = []

@@ -163,6 +163,12 @@ class PostgresConsumer(Consumer):
                 self._fetch_at = 0.0
             if self._fetch():
                 return
+            if self._notified(conn):
+                # Read during the queries above into psycopg's buffer, where the
+                # select() below on the socket would not see it.
+                self._fetch_at = 0.0
+                self._fetch()
+                return
             now = time.monotonic()
             wait_for = max(0.0, min(timeout, self._fetch_at - now, self._renew_at - now))
             fds = [conn.fileno()] + ([wake_fd] if wake_fd >= 0 else [])
