@@ -28,8 +28,21 @@ from .profiles import BrokerProfile
 
 __all__ = ["PG_BIN", "PostgresServer", "queue_depths"]
 
-#: Where Debian's ``postgresql-15`` puts the server binaries.
-PG_BIN = Path(os.environ.get("RELIABILITY_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """``RELIABILITY_PG_BIN``, else the newest Debian ``/usr/lib/postgresql/<major>/bin``."""
+    given = os.environ.get("RELIABILITY_PG_BIN")
+    if given:
+        return Path(given)
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+#: Where the server binaries are (Debian's ``postgresql-<major>`` package).
+PG_BIN = _pg_bin()
 
 
 class PostgresServer:
