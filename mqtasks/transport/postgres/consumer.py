@@ -206,7 +206,7 @@ class PostgresConsumer(Consumer):
             "lease": self.pt.lease,
             "owner": self.owner,
         }
-        rows = self._conn.execute(self.pt.sql["fetch"], params).fetchall()
+        rows = self._conn.execute(self.pt.sql["fetch"], params, binary=True).fetchall()
         rows.sort(key=lambda r: (-int(r[2]), r[10], int(r[0])))
         if len(rows) < free:
             # Drained: sleep until a NOTIFY, the earliest held-back row or the poll.
