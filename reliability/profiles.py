@@ -53,7 +53,7 @@ RABBIT_PROFILES: frozenset[str] = frozenset({"RQ", "RC"}) | CLUSTER_PROFILES
 REDIS_PROFILES: frozenset[str] = frozenset({"RD", "RV"}) | SENTINEL_PROFILES
 #: Profiles a run includes only when ``--broker`` names them (or ``cluster``,
 #: ``sentinel``): each starts several broker processes of its own, too heavy for
-#: every ci run. PG until its S5 and S7 criteria pass (docs/reliability.md).
+#: every ci run. PG until its S5 criteria pass (docs/reliability.md).
 ON_REQUEST: frozenset[str] = CLUSTER_PROFILES | SENTINEL_PROFILES | POSTGRES_PROFILES
 
 
