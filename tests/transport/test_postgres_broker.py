@@ -21,6 +21,7 @@ from mqtasks import App, ConfigurationError, PublishError, QueueSpec, Reject
 from mqtasks.dlq import list_dead_letters, replay_dead_letters
 from mqtasks.testing import drain, running_worker
 from mqtasks.transport.postgres import PostgresTransport
+from reliability.proxy import TcpProxy
 from tests import crash_app
 from tests._helpers.brokers import POSTGRES_URL, require_broker, unique_name
 from tests._helpers.crash import Crash
@@ -489,3 +490,69 @@ def test_connections_killed_by_the_server_are_replaced_without_a_duplicate(
     assert runs == [1, 2]
     stats = app.transport.queue_stats([spec])[slow.queue]
     assert (stats.ready, stats.unacked, stats.delayed) == (0, 0, 0)
+
+
+# -- a server that stops answering -------------------------------------------------------
+
+
+def test_a_publish_through_a_black_hole_fails_within_its_timeout(
+    make_app: Callable[..., App],
+) -> None:
+    """TCP keepalives never trip on a peer that still acknowledges (a stuck proxy, a
+    frozen server): the publish has a deadline of its own."""
+    require_broker("postgresql")
+    proxy = TcpProxy(5432)
+    try:
+        app = make_app(proxy.url_for(POSTGRES_URL), publish_timeout=2.0)
+
+        @app.task
+        def job() -> None: ...
+
+        job.delay()  # connected, the pool warm
+        proxy.blackhole()
+        outcome: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                job.delay()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=publish, daemon=True)
+        waiter.start()
+        waiter.join(2.0 + 5.0)  # not the minutes TCP would take, nor forever
+        assert outcome, "delay() was still waiting on the black hole"
+        assert isinstance(outcome[0], PublishError), outcome
+        proxy.blackhole(False)
+        job.delay()  # and the next publish takes a new connection
+    finally:
+        proxy.close()
+
+
+def test_a_consumer_through_a_black_hole_counts_its_connection_lost(
+    make_app: Callable[..., App],
+) -> None:
+    require_broker("postgresql")
+    proxy = TcpProxy(5432)
+    try:
+        app = make_app(proxy.url_for(POSTGRES_URL), heartbeat=1.0)
+        spec = app.queue(app.settings.default_queue)
+        app.transport.declare([spec])
+        consumer = app.transport.consumer([spec], prefetch=1)
+        consumer.start(lambda delivery: None)
+        lost: list[BaseException] = []
+        original = consumer._lost  # type: ignore[attr-defined]
+
+        def lost_then_stop(exc: BaseException) -> None:
+            lost.append(exc)
+            consumer._cancelled = True  # no reconnect loop through the black hole
+            original(exc)
+
+        consumer._lost = lost_then_stop  # type: ignore[attr-defined]
+        consumer.drain(0.1)
+        proxy.blackhole()
+        consumer._renew_at = 0.0  # type: ignore[attr-defined]  # its next turn queries
+        consumer.drain(0.5)  # waits at most its heartbeat for an answer
+        assert [type(e).__name__ for e in lost] == ["DeadlineExceeded"]
+    finally:
+        proxy.close()

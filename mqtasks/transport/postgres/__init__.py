@@ -61,6 +61,7 @@ from ..base import (
     Transport,
 )
 from ..envelope import Envelope
+from .deadline import DeadlineExceeded, deadline
 from .schema import CONSUMERS, INDEXES, SQL, TABLE
 
 try:
@@ -188,6 +189,10 @@ class PostgresTransport(Transport):
             yield
         except (TransportError, ConfigurationError):
             raise
+        except DeadlineExceeded as exc:
+            raise ConnectionFailed(
+                redact(f"{what}: the broker at {mask_url(self.url)} did not answer ({exc})")
+            ) from exc
         except (psycopg.OperationalError, OSError) as exc:
             raise ConnectionFailed(
                 redact(
@@ -240,15 +245,29 @@ class PostgresTransport(Transport):
                     name=f"mqtasks-broker-{self.table}",
                     # A connection the server ended (a restart, a failover) is
                     # replaced when taken, rather than failing the next publish.
-                    check=ConnectionPool.check_connection,
+                    check=self._check_connection,
                     open=True,
                 )
             return self._pool
 
+    def _check_connection(self, conn: psycopg.Connection[Any]) -> None:
+        """The pool's check of a connection it hands out, bounded like a publish."""
+        with deadline(conn, self.publish_timeout):
+            ConnectionPool.check_connection(conn)
+
     @contextlib.contextmanager
-    def transaction(self, what: str) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection in a transaction, committed at the end (rolled back on error)."""
-        with self.errors(what), self.pool().connection() as conn:
+    def transaction(
+        self, what: str, timeout: float | None = None
+    ) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in a transaction, committed at the end (rolled back on
+        error), its calls and the commit bounded by ``timeout`` (``publish_timeout``)."""
+        seconds = self.publish_timeout if timeout is None else timeout
+        with (
+            self.errors(what),
+            self.pool().connection() as conn,
+            deadline(conn, seconds),
+            conn.transaction(),
+        ):
             yield conn
 
     def close(self) -> None:
@@ -332,6 +351,15 @@ class PostgresTransport(Transport):
     def _not_enqueued(self, envelope: Envelope, queue: str, exc: BaseException) -> PublishError:
         if isinstance(exc, TransportError) and exc.__cause__ is not None:
             exc = exc.__cause__  # the driver's own words, not our translation of them
+        if isinstance(exc, DeadlineExceeded):
+            # The commit may have been applied and only its answer missing.
+            return PublishError(
+                f"Task {envelope.message_id} was NOT confirmed: the broker at "
+                f"{mask_url(self.url)} gave {exc}; it may or may not be enqueued on "
+                f"{queue!r}. Publishing it again with the same task id makes a duplicate "
+                "detectable.",
+                task_id=envelope.message_id,
+            )
         return PublishError(
             redact(
                 f"Task {envelope.message_id} was NOT enqueued on {queue!r}: the broker at "
@@ -357,7 +385,7 @@ class PostgresTransport(Transport):
         """
         params = self.row(queue, envelope, delay)
         try:
-            with self.transaction(f"publish to {queue!r}") as conn:
+            with self.transaction(f"publish to {queue!r}", timeout) as conn:
                 conn.execute(self.sql["insert"], params)
                 conn.execute(self.sql["notify"], [queue])
         except (TransportError, psycopg.Error, TypeError, ValueError) as exc:
@@ -374,7 +402,8 @@ class PostgresTransport(Transport):
 
         Args:
             items: ``(queue, envelope)`` pairs.
-            timeout: Unused: the pool's ``publish_timeout`` bounds the wait for a connection.
+            timeout: Seconds for the transaction's calls and commit
+                (``publish_timeout`` by default).
             delays: Per item, seconds the message is held (as :meth:`publish`'s ``delay``).
         """
         if not items:
@@ -387,7 +416,7 @@ class PostgresTransport(Transport):
             except PublishError as exc:
                 results[n] = exc
         try:
-            with self.transaction(f"publish {len(rows)} messages") as conn:
+            with self.transaction(f"publish {len(rows)} messages", timeout) as conn:
                 with conn.cursor() as cur:
                     cur.executemany(self.sql["insert"], rows)
                 for queue in dict.fromkeys(r["queue"] for r in rows):

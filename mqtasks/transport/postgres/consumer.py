@@ -32,6 +32,7 @@ from psycopg import sql
 from ..._url import mask_url
 from .._guard import strip_compression
 from ..base import Consumer, Delivery, QueueSpec
+from .deadline import DeadlineExceeded, deadline
 
 if TYPE_CHECKING:
     from . import PostgresTransport
@@ -41,7 +42,12 @@ __all__ = ["PostgresConsumer", "PostgresDelivery"]
 logger = structlog.get_logger("mqtasks.transport.postgres")
 
 #: Errors that mean the consumer's connection is gone.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (psycopg.OperationalError, OSError)
+#: What ends a consumer's connection: a deadline past (see :mod:`.deadline`) is one too.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    OSError,
+    DeadlineExceeded,
+)
 
 
 class PostgresDelivery(Delivery):
@@ -90,6 +96,9 @@ class PostgresConsumer(Consumer):
         self._requeues: list[PostgresDelivery] = []
         self._fetch_at = 0.0  # fetch when the clock passes this (0: at once)
         self._renew_at = 0.0
+        #: Seconds PostgreSQL has to answer a turn's queries before the connection
+        #: counts as lost: its heartbeat (a server that stops answering closes nothing).
+        self._answer_within = max(1.0, transport.heartbeat or 10.0)
 
     # -- connection ----------------------------------------------------------------
 
@@ -157,35 +166,41 @@ class PostgresConsumer(Consumer):
             self._lost(ConnectionError("not connected"))
             return
         try:
-            self._settle()
-            self._renew()
-            if self._notified(conn):
-                self._fetch_at = 0.0
-            if self._fetch():
-                return
-            if self._notified(conn):
-                # Read during the queries above into psycopg's buffer, where the
-                # select() below on the socket would not see it.
-                self._fetch_at = 0.0
-                self._fetch()
-                return
-            now = time.monotonic()
-            wait_for = max(0.0, min(timeout, self._fetch_at - now, self._renew_at - now))
-            fds = [conn.fileno()] + ([wake_fd] if wake_fd >= 0 else [])
-            readable = select.select(fds, [], [], wait_for)[0]
-            if conn.fileno() in readable and self._notified(conn):
-                self._fetch_at = 0.0
-                self._settle()
-                self._fetch()
+            with deadline(conn, timeout + self._answer_within):
+                self._turn(conn, timeout, wake_fd)
         except CONNECTION_ERRORS as exc:
             self._lost(exc)
+
+    def _turn(self, conn: psycopg.Connection[Any], timeout: float, wake_fd: int) -> None:
+        """One turn of :meth:`wait`: settle, renew, fetch, else sleep."""
+        self._settle()
+        self._renew()
+        if self._notified(conn):
+            self._fetch_at = 0.0
+        if self._fetch():
+            return
+        if self._notified(conn):
+            # Read during the queries above into psycopg's buffer, where the
+            # select() below on the socket would not see it.
+            self._fetch_at = 0.0
+            self._fetch()
+            return
+        now = time.monotonic()
+        wait_for = max(0.0, min(timeout, self._fetch_at - now, self._renew_at - now))
+        fds = [conn.fileno()] + ([wake_fd] if wake_fd >= 0 else [])
+        readable = select.select(fds, [], [], wait_for)[0]
+        if conn.fileno() in readable and self._notified(conn):
+            self._fetch_at = 0.0
+            self._settle()
+            self._fetch()
 
     def heartbeat_check(self) -> None:
         """Renew the leases held when due."""
         if self._conn is None:
             return
         try:
-            self._renew()
+            with deadline(self._conn, self._answer_within):
+                self._renew()
         except CONNECTION_ERRORS as exc:
             self._lost(exc)
 
@@ -320,11 +335,12 @@ class PostgresConsumer(Consumer):
         if conn is None:
             return
         try:
-            self._settle()
-            if self._held:
-                params = {"ids": list(self._held), "owner": self.owner}
-                conn.execute(self.pt.sql["release"], params)
-            conn.execute(self.pt.sql["unbeat"], {"owner": self.owner, "queues": []})
+            with deadline(conn, self._answer_within):
+                self._settle()
+                if self._held:
+                    params = {"ids": list(self._held), "owner": self.owner}
+                    conn.execute(self.pt.sql["release"], params)
+                conn.execute(self.pt.sql["unbeat"], {"owner": self.owner, "queues": []})
         except CONNECTION_ERRORS as exc:
             # Left leased: they come back once the lease runs out.
             logger.warning("broker.close_failed", error=type(exc).__name__)
