@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .broker_faults import _broker_restart_run, _detections
-from .steps import finish, sigkill_while_publishing, sleep_until, wmix_timeout
+from .steps import finish, sleep_until, wmix_timeout
 
 if TYPE_CHECKING:
     from .harness import Harness
@@ -24,33 +24,11 @@ if TYPE_CHECKING:
     from .profiles import BrokerProfile
     from .run import Run
 
-__all__ = ["s1_pg", "s3_pg", "s5_pg"]
-
-#: S1's recovery bound: the transport's default lease, its poll interval, and 5 s.
-RECOVERY_S = 30.0 + 5.0 + 5.0
+__all__ = ["s3_pg", "s5_pg"]
 
 
 def _server(run: Run) -> PostgresServer:
     return run.harness.group(run.broker)  # type: ignore[return-value]
-
-
-def s1_pg(h: Harness, broker: BrokerProfile) -> dict[str, Any]:
-    """Worker SIGKILL mid-task, 5 times, publishing at 200/s; leases bring the work back."""
-    with h.run("S1", broker) as run:
-        started = time.time()
-        n = h.profile.n(10000)
-        sigkill_while_publishing(run, n, spread=0.8)
-        events, c = finish(run, wmix_timeout(run, n, 60))
-        run.worker_recovery(events)
-        run.standard_checks(c, dup_bound=run.bound(5))
-        worst = [f.get("recovery_s") for f in run.faults]
-        run.check(
-            "recovery_s",
-            all(w is not None and w <= RECOVERY_S for w in worst),
-            worst,
-            f"<= {RECOVERY_S:.0f} s per kill (lease 30 s + poll 5 s + 5 s)",
-        )
-        return run.result(c, started=started)
 
 
 def _graceful(run: Run) -> float:

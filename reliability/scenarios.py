@@ -29,7 +29,7 @@ from .ordering import s18
 from .parity import s15
 from .periodic import s22
 from .poison.scenario import s7
-from .postgres_faults import s1_pg, s3_pg, s5_pg
+from .postgres_faults import s3_pg, s5_pg
 from .profiles import BrokerProfile
 from .retries import s8, s8b, s9
 from .security.redaction import s14
@@ -73,7 +73,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("N2", "Redis RV SHUTDOWN NOSAVE", ("RV",), n2, negative=True),
         Scenario("N3", "early ack + SIGKILL", ("RQ",), n3, negative=True),
         Scenario("S0", "baseline", ("RQ", "RC", "RD", "PG"), s0),
-        Scenario("S1", "worker SIGKILL", ("RQ", "RD", "PG"), _on_pg(s1, s1_pg)),
+        Scenario("S1", "worker SIGKILL", ("RQ", "RD", "PG"), s1),
         Scenario("S2", "worker SIGTERM drain", ("RQ", "RD", "PG"), s2),
         Scenario("S2b", "task longer than the drain timeout", ("RQ", "RD", "PG"), s2b),
         Scenario("S3", "RabbitMQ (PG: PostgreSQL) restart", ("RQ", "RC", "PG"), _on_pg(s3, s3_pg)),
