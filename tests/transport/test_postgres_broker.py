@@ -495,6 +495,13 @@ def test_connections_killed_by_the_server_are_replaced_without_a_duplicate(
 # -- a server that stops answering -------------------------------------------------------
 
 
+def _delete_directly(make_app: Callable[..., App], queue: str) -> None:
+    """Delete ``queue``'s rows (and its consumers') past the proxy, which the
+    teardown's cleanup, going through the closed proxy, could not reach."""
+    direct = make_app(POSTGRES_URL, default_queue=queue)
+    direct.transport.delete([direct.queue(queue)])
+
+
 def test_a_publish_through_a_black_hole_fails_within_its_timeout(
     make_app: Callable[..., App],
 ) -> None:
@@ -502,8 +509,9 @@ def test_a_publish_through_a_black_hole_fails_within_its_timeout(
     frozen server): the publish has a deadline of its own."""
     require_broker("postgresql")
     proxy = TcpProxy(5432)
+    queue = unique_name("default")
     try:
-        app = make_app(proxy.url_for(POSTGRES_URL), publish_timeout=2.0)
+        app = make_app(proxy.url_for(POSTGRES_URL), publish_timeout=2.0, default_queue=queue)
 
         @app.task
         def job() -> None: ...
@@ -526,6 +534,7 @@ def test_a_publish_through_a_black_hole_fails_within_its_timeout(
         proxy.blackhole(False)
         job.delay()  # and the next publish takes a new connection
     finally:
+        _delete_directly(make_app, queue)
         proxy.close()
 
 
@@ -534,8 +543,9 @@ def test_a_consumer_through_a_black_hole_counts_its_connection_lost(
 ) -> None:
     require_broker("postgresql")
     proxy = TcpProxy(5432)
+    queue = unique_name("default")
     try:
-        app = make_app(proxy.url_for(POSTGRES_URL), heartbeat=1.0)
+        app = make_app(proxy.url_for(POSTGRES_URL), heartbeat=1.0, default_queue=queue)
         spec = app.queue(app.settings.default_queue)
         app.transport.declare([spec])
         consumer = app.transport.consumer([spec], prefetch=1)
@@ -555,4 +565,5 @@ def test_a_consumer_through_a_black_hole_counts_its_connection_lost(
         consumer.drain(0.5)  # waits at most its heartbeat for an answer
         assert [type(e).__name__ for e in lost] == ["DeadlineExceeded"]
     finally:
+        _delete_directly(make_app, queue)
         proxy.close()
