@@ -32,11 +32,9 @@ Not supported (ConfigurationError): topic exchanges (events), ``max_length``,
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import re
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -61,6 +59,7 @@ from ..base import (
     Transport,
 )
 from ..envelope import Envelope
+from .browse import stored, take_messages
 from .deadline import DeadlineExceeded, deadline
 from .schema import CONSUMERS, INDEXES, SQL, TABLE
 
@@ -539,50 +538,10 @@ class PostgresTransport(Transport):
             rows = conn.execute(self.sql["browse"], {"queue": queue, "limit": limit}).fetchall()
         return [stored(row) for row in rows]
 
-    @contextlib.contextmanager
-    def take(self, queue: str) -> Iterator[Iterator[Taken]]:
+    def take(self, queue: str) -> contextlib.AbstractContextManager[Iterator[Taken]]:
         """Take ``queue``'s messages oldest first, each leased to this call until removed
-        or handed back at the end."""
-        owner = f"take:{uuid.uuid4().hex}"
-        taken: list[int] = []
-        with self.errors(f"read {queue!r}"):
-            self.pool()
-            conn = self.connect(autocommit=True)
-
-        def remove(row_id: int) -> None:
-            with self.errors(f"remove a message from {queue!r}"):
-                conn.execute(self.sql["remove"], {"id": row_id, "owner": owner})
-            with contextlib.suppress(ValueError):
-                taken.remove(row_id)
-
-        def messages() -> Iterator[Taken]:
-            after_at: Any = "-infinity"
-            after = 0
-            while True:
-                params = {
-                    "queue": queue,
-                    "owner": owner,
-                    "lease": self.lease,
-                    "after_at": after_at,
-                    "after": after,
-                }
-                with self.errors(f"read {queue!r}"):
-                    row = conn.execute(self.sql["take_next"], params).fetchone()
-                if row is None:
-                    return
-                after_at, after = row[10], int(row[0])
-                taken.append(after)
-                yield stored(row), functools.partial(remove, after)
-
-        try:
-            yield messages()
-        finally:
-            try:
-                if taken:
-                    with self.errors(f"hand messages back to {queue!r}"):
-                        conn.execute(self.sql["untake"], {"owner": owner, "ids": taken})
-            finally:
-                conn.close()
+        or handed back at the end (see :func:`~.browse.take_messages`)."""
+        return take_messages(self, queue)
 
     def purge(self, specs: Sequence[QueueSpec]) -> int:
         """Delete the ready and delayed messages of the queues (not the held ones); return how many."""
@@ -606,14 +565,3 @@ class PostgresTransport(Transport):
         with self.errors("drop the message table"), self.connect() as conn:
             for table in (self.table, self.consumers_table):
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
-
-
-def stored(row: Sequence[Any]) -> StoredMessage:
-    """A :class:`StoredMessage` of a row read with :data:`~.schema.COLUMNS`."""
-    return StoredMessage(
-        body=bytes(row[9]),
-        message_id=row[5],
-        headers=dict(row[6]) if isinstance(row[6], dict) else {},
-        content_type=row[7],
-        content_encoding=row[8],
-    )
